@@ -1,0 +1,141 @@
+"""The ``consortium`` command.
+
+Every error a user can cause ends as one line on stderr naming the problem
+and the fix, exit code 2, and no traceback. ``--json`` prints exactly one
+JSON object on stdout; progress and warnings go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from typer.exceptions import Abort, Exit, TyperException
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table as RichTable
+
+from consortium.config import DataConfig, SimulationConfig, load_config
+from consortium.data import BUILTIN_DATASETS
+from consortium.errors import ConsortiumError, UnknownDatasetError
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="Consortium: train one model across institutions that never reveal their raw data.",
+)
+out_console = Console()
+err_console = Console(stderr=True)
+
+
+def _run(config: SimulationConfig, out: Optional[Path], as_json: bool) -> None:
+    from consortium.simulation import Simulation  # heavy imports only once arguments are valid
+
+    simulation = Simulation(config)  # every input check happens here, before any output
+    show_progress = not as_json or err_console.is_terminal
+    with Progress(
+        TextColumn("[bold]training[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("rounds  acc {task.fields[acc]}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=not show_progress,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("rounds", total=config.rounds, acc="-")
+
+        def on_round(record: Any) -> None:
+            acc = record.metrics.get("accuracy")
+            progress.update(task, advance=1, acc="-" if acc is None else f"{acc:.3f}")
+
+        result = simulation.run(out=out, on_round=on_round)
+    summary = result.summary
+    for warning in summary["warnings"]:
+        err_console.print(f"[bold red]WARNING[/]: {warning}", highlight=False)
+    if as_json:
+        sys.stdout.write(json.dumps(summary, allow_nan=False) + "\n")
+        return
+    _print_table(summary)
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def _print_table(s: dict[str, Any]) -> None:
+    t = RichTable(title=f"{s['dataset']}: {s['sites']} sites, {s['rounds']} rounds (scored on every site's test split)")
+    t.add_column("training")
+    for col in ("accuracy", "loss", "auc"):
+        t.add_column(col, justify="right")
+    fed = s["federated"]
+    t.add_row("[bold]federated (consortium)[/]", _fmt(fed.get("accuracy")), _fmt(fed.get("loss")), _fmt(fed.get("auc")))
+    if "local_only" in s:
+        lo = s["local_only"]
+        t.add_row("local-only, mean of sites", _fmt(lo["accuracy_mean"]), "", "")
+        for name, acc in lo["accuracy_per_site"].items():
+            own = lo["own_split_accuracy_per_site"][name]
+            t.add_row(f"  {name} alone (own split {_fmt(own)})", _fmt(acc), "", "")
+    if "pooled" in s:
+        p = s["pooled"]
+        t.add_row("pooled (simulation-only upper bound)", _fmt(p.get("accuracy")), _fmt(p.get("loss")), _fmt(p.get("auc")))
+    out_console.print(t)
+    skipped = fed.get("rounds_skipped", 0)
+    if skipped:
+        out_console.print(f"{skipped} round(s) skipped for lack of answers: see metrics.jsonl")
+    out_console.print(f"run folder: {s['run_dir']}")
+
+
+@app.command()
+def demo(
+    dataset: Annotated[str, typer.Option(help=f"one of {', '.join(BUILTIN_DATASETS)}")] = "breast-cancer",
+    sites: Annotated[int, typer.Option(min=1, max=10_000, help="number of simulated sites")] = 3,
+    rounds: Annotated[int, typer.Option(min=1, max=100_000, help="federated rounds")] = 20,
+    seed: Annotated[int, typer.Option(min=0, help="seed for data split, initial model and training")] = 0,
+    out: Annotated[Optional[Path], typer.Option(help="run folder (default: runs/<time>-<dataset>)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON summary on stdout, nothing else")] = False,
+) -> None:
+    """Simulate a consortium on a built-in dataset and compare it with training alone and pooled."""
+    if dataset not in BUILTIN_DATASETS:
+        raise UnknownDatasetError(f"unknown dataset '{dataset}': choose one of {', '.join(BUILTIN_DATASETS)}")
+    config = SimulationConfig(seed=seed, rounds=rounds, data=DataConfig(dataset=dataset, sites=sites))
+    _run(config, out, as_json)
+
+
+@app.command()
+def simulate(
+    config_file: Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="simulation config (see examples/)")],
+    out: Annotated[Optional[Path], typer.Option(help="run folder (default: runs/<time>-<dataset>)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON summary on stdout, nothing else")] = False,
+) -> None:
+    """Run the simulation a config file describes."""
+    _run(load_config(config_file), out, as_json)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: turns every expected failure into one line and exit code 2."""
+    try:
+        app(args=argv, standalone_mode=False, prog_name="consortium")
+    except ConsortiumError as exc:
+        err_console.print(f"[bold red]error[/]: {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except Exit as exc:
+        sys.exit(exc.exit_code)
+    except TyperException as exc:  # usage errors: unknown option, a value of the wrong type or range
+        if not exc.format_message():
+            sys.exit(2)  # no arguments at all: the help was shown
+        ctx = getattr(exc, "ctx", None)
+        command = f"consortium {ctx.info_name} --help" if ctx is not None and ctx.parent is not None else "consortium --help"
+        err_console.print(f"[bold red]error[/]: {exc.format_message()} (see: {command})", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except (Abort, KeyboardInterrupt):
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""The simulation configuration: one pydantic model, loaded from YAML with line numbers.
+
+Every field is documented in ``examples/simulate.yaml``. Unknown keys are
+errors (a typo must not silently fall back to a default), and a validation
+error names the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from consortium.data import BUILTIN_DATASETS
+from consortium.errors import ConfigError
+from consortium.learning.models import ModelSpec
+from consortium.learning.training import TrainSettings
+from consortium.yamlfile import parse_yaml, read_text, validate
+
+SiteName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PartitionConfig(_Strict):
+    """How a built-in dataset is split across simulated sites."""
+
+    kind: Literal["iid", "dirichlet", "quantity"] = "dirichlet"
+    alpha: float = Field(0.5, gt=0, le=1e6)  # Dirichlet label skew: small = skewed
+    beta: float = Field(1.0, gt=0, le=1e6)  # Dirichlet quantity skew: small = unequal sizes
+    min_rows: int = Field(10, ge=1)
+
+
+class SplitConfig(_Strict):
+    validation: float = Field(0.1, ge=0, lt=0.5)
+    test: float = Field(0.2, gt=0, lt=0.5)
+
+
+class SyntheticConfig(_Strict):
+    rows_per_site: int = Field(400, ge=20, le=10_000_000)
+    n_features: int = Field(12, ge=2, le=10_000)
+    label_skew: float = Field(0.0, ge=0, le=100)
+    feature_shift: float = Field(0.0, ge=0, le=100)
+    size_imbalance: float = Field(0.0, ge=0, le=100)
+
+
+class CsvSiteConfig(_Strict):
+    name: SiteName
+    csv: Path
+    schema_file: Path = Field(alias="schema")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class DataConfig(_Strict):
+    dataset: str = "breast-cancer"
+    sites: int | None = Field(None, ge=1, le=10_000)
+    partition: PartitionConfig = PartitionConfig()
+    split: SplitConfig = SplitConfig()
+    synthetic: SyntheticConfig = SyntheticConfig()
+    csv_sites: list[CsvSiteConfig] | None = None
+
+    @field_validator("dataset")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v != "csv" and v not in BUILTIN_DATASETS:
+            raise ValueError(f"unknown dataset '{v}': choose one of {', '.join(BUILTIN_DATASETS)}, or 'csv' with csv_sites")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.dataset == "csv":
+            if not self.csv_sites:
+                raise ValueError("dataset 'csv' needs csv_sites: a list of {name, csv, schema} per site")
+            names = [s.name for s in self.csv_sites]
+            if len(set(names)) != len(names):
+                raise ValueError(f"csv_sites names must be unique, found {names}")
+        elif self.csv_sites:
+            raise ValueError("csv_sites is only read when dataset is 'csv'")
+        return self
+
+    @property
+    def n_sites(self) -> int:
+        if self.csv_sites:
+            return len(self.csv_sites)
+        return self.sites if self.sites is not None else 3
+
+
+class StrategyConfig(_Strict):
+    name: Literal["fedavg", "fedprox", "fedadam", "fedyogi"] = "fedavg"
+    weighting: Literal["examples", "uniform"] = "examples"
+    mu: float = Field(0.01, ge=0, le=1e3)  # fedprox only
+    server_lr: float | None = Field(None, gt=0, le=100)  # default 1.0 for fedavg/fedprox, 0.01 for fedadam/fedyogi
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.99, ge=0, lt=1)
+    tau: float = Field(1e-3, gt=0, le=10)
+
+
+class ParticipationConfig(_Strict):
+    fraction: float = Field(1.0, gt=0, le=1)  # share of sites asked to train each round
+    min_sites: int = Field(1, ge=1)  # fewer answers than this: the round is skipped
+    dropout: float = Field(0.0, ge=0, lt=1)  # chance that an asked site never answers (simulation)
+
+
+class BaselineConfig(_Strict):
+    local_only: bool = True
+    pooled: bool = True
+
+
+class SimulationConfig(_Strict):
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    rounds: int = Field(20, ge=1, le=100_000)
+    data: DataConfig = DataConfig()
+    model: ModelSpec | None = None  # None: the dataset's default (see DATASET_DEFAULTS)
+    training: TrainSettings | None = None
+    strategy: StrategyConfig = StrategyConfig()
+    participation: ParticipationConfig = ParticipationConfig()
+    baselines: BaselineConfig = BaselineConfig()
+
+    def resolved(self) -> "SimulationConfig":
+        """The same config with the dataset's defaults filled in: what a run records."""
+        model, training = DATASET_DEFAULTS.get(self.data.dataset, DATASET_DEFAULTS["breast-cancer"])
+        return self.model_copy(
+            update={"model": self.model or model, "training": self.training or training}
+        )
+
+
+#: Per-dataset defaults for the model and the local training, tuned on this
+#: repository's built-in data (see README, "Performance").
+DATASET_DEFAULTS: dict[str, tuple[ModelSpec, TrainSettings]] = {
+    "breast-cancer": (ModelSpec(kind="mlp", hidden=(32,)), TrainSettings(epochs=1, batch_size=16, lr=0.05)),
+    "digits": (ModelSpec(kind="mlp", hidden=(128,)), TrainSettings(epochs=1, batch_size=16, lr=0.05)),
+    "synthetic-hospitals": (ModelSpec(kind="mlp", hidden=(32,)), TrainSettings(epochs=1, batch_size=32, lr=0.05)),
+    "csv": (ModelSpec(kind="mlp", hidden=(32,)), TrainSettings(epochs=1, batch_size=32, lr=0.05)),
+}
+
+
+def parse_config(text: str, source: str = "<config>") -> SimulationConfig:
+    """Parse YAML text into a SimulationConfig; every failure is a ConfigError naming the line."""
+    tree, raw = parse_yaml(text, source, ConfigError)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of settings, found {type(raw).__name__}")
+    return validate(SimulationConfig, raw, tree, source, ConfigError, "fix that value")
+
+
+def load_config(path: str | Path) -> SimulationConfig:
+    return parse_config(read_text(path, ConfigError, "config file"), source=str(path))

@@ -1,0 +1,43 @@
+"""Data for Consortium: tables, built-in and synthetic datasets, partitions and site CSVs.
+
+- :mod:`consortium.data.datasets`: the :class:`Table` every site trains on, the
+  built-in datasets and the synthetic hospitals with heterogeneity knobs.
+- :mod:`consortium.data.partition`: split one table across simulated sites
+  (IID, label skew, quantity skew) and a site's table into train/validation/test.
+- :mod:`consortium.data.schema`: read a real site's CSV against a declared schema,
+  and check that all sites declare the same one.
+"""
+
+from consortium.data.datasets import (
+    BUILTIN_DATASETS,
+    SyntheticHospitals,
+    Table,
+    load_builtin,
+    synthetic_hospitals,
+)
+from consortium.data.partition import (
+    Splits,
+    partition_dirichlet,
+    partition_iid,
+    partition_quantity,
+    split_table,
+)
+from consortium.data.schema import ColumnSpec, DataSchema, check_schemas, load_schema, read_csv
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "ColumnSpec",
+    "DataSchema",
+    "Splits",
+    "SyntheticHospitals",
+    "Table",
+    "check_schemas",
+    "load_builtin",
+    "load_schema",
+    "partition_dirichlet",
+    "partition_iid",
+    "partition_quantity",
+    "read_csv",
+    "split_table",
+    "synthetic_hospitals",
+]

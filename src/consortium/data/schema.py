@@ -1,0 +1,328 @@
+"""A site's own data: a CSV file read against a declared schema (YAML).
+
+In a real consortium every institution exports its data to CSV and declares
+what each column holds. The schema is the contract that lets several sites
+train one model: the same columns, the same types, the same category values in
+the same order, hence the same feature vector. Sites compare schemas before
+training (:func:`check_schemas`, :meth:`DataSchema.fingerprint`), and every row
+is checked against the schema on load, so a bad cell is reported by file, line
+and column instead of silently becoming a wrong number.
+
+Example schema file::
+
+    version: 1
+    label: outcome
+    columns:
+      - {name: age, type: float, min: 0, max: 120}
+      - {name: sex, type: category, values: [F, M]}
+      - {name: outcome, type: category, values: [no-event, event]}
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from consortium.data.datasets import Table
+from consortium.errors import ConfigError, DataError, SchemaError, SchemaMismatchError
+from consortium.yamlfile import parse_yaml, read_text, validate
+
+
+class ColumnSpec(BaseModel):
+    """One column: its name, its type, and its allowed values or bounds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    type: Literal["float", "int", "category"]
+    values: list[str] | None = None  # required for category columns, in the order used for encoding
+    min: float | None = None  # optional bounds, float and int columns only
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ColumnSpec:
+        if self.type == "category":
+            if not self.values:
+                raise ValueError(f"category column '{self.name}' needs a non-empty list of values")
+            if len(set(self.values)) != len(self.values):
+                raise ValueError(f"category column '{self.name}' lists a value twice: {self.values}")
+            if self.min is not None or self.max is not None:
+                raise ValueError(f"category column '{self.name}' cannot have min or max; remove them")
+        else:
+            if self.values is not None:
+                raise ValueError(f"{self.type} column '{self.name}' cannot have values; only category columns do")
+            for bound in (self.min, self.max):
+                if bound is not None and not math.isfinite(bound):
+                    raise ValueError(f"column '{self.name}' has a bound that is not a finite number")
+            if self.min is not None and self.max is not None and self.min > self.max:
+                raise ValueError(f"column '{self.name}' has min {self.min} greater than max {self.max}")
+        return self
+
+
+class DataSchema(BaseModel):
+    """The declared layout of a site's CSV: its columns and which one is the label."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal[1] = 1
+    label: str
+    columns: list[ColumnSpec]
+
+    @field_validator("columns")
+    @classmethod
+    def _unique(cls, columns: list[ColumnSpec]) -> list[ColumnSpec]:
+        names = [c.name for c in columns]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"column names must be unique, but {dupes} appear more than once")
+        if len(columns) < 2:
+            raise ValueError("the schema needs the label column and at least one feature column")
+        return columns
+
+    @model_validator(mode="after")
+    def _label(self) -> DataSchema:
+        # Only label checks live here: load_schema reports model-level errors against the 'label' key.
+        names = [c.name for c in self.columns]
+        label = next((c for c in self.columns if c.name == self.label), None)
+        if label is None:
+            raise ValueError(f"label '{self.label}' is not one of the columns {names}")
+        if label.type != "category":
+            raise ValueError(f"label column '{self.label}' must be a category column, not {label.type}")
+        if len(label.values or ()) < 2:
+            raise ValueError(f"label column '{self.label}' must declare at least 2 values (the classes)")
+        return self
+
+    def feature_names(self) -> tuple[str, ...]:
+        """Names of the encoded features, in schema order: ``sex=F, sex=M`` for categories, else the column name."""
+        out: list[str] = []
+        for col in self.columns:
+            if col.name == self.label:
+                continue
+            if col.type == "category":
+                out.extend(f"{col.name}={v}" for v in col.values or ())
+            else:
+                out.append(col.name)
+        return tuple(out)
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the schema's canonical JSON: identical schemas, identical fingerprints."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------------------
+# Loading a schema
+
+
+def load_schema(path: str | Path) -> DataSchema:
+    """Read and validate a schema file; every problem is a :class:`SchemaError` naming the file and line."""
+    source = str(path)
+    tree, raw = parse_yaml(read_text(path, SchemaError, "schema file"), source, SchemaError)
+    if not isinstance(raw, dict):
+        found = "nothing" if raw is None else f"a {type(raw).__name__}"
+        raise SchemaError(f"{source}: a schema must be a mapping with 'label' and 'columns', found {found}")
+    # DataSchema's model-level checks are all about the label.
+    return validate(DataSchema, raw, tree, source, SchemaError, "fix the schema", default_loc=("label",))
+
+
+# ---------------------------------------------------------------------------
+# Reading a CSV
+
+
+class _BadCell(ValueError):
+    """A cell that does not fit its column; the message says why."""
+
+
+def _cell_parser(col: ColumnSpec) -> Callable[[str], float | int]:
+    """A function from cell text to its value (a float, an int, or a category index)."""
+
+    def check_bounds(v: float) -> None:
+        if (col.min is not None and v < col.min) or (col.max is not None and v > col.max):
+            low = "-inf" if col.min is None else f"{col.min:g}"
+            high = "inf" if col.max is None else f"{col.max:g}"
+            raise _BadCell(f"{v:g} is outside the allowed range [{low}, {high}]")
+
+    if col.type == "float":
+
+        def parse_float(s: str) -> float:
+            try:
+                v = float(s)
+            except ValueError:
+                raise _BadCell(f"'{s}' is not a float") from None
+            if not math.isfinite(v):
+                raise _BadCell(f"'{s}' is not a finite float")
+            check_bounds(v)
+            return v
+
+        return parse_float
+
+    if col.type == "int":
+
+        def parse_int(s: str) -> int:
+            try:
+                v = int(s)
+            except ValueError:
+                try:
+                    f = float(s)  # accept "3.0", as spreadsheets often write integers
+                except ValueError:
+                    raise _BadCell(f"'{s}' is not an int") from None
+                if not f.is_integer():
+                    raise _BadCell(f"'{s}' is not an int") from None
+                v = int(f)
+            check_bounds(v)
+            return v
+
+        return parse_int
+
+    index = {v: i for i, v in enumerate(col.values or ())}
+
+    def parse_category(s: str) -> int:
+        if s not in index:
+            raise _BadCell(f"'{s}' is not one of {list(index)}")
+        return index[s]
+
+    return parse_category
+
+
+def read_csv(path: str | Path, schema: DataSchema) -> Table:
+    """Read a site's CSV into a :class:`Table`, checking every cell against ``schema``.
+
+    The header must hold exactly the schema's columns, in any order. Category
+    features are one-hot encoded in the order of their declared values; the
+    label becomes class indices into its values, which become the table's classes.
+    """
+    p = Path(path)
+    try:
+        handle = p.open(newline="", encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(f"data file '{p}' does not exist: check the path") from None
+    except OSError as exc:
+        raise DataError(f"cannot read data file '{p}' ({exc}): check its permissions") from None
+
+    parsers = [_cell_parser(c) for c in schema.columns]
+    n_features = len(schema.feature_names())
+    rows_X: list[np.ndarray] = []
+    rows_y: list[int] = []
+    with handle:
+        reader = csv.reader(handle)
+        try:
+            header = next(reader, None)
+            if header is None:
+                raise SchemaError(f"{p} is empty: it needs a header row naming the columns and at least one data row")
+            header = [h.strip() for h in header]
+            for name in header:
+                if header.count(name) > 1:
+                    raise SchemaError(f"{p} line 1: column '{name}' appears more than once in the header")
+            for col in schema.columns:
+                if col.name not in header:
+                    raise SchemaError(f"{p} line 1: column '{col.name}' is missing from the header; add it or fix the schema")
+            declared = {c.name for c in schema.columns}
+            for name in header:
+                if name not in declared:
+                    raise SchemaError(
+                        f"{p} line 1: column '{name}' is not in the schema; remove it from the file or declare it"
+                    )
+            positions = [header.index(c.name) for c in schema.columns]
+
+            for row in reader:
+                line = reader.line_num
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue  # a blank line
+                if len(row) != len(header):
+                    raise SchemaError(
+                        f"{p} line {line}: expected {len(header)} cells but found {len(row)}; fix the row"
+                    )
+                x = np.zeros(n_features, dtype=np.float64)
+                j = 0
+                for col, pos, parse in zip(schema.columns, positions, parsers):
+                    text = row[pos].strip()
+                    try:
+                        if not text:
+                            raise _BadCell("the cell is empty")
+                        value = parse(text)
+                    except _BadCell as exc:
+                        raise SchemaError(
+                            f"{p} line {line}, column '{col.name}': {exc}; fix the row or the schema"
+                        ) from None
+                    if col.name == schema.label:
+                        rows_y.append(int(value))
+                    elif col.type == "category":
+                        x[j + int(value)] = 1.0
+                        j += len(col.values or ())
+                    else:
+                        x[j] = value
+                        j += 1
+                rows_X.append(x)
+        except csv.Error as exc:
+            raise SchemaError(f"{p} line {reader.line_num}: not valid CSV ({exc}); fix the file") from None
+        except UnicodeDecodeError:
+            raise DataError(f"{p} is not UTF-8 text: save it as UTF-8 CSV") from None
+
+    if not rows_X:
+        raise SchemaError(f"{p} has a header but no data rows: a site needs at least one row")
+    label = next(c for c in schema.columns if c.name == schema.label)
+    return Table(
+        X=np.ascontiguousarray(np.stack(rows_X), dtype=np.float32),
+        y=np.asarray(rows_y, dtype=np.int64),
+        feature_names=schema.feature_names(),
+        classes=tuple(label.values or ()),
+    )
+
+
+# ---------------------------------------------------------------------------
+# Comparing sites
+
+
+def _column_difference(a: ColumnSpec, b: ColumnSpec) -> str:
+    for field in ("type", "values", "min", "max"):
+        va, vb = getattr(a, field), getattr(b, field)
+        if va != vb:
+            return f"{field} {va!r} vs {vb!r}"
+    return "the declarations differ"
+
+
+def _schema_difference(first: str, a: DataSchema, site: str, b: DataSchema) -> str:
+    """Describe the first way ``b`` differs from ``a``, naming the column."""
+    if a.label != b.label:
+        return f"the label column: '{a.label}' vs '{b.label}'"
+    cols_a = {c.name: c for c in a.columns}
+    cols_b = {c.name: c for c in b.columns}
+    for name, col in cols_a.items():
+        if name not in cols_b:
+            return f"column '{name}': declared by '{first}' but missing at '{site}'"
+        if cols_b[name] != col:
+            return f"column '{name}': {_column_difference(col, cols_b[name])}"
+    for name in cols_b:
+        if name not in cols_a:
+            return f"column '{name}': declared by '{site}' but missing at '{first}'"
+    for i, (ca, cb) in enumerate(zip(a.columns, b.columns)):
+        if ca.name != cb.name:
+            return f"column order: position {i + 1} is '{ca.name}' vs '{cb.name}'"
+    return f"version {a.version} vs {b.version}"
+
+
+def check_schemas(schemas: Mapping[str, DataSchema]) -> DataSchema:
+    """Check that every site declares the same schema, and return it.
+
+    Sites are compared with the first one; the first that differs raises
+    :class:`SchemaMismatchError` naming both sites and the first differing column.
+    """
+    if not schemas:
+        raise ConfigError("check_schemas needs at least one site's schema")
+    items = list(schemas.items())
+    first, common = items[0]
+    for site, schema in items[1:]:
+        if schema != common:
+            what = _schema_difference(first, common, site, schema)
+            raise SchemaMismatchError(
+                f"site '{site}' disagrees with '{first}' on {what}; every site must declare the same schema"
+            )
+    return common

@@ -1,0 +1,1 @@
+"""Models, local training and federated strategies."""

@@ -1,0 +1,98 @@
+"""Built-in models, described by a closed spec so that no code crosses a site's boundary.
+
+A site builds the model named in a fit request from this spec; it never
+unpickles or imports a model sent by someone else. Every model starts with a
+``Standardize`` layer whose constants come from the consortium's pooled
+feature statistics (sums of counts, values and squares, never rows).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from consortium.errors import ModelError
+
+ModelKind = Literal["logistic", "mlp", "cnn"]
+
+
+class ModelSpec(BaseModel):
+    """Which built-in architecture to train, and its size."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: ModelKind = "mlp"
+    hidden: tuple[Annotated[int, Field(ge=1, le=65536)], ...] = (64,)
+
+
+class Standardize(nn.Module):
+    """x -> (x - mean) / scale with constant (non-trainable) buffers."""
+
+    def __init__(self, mean: np.ndarray, scale: np.ndarray) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(np.asarray(mean, dtype=np.float32)))
+        self.register_buffer("scale", torch.as_tensor(np.asarray(scale, dtype=np.float32)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.scale
+
+
+class _SmallCNN(nn.Module):
+    """Two 3x3 convolutions, one pooling, two dense layers: sized for 8x8 digits."""
+
+    def __init__(self, image_shape: tuple[int, int, int], n_classes: int, hidden: int) -> None:
+        super().__init__()
+        c, h, w = image_shape
+        self.image_shape = image_shape
+        self.features = nn.Sequential(
+            nn.Conv2d(c, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(32 * (h // 2) * (w // 2), hidden), nn.ReLU(), nn.Linear(hidden, n_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x.view(-1, *self.image_shape)))
+
+
+def build_model(
+    spec: ModelSpec,
+    *,
+    n_features: int,
+    n_classes: int,
+    mean: np.ndarray,
+    scale: np.ndarray,
+    image_shape: tuple[int, int, int] | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """Build the model ``spec`` names, its weights initialised from ``seed``."""
+    if n_features < 1 or n_classes < 2:
+        raise ModelError(f"a model needs at least 1 feature and 2 classes, got {n_features} and {n_classes}")
+    # Initialisation draws from torch's default generator: fork it so the seed
+    # decides the weights without leaving the caller's random state changed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if spec.kind == "logistic":
+            body: nn.Module = nn.Linear(n_features, n_classes)
+        elif spec.kind == "mlp":
+            layers: list[nn.Module] = []
+            width = n_features
+            for h in spec.hidden:
+                layers += [nn.Linear(width, h), nn.ReLU()]
+                width = h
+            body = nn.Sequential(*layers, nn.Linear(width, n_classes))
+        else:
+            if image_shape is None or int(np.prod(image_shape)) != n_features:
+                raise ModelError(
+                    "model 'cnn' needs image data (like the digits dataset): use model kind 'mlp' or 'logistic' here"
+                )
+            body = _SmallCNN(image_shape, n_classes, spec.hidden[0] if spec.hidden else 64)
+    return nn.Sequential(Standardize(mean, scale), body)

@@ -1,0 +1,1 @@
+"""Coordinator and site runtimes: I/O-free state machines over typed messages."""

@@ -1,0 +1,42 @@
+"""The round loop: drives a coordinator over a transport, stage by stage.
+
+It is its own small object so that another schedule (asynchronous rounds,
+evaluation every k rounds, a deadline per stage) replaces it without touching
+the coordinator or the sites.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from consortium.errors import ProtocolError
+from consortium.protocol.coordinator import Coordinator, RoundRecord
+from consortium.transport import Transport
+
+
+class RoundLoop:
+    """Sends each stage's requests, hands every answer back, then closes the stage."""
+
+    def run(
+        self,
+        coordinator: Coordinator,
+        transport: Transport,
+        on_round: Callable[[RoundRecord], None] | None = None,
+    ) -> list[RoundRecord]:
+        while not coordinator.done:
+            record = self.step(coordinator, transport)
+            if record is not None and on_round is not None:
+                on_round(record)
+        return coordinator.history
+
+    def step(self, coordinator: Coordinator, transport: Transport) -> RoundRecord | None:
+        """Run one stage; returns the round's record when that stage ended a round."""
+        for request in coordinator.requests():
+            reply = transport.exchange(request)
+            if reply is None:
+                continue  # no answer in time: the site has dropped out of this stage
+            try:
+                coordinator.receive(reply)
+            except ProtocolError:
+                continue  # an unsolicited reply is ignored, never used
+        return coordinator.close_stage()

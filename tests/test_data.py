@@ -1,0 +1,562 @@
+"""Tests of consortium.data: built-in and synthetic datasets, partitions, splits, schemas and CSVs."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from consortium.data import (
+    BUILTIN_DATASETS,
+    DataSchema,
+    SyntheticHospitals,
+    Table,
+    check_schemas,
+    load_builtin,
+    load_schema,
+    partition_dirichlet,
+    partition_iid,
+    partition_quantity,
+    read_csv,
+    split_table,
+    synthetic_hospitals,
+)
+from consortium.errors import (
+    ConfigError,
+    DataError,
+    PartitionError,
+    SchemaError,
+    SchemaMismatchError,
+    UnknownDatasetError,
+)
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def assert_partition(parts: list[np.ndarray], n_rows: int, n_sites: int, min_rows: int = 1) -> None:
+    """Disjoint, sorted int64 parts that together cover range(n_rows) exactly."""
+    assert len(parts) == n_sites
+    for p in parts:
+        assert p.dtype == np.int64
+        assert np.all(np.diff(p) > 0), "each part is sorted without duplicates"
+        assert len(p) >= min_rows
+    joined = np.concatenate(parts)
+    assert len(joined) == n_rows
+    assert np.array_equal(np.sort(joined), np.arange(n_rows))
+
+
+def label_dist(y: np.ndarray, n_classes: int) -> np.ndarray:
+    return np.bincount(y, minlength=n_classes) / len(y)
+
+
+def mean_tv(y: np.ndarray, parts: list[np.ndarray]) -> float:
+    """Mean total-variation distance between each site's label distribution and the global one."""
+    k = int(y.max()) + 1
+    glob = label_dist(y, k)
+    return float(np.mean([0.5 * np.abs(label_dist(y[p], k) - glob).sum() for p in parts]))
+
+
+# ---------------------------------------------------------------------------
+# Table and built-ins
+
+
+def test_breast_cancer_loads() -> None:
+    t = load_builtin("breast-cancer")
+    assert (t.n_rows, t.n_features, t.n_classes) == (569, 30, 2)
+    assert t.classes == ("malignant", "benign")
+    assert t.X.dtype == np.float32 and t.X.flags.c_contiguous and t.y.dtype == np.int64
+    assert len(t.feature_names) == 30 and t.image_shape is None
+    assert set(np.unique(t.y)) == {0, 1}
+
+
+def test_digits_loads() -> None:
+    t = load_builtin("digits")
+    assert (t.n_rows, t.n_features, t.n_classes) == (1797, 64, 10)
+    assert t.classes == tuple(str(i) for i in range(10))
+    assert t.image_shape == (1, 8, 8)
+    assert t.X.dtype == np.float32 and t.X.min() == 0 and t.X.max() == 16
+
+
+def test_unknown_dataset_lists_the_valid_names() -> None:
+    with pytest.raises(UnknownDatasetError) as info:
+        load_builtin("xyz")
+    msg = str(info.value)
+    assert "'xyz'" in msg
+    assert all(name in msg for name in BUILTIN_DATASETS)
+
+
+def test_synthetic_hospitals_is_not_a_single_table() -> None:
+    with pytest.raises(ConfigError, match="synthetic_hospitals"):
+        load_builtin("synthetic-hospitals")
+
+
+def test_table_validates_and_takes(rng: np.random.Generator) -> None:
+    X = rng.standard_normal((5, 3)).astype(np.float32)
+    y = np.array([0, 1, 0, 1, 1])
+    t = Table(X=X, y=y, feature_names=("a", "b", "c"), classes=("no", "yes"))
+    sub = t.take(np.array([4, 0]))
+    assert np.array_equal(sub.y, [1, 0]) and sub.feature_names == t.feature_names and sub.X.flags.c_contiguous
+    assert t.take(np.array([], dtype=np.int64)).n_rows == 0
+    with pytest.raises(DataError, match="float32"):
+        Table(X=X.astype(np.float64), y=y, feature_names=("a", "b", "c"), classes=("no", "yes"))
+    with pytest.raises(DataError, match="int64"):
+        Table(X=X, y=y.astype(np.int32), feature_names=("a", "b", "c"), classes=("no", "yes"))
+    with pytest.raises(DataError, match="feature names"):
+        Table(X=X, y=y, feature_names=("a", "b"), classes=("no", "yes"))
+    with pytest.raises(DataError, match="rows"):
+        Table(X=X, y=y[:4], feature_names=("a", "b", "c"), classes=("no", "yes"))
+    with pytest.raises(DataError, match="classes"):
+        Table(X=X, y=y + 1, feature_names=("a", "b", "c"), classes=("no", "yes"))
+    with pytest.raises(DataError, match="image_shape"):
+        Table(X=X, y=y, feature_names=("a", "b", "c"), classes=("no", "yes"), image_shape=(1, 2, 2))
+    X[2, 1] = np.nan
+    with pytest.raises(DataError, match="row 2"):
+        Table(X=X, y=y, feature_names=("a", "b", "c"), classes=("no", "yes"))
+
+
+# ---------------------------------------------------------------------------
+# Partitions
+
+
+@FAST
+@given(n_rows=st.integers(1, 500), n_sites=st.integers(1, 12), seed=st.integers(0, 2**32 - 1))
+def test_iid_partition_invariants(n_rows: int, n_sites: int, seed: int) -> None:
+    assume(n_rows >= n_sites)
+    parts = partition_iid(n_rows, n_sites, np.random.default_rng(seed))
+    assert_partition(parts, n_rows, n_sites)
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+    again = partition_iid(n_rows, n_sites, np.random.default_rng(seed))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+
+
+@FAST
+@given(
+    n_rows=st.integers(20, 600),
+    n_sites=st.integers(1, 8),
+    n_classes=st.integers(2, 6),
+    alpha=st.floats(0.05, 100.0),
+    min_rows=st.integers(1, 10),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_dirichlet_partition_invariants(
+    n_rows: int, n_sites: int, n_classes: int, alpha: float, min_rows: int, seed: int
+) -> None:
+    assume(n_rows >= n_sites * min_rows)
+    y = np.random.default_rng(seed).integers(0, n_classes, n_rows)
+    try:
+        parts = partition_dirichlet(y, n_sites, alpha, np.random.default_rng(seed), min_rows=min_rows)
+    except PartitionError as exc:  # possible when alpha is tiny and the table barely fits
+        assert "use fewer sites or a larger alpha" in str(exc)
+        assert str(n_rows) in str(exc) and str(n_sites) in str(exc) and str(min_rows) in str(exc)
+        assume(False)
+        return
+    assert_partition(parts, n_rows, n_sites, min_rows)
+    again = partition_dirichlet(y, n_sites, alpha, np.random.default_rng(seed), min_rows=min_rows)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+
+
+@FAST
+@given(
+    n_rows=st.integers(1, 600),
+    n_sites=st.integers(1, 10),
+    beta=st.floats(0.01, 100.0),
+    min_rows=st.integers(1, 20),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_quantity_partition_invariants(n_rows: int, n_sites: int, beta: float, min_rows: int, seed: int) -> None:
+    assume(n_rows >= n_sites * min_rows)
+    parts = partition_quantity(n_rows, n_sites, beta, np.random.default_rng(seed), min_rows=min_rows)
+    assert_partition(parts, n_rows, n_sites, min_rows)
+    again = partition_quantity(n_rows, n_sites, beta, np.random.default_rng(seed), min_rows=min_rows)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+
+
+def test_feasible_dirichlet_requests_succeed() -> None:
+    y = load_builtin("digits").y
+    for seed in range(5):
+        for alpha in (0.05, 0.1, 1.0):
+            parts = partition_dirichlet(y, 10, alpha, np.random.default_rng(seed), min_rows=10)
+            assert_partition(parts, len(y), 10, 10)
+
+
+def test_dirichlet_alpha_controls_label_skew() -> None:
+    y = load_builtin("digits").y
+    tv = {}
+    for name, make in {
+        "iid": lambda r: partition_iid(len(y), 10, r),
+        "alpha=0.1": lambda r: partition_dirichlet(y, 10, 0.1, r),
+        "alpha=1000": lambda r: partition_dirichlet(y, 10, 1000.0, r),
+    }.items():
+        tv[name] = np.mean([mean_tv(y, make(np.random.default_rng(s))) for s in range(5)])
+    assert tv["iid"] < 0.1
+    assert tv["alpha=1000"] < 0.1
+    assert tv["alpha=0.1"] > 0.4
+    assert tv["alpha=0.1"] > 4 * tv["iid"]
+
+
+def test_quantity_beta_controls_size_skew() -> None:
+    def size_cv(beta: float) -> float:
+        cvs = []
+        for s in range(10):
+            sizes = np.array([len(p) for p in partition_quantity(2000, 8, beta, np.random.default_rng(s))])
+            cvs.append(sizes.std() / sizes.mean())
+        return float(np.mean(cvs))
+
+    assert size_cv(0.1) > 1.0  # very unequal
+    assert size_cv(1000.0) < 0.1  # near-equal
+    sizes = [len(p) for p in partition_quantity(569, 5, 0.1, np.random.default_rng(0))]
+    assert sum(sizes) == 569 and min(sizes) >= 10 and max(sizes) > 200
+
+
+def test_impossible_partitions_say_how_to_fix_them() -> None:
+    rng = np.random.default_rng(0)
+    with pytest.raises(PartitionError) as info:
+        partition_quantity(25, 3, 1.0, rng, min_rows=10)
+    assert str(info.value) == "cannot give 3 sites at least 10 rows each from 25 rows: use at most 2 sites or a smaller min_rows"
+    with pytest.raises(PartitionError, match="use at most 2 sites"):
+        partition_dirichlet(np.zeros(25, dtype=np.int64), 3, 1.0, rng, min_rows=10)
+    with pytest.raises(PartitionError, match="from 3 rows"):
+        partition_iid(3, 4, rng)
+    # Feasible by count but not by Dirichlet luck: two classes, ten sites, extreme skew.
+    y = np.repeat([0, 1], 50)
+    with pytest.raises(PartitionError) as info:
+        partition_dirichlet(y, 10, 1e-4, rng, min_rows=10)
+    msg = str(info.value)
+    assert "100 rows" in msg and "10 sites" in msg and "10 rows each" in msg
+    assert "use fewer sites or a larger alpha" in msg
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_bad_concentrations_are_config_errors(bad: float) -> None:
+    rng = np.random.default_rng(0)
+    with pytest.raises(ConfigError, match="alpha"):
+        partition_dirichlet(np.zeros(50, dtype=np.int64), 2, bad, rng)
+    with pytest.raises(ConfigError, match="beta"):
+        partition_quantity(50, 2, bad, rng)
+
+
+def test_bad_site_counts_are_config_errors() -> None:
+    rng = np.random.default_rng(0)
+    for call in (
+        lambda: partition_iid(10, 0, rng),
+        lambda: partition_dirichlet(np.zeros(10, dtype=np.int64), 0, 1.0, rng),
+        lambda: partition_quantity(10, -1, 1.0, rng),
+        lambda: partition_quantity(10, 2, 1.0, rng, min_rows=0),
+    ):
+        with pytest.raises(ConfigError):
+            call()
+
+
+# ---------------------------------------------------------------------------
+# Synthetic hospitals
+
+
+def hospitals(seed: int = 7, n_sites: int = 10, **knobs: float) -> list[Table]:
+    return synthetic_hospitals(n_sites, SyntheticHospitals(**knobs), np.random.default_rng(seed))
+
+
+def test_synthetic_hospitals_shape_and_determinism() -> None:
+    sites = hospitals(n_sites=4, n_features=12)
+    assert len(sites) == 4
+    for t in sites:
+        assert (t.n_rows, t.n_features) == (400, 12)
+        assert t.classes == ("no-event", "event")
+        assert len(set(t.feature_names)) == 12 and t.feature_names[:2] == ("age", "bmi")
+        assert 0.1 < t.y.mean() < 0.6  # both outcomes occur
+    again = hospitals(n_sites=4, n_features=12)
+    for a, b in zip(sites, again):
+        assert np.array_equal(a.X, b.X) and np.array_equal(a.y, b.y)
+    other = hospitals(seed=8, n_sites=4, n_features=12)
+    assert not np.array_equal(sites[0].X, other[0].X)
+
+
+def test_label_skew_spreads_prevalence() -> None:
+    spread = {s: np.std([t.y.mean() for t in hospitals(label_skew=s)]) for s in (0.0, 2.0)}
+    assert spread[0.0] < 0.05  # binomial noise only: sd about 0.023 at 400 rows
+    assert spread[2.0] > 0.15
+    assert spread[2.0] > 4 * spread[0.0]
+
+
+def test_feature_shift_moves_site_means_apart() -> None:
+    def spread(shift: float) -> float:
+        sites = hospitals(feature_shift=shift)
+        pooled_sd = np.concatenate([t.X for t in hospitals()]).std(axis=0)
+        means = np.stack([t.X.mean(axis=0) for t in sites])
+        return float(np.mean(means.std(axis=0) / pooled_sd))
+
+    assert spread(0.0) < 0.1  # sampling noise: about 1/sqrt(400)
+    assert spread(1.0) > 0.6
+    # the same knob also changes feature scales
+    sd0 = np.stack([t.X.std(axis=0) for t in hospitals()])
+    sd1 = np.stack([t.X.std(axis=0) for t in hospitals(feature_shift=1.0)])
+    assert np.mean(np.abs(np.log(sd1 / sd1.mean(axis=0)))) > 2 * np.mean(np.abs(np.log(sd0 / sd0.mean(axis=0))))
+
+
+def test_size_imbalance_spreads_sizes() -> None:
+    equal = [t.n_rows for t in hospitals(n_sites=8)]
+    assert equal == [400] * 8
+    sizes = np.array([t.n_rows for t in hospitals(n_sites=8, size_imbalance=1.0)])
+    assert sizes.std() / sizes.mean() > 0.5
+    assert sizes.min() >= 20
+    tiny = [t.n_rows for t in hospitals(n_sites=8, size_imbalance=5.0)]
+    assert min(tiny) >= 20
+
+
+def test_sites_agree_when_every_knob_is_zero() -> None:
+    # With no heterogeneity every site draws from the same distribution, so prevalences agree.
+    sites = hospitals(n_sites=5, rows_per_site=4000)
+    prev = [t.y.mean() for t in sites]
+    assert max(prev) - min(prev) < 0.05
+
+
+@pytest.mark.parametrize(
+    "knobs, field",
+    [
+        ({"rows_per_site": 19}, "rows_per_site"),
+        ({"n_features": 1}, "n_features"),
+        ({"label_skew": -0.1}, "label_skew"),
+        ({"feature_shift": float("nan")}, "feature_shift"),
+        ({"size_imbalance": -1.0}, "size_imbalance"),
+        ({"rows_per_site": 100.5}, "rows_per_site"),
+    ],
+)
+def test_invalid_knobs_are_config_errors(knobs: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=field):
+        SyntheticHospitals(**knobs)
+
+
+def test_synthetic_hospitals_needs_a_site() -> None:
+    with pytest.raises(ConfigError, match="n_sites"):
+        synthetic_hospitals(0, SyntheticHospitals(), np.random.default_rng(0))
+
+
+# ---------------------------------------------------------------------------
+# Train / validation / test
+
+
+def test_split_table_is_a_stratified_cover() -> None:
+    table = load_builtin("digits")
+    s = split_table(table, np.random.default_rng(3), validation=0.1, test=0.2)
+    n = table.n_rows
+    assert s.train.n_rows + s.validation.n_rows + s.test.n_rows == n
+    assert abs(s.test.n_rows - 0.2 * n) <= 1 and abs(s.validation.n_rows - 0.1 * n) <= 1
+    # Rows are disjoint and cover the table: compare whole rows (digits has a few duplicate images, so use counts).
+    rows = np.concatenate([np.column_stack([t.X, t.y]) for t in (s.train, s.validation, s.test)])
+    whole = np.column_stack([table.X, table.y])
+    assert np.array_equal(np.unique(rows, axis=0, return_counts=True)[1], np.unique(whole, axis=0, return_counts=True)[1])
+    counts = np.bincount(table.y)
+    for part, frac in ((s.test, 0.2), (s.validation, 0.1)):
+        got = np.bincount(part.y, minlength=10)
+        assert np.all(np.abs(got - counts * frac) <= 1.5), "each class is split in proportion"
+
+
+def test_split_table_with_indices(rng: np.random.Generator) -> None:
+    # Tag each row with its index to check disjointness exactly.
+    n = 101
+    X = np.arange(n, dtype=np.float32).reshape(n, 1)
+    y = (np.arange(n) % 3 == 0).astype(np.int64)
+    t = Table(X=X, y=y, feature_names=("row",), classes=("a", "b"))
+    s = split_table(t, rng, validation=0.15, test=0.25)
+    ids = [part.X[:, 0].astype(int) for part in (s.train, s.validation, s.test)]
+    assert sorted(np.concatenate(ids).tolist()) == list(range(n))
+    assert (len(ids[1]), len(ids[2])) == (15, 25)
+    again = split_table(t, np.random.default_rng(1234), validation=0.15, test=0.25)
+    assert np.array_equal(again.test.X, s.test.X)
+
+
+def test_split_table_small_and_invalid(rng: np.random.Generator) -> None:
+    X = np.zeros((3, 2), dtype=np.float32)
+    t = Table(X=X, y=np.array([0, 1, 1]), feature_names=("a", "b"), classes=("a", "b"))
+    s = split_table(t, rng, validation=0.1, test=0.2)
+    assert (s.train.n_rows, s.validation.n_rows, s.test.n_rows) == (1, 1, 1)
+    s = split_table(t, rng, validation=0.0, test=0.2)
+    assert (s.train.n_rows, s.validation.n_rows, s.test.n_rows) == (2, 0, 1)
+    with pytest.raises(DataError, match="2 rows"):
+        split_table(t.take(np.array([0, 1])), rng)
+    for kw in ({"validation": 0.5}, {"test": -0.1}, {"test": float("nan")}, {"validation": 0.45, "test": 0.45}):
+        with pytest.raises(ConfigError):
+            split_table(t, rng, **kw)
+
+
+# ---------------------------------------------------------------------------
+# Schemas and CSV files
+
+SCHEMA = """\
+version: 1
+label: outcome
+columns:
+  - {name: age, type: float, min: 0, max: 120}
+  - {name: sex, type: category, values: [F, M]}
+  - {name: visits, type: int, min: 0}
+  - {name: outcome, type: category, values: [no-event, event]}
+"""
+
+GOOD_CSV = """\
+sex,age,outcome,visits
+F,54.5,event,3
+M,61,no-event,0
+M,33.25,event,12
+"""
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+@pytest.fixture
+def schema(tmp_path: Path) -> DataSchema:
+    return load_schema(write(tmp_path, "schema.yaml", SCHEMA))
+
+
+def test_schema_feature_names_and_fingerprint(schema: DataSchema, tmp_path: Path) -> None:
+    assert schema.feature_names() == ("age", "sex=F", "sex=M", "visits")
+    same = load_schema(write(tmp_path, "copy.yaml", SCHEMA))
+    assert same.fingerprint() == schema.fingerprint() and len(schema.fingerprint()) == 64
+    other = load_schema(write(tmp_path, "other.yaml", SCHEMA.replace("[F, M]", "[F, M, X]")))
+    assert other.fingerprint() != schema.fingerprint()
+
+
+def test_good_csv_parses_with_one_hot_encoding(schema: DataSchema, tmp_path: Path) -> None:
+    t = read_csv(write(tmp_path, "site.csv", GOOD_CSV + "\n"), schema)
+    assert t.feature_names == ("age", "sex=F", "sex=M", "visits")
+    assert t.classes == ("no-event", "event")
+    expected = np.array([[54.5, 1, 0, 3], [61, 0, 1, 0], [33.25, 0, 1, 12]], dtype=np.float32)
+    assert np.array_equal(t.X, expected)
+    assert np.array_equal(t.y, [1, 0, 1]) and t.y.dtype == np.int64 and t.X.dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    "csv_text, expected",
+    [
+        (GOOD_CSV + "F,abc,event,1\n", "line 5, column 'age': 'abc' is not a float"),
+        (GOOD_CSV + "F,130,event,1\n", "line 5, column 'age': 130 is outside the allowed range [0, 120]"),
+        (GOOD_CSV + "F,30,event,1.5\n", "line 5, column 'visits': '1.5' is not an int"),
+        (GOOD_CSV + "X,30,event,1\n", "line 5, column 'sex': 'X' is not one of ['F', 'M']"),
+        (GOOD_CSV + "F,30,death,1\n", "line 5, column 'outcome': 'death' is not one of"),
+        (GOOD_CSV + "F,,event,1\n", "line 5, column 'age': the cell is empty"),
+        (GOOD_CSV + "F,30,event\n", "line 5: expected 4 cells but found 3"),
+        ("sex,age,outcome\nF,30,event\n", "line 1: column 'visits' is missing"),
+        ("sex,age,outcome,visits,zip\nF,30,event,1,123\n", "line 1: column 'zip' is not in the schema"),
+        ("sex,age,outcome,visits\n", "no data rows"),
+        ("", "is empty"),
+    ],
+)
+def test_bad_csv_names_file_line_and_column(schema: DataSchema, tmp_path: Path, csv_text: str, expected: str) -> None:
+    path = write(tmp_path, "site.csv", csv_text)
+    with pytest.raises(SchemaError) as info:
+        read_csv(path, schema)
+    msg = str(info.value)
+    assert str(path) in msg
+    assert expected in msg
+
+
+def test_bad_cell_message_matches_the_documented_form(schema: DataSchema, tmp_path: Path) -> None:
+    path = write(tmp_path, "file.csv", GOOD_CSV + "F,abc,event,1\n")
+    with pytest.raises(SchemaError) as info:
+        read_csv(path, schema)
+    assert str(info.value) == f"{path} line 5, column 'age': 'abc' is not a float; fix the row or the schema"
+
+
+def test_missing_csv_file(schema: DataSchema, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        read_csv(tmp_path / "nope.csv", schema)
+
+
+def test_malformed_yaml_names_the_line(tmp_path: Path) -> None:
+    path = write(tmp_path, "schema.yaml", "version: 1\nlabel: outcome\ncolumns:\n  - {name: age, type: float\n")
+    with pytest.raises(SchemaError) as info:
+        load_schema(path)
+    msg = str(info.value)
+    assert str(path) in msg and "malformed YAML" in msg
+    assert " line 5" in msg or " line 4" in msg
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (SCHEMA.replace("type: float", "type: double"), "line 4: columns.0.type"),
+        (SCHEMA.replace("label: outcome", "label: death"), "line 2: label: label 'death' is not one of the columns"),
+        (SCHEMA.replace("label: outcome", "label: age"), "must be a category column"),
+        (SCHEMA.replace("name: visits", "name: age"), "must be unique"),
+        (SCHEMA.replace("{name: sex, type: category, values: [F, M]}", "{name: sex, type: category}"), "needs a non-empty list"),
+        (SCHEMA.replace("type: int, min: 0", "type: int, values: [a]"), "cannot have values"),
+        (SCHEMA + "extra: 1\n", "line 8: extra"),
+        ("- a\n- b\n", "must be a mapping"),
+    ],
+)
+def test_invalid_schema_names_file_and_field(tmp_path: Path, text: str, expected: str) -> None:
+    path = write(tmp_path, "schema.yaml", text)
+    with pytest.raises(SchemaError) as info:
+        load_schema(path)
+    assert str(path) in str(info.value)
+    assert expected in str(info.value)
+
+
+def test_missing_schema_file(tmp_path: Path) -> None:
+    with pytest.raises(SchemaError, match="does not exist"):
+        load_schema(tmp_path / "missing.yaml")
+
+
+def test_check_schemas_accepts_identical_schemas(schema: DataSchema, tmp_path: Path) -> None:
+    b = load_schema(write(tmp_path, "b.yaml", SCHEMA))
+    assert check_schemas({"hospital-a": schema, "hospital-b": b}) == schema
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        (("[F, M]", "[F, M, X]"), "on column 'sex': values ['F', 'M'] vs ['F', 'M', 'X']"),
+        (("name: age, type: float", "name: age, type: int"), "on column 'age': type 'float' vs 'int'"),
+        (("  - {name: visits, type: int, min: 0}\n", ""), "on column 'visits': declared by 'hospital-a' but missing"),
+        (("name: visits", "name: n_visits"), "column 'visits'"),
+        (
+            ("  - {name: outcome", "  - {name: death, type: category, values: [a, b]}\n  - {name: outcome"),
+            "on column 'death': declared by 'hospital-b' but missing at 'hospital-a'",
+        ),
+    ],
+)
+def test_check_schemas_names_the_site_and_column(
+    schema: DataSchema, tmp_path: Path, change: tuple[str, str], expected: str
+) -> None:
+    other = load_schema(write(tmp_path, "b.yaml", SCHEMA.replace(*change)))
+    with pytest.raises(SchemaMismatchError) as info:
+        check_schemas({"hospital-a": schema, "hospital-c": schema, "hospital-b": other})
+    msg = str(info.value)
+    assert msg.startswith("site 'hospital-b' disagrees with 'hospital-a'")
+    assert expected in msg
+    assert msg.endswith("every site must declare the same schema")
+
+
+def test_check_schemas_label_and_order(schema: DataSchema) -> None:
+    cols = list(schema.columns)
+    reordered = DataSchema(label="outcome", columns=[cols[1], cols[0], *cols[2:]])
+    with pytest.raises(SchemaMismatchError, match="column order"):
+        check_schemas({"a": schema, "b": reordered})
+    relabelled = DataSchema(label="sex", columns=cols)
+    with pytest.raises(SchemaMismatchError, match="the label column: 'outcome' vs 'sex'"):
+        check_schemas({"a": schema, "b": relabelled})
+    with pytest.raises(ConfigError):
+        check_schemas({})
+
+
+def test_schema_is_loadable_from_textwrap(tmp_path: Path) -> None:
+    text = textwrap.dedent(
+        """
+        label: y
+        columns:
+          - name: x
+            type: float
+          - name: y
+            type: category
+            values: ["0", "1"]
+        """
+    )
+    s = load_schema(write(tmp_path, "s.yaml", text))
+    assert s.version == 1 and s.feature_names() == ("x",)
