@@ -1,4 +1,5 @@
 import json
+import struct
 
 import numpy as np
 import pytest
@@ -21,10 +22,13 @@ def test_round_trip_through_bytes():
     assert np.array_equal(env.message.weighted_update.to_numpy(), vec)
 
 
-def _tamper(raw: bytes, fn) -> bytes:
-    obj = json.loads(raw)
+def _tamper(raw: bytes, fn, payload_fn=lambda p: p) -> bytes:
+    """Edit a frame's JSON header (and optionally its tensor bytes), keeping the frame well-formed."""
+    n = struct.unpack(">I", raw[4:8])[0]
+    obj = json.loads(raw[8 : 8 + n])
     fn(obj)
-    return json.dumps(obj).encode()
+    header = json.dumps(obj).encode()
+    return raw[:4] + struct.pack(">I", len(header)) + header + payload_fn(raw[8 + n :])
 
 
 def test_unknown_kind_is_rejected():
@@ -45,25 +49,38 @@ def test_unknown_field_is_rejected():
         m.decode(raw)
 
 
-def test_tensor_with_wrong_length_or_hash_is_rejected():
+def test_tensor_with_wrong_length_hash_or_layout_is_rejected():
     raw = m.encode(_fit_reply(np.arange(4, dtype=np.float32)))
 
     def bad_shape(o):
         o["message"]["weighted_update"]["shape"] = [5]
 
-    def bad_bytes(o):
+    def flip_byte(p):
+        return p[:3] + bytes([p[3] ^ 1]) + p[4:]
+
+    def bad_offset(o):
+        o["message"]["weighted_update"]["offset"] = 4
+
+    def inline_bytes(o):
         t = o["message"]["weighted_update"]
-        other = m.Tensor.from_numpy(np.arange(1, 5, dtype=np.float32))
-        t["data"] = other.data  # same length, different values, old hash
+        t["raw"] = "AAAA"
 
     with pytest.raises(MessageRejected, match="needs 20 bytes"):
-        m.decode(_tamper(raw, bad_shape))
+        m.decode(_tamper(raw, bad_shape, lambda p: p + bytes(4)))
     with pytest.raises(MessageRejected, match="SHA-256"):
-        m.decode(_tamper(raw, bad_bytes))
+        m.decode(_tamper(raw, lambda o: None, flip_byte))
+    with pytest.raises(MessageRejected, match="out of order"):
+        m.decode(_tamper(raw, bad_offset))
+    with pytest.raises(MessageRejected, match="exactly dtype"):
+        m.decode(_tamper(raw, inline_bytes))
+    with pytest.raises(MessageRejected, match="after the last tensor"):
+        m.decode(raw + b"\x00")
+    with pytest.raises(MessageRejected, match="exceeds the frame"):
+        m.decode(raw[:20])
 
 
 def test_garbage_is_rejected():
-    for raw in (b"", b"\x80\x04\x95", b"[]", b"{}"):
+    for raw in (b"", b"\x80\x04\x95", b"[]", b"{}", m.MAGIC + b"\x00\x00\x00\x02{}", m.MAGIC + b"\x00\x00\x00\x02[]"):
         with pytest.raises(MessageRejected):
             m.decode(raw)
 

@@ -42,7 +42,7 @@ class Site:
         self.__test = (torch.from_numpy(data.test.X), torch.from_numpy(data.test.y))
         self._seed = seed
         self._build = model_builder
-        self._model: tuple[str, torch.nn.Module, ModelAdapter] | None = None
+        self._model: tuple[m.TaskSpec, torch.nn.Module, ModelAdapter] | None = None
 
     # -- transport entry points ------------------------------------------------
 
@@ -84,8 +84,7 @@ class Site:
         )
 
     def _model_for(self, task: m.TaskSpec) -> tuple[torch.nn.Module, ModelAdapter]:
-        key = task.model_dump_json()
-        if self._model is None or self._model[0] != key:
+        if self._model is None or self._model[0] != task:
             module = self._build(task, 0)
             adapter = ModelAdapter(module)
             if adapter.layout_hash != task.layout_hash:
@@ -93,7 +92,7 @@ class Site:
                     f"the task's layout hash {task.layout_hash[:12]} does not match the model this site builds "
                     f"({adapter.layout_hash[:12]}): refusing an architecture the task does not describe"
                 )
-            self._model = (key, module, adapter)
+            self._model = (task, module, adapter)
         return self._model[1], self._model[2]
 
     def _fit(self, rnd: int, msg: m.FitRequest) -> m.BaseModel:
