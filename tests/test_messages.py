@@ -6,6 +6,7 @@ import pytest
 
 from consortium.errors import MessageRejected
 from consortium.protocol import messages as m
+from consortium.wire import MAGIC
 
 
 def _fit_reply(vec):
@@ -80,7 +81,7 @@ def test_tensor_with_wrong_length_hash_or_layout_is_rejected():
 
 
 def test_garbage_is_rejected():
-    for raw in (b"", b"\x80\x04\x95", b"[]", b"{}", m.MAGIC + b"\x00\x00\x00\x02{}", m.MAGIC + b"\x00\x00\x00\x02[]"):
+    for raw in (b"", b"\x80\x04\x95", b"[]", b"{}", MAGIC + b"\x00\x00\x00\x02{}", MAGIC + b"\x00\x00\x00\x02[]"):
         with pytest.raises(MessageRejected):
             m.decode(raw)
 

@@ -42,9 +42,10 @@ class SplitConfig(_Strict):
 class SyntheticConfig(_Strict):
     rows_per_site: int = Field(400, ge=20, le=10_000_000)
     n_features: int = Field(12, ge=2, le=10_000)
-    label_skew: float = Field(0.0, ge=0, le=100)
-    feature_shift: float = Field(0.0, ge=0, le=100)
-    size_imbalance: float = Field(0.0, ge=0, le=100)
+    # Moderately heterogeneous by default; 0 makes the hospitals alike in that respect.
+    label_skew: float = Field(0.5, ge=0, le=100)
+    feature_shift: float = Field(0.5, ge=0, le=100)
+    size_imbalance: float = Field(0.5, ge=0, le=100)
 
 
 class CsvSiteConfig(_Strict):
