@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from hypothesis import settings
 
 from consortium.data import Splits, Table
 
@@ -17,3 +18,8 @@ def make_splits(rng: np.random.Generator, n: int = 80, **kw) -> Splits:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+# Property tests draw the same examples on every run: a failure is reproducible, never flaky.
+settings.register_profile("consortium", derandomize=True, deadline=None)
+settings.load_profile("consortium")

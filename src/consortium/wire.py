@@ -13,6 +13,8 @@ header covers the tensors too. Nothing here unpickles or imports by name.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import struct
 from typing import Annotated, Literal, TypeVar
@@ -20,6 +22,8 @@ from typing import Annotated, Literal, TypeVar
 import numpy as np
 from pydantic import (
     BaseModel,
+    BeforeValidator,
+    PlainSerializer,
     ConfigDict,
     Field,
     SerializationInfo,
@@ -34,6 +38,25 @@ from consortium.errors import MessageRejected
 _DTYPES = {"float32": np.dtype("<f4"), "int64": np.dtype("<i8"), "uint64": np.dtype("<u8")}
 
 Model = TypeVar("Model", bound=BaseModel)
+
+
+def _bytes_in(value: object) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):  # how JSON carries it
+        try:
+            return base64.b64decode(value, validate=True)
+        except binascii.Error:
+            raise ValueError("not valid base64") from None
+    raise ValueError(f"expected bytes, got {type(value).__name__}")
+
+
+#: Short byte strings (keys, signatures, ciphertexts of shares): raw in Python, base64 in JSON.
+B64 = Annotated[
+    bytes,
+    BeforeValidator(_bytes_in),
+    PlainSerializer(lambda b: base64.b64encode(b).decode("ascii"), return_type=str, when_used="json"),
+]
 
 
 class Frozen(BaseModel):

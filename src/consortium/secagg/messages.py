@@ -1,0 +1,161 @@
+"""The messages of one SecAgg+ session, and the exact bytes every signature covers.
+
+Every signed statement starts with a domain tag and the session id, so a
+signature can never be replayed in another session or for another purpose.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from consortium.secagg.graph import complete_graph, random_regular_graph
+from consortium.wire import B64, Frozen, Tensor
+
+STAGES = ("advertise_keys", "share_keys", "collect_masked", "consistency_check", "unmask")
+Stage = Literal["advertise_keys", "share_keys", "collect_masked", "consistency_check", "unmask"]
+
+Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+SessionId = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class SessionParams(Frozen):
+    """What every party of one session agrees on; each site re-derives its neighbours itself."""
+
+    session_id: SessionId
+    participants: tuple[Name, ...]
+    graph: Literal["complete", "k-regular"]
+    degree: int = Field(ge=1)
+    threshold: int = Field(ge=1)
+    bits: int = Field(ge=8, le=64)
+    length: int = Field(ge=1, le=1 << 31)
+
+    @field_validator("participants")
+    @classmethod
+    def _sorted_unique(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if list(v) != sorted(set(v)) or len(v) < 2:
+            raise ValueError("participants must be at least 2 distinct names in sorted order")
+        return v
+
+    def neighbours(self) -> dict[str, frozenset[str]]:
+        """The neighbour graph, from public randomness bound to the session id."""
+        if self.graph == "complete":
+            return complete_graph(self.participants)
+        seed = int.from_bytes(bytes.fromhex(self.session_id)[:8], "big")
+        return random_regular_graph(self.participants, self.degree, np.random.default_rng(seed))
+
+    def x_of(self, name: str) -> int:
+        """A participant's Shamir evaluation point: its 1-based position."""
+        return self.participants.index(name) + 1
+
+
+class KeyAdvert(Frozen):
+    """A site's two X25519 public keys for this session, signed with its identity key."""
+
+    site: Name
+    c_pk: B64  # encrypts shares
+    s_pk: B64  # agrees pairwise mask seeds
+    signature: B64
+
+
+class KeyRoster(Frozen):
+    """The coordinator forwards each site its neighbours' adverts."""
+
+    adverts: tuple[KeyAdvert, ...]
+
+
+class EncryptedShare(Frozen):
+    sender: Name
+    recipient: Name
+    ciphertext: B64
+
+
+class ShareBundle(Frozen):
+    """From a site: one ciphertext per neighbour, which only that neighbour can open."""
+
+    shares: tuple[EncryptedShare, ...]
+
+
+class ShareDelivery(Frozen):
+    """To a site: the ciphertexts its neighbours addressed to it."""
+
+    shares: tuple[EncryptedShare, ...]
+
+
+class SharePlaintext(Frozen):
+    """Inside a share ciphertext: who shared what with whom."""
+
+    sender: Name
+    recipient: Name
+    seed_share: B64
+    key_share: B64
+
+
+class MaskedInput(Frozen):
+    vector: Tensor
+
+    @field_validator("vector")
+    @classmethod
+    def _ring(cls, v: Tensor) -> Tensor:
+        if v.dtype != "uint64" or len(v.shape) != 1:
+            raise ValueError("a masked input is a 1-D uint64 vector of ring elements")
+        return v
+
+
+class SurvivorList(Frozen):
+    """The sites whose masked input arrived, signed by the coordinator."""
+
+    survivors: tuple[Name, ...]
+    signature: B64
+
+
+class ConsistencyAck(Frozen):
+    """A site's signature over the survivor list it was shown."""
+
+    signature: B64
+
+
+class UnmaskRequest(Frozen):
+    survivors: tuple[Name, ...]
+    dropped: tuple[Name, ...]
+    acks: dict[Name, B64]
+
+
+class UnmaskReply(Frozen):
+    """Per neighbour, the share of its self-mask seed (alive) or of its mask key (dropped)."""
+
+    seed_shares: dict[Name, B64]
+    key_shares: dict[Name, B64]
+
+
+def _statement(tag: bytes, session_id: str, *parts: bytes) -> bytes:
+    out = [b"consortium/secagg/v1/" + tag, bytes.fromhex(session_id)]
+    for p in parts:
+        out.append(len(p).to_bytes(4, "big") + p)
+    return b"\x00".join(out)
+
+
+def advert_statement(session_id: str, site: str, c_pk: bytes, s_pk: bytes) -> bytes:
+    return _statement(b"advert", session_id, site.encode(), c_pk, s_pk)
+
+
+def survivors_statement(session_id: str, survivors: tuple[str, ...]) -> bytes:
+    return _statement(b"survivors", session_id, *(s.encode() for s in sorted(survivors)))
+
+
+def share_context(session_id: str, sender: str, recipient: str) -> bytes:
+    """Associated data and key-derivation context of one share ciphertext."""
+    return _statement(b"share", session_id, sender.encode(), recipient.encode())
+
+
+def mask_context(session_id: str, a: str, b: str) -> bytes:
+    lo, hi = sorted((a, b))
+    return _statement(b"pairwise-mask", session_id, lo.encode(), hi.encode())
+
+
+def share_key_context(session_id: str, a: str, b: str) -> bytes:
+    """Key-derivation context of the AES-GCM key two sites share (the same from either side)."""
+    lo, hi = sorted((a, b))
+    return _statement(b"share-key", session_id, lo.encode(), hi.encode())

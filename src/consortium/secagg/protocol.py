@@ -1,0 +1,390 @@
+"""SecAgg+ as two I/O-free state machines: one per site, one for the coordinator.
+
+The rounds are those of Bonawitz et al. (CCS 2017), on the sparse neighbour
+graphs of Bell et al. (CCS 2020):
+
+1. ``advertise_keys``: each site makes two X25519 key pairs (c: encrypt
+   shares, s: agree pairwise masks) and signs the public keys with its
+   Ed25519 identity key.
+2. ``share_keys``: each site draws a self-mask seed b_u and Shamir-shares b_u
+   and its s private key among its neighbours, each share pair sealed with
+   AES-GCM under a key only that neighbour can derive (X25519 + HKDF). The
+   coordinator routes ciphertexts it cannot read.
+3. ``collect_masked``: each site sends y_u = x_u + PRG(b_u) + sum over
+   neighbours v of +/-PRG(s_uv) in Z_{2^bits}; pairwise masks cancel in the sum.
+4. ``consistency_check``: the coordinator signs the list of sites whose input
+   arrived; each site checks the signature and signs the list itself
+   (the active-server variant of Bonawitz et al.).
+5. ``unmask``: each site checks that at least ``threshold`` sites signed the
+   same list, then reveals, per neighbour, the share of its self-mask seed if
+   it is alive or of its mask key if it dropped, never both, and only once.
+
+The coordinator then removes the self masks of the survivors and the
+pairwise masks of the dropped sites and learns the sum, and nothing else.
+Any failure to verify raises; a site refuses rather than guesses.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from consortium.crypto import aead, keys, prg, shamir
+from consortium.errors import ProtocolError, RoundFailed
+from consortium.secagg.messages import (
+    ConsistencyAck,
+    EncryptedShare,
+    KeyAdvert,
+    KeyRoster,
+    MaskedInput,
+    SessionParams,
+    ShareBundle,
+    ShareDelivery,
+    SharePlaintext,
+    SurvivorList,
+    UnmaskReply,
+    UnmaskRequest,
+    advert_statement,
+    mask_context,
+    share_context,
+    share_key_context,
+    survivors_statement,
+)
+from consortium.wire import Tensor
+
+
+class SecAggError(ProtocolError):
+    """A secure-aggregation message that a party refuses to act on."""
+
+
+class SecAggAborted(RoundFailed):
+    """Too few sites remain to finish the session: it aborts and reveals nothing."""
+
+
+def _ring_mask(bits: int) -> np.uint64:
+    return np.uint64((1 << bits) - 1) if bits < 64 else np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _pairwise_seed(s_private, peer_s_pk: bytes, params: SessionParams, a: str, b: str) -> bytes:
+    secret = keys.exchange(s_private, peer_s_pk)
+    return prg.derive_seed(secret, info=mask_context(params.session_id, a, b))
+
+
+def check_params(params: SessionParams, me: str) -> frozenset[str]:
+    """A site's own check of the session the coordinator proposes; returns its neighbours."""
+    if me not in params.participants:
+        raise SecAggError(f"site '{me}' is not a participant of this session")
+    n = len(params.participants)
+    if params.graph == "complete" and params.degree != n - 1:
+        raise SecAggError(f"a complete graph on {n} sites has degree {n - 1}, not {params.degree}")
+    if not (params.degree // 2 < params.threshold <= params.degree):
+        raise SecAggError(
+            f"threshold {params.threshold} with {params.degree} neighbours is unsafe: it must exceed half "
+            "the neighbours, or a coordinator could collect both kinds of share for one site"
+        )
+    mine = params.neighbours()[me]
+    if len(mine) != params.degree:
+        raise SecAggError(f"site '{me}' has {len(mine)} neighbours in the graph, not the declared {params.degree}")
+    return mine
+
+
+class SecAggClient:
+    """One site's side of one session. Methods must be called in stage order, each once."""
+
+    def __init__(
+        self,
+        name: str,
+        identity: Ed25519PrivateKey,
+        params: SessionParams,
+        directory: Mapping[str, bytes],
+        coordinator_key: bytes,
+    ) -> None:
+        self.name = name
+        self.params = params
+        self.neighbours = check_params(params, name)
+        self._identity = identity
+        self._directory = dict(directory)
+        self._coordinator_key = coordinator_key
+        self._stage = "advertise_keys"
+        self._c_sk, _ = keys.generate_x25519()
+        self._s_sk, _ = keys.generate_x25519()
+        self._b = os.urandom(prg.SEED_BYTES)
+        self._peers: dict[str, KeyAdvert] = {}
+        self._held: dict[str, SharePlaintext] = {}  # neighbour -> the shares it gave us
+        self._signed_survivors: tuple[str, ...] | None = None
+
+    def _advance(self, expected: str, nxt: str) -> None:
+        if self._stage != expected:
+            raise SecAggError(f"site '{self.name}' is at stage {self._stage}, not {expected}: request refused")
+        self._stage = nxt
+
+    def advertise_keys(self) -> KeyAdvert:
+        self._advance("advertise_keys", "share_keys")
+        c_pk = keys.x25519_public_bytes(self._c_sk.public_key())
+        s_pk = keys.x25519_public_bytes(self._s_sk.public_key())
+        sig = keys.sign(self._identity, advert_statement(self.params.session_id, self.name, c_pk, s_pk))
+        return KeyAdvert(site=self.name, c_pk=c_pk, s_pk=s_pk, signature=sig)
+
+    def share_keys(self, roster: KeyRoster) -> ShareBundle:
+        self._advance("share_keys", "collect_masked")
+        p = self.params
+        for adv in roster.adverts:
+            if adv.site not in self.neighbours:
+                raise SecAggError(f"the roster lists '{adv.site}', which is not a neighbour of '{self.name}'")
+            if adv.site in self._peers:
+                raise SecAggError(f"the roster lists '{adv.site}' twice")
+            verify_advert(adv, p.session_id, self._directory)
+            self._peers[adv.site] = adv
+        if len(self._peers) < p.threshold:
+            raise SecAggAborted(
+                f"only {len(self._peers)} of '{self.name}''s neighbours advertised keys, fewer than the threshold "
+                f"{p.threshold}: the session cannot protect its input and aborts"
+            )
+        holders = sorted(self._peers)
+        xs = [p.x_of(v) for v in holders]
+        seed_shares = shamir.split(self._b, threshold=p.threshold, xs=xs)
+        key_shares = shamir.split(keys.x25519_private_bytes(self._s_sk), threshold=p.threshold, xs=xs)
+        out = []
+        for v, x in zip(holders, xs):
+            plain = SharePlaintext(sender=self.name, recipient=v, seed_share=seed_shares[x], key_share=key_shares[x])
+            key = aead.derive_key(self._c_sk, self._peers[v].c_pk, info=share_key_context(p.session_id, self.name, v))
+            ct = aead.seal(key, plain.model_dump_json().encode(), associated_data=share_context(p.session_id, self.name, v))
+            out.append(EncryptedShare(sender=self.name, recipient=v, ciphertext=ct))
+        return ShareBundle(shares=tuple(out))
+
+    def collect_masked(self, delivery: ShareDelivery, value: np.ndarray) -> MaskedInput:
+        """Open the shares addressed to this site, then mask ``value`` (uint64 ring elements)."""
+        self._advance("collect_masked", "consistency_check")
+        p = self.params
+        value = np.asarray(value)
+        if value.dtype != np.uint64 or value.shape != (p.length,):
+            raise SecAggError(f"the input must be {p.length} uint64 ring elements, got {value.dtype} {value.shape}")
+        if value.size and int(value.max()) > int(_ring_mask(p.bits)):
+            raise SecAggError(f"the input has values outside the 2^{p.bits} ring")
+        for enc in delivery.shares:
+            v = enc.sender
+            if enc.recipient != self.name or v not in self._peers or v in self._held:
+                raise SecAggError(f"share from '{v}' to '{enc.recipient}' is not one this site expects")
+            key = aead.derive_key(self._c_sk, self._peers[v].c_pk, info=share_key_context(p.session_id, v, self.name))
+            plain = SharePlaintext.model_validate_json(
+                aead.open_(key, enc.ciphertext, associated_data=share_context(p.session_id, v, self.name))
+            )
+            if plain.sender != v or plain.recipient != self.name:
+                raise SecAggError(f"share ciphertext from '{v}' names {plain.sender} -> {plain.recipient}")
+            self._held[v] = plain
+        y = value.copy()
+        y += prg.expand_mask(self._b, p.length, bits=p.bits)
+        for v in self._held:  # pairwise masks with every neighbour that shared with us
+            mask = prg.expand_mask(
+                _pairwise_seed(self._s_sk, self._peers[v].s_pk, p, self.name, v), p.length, bits=p.bits
+            )
+            if self.name < v:
+                y += mask
+            else:
+                y -= mask
+        y &= _ring_mask(p.bits)
+        return MaskedInput(vector=Tensor.from_numpy(y))
+
+    def consistency_check(self, survivors: SurvivorList) -> ConsistencyAck:
+        self._advance("consistency_check", "unmask")
+        p = self.params
+        keys.verify(self._coordinator_key, survivors.signature, survivors_statement(p.session_id, survivors.survivors))
+        self._check_survivors(survivors.survivors)
+        self._signed_survivors = tuple(sorted(survivors.survivors))
+        return ConsistencyAck(signature=keys.sign(self._identity, survivors_statement(p.session_id, self._signed_survivors)))
+
+    def _check_survivors(self, survivors: tuple[str, ...]) -> None:
+        unknown = [s for s in survivors if s not in self.params.participants]
+        if unknown:
+            raise SecAggError(f"the survivor list names '{unknown[0]}', which is not a participant: refused")
+        if len(set(survivors)) != len(survivors):
+            raise SecAggError("the survivor list names a site twice: refused")
+        if self.name not in survivors:
+            raise SecAggError(f"the survivor list leaves out '{self.name}', whose input was sent: refused")
+        if len(survivors) < self.params.threshold:
+            raise SecAggError(
+                f"only {len(survivors)} survivors, fewer than the threshold {self.params.threshold}: "
+                "unmasking so few inputs could expose one; refused"
+            )
+
+    def unmask(self, request: UnmaskRequest) -> UnmaskReply:
+        self._advance("unmask", "done")
+        p = self.params
+        alive, dead = set(request.survivors), set(request.dropped)
+        both = sorted(alive & dead)
+        if both:
+            raise SecAggError(f"the unmask request lists '{both[0]}' as both alive and dropped: refused")
+        unknown = sorted((alive | dead | set(request.acks)) - set(p.participants))
+        if unknown:
+            raise SecAggError(f"the unmask request names '{unknown[0]}', which is not a participant: refused")
+        if tuple(sorted(alive)) != self._signed_survivors:
+            raise SecAggError("the unmask request's survivors differ from the list this site signed: refused")
+        statement = survivors_statement(p.session_id, self._signed_survivors)
+        valid = 0
+        for site, sig in request.acks.items():
+            if site not in alive:
+                raise SecAggError(f"an acknowledgement comes from '{site}', which is not a survivor: refused")
+            keys.verify(self._directory[site], sig, statement)
+            valid += site in self.neighbours  # the security argument counts neighbours' signatures
+        if valid < p.threshold:
+            raise SecAggError(
+                f"only {valid} neighbours acknowledged the survivor list, fewer than the threshold {p.threshold}: refused"
+            )
+        seed_shares, key_shares = {}, {}
+        for v, plain in self._held.items():
+            if v in alive:
+                seed_shares[v] = plain.seed_share
+            elif v in dead:
+                key_shares[v] = plain.key_share
+        return UnmaskReply(seed_shares=seed_shares, key_shares=key_shares)
+
+
+def verify_advert(adv: KeyAdvert, session_id: str, directory: Mapping[str, bytes]) -> None:
+    if adv.site not in directory:
+        raise SecAggError(f"'{adv.site}' has no identity key in the consortium directory")
+    if len(adv.c_pk) != keys.KEY_BYTES or len(adv.s_pk) != keys.KEY_BYTES:
+        raise SecAggError(f"'{adv.site}' advertised malformed public keys")
+    if adv.c_pk == adv.s_pk:
+        raise SecAggError(f"'{adv.site}' advertised the same key twice: its two key pairs must differ")
+    keys.verify(directory[adv.site], adv.signature, advert_statement(session_id, adv.site, adv.c_pk, adv.s_pk))
+
+
+@dataclass(frozen=True)
+class SecAggOutcome:
+    total: np.ndarray  # uint64, the sum over ``included`` modulo 2^bits
+    included: tuple[str, ...]  # sites whose input is in the sum
+    dropped: tuple[str, ...]  # sites that shared keys but whose input never arrived
+
+
+class SecAggServer:
+    """The coordinator's side of one session. Each ``close_*`` ends a stage with what has arrived."""
+
+    def __init__(self, params: SessionParams, signing_key: Ed25519PrivateKey, directory: Mapping[str, bytes]) -> None:
+        self.params = params
+        self.graph = params.neighbours()
+        self._key = signing_key
+        self._directory = dict(directory)
+        self._stage = "advertise_keys"
+        self._adverts: dict[str, KeyAdvert] = {}
+        self._bundles: dict[str, ShareBundle] = {}
+        self._masked: dict[str, np.ndarray] = {}
+        self._survivors: tuple[str, ...] = ()
+        self._acks: dict[str, bytes] = {}
+        self._replies: dict[str, UnmaskReply] = {}
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _expect(self, stage: str, site: str, box: Mapping[str, object], among: set[str] | tuple[str, ...]) -> None:
+        if self._stage != stage:
+            raise SecAggError(f"'{site}' answered stage {stage} while the session is at {self._stage}")
+        if site not in among:
+            raise SecAggError(f"'{site}' is not expected at stage {stage}")
+        if site in box:
+            raise SecAggError(f"'{site}' answered stage {stage} twice")
+
+    def _need(self, count: int, what: str) -> None:
+        if count < self.params.threshold:
+            raise SecAggAborted(
+                f"only {count} sites {what}, fewer than the threshold {self.params.threshold}: "
+                "the session aborts and reveals nothing"
+            )
+
+    # -- stages ----------------------------------------------------------------
+
+    def add_advert(self, site: str, adv: KeyAdvert) -> None:
+        self._expect("advertise_keys", site, self._adverts, self.params.participants)
+        if adv.site != site:
+            raise SecAggError(f"'{site}' sent an advert for '{adv.site}'")
+        verify_advert(adv, self.params.session_id, self._directory)
+        self._adverts[site] = adv
+
+    def close_advertise(self) -> dict[str, KeyRoster]:
+        self._need(len(self._adverts), "advertised keys")
+        self._stage = "share_keys"
+        return {
+            u: KeyRoster(adverts=tuple(self._adverts[v] for v in sorted(self.graph[u]) if v in self._adverts))
+            for u in self._adverts
+        }
+
+    def add_shares(self, site: str, bundle: ShareBundle) -> None:
+        self._expect("share_keys", site, self._bundles, set(self._adverts))
+        recipients = [s.recipient for s in bundle.shares]
+        if any(s.sender != site for s in bundle.shares) or len(set(recipients)) != len(recipients):
+            raise SecAggError(f"'{site}' sent shares under another name or twice to one neighbour")
+        if not set(recipients) <= self.graph[site]:
+            raise SecAggError(f"'{site}' sent shares to sites that are not its neighbours")
+        self._bundles[site] = bundle
+
+    def close_share_keys(self) -> dict[str, ShareDelivery]:
+        self._need(len(self._bundles), "shared their keys")
+        self._stage = "collect_masked"
+        inbox: dict[str, list[EncryptedShare]] = {u: [] for u in self._bundles}
+        for bundle in self._bundles.values():
+            for enc in bundle.shares:
+                if enc.recipient in inbox:
+                    inbox[enc.recipient].append(enc)
+        return {u: ShareDelivery(shares=tuple(shares)) for u, shares in inbox.items()}
+
+    def add_masked(self, site: str, masked: MaskedInput) -> None:
+        self._expect("collect_masked", site, self._masked, set(self._bundles))
+        if masked.vector.shape != (self.params.length,):
+            raise SecAggError(f"'{site}' sent {masked.vector.shape} ring elements, not ({self.params.length},)")
+        self._masked[site] = masked.vector.to_numpy()
+
+    def close_collect_masked(self) -> SurvivorList:
+        self._need(len(self._masked), "sent a masked input")
+        self._stage = "consistency_check"
+        self._survivors = tuple(sorted(self._masked))
+        sig = keys.sign(self._key, survivors_statement(self.params.session_id, self._survivors))
+        return SurvivorList(survivors=self._survivors, signature=sig)
+
+    def add_ack(self, site: str, ack: ConsistencyAck) -> None:
+        self._expect("consistency_check", site, self._acks, self._survivors)
+        keys.verify(self._directory[site], ack.signature, survivors_statement(self.params.session_id, self._survivors))
+        self._acks[site] = ack.signature
+
+    def close_consistency(self) -> dict[str, UnmaskRequest]:
+        self._need(len(self._acks), "acknowledged the survivor list")
+        self._stage = "unmask"
+        dropped = tuple(sorted(set(self._bundles) - set(self._survivors)))
+        request = UnmaskRequest(survivors=self._survivors, dropped=dropped, acks=dict(self._acks))
+        return {u: request for u in self._acks}
+
+    def add_unmask(self, site: str, reply: UnmaskReply) -> None:
+        self._expect("unmask", site, self._replies, set(self._acks))
+        self._replies[site] = reply
+
+    def finish(self) -> SecAggOutcome:
+        """Remove the masks and return the sum, or abort if too few shares arrived."""
+        if self._stage != "unmask":
+            raise SecAggError(f"cannot finish at stage {self._stage}")
+        self._stage = "done"
+        p, t = self.params, self.params.threshold
+        self._need(len(self._replies), "answered the unmask request")
+        dropped = sorted(set(self._bundles) - set(self._survivors))
+        total = np.zeros(p.length, dtype=np.uint64)
+        for u in self._survivors:
+            total += self._masked[u]
+        for u in self._survivors:
+            shares = {p.x_of(v): r.seed_shares[u] for v, r in self._replies.items() if u in r.seed_shares}
+            if len(shares) < t:
+                raise SecAggAborted(f"only {len(shares)} shares of '{u}''s self mask arrived, fewer than {t}: aborting")
+            total -= prg.expand_mask(shamir.combine(shares, threshold=t), p.length, bits=p.bits)
+        for v in dropped:
+            shares = {p.x_of(w): r.key_shares[v] for w, r in self._replies.items() if v in r.key_shares}
+            if len(shares) < t:
+                raise SecAggAborted(f"only {len(shares)} shares of dropped '{v}''s mask key arrived, fewer than {t}: aborting")
+            s_sk_v = keys.load_x25519_private(shamir.combine(shares, threshold=t))
+            for u in self._survivors:
+                if u in self.graph[v] and any(s.recipient == u for s in self._bundles[v].shares):
+                    mask = prg.expand_mask(_pairwise_seed(s_sk_v, self._adverts[u].s_pk, p, u, v), p.length, bits=p.bits)
+                    if u < v:  # u added +mask; take it away
+                        total -= mask
+                    else:
+                        total += mask
+        total &= _ring_mask(p.bits)
+        return SecAggOutcome(total=total, included=self._survivors, dropped=tuple(dropped))
