@@ -39,7 +39,9 @@ def test_demo_federated_is_near_pooled_and_beats_local_only(tmp_path, dataset, s
     assert fed >= pooled - 0.02, (fed, pooled)
     assert fed > local, (fed, local)
     assert ("auc" in s["federated"]) == (dataset == "breast-cancer")
-    assert s["secure_aggregation"]["enabled"] is False  # not yet built: said, not hidden
+    sa = s["secure_aggregation"]
+    assert sa["enabled"] is True and sa["graph"] == "complete" and sa["threshold"] >= 2
+    assert sa["survivors_per_round"] == [sites] * s["rounds"]
     run = Path(s["run_dir"])
     assert {p.name for p in run.iterdir()} >= {"config.yaml", "metrics.jsonl", "model.safetensors", "summary.json"}
     assert json.loads((run / "summary.json").read_text()) == s
@@ -47,11 +49,15 @@ def test_demo_federated_is_near_pooled_and_beats_local_only(tmp_path, dataset, s
     assert [r["round"] for r in rounds] == list(range(1, s["rounds"] + 1))
 
 
-def test_demo_table_and_warning(tmp_path):
+def test_demo_table_and_warnings(tmp_path):
     proc = run_cli("demo", "--rounds", "2", "--out", str(tmp_path / "r"))
     assert proc.returncode == 0, proc.stderr
     assert "federated" in proc.stdout and "pooled" in proc.stdout and "alone" in proc.stdout
-    assert "WARNING" in proc.stderr and "secure aggregation" in proc.stderr
+    assert "secure aggregation is OFF" not in proc.stderr
+    assert "differential privacy" in proc.stderr  # not built yet: said, not hidden
+    proc = run_cli("demo", "--rounds", "2", "--no-secure-aggregation", "--out", str(tmp_path / "r2"))
+    assert proc.returncode == 0, proc.stderr
+    assert "WARNING: secure aggregation is OFF" in proc.stderr.replace("\n", " ")
 
 
 def test_simulate_example_config(tmp_path):

@@ -11,7 +11,7 @@ from consortium.wire import MAGIC
 
 def _fit_reply(vec):
     return m.make_envelope(
-        "site-1", "coordinator", 3, m.FitReply(weight=2.0, weighted_update=m.Tensor.from_numpy(vec), num_examples=2, train_loss_sum=1.0)
+        "site-1", "coordinator", 3, m.FitReply(contribution=m.Tensor.from_numpy(vec))
     )
 
 
@@ -20,7 +20,7 @@ def test_round_trip_through_bytes():
     env = m.decode(m.encode(_fit_reply(vec)))
     assert isinstance(env.message, m.FitReply)
     assert env.round == 3 and env.sender == "site-1"
-    assert np.array_equal(env.message.weighted_update.to_numpy(), vec)
+    assert np.array_equal(env.message.contribution.to_numpy(), vec)
 
 
 def _tamper(raw: bytes, fn, payload_fn=lambda p: p) -> bytes:
@@ -54,16 +54,16 @@ def test_tensor_with_wrong_length_hash_or_layout_is_rejected():
     raw = m.encode(_fit_reply(np.arange(4, dtype=np.float32)))
 
     def bad_shape(o):
-        o["message"]["weighted_update"]["shape"] = [5]
+        o["message"]["contribution"]["shape"] = [5]
 
     def flip_byte(p):
         return p[:3] + bytes([p[3] ^ 1]) + p[4:]
 
     def bad_offset(o):
-        o["message"]["weighted_update"]["offset"] = 4
+        o["message"]["contribution"]["offset"] = 4
 
     def inline_bytes(o):
-        t = o["message"]["weighted_update"]
+        t = o["message"]["contribution"]
         t["raw"] = "AAAA"
 
     with pytest.raises(MessageRejected, match="needs 20 bytes"):

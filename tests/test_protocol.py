@@ -131,13 +131,13 @@ def test_unsolicited_or_malformed_replies_are_not_used(rng):
     with pytest.raises(ProtocolError, match="not asked"):
         coord.receive(m.make_envelope("intruder", "coordinator", 1, m.Refusal(reason="x")))
     size = coord.params.size
-    bad = m.FitReply(weight=1.0, weighted_update=m.Tensor.from_numpy(np.ones(size + 1, np.float32)), num_examples=1, train_loss_sum=0.0)
+    bad = m.FitReply(contribution=m.Tensor.from_numpy(np.ones(size + 1, np.float32)))
     coord.receive(m.make_envelope(requests[0].recipient, "coordinator", 1, bad))
     for req in requests[1:]:
         coord.receive(transport.exchange(req))
-    coord.close_stage()
     record = coord._record
-    assert requests[0].recipient in record.refused and "does not match" in record.refused[requests[0].recipient]
+    coord.close_stage()
+    assert requests[0].recipient in record.refused and "where" in record.refused[requests[0].recipient]
     assert record.answered == [r.recipient for r in requests[1:]]
 
 

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table as RichTable
 
-from consortium.config import DataConfig, SimulationConfig, load_config
+from consortium.config import DataConfig, SecureAggregationConfig, SimulationConfig, load_config
 from consortium.data import BUILTIN_DATASETS
 from consortium.errors import ConsortiumError, UnknownDatasetError
 
@@ -98,11 +98,23 @@ def demo(
     seed: Annotated[int, typer.Option(min=0, help="seed for data split, initial model and training")] = 0,
     out: Annotated[Optional[Path], typer.Option(help="run folder (default: runs/<time>-<dataset>)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON summary on stdout, nothing else")] = False,
+    secure_aggregation: Annotated[
+        bool,
+        typer.Option(
+            "--secure-aggregation/--no-secure-aggregation",
+            help="SecAgg+: the coordinator learns only sums (on by default; turning it off is insecure)",
+        ),
+    ] = True,
 ) -> None:
     """Simulate a consortium on a built-in dataset and compare it with training alone and pooled."""
     if dataset not in BUILTIN_DATASETS:
         raise UnknownDatasetError(f"unknown dataset '{dataset}': choose one of {', '.join(BUILTIN_DATASETS)}")
-    config = SimulationConfig(seed=seed, rounds=rounds, data=DataConfig(dataset=dataset, sites=sites))
+    config = SimulationConfig(
+        seed=seed,
+        rounds=rounds,
+        data=DataConfig(dataset=dataset, sites=sites),
+        secure_aggregation=SecureAggregationConfig(enabled=secure_aggregation),
+    )
     _run(config, out, as_json)
 
 

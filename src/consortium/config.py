@@ -106,6 +106,16 @@ class ParticipationConfig(_Strict):
     dropout: float = Field(0.0, ge=0, lt=1)  # chance that an asked site never answers (simulation)
 
 
+class SecureAggregationConfig(_Strict):
+    """SecAgg+ (on unless turned off): the coordinator learns only sums."""
+
+    enabled: bool = True
+    update_clip: float = Field(1.0, gt=0, le=1e6)  # each update coordinate is clipped to [-clip, clip]
+    bits: int = Field(32, ge=16, le=62)  # ring Z_{2^bits} for model updates
+    dropout_rate: float = Field(0.1, ge=0, lt=1)  # expected share of sites lost mid-round (graph planning)
+    corruption_rate: float = Field(0.1, ge=0, lt=1)  # share of sites assumed to collude with the coordinator
+
+
 class BaselineConfig(_Strict):
     local_only: bool = True
     pooled: bool = True
@@ -119,6 +129,7 @@ class SimulationConfig(_Strict):
     training: TrainSettings | None = None
     strategy: StrategyConfig = StrategyConfig()
     participation: ParticipationConfig = ParticipationConfig()
+    secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
     baselines: BaselineConfig = BaselineConfig()
 
     def resolved(self) -> "SimulationConfig":

@@ -40,17 +40,18 @@ from consortium.learning.adapter import ModelAdapter
 from consortium.learning.models import build_model
 from consortium.learning.strategies import STRATEGIES, FedAvg
 from consortium.learning.training import EvalStats, TrainSettings, evaluate, train_local
-from consortium.protocol.coordinator import Coordinator, RoundRecord
+from consortium.crypto import keys
+from consortium.protocol.coordinator import COORDINATOR, Coordinator, RoundRecord, SecureAggregation
 from consortium.protocol.loop import RoundLoop
 from consortium.protocol.site import Site
 from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.runs import RunFolder, new_run_dir
 from consortium.transport import InProcessTransport
 
-#: The protections this build cannot yet provide; reported loudly in every run.
-MISSING_PROTECTIONS = (
-    "secure aggregation is not implemented in this build: the coordinator sees each site's update",
-    "differential privacy is not implemented in this build: the model carries no formal privacy guarantee",
+#: Said loudly in every run whose protections are weaker than the defaults.
+SECURE_AGGREGATION_OFF = "secure aggregation is OFF: the coordinator sees every site's update and statistics in the clear"
+NO_DIFFERENTIAL_PRIVACY = (
+    "differential privacy is not implemented in this build: the model carries no formal privacy guarantee"
 )
 
 
@@ -161,10 +162,28 @@ class Simulation:
         }
         self.n_classes = len(tables[self.names[0]].classes)
         site_seeds = [int(s.generate_state(1)[0]) for s in site_seq.spawn(len(self.names))]
+        # Each member's identity key (Ed25519), fresh for the simulation; the directory of public keys is shared.
+        identities = {name: keys.generate_ed25519()[0] for name in [*self.names, COORDINATOR]}
+        directory = {name: keys.ed25519_public_bytes(k.public_key()) for name, k in identities.items()}
         sites = {
-            name: Site(name, self._splits[name], seed=sd, model_builder=model_builder)
+            name: Site(
+                name, self._splits[name], seed=sd, identity=identities[name], directory=directory, model_builder=model_builder
+            )
             for name, sd in zip(self.names, site_seeds)
         }
+        sa = config.secure_aggregation
+        secure = (
+            SecureAggregation(
+                identity=identities[COORDINATOR],
+                directory=directory,
+                update_clip=sa.update_clip,
+                bits=sa.bits,
+                dropout_rate=sa.dropout_rate,
+                corruption_rate=sa.corruption_rate,
+            )
+            if sa.enabled
+            else None
+        )
         self.strategy = make_strategy(config)
         self.coordinator = Coordinator(
             self.names,
@@ -173,6 +192,7 @@ class Simulation:
             strategy=self.strategy,
             rounds=config.rounds,
             seed=config.seed,
+            secure=secure,
             model_builder=model_builder,
         )
         self.transport = InProcessTransport(
@@ -224,15 +244,30 @@ class Simulation:
             "model": {"kind": config.model.kind, "parameters": adapter.size, "layout_hash": adapter.layout_hash},
             "strategy": self.strategy.describe(),
             "partition": config.data.partition.model_dump() if config.data.dataset in ("breast-cancer", "digits") else None,
-            "secure_aggregation": {"enabled": False},
+            "secure_aggregation": self._secure_summary(history),
             "differential_privacy": {"enabled": False},
-            "warnings": list(MISSING_PROTECTIONS),
+            "warnings": ([] if config.secure_aggregation.enabled else [SECURE_AGGREGATION_OFF]) + [NO_DIFFERENTIAL_PRIVACY],
             "traffic_bytes": {"to_sites": self.transport.bytes_sent, "to_coordinator": self.transport.bytes_received},
         }
         summary.update(self._baselines())
         summary["elapsed_s"] = round(time.perf_counter() - started, 3)
         run.write_summary(summary)
         return SimulationResult(summary=summary, history=history, params=coordinator.params)
+
+    def _secure_summary(self, history: list[RoundRecord]) -> dict[str, Any]:
+        sa = self.config.secure_aggregation
+        if not sa.enabled:
+            return {"enabled": False}
+        fit_plans = [p for p in self.coordinator.secure_plans if p["phase"] == "fit"]
+        last = fit_plans[-1] if fit_plans else {"graph": None, "threshold": None}
+        return {
+            "enabled": True,
+            "graph": last["graph"],
+            "threshold": last["threshold"],
+            "update_clip": sa.update_clip,
+            "bits": sa.bits,
+            "survivors_per_round": [(r.secure or {}).get("fit_included", 0) for r in history],
+        }
 
     def _baselines(self) -> dict[str, Any]:
         """Local-only and pooled (simulation only): same model, seed and number of epochs,

@@ -2,31 +2,59 @@
 
 It emits request envelopes for the current stage, takes replies, and closes
 the stage when the round loop says time is up: whoever has not answered by
-then has dropped out. It never holds a site object or a site's data; what it
-learns is what the replies carry, and it only uses their sums.
+then has dropped out. It never holds a site object or a site's data, and it
+only ever reads sums.
 
-Stages: ``setup`` (feature statistics, schema agreement), then for each round
-``fit`` and ``evaluate``, then ``done``.
+Each round has phases, each ending in one sum over the sites that took part:
+``setup`` (once: schema agreement and feature moments), then per round
+``fit`` and ``evaluate``. In plain mode a phase is one stage: the request,
+whose replies carry the vectors. Under secure aggregation the replies only
+say "ready", and the phase continues through the SecAgg+ stages
+(``advertise_keys``, ``share_keys``, ``collect_masked``,
+``consistency_check``, ``unmask``) until the sum alone is unmasked.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from consortium.errors import ProtocolError, RoundFailed, SchemaMismatchError
+from consortium.errors import ConfigError, ProtocolError, RoundFailed, SchemaMismatchError
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.models import ModelSpec
 from consortium.learning.strategies import FedAvg
-from consortium.learning.training import EvalStats, TrainSettings
+from consortium.learning.training import TrainSettings
+from consortium.protocol import contributions as c
 from consortium.protocol import messages as m
 from consortium.protocol.task import ModelBuilder, build_task_model
+from consortium.secagg import SecAggServer, make_session
+from consortium.secagg.encoding import RingEncoding
+from consortium.secagg.graph import plan_graph
 
 COORDINATOR = "coordinator"
 
-Stage = Literal["setup", "fit", "evaluate", "done"]
+Phase = Literal["setup", "fit", "evaluate"]
+SECAGG_STAGES = ("advertise_keys", "share_keys", "collect_masked", "consistency_check", "unmask")
+
+
+@dataclass(frozen=True)
+class SecureAggregation:
+    """Settings of secure aggregation; ``None`` in its place means plain sums (insecure)."""
+
+    identity: Ed25519PrivateKey  # the coordinator's signing key
+    directory: dict[str, bytes]  # every member's Ed25519 public key
+    update_clip: float = 1.0  # model-update coordinates are clipped to [-clip, clip]
+    bits: int = 32  # ring Z_{2^bits} for model updates
+    dropout_rate: float = 0.1  # expected, for choosing the graph
+    corruption_rate: float = 0.1  # sites assumed to collude with the coordinator
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.update_clip) and self.update_clip > 0):
+            raise ConfigError(f"update_clip must be a positive number, found {self.update_clip}")
 
 
 @dataclass
@@ -43,6 +71,8 @@ class RoundRecord:
     train_loss: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     evaluated_sites: int = 0
+    evaluation_note: str = ""
+    secure: dict[str, object] | None = None
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -55,8 +85,30 @@ class RoundRecord:
             "refused": self.refused,
             "train_loss": self.train_loss,
             "evaluated_sites": self.evaluated_sites,
+            "evaluation_note": self.evaluation_note,
+            "secure_aggregation": self.secure,
             **self.metrics,
         }
+
+
+@dataclass
+class _PhaseState:
+    phase: Phase
+    targets: list[str]
+    stage: str = "request"
+    ready: list[str] = field(default_factory=list)  # answered the request
+    refused: dict[str, str] = field(default_factory=dict)
+    plain: dict[str, np.ndarray] = field(default_factory=dict)
+    server: SecAggServer | None = None
+    encoding: RingEncoding | None = None
+    outgoing: dict[str, m.BaseModel] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _PhaseResult:
+    total: np.ndarray | None  # the float sum, None when the phase failed
+    included: list[str]
+    reason: str = ""
 
 
 class Coordinator:
@@ -71,109 +123,241 @@ class Coordinator:
         strategy: FedAvg,
         rounds: int,
         seed: int,
+        secure: SecureAggregation | None = None,
         model_builder: ModelBuilder = build_task_model,
     ) -> None:
         if len(set(sites)) != len(sites) or not sites:
             raise ProtocolError("site names must be unique and there must be at least one site")
         if COORDINATOR in sites:
             raise ProtocolError(f"'{COORDINATOR}' is reserved for the coordinator: rename that site")
+        if secure is not None:
+            missing = [s for s in [*sites, COORDINATOR] if s not in secure.directory]
+            if missing:
+                raise ConfigError(f"secure aggregation needs every member's public key; '{missing[0]}' has none")
         self.sites = list(sites)
         self.model_spec = model
         self.train = train
         self.strategy = strategy
         self.rounds = rounds
+        self.secure = secure
         self._rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC00D]))
         self._init_seed = seed
         self._build = model_builder
-        self.stage: Stage = "setup"
         self.round = 0
         self.members: list[str] = []  # sites that passed setup
         self.excluded: dict[str, str] = {}
         self.task: m.TaskSpec | None = None
         self.params: np.ndarray | None = None
+        self.total_rows = 1.0
         self.history: list[RoundRecord] = []
+        self.secure_plans: list[dict[str, object]] = []
         self._outstanding: set[str] = set()
-        self._replies: dict[str, m.BaseModel] = {}
-        self._updates: dict[str, np.ndarray] = {}
         self._record: RoundRecord | None = None
+        self._state: _PhaseState | None = _PhaseState("setup", list(self.sites))
+        self._setup_replies: dict[str, m.SetupReply] = {}
 
     @property
     def done(self) -> bool:
-        return self.stage == "done"
+        return self._state is None
+
+    @property
+    def stage(self) -> str:
+        return "done" if self._state is None else f"{self._state.phase}:{self._state.stage}"
 
     # -- the three calls the round loop makes -------------------------------------
 
     def requests(self) -> list[m.Envelope]:
         """Requests for the current stage; each addressee is then expected to answer."""
-        if self.stage == "setup":
-            targets, msg = self.sites, m.SetupRequest()
-        elif self.stage == "fit":
-            targets = self.strategy.select(self.round, self.members, self._rng)
-            self._record = RoundRecord(round=self.round, selected=list(targets))
-            msg = m.FitRequest(
+        st = self._state
+        if st is None:
+            return []
+        if st.stage == "request":
+            msg = self._phase_request(st)
+            outgoing = {t: msg for t in st.targets}
+        else:
+            outgoing = st.outgoing
+        self._outstanding = set(outgoing)
+        return [m.make_envelope(COORDINATOR, t, self.round, msg) for t, msg in outgoing.items()]
+
+    def receive(self, envelope: m.Envelope) -> None:
+        """Take one reply. A reply that breaks the protocol is recorded as a refusal and not used."""
+        st, sender, msg = self._state, envelope.sender, envelope.message
+        if st is None or sender not in self._outstanding:
+            raise ProtocolError(f"unexpected message from '{sender}' at {self.stage}: it was not asked")
+        self._outstanding.discard(sender)
+        try:
+            if envelope.recipient != COORDINATOR or envelope.round != self.round:
+                raise ProtocolError(f"reply for round {envelope.round} to '{envelope.recipient}' rejected")
+            if isinstance(msg, m.Refusal):
+                raise ProtocolError(msg.reason)
+            if st.stage == "request":
+                self._take_phase_reply(st, sender, msg)
+            else:
+                self._take_secagg_reply(st, sender, msg)
+        except ProtocolError as exc:
+            st.refused[sender] = str(exc)
+
+    def close_stage(self) -> RoundRecord | None:
+        """End the current stage with the replies received; returns a record when a round ends."""
+        st = self._state
+        if st is None:
+            return None
+        result = self._advance(st)
+        if result is None:
+            return None  # the phase goes on (secure aggregation)
+        return self._finish_phase(st, result)
+
+    # -- phases -------------------------------------------------------------------
+
+    def _phase_request(self, st: _PhaseState) -> m.BaseModel:
+        secure = self.secure is not None
+        if st.phase == "setup":
+            return m.SetupRequest(secure_aggregation=secure)
+        if st.phase == "fit":
+            return m.FitRequest(
                 task=self._task(),
                 params=m.Tensor.from_numpy(self._params()),
                 train=self.train,
                 proximal_mu=self.strategy.proximal_mu,
                 weighting=self.strategy.weighting,
+                weight_scale=self.total_rows if secure else 1.0,
+                secure_aggregation=secure,
+                update_clip=self.secure.update_clip if self.secure else None,
             )
-        elif self.stage == "evaluate":
-            targets = self.members
-            msg = m.EvaluateRequest(task=self._task(), params=m.Tensor.from_numpy(self._params()))
+        return m.EvaluateRequest(task=self._task(), params=m.Tensor.from_numpy(self._params()), secure_aggregation=secure)
+
+    def _expected_length(self, phase: Phase) -> int | None:
+        if phase == "fit":
+            return self._params().shape[0] + 2
+        if phase == "evaluate":
+            return c.eval_length(self._task().n_classes)
+        return None  # setup: known from the schema, checked in _finish_setup
+
+    def _take_phase_reply(self, st: _PhaseState, sender: str, msg: m.BaseModel) -> None:
+        expected = {"setup": m.SetupReply, "fit": m.FitReply, "evaluate": m.EvaluateReply}[st.phase]
+        if not isinstance(msg, expected):
+            raise ProtocolError(f"sent '{msg.kind}' where '{expected.__name__}' was expected")
+        if isinstance(msg, m.SetupReply):
+            self._setup_replies[sender] = msg
+        if self.secure is not None:
+            if msg.contribution is not None:
+                raise ProtocolError("sent its vector in the clear although secure aggregation is on")
         else:
-            return []
-        self._outstanding = set(targets)
-        self._replies = {}
-        self._updates = {}
-        return [m.make_envelope(COORDINATOR, t, self.round, msg) for t in targets]
+            if msg.contribution is None:
+                raise ProtocolError("sent no vector")
+            vector = msg.contribution.to_numpy().astype(np.float64)
+            length = self._expected_length(st.phase)
+            if length is not None and vector.shape != (length,):
+                raise ProtocolError(f"a vector of {vector.shape[0]} values where {length} were expected")
+            if not np.all(np.isfinite(vector)):
+                raise ProtocolError("its vector contains NaN or infinity")
+            st.plain[sender] = vector
+        st.ready.append(sender)
 
-    def receive(self, envelope: m.Envelope) -> None:
-        """Take one reply. A reply that breaks the protocol is recorded as a refusal and not used."""
-        sender = envelope.sender
-        if sender not in self._outstanding:
-            raise ProtocolError(f"unexpected message from '{sender}' in stage {self.stage}: it was not asked")
-        self._outstanding.discard(sender)
-        msg = envelope.message
-        expected = {"setup": m.SetupReply, "fit": m.FitReply, "evaluate": m.EvaluateReply}[self.stage]
-        if envelope.recipient != COORDINATOR or envelope.round != self.round:
-            msg = m.Refusal(reason=f"reply for round {envelope.round} to '{envelope.recipient}' rejected")
-        elif isinstance(msg, m.FitReply):
-            try:
-                self._updates[sender] = self._decode_update(msg)
-            except ProtocolError as exc:
-                msg = m.Refusal(reason=f"update rejected: {exc}")
-        elif not isinstance(msg, (expected, m.Refusal)):
-            msg = m.Refusal(reason=f"sent '{msg.kind}' where '{expected.__name__}' was expected")
-        self._replies[sender] = msg
+    def _take_secagg_reply(self, st: _PhaseState, sender: str, msg: m.BaseModel) -> None:
+        server = st.server
+        assert server is not None
+        if st.stage == "advertise_keys" and isinstance(msg, m.SecAggAdvert):
+            server.add_advert(sender, msg.advert)
+        elif st.stage == "share_keys" and isinstance(msg, m.SecAggShares):
+            server.add_shares(sender, msg.bundle)
+        elif st.stage == "collect_masked" and isinstance(msg, m.SecAggMasked):
+            server.add_masked(sender, msg.masked)
+        elif st.stage == "consistency_check" and isinstance(msg, m.SecAggAck):
+            server.add_ack(sender, msg.ack)
+        elif st.stage == "unmask" and isinstance(msg, m.SecAggReveal):
+            server.add_unmask(sender, msg.reply)
+        else:
+            raise ProtocolError(f"sent '{msg.kind}' at stage {st.stage}")
 
-    def close_stage(self) -> RoundRecord | None:
-        """End the current stage with the replies received; returns a record when a round ends."""
-        if self.stage == "setup":
-            self._close_setup()
-            self.stage, self.round = "fit", 1
-            return None
-        if self.stage == "fit":
-            self._close_fit()
-            self.stage = "evaluate"
-            return None
-        if self.stage == "evaluate":
-            record = self._close_evaluate()
-            self.history.append(record)
-            if self.round >= self.rounds:
-                self.stage = "done"
+    def _advance(self, st: _PhaseState) -> _PhaseResult | None:
+        """Close one stage; a result when the phase's sum is known (or the phase failed)."""
+        if self.secure is None:
+            if not st.plain:
+                return _PhaseResult(None, [], "no site answered")
+            if len({v.shape for v in st.plain.values()}) > 1:
+                return _PhaseResult(None, [], "the sites' vectors differ in length")
+            return _PhaseResult(sum(st.plain.values()), list(st.plain))
+        try:
+            if st.stage == "request":
+                return self._open_session(st)
+            server = st.server
+            assert server is not None
+            sid = server.params.session_id
+            if st.stage == "advertise_keys":
+                st.outgoing = {u: m.SecAggRoster(session_id=sid, roster=r) for u, r in server.close_advertise().items()}
+            elif st.stage == "share_keys":
+                st.outgoing = {u: m.SecAggDeliver(session_id=sid, delivery=d) for u, d in server.close_share_keys().items()}
+            elif st.stage == "collect_masked":
+                survivors = server.close_collect_masked()
+                st.outgoing = {u: m.SecAggSurvivors(session_id=sid, survivors=survivors) for u in survivors.survivors}
+            elif st.stage == "consistency_check":
+                st.outgoing = {u: m.SecAggUnmask(session_id=sid, request=r) for u, r in server.close_consistency().items()}
             else:
-                self.stage, self.round = "fit", self.round + 1
-            return record
+                outcome = server.finish()
+                assert st.encoding is not None
+                return _PhaseResult(st.encoding.decode_sum(outcome.total, len(outcome.included)), list(outcome.included))
+        except (ProtocolError, ConfigError) as exc:  # aborted: too few sites, or no safe plan for those left
+            return _PhaseResult(None, [], f"secure aggregation aborted at {st.stage}: {exc}")
+        st.stage = SECAGG_STAGES[SECAGG_STAGES.index(st.stage) + 1]
         return None
 
-    # -- stage logic --------------------------------------------------------------
+    def _open_session(self, st: _PhaseState) -> _PhaseResult | None:
+        sec = self.secure
+        assert sec is not None
+        ready = sorted(st.ready)
+        if len(ready) < 2:
+            return _PhaseResult(None, [], f"only {len(ready)} site(s) ready: secure aggregation needs at least 2")
+        plan = plan_graph(len(ready), dropout_rate=sec.dropout_rate, corruption_rate=sec.corruption_rate)
+        if st.phase == "fit":
+            length = self._params().shape[0] + 2
+            st.encoding = c.fit_encoding(sec.update_clip, len(ready), sec.bits)
+        elif st.phase == "evaluate":
+            length, st.encoding = c.eval_length(self._task().n_classes), c.eval_encoding()
+        else:
+            first = self._setup_replies[ready[0]]
+            length, st.encoding = 1 + 2 * len(first.feature_names), c.setup_encoding()
+        params = make_session(ready, length, bits=st.encoding.bits, plan=plan)
+        st.server = SecAggServer(params, sec.identity, sec.directory)
+        start = m.SecAggStart(phase=st.phase, params=params, encoding=st.encoding)
+        st.outgoing = {u: start for u in ready}
+        st.stage = "advertise_keys"
+        self.secure_plans.append(
+            {"phase": st.phase, "round": self.round, "graph": plan.kind, "degree": plan.degree, "threshold": plan.threshold}
+        )
+        return None
 
-    def _close_setup(self) -> None:
-        replies = {s: r for s, r in self._replies.items() if isinstance(r, m.SetupReply)}
+    def _finish_phase(self, st: _PhaseState, result: _PhaseResult) -> RoundRecord | None:
+        if st.phase == "setup":
+            self._finish_setup(st, result)
+            self._state = _PhaseState("fit", self.strategy.select(1, self.members, self._rng))
+            self.round = 1
+            self._record = RoundRecord(round=1, selected=list(self._state.targets))
+            return None
+        record = self._record
+        assert record is not None
+        if self.secure is not None:
+            record.secure = record.secure or {}
+            record.secure[f"{st.phase}_included"] = len(result.included)
+        if st.phase == "fit":
+            self._finish_fit(st, result, record)
+            self._state = _PhaseState("evaluate", list(self.members))
+            return None
+        self._finish_evaluate(result, record)
+        self.history.append(record)
+        if self.round >= self.rounds:
+            self._state = None
+        else:
+            self.round += 1
+            self._state = _PhaseState("fit", self.strategy.select(self.round, self.members, self._rng))
+            self._record = RoundRecord(round=self.round, selected=list(self._state.targets))
+        return record
+
+    def _finish_setup(self, st: _PhaseState, result: _PhaseResult) -> None:
         for site in self.sites:
-            if site not in replies:
-                r = self._replies.get(site)
-                self.excluded[site] = r.reason if isinstance(r, m.Refusal) else "did not answer setup"
+            if site not in result.included:
+                self.excluded[site] = st.refused.get(site, "did not answer setup")
+        replies = {s: self._setup_replies[s] for s in st.ready}
         if not replies:
             raise RoundFailed("no site answered setup: check that the sites are running and reachable")
         first_site, first = next(iter(replies.items()))
@@ -184,17 +368,17 @@ class Coordinator:
                     f"site '{site}' disagrees with '{first_site}' on its data schema (first difference: "
                     f"'{diff[0]}'): every site must declare the same schema"
                 )
-        self.members = list(replies)
-        n = sum(r.n_train for r in replies.values())
-        total = sum(r.feature_sum.to_numpy().astype(np.float64) for r in replies.values())
-        total_sq = sum(r.feature_sumsq.to_numpy().astype(np.float64) for r in replies.values())
-        mean = total / n
-        var = np.maximum(total_sq / n - mean * mean, 0.0)
-        scale = np.sqrt(var)
+        if result.total is None:
+            raise RoundFailed(f"setup failed: {result.reason}")
+        d = len(first.feature_names)
+        if result.total.shape != (1 + 2 * d,):
+            raise RoundFailed(f"setup sum has {result.total.shape[0]} values where {1 + 2 * d} were expected")
+        self.members = sorted(result.included)
+        self.total_rows, mean, scale = c.read_setup_sum(result.total, d)
         scale[scale < 1e-6] = 1.0  # constant features pass through unscaled
         provisional = m.TaskSpec(
             model=self.model_spec,
-            n_features=len(first.feature_names),
+            n_features=d,
             n_classes=len(first.classes),
             image_shape=first.image_shape,
             mean=m.Tensor.from_numpy(mean.astype(np.float32)),
@@ -205,60 +389,33 @@ class Coordinator:
         self.task = provisional.model_copy(update={"layout_hash": adapter.layout_hash})
         self.params = adapter.get_vector()
 
-    def _decode_update(self, msg: m.FitReply) -> np.ndarray:
-        size = self._params().shape[0]
-        if msg.weighted_update.dtype != "float32" or msg.weighted_update.shape != (size,):
-            raise ProtocolError(
-                f"shape {list(msg.weighted_update.shape)} ({msg.weighted_update.dtype}) does not match "
-                f"the model's {size} float32 parameters"
-            )
-        vec = msg.weighted_update.to_numpy()
-        if not np.all(np.isfinite(vec)):
-            raise ProtocolError("it contains NaN or infinity")
-        return vec
-
-    def _close_fit(self) -> None:
-        record = self._record
-        assert record is not None
-        updates: list[m.FitReply] = []
-        for site in record.selected:
-            r = self._replies.get(site)
-            if isinstance(r, m.FitReply):
-                record.answered.append(site)
-                updates.append(r)
-            elif isinstance(r, m.Refusal):
-                record.refused[site] = r.reason
-            else:
-                record.dropped.append(site)
-        if len(updates) < self.strategy.min_sites:
+    def _finish_fit(self, st: _PhaseState, result: _PhaseResult, record: RoundRecord) -> None:
+        record.answered = sorted(result.included)
+        record.refused = dict(st.refused)
+        record.dropped = sorted(set(record.selected) - set(result.included) - set(st.refused))
+        if result.total is None or len(result.included) < self.strategy.min_sites:
             record.status = "skipped"
-            record.reason = (
-                f"only {len(updates)} of {len(record.selected)} sites returned an update "
-                f"(min_sites={self.strategy.min_sites}): the model is unchanged this round"
+            record.reason = result.reason or (
+                f"only {len(result.included)} of {len(record.selected)} sites returned an update "
+                f"(min_sites={self.strategy.min_sites})"
             )
+            record.reason += ": the model is unchanged this round"
             return
-        total = np.zeros(self._params().shape[0], dtype=np.float64)
-        for site in record.answered:
-            total += self._updates[site]
-        weight = sum(r.weight for r in updates)
-        record.train_loss = sum(r.train_loss_sum for r in updates) / sum(r.num_examples for r in updates)
-        mean_update = (total / weight).astype(np.float32)
+        n_params = self._params().shape[0]
+        s = c.read_fit_sum(result.total, n_params, self.secure.update_clip if self.secure else None)
+        if s.weight <= 0:
+            record.status, record.reason = "skipped", "the updates carry no weight: the model is unchanged"
+            return
+        record.train_loss = s.weighted_loss / s.weight
+        mean_update = (s.weighted_update / s.weight).astype(np.float32)
         self.params = self.strategy.apply(self.round, self._params(), mean_update)
 
-    def _close_evaluate(self) -> RoundRecord:
-        record = self._record
-        assert record is not None
-        stats: EvalStats | None = None
-        for site in self.members:
-            r = self._replies.get(site)
-            if isinstance(r, m.EvaluateReply):
-                hist = None if r.score_hist is None else r.score_hist.to_numpy()
-                s = EvalStats(r.n, r.correct, r.loss_sum, hist)
-                stats = s if stats is None else stats + s
-                record.evaluated_sites += 1
-        if stats is not None:
-            record.metrics = stats.metrics()
-        return record
+    def _finish_evaluate(self, result: _PhaseResult, record: RoundRecord) -> None:
+        record.evaluated_sites = len(result.included)
+        if result.total is None:
+            record.evaluation_note = result.reason
+            return
+        record.metrics = c.read_eval_sum(result.total, self._task().n_classes).metrics()
 
     # -- helpers ------------------------------------------------------------------
 

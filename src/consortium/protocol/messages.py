@@ -15,7 +15,20 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from consortium.learning.models import ModelSpec
 from consortium.learning.strategies import Weighting
-from consortium.learning.training import AUC_BINS, TrainSettings
+from consortium.learning.training import TrainSettings
+from consortium.secagg.encoding import RingEncoding
+from consortium.secagg.messages import (
+    ConsistencyAck,
+    KeyAdvert,
+    KeyRoster,
+    MaskedInput,
+    SessionParams,
+    ShareBundle,
+    ShareDelivery,
+    SurvivorList,
+    UnmaskReply,
+    UnmaskRequest,
+)
 from consortium.wire import Frozen as _Frozen
 from consortium.wire import Tensor, decode_frame, encode_frame
 
@@ -24,21 +37,35 @@ SCHEMA_VERSION = 1
 Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 
 
+Phase = Literal["setup", "fit", "evaluate"]
+
+
+class _Contribution(_Frozen):
+    """A reply whose summable vector travels in the clear, or (under secure aggregation) stays at the site."""
+
+    contribution: Tensor | None = None
+
+    @field_validator("contribution")
+    @classmethod
+    def _vector(cls, v: Tensor | None) -> Tensor | None:
+        if v is not None and (v.dtype not in ("float32", "float64") or len(v.shape) != 1):
+            raise ValueError("a contribution is a 1-D float vector")
+        return v
+
+
 class SetupRequest(_Frozen):
-    """Asks a site for its data's shape and feature statistics (sums, never rows)."""
+    """Asks a site for its schema and the sums of its training features (never rows)."""
 
     kind: Literal["setup_request"] = "setup_request"
+    secure_aggregation: bool
 
 
-class SetupReply(_Frozen):
+class SetupReply(_Contribution):
     kind: Literal["setup_reply"] = "setup_reply"
     schema_fingerprint: str
     feature_names: tuple[str, ...]
     classes: tuple[str, ...]
     image_shape: tuple[int, int, int] | None
-    n_train: int = Field(ge=1)
-    feature_sum: Tensor
-    feature_sumsq: Tensor
 
 
 class TaskSpec(_Frozen):
@@ -60,43 +87,96 @@ class FitRequest(_Frozen):
     train: TrainSettings
     proximal_mu: float = Field(0.0, ge=0)
     weighting: Weighting = "examples"
+    #: The consortium's training rows (from setup); example weights are divided by it.
+    weight_scale: float = Field(1.0, gt=0)
+    secure_aggregation: bool
+    update_clip: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _clip(self) -> "FitRequest":
+        if self.secure_aggregation and self.update_clip is None:
+            raise ValueError("secure aggregation needs an update_clip")
+        return self
 
 
-class FitReply(_Frozen):
-    """A site's update, already multiplied by its weight: the coordinator only needs sums."""
+class FitReply(_Contribution):
+    """Ready (secure aggregation) or the update in the clear: [w * delta, w, w * loss]."""
 
     kind: Literal["fit_reply"] = "fit_reply"
-    weight: float = Field(gt=0)
-    weighted_update: Tensor
-    num_examples: int = Field(ge=1)
-    train_loss_sum: float
 
 
 class EvaluateRequest(_Frozen):
     kind: Literal["evaluate_request"] = "evaluate_request"
     task: TaskSpec
     params: Tensor
+    secure_aggregation: bool
 
 
-class EvaluateReply(_Frozen):
+class EvaluateReply(_Contribution):
+    """Ready (secure aggregation) or the evaluation sums in the clear."""
+
     kind: Literal["evaluate_reply"] = "evaluate_reply"
-    n: int = Field(ge=0)
-    correct: int = Field(ge=0)
-    loss_sum: float = Field(ge=0)
-    score_hist: Tensor | None = None
 
-    @field_validator("score_hist")
-    @classmethod
-    def _hist_shape(cls, v: Tensor | None) -> Tensor | None:
-        if v is not None and (v.dtype != "int64" or v.shape != (2, AUC_BINS)):
-            raise ValueError(f"score_hist must be int64 of shape (2, {AUC_BINS})")
-        return v
 
-    @model_validator(mode="after")
-    def _counts(self) -> "EvaluateReply":
-        if self.correct > self.n:
-            raise ValueError(f"correct ({self.correct}) cannot exceed n ({self.n})")
-        return self
+# -- secure aggregation stages, one request and one reply kind each ---------------
+
+
+class SecAggStart(_Frozen):
+    """advertise_keys: the session over the sites that are ready, and how to encode."""
+
+    kind: Literal["secagg_start"] = "secagg_start"
+    phase: Phase
+    params: SessionParams
+    encoding: RingEncoding
+
+
+class SecAggAdvert(_Frozen):
+    kind: Literal["secagg_advert"] = "secagg_advert"
+    advert: KeyAdvert
+
+
+class SecAggRoster(_Frozen):
+    kind: Literal["secagg_roster"] = "secagg_roster"
+    session_id: str
+    roster: KeyRoster
+
+
+class SecAggShares(_Frozen):
+    kind: Literal["secagg_shares"] = "secagg_shares"
+    bundle: ShareBundle
+
+
+class SecAggDeliver(_Frozen):
+    kind: Literal["secagg_deliver"] = "secagg_deliver"
+    session_id: str
+    delivery: ShareDelivery
+
+
+class SecAggMasked(_Frozen):
+    kind: Literal["secagg_masked"] = "secagg_masked"
+    masked: MaskedInput
+
+
+class SecAggSurvivors(_Frozen):
+    kind: Literal["secagg_survivors"] = "secagg_survivors"
+    session_id: str
+    survivors: SurvivorList
+
+
+class SecAggAck(_Frozen):
+    kind: Literal["secagg_ack"] = "secagg_ack"
+    ack: ConsistencyAck
+
+
+class SecAggUnmask(_Frozen):
+    kind: Literal["secagg_unmask"] = "secagg_unmask"
+    session_id: str
+    request: UnmaskRequest
+
+
+class SecAggReveal(_Frozen):
+    kind: Literal["secagg_reveal"] = "secagg_reveal"
+    reply: UnmaskReply
 
 
 class Refusal(_Frozen):
@@ -107,7 +187,25 @@ class Refusal(_Frozen):
 
 
 Message = Annotated[
-    Union[SetupRequest, SetupReply, FitRequest, FitReply, EvaluateRequest, EvaluateReply, Refusal],
+    Union[
+        SetupRequest,
+        SetupReply,
+        FitRequest,
+        FitReply,
+        EvaluateRequest,
+        EvaluateReply,
+        SecAggStart,
+        SecAggAdvert,
+        SecAggRoster,
+        SecAggShares,
+        SecAggDeliver,
+        SecAggMasked,
+        SecAggSurvivors,
+        SecAggAck,
+        SecAggUnmask,
+        SecAggReveal,
+        Refusal,
+    ],
     Field(discriminator="kind"),
 ]
 

@@ -1,25 +1,34 @@
 """The site runtime: an I/O-free state machine that answers the coordinator.
 
 A site holds its own train / validation / test splits and never hands any
-of them out: what leaves is an update vector (weighted), feature sums for
-standardisation, and evaluation sums. The splits live in a name-mangled
-attribute and nothing in the protocol returns them.
+of them out. What leaves is one summable vector per phase (feature sums at
+setup, the weighted update when training, evaluation counts), in the clear
+only when secure aggregation is off; under secure aggregation the vector
+stays here until it leaves masked, and the coordinator only learns sums.
+The splits live in a name-mangled attribute and nothing returns them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from consortium.data import Splits, Table
-from consortium.errors import MessageRejected, ModelError
+from consortium.errors import ModelError, ProtocolError
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.training import evaluate, train_local
+from consortium.protocol import contributions as c
 from consortium.protocol import messages as m
 from consortium.protocol.task import ModelBuilder, build_task_model
+from consortium.secagg import SecAggClient
+from consortium.wire import Tensor
+
+COORDINATOR = "coordinator"
 
 
 def table_fingerprint(table: Table) -> str:
@@ -33,16 +42,34 @@ def table_fingerprint(table: Table) -> str:
 
 
 class Site:
-    """One institution's agent in the protocol."""
+    """One institution's agent in the protocol.
 
-    def __init__(self, name: str, data: Splits, *, seed: int, model_builder: ModelBuilder = build_task_model) -> None:
+    ``identity`` (an Ed25519 key) and ``directory`` (every member's public
+    key, the coordinator's included) are needed for secure aggregation.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        data: Splits,
+        *,
+        seed: int,
+        identity: Ed25519PrivateKey | None = None,
+        directory: Mapping[str, bytes] | None = None,
+        model_builder: ModelBuilder = build_task_model,
+    ) -> None:
         self.name = name
         self.__data = data
         self.__train = (torch.from_numpy(data.train.X), torch.from_numpy(data.train.y))
         self.__test = (torch.from_numpy(data.test.X), torch.from_numpy(data.test.y))
         self._seed = seed
+        self._identity = identity
+        self._directory = dict(directory or {})
         self._build = model_builder
         self._model: tuple[m.TaskSpec, torch.nn.Module, ModelAdapter] | None = None
+        self.__pending: dict[tuple[int, str], np.ndarray] = {}  # contributions awaiting their session
+        self.__sessions: dict[str, tuple[SecAggClient, np.ndarray]] = {}
+        self._used_sessions: set[str] = set()
 
     # -- transport entry points ------------------------------------------------
 
@@ -50,40 +77,56 @@ class Site:
         """Parse a request, answer it, and encode the reply."""
         try:
             request = m.decode(raw)
-        except MessageRejected as exc:
-            return m.encode(m.make_envelope(self.name, "coordinator", 0, m.Refusal(reason=str(exc))))
+        except ProtocolError as exc:
+            return m.encode(m.make_envelope(self.name, COORDINATOR, 0, m.Refusal(reason=str(exc)[:2000])))
         return m.encode(self.handle(request))
 
     def handle(self, request: m.Envelope) -> m.Envelope:
         msg = request.message
-        if request.recipient != self.name:
-            reply: m.BaseModel = m.Refusal(reason=f"message addressed to '{request.recipient}', not to this site")
-        elif isinstance(msg, m.SetupRequest):
-            reply = self._setup()
-        elif isinstance(msg, m.FitRequest):
-            reply = self._fit(request.round, msg)
-        elif isinstance(msg, m.EvaluateRequest):
-            reply = self._evaluate(msg)
-        else:
-            reply = m.Refusal(reason=f"a site does not answer '{msg.kind}' messages")
+        try:
+            if request.recipient != self.name:
+                raise ProtocolError(f"message addressed to '{request.recipient}', not to this site")
+            reply = self._dispatch(request.round, msg)
+        except (ProtocolError, ModelError) as exc:
+            reply = m.Refusal(reason=str(exc)[:2000])
         return m.make_envelope(self.name, request.sender, request.round, reply)
 
-    # -- handlers --------------------------------------------------------------
+    def _dispatch(self, rnd: int, msg: m.BaseModel) -> m.BaseModel:
+        if isinstance(msg, m.SetupRequest):
+            return self._setup(rnd, msg)
+        if isinstance(msg, m.FitRequest):
+            return self._fit(rnd, msg)
+        if isinstance(msg, m.EvaluateRequest):
+            return self._evaluate(rnd, msg)
+        if isinstance(msg, m.SecAggStart):
+            return self._secagg_start(rnd, msg)
+        if isinstance(msg, (m.SecAggRoster, m.SecAggDeliver, m.SecAggSurvivors, m.SecAggUnmask)):
+            return self._secagg_step(msg)
+        raise ProtocolError(f"a site does not answer '{msg.kind}' messages")
 
-    def _setup(self) -> m.SetupReply:
+    def _rng(self, rnd: int, phase: str) -> np.random.Generator:
+        return np.random.default_rng(np.random.SeedSequence([self._seed, rnd, ["setup", "fit", "evaluate"].index(phase)]))
+
+    def _contribute(self, rnd: int, phase: str, vector: np.ndarray, secure: bool) -> Tensor | None:
+        """Send the vector now (plain) or keep it for the secure-aggregation session."""
+        if not secure:
+            return Tensor.from_numpy(vector)
+        self.__pending[(rnd, phase)] = vector.astype(np.float64)
+        return None
+
+    # -- phases ----------------------------------------------------------------
+
+    def _setup(self, rnd: int, msg: m.SetupRequest) -> m.SetupReply:
         train = self.__data.train
-        X = train.X.astype(np.float64)
         return m.SetupReply(
             schema_fingerprint=table_fingerprint(train),
             feature_names=train.feature_names,
             classes=train.classes,
             image_shape=train.image_shape,
-            n_train=train.n_rows,
-            feature_sum=m.Tensor.from_numpy(X.sum(axis=0).astype(np.float32)),
-            feature_sumsq=m.Tensor.from_numpy((X * X).sum(axis=0).astype(np.float32)),
+            contribution=self._contribute(rnd, "setup", c.setup_vector(train.X), msg.secure_aggregation),
         )
 
-    def _model_for(self, task: m.TaskSpec) -> tuple[torch.nn.Module, ModelAdapter]:
+    def _model_for(self, task: m.TaskSpec, params: Tensor) -> tuple[torch.nn.Module, ModelAdapter, np.ndarray]:
         if self._model is None or self._model[0] != task:
             module = self._build(task, 0)
             adapter = ModelAdapter(module)
@@ -93,42 +136,65 @@ class Site:
                     f"({adapter.layout_hash[:12]}): refusing an architecture the task does not describe"
                 )
             self._model = (task, module, adapter)
-        return self._model[1], self._model[2]
+        module, adapter = self._model[1], self._model[2]
+        vector = params.to_numpy()
+        adapter.set_vector(vector)
+        return module, adapter, vector
 
-    def _fit(self, rnd: int, msg: m.FitRequest) -> m.BaseModel:
-        try:
-            module, adapter = self._model_for(msg.task)
-            global_params = msg.params.to_numpy()
-            adapter.set_vector(global_params)
-        except ModelError as exc:
-            return m.Refusal(reason=str(exc))
+    def _fit(self, rnd: int, msg: m.FitRequest) -> m.FitReply:
+        module, adapter, global_params = self._model_for(msg.task, msg.params)
         center = [p.detach().clone() for p in module.parameters()] if msg.proximal_mu > 0 else None
         seed = int(np.random.SeedSequence([self._seed, rnd]).generate_state(1)[0])
         X, y = self.__train
-        loss = train_local(
-            module, X, y, msg.train, seed=seed, proximal_mu=msg.proximal_mu, proximal_center=center
-        )
+        loss = train_local(module, X, y, msg.train, seed=seed, proximal_mu=msg.proximal_mu, proximal_center=center)
         delta = adapter.get_vector() - global_params
-        n = int(X.shape[0])
-        weight = float(n) if msg.weighting == "examples" else 1.0
+        rows = float(X.shape[0]) if msg.weighting == "examples" else 1.0
+        weight = min(rows / msg.weight_scale, 1.0) if msg.secure_aggregation else rows
+        vector = c.fit_vector(delta, weight, loss, msg.update_clip if msg.secure_aggregation else None)
+        plain_dtype = np.float32  # updates are float32 already; halves plain traffic
         return m.FitReply(
-            weight=weight,
-            weighted_update=m.Tensor.from_numpy((delta * np.float32(weight)).astype(np.float32)),
-            num_examples=n,
-            train_loss_sum=loss * n,
+            contribution=self._contribute(rnd, "fit", vector.astype(plain_dtype) if not msg.secure_aggregation else vector, msg.secure_aggregation)
         )
 
-    def _evaluate(self, msg: m.EvaluateRequest) -> m.BaseModel:
-        try:
-            module, adapter = self._model_for(msg.task)
-            adapter.set_vector(msg.params.to_numpy())
-        except ModelError as exc:
-            return m.Refusal(reason=str(exc))
+    def _evaluate(self, rnd: int, msg: m.EvaluateRequest) -> m.EvaluateReply:
+        module, _, _ = self._model_for(msg.task, msg.params)
         X, y = self.__test
         stats = evaluate(module, X, y, msg.task.n_classes)
         return m.EvaluateReply(
-            n=stats.n,
-            correct=stats.correct,
-            loss_sum=stats.loss_sum,
-            score_hist=None if stats.score_hist is None else m.Tensor.from_numpy(stats.score_hist),
+            contribution=self._contribute(rnd, "evaluate", c.eval_vector(stats), msg.secure_aggregation)
         )
+
+    # -- secure aggregation ---------------------------------------------------------
+
+    def _secagg_start(self, rnd: int, msg: m.SecAggStart) -> m.SecAggAdvert:
+        if self._identity is None or COORDINATOR not in self._directory:
+            raise ProtocolError("this site has no identity key or directory: it cannot join secure aggregation")
+        sid = msg.params.session_id
+        if sid in self._used_sessions:
+            raise ProtocolError(f"session {sid[:12]} was already used: a session id is never reused")
+        vector = self.__pending.pop((rnd, msg.phase), None)
+        if vector is None:
+            raise ProtocolError(f"nothing is pending for round {rnd} phase {msg.phase}: refusing to start a session")
+        if vector.shape != (msg.params.length,):
+            raise ProtocolError(f"the session expects {msg.params.length} values, this site has {vector.shape[0]}")
+        n = len(msg.params.participants)
+        encoded = msg.encoding.encode(vector, n, self._rng(rnd, msg.phase))
+        client = SecAggClient(self.name, self._identity, msg.params, self._directory, self._directory[COORDINATOR])
+        self._used_sessions.add(sid)
+        self.__sessions[sid] = (client, encoded)
+        return m.SecAggAdvert(advert=client.advertise_keys())
+
+    def _secagg_step(self, msg: m.BaseModel) -> m.BaseModel:
+        session = self.__sessions.get(msg.session_id)  # type: ignore[attr-defined]
+        if session is None:
+            raise ProtocolError("no open secure-aggregation session with that id")
+        client, encoded = session
+        if isinstance(msg, m.SecAggRoster):
+            return m.SecAggShares(bundle=client.share_keys(msg.roster))
+        if isinstance(msg, m.SecAggDeliver):
+            return m.SecAggMasked(masked=client.collect_masked(msg.delivery, encoded))
+        if isinstance(msg, m.SecAggSurvivors):
+            return m.SecAggAck(ack=client.consistency_check(msg.survivors))
+        assert isinstance(msg, m.SecAggUnmask)
+        del self.__sessions[msg.session_id]  # one unmask per session, then the secrets are gone
+        return m.SecAggReveal(reply=client.unmask(msg.request))

@@ -1,0 +1,90 @@
+"""What a site contributes to each sum, as one float vector, and how the coordinator reads the sum.
+
+The same layouts serve plain and secure aggregation: in plain mode the
+vectors travel as they are and are added up; under secure aggregation they
+are encoded into the ring (``consortium.secagg.encoding``) and only their
+sum is ever decoded. Either way the coordinator reads nothing but sums.
+
+- setup:    [n_train, sum of x (d), sum of x^2 (d)]
+- fit:      [w * delta (P), w, w * loss]; under secure aggregation delta is
+            clipped to [-clip, clip] coordinate-wise, w is scaled to (0, 1]
+            and the last two entries are scaled into [0, clip] so that every
+            entry lies in the quantiser's range
+- evaluate: [n, correct, loss sum, negatives per score bin, positives per score bin]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from consortium.learning.training import AUC_BINS, EvalStats
+from consortium.secagg.encoding import RingEncoding
+from consortium.secagg.quantize import plan_quantization
+
+#: Training losses above this are reported as this under secure aggregation (to bound the entry).
+MAX_REPORTED_LOSS = 100.0
+SETUP_FRAC_BITS = 8
+EVAL_FRAC_BITS = 16
+
+
+def setup_vector(X: np.ndarray) -> np.ndarray:
+    X = X.astype(np.float64)
+    return np.concatenate([[X.shape[0]], X.sum(axis=0), (X * X).sum(axis=0)])
+
+
+def read_setup_sum(total: np.ndarray, n_features: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """(rows, per-feature mean, per-feature standard deviation) of the pooled training data."""
+    n = float(round(total[0]))
+    mean = total[1 : 1 + n_features] / n
+    var = np.maximum(total[1 + n_features : 1 + 2 * n_features] / n - mean * mean, 0.0)
+    return n, mean, np.sqrt(var)
+
+
+def fit_vector(delta: np.ndarray, weight: float, loss: float, clip: float | None) -> np.ndarray:
+    if clip is None:
+        return np.concatenate([delta.astype(np.float64) * weight, [weight, weight * loss]])
+    clipped = np.clip(delta.astype(np.float64), -clip, clip)
+    return np.concatenate([clipped * weight, [weight * clip, weight * min(loss, MAX_REPORTED_LOSS) * clip / MAX_REPORTED_LOSS]])
+
+
+@dataclass(frozen=True)
+class FitSum:
+    weighted_update: np.ndarray  # sum of w * delta
+    weight: float  # sum of w
+    weighted_loss: float  # sum of w * loss
+
+
+def read_fit_sum(total: np.ndarray, n_params: int, clip: float | None) -> FitSum:
+    scale = 1.0 if clip is None else clip
+    weight = float(total[n_params]) / scale
+    loss = float(total[n_params + 1]) / scale * (1.0 if clip is None else MAX_REPORTED_LOSS)
+    return FitSum(total[:n_params], weight, loss)
+
+
+def eval_vector(stats: EvalStats) -> np.ndarray:
+    hist = np.zeros((2, AUC_BINS)) if stats.score_hist is None else stats.score_hist
+    return np.concatenate([[stats.n, stats.correct, stats.loss_sum], hist.ravel().astype(np.float64)])
+
+
+def eval_length(n_classes: int) -> int:
+    return 3 + 2 * AUC_BINS
+
+
+def read_eval_sum(total: np.ndarray, n_classes: int) -> EvalStats:
+    counts = np.rint(total).astype(np.int64)
+    hist = counts[3:].reshape(2, AUC_BINS) if n_classes == 2 else None
+    return EvalStats(int(counts[0]), int(counts[1]), float(total[2]), hist)
+
+
+def setup_encoding() -> RingEncoding:
+    return RingEncoding.fixed(SETUP_FRAC_BITS)
+
+
+def eval_encoding() -> RingEncoding:
+    return RingEncoding.fixed(EVAL_FRAC_BITS)
+
+
+def fit_encoding(clip: float, n_sites: int, bits: int) -> RingEncoding:
+    return RingEncoding.quantized(plan_quantization(clip=clip, n_sites=n_sites, bits=bits))

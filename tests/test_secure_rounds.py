@@ -1,0 +1,113 @@
+"""Federated rounds under secure aggregation: the coordinator reads sums only, and accuracy is kept."""
+
+import numpy as np
+import pytest
+
+from consortium.config import SimulationConfig
+from consortium.crypto import keys
+from consortium.learning.models import ModelSpec
+from consortium.learning.strategies import FedAvg
+from consortium.learning.training import TrainSettings
+from consortium.protocol import messages as m
+from consortium.protocol.coordinator import COORDINATOR, Coordinator, SecureAggregation
+from consortium.protocol.loop import RoundLoop
+from consortium.protocol.site import Site
+from consortium.simulation import run_simulation
+from consortium.transport import InProcessTransport
+from tests.conftest import make_splits
+
+
+class RecordingTransport(InProcessTransport):
+    """Keeps every reply the coordinator receives: its whole view of the sites."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.seen: list[m.Envelope] = []
+
+    def exchange(self, request):
+        reply = super().exchange(request)
+        if reply is not None:
+            self.seen.append(reply)
+        return reply
+
+
+def _secure_setup(rng, n_sites=4, rounds=2, dropout=0.0, **strategy):
+    names = [f"s{i}" for i in range(n_sites)]
+    ids = {u: keys.generate_ed25519()[0] for u in [*names, COORDINATOR]}
+    directory = {u: keys.ed25519_public_bytes(k.public_key()) for u, k in ids.items()}
+    sites = {u: Site(u, make_splits(rng), seed=i, identity=ids[u], directory=directory) for i, u in enumerate(names)}
+    coord = Coordinator(
+        names, model=ModelSpec(kind="mlp", hidden=(8,)), train=TrainSettings(lr=0.1, batch_size=16),
+        strategy=FedAvg(**strategy), rounds=rounds, seed=0,
+        secure=SecureAggregation(identity=ids[COORDINATOR], directory=directory),
+    )
+    return sites, coord, RecordingTransport(sites, dropout=dropout, rng=np.random.default_rng(3))
+
+
+def test_the_coordinator_never_receives_a_vector_in_the_clear(rng):
+    sites, coord, transport = _secure_setup(rng)
+    history = RoundLoop().run(coord, transport)
+    assert all(r.status == "ok" for r in history) and history[-1].metrics["accuracy"] > 0
+    kinds = {e.message.kind for e in transport.seen}
+    assert {"setup_reply", "fit_reply", "evaluate_reply", "secagg_masked", "secagg_reveal"} <= kinds
+    for e in transport.seen:
+        if isinstance(e.message, (m.SetupReply, m.FitReply, m.EvaluateReply)):
+            assert e.message.contribution is None, f"{e.sender} sent its {e.message.kind} vector in the clear"
+
+
+def test_a_vector_sent_in_the_clear_is_refused_under_secure_aggregation(rng):
+    sites, coord, transport = _secure_setup(rng)
+    loop = RoundLoop()
+    while coord.stage != "fit:request":
+        loop.step(coord, transport)
+    requests = coord.requests()
+    leak = m.FitReply(contribution=m.Tensor.from_numpy(np.zeros(coord.params.size + 2, np.float32)))
+    coord.receive(m.make_envelope(requests[0].recipient, COORDINATOR, coord.round, leak))
+    assert "in the clear" in coord._state.refused[requests[0].recipient]
+
+
+@pytest.mark.parametrize("dataset,sites", [("breast-cancer", 3), ("digits", 5)])
+def test_secure_aggregation_keeps_accuracy_within_half_a_point(tmp_path, dataset, sites):
+    def run(enabled):
+        cfg = SimulationConfig.model_validate({
+            "data": {"dataset": dataset, "sites": sites},
+            "secure_aggregation": {"enabled": enabled},
+            "baselines": {"local_only": False, "pooled": False},
+        })
+        return run_simulation(cfg, out=tmp_path / str(enabled)).summary
+
+    secure, plain = run(True), run(False)
+    assert secure["secure_aggregation"]["enabled"] and not plain["secure_aggregation"]["enabled"]
+    assert abs(secure["federated"]["accuracy"] - plain["federated"]["accuracy"]) <= 0.005
+
+
+def test_rounds_complete_with_the_sites_that_stay(rng):
+    sites, coord, transport = _secure_setup(rng, n_sites=8, rounds=6, dropout=0.25)
+    history = RoundLoop().run(coord, transport)
+    included = [r.secure["fit_included"] for r in history]
+    assert any(0 < k < 8 for k in included)  # some rounds lost sites and still summed the rest
+    for r in history:
+        if r.status == "ok":
+            assert r.secure["fit_included"] == len(r.answered) and not set(r.answered) & set(r.dropped)
+        assert r.evaluated_sites == 8
+
+
+def test_a_site_without_an_identity_cannot_join(rng):
+    site = Site("s0", make_splits(rng), seed=0)
+    reply = site.handle(m.make_envelope(COORDINATOR, "s0", 0, m.SetupRequest(secure_aggregation=True)))
+    assert reply.message.contribution is None  # held back, not sent
+    params_msg = m.SecAggStart.model_construct(kind="secagg_start", phase="setup", params=None, encoding=None)
+    out = site.handle(m.make_envelope(COORDINATOR, "s0", 0, params_msg))
+    assert isinstance(out.message, m.Refusal) and "identity" in out.message.reason
+
+
+def test_a_session_id_is_never_reused(rng):
+    sites, coord, transport = _secure_setup(rng)
+    loop = RoundLoop()
+    loop.step(coord, transport)  # setup: request
+    [start, *_] = coord.requests()  # setup: advertise_keys
+    site = sites[start.recipient]
+    assert isinstance(site.handle(start).message, m.SecAggAdvert)
+    # The same start again (a replay, or a coordinator reusing masks) is refused.
+    again = site.handle(start)
+    assert isinstance(again.message, m.Refusal) and "already used" in again.message.reason
