@@ -12,7 +12,7 @@ from rich.table import Table
 
 def main() -> None:
     here = pathlib.Path(__file__).parent
-    console = Console()
+    console = Console(width=160)
     for path in sorted(here.glob("bench_*.py")):
         spec = importlib.util.spec_from_file_location(path.stem, path)
         assert spec is not None and spec.loader is not None

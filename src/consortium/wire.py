@@ -39,6 +39,7 @@ _DTYPES = {
     "float32": np.dtype("<f4"),
     "float64": np.dtype("<f8"),
     "int64": np.dtype("<i8"),
+    "uint32": np.dtype("<u4"),
     "uint64": np.dtype("<u8"),
 }
 
@@ -98,7 +99,7 @@ class _Blobs:
 class Tensor(Frozen):
     """An n-dimensional array as raw little-endian bytes."""
 
-    dtype: Literal["float32", "float64", "int64", "uint64"]
+    dtype: Literal["float32", "float64", "int64", "uint32", "uint64"]
     shape: tuple[Annotated[int, Field(ge=0)], ...]
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     raw: bytes = Field(repr=False)
@@ -139,7 +140,7 @@ class Tensor(Frozen):
     def from_numpy(cls, array: np.ndarray) -> "Tensor":
         dtype = str(array.dtype)
         if dtype not in _DTYPES:
-            raise ValueError(f"tensors of dtype {dtype} cannot be sent: use float32, float64, int64 or uint64")
+            raise ValueError(f"tensors of dtype {dtype} cannot be sent: use float32, float64, int64, uint32 or uint64")
         raw = np.ascontiguousarray(array, dtype=_DTYPES[dtype]).tobytes()
         return cls.model_construct(
             dtype=dtype, shape=tuple(int(s) for s in array.shape), sha256=hashlib.sha256(raw).hexdigest(), raw=raw

@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from consortium.crypto.keys import CryptoError
 
-__all__ = ["SEED_BYTES", "MAX_BITS", "expand_mask", "derive_seed"]
+__all__ = ["SEED_BYTES", "MAX_BITS", "derive_seed", "expand_mask", "mask_words", "ring_dtype"]
 
 SEED_BYTES = 32
 MAX_BITS = 64
@@ -61,6 +61,33 @@ def _aes_ctr_keystream(key: bytes, nbytes: int, *, counter_block: bytes = bytes(
     return buf[:nbytes]
 
 
+def ring_dtype(bits: int) -> np.dtype:
+    """The narrowest unsigned word holding Z_{2^bits}: numpy's wraparound is arithmetic mod 2^32 or 2^64,
+    and 2^bits divides either, so sums need reducing mod 2^bits only once, at the end."""
+    return np.dtype(np.uint32) if bits <= 32 else np.dtype(np.uint64)
+
+
+def _check(seed: bytes, length: int, bits: int) -> int:
+    if not isinstance(seed, (bytes, bytearray, memoryview)) or len(seed) != SEED_BYTES:
+        raise CryptoError(f"a mask seed must be {SEED_BYTES} bytes: use os.urandom(32) or derive_seed")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
+        raise CryptoError(f"bits must be an integer in [1, {MAX_BITS}], got {bits!r}")
+    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
+        raise CryptoError(f"length must be a non-negative integer, got {length!r}")
+    return int(length)
+
+
+def mask_words(seed: bytes, length: int, *, bits: int) -> np.ndarray:
+    """``length`` keystream words of ``ring_dtype(bits)``, NOT yet reduced mod 2^bits.
+
+    The fast path for masking: a view of the keystream, no conversion. Each
+    word reduced mod 2^bits equals the matching element of ``expand_mask``.
+    """
+    length = _check(seed, length, bits)
+    dtype = ring_dtype(bits)
+    return _aes_ctr_keystream(bytes(seed), length * dtype.itemsize).view(dtype.newbyteorder("<")).view(dtype)
+
+
 def expand_mask(seed: bytes, length: int, *, bits: int) -> np.ndarray:
     """``length`` pseudorandom integers uniform in [0, 2^bits), dtype uint64.
 
@@ -68,16 +95,7 @@ def expand_mask(seed: bytes, length: int, *, bits: int) -> np.ndarray:
     seed and bits starts with the shorter one. ``seed`` must be 32 secret,
     uniformly random bytes (from ``os.urandom`` or ``derive_seed``).
     """
-    if not isinstance(seed, (bytes, bytearray, memoryview)) or len(seed) != SEED_BYTES:
-        raise CryptoError(f"a mask seed must be {SEED_BYTES} bytes: use os.urandom(32) or derive_seed")
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= MAX_BITS:
-        raise CryptoError(f"bits must be an integer in [1, {MAX_BITS}], got {bits!r}")
-    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 0:
-        raise CryptoError(f"length must be a non-negative integer, got {length!r}")
-    length = int(length)
-    width = 4 if bits <= 32 else 8
-    stream = _aes_ctr_keystream(bytes(seed), length * width)
-    out = stream.view(f"<u{width}").astype(np.uint64, copy=False)  # no copy for 8 bytes on little-endian
+    out = mask_words(seed, length, bits=bits).astype(np.uint64, copy=False)  # no copy for 64-bit words
     if bits < 64:
         out &= np.uint64((1 << bits) - 1)
     return out

@@ -99,8 +99,8 @@ class MaskedInput(Frozen):
     @field_validator("vector")
     @classmethod
     def _ring(cls, v: Tensor) -> Tensor:
-        if v.dtype != "uint64" or len(v.shape) != 1:
-            raise ValueError("a masked input is a 1-D uint64 vector of ring elements")
+        if v.dtype not in ("uint32", "uint64") or len(v.shape) != 1:
+            raise ValueError("a masked input is a 1-D vector of ring words (uint32 or uint64)")
         return v
 
 

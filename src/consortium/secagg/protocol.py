@@ -65,8 +65,11 @@ class SecAggAborted(RoundFailed):
     """Too few sites remain to finish the session: it aborts and reveals nothing."""
 
 
-def _ring_mask(bits: int) -> np.uint64:
-    return np.uint64((1 << bits) - 1) if bits < 64 else np.uint64(0xFFFFFFFFFFFFFFFF)
+def _reduce(words: np.ndarray, bits: int) -> np.ndarray:
+    """Reduce ring words mod 2^bits in place (a no-op when bits is the word size)."""
+    if bits % (8 * words.dtype.itemsize):
+        words &= words.dtype.type((1 << bits) - 1)
+    return words
 
 
 def _pairwise_seed(s_private, peer_s_pk: bytes, params: SessionParams, a: str, b: str) -> bytes:
@@ -115,12 +118,19 @@ class SecAggClient:
         self._b = os.urandom(prg.SEED_BYTES)
         self._peers: dict[str, KeyAdvert] = {}
         self._held: dict[str, SharePlaintext] = {}  # neighbour -> the shares it gave us
+        self._share_keys: dict[str, bytes] = {}  # neighbour -> the AES-GCM key both sides derive
         self._signed_survivors: tuple[str, ...] | None = None
 
     def _advance(self, expected: str, nxt: str) -> None:
         if self._stage != expected:
             raise SecAggError(f"site '{self.name}' is at stage {self._stage}, not {expected}: request refused")
         self._stage = nxt
+
+    def _share_key(self, v: str) -> bytes:
+        if v not in self._share_keys:
+            info = share_key_context(self.params.session_id, self.name, v)  # the same from either side
+            self._share_keys[v] = aead.derive_key(self._c_sk, self._peers[v].c_pk, info=info)
+        return self._share_keys[v]
 
     def advertise_keys(self) -> KeyAdvert:
         self._advance("advertise_keys", "share_keys")
@@ -151,7 +161,7 @@ class SecAggClient:
         out = []
         for v, x in zip(holders, xs):
             plain = SharePlaintext(sender=self.name, recipient=v, seed_share=seed_shares[x], key_share=key_shares[x])
-            key = aead.derive_key(self._c_sk, self._peers[v].c_pk, info=share_key_context(p.session_id, self.name, v))
+            key = self._share_key(v)
             ct = aead.seal(key, plain.model_dump_json().encode(), associated_data=share_context(p.session_id, self.name, v))
             out.append(EncryptedShare(sender=self.name, recipient=v, ciphertext=ct))
         return ShareBundle(shares=tuple(out))
@@ -163,31 +173,30 @@ class SecAggClient:
         value = np.asarray(value)
         if value.dtype != np.uint64 or value.shape != (p.length,):
             raise SecAggError(f"the input must be {p.length} uint64 ring elements, got {value.dtype} {value.shape}")
-        if value.size and int(value.max()) > int(_ring_mask(p.bits)):
+        if value.size and int(value.max()) >= 1 << p.bits:
             raise SecAggError(f"the input has values outside the 2^{p.bits} ring")
         for enc in delivery.shares:
             v = enc.sender
             if enc.recipient != self.name or v not in self._peers or v in self._held:
                 raise SecAggError(f"share from '{v}' to '{enc.recipient}' is not one this site expects")
-            key = aead.derive_key(self._c_sk, self._peers[v].c_pk, info=share_key_context(p.session_id, v, self.name))
+            key = self._share_key(v)
             plain = SharePlaintext.model_validate_json(
                 aead.open_(key, enc.ciphertext, associated_data=share_context(p.session_id, v, self.name))
             )
             if plain.sender != v or plain.recipient != self.name:
                 raise SecAggError(f"share ciphertext from '{v}' names {plain.sender} -> {plain.recipient}")
             self._held[v] = plain
-        y = value.copy()
-        y += prg.expand_mask(self._b, p.length, bits=p.bits)
+        y = value.astype(prg.ring_dtype(p.bits))
+        y += prg.mask_words(self._b, p.length, bits=p.bits)
         for v in self._held:  # pairwise masks with every neighbour that shared with us
-            mask = prg.expand_mask(
+            mask = prg.mask_words(
                 _pairwise_seed(self._s_sk, self._peers[v].s_pk, p, self.name, v), p.length, bits=p.bits
             )
             if self.name < v:
                 y += mask
             else:
                 y -= mask
-        y &= _ring_mask(p.bits)
-        return MaskedInput(vector=Tensor.from_numpy(y))
+        return MaskedInput(vector=Tensor.from_numpy(_reduce(y, p.bits)))
 
     def consistency_check(self, survivors: SurvivorList) -> ConsistencyAck:
         self._advance("consistency_check", "unmask")
@@ -228,8 +237,9 @@ class SecAggClient:
         for site, sig in request.acks.items():
             if site not in alive:
                 raise SecAggError(f"an acknowledgement comes from '{site}', which is not a survivor: refused")
-            keys.verify(self._directory[site], sig, statement)
-            valid += site in self.neighbours  # the security argument counts neighbours' signatures
+            if site in self.neighbours:  # the security argument counts neighbours' signatures only
+                keys.verify(self._directory[site], sig, statement)
+                valid += 1
         if valid < p.threshold:
             raise SecAggError(
                 f"only {valid} neighbours acknowledged the survivor list, fewer than the threshold {p.threshold}: refused"
@@ -331,8 +341,11 @@ class SecAggServer:
 
     def add_masked(self, site: str, masked: MaskedInput) -> None:
         self._expect("collect_masked", site, self._masked, set(self._bundles))
-        if masked.vector.shape != (self.params.length,):
-            raise SecAggError(f"'{site}' sent {masked.vector.shape} ring elements, not ({self.params.length},)")
+        if masked.vector.shape != (self.params.length,) or masked.vector.dtype != prg.ring_dtype(self.params.bits).name:
+            raise SecAggError(
+                f"'{site}' sent {masked.vector.shape} {masked.vector.dtype} words, "
+                f"not ({self.params.length},) {prg.ring_dtype(self.params.bits).name}"
+            )
         self._masked[site] = masked.vector.to_numpy()
 
     def close_collect_masked(self) -> SurvivorList:
@@ -366,14 +379,14 @@ class SecAggServer:
         p, t = self.params, self.params.threshold
         self._need(len(self._replies), "answered the unmask request")
         dropped = sorted(set(self._bundles) - set(self._survivors))
-        total = np.zeros(p.length, dtype=np.uint64)
+        total = np.zeros(p.length, dtype=prg.ring_dtype(p.bits))
         for u in self._survivors:
             total += self._masked[u]
         for u in self._survivors:
             shares = {p.x_of(v): r.seed_shares[u] for v, r in self._replies.items() if u in r.seed_shares}
             if len(shares) < t:
                 raise SecAggAborted(f"only {len(shares)} shares of '{u}''s self mask arrived, fewer than {t}: aborting")
-            total -= prg.expand_mask(shamir.combine(shares, threshold=t), p.length, bits=p.bits)
+            total -= prg.mask_words(shamir.combine(shares, threshold=t), p.length, bits=p.bits)
         for v in dropped:
             shares = {p.x_of(w): r.key_shares[v] for w, r in self._replies.items() if v in r.key_shares}
             if len(shares) < t:
@@ -381,10 +394,11 @@ class SecAggServer:
             s_sk_v = keys.load_x25519_private(shamir.combine(shares, threshold=t))
             for u in self._survivors:
                 if u in self.graph[v] and any(s.recipient == u for s in self._bundles[v].shares):
-                    mask = prg.expand_mask(_pairwise_seed(s_sk_v, self._adverts[u].s_pk, p, u, v), p.length, bits=p.bits)
+                    mask = prg.mask_words(_pairwise_seed(s_sk_v, self._adverts[u].s_pk, p, u, v), p.length, bits=p.bits)
                     if u < v:  # u added +mask; take it away
                         total -= mask
                     else:
                         total += mask
-        total &= _ring_mask(p.bits)
-        return SecAggOutcome(total=total, included=self._survivors, dropped=tuple(dropped))
+        return SecAggOutcome(
+            total=_reduce(total, p.bits).astype(np.uint64), included=self._survivors, dropped=tuple(dropped)
+        )

@@ -162,19 +162,20 @@ def quantize(x: np.ndarray, cfg: QuantConfig, rng: np.random.Generator) -> np.nd
     if not np.issubdtype(arr.dtype, np.floating):
         raise ModelError(f"quantize needs a float32 or float64 update, got dtype {arr.dtype}")
     values = arr.astype(np.float64)  # a copy: the caller's array is never modified
-    finite = np.isfinite(values)
-    if not finite.all():
-        raise ModelError(
-            f"the update has {values.size - int(finite.sum())} NaN or infinite coordinates: training diverged; fix it before aggregating"
-        )
+    if not math.isfinite(float(values.sum())):  # fast path: a finite sum means every value is finite
+        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
+        if bad:
+            raise ModelError(
+                f"the update has {bad} NaN or infinite coordinates: training diverged; fix it before aggregating"
+            )
     np.clip(values, -cfg.clip, cfg.clip, out=values)
     values += cfg.clip
     values *= (cfg.levels - 1) / (2.0 * cfg.clip)
     np.clip(values, 0.0, float(cfg.levels - 1), out=values)  # guard float rounding at the ends
     low = np.floor(values)
-    up = rng.random(values.shape) < (values - low)  # P(up) = fractional part, so E[q] = values
+    values -= low  # now the fractional part
     q = low.astype(np.uint64)
-    q += up
+    q += rng.random(values.shape) < values  # P(up) = fractional part, so E[q] = the scaled value
     return q
 
 
