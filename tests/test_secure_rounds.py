@@ -111,3 +111,48 @@ def test_a_session_id_is_never_reused(rng):
     # The same start again (a replay, or a coordinator reusing masks) is refused.
     again = site.handle(start)
     assert isinstance(again.message, m.Refusal) and "already used" in again.message.reason
+
+
+class DropAt(RecordingTransport):
+    """A site vanishes at one SecAgg+ stage of the fit phase (its request is never answered)."""
+
+    def __init__(self, *a, site: str, kind: str, **kw):
+        super().__init__(*a, **kw)
+        self.site, self.kind = site, kind
+        self.fit_session = False
+
+    def exchange(self, request):
+        msg = request.message
+        if isinstance(msg, m.SecAggStart):
+            self.fit_session = msg.phase == "fit"
+        if self.fit_session and request.recipient == self.site and msg.kind == self.kind:
+            return None
+        return super().exchange(request)
+
+
+@pytest.mark.parametrize(
+    "kind,in_sum", [("secagg_roster", False), ("secagg_deliver", False), ("secagg_survivors", True), ("secagg_unmask", True)]
+)
+def test_a_site_lost_mid_session_is_removed_exactly(kind, in_sum):
+    sites, coord, _ = _secure_setup(np.random.default_rng(99), n_sites=6, rounds=1)
+    [record] = RoundLoop().run(coord, DropAt(sites, site="s2", kind=kind))
+    assert record.status == "ok", record.reason
+    assert ("s2" in record.answered) == in_sum
+    assert record.secure["fit_included"] == (6 if in_sum else 5)
+    # The same sites and seeds in plain mode, with s2's update lost or kept the same way.
+    plain_sites = {}
+    data_rng = np.random.default_rng(99)
+    for i, u in enumerate(sites):
+        plain_sites[u] = Site(u, make_splits(data_rng), seed=i)
+    plain = Coordinator(
+        list(sites), model=coord.model_spec, train=coord.train, strategy=FedAvg(), rounds=1, seed=0
+    )
+
+    class LoseS2(InProcessTransport):
+        def exchange(self, request):
+            if not in_sum and request.recipient == "s2" and isinstance(request.message, m.FitRequest):
+                return None
+            return super().exchange(request)
+
+    RoundLoop().run(plain, LoseS2(plain_sites))
+    assert np.max(np.abs(coord.params - plain.params)) < 1e-5  # only quantisation separates them
