@@ -84,6 +84,16 @@ def _print_table(s: dict[str, Any]) -> None:
         p = s["pooled"]
         t.add_row("pooled (simulation-only upper bound)", _fmt(p.get("accuracy")), _fmt(p.get("loss")), _fmt(p.get("auc")))
     out_console.print(t)
+    sa = s["secure_aggregation"]
+    if sa["enabled"]:
+        per_round = sa["survivors_per_round"]
+        out_console.print(
+            f"secure aggregation: on ({sa['graph']} graph, threshold {sa['threshold']}, "
+            f"{min(per_round, default=0)}-{max(per_round, default=0)} sites summed per round); "
+            "the coordinator saw sums only"
+        )
+    else:
+        out_console.print("[bold red]secure aggregation: OFF[/] (the coordinator saw every site's update)")
     skipped = fed.get("rounds_skipped", 0)
     if skipped:
         out_console.print(f"{skipped} round(s) skipped for lack of answers: see metrics.jsonl")

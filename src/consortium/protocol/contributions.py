@@ -27,6 +27,8 @@ from consortium.secagg.quantize import plan_quantization
 MAX_REPORTED_LOSS = 100.0
 SETUP_FRAC_BITS = 8
 EVAL_FRAC_BITS = 16
+#: The evaluation vector: three counts, then the score histogram (zeros for multi-class tasks).
+EVAL_LENGTH = 3 + 2 * AUC_BINS
 
 
 def setup_vector(X: np.ndarray) -> np.ndarray:
@@ -66,10 +68,6 @@ def read_fit_sum(total: np.ndarray, n_params: int, clip: float | None) -> FitSum
 def eval_vector(stats: EvalStats) -> np.ndarray:
     hist = np.zeros((2, AUC_BINS)) if stats.score_hist is None else stats.score_hist
     return np.concatenate([[stats.n, stats.correct, stats.loss_sum], hist.ravel().astype(np.float64)])
-
-
-def eval_length(n_classes: int) -> int:
-    return 3 + 2 * AUC_BINS
 
 
 def read_eval_sum(total: np.ndarray, n_classes: int) -> EvalStats:

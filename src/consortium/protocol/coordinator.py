@@ -34,11 +34,11 @@ from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.secagg import SecAggServer, make_session
 from consortium.secagg.encoding import RingEncoding
 from consortium.secagg.graph import plan_graph
+from consortium.secagg.messages import STAGES
 
-COORDINATOR = "coordinator"
+COORDINATOR = m.COORDINATOR
 
 Phase = Literal["setup", "fit", "evaluate"]
-SECAGG_STAGES = ("advertise_keys", "share_keys", "collect_masked", "consistency_check", "unmask")
 
 
 @dataclass(frozen=True)
@@ -230,7 +230,7 @@ class Coordinator:
         if phase == "fit":
             return self._params().shape[0] + 2
         if phase == "evaluate":
-            return c.eval_length(self._task().n_classes)
+            return c.EVAL_LENGTH
         return None  # setup: known from the schema, checked in _finish_setup
 
     def _take_phase_reply(self, st: _PhaseState, sender: str, msg: m.BaseModel) -> None:
@@ -299,7 +299,7 @@ class Coordinator:
                 return _PhaseResult(st.encoding.decode_sum(outcome.total, len(outcome.included)), list(outcome.included))
         except (ProtocolError, ConfigError) as exc:  # aborted: too few sites, or no safe plan for those left
             return _PhaseResult(None, [], f"secure aggregation aborted at {st.stage}: {exc}")
-        st.stage = SECAGG_STAGES[SECAGG_STAGES.index(st.stage) + 1]
+        st.stage = STAGES[STAGES.index(st.stage) + 1]
         return None
 
     def _open_session(self, st: _PhaseState) -> _PhaseResult | None:
@@ -313,7 +313,7 @@ class Coordinator:
             length = self._params().shape[0] + 2
             st.encoding = c.fit_encoding(sec.update_clip, len(ready), sec.bits)
         elif st.phase == "evaluate":
-            length, st.encoding = c.eval_length(self._task().n_classes), c.eval_encoding()
+            length, st.encoding = c.EVAL_LENGTH, c.eval_encoding()
         else:
             first = self._setup_replies[ready[0]]
             length, st.encoding = 1 + 2 * len(first.feature_names), c.setup_encoding()

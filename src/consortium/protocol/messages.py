@@ -34,6 +34,9 @@ from consortium.wire import Tensor, decode_frame, encode_frame
 
 SCHEMA_VERSION = 1
 
+#: The coordinator's name in every envelope; no site may take it.
+COORDINATOR = "coordinator"
+
 Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 
 
