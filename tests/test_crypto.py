@@ -523,3 +523,15 @@ def test_split_and_combine_x25519_private_key():
     survivors = {x: shares[x] for x in (1, 4, 5, 8, 10)}
     restored = keys.load_x25519_private(shamir.combine(survivors, threshold=5))
     assert keys.x25519_public_bytes(restored.public_key()) == keys.x25519_public_bytes(public)
+
+
+@pytest.mark.parametrize("bits,length", [(32, 1), (32, 70_001), (20, 65_536), (64, 40_000)])
+def test_add_mask_adds_exactly_the_expanded_mask(bits, length):
+    seed = bytes(range(32))
+    mask = prg.mask_words(seed, length, bits=bits)
+    start = np.arange(length, dtype=mask.dtype)
+    acc = start.copy()
+    prg.add_mask(acc, seed, bits=bits)
+    assert np.array_equal(acc, start + mask)  # numpy wraps at the word size, as the ring needs
+    prg.add_mask(acc, seed, bits=bits, subtract=True)
+    assert np.array_equal(acc, start)

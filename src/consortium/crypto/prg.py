@@ -39,7 +39,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from consortium.crypto.keys import CryptoError
 
-__all__ = ["SEED_BYTES", "MAX_BITS", "derive_seed", "expand_mask", "mask_words", "ring_dtype"]
+__all__ = ["SEED_BYTES", "MAX_BITS", "add_mask", "derive_seed", "expand_mask", "mask_words", "ring_dtype"]
 
 SEED_BYTES = 32
 MAX_BITS = 64
@@ -86,6 +86,31 @@ def mask_words(seed: bytes, length: int, *, bits: int) -> np.ndarray:
     length = _check(seed, length, bits)
     dtype = ring_dtype(bits)
     return _aes_ctr_keystream(bytes(seed), length * dtype.itemsize).view(dtype.newbyteorder("<")).view(dtype)
+
+
+def add_mask(acc: np.ndarray, seed: bytes, *, bits: int, subtract: bool = False) -> None:
+    """``acc += mask`` (or ``-=``) in place, wrapping at the word size, without materialising the mask.
+
+    The keystream streams through one cache-sized buffer and is added chunk by
+    chunk, so masking costs little more than the cipher itself. The mask is
+    exactly ``mask_words(seed, len(acc), bits=bits)``.
+    """
+    dtype = ring_dtype(bits)
+    if acc.dtype != dtype or acc.ndim != 1 or not acc.flags.c_contiguous:
+        raise CryptoError(f"add_mask needs a contiguous 1-D {dtype.name} accumulator, got {acc.dtype} {acc.shape}")
+    length = _check(seed, acc.shape[0], bits)
+    encryptor = Cipher(algorithms.AES(bytes(seed)), modes.CTR(bytes(16))).encryptor()
+    buf = np.empty(_CHUNK + 15, dtype=np.uint8)
+    words = buf[:_CHUNK].view(dtype)
+    per_chunk = _CHUNK // dtype.itemsize
+    zeros = memoryview(_ZEROS)
+    op = np.subtract if subtract else np.add
+    for start in range(0, length, per_chunk):
+        k = min(per_chunk, length - start)
+        encryptor.update_into(zeros[: k * dtype.itemsize], buf[: k * dtype.itemsize + 15])
+        part = acc[start : start + k]
+        op(part, words[:k], out=part)
+    encryptor.finalize()
 
 
 def expand_mask(seed: bytes, length: int, *, bits: int) -> np.ndarray:

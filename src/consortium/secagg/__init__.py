@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from consortium.crypto import keys
+from consortium.crypto.prg import ring_dtype
 from consortium.errors import ConfigError, ProtocolError
 from consortium.secagg.graph import GraphPlan, plan_graph
 from consortium.secagg.messages import STAGES, SessionParams
@@ -144,7 +145,7 @@ def secure_sum(
     names = [f"site-{i:05d}" for i in range(len(vectors))]
     qcfg = plan_quantization(clip=clip, n_sites=len(vectors), bits=bits)
     rng = np.random.default_rng(seed)
-    inputs = {n: quantize(v, qcfg, rng) for n, v in zip(names, vectors)}
+    inputs = {n: quantize(v, qcfg, rng, dtype=ring_dtype(bits)) for n, v in zip(names, vectors)}
     params = make_session(names, length, bits=bits, session_id=hashlib.sha256(os.urandom(32)).hexdigest())
     drops = {names[i]: stage for i, stage in (drop or {}).items()}
     total, included = run_session(params, inputs, drop=drops)

@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from consortium.errors import ProtocolError
+from consortium.crypto.prg import ring_dtype
 from consortium.secagg.quantize import QuantConfig, dequantize_sum, quantize
 from consortium.wire import Frozen
 
@@ -59,10 +60,10 @@ class RingEncoding(Frozen):
             )
 
     def encode(self, values: np.ndarray, n_sites: int, rng: np.random.Generator) -> np.ndarray:
-        """``values`` (float) as uint64 ring elements, for a sum over at most ``n_sites`` sites."""
+        """``values`` (float) as ring words (``ring_dtype(bits)``), for a sum over at most ``n_sites`` sites."""
         self.check_capacity(n_sites)
         if self.kind == "quantized":
-            return quantize(values, self._quant(), rng)
+            return quantize(values, self._quant(), rng, dtype=ring_dtype(self.bits))
         assert self.frac_bits is not None
         scaled = np.rint(np.asarray(values, dtype=np.float64) * float(2**self.frac_bits))
         limit = float(2**62 // n_sites)

@@ -171,8 +171,8 @@ class SecAggClient:
         self._advance("collect_masked", "consistency_check")
         p = self.params
         value = np.asarray(value)
-        if value.dtype != np.uint64 or value.shape != (p.length,):
-            raise SecAggError(f"the input must be {p.length} uint64 ring elements, got {value.dtype} {value.shape}")
+        if value.dtype not in (np.uint32, np.uint64) or value.shape != (p.length,):
+            raise SecAggError(f"the input must be {p.length} unsigned ring elements, got {value.dtype} {value.shape}")
         if value.size and int(value.max()) >= 1 << p.bits:
             raise SecAggError(f"the input has values outside the 2^{p.bits} ring")
         for enc in delivery.shares:
@@ -187,15 +187,10 @@ class SecAggClient:
                 raise SecAggError(f"share ciphertext from '{v}' names {plain.sender} -> {plain.recipient}")
             self._held[v] = plain
         y = value.astype(prg.ring_dtype(p.bits))
-        y += prg.mask_words(self._b, p.length, bits=p.bits)
-        for v in self._held:  # pairwise masks with every neighbour that shared with us
-            mask = prg.mask_words(
-                _pairwise_seed(self._s_sk, self._peers[v].s_pk, p, self.name, v), p.length, bits=p.bits
-            )
-            if self.name < v:
-                y += mask
-            else:
-                y -= mask
+        prg.add_mask(y, self._b, bits=p.bits)
+        for v in self._held:  # pairwise masks with every neighbour that shared with us: + if we sort first
+            seed = _pairwise_seed(self._s_sk, self._peers[v].s_pk, p, self.name, v)
+            prg.add_mask(y, seed, bits=p.bits, subtract=self.name > v)
         return MaskedInput(vector=Tensor.from_numpy(_reduce(y, p.bits)))
 
     def consistency_check(self, survivors: SurvivorList) -> ConsistencyAck:
@@ -386,7 +381,7 @@ class SecAggServer:
             shares = {p.x_of(v): r.seed_shares[u] for v, r in self._replies.items() if u in r.seed_shares}
             if len(shares) < t:
                 raise SecAggAborted(f"only {len(shares)} shares of '{u}''s self mask arrived, fewer than {t}: aborting")
-            total -= prg.mask_words(shamir.combine(shares, threshold=t), p.length, bits=p.bits)
+            prg.add_mask(total, shamir.combine(shares, threshold=t), bits=p.bits, subtract=True)
         for v in dropped:
             shares = {p.x_of(w): r.key_shares[v] for w, r in self._replies.items() if v in r.key_shares}
             if len(shares) < t:
@@ -394,11 +389,8 @@ class SecAggServer:
             s_sk_v = keys.load_x25519_private(shamir.combine(shares, threshold=t))
             for u in self._survivors:
                 if u in self.graph[v] and any(s.recipient == u for s in self._bundles[v].shares):
-                    mask = prg.mask_words(_pairwise_seed(s_sk_v, self._adverts[u].s_pk, p, u, v), p.length, bits=p.bits)
-                    if u < v:  # u added +mask; take it away
-                        total -= mask
-                    else:
-                        total += mask
+                    seed = _pairwise_seed(s_sk_v, self._adverts[u].s_pk, p, u, v)
+                    prg.add_mask(total, seed, bits=p.bits, subtract=u < v)  # undo what u added
         return SecAggOutcome(
             total=_reduce(total, p.bits).astype(np.uint64), included=self._survivors, dropped=tuple(dropped)
         )
