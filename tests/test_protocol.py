@@ -33,7 +33,12 @@ def _setup(rng, n_sites=3, rounds=2, strategy=None, dropout=0.0, **split_kw):
 
 
 def _sim(tmp_path, **overrides):
-    base = {"rounds": 3, "data": {"dataset": "breast-cancer", "sites": 3}, "baselines": {"local_only": False, "pooled": False}}
+    base = {
+        "rounds": 3,
+        "data": {"dataset": "breast-cancer", "sites": 3},
+        "baselines": {"local_only": False, "pooled": False},
+        "privacy": {"enabled": False},
+    }
     for k, v in overrides.items():
         base[k] = {**base.get(k, {}), **v} if isinstance(v, dict) else v
     return run_simulation(SimulationConfig.model_validate(base), out=tmp_path / "run")

@@ -72,6 +72,7 @@ def test_secure_aggregation_keeps_accuracy_within_half_a_point(tmp_path, dataset
         cfg = SimulationConfig.model_validate({
             "data": {"dataset": dataset, "sites": sites},
             "secure_aggregation": {"enabled": enabled},
+            "privacy": {"enabled": False},  # compares aggregation alone: DP noise would differ run to run
             "baselines": {"local_only": False, "pooled": False},
         })
         return run_simulation(cfg, out=tmp_path / str(enabled)).summary

@@ -116,6 +116,28 @@ class SecureAggregationConfig(_Strict):
     corruption_rate: float = Field(0.1, ge=0, lt=1)  # share of sites assumed to collude with the coordinator
 
 
+class PrivacyConfig(_Strict):
+    """Record-level differential privacy (DP-SGD at every site); on unless turned off."""
+
+    enabled: bool = True
+    level: Literal["record"] = "record"
+    epsilon: float = Field(8.0, gt=0, le=1000)  # each site's target for the whole run; calibrates the noise
+    delta: float = Field(1e-5, gt=0, lt=1)
+    clip: float = Field(1.0, gt=0, le=1e6)  # per-example gradient L2 bound
+    sampling_rate: float = Field(0.1, gt=0, le=1)  # Poisson sampling probability per record and step (declared)
+    noise_multiplier: float | None = Field(None, ge=0, le=1e6)  # set it to skip calibration (epsilon is then reported)
+    accountant: Literal["pld", "rdp"] = "pld"
+    site_epsilon_caps: dict[str, float] = {}  # a site's own stricter cap; default: epsilon
+    test_seed: int | None = Field(None, ge=0)  # TEST MODE: reproducible noise, labelled as not private
+
+    @model_validator(mode="after")
+    def _caps(self) -> "PrivacyConfig":
+        bad = {k: v for k, v in self.site_epsilon_caps.items() if not v > 0}
+        if bad:
+            raise ValueError(f"site epsilon caps must be positive, found {bad}")
+        return self
+
+
 class BaselineConfig(_Strict):
     local_only: bool = True
     pooled: bool = True
@@ -130,6 +152,7 @@ class SimulationConfig(_Strict):
     strategy: StrategyConfig = StrategyConfig()
     participation: ParticipationConfig = ParticipationConfig()
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     baselines: BaselineConfig = BaselineConfig()
 
     def resolved(self) -> "SimulationConfig":

@@ -41,6 +41,9 @@ from consortium.learning.models import build_model
 from consortium.learning.strategies import STRATEGIES, FedAvg
 from consortium.learning.training import EvalStats, TrainSettings, evaluate, train_local
 from consortium.crypto import keys
+from consortium.privacy.accountant import calibrate_noise
+from consortium.privacy.events import PrivacyEvent
+from consortium.privacy.ledger import BudgetLedger
 from consortium.protocol.coordinator import COORDINATOR, Coordinator, RoundRecord, SecureAggregation
 from consortium.protocol.loop import RoundLoop
 from consortium.protocol.site import Site
@@ -50,9 +53,8 @@ from consortium.transport import InProcessTransport
 
 #: Said loudly in every run whose protections are weaker than the defaults.
 SECURE_AGGREGATION_OFF = "secure aggregation is OFF: the coordinator sees every site's update and statistics in the clear"
-NO_DIFFERENTIAL_PRIVACY = (
-    "differential privacy is not implemented in this build: the model carries no formal privacy guarantee"
-)
+PRIVACY_OFF = "differential privacy is OFF: the model carries no formal privacy guarantee for any patient"
+PRIVACY_TEST_MODE = "privacy noise is in TEST MODE (fixed seed): reproducible, and NOT private"
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float | None]:
@@ -144,7 +146,14 @@ class Simulation:
     """A consortium on one machine. Building one checks everything (config, data, schemas);
     ``run`` then trains, writes the run folder and returns the summary."""
 
-    def __init__(self, config: SimulationConfig, *, model_builder: ModelBuilder = build_task_model) -> None:
+    def __init__(
+        self,
+        config: SimulationConfig,
+        *,
+        out: Path | None = None,
+        runs_root: Path = Path("runs"),
+        model_builder: ModelBuilder = build_task_model,
+    ) -> None:
         config = config.resolved()
         assert config.model is not None and config.training is not None
         self.config = config
@@ -162,14 +171,37 @@ class Simulation:
         }
         self.n_classes = len(tables[self.names[0]].classes)
         site_seeds = [int(s.generate_state(1)[0]) for s in site_seq.spawn(len(self.names))]
+        self.privacy_event = self._plan_privacy()
+        # Every input is checked: only now does the run get its folder (site ledgers live in it).
+        self.run_dir = out if out is not None else new_run_dir(runs_root, f"{config.data.dataset}-seed{config.seed}")
+        pc = config.privacy
+        ledgers = {
+            name: BudgetLedger(
+                self.run_dir / "sites" / name / "budget.sqlite",
+                site=name,
+                epsilon_cap=pc.site_epsilon_caps.get(name, pc.epsilon),
+                delta=pc.delta,
+                accountant=pc.accountant,
+            )
+            if pc.enabled
+            else None
+            for name in self.names
+        }
         # Each member's identity key (Ed25519), fresh for the simulation; the directory of public keys is shared.
         identities = {name: keys.generate_ed25519()[0] for name in [*self.names, COORDINATOR]}
         directory = {name: keys.ed25519_public_bytes(k.public_key()) for name, k in identities.items()}
         sites = {
             name: Site(
-                name, self._splits[name], seed=sd, identity=identities[name], directory=directory, model_builder=model_builder
+                name,
+                self._splits[name],
+                seed=sd,
+                identity=identities[name],
+                directory=directory,
+                ledger=ledgers[name],
+                noise_test_seed=None if pc.test_seed is None else pc.test_seed + i,
+                model_builder=model_builder,
             )
-            for name, sd in zip(self.names, site_seeds)
+            for i, (name, sd) in enumerate(zip(self.names, site_seeds))
         }
         sa = config.secure_aggregation
         secure = (
@@ -193,23 +225,37 @@ class Simulation:
             rounds=config.rounds,
             seed=config.seed,
             secure=secure,
+            privacy=self.privacy_event,
             model_builder=model_builder,
         )
+        self._ledgers = ledgers
         self.transport = InProcessTransport(
             sites, dropout=config.participation.dropout, rng=np.random.default_rng(drop_seq)
         )
 
-    def run(
-        self,
-        *,
-        out: Path | None = None,
-        runs_root: Path = Path("runs"),
-        on_round: Callable[[RoundRecord], None] | None = None,
-    ) -> SimulationResult:
+    def _plan_privacy(self) -> PrivacyEvent | None:
+        """Each round's DP-SGD, with the noise calibrated so the whole run meets the target epsilon."""
+        pc, training = self.config.privacy, self.config.training
+        if not pc.enabled:
+            return None
+        assert training is not None
+        steps = max(1, math.ceil(training.epochs / pc.sampling_rate))  # `epochs` expected passes per round
+        sigma = pc.noise_multiplier
+        if sigma is None:
+            sigma = calibrate_noise(
+                target_epsilon=pc.epsilon,
+                delta=pc.delta,
+                sampling_rate=pc.sampling_rate,
+                steps=steps * self.config.rounds,
+                accountant=pc.accountant,
+            )
+        return PrivacyEvent(noise_multiplier=sigma, clip=pc.clip, sampling_rate=pc.sampling_rate, steps=steps)
+
+    def run(self, *, on_round: Callable[[RoundRecord], None] | None = None) -> SimulationResult:
         config, coordinator, names = self.config, self.coordinator, self.names
         assert config.model is not None
         started = time.perf_counter()
-        run = RunFolder(out if out is not None else new_run_dir(runs_root, f"{config.data.dataset}-seed{config.seed}"))
+        run = RunFolder(self.run_dir)
         run.write_config(yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False))
 
         def record_round(record: RoundRecord) -> None:
@@ -245,14 +291,51 @@ class Simulation:
             "strategy": self.strategy.describe(),
             "partition": config.data.partition.model_dump() if config.data.dataset in ("breast-cancer", "digits") else None,
             "secure_aggregation": self._secure_summary(history),
-            "differential_privacy": {"enabled": False},
-            "warnings": ([] if config.secure_aggregation.enabled else [SECURE_AGGREGATION_OFF]) + [NO_DIFFERENTIAL_PRIVACY],
+            "privacy": self._privacy_summary(history),
+            "warnings": self._warnings(),
             "traffic_bytes": {"to_sites": self.transport.bytes_sent, "to_coordinator": self.transport.bytes_received},
         }
         summary.update(self._baselines())
         summary["elapsed_s"] = round(time.perf_counter() - started, 3)
         run.write_summary(summary)
         return SimulationResult(summary=summary, history=history, params=coordinator.params)
+
+    def _warnings(self) -> list[str]:
+        out = []
+        if not self.config.secure_aggregation.enabled:
+            out.append(SECURE_AGGREGATION_OFF)
+        if not self.config.privacy.enabled:
+            out.append(PRIVACY_OFF)
+        elif self.config.privacy.test_seed is not None:
+            out.append(PRIVACY_TEST_MODE)
+        return out
+
+    def _privacy_summary(self, history: list[RoundRecord]) -> dict[str, Any]:
+        pc, ev = self.config.privacy, self.privacy_event
+        if not pc.enabled or ev is None:
+            return {"enabled": False}
+        refusals: dict[str, list[int]] = {}
+        for r in history:
+            for site, reason in r.refused.items():
+                if reason.startswith("privacy budget"):
+                    refusals.setdefault(site, []).append(r.round)
+        ledgers = {n: lg for n, lg in self._ledgers.items() if lg is not None}
+        return {
+            "enabled": True,
+            "level": ev.level,
+            "mechanism": ev.mechanism,
+            "noise_multiplier": ev.noise_multiplier,
+            "clip": ev.clip,
+            "sampling_rate": ev.sampling_rate,
+            "steps_per_round": ev.steps,
+            "delta": pc.delta,
+            "accountant": pc.accountant,
+            "target_epsilon": pc.epsilon,
+            "epsilon_per_site": {n: lg.spent() for n, lg in ledgers.items()},
+            "epsilon_cap_per_site": {n: lg.epsilon_cap for n, lg in ledgers.items()},
+            "refusals": refusals,
+            "test_mode": pc.test_seed is not None,
+        }
 
     def _secure_summary(self, history: list[RoundRecord]) -> dict[str, Any]:
         sa = self.config.secure_aggregation
@@ -302,4 +385,4 @@ def run_simulation(
     model_builder: ModelBuilder = build_task_model,
 ) -> SimulationResult:
     """Check, run and record a whole simulation in one call."""
-    return Simulation(config, model_builder=model_builder).run(out=out, runs_root=runs_root, on_round=on_round)
+    return Simulation(config, out=out, runs_root=runs_root, model_builder=model_builder).run(on_round=on_round)

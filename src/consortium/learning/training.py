@@ -33,6 +33,12 @@ class TrainSettings(BaseModel):
     weight_decay: float = Field(0.0, ge=0, le=1)
 
 
+def make_optimizer(params: list[torch.Tensor], settings: TrainSettings) -> torch.optim.Optimizer:
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
 def train_local(
     model: nn.Module,
     X: torch.Tensor,
@@ -50,12 +56,7 @@ def train_local(
     own generator seeded by ``seed``, so a run is reproducible.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    if settings.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(
-            params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
-        )
-    else:
-        opt = torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    opt = make_optimizer(params, settings)
     if proximal_mu > 0 and proximal_center is None:
         raise ValueError("proximal_mu > 0 needs the global parameters as proximal_center")
     gen = torch.Generator().manual_seed(seed)

@@ -28,6 +28,7 @@ from consortium.learning.adapter import ModelAdapter
 from consortium.learning.models import ModelSpec
 from consortium.learning.strategies import FedAvg
 from consortium.learning.training import TrainSettings
+from consortium.privacy.events import PrivacyEvent
 from consortium.protocol import contributions as c
 from consortium.protocol import messages as m
 from consortium.protocol.task import ModelBuilder, build_task_model
@@ -124,6 +125,7 @@ class Coordinator:
         rounds: int,
         seed: int,
         secure: SecureAggregation | None = None,
+        privacy: PrivacyEvent | None = None,
         model_builder: ModelBuilder = build_task_model,
     ) -> None:
         if len(set(sites)) != len(sites) or not sites:
@@ -140,6 +142,7 @@ class Coordinator:
         self.strategy = strategy
         self.rounds = rounds
         self.secure = secure
+        self.privacy = privacy  # the DP-SGD each round asks of the sites; they check it against their budgets
         self._rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC00D]))
         self._init_seed = seed
         self._build = model_builder
@@ -223,6 +226,7 @@ class Coordinator:
                 weight_scale=self.total_rows if secure else 1.0,
                 secure_aggregation=secure,
                 update_clip=self.secure.update_clip if self.secure else None,
+                privacy=self.privacy,
             )
         return m.EvaluateRequest(task=self._task(), params=m.Tensor.from_numpy(self._params()), secure_aggregation=secure)
 

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from consortium.learning.models import ModelSpec
 from consortium.learning.strategies import Weighting
 from consortium.learning.training import TrainSettings
+from consortium.privacy.events import PrivacyEvent
 from consortium.secagg.encoding import RingEncoding
 from consortium.secagg.messages import (
     ConsistencyAck,
@@ -94,6 +95,8 @@ class FitRequest(_Frozen):
     weight_scale: float = Field(1.0, gt=0)
     secure_aggregation: bool
     update_clip: float | None = Field(None, gt=0)
+    #: Record-level DP-SGD for this round, as the site will record it in its ledger; None: no DP.
+    privacy: PrivacyEvent | None = None
 
     @model_validator(mode="after")
     def _clip(self) -> "FitRequest":

@@ -22,6 +22,8 @@ from consortium.data import Splits, Table
 from consortium.errors import ModelError, ProtocolError
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.training import evaluate, train_local
+from consortium.privacy.dpsgd import secure_generator, train_dp_sgd
+from consortium.privacy.ledger import BudgetExceeded, BudgetLedger
 from consortium.protocol import contributions as c
 from consortium.protocol import messages as m
 from consortium.protocol.task import ModelBuilder, build_task_model
@@ -46,6 +48,9 @@ class Site:
 
     ``identity`` (an Ed25519 key) and ``directory`` (every member's public
     key, the coordinator's included) are needed for secure aggregation.
+    ``ledger`` is the site's own privacy budget: with one, the site trains
+    only under record-level DP and refuses a round that would exceed its cap.
+    ``noise_test_seed`` makes the privacy noise reproducible: test mode only.
     """
 
     def __init__(
@@ -56,6 +61,8 @@ class Site:
         seed: int,
         identity: Ed25519PrivateKey | None = None,
         directory: Mapping[str, bytes] | None = None,
+        ledger: BudgetLedger | None = None,
+        noise_test_seed: int | None = None,
         model_builder: ModelBuilder = build_task_model,
     ) -> None:
         self.name = name
@@ -66,6 +73,9 @@ class Site:
         self._identity = identity
         self._directory = dict(directory or {})
         self._build = model_builder
+        # With a ledger the site trains only under DP, within its own cap.
+        self.ledger = ledger
+        self._noise = secure_generator(noise_test_seed)
         self._model: tuple[m.TaskSpec, torch.nn.Module, ModelAdapter] | None = None
         self.__pending: dict[tuple[int, str], np.ndarray] = {}  # contributions awaiting their session
         self.__sessions: dict[str, tuple[SecAggClient, np.ndarray]] = {}
@@ -142,11 +152,26 @@ class Site:
         return module, adapter, vector
 
     def _fit(self, rnd: int, msg: m.FitRequest) -> m.FitReply:
+        if self.ledger is not None:
+            if msg.privacy is None:
+                raise ProtocolError("this site trains only with differential privacy: the round plan has none")
+            try:  # the guard: recorded as spent before any training, or refused
+                self.ledger.spend(msg.privacy, rnd=rnd, label=f"round {rnd}")
+            except BudgetExceeded as exc:
+                raise ProtocolError(str(exc)) from None
         module, adapter, global_params = self._model_for(msg.task, msg.params)
         center = [p.detach().clone() for p in module.parameters()] if msg.proximal_mu > 0 else None
-        seed = int(np.random.SeedSequence([self._seed, rnd]).generate_state(1)[0])
         X, y = self.__train
-        loss = train_local(module, X, y, msg.train, seed=seed, proximal_mu=msg.proximal_mu, proximal_center=center)
+        if msg.privacy is not None:
+            ev = msg.privacy
+            loss = train_dp_sgd(
+                module, X, y, msg.train,
+                sampling_rate=ev.sampling_rate, noise_multiplier=ev.noise_multiplier, clip=ev.clip, steps=ev.steps,
+                generator=self._noise, proximal_mu=msg.proximal_mu, proximal_center=center,
+            )
+        else:
+            seed = int(np.random.SeedSequence([self._seed, rnd]).generate_state(1)[0])
+            loss = train_local(module, X, y, msg.train, seed=seed, proximal_mu=msg.proximal_mu, proximal_center=center)
         delta = adapter.get_vector() - global_params
         rows = float(X.shape[0]) if msg.weighting == "examples" else 1.0
         weight = min(rows / msg.weight_scale, 1.0) if msg.secure_aggregation else rows

@@ -1,0 +1,104 @@
+"""DP-SGD inside a site (Abadi et al., CCS 2016), with per-example gradients from torch.func.
+
+Each step samples every training record independently with the declared
+probability (Poisson sampling: the sampling the accountant assumes), computes
+each sampled example's gradient with ``vmap(grad(...))``, clips it to L2 norm
+``clip``, sums, adds N(0, (noise_multiplier * clip)^2) noise and divides by
+the *expected* batch size q * n (a data-independent denominator, as the
+analysis requires). The sampling and the noise come from a generator seeded
+by the operating system's CSPRNG unless a test seed is given on purpose.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.nn import functional as F
+
+from consortium.errors import ConfigError
+from consortium.learning.training import TrainSettings, make_optimizer
+
+
+def secure_generator(test_seed: int | None = None) -> torch.Generator:
+    """A torch generator seeded from os.urandom, or from ``test_seed`` (test mode: not private)."""
+    seed = int.from_bytes(os.urandom(8), "little") if test_seed is None else test_seed
+    return torch.Generator().manual_seed(seed)
+
+
+def per_example_gradients(model: nn.Module) -> Callable[[dict, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
+    """A function (params, X, y) -> {name: [batch, *shape]} of per-example loss gradients."""
+
+    def loss_one(params: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, params, (x.unsqueeze(0),))
+        return F.cross_entropy(out, y.unsqueeze(0))
+
+    return vmap(grad(loss_one), in_dims=(None, 0, 0))
+
+
+def clip_and_sum(grads: dict[str, torch.Tensor], clip: float) -> dict[str, torch.Tensor]:
+    """Scale each example's gradient to L2 norm at most ``clip`` (over all parameters), then sum."""
+    batch = next(iter(grads.values())).shape[0]
+    sq = torch.zeros(batch)
+    for g in grads.values():
+        sq += g.reshape(batch, -1).pow(2).sum(dim=1)
+    factor = (clip / (sq.sqrt() + 1e-12)).clamp(max=1.0)
+    return {n: torch.einsum("b,b...->...", factor, g) for n, g in grads.items()}
+
+
+def train_dp_sgd(
+    model: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    settings: TrainSettings,
+    *,
+    sampling_rate: float,
+    noise_multiplier: float,
+    clip: float,
+    steps: int,
+    generator: torch.Generator,
+    proximal_mu: float = 0.0,
+    proximal_center: list[torch.Tensor] | None = None,
+) -> float:
+    """Run ``steps`` DP-SGD steps in place; returns the mean loss over the sampled examples."""
+    if not (0 < sampling_rate <= 1) or clip <= 0 or noise_multiplier < 0 or steps < 1:
+        raise ConfigError(
+            f"DP-SGD needs 0 < sampling_rate <= 1, clip > 0, noise_multiplier >= 0 and steps >= 1; found "
+            f"{sampling_rate}, {clip}, {noise_multiplier}, {steps}"
+        )
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            raise ConfigError(
+                "BatchNorm mixes examples within a batch, so per-example clipping cannot bound one record's "
+                "influence: use GroupNorm or LayerNorm instead"
+            )
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = make_optimizer(list(named.values()), settings)
+    per_example = per_example_gradients(model)
+    n = X.shape[0]
+    expected_batch = sampling_rate * n
+    model.train()
+    loss_total, seen = 0.0, 0
+    for _ in range(steps):
+        idx = (torch.rand(n, generator=generator) < sampling_rate).nonzero().squeeze(1)
+        params = {k: v.detach() for k, v in named.items()}
+        if len(idx):
+            grads = per_example(params, X[idx], y[idx])
+            summed = clip_and_sum(grads, clip)
+            with torch.no_grad():
+                loss_total += float(F.cross_entropy(functional_call(model, params, (X[idx],)), y[idx], reduction="sum"))
+            seen += len(idx)
+        else:
+            summed = {k: torch.zeros_like(v) for k, v in named.items()}
+        opt.zero_grad(set_to_none=True)
+        for (k, p), center in zip(named.items(), proximal_center or [None] * len(named)):
+            noise = torch.randn(p.shape, generator=generator) * (noise_multiplier * clip)
+            g = (summed[k] + noise) / expected_batch
+            if proximal_mu > 0 and center is not None:
+                g = g + proximal_mu * (p.detach() - center)  # data-independent: no privacy cost
+            p.grad = g
+        opt.step()
+    return loss_total / max(seen, 1)

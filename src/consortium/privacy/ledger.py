@@ -1,0 +1,185 @@
+"""A site's own privacy budget, kept where the data lives.
+
+Every round the site agrees to train is recorded here as its frozen
+``PrivacyEvent`` before training starts (so a lost reply still counts as
+spent), in one SQLite transaction: a crash leaves the ledger as it was before
+or after the append, never half-written. The ledger belongs to the site: the
+coordinator has no handle on it, and a restarted site reads it back and goes
+on refusing what would exceed its cap.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import Float, Integer, String, Text, create_engine, event, select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from consortium.errors import ConfigError, ConsortiumError
+from consortium.privacy.accountant import PLD_INTERVAL, Accountant, epsilon
+from consortium.privacy.events import PrivacyEvent
+
+
+class BudgetExceeded(ConsortiumError):
+    """A round would take a site past the epsilon cap its own policy sets."""
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class _Policy(_Base):
+    __tablename__ = "policy"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    site: Mapped[str] = mapped_column(String(128))
+    epsilon_cap: Mapped[float] = mapped_column(Float)
+    delta: Mapped[float] = mapped_column(Float)
+    accountant: Mapped[str] = mapped_column(String(8))
+    pld_interval: Mapped[float] = mapped_column(Float)  # the accountant's resolution: re-reads give the same epsilon
+
+
+class _Spent(_Base):
+    __tablename__ = "spent"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    round: Mapped[int] = mapped_column(Integer)
+    label: Mapped[str] = mapped_column(String(256))
+    event: Mapped[str] = mapped_column(Text)  # the PrivacyEvent as canonical JSON
+    epsilon_after: Mapped[float] = mapped_column(Float)
+
+
+@dataclass(frozen=True)
+class Decision:
+    accepted: bool
+    epsilon_before: float
+    epsilon_after: float
+    reason: str = ""
+
+
+class BudgetLedger:
+    """The events a site has paid for, and its cap. Opening an existing ledger keeps its history."""
+
+    def __init__(self, path: Path, *, site: str, epsilon_cap: float, delta: float, accountant: Accountant = "pld"):
+        if not (epsilon_cap > 0):
+            raise ConfigError(f"a site's epsilon cap must be positive, found {epsilon_cap}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._engine = create_engine(f"sqlite:///{path}")
+        event.listen(self._engine, "connect", _durable)
+        _Base.metadata.create_all(self._engine)
+        with Session(self._engine) as s, s.begin():
+            policy = s.get(_Policy, 1)
+            if policy is None:
+                s.add(
+                    _Policy(
+                        id=1, site=site, epsilon_cap=epsilon_cap, delta=delta, accountant=accountant, pld_interval=PLD_INTERVAL
+                    )
+                )
+            elif policy.site != site:
+                raise ConfigError(f"ledger {path} belongs to site '{policy.site}', not '{site}'")
+            else:
+                # A site may tighten its own cap, never loosen it silently through a restart.
+                policy.epsilon_cap = min(policy.epsilon_cap, epsilon_cap)
+        self.site = site
+
+    def _policy(self, s: Session) -> _Policy:
+        policy = s.get(_Policy, 1)
+        assert policy is not None
+        return policy
+
+    @property
+    def epsilon_cap(self) -> float:
+        with Session(self._engine) as s:
+            return self._policy(s).epsilon_cap
+
+    @property
+    def delta(self) -> float:
+        with Session(self._engine) as s:
+            return self._policy(s).delta
+
+    def events(self) -> list[PrivacyEvent]:
+        with Session(self._engine) as s:
+            rows = s.scalars(select(_Spent).order_by(_Spent.id)).all()
+            return [PrivacyEvent.model_validate_json(r.event) for r in rows]
+
+    def history(self) -> list[dict[str, object]]:
+        with Session(self._engine) as s:
+            rows = s.scalars(select(_Spent).order_by(_Spent.id)).all()
+            return [
+                {"round": r.round, "label": r.label, "epsilon_after": r.epsilon_after, "event": json.loads(r.event)}
+                for r in rows
+            ]
+
+    def spent(self) -> float:
+        with Session(self._engine) as s:
+            return _epsilon_under(self._policy(s), self.events())
+
+    def check(self, new: PrivacyEvent) -> Decision:
+        """Would ``new`` keep the site within its cap? A dry run: nothing is written."""
+        with Session(self._engine) as s:
+            p = self._policy(s)
+            so_far = self.events()
+            before = _epsilon_under(p, so_far)
+            after = _epsilon_under(p, [*so_far, new])
+        if after > p.epsilon_cap:
+            return Decision(
+                False,
+                before,
+                after,
+                f"privacy budget: this round would bring epsilon from {before:.3f} to {after:.3f}, "
+                f"above this site's cap of {p.epsilon_cap:g} (delta {p.delta:g})",
+            )
+        return Decision(True, before, after)
+
+    def spend(self, new: PrivacyEvent, *, rnd: int, label: str = "") -> Decision:
+        """Record ``new`` if it fits under the cap, in one transaction; raise BudgetExceeded otherwise."""
+        decision = self.check(new)
+        if not decision.accepted:
+            raise BudgetExceeded(decision.reason)
+        with Session(self._engine) as s, s.begin():
+            s.add(_Spent(round=rnd, label=label, event=new.model_dump_json(), epsilon_after=decision.epsilon_after))
+        return decision
+
+
+def _epsilon_under(policy: _Policy, events: list[PrivacyEvent]) -> float:
+    return epsilon(events, policy.delta, policy.accountant, pld_interval=policy.pld_interval)  # type: ignore[arg-type]
+
+
+def read_ledgers(run_dir: Path) -> dict[str, dict[str, object]]:
+    """Every site ledger under ``run_dir/sites/*/budget.sqlite``, read only."""
+    paths = sorted(Path(run_dir).glob("sites/*/budget.sqlite"))
+    if not Path(run_dir).is_dir():
+        raise ConfigError(f"run folder '{run_dir}' does not exist: pass the folder a run printed")
+    if not paths:
+        raise ConfigError(f"no site ledgers under '{run_dir}/sites/': the run had differential privacy off")
+    out: dict[str, dict[str, object]] = {}
+    for path in paths:
+        engine = create_engine(f"sqlite:///file:{path}?mode=ro&uri=true")
+        try:
+            with Session(engine) as s:
+                policy = s.get(_Policy, 1)
+                if policy is None:
+                    raise ConfigError(f"{path} holds no policy: it is not a site ledger")
+                rows = s.scalars(select(_Spent).order_by(_Spent.id)).all()
+                events = [PrivacyEvent.model_validate_json(r.event) for r in rows]
+                out[policy.site] = {
+                    "epsilon_spent": _epsilon_under(policy, events),
+                    "epsilon_cap": policy.epsilon_cap,
+                    "delta": policy.delta,
+                    "accountant": policy.accountant,
+                    "rounds_paid": [r.round for r in rows],
+                }
+        except SQLAlchemyError as exc:
+            raise ConfigError(f"cannot read ledger {path} ({type(exc).__name__}): is it a Consortium ledger?") from None
+        finally:
+            engine.dispose()
+    return out
+
+
+def _durable(dbapi_connection, _record) -> None:
+    cur = dbapi_connection.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")  # a committed spend survives a power cut
+    cur.close()

@@ -1,0 +1,184 @@
+"""Differential privacy: accounting against dp-accounting, DP-SGD by reduction and statistics, site budgets."""
+
+import dp_accounting
+import numpy as np
+import pytest
+import torch
+from dp_accounting import pld, rdp
+
+from consortium.config import SimulationConfig
+from consortium.errors import ConfigError
+from consortium.learning.training import TrainSettings, train_local
+from consortium.privacy.accountant import calibrate_noise, dp_sgd_epsilon, epsilon
+from consortium.privacy.dpsgd import clip_and_sum, per_example_gradients, secure_generator, train_dp_sgd
+from consortium.privacy.events import PrivacyEvent
+from consortium.privacy.ledger import BudgetExceeded, BudgetLedger
+from consortium.simulation import run_simulation
+
+# -- accounting -------------------------------------------------------------------
+
+
+def test_known_answers_from_dp_accounting():
+    # The issue's reference figures, and dp-accounting called directly.
+    ev = dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(0.01, dp_accounting.GaussianDpEvent(1.1)), 10000)
+    direct_pld = pld.PLDAccountant().compose(ev).get_epsilon(1e-5)
+    direct_rdp = rdp.RdpAccountant().compose(ev).get_epsilon(1e-5)
+    ours_pld = dp_sgd_epsilon(noise_multiplier=1.1, sampling_rate=0.01, steps=10000, delta=1e-5, pld_interval=1e-4)
+    ours_rdp = dp_sgd_epsilon(noise_multiplier=1.1, sampling_rate=0.01, steps=10000, delta=1e-5, accountant="rdp")
+    assert ours_pld == pytest.approx(direct_pld, rel=1e-12) and ours_pld == pytest.approx(5.19, abs=0.01)
+    assert ours_rdp == pytest.approx(direct_rdp, rel=1e-12) and ours_rdp == pytest.approx(5.63, abs=0.01)
+    # The project's coarser PLD grid is pessimistic: never below the fine one, and close to it.
+    coarse = dp_sgd_epsilon(noise_multiplier=1.1, sampling_rate=0.01, steps=10000, delta=1e-5)
+    assert direct_pld <= coarse <= direct_pld + 0.01
+
+
+def test_rounds_of_one_mechanism_compose_like_one_long_run():
+    ev = PrivacyEvent(noise_multiplier=1.2, clip=1.0, sampling_rate=0.05, steps=20)
+    assert epsilon([ev] * 5, 1e-5) == pytest.approx(epsilon([ev.model_copy(update={"steps": 100})], 1e-5), rel=1e-12)
+    other = PrivacyEvent(noise_multiplier=2.0, clip=1.0, sampling_rate=0.05, steps=20)
+    direct = pld.PLDAccountant(value_discretization_interval=1e-3)
+    direct.compose(dp_accounting.ComposedDpEvent([ev.to_dp_event(), other.to_dp_event(), ev.to_dp_event()]))
+    assert epsilon([ev, other, ev], 1e-5) == pytest.approx(direct.get_epsilon(1e-5), rel=1e-9)
+    assert epsilon([], 1e-5) == 0.0
+
+
+@pytest.mark.parametrize("target,q,steps", [(1.0, 0.01, 1000), (3.0, 0.1, 200), (8.0, 0.05, 400), (0.5, 1.0, 5)])
+def test_calibrated_noise_never_overshoots_and_is_tight(target, q, steps):
+    sigma = calibrate_noise(target_epsilon=target, delta=1e-5, sampling_rate=q, steps=steps)
+    assert dp_sgd_epsilon(noise_multiplier=sigma, sampling_rate=q, steps=steps, delta=1e-5) <= target
+    assert dp_sgd_epsilon(noise_multiplier=sigma * 0.98, sampling_rate=q, steps=steps, delta=1e-5) > target
+
+
+def test_bad_accounting_inputs_are_refused():
+    with pytest.raises(ConfigError, match="delta"):
+        dp_sgd_epsilon(noise_multiplier=1.0, sampling_rate=0.1, steps=10, delta=0.0)
+    with pytest.raises(ConfigError, match="target epsilon"):
+        calibrate_noise(target_epsilon=-1, delta=1e-5, sampling_rate=0.1, steps=10)
+
+
+# -- DP-SGD -----------------------------------------------------------------------
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+
+
+def test_per_example_gradients_match_a_microbatch_oracle():
+    m = _mlp()
+    X, y = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    grads = per_example_gradients(m)({k: v.detach() for k, v in m.named_parameters()}, X, y)
+    for i in range(7):
+        m.zero_grad()
+        torch.nn.functional.cross_entropy(m(X[i : i + 1]), y[i : i + 1]).backward()
+        for k, p in m.named_parameters():
+            torch.testing.assert_close(grads[k][i], p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_clipping_bounds_every_example_and_spares_small_ones():
+    g = {"a": torch.tensor([[3.0, 4.0], [0.3, 0.4]]), "b": torch.zeros(2, 1)}
+    s = clip_and_sum(g, 1.0)
+    torch.testing.assert_close(s["a"], torch.tensor([0.6 + 0.3, 0.8 + 0.4]))
+
+
+def test_zero_noise_and_no_clipping_reproduce_plain_training():
+    X, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    settings = TrainSettings(epochs=5, batch_size=40, lr=0.1, momentum=0.9)
+    plain, private = _mlp(), _mlp()
+    train_local(plain, X, y, settings, seed=0)  # full batch: shuffling does not matter
+    train_dp_sgd(private, X, y, settings, sampling_rate=1.0, noise_multiplier=0.0, clip=1e9, steps=5, generator=secure_generator(0))
+    for a, b in zip(plain.parameters(), private.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_measured_noise_is_within_15_percent_of_theory():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(200, 50)
+    X, y = torch.randn(30, 200), torch.randint(0, 50, (30,))
+    settings = TrainSettings(epochs=1, lr=1.0, momentum=0.0)
+    sigma, clip, q = 1.3, 0.5, 0.2
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def one_step(noise):
+        model.load_state_dict(start)
+        train_dp_sgd(model, X, y, settings, sampling_rate=q, noise_multiplier=noise, clip=clip, steps=1, generator=secure_generator(7))
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    # Same sampling draws (same seed), with and without noise: the difference is the noise term alone.
+    diff = one_step(sigma) - one_step(0.0)
+    expected = settings.lr * sigma * clip / (q * X.shape[0])
+    assert abs(float(diff.std()) / expected - 1) < 0.15
+    assert abs(float(diff.mean())) < 0.1 * expected
+
+
+def test_batchnorm_is_refused_under_dp_sgd():
+    m = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    with pytest.raises(ConfigError, match="BatchNorm"):
+        train_dp_sgd(m, torch.randn(8, 6), torch.zeros(8, dtype=torch.long), TrainSettings(),
+                     sampling_rate=0.5, noise_multiplier=1.0, clip=1.0, steps=1, generator=secure_generator(0))
+
+
+def test_noise_comes_from_the_os_unless_a_test_seed_is_given():
+    a, b = secure_generator(), secure_generator()
+    assert not torch.equal(torch.randn(8, generator=a), torch.randn(8, generator=b))
+    c, d = secure_generator(5), secure_generator(5)
+    assert torch.equal(torch.randn(8, generator=c), torch.randn(8, generator=d))
+
+
+# -- the site's ledger ------------------------------------------------------------
+
+
+def test_a_site_with_cap_one_takes_two_rounds_refuses_the_third_and_remembers(tmp_path):
+    # One round = a Gaussian step (q = 1) whose three-fold composition just exceeds 1.0.
+    sigma = calibrate_noise(target_epsilon=1.05, delta=1e-5, sampling_rate=1.0, steps=3)
+    ev = PrivacyEvent(noise_multiplier=sigma, clip=1.0, sampling_rate=1.0, steps=1)
+    path = tmp_path / "site" / "budget.sqlite"
+    ledger = BudgetLedger(path, site="hospital-a", epsilon_cap=1.0, delta=1e-5)
+    first = ledger.spend(ev, rnd=1)
+    second = ledger.spend(ev, rnd=2)
+    assert 0.3 < first.epsilon_after - first.epsilon_before < 0.7
+    assert second.epsilon_after <= 1.0
+    with pytest.raises(BudgetExceeded, match="above this site's cap of 1"):
+        ledger.spend(ev, rnd=3)
+    assert ledger.spent() <= 1.0 and len(ledger.events()) == 2
+    # A restart (and a coordinator asking for a looser cap) changes nothing.
+    again = BudgetLedger(path, site="hospital-a", epsilon_cap=5.0, delta=1e-5)
+    assert again.epsilon_cap == 1.0 and len(again.events()) == 2
+    with pytest.raises(BudgetExceeded):
+        again.spend(ev, rnd=3)
+    assert again.spent() == pytest.approx(second.epsilon_after)
+
+
+def test_a_ledger_is_bound_to_its_site(tmp_path):
+    BudgetLedger(tmp_path / "b.sqlite", site="a", epsilon_cap=1.0, delta=1e-5)
+    with pytest.raises(ConfigError, match="belongs to site 'a'"):
+        BudgetLedger(tmp_path / "b.sqlite", site="b", epsilon_cap=1.0, delta=1e-5)
+
+
+def test_sites_refuse_rounds_beyond_their_own_caps_in_a_run(tmp_path):
+    cfg = SimulationConfig.model_validate({
+        "rounds": 6,
+        "data": {"dataset": "breast-cancer", "sites": 3},
+        "privacy": {"epsilon": 4.0, "site_epsilon_caps": {"site-2": 2.0}, "test_seed": 11},
+        "baselines": {"local_only": False, "pooled": False},
+    })
+    s = run_simulation(cfg, out=tmp_path / "run").summary
+    pv = s["privacy"]
+    assert pv["test_mode"] and any("TEST MODE" in w for w in s["warnings"])
+    assert pv["epsilon_per_site"]["site-2"] <= 2.0
+    assert pv["refusals"].get("site-2") and "site-1" not in pv["refusals"]
+    refused = pv["refusals"]["site-2"]
+    assert refused == list(range(refused[0], 7))  # once out of budget, out for good
+    assert all(e <= 4.0 for e in pv["epsilon_per_site"].values())
+    assert s["federated"]["rounds_completed"] == 6  # the others carry on
+
+
+def test_test_seed_makes_a_private_run_reproducible(tmp_path):
+    def run(name):
+        cfg = SimulationConfig.model_validate({
+            "rounds": 2, "data": {"dataset": "breast-cancer", "sites": 3},
+            "privacy": {"test_seed": 3}, "baselines": {"local_only": False, "pooled": False},
+        })
+        return run_simulation(cfg, out=tmp_path / name)
+
+    assert np.array_equal(run("a").params, run("b").params)
