@@ -182,3 +182,32 @@ def test_test_seed_makes_a_private_run_reproducible(tmp_path):
         return run_simulation(cfg, out=tmp_path / name)
 
     assert np.array_equal(run("a").params, run("b").params)
+
+
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (lambda: torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4, bias=False)), (10,)),
+        (
+            lambda: torch.nn.Sequential(
+                torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(3, 4, 2, stride=2, bias=False),
+                torch.nn.Flatten(), torch.nn.Linear(4 * 3 * 3, 4),
+            ),
+            (2, 6, 6),
+        ),
+    ],
+)
+def test_the_fast_path_equals_per_example_gradients(make, shape):
+    from consortium.privacy.dpsgd import clipped_sum_fast, fast_path_supported
+
+    torch.manual_seed(1)
+    m = make()
+    X, y = torch.randn(12, *shape) * 3, torch.randint(0, 4, (12,))
+    assert fast_path_supported(m)
+    ref = clip_and_sum(per_example_gradients(m)({k: v.detach() for k, v in m.named_parameters()}, X, y), 0.5)
+    fast, _ = clipped_sum_fast(m, X, y, 0.5)
+    assert set(fast) == set(ref)
+    for k in ref:
+        torch.testing.assert_close(fast[k], ref[k], rtol=1e-4, atol=1e-5)
+    grouped = torch.nn.Sequential(torch.nn.Conv2d(2, 2, 3, groups=2), torch.nn.Flatten(), torch.nn.Linear(32, 2))
+    assert not fast_path_supported(grouped)  # falls back to vmap per-example gradients

@@ -1,0 +1,52 @@
+"""Federated accuracy at several privacy budgets: the table in the README.
+
+Run: .venv/bin/python examples/privacy_accuracy.py [--repeats 3]
+
+Each cell is the mean (and range) of federated accuracy over independent runs
+of the demo configuration (Dirichlet alpha 0.5, secure aggregation on), with
+record-level DP-SGD at the given epsilon per site (delta 1e-5) or without DP.
+Noise is drawn from the OS CSPRNG, so runs differ: that spread is part of the
+result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from consortium.config import DataConfig, PrivacyConfig, SimulationConfig
+from consortium.simulation import run_simulation
+
+SETTINGS = [("epsilon 1", 1.0), ("epsilon 3", 3.0), ("epsilon 8", 8.0), ("no DP", None)]
+DATASETS = [("breast-cancer", 3), ("digits", 5)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for dataset, sites in DATASETS:
+            cells, local = [], None
+            for label, eps in SETTINGS:
+                accs = []
+                for r in range(args.repeats):
+                    cfg = SimulationConfig(
+                        data=DataConfig(dataset=dataset, sites=sites),
+                        privacy=PrivacyConfig(enabled=eps is not None, epsilon=eps or 8.0),
+                    )
+                    s = run_simulation(cfg, out=Path(tmp) / f"{dataset}-{label}-{r}").summary
+                    accs.append(s["federated"]["accuracy"])
+                    local = s["local_only"]["accuracy_mean"]
+                cells.append(f"{sum(accs) / len(accs):.3f} ({min(accs):.3f}-{max(accs):.3f})")
+            rows.append((f"{dataset}, {sites} sites", cells, local))
+    print("| dataset | " + " | ".join(label for label, _ in SETTINGS) + " | local-only mean (not private) |")
+    print("|---" * (len(SETTINGS) + 2) + "|")
+    for name, cells, local in rows:
+        print(f"| {name} | " + " | ".join(cells) + f" | {local:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
