@@ -11,8 +11,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consortium.crypto import aead, keys, prg, shamir
-from consortium.crypto import CryptoError, DecryptionError, InvalidSignatureError, ShamirError
+from consortium.crypto import CryptoError, DecryptionError, InvalidSignatureError, ShamirError, aead, keys, prg, shamir
 from consortium.errors import ConsortiumError, ProtocolError
 
 H = bytes.fromhex

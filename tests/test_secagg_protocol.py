@@ -236,8 +236,8 @@ def test_too_few_survivors_abort_without_revealing():
 
 
 def test_messages_survive_the_wire():
-    from consortium.wire import decode_frame, encode_frame
     from consortium.secagg.messages import MaskedInput
+    from consortium.wire import decode_frame, encode_frame
 
     s = Session()
     s.to_masked()

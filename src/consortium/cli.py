@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
-from typer.exceptions import Abort, Exit, TyperException
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table as RichTable
+from typer.exceptions import Abort, Exit, TyperException
 
 from consortium.config import DataConfig, PrivacyConfig, SecureAggregationConfig, SimulationConfig, load_config
 from consortium.data import BUILTIN_DATASETS
@@ -32,7 +32,7 @@ out_console = Console()
 err_console = Console(stderr=True)
 
 
-def _run(config: SimulationConfig, out: Optional[Path], as_json: bool) -> None:
+def _run(config: SimulationConfig, out: Path | None, as_json: bool) -> None:
     from consortium.simulation import Simulation  # heavy imports only once arguments are valid
 
     simulation = Simulation(config, out=out)  # every input check happens here, before any output
@@ -118,7 +118,7 @@ def demo(
     sites: Annotated[int, typer.Option(min=1, max=10_000, help="number of simulated sites")] = 3,
     rounds: Annotated[int, typer.Option(min=1, max=100_000, help="federated rounds")] = 20,
     seed: Annotated[int, typer.Option(min=0, help="seed for data split, initial model and training")] = 0,
-    out: Annotated[Optional[Path], typer.Option(help="run folder (default: runs/<time>-<dataset>)")] = None,
+    out: Annotated[Path | None, typer.Option(help="run folder (default: runs/<time>-<dataset>)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON summary on stdout, nothing else")] = False,
     secure_aggregation: Annotated[
         bool,
@@ -154,7 +154,7 @@ def demo(
 @app.command()
 def simulate(
     config_file: Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="simulation config (see examples/)")],
-    out: Annotated[Optional[Path], typer.Option(help="run folder (default: runs/<time>-<dataset>)")] = None,
+    out: Annotated[Path | None, typer.Option(help="run folder (default: runs/<time>-<dataset>)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON summary on stdout, nothing else")] = False,
 ) -> None:
     """Run the simulation a config file describes."""

@@ -72,7 +72,7 @@ class DataConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _check(self) -> "DataConfig":
+    def _check(self) -> DataConfig:
         if self.dataset == "csv":
             if not self.csv_sites:
                 raise ValueError("dataset 'csv' needs csv_sites: a list of {name, csv, schema} per site")
@@ -131,7 +131,7 @@ class PrivacyConfig(_Strict):
     test_seed: int | None = Field(None, ge=0)  # TEST MODE: reproducible noise, labelled as not private
 
     @model_validator(mode="after")
-    def _caps(self) -> "PrivacyConfig":
+    def _caps(self) -> PrivacyConfig:
         bad = {k: v for k, v in self.site_epsilon_caps.items() if not v > 0}
         if bad:
             raise ValueError(f"site epsilon caps must be positive, found {bad}")
@@ -155,7 +155,7 @@ class SimulationConfig(_Strict):
     privacy: PrivacyConfig = PrivacyConfig()
     baselines: BaselineConfig = BaselineConfig()
 
-    def resolved(self) -> "SimulationConfig":
+    def resolved(self) -> SimulationConfig:
         """The same config with the dataset's defaults filled in: what a run records."""
         model, training = DATASET_DEFAULTS.get(self.data.dataset, DATASET_DEFAULTS["breast-cancer"])
         return self.model_copy(

@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from consortium.config import SimulationConfig
+from consortium.crypto import keys
 from consortium.data import (
     Splits,
     SyntheticHospitals,
@@ -40,7 +41,6 @@ from consortium.learning.adapter import ModelAdapter
 from consortium.learning.models import build_model
 from consortium.learning.strategies import STRATEGIES, FedAvg
 from consortium.learning.training import EvalStats, TrainSettings, evaluate, train_local
-from consortium.crypto import keys
 from consortium.privacy.accountant import calibrate_noise
 from consortium.privacy.events import PrivacyEvent
 from consortium.privacy.ledger import BudgetLedger

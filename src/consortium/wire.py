@@ -23,9 +23,9 @@ import numpy as np
 from pydantic import (
     BaseModel,
     BeforeValidator,
-    PlainSerializer,
     ConfigDict,
     Field,
+    PlainSerializer,
     SerializationInfo,
     ValidationError,
     ValidationInfo,
@@ -120,7 +120,7 @@ class Tensor(Frozen):
         return {**rest, "raw": blobs.read(offset, nbytes)}
 
     @model_validator(mode="after")
-    def _check_bytes(self) -> "Tensor":
+    def _check_bytes(self) -> Tensor:
         expected = int(np.prod(self.shape, dtype=np.int64)) * _DTYPES[self.dtype].itemsize
         if len(self.raw) != expected:
             raise ValueError(f"tensor of shape {list(self.shape)} and dtype {self.dtype} needs {expected} bytes, got {len(self.raw)}")
@@ -137,7 +137,7 @@ class Tensor(Frozen):
         return {"dtype": self.dtype, "shape": list(self.shape), "sha256": self.sha256, "offset": offset, "nbytes": len(self.raw)}
 
     @classmethod
-    def from_numpy(cls, array: np.ndarray) -> "Tensor":
+    def from_numpy(cls, array: np.ndarray) -> Tensor:
         dtype = str(array.dtype)
         if dtype not in _DTYPES:
             raise ValueError(f"tensors of dtype {dtype} cannot be sent: use float32, float64, int64, uint32 or uint64")

@@ -93,7 +93,7 @@ class EvalStats:
     #: bin of the predicted positive-class probability. None otherwise.
     score_hist: np.ndarray | None
 
-    def __add__(self, other: "EvalStats") -> "EvalStats":
+    def __add__(self, other: EvalStats) -> EvalStats:
         if (self.score_hist is None) != (other.score_hist is None):
             raise ValueError("cannot add binary and multi-class evaluation statistics")
         hist = None if self.score_hist is None else self.score_hist + other.score_hist

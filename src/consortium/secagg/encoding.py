@@ -17,8 +17,8 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from consortium.errors import ProtocolError
 from consortium.crypto.prg import ring_dtype
+from consortium.errors import ProtocolError
 from consortium.secagg.quantize import QuantConfig, dequantize_sum, quantize
 from consortium.wire import Frozen
 
@@ -31,7 +31,7 @@ class RingEncoding(Frozen):
     frac_bits: int | None = Field(None, ge=0, le=40)
 
     @model_validator(mode="after")
-    def _complete(self) -> "RingEncoding":
+    def _complete(self) -> RingEncoding:
         if self.kind == "quantized":
             if self.clip is None or self.levels is None or self.frac_bits is not None:
                 raise ValueError("a quantized encoding has clip and levels, no frac_bits")
@@ -41,11 +41,11 @@ class RingEncoding(Frozen):
         return self
 
     @classmethod
-    def quantized(cls, q: QuantConfig) -> "RingEncoding":
+    def quantized(cls, q: QuantConfig) -> RingEncoding:
         return cls(kind="quantized", bits=q.bits, clip=q.clip, levels=q.levels)
 
     @classmethod
-    def fixed(cls, frac_bits: int) -> "RingEncoding":
+    def fixed(cls, frac_bits: int) -> RingEncoding:
         return cls(kind="fixed", bits=64, frac_bits=frac_bits)
 
     def _quant(self) -> QuantConfig:
