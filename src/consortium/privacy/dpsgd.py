@@ -50,13 +50,32 @@ def clip_and_sum(grads: dict[str, torch.Tensor], clip: float) -> dict[str, torch
 
 
 def _fast_layer(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros")
+    return isinstance(m, nn.Linear) or (
+        isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+    )
 
 
 def fast_path_supported(model: nn.Module) -> bool:
     """True when every trainable parameter belongs to a Linear or (ungrouped) Conv2d layer."""
     owned = {id(p) for m in model.modules() if _fast_layer(m) for p in m.parameters()}
     return all(id(p) in owned for p in model.parameters() if p.requires_grad)
+
+
+def _per_example_conv_weight_grads(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Each example's Conv2d weight gradient, as one grouped convolution over the whole batch.
+
+    The weight gradient of a convolution is the correlation of its (padded)
+    input with its output gradient (dilated by the stride); putting the batch
+    in the group dimension computes every example's at once.
+    """
+    batch, c_in = a.shape[:2]
+    out = g.shape[1]
+    kh, kw = m.kernel_size
+    ph, pw = m.padding  # a tuple: string paddings take the vmap path
+    padded = F.pad(a, (pw, pw, ph, ph)).transpose(0, 1)  # [in, batch, H, W]
+    kernels = g.reshape(batch * out, 1, *g.shape[2:])
+    corr = F.conv2d(padded, kernels, groups=batch, stride=m.dilation, dilation=m.stride)[:, :, :kh, :kw]
+    return corr.reshape(c_in, batch, out, kh * kw).permute(1, 2, 0, 3).reshape(batch, out, c_in * kh * kw)
 
 
 def clipped_sum_fast(model: nn.Module, X: torch.Tensor, y: torch.Tensor, clip: float) -> tuple[dict[str, torch.Tensor], float]:
@@ -96,8 +115,7 @@ def clipped_sum_fast(model: nn.Module, X: torch.Tensor, y: torch.Tensor, clip: f
             gn = g.pow(2).sum(dim=1)
             sq += gn * inputs[name].pow(2).sum(dim=1)
         else:
-            cols = F.unfold(inputs[name], m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
-            per = torch.einsum("bol,bkl->bok", g.flatten(2), cols)  # [batch, out, in * kh * kw]
+            per = _per_example_conv_weight_grads(m, inputs[name], g)  # [batch, out, in * kh * kw]
             conv_grads[name] = per
             sq += per.flatten(1).pow(2).sum(dim=1)
             gn = g.sum(dim=(2, 3)).pow(2).sum(dim=1)
