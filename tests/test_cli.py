@@ -178,6 +178,20 @@ def test_bad_config(tmp_path, text, needles):
     _one_line_error(run_cli("simulate", str(cfg)), str(cfg), *needles)
 
 
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["privacy", "epsilon", "--noise-multiplier", "1", "--sampling-rate", "0", "--steps", "5", "--delta", "1e-5"], "sampling rate"),
+        (["privacy", "epsilon", "--noise-multiplier", "1", "--sampling-rate", "0.1", "--steps", "5", "--delta", "0"], "delta"),
+        (["privacy", "epsilon", "--noise-multiplier", "1", "--sampling-rate", "0.1", "--steps", "5", "--delta", "1e-5", "--accountant", "moments"], "--accountant"),
+        (["privacy", "calibrate", "--epsilon", "0", "--delta", "1e-5", "--steps", "5", "--sampling-rate", "0.1"], "epsilon"),
+        (["budget", "/nonexistent/run"], "does not exist"),
+    ],
+)
+def test_bad_privacy_inputs(args, needle):
+    _one_line_error(run_cli(*args), needle)
+
+
 def test_missing_config_file(tmp_path):
     _one_line_error(run_cli("simulate", str(tmp_path / "nope.yaml")), "does not exist")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,7 +21,7 @@ from typer.exceptions import Abort, Exit, TyperException
 
 from consortium.config import DataConfig, PrivacyConfig, SecureAggregationConfig, SimulationConfig, load_config
 from consortium.data import BUILTIN_DATASETS
-from consortium.errors import ConfigError, ConsortiumError, UnknownDatasetError
+from consortium.errors import ConsortiumError, UnknownDatasetError
 
 app = typer.Typer(
     add_completion=False,
@@ -164,71 +165,74 @@ def simulate(
 privacy_app = typer.Typer(help="Differential-privacy accounting (dp-accounting): epsilon from noise, noise from epsilon.")
 app.add_typer(privacy_app, name="privacy")
 
-AccountantOpt = Annotated[str, typer.Option("--accountant", help="pld (reported figures) or rdp")]
+class AccountantChoice(str, Enum):
+    pld = "pld"
+    rdp = "rdp"
 
 
-def _accountant_name(name: str) -> str:
-    if name not in ("pld", "rdp"):
-        raise ConfigError(f"unknown accountant '{name}': choose pld or rdp")
-    return name
+AccountantOpt = Annotated[AccountantChoice, typer.Option("--accountant", help="pld (reported figures) or rdp")]
+SamplingOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="Poisson sampling probability per record and step")]
+StepsOpt = Annotated[int, typer.Option(min=1, help="number of DP-SGD steps")]
+DeltaOpt = Annotated[float, typer.Option(min=0.0, max=1.0, help="target delta")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object")]
+
+
+def _report(inputs: dict[str, Any], key: str, value: float, as_json: bool, text: str) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps({**inputs, key: value}) + "\n")
+    else:
+        out_console.print(text)
+
+
+# Both commands use dp-accounting's own PLD resolution (1e-4), so a figure matches calling it directly.
 
 
 @privacy_app.command("epsilon")
 def privacy_epsilon(
     noise_multiplier: Annotated[float, typer.Option(min=0.0, help="Gaussian noise std / clip")],
-    sampling_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Poisson sampling probability per step")],
-    steps: Annotated[int, typer.Option(min=1, help="number of DP-SGD steps")],
-    delta: Annotated[float, typer.Option(min=0.0, max=1.0, help="target delta")],
-    accountant: AccountantOpt = "pld",
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    sampling_rate: SamplingOpt,
+    steps: StepsOpt,
+    delta: DeltaOpt,
+    accountant: AccountantOpt = AccountantChoice.pld,
+    as_json: JsonOpt = False,
 ) -> None:
     """Epsilon of DP-SGD (Poisson-subsampled Gaussian) after STEPS steps."""
     from consortium.privacy.accountant import dp_sgd_epsilon
 
-    acc = _accountant_name(accountant)
-    if not 0 < sampling_rate <= 1:
-        raise ConfigError(f"sampling rate must be in (0, 1], found {sampling_rate}")
-    # dp-accounting's own default resolution, so the figure matches calling it directly.
+    acc = accountant.value
     eps = dp_sgd_epsilon(
         noise_multiplier=noise_multiplier, sampling_rate=sampling_rate, steps=steps, delta=delta,
         accountant=acc, pld_interval=1e-4,  # type: ignore[arg-type]
     )
     inputs = {"noise_multiplier": noise_multiplier, "sampling_rate": sampling_rate, "steps": steps, "delta": delta, "accountant": acc}
-    if as_json:
-        sys.stdout.write(json.dumps({**inputs, "epsilon": eps}) + "\n")
-    else:
-        out_console.print(f"epsilon = {eps:.4f} at delta = {delta:g} ({acc})")
+    _report(inputs, "epsilon", eps, as_json, f"epsilon = {eps:.4f} at delta = {delta:g} ({acc})")
 
 
 @privacy_app.command("calibrate")
 def privacy_calibrate(
     epsilon: Annotated[float, typer.Option(min=0.0, help="target epsilon")],
-    delta: Annotated[float, typer.Option(min=0.0, max=1.0, help="target delta")],
-    steps: Annotated[int, typer.Option(min=1, help="number of DP-SGD steps")],
-    sampling_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help="Poisson sampling probability per step")],
-    accountant: AccountantOpt = "pld",
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    delta: DeltaOpt,
+    steps: StepsOpt,
+    sampling_rate: SamplingOpt,
+    accountant: AccountantOpt = AccountantChoice.pld,
+    as_json: JsonOpt = False,
 ) -> None:
     """The smallest noise multiplier that keeps DP-SGD within EPSILON."""
     from consortium.privacy.accountant import calibrate_noise
 
-    acc = _accountant_name(accountant)
-    if not 0 < sampling_rate <= 1:
-        raise ConfigError(f"sampling rate must be in (0, 1], found {sampling_rate}")
+    acc = accountant.value
     sigma = calibrate_noise(
-        target_epsilon=epsilon, delta=delta, sampling_rate=sampling_rate, steps=steps, accountant=acc, pld_interval=1e-4  # type: ignore[arg-type]
+        target_epsilon=epsilon, delta=delta, sampling_rate=sampling_rate, steps=steps,
+        accountant=acc, pld_interval=1e-4,  # type: ignore[arg-type]
     )
     inputs = {"epsilon": epsilon, "delta": delta, "steps": steps, "sampling_rate": sampling_rate, "accountant": acc}
-    if as_json:
-        sys.stdout.write(json.dumps({**inputs, "noise_multiplier": sigma}) + "\n")
-    else:
-        out_console.print(f"noise multiplier = {sigma:.4f}")
+    _report(inputs, "noise_multiplier", sigma, as_json, f"noise multiplier = {sigma:.4f}")
 
 
 @app.command()
 def budget(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="a run folder")],
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Epsilon spent by each site against its own cap, read from the sites' ledgers."""
     from consortium.privacy.ledger import read_ledgers
@@ -258,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         if not exc.format_message():
             sys.exit(2)  # no arguments at all: the help was shown
         ctx = getattr(exc, "ctx", None)
-        command = f"consortium {ctx.info_name} --help" if ctx is not None and ctx.parent is not None else "consortium --help"
+        command = f"{ctx.command_path} --help" if ctx is not None else "consortium --help"
         err_console.print(f"[bold red]error[/]: {exc.format_message()} (see: {command})", highlight=False, soft_wrap=True)
         sys.exit(2)
     except (Abort, KeyboardInterrupt):

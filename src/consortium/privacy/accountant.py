@@ -78,6 +78,14 @@ def _epsilon_of(grouped: tuple[PrivacyEvent, ...], delta: float, accountant: Acc
     return float(acc.get_epsilon(delta))
 
 
+def _check_run(sampling_rate: float, steps: int) -> None:
+    if not (0 < sampling_rate <= 1) or steps < 1:
+        raise ConfigError(
+            f"need a sampling rate in (0, 1] and at least 1 step, found {sampling_rate} and {steps}: "
+            "the sampling rate is the declared Poisson probability per record and step"
+        )
+
+
 def dp_sgd_epsilon(
     *,
     noise_multiplier: float,
@@ -87,6 +95,9 @@ def dp_sgd_epsilon(
     accountant: Accountant = "pld",
     pld_interval: float = PLD_INTERVAL,
 ) -> float:
+    _check_run(sampling_rate, steps)
+    if not (math.isfinite(noise_multiplier) and noise_multiplier >= 0):
+        raise ConfigError(f"the noise multiplier must be a non-negative number, found {noise_multiplier}")
     event = PrivacyEvent(noise_multiplier=noise_multiplier, clip=1.0, sampling_rate=sampling_rate, steps=steps)
     return epsilon([event], delta, accountant, pld_interval=pld_interval)
 
@@ -108,8 +119,7 @@ def calibrate_noise(
     if not (math.isfinite(target_epsilon) and target_epsilon > 0):
         raise ConfigError(f"target epsilon must be a positive number, found {target_epsilon}")
     _check_delta(delta)
-    if not (0 < sampling_rate <= 1) or steps < 1:
-        raise ConfigError(f"need 0 < sampling_rate <= 1 and steps >= 1, found {sampling_rate} and {steps}")
+    _check_run(sampling_rate, steps)
 
     def make_event(sigma: float) -> dp_accounting.DpEvent:
         return PrivacyEvent(noise_multiplier=sigma, clip=1.0, sampling_rate=sampling_rate, steps=steps).to_dp_event()
