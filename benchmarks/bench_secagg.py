@@ -12,6 +12,7 @@ else) and the plain round (summing the float vectors with numpy).
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -22,15 +23,26 @@ from consortium.secagg.quantize import plan_quantization, quantize
 
 
 class Clock:
+    """Adds up the time of each call, by side (client or server) and by step (the function's name)."""
+
     def __init__(self) -> None:
         self.client = 0.0
         self.server = 0.0
+        self.steps: dict[str, float] = defaultdict(float)
 
     def run(self, side: str, fn, *args):
         t0 = time.perf_counter()
         out = fn(*args)
-        setattr(self, side, getattr(self, side) + time.perf_counter() - t0)
+        dt = time.perf_counter() - t0
+        setattr(self, side, getattr(self, side) + dt)
+        self.steps[f"{side}: {fn.__name__}"] += dt
         return out
+
+
+# The steps reported one by one, in round order; the server's other calls (constructor, the close_*
+# stage ends, add_unmask) are reported together.
+CLIENT_STEPS = ("quantize", "SecAggClient", "advertise_keys", "share_keys", "collect_masked", "consistency_check", "unmask")
+SERVER_STEPS = ("add_advert", "add_shares", "add_masked", "add_ack", "finish")
 
 
 def one_round(n: int, length: int, seed: int = 0) -> dict[str, float]:
@@ -52,7 +64,12 @@ def one_round(n: int, length: int, seed: int = 0) -> dict[str, float]:
     q = plan_quantization(clip=1.0, n_sites=n, bits=32)
     params = make_session(names, length, bits=q.bits)
     ring = prg.ring_dtype(q.bits)
-    inputs = {u: clock.run("client", lambda x: quantize(x, q, rng, dtype=ring), x) for u, x in zip(names, updates)}
+
+    def quantize_update(x: np.ndarray) -> np.ndarray:
+        return quantize(x, q, rng, dtype=ring)
+
+    quantize_update.__name__ = "quantize"
+    inputs = {u: clock.run("client", quantize_update, x) for u, x in zip(names, updates)}
     clients = {u: clock.run("client", SecAggClient, u, ids[u], params, directory, server_pub) for u in names}
     server = clock.run("server", SecAggServer, params, server_key, directory)
     for u, c in clients.items():
@@ -88,7 +105,11 @@ def one_round(n: int, length: int, seed: int = 0) -> dict[str, float]:
             enc.update_into(zeros[: min(len(zeros), nbytes - off)], buf)
     floor = time.perf_counter() - t0
     whole = clock.client + clock.server
+    steps = {f"client: {k}": clock.steps[f"client: {k}"] for k in CLIENT_STEPS}
+    steps |= {f"server: {k}": clock.steps[f"server: {k}"] for k in SERVER_STEPS}
+    steps["server: other calls"] = clock.server - sum(clock.steps[f"server: {k}"] for k in SERVER_STEPS)
     return {
+        "steps": steps,
         "graph": params.graph,
         "degree": params.degree,
         "threshold": params.threshold,
@@ -114,6 +135,9 @@ def main() -> list[tuple[str, float, str]]:
             (f"{label}: whole round (s)", r["round_s"], f"{r['round_s'] / r['floor_s']:.2f}x floor"),
             (f"{label}: plain numpy sum (s)", r["plain_s"], ""),
             (f"{label}: cost over the plain sum (s)", r["round_s"] - r["plain_s"], ""),
+        ]
+        rows += [
+            (f"{label}: step {step}, all calls (s)", t, f"{t / r['floor_s']:.2f}x floor") for step, t in r["steps"].items()
         ]
     return rows
 

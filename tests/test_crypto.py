@@ -11,7 +11,16 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from consortium.crypto import CryptoError, DecryptionError, InvalidSignatureError, ShamirError, aead, keys, prg, shamir
+from consortium.crypto import (
+    CryptoError,
+    DecryptionError,
+    InvalidSignatureError,
+    ShamirError,
+    aead,
+    keys,
+    prg,
+    shamir,
+)
 from consortium.errors import ConsortiumError, ProtocolError
 
 H = bytes.fromhex
@@ -534,3 +543,147 @@ def test_add_mask_adds_exactly_the_expanded_mask(bits, length):
     assert np.array_equal(acc, start + mask)  # numpy wraps at the word size, as the ring needs
     prg.add_mask(acc, seed, bits=bits, subtract=True)
     assert np.array_equal(acc, start)
+
+
+# --- many masks in one pass (mask_sum, iter_mask_sum, iter_mask_words) ---------------
+
+
+def _mask_sum_oracle(length, seeds, signs, inputs, bits, reduce):
+    """The same sum the slow way: Python integers, one whole mask at a time, exact."""
+    word = 64 if bits > 32 else 32
+    total = [0] * length
+    for x in inputs:
+        total = [a + int(b) for a, b in zip(total, x)]
+    for seed, sign in zip(seeds, signs):
+        mask = prg.expand_mask(seed, length, bits=64 if bits > 32 else 32)  # the unreduced words
+        total = [a - int(m) if sign else a + int(m) for a, m in zip(total, mask)]
+    modulus = 2**bits if reduce else 2**word
+    return [t % modulus for t in total]
+
+
+@pytest.mark.parametrize("bits", [20, 32, 40, 64])
+@pytest.mark.parametrize("length", [0, 1, 32_767, 32_769, 70_001])  # 128 KiB blocks: 32k words of 32 bits, 16k of 64
+def test_mask_sum_matches_the_whole_vector_oracle(bits, length):
+    rng = np.random.default_rng(length + bits)
+    seeds = [bytes([i]) * 32 for i in range(1, 5)]
+    signs = [False, True, True, False]
+    inputs = [rng.integers(0, 2**bits, length, dtype=np.uint64) for _ in range(3)]
+    want_dtype = prg.ring_dtype(bits)
+    for reduce in (False, True):
+        out = np.empty(length, dtype=want_dtype)
+        assert prg.mask_sum(out, seeds, bits=bits, subtract=signs, inputs=inputs, reduce=reduce) is out
+        if length <= 32_769:  # the oracle is slow; the longest case is covered by the streaming check below
+            assert out.tolist() == _mask_sum_oracle(length, seeds, signs, inputs, bits, reduce)
+        streamed = [block.copy() for block in prg.iter_mask_sum(length, seeds, bits=bits, subtract=signs, inputs=inputs, reduce=reduce)]
+        assert all(block.dtype == want_dtype and len(block) <= prg._SUM_CHUNK // want_dtype.itemsize for block in streamed)
+        assert np.array_equal(np.concatenate(streamed) if streamed else np.empty(0, want_dtype), out)
+        wide = np.empty(length, dtype=np.uint64)  # a uint64 output widens 32-bit ring words
+        prg.mask_sum(wide, seeds, bits=bits, subtract=signs, inputs=inputs, reduce=reduce)
+        assert np.array_equal(wide, out.astype(np.uint64))
+
+
+def test_mask_sum_equals_repeated_add_mask_and_works_in_place():
+    rng = np.random.default_rng(5)
+    seeds = [os.urandom(32) for _ in range(6)]
+    signs = [bool(s) for s in rng.integers(0, 2, 6)]
+    start = rng.integers(0, 2**32, 100_000, dtype=np.uint64).astype(np.uint32)
+    one_by_one = start.copy()
+    for seed, sign in zip(seeds, signs):
+        prg.add_mask(one_by_one, seed, bits=32, subtract=sign)
+    in_place = start.copy()
+    prg.mask_sum(in_place, seeds, bits=32, subtract=signs, inputs=[in_place])
+    assert np.array_equal(in_place, one_by_one)
+    fresh = np.empty_like(start)
+    prg.mask_sum(fresh, seeds, bits=32, subtract=signs, inputs=[start])
+    assert np.array_equal(fresh, one_by_one)
+    # masks and their negations cancel, leaving the inputs (the SecAgg identity)
+    back = np.empty_like(start)
+    prg.mask_sum(back, seeds + seeds, bits=32, subtract=signs + [not s for s in signs], inputs=[start])
+    assert np.array_equal(back, start)
+
+
+def test_mask_sum_without_inputs_or_masks():
+    seed = bytes(range(32))
+    out = np.full(10, 7, dtype=np.uint32)
+    prg.mask_sum(out, [seed], bits=32, subtract=[True])
+    assert np.array_equal(out, (-prg.mask_words(seed, 10, bits=32)).astype(np.uint32))
+    prg.mask_sum(out, [], bits=32)
+    assert not out.any()
+    x = np.arange(10, dtype=np.uint64)
+    prg.mask_sum(out, [], bits=32, inputs=[x, x])
+    assert np.array_equal(out, 2 * x)
+
+
+def test_mask_sum_refuses_bad_arguments():
+    seed = bytes(32)
+    ok = np.zeros(8, dtype=np.uint32)
+    for bad_out in (np.zeros(8, np.int64), np.zeros((2, 4), np.uint32), np.zeros(16, np.uint32)[::2], ok.copy().astype(np.float32)):
+        with pytest.raises(CryptoError):
+            prg.mask_sum(bad_out, [seed], bits=32)
+    read_only = np.zeros(8, np.uint32)
+    read_only.flags.writeable = False
+    with pytest.raises(CryptoError):
+        prg.mask_sum(read_only, [seed], bits=32)
+    with pytest.raises(CryptoError, match="cannot hold"):
+        prg.mask_sum(ok, [seed], bits=40)  # 40-bit words do not fit uint32
+    with pytest.raises(CryptoError, match="subtract flags"):
+        prg.mask_sum(ok, [seed, seed], bits=32, subtract=[True])
+    with pytest.raises(CryptoError):
+        prg.mask_sum(ok, [bytes(31)], bits=32)
+    with pytest.raises(CryptoError, match="inputs"):
+        prg.mask_sum(ok, [seed], bits=32, inputs=[np.zeros(8, np.int32)])
+    with pytest.raises(CryptoError, match="inputs"):
+        prg.mask_sum(ok, [seed], bits=32, inputs=[np.zeros(9, np.uint32)])
+    for bits in (0, 65, True):
+        with pytest.raises(CryptoError):
+            prg.mask_sum(ok, [seed], bits=bits)
+    with pytest.raises(CryptoError):
+        next(prg.iter_mask_sum(-1, [seed], bits=32))
+
+
+@pytest.mark.parametrize("bits,chunk", [(32, 1), (32, 1000), (64, 4096), (12, 65_536)])
+def test_iter_mask_words_streams_mask_words(bits, chunk):
+    seed = bytes(range(32))
+    want = prg.mask_words(seed, 100_001, bits=bits)
+    got = [w.copy() for w in prg.iter_mask_words(seed, 100_001, bits=bits, chunk=chunk)]
+    assert all(len(w) <= chunk for w in got)
+    assert np.array_equal(np.concatenate(got), want)
+    assert list(prg.iter_mask_words(seed, 0, bits=bits, chunk=chunk)) == []
+    with pytest.raises(CryptoError):
+        next(prg.iter_mask_words(seed, 10, bits=bits, chunk=0))
+    with pytest.raises(CryptoError):
+        next(prg.iter_mask_words(bytes(3), 10, bits=bits, chunk=8))
+
+
+# --- tensor integrity hash (consortium.wire.Tensor) --------------------------------
+
+
+def test_tensor_hash_is_computed_once_and_still_guards_other_bytes(monkeypatch):
+    from consortium.secagg.messages import MaskedInput
+    from consortium.wire import Tensor, decode_frame, encode_frame
+
+    raw = np.arange(1000, dtype="<u4").tobytes()
+    view = np.frombuffer(raw, dtype=np.uint32)
+    t = Tensor.from_numpy(view)
+    assert t.raw is raw  # a view of a whole bytes object is shared, not copied
+    assert t.sha256 == hashlib.sha256(raw).hexdigest()
+    assert Tensor.from_numpy(view[1:]).raw == raw[4:]  # a partial view is copied
+    assert Tensor.from_numpy(np.arange(1000, dtype=np.uint32)) == t  # equality ignores how it was made
+
+    calls = []
+    real = hashlib.sha256
+    monkeypatch.setattr(hashlib, "sha256", lambda data=b"": calls.append(len(data)) or real(data))
+    message = MaskedInput(vector=t)  # the digest from_numpy just computed is not recomputed
+    assert message.vector is t and calls == []
+    decoded = decode_frame(MaskedInput, encode_frame(message))  # but every arrival is hashed
+    assert decoded == message and calls == [len(raw)]
+
+    forged = t.model_copy(update={"raw": bytes(len(raw))})  # other bytes under the old digest
+    with pytest.raises(ValueError, match="SHA-256"):
+        MaskedInput(vector=forged)
+    relabelled = t.model_copy(update={"sha256": "0" * 64})
+    with pytest.raises(ValueError, match="SHA-256"):
+        MaskedInput(vector=relabelled)
+    unchecked = Tensor.model_construct(dtype="uint32", shape=(1000,), sha256="0" * 64, raw=raw)
+    with pytest.raises(ValueError, match="SHA-256"):
+        MaskedInput(vector=unchecked)

@@ -10,7 +10,12 @@ from consortium.config import SimulationConfig
 from consortium.errors import ConfigError
 from consortium.learning.training import TrainSettings, train_local
 from consortium.privacy.accountant import calibrate_noise, dp_sgd_epsilon, epsilon
-from consortium.privacy.dpsgd import clip_and_sum, per_example_gradients, secure_generator, train_dp_sgd
+from consortium.privacy.dpsgd import (
+    clip_and_sum,
+    per_example_gradients,
+    secure_generator,
+    train_dp_sgd,
+)
 from consortium.privacy.events import PrivacyEvent
 from consortium.privacy.ledger import BudgetExceeded, BudgetLedger
 from consortium.simulation import run_simulation

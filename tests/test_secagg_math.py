@@ -383,3 +383,110 @@ def test_graph_plan_validates_its_fields():
         GraphPlan("complete", 10, 6, math.inf, -20.0, 100, 0.1, 0.1)
     with pytest.raises(GraphPlanError):
         GraphPlan("ring", 10, 6, 40.0, -20.0, 100, 0.1, 0.1)
+
+
+# --- quantize: the fixed-point stochastic rounding, chunk by chunk ----------------------
+
+
+def test_quantize_rounds_to_a_neighbouring_level_of_the_exact_value():
+    """Every q is floor(u) or floor(u) + 1 for u = (clip(x) + clip) / step, computed exactly with Fractions."""
+    cfg = plan_quantization(clip=0.7, n_sites=3, bits=16, levels=2**9)
+    x = np.random.default_rng(4).uniform(-1.0, 1.0, 3000)
+    q = quantize(x, cfg, np.random.default_rng(5))
+    clip, levels = Fraction(cfg.clip), cfg.levels
+    for xi, qi in zip(x.tolist(), q.tolist()):
+        u = (min(max(Fraction(xi), -clip), clip) + clip) * (levels - 1) / (2 * clip)
+        assert math.floor(u) <= qi <= math.floor(u) + 1 and qi <= levels - 1
+
+
+def test_quantize_is_chunk_independent_and_accepts_any_layout():
+    """The draws are one keystream, so a prefix of the input quantises to a prefix of the output."""
+    cfg = plan_quantization(clip=1.0, n_sites=10, bits=32)
+    x = np.random.default_rng(6).uniform(-1.2, 1.2, 100_003).astype(np.float32)  # > 3 chunks of 32k
+    full = quantize(x, cfg, np.random.default_rng(7), dtype=np.uint32)
+    assert full.dtype == np.uint32
+    assert np.array_equal(quantize(x[:40_000], cfg, np.random.default_rng(7), dtype=np.uint32), full[:40_000])
+    as64 = quantize(x, cfg, np.random.default_rng(7))
+    assert as64.dtype == np.uint64 and np.array_equal(as64, full)
+    twice = np.repeat(x, 2)[::2]  # a strided view: the same values, not contiguous
+    assert np.array_equal(quantize(twice, cfg, np.random.default_rng(7), dtype=np.uint32), full)
+    grid = x[:100_000].reshape(250, 400)
+    assert np.array_equal(quantize(grid, cfg, np.random.default_rng(7)).ravel(), full[:100_000])
+    for dtype in (np.float16, np.float64):
+        q = quantize(x.astype(dtype), cfg, np.random.default_rng(7))
+        assert q.shape == x.shape and int(q.max()) <= cfg.levels - 1
+    assert quantize(np.zeros(0, np.float32), cfg, np.random.default_rng(7)).shape == (0,)
+
+
+def test_quantize_finds_a_broken_value_in_any_chunk():
+    cfg = plan_quantization(clip=1.0, n_sites=4)
+    x = np.zeros(200_000)
+    x[150_000] = np.nan
+    x[199_999] = -np.inf
+    with pytest.raises(ModelError, match="2 NaN or infinite"):
+        quantize(x, cfg, np.random.default_rng(0))
+    huge = np.full(10, np.finfo(np.float64).max)  # finite, but their sum overflows: clipped, not refused
+    assert np.all(quantize(huge, cfg, np.random.default_rng(0)) == cfg.levels - 1)
+
+
+def test_quantize_at_the_widest_levels_never_wraps():
+    """levels = 2^32: (levels - 1) 2^32 + a 32-bit draw still fits 64 bits, so the top level stays the top."""
+    cfg = QuantConfig(clip=1.0, levels=2**32, bits=62)
+    x = np.array([-2.0, -1.0, 1.0, 3.0, 0.0, 1.0 - 1e-12] * 1000)
+    q = quantize(x, cfg, np.random.default_rng(1))
+    assert np.all(q[0::6] == 0) and np.all(q[1::6] == 0)
+    assert np.all(q[2::6] == 2**32 - 1) and np.all(q[3::6] == 2**32 - 1)
+    assert set(np.unique(q[4::6]).tolist()) <= {2**31 - 1, 2**31}  # u = (2^32 - 1) / 2
+    assert int(q.max()) == 2**32 - 1
+
+
+def test_stochastic_rounding_hits_the_fraction_at_fine_levels():
+    """At 2^24 levels the probability of rounding up equals frac(u) to within sampling error."""
+    cfg = plan_quantization(clip=1.0, n_sites=10, bits=32)  # 2^24 levels, float32-sized steps
+    fracs = np.array([0.0, 0.1, 0.25, 0.5, 0.9, 0.999])
+    base = 1_000_000
+    x = ((base + fracs) * cfg.step - cfg.clip).repeat(40_000)  # u = base + frac (up to float rounding)
+    q = quantize(x, cfg, np.random.default_rng(8)).reshape(len(fracs), -1)
+    u = (x.reshape(len(fracs), -1)[:, 0] + cfg.clip) / cfg.step
+    up = (q - np.floor(u)[:, None].astype(np.uint64)).mean(axis=1)
+    se = np.sqrt(np.maximum(fracs * (1 - fracs), 1e-6) / q.shape[1])
+    assert np.all(np.abs(up - (u - np.floor(u))) < 5 * se + 1e-9)
+
+
+def test_error_bound_holds_for_float32_updates_at_scale():
+    """The production shape: float32 updates, 2^24 levels, a large vector and several sites."""
+    n, d = 6, 300_000
+    cfg = plan_quantization(clip=1.0, n_sites=n, bits=32)
+    rng = np.random.default_rng(9)
+    xs = [rng.uniform(-1.3, 1.3, d).astype(np.float32) for _ in range(n)]
+    total = np.zeros(d, dtype=np.uint64)
+    for x in xs:
+        total += quantize(x, cfg, rng, dtype=np.uint32)
+    estimate = dequantize_sum(total, n, cfg)
+    truth = np.clip(np.array(xs, dtype=np.float64), -1.0, 1.0).sum(axis=0)
+    err = np.abs(estimate - truth)
+    assert err.max() <= sum_error_bound(n, cfg)
+    assert abs(float((estimate - truth).mean())) < 4 * cfg.step * math.sqrt(n) / math.sqrt(d)  # no drift
+
+
+@pytest.mark.parametrize("bits", [20, 32, 40])
+def test_secure_sum_end_to_end_with_dropouts_in_narrow_and_wide_rings(bits):
+    """The masked round (one-pass masking, streamed message bytes, one-pass unmasking) at several ring sizes."""
+    from consortium.secagg import secure_sum
+
+    rng = np.random.default_rng(bits)
+    updates = [rng.uniform(-1.0, 1.0, 70_001) for _ in range(7)]
+    r = secure_sum(updates, clip=1.0, drop={2: "collect_masked", 5: "unmask"}, seed=bits, bits=bits)
+    assert r.survivors == [0, 1, 3, 4, 5, 6]
+    truth = np.sum([updates[i] for i in r.survivors], axis=0)
+    assert np.max(np.abs(r.total - truth)) <= r.error_bound
+
+
+@pytest.mark.parametrize("clip", [1e-300, 1e-6, 1e300])
+def test_quantize_handles_extreme_clip_bounds(clip):
+    cfg = plan_quantization(clip=clip, n_sites=5, bits=32)
+    x = np.array([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0]) * clip
+    q = quantize(x, cfg, np.random.default_rng(0)).tolist()
+    assert q[0] == q[1] == 0 and q[5] == q[6] == cfg.levels - 1
+    mid = (cfg.levels - 1) / 2
+    assert abs(q[3] - mid) <= 1 and abs(q[2] - mid / 2) <= 1 and abs(q[4] - 3 * mid / 2) <= 1

@@ -10,9 +10,22 @@ from hypothesis import strategies as st
 from consortium.crypto import keys
 from consortium.crypto.aead import DecryptionError
 from consortium.crypto.keys import InvalidSignatureError
-from consortium.secagg import STAGES, SecAggAborted, SecAggClient, SecAggError, SecAggServer, make_session, secure_sum
+from consortium.secagg import (
+    STAGES,
+    SecAggAborted,
+    SecAggClient,
+    SecAggError,
+    SecAggServer,
+    make_session,
+    secure_sum,
+)
 from consortium.secagg.graph import plan_graph
-from consortium.secagg.messages import EncryptedShare, ShareDelivery, SurvivorList, UnmaskRequest
+from consortium.secagg.messages import (
+    EncryptedShare,
+    ShareDelivery,
+    SurvivorList,
+    UnmaskRequest,
+)
 from consortium.secagg.quantize import QuantizationError
 
 

@@ -15,11 +15,23 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table as RichTable
 from typer.exceptions import Abort, Exit, TyperException
 
-from consortium.config import DataConfig, PrivacyConfig, SecureAggregationConfig, SimulationConfig, load_config
+from consortium.config import (
+    DataConfig,
+    PrivacyConfig,
+    SecureAggregationConfig,
+    SimulationConfig,
+    load_config,
+)
 from consortium.data import BUILTIN_DATASETS
 from consortium.errors import ConsortiumError, UnknownDatasetError
 
@@ -34,7 +46,9 @@ err_console = Console(stderr=True)
 
 
 def _run(config: SimulationConfig, out: Path | None, as_json: bool) -> None:
-    from consortium.simulation import Simulation  # heavy imports only once arguments are valid
+    from consortium.simulation import (
+        Simulation,  # heavy imports only once arguments are valid
+    )
 
     simulation = Simulation(config, out=out)  # every input check happens here, before any output
     show_progress = not as_json or err_console.is_terminal

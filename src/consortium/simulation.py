@@ -44,7 +44,12 @@ from consortium.learning.training import EvalStats, TrainSettings, evaluate, tra
 from consortium.privacy.accountant import calibrate_noise
 from consortium.privacy.events import PrivacyEvent
 from consortium.privacy.ledger import BudgetLedger
-from consortium.protocol.coordinator import COORDINATOR, Coordinator, RoundRecord, SecureAggregation
+from consortium.protocol.coordinator import (
+    COORDINATOR,
+    Coordinator,
+    RoundRecord,
+    SecureAggregation,
+)
 from consortium.protocol.loop import RoundLoop
 from consortium.protocol.site import Site
 from consortium.protocol.task import ModelBuilder, build_task_model

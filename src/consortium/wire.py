@@ -124,9 +124,22 @@ class Tensor(Frozen):
         expected = int(np.prod(self.shape, dtype=np.int64)) * _DTYPES[self.dtype].itemsize
         if len(self.raw) != expected:
             raise ValueError(f"tensor of shape {list(self.shape)} and dtype {self.dtype} needs {expected} bytes, got {len(self.raw)}")
-        if hashlib.sha256(self.raw).hexdigest() != self.sha256:
+        if not self._hashed() and hashlib.sha256(self.raw).hexdigest() != self.sha256:
             raise ValueError("tensor bytes do not match their SHA-256: the message was corrupted or tampered with")
+        self._mark_hashed()
         return self
+
+    # pydantic re-runs the check above each time a Tensor instance is put into a message model, which
+    # re-hashed the same bytes (4 MB: 2 ms) just hashed by from_numpy or checked on arrival. A tensor
+    # remembers the very bytes and digest objects it has hashed (immutable, compared by identity, so a
+    # model_copy with other bytes or digest is hashed again) and checks each pair once. The note lives
+    # in __dict__ outside the fields: pydantic leaves it out of equality, repr and serialisation.
+    def _hashed(self) -> bool:
+        note = self.__dict__.get("_sha256_checked")
+        return note is not None and note[0] is self.raw and note[1] is self.sha256
+
+    def _mark_hashed(self) -> None:
+        self.__dict__["_sha256_checked"] = (self.raw, self.sha256)
 
     @model_serializer(mode="plain")
     def _to_frame(self, info: SerializationInfo) -> dict[str, object]:
@@ -141,10 +154,23 @@ class Tensor(Frozen):
         dtype = str(array.dtype)
         if dtype not in _DTYPES:
             raise ValueError(f"tensors of dtype {dtype} cannot be sent: use float32, float64, int64, uint32 or uint64")
-        raw = np.ascontiguousarray(array, dtype=_DTYPES[dtype]).tobytes()
-        return cls.model_construct(
+        wire = np.ascontiguousarray(array, dtype=_DTYPES[dtype])
+        owner = wire.base
+        while isinstance(owner, np.ndarray):
+            owner = owner.base
+        if (  # a view of a whole bytes object (np.frombuffer): immutable already, so share it rather than copy
+            type(owner) is bytes
+            and 0 < wire.nbytes == len(owner)
+            and wire.ctypes.data == np.frombuffer(owner, dtype=np.uint8).ctypes.data
+        ):
+            raw = owner
+        else:
+            raw = wire.tobytes()
+        tensor = cls.model_construct(
             dtype=dtype, shape=tuple(int(s) for s in array.shape), sha256=hashlib.sha256(raw).hexdigest(), raw=raw
         )
+        tensor._mark_hashed()
+        return tensor
 
     def to_numpy(self) -> np.ndarray:
         """A fresh, writable, native-endian copy of the array."""

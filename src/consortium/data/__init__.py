@@ -22,7 +22,13 @@ from consortium.data.partition import (
     partition_quantity,
     split_table,
 )
-from consortium.data.schema import ColumnSpec, DataSchema, check_schemas, load_schema, read_csv
+from consortium.data.schema import (
+    ColumnSpec,
+    DataSchema,
+    check_schemas,
+    load_schema,
+    read_csv,
+)
 
 __all__ = [
     "BUILTIN_DATASETS",

@@ -23,7 +23,12 @@ from typing import Literal
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from consortium.errors import ConfigError, ProtocolError, RoundFailed, SchemaMismatchError
+from consortium.errors import (
+    ConfigError,
+    ProtocolError,
+    RoundFailed,
+    SchemaMismatchError,
+)
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.models import ModelSpec
 from consortium.learning.strategies import FedAvg

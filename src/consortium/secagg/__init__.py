@@ -21,8 +21,19 @@ from consortium.crypto.prg import ring_dtype
 from consortium.errors import ConfigError, ProtocolError
 from consortium.secagg.graph import GraphPlan, plan_graph
 from consortium.secagg.messages import STAGES, SessionParams
-from consortium.secagg.protocol import SecAggAborted, SecAggClient, SecAggError, SecAggServer
-from consortium.secagg.quantize import QuantConfig, dequantize_sum, plan_quantization, quantize, sum_error_bound
+from consortium.secagg.protocol import (
+    SecAggAborted,
+    SecAggClient,
+    SecAggError,
+    SecAggServer,
+)
+from consortium.secagg.quantize import (
+    QuantConfig,
+    dequantize_sum,
+    plan_quantization,
+    quantize,
+    sum_error_bound,
+)
 
 __all__ = [
     "STAGES",

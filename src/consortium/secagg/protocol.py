@@ -65,13 +65,6 @@ class SecAggAborted(RoundFailed):
     """Too few sites remain to finish the session: it aborts and reveals nothing."""
 
 
-def _reduce(words: np.ndarray, bits: int) -> np.ndarray:
-    """Reduce ring words mod 2^bits in place (a no-op when bits is the word size)."""
-    if bits % (8 * words.dtype.itemsize):
-        words &= words.dtype.type((1 << bits) - 1)
-    return words
-
-
 def _pairwise_seed(s_private, peer_s_pk: bytes, params: SessionParams, a: str, b: str) -> bytes:
     secret = keys.exchange(s_private, peer_s_pk)
     return prg.derive_seed(secret, info=mask_context(params.session_id, a, b))
@@ -173,7 +166,8 @@ class SecAggClient:
         value = np.asarray(value)
         if value.dtype not in (np.uint32, np.uint64) or value.shape != (p.length,):
             raise SecAggError(f"the input must be {p.length} unsigned ring elements, got {value.dtype} {value.shape}")
-        if value.size and int(value.max()) >= 1 << p.bits:
+        # The range check reads the whole input; it is skipped only where the dtype cannot exceed the ring.
+        if value.size and np.iinfo(value.dtype).max >= 1 << p.bits and int(value.max()) >= 1 << p.bits:
             raise SecAggError(f"the input has values outside the 2^{p.bits} ring")
         for enc in delivery.shares:
             v = enc.sender
@@ -186,12 +180,17 @@ class SecAggClient:
             if plain.sender != v or plain.recipient != self.name:
                 raise SecAggError(f"share ciphertext from '{v}' names {plain.sender} -> {plain.recipient}")
             self._held[v] = plain
-        y = value.astype(prg.ring_dtype(p.bits))
-        prg.add_mask(y, self._b, bits=p.bits)
-        for v in self._held:  # pairwise masks with every neighbour that shared with us: + if we sort first
-            seed = _pairwise_seed(self._s_sk, self._peers[v].s_pk, p, self.name, v)
-            prg.add_mask(y, seed, bits=p.bits, subtract=self.name > v)
-        return MaskedInput(vector=Tensor.from_numpy(_reduce(y, p.bits)))
+        seeds, subtract = [self._b], [False]  # the self mask, then pairwise masks with every neighbour
+        for v in self._held:  # that shared with us: + if we sort first
+            seeds.append(_pairwise_seed(self._s_sk, self._peers[v].s_pk, p, self.name, v))
+            subtract.append(self.name > v)
+        # y = value + all masks mod 2^bits, in one cache-blocked pass, streamed straight into the bytes the
+        # message carries: no intermediate vector (value is not modified)
+        blocks = prg.iter_mask_sum(p.length, seeds, bits=p.bits, subtract=subtract, inputs=[value], reduce=True)
+        raw = b"".join([block.astype("<" + block.dtype.str[1:], copy=False).tobytes() for block in blocks])
+        ring = prg.ring_dtype(p.bits)
+        y = np.frombuffer(raw, dtype=ring.newbyteorder("<")).astype(ring, copy=False)  # no copy on little-endian hosts
+        return MaskedInput(vector=Tensor.from_numpy(y))  # shares raw: a view of a whole bytes object is not copied
 
     def consistency_check(self, survivors: SurvivorList) -> ConsistencyAck:
         self._advance("consistency_check", "unmask")
@@ -341,7 +340,8 @@ class SecAggServer:
                 f"'{site}' sent {masked.vector.shape} {masked.vector.dtype} words, "
                 f"not ({self.params.length},) {prg.ring_dtype(self.params.bits).name}"
             )
-        self._masked[site] = masked.vector.to_numpy()
+        # A read-only view of the tensor's bytes, not a copy: finish only reads it.
+        self._masked[site] = np.frombuffer(masked.vector.raw, dtype=np.dtype(masked.vector.dtype).newbyteorder("<"))
 
     def close_collect_masked(self) -> SurvivorList:
         self._need(len(self._masked), "sent a masked input")
@@ -374,14 +374,13 @@ class SecAggServer:
         p, t = self.params, self.params.threshold
         self._need(len(self._replies), "answered the unmask request")
         dropped = sorted(set(self._bundles) - set(self._survivors))
-        total = np.zeros(p.length, dtype=prg.ring_dtype(p.bits))
-        for u in self._survivors:
-            total += self._masked[u]
+        seeds, subtract = [], []  # every mask to remove, gathered (and every abort decided) before any arithmetic
         for u in self._survivors:
             shares = {p.x_of(v): r.seed_shares[u] for v, r in self._replies.items() if u in r.seed_shares}
             if len(shares) < t:
                 raise SecAggAborted(f"only {len(shares)} shares of '{u}''s self mask arrived, fewer than {t}: aborting")
-            prg.add_mask(total, shamir.combine(shares, threshold=t), bits=p.bits, subtract=True)
+            seeds.append(shamir.combine(shares, threshold=t))
+            subtract.append(True)
         for v in dropped:
             shares = {p.x_of(w): r.key_shares[v] for w, r in self._replies.items() if v in r.key_shares}
             if len(shares) < t:
@@ -389,8 +388,11 @@ class SecAggServer:
             s_sk_v = keys.load_x25519_private(shamir.combine(shares, threshold=t))
             for u in self._survivors:
                 if u in self.graph[v] and any(s.recipient == u for s in self._bundles[v].shares):
-                    seed = _pairwise_seed(s_sk_v, self._adverts[u].s_pk, p, u, v)
-                    prg.add_mask(total, seed, bits=p.bits, subtract=u < v)  # undo what u added
-        return SecAggOutcome(
-            total=_reduce(total, p.bits).astype(np.uint64), included=self._survivors, dropped=tuple(dropped)
+                    seeds.append(_pairwise_seed(s_sk_v, self._adverts[u].s_pk, p, u, v))
+                    subtract.append(u < v)  # undo what u added
+        # total = sum of the masked inputs - the masks, mod 2^bits, as uint64, in one cache-blocked pass
+        total = np.empty(p.length, dtype=np.uint64)
+        prg.mask_sum(
+            total, seeds, bits=p.bits, subtract=subtract, inputs=[self._masked[u] for u in self._survivors], reduce=True
         )
+        return SecAggOutcome(total=total, included=self._survivors, dropped=tuple(dropped))

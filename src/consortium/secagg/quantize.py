@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from consortium.crypto.prg import mask_words
+from consortium.crypto.prg import iter_mask_words as mask_stream
 from consortium.errors import ConfigError, ModelError, ProtocolError
 
 __all__ = [
@@ -151,17 +151,28 @@ def plan_quantization(*, clip: float, n_sites: int, bits: int = 32, levels: int 
     return QuantConfig(clip=clip, levels=levels, bits=bits)
 
 
+_QCHUNK = 1 << 15  # elements per pass: 256 KiB of float64 and 256 KiB of uint64 scratch stay in L2
+
+
 def quantize(
     x: np.ndarray, cfg: QuantConfig, rng: np.random.Generator, *, dtype: np.dtype | type = np.uint64
 ) -> np.ndarray:
     """Clip ``x`` and round it stochastically to integers in [0, levels - 1], as ``dtype`` words.
 
-    Unbiased up to 2^-32 of a step: the rounding draws are 32-bit words of
-    AES-CTR keystream keyed from ``rng`` (four times faster than numpy's
-    float draws), and a value rounds up when its fractional part times 2^32
-    exceeds the draw. ``dtype`` may be uint32 when levels <= 2^32 (the ring
-    word for bits <= 32). Refuses NaN and infinite values (``ModelError``):
-    they signal a broken update, not one to clip.
+    Unbiased up to 2^-32 of a step: with u = (clip(x) + clip) / step in
+    float64, W = floor(u * 2^32) is u in fixed point with 32 fractional
+    bits (exact: scaling by 2^32 is exact, and u * 2^32 < 2^64), and the
+    result is (W + d) >> 32 for a uniform 32-bit draw d, that is floor(u)
+    plus one with probability floor(frac(u) * 2^32) / 2^32, which is within
+    2^-32 below frac(u). The draws are AES-CTR keystream keyed from ``rng``
+    (four times faster than numpy's float draws). ``dtype`` may be uint32
+    when levels <= 2^32 (the ring word for bits <= 32). Refuses NaN and
+    infinite values (``ModelError``): they signal a broken update, not one
+    to clip. The caller's array is never modified.
+
+    The work streams through 32k-element chunks in preallocated scratch, so
+    every step reads and writes cached memory and only the result is a
+    fresh allocation.
     """
     if not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy Generator (np.random.default_rng(seed)), got {type(rng).__name__}")
@@ -171,24 +182,41 @@ def quantize(
     dtype = np.dtype(dtype)
     if dtype not in (np.dtype(np.uint32), np.dtype(np.uint64)) or cfg.levels - 1 > np.iinfo(dtype).max:
         raise QuantizationError(f"{cfg.levels} levels do not fit {dtype} words: use uint64")
-    values = arr.astype(np.float64)  # a copy: the caller's array is never modified
-    if not math.isfinite(float(values.sum())):  # fast path: a finite sum means every value is finite
-        bad = int(values.size - np.count_nonzero(np.isfinite(values)))
-        if bad:
-            raise ModelError(
-                f"the update has {bad} NaN or infinite coordinates: training diverged; fix it before aggregating"
-            )
-    np.clip(values, -cfg.clip, cfg.clip, out=values)
-    values += cfg.clip
-    values *= (cfg.levels - 1) / (2.0 * cfg.clip)
-    np.clip(values, 0.0, float(cfg.levels - 1), out=values)  # guard float rounding at the ends
-    low = np.floor(values)
-    values -= low  # now the fractional part, in [0, 1)
-    values *= 4294967296.0  # 2^32
-    q = low.astype(dtype)
-    draws = mask_words(rng.bytes(32), values.size, bits=32).reshape(values.shape)
-    q += draws < values  # P(up) = ceil(frac * 2^32) / 2^32
-    return q
+    flat = arr.reshape(-1)  # a view when arr is contiguous; never written to
+    n = flat.size
+    q = np.empty(n, dtype=dtype)
+    key = rng.bytes(32)
+    if n == 0:
+        return q.reshape(arr.shape)
+    inv_step = (cfg.levels - 1) / (2.0 * cfg.clip)
+    scale = inv_step * 4294967296.0  # 1/step, times 2^32: exact power-of-two scaling...
+    split = not math.isfinite(scale)  # ...unless a clip below ~1e-290 overflows it: then two multiplies
+    top = float(cfg.levels - 1) * 4294967296.0  # (levels - 1) 2^32 < 2^64, exact in float64
+    chunk = min(_QCHUNK, n)
+    u = np.empty(chunk, dtype=np.float64)
+    w = np.empty(chunk, dtype=np.uint64)
+    draws = mask_stream(key, n, bits=32, chunk=chunk)
+    with np.errstate(over="ignore"):  # a huge finite x may overflow (x + clip) / step to inf: clipped to the top
+        for start in range(0, n, chunk):
+            k = min(chunk, n - start)
+            part, uk, wk = flat[start : start + k], u[:k], w[:k]
+            np.add(part, cfg.clip, out=uk, dtype=np.float64)  # float64 arithmetic, whatever the input's width
+            if not math.isfinite(float(np.add.reduce(uk))):  # fast path: a finite sum means every value is finite
+                bad = int(n - np.count_nonzero(np.isfinite(flat)))
+                if bad:
+                    raise ModelError(
+                        f"the update has {bad} NaN or infinite coordinates: training diverged; fix it before aggregating"
+                    )
+            if split:
+                uk *= inv_step
+                uk *= 4294967296.0
+            else:
+                uk *= scale  # u * 2^32, where u = (x + clip) / step
+            np.clip(uk, 0.0, top, out=uk)  # clipping u to [0, levels - 1] is clipping x to [-clip, clip]
+            np.copyto(wk, uk, casting="unsafe")  # floor(u * 2^32): truncation of a non-negative value
+            wk += next(draws)  # <= (levels - 1) 2^32 + 2^32 - 1 < 2^64: no wraparound
+            np.right_shift(wk, 32, out=q[start : start + k], casting="unsafe")
+    return q.reshape(arr.shape)
 
 
 def dequantize_sum(total: np.ndarray, n_included: int, cfg: QuantConfig) -> np.ndarray:
