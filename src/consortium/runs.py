@@ -75,8 +75,9 @@ class RunFolder:
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         # Rewritten whole each time (the file is small), so it is always a set of complete lines.
-        self._metric_lines.append(json.dumps(record, allow_nan=False, default=_json_default))
-        write_atomic(self.path / "metrics.jsonl", ("\n".join(self._metric_lines) + "\n").encode())
+        lines = [*self._metric_lines, json.dumps(record, allow_nan=False, default=_json_default)]
+        write_atomic(self.path / "metrics.jsonl", ("\n".join(lines) + "\n").encode())
+        self._metric_lines = lines  # only once it is on disk
 
     def write_model(self, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
         write_atomic(self.path / "model.safetensors", safetensors_save(tensors, metadata=metadata))
