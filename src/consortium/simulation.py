@@ -285,6 +285,7 @@ class Simulation:
             "dataset": config.data.dataset,
             "sites": len(names),
             "site_names": names,
+            "excluded_at_setup": dict(coordinator.excluded),  # site -> why it never joined
             "rounds": config.rounds,
             "seed": config.seed,
             "federated": {
