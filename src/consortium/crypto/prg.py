@@ -53,7 +53,6 @@ from consortium.crypto.keys import CryptoError
 __all__ = [
     "SEED_BYTES",
     "MAX_BITS",
-    "add_mask",
     "derive_seed",
     "expand_mask",
     "iter_mask_sum",
@@ -242,7 +241,7 @@ def mask_sum(
     the cipher plus one add per mask on cached data, and main memory is
     crossed once instead of once per mask. ``out`` may be one of ``inputs``
     (in-place masking). With ``reduce`` the result is reduced mod 2^bits;
-    otherwise, as with ``add_mask``, only the word size wraps.
+    otherwise only the word size wraps.
 
     ``out``: contiguous 1-D uint32 or uint64, at least as wide as
     ``ring_dtype(bits)`` (a wider ``out`` receives the ring words widened,
@@ -269,20 +268,6 @@ def mask_sum(
         if widen:
             out[start : start + len(block)] = block
     return out
-
-
-def add_mask(acc: np.ndarray, seed: bytes, *, bits: int, subtract: bool = False) -> None:
-    """``acc += mask`` (or ``-=``) in place, wrapping at the word size, without materialising the mask.
-
-    The keystream streams through one cache-sized buffer and is added chunk by
-    chunk, so masking costs little more than the cipher itself. The mask is
-    exactly ``mask_words(seed, len(acc), bits=bits)``. To apply several
-    masks, ``mask_sum`` does it in one pass over ``acc``.
-    """
-    dtype = ring_dtype(bits)
-    if acc.dtype != dtype or acc.ndim != 1 or not acc.flags.c_contiguous:
-        raise CryptoError(f"add_mask needs a contiguous 1-D {dtype.name} accumulator, got {acc.dtype} {acc.shape}")
-    mask_sum(acc, [seed], bits=bits, subtract=[subtract], inputs=[acc])
 
 
 def expand_mask(seed: bytes, length: int, *, bits: int) -> np.ndarray:
