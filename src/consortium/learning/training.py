@@ -84,7 +84,7 @@ def train_local(
 
 @dataclass(frozen=True)
 class EvalStats:
-    """Sufficient statistics of an evaluation; adding two gives the pooled statistics."""
+    """Sufficient statistics of an evaluation: sums, so sites' statistics add up to the pooled ones."""
 
     n: int
     correct: int
@@ -92,12 +92,6 @@ class EvalStats:
     #: For binary tasks: int64 [2, AUC_BINS] counts of negatives / positives per
     #: bin of the predicted positive-class probability. None otherwise.
     score_hist: np.ndarray | None
-
-    def __add__(self, other: EvalStats) -> EvalStats:
-        if (self.score_hist is None) != (other.score_hist is None):
-            raise ValueError("cannot add binary and multi-class evaluation statistics")
-        hist = None if self.score_hist is None else self.score_hist + other.score_hist
-        return EvalStats(self.n + other.n, self.correct + other.correct, self.loss_sum + other.loss_sum, hist)
 
     def metrics(self) -> dict[str, float]:
         """Accuracy and mean loss, plus ROC AUC for binary tasks."""
