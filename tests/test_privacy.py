@@ -16,7 +16,7 @@ from consortium.privacy.dpsgd import (
     secure_generator,
     train_dp_sgd,
 )
-from consortium.privacy.events import PrivacyEvent
+from consortium.privacy.events import RecordLevelEvent
 from consortium.privacy.ledger import BudgetExceeded, BudgetLedger
 from consortium.simulation import run_simulation
 
@@ -38,9 +38,9 @@ def test_known_answers_from_dp_accounting():
 
 
 def test_rounds_of_one_mechanism_compose_like_one_long_run():
-    ev = PrivacyEvent(noise_multiplier=1.2, clip=1.0, sampling_rate=0.05, steps=20)
+    ev = RecordLevelEvent(noise_multiplier=1.2, clip=1.0, sampling_rate=0.05, steps=20)
     assert epsilon([ev] * 5, 1e-5) == pytest.approx(epsilon([ev.model_copy(update={"steps": 100})], 1e-5), rel=1e-12)
-    other = PrivacyEvent(noise_multiplier=2.0, clip=1.0, sampling_rate=0.05, steps=20)
+    other = RecordLevelEvent(noise_multiplier=2.0, clip=1.0, sampling_rate=0.05, steps=20)
     direct = pld.PLDAccountant(value_discretization_interval=1e-3)
     direct.compose(dp_accounting.ComposedDpEvent([ev.to_dp_event(), other.to_dp_event(), ev.to_dp_event()]))
     assert epsilon([ev, other, ev], 1e-5) == pytest.approx(direct.get_epsilon(1e-5), rel=1e-9)
@@ -136,7 +136,7 @@ def test_noise_comes_from_the_os_unless_a_test_seed_is_given():
 def test_a_site_with_cap_one_takes_two_rounds_refuses_the_third_and_remembers(tmp_path):
     # One round = a Gaussian step (q = 1) whose three-fold composition just exceeds 1.0.
     sigma = calibrate_noise(target_epsilon=1.05, delta=1e-5, sampling_rate=1.0, steps=3)
-    ev = PrivacyEvent(noise_multiplier=sigma, clip=1.0, sampling_rate=1.0, steps=1)
+    ev = RecordLevelEvent(noise_multiplier=sigma, clip=1.0, sampling_rate=1.0, steps=1)
     path = tmp_path / "site" / "budget.sqlite"
     ledger = BudgetLedger(path, site="hospital-a", epsilon_cap=1.0, delta=1e-5)
     first = ledger.spend(ev, rnd=1)

@@ -112,9 +112,19 @@ def _print_table(s: dict[str, Any]) -> None:
     pv = s["privacy"]
     if pv["enabled"]:
         spent = max(pv["epsilon_per_site"].values(), default=0.0)
+        if pv["level"] == "record":
+            how = (
+                f"record level, DP-SGD (noise multiplier {pv['noise_multiplier']:.3f}, clip {pv['clip']:g}, "
+                f"sampling rate {pv['sampling_rate']:g})"
+            )
+        else:
+            where = "added by the sites inside secure aggregation" if pv["noise"] == "distributed" else "[bold red]added by the coordinator[/]"
+            how = (
+                f"site level, DP-FedAvg ({pv['noise']} noise {where}, multiplier {pv['noise_multiplier']:.3f} "
+                f"for {pv['cohort']} sites, update clip {pv['clip']:g}{', adaptive' if pv['adaptive_clipping'] else ''})"
+            )
         out_console.print(
-            f"differential privacy: record level, DP-SGD (noise multiplier {pv['noise_multiplier']:.3f}, clip {pv['clip']:g}, "
-            f"sampling rate {pv['sampling_rate']:g}); epsilon spent per site up to {spent:.3f} of {pv['target_epsilon']:g} "
+            f"differential privacy: {how}; epsilon spent per site up to {spent:.3f} of {pv['target_epsilon']:g} "
             f"at delta {pv['delta']:g} ({pv['accountant']}); local-only and pooled rows are NOT private"
         )
         if pv["refusals"]:
@@ -125,6 +135,11 @@ def _print_table(s: dict[str, Any]) -> None:
     if skipped:
         out_console.print(f"{skipped} round(s) skipped for lack of answers: see metrics.jsonl")
     out_console.print(f"run folder: {s['run_dir']}")
+
+
+class PrivacyLevel(str, Enum):
+    record = "record"
+    site = "site"
 
 
 @app.command()
@@ -152,6 +167,10 @@ def demo(
     epsilon: Annotated[
         float, typer.Option(min=0.01, max=1000, help="each site's privacy budget for the whole run (delta 1e-5)")
     ] = 8.0,
+    privacy_level: Annotated[
+        PrivacyLevel,
+        typer.Option(help="record: DP-SGD protects each patient; site: DP-FedAvg protects each institution's update"),
+    ] = PrivacyLevel.record,
 ) -> None:
     """Simulate a consortium on a built-in dataset and compare it with training alone and pooled."""
     if dataset not in BUILTIN_DATASETS:
@@ -161,7 +180,7 @@ def demo(
         rounds=rounds,
         data=DataConfig(dataset=dataset, sites=sites),
         secure_aggregation=SecureAggregationConfig(enabled=secure_aggregation),
-        privacy=PrivacyConfig(enabled=differential_privacy, epsilon=epsilon),
+        privacy=PrivacyConfig(enabled=differential_privacy, epsilon=epsilon, level=privacy_level.value),
     )
     _run(config, out, as_json)
 

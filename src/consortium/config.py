@@ -116,11 +116,20 @@ class SecureAggregationConfig(_Strict):
     corruption_rate: float = Field(0.1, ge=0, lt=1)  # share of sites assumed to collude with the coordinator
 
 
+class AdaptiveClippingConfig(_Strict):
+    """Site level only: move the clip towards a quantile of the update norms (Andrew et al., NeurIPS 2021)."""
+
+    enabled: bool = False
+    target_quantile: float = Field(0.5, gt=0, lt=1)  # share of sites whose update should fit under the clip
+    learning_rate: float = Field(0.2, gt=0, le=10)  # geometric step of the clip per round
+    count_share: float = Field(0.1, gt=0, lt=1)  # share of each round's privacy budget the clipped count takes
+
+
 class PrivacyConfig(_Strict):
-    """Record-level differential privacy (DP-SGD at every site); on unless turned off."""
+    """Differential privacy, on unless turned off: record level (DP-SGD at every site) or site level (DP-FedAvg)."""
 
     enabled: bool = True
-    level: Literal["record"] = "record"
+    level: Literal["record", "site"] = "record"
     epsilon: float = Field(8.0, gt=0, le=1000)  # each site's target for the whole run; calibrates the noise
     delta: float = Field(1e-5, gt=0, lt=1)
     clip: float = Field(1.0, gt=0, le=1e6)  # per-example gradient L2 bound
@@ -129,12 +138,18 @@ class PrivacyConfig(_Strict):
     accountant: Literal["pld", "rdp"] = "pld"
     site_epsilon_caps: dict[str, float] = {}  # a site's own stricter cap; default: epsilon
     test_seed: int | None = Field(None, ge=0)  # TEST MODE: reproducible noise, labelled as not private
+    # Site level only:
+    noise: Literal["distributed", "central"] | None = None  # default: distributed under secure aggregation
+    update_clip: float = Field(1.0, gt=0, le=1e6)  # L2 bound on each site's model update (the start, if adaptive)
+    adaptive_clipping: AdaptiveClippingConfig = AdaptiveClippingConfig()
 
     @model_validator(mode="after")
     def _caps(self) -> PrivacyConfig:
         bad = {k: v for k, v in self.site_epsilon_caps.items() if not v > 0}
         if bad:
             raise ValueError(f"site epsilon caps must be positive, found {bad}")
+        if self.level == "record" and (self.noise is not None or self.adaptive_clipping.enabled):
+            raise ValueError("noise and adaptive_clipping are site-level settings: set level: site, or remove them")
         return self
 
 
@@ -155,11 +170,25 @@ class SimulationConfig(_Strict):
     privacy: PrivacyConfig = PrivacyConfig()
     baselines: BaselineConfig = BaselineConfig()
 
+    @model_validator(mode="after")
+    def _noise_needs_secagg(self) -> SimulationConfig:
+        p = self.privacy
+        if p.enabled and p.level == "site" and p.noise == "distributed" and not self.secure_aggregation.enabled:
+            raise ValueError(
+                "distributed noise is added inside secure aggregation, which is off: turn it on, or set "
+                "privacy.noise: central (weaker: the coordinator then sees every update before adding noise)"
+            )
+        return self
+
     def resolved(self) -> SimulationConfig:
         """The same config with the dataset's defaults filled in: what a run records."""
         model, training = DATASET_DEFAULTS.get(self.data.dataset, DATASET_DEFAULTS["breast-cancer"])
+        privacy = self.privacy
+        if privacy.level == "site" and privacy.noise is None:
+            noise = "distributed" if self.secure_aggregation.enabled else "central"
+            privacy = privacy.model_copy(update={"noise": noise})
         return self.model_copy(
-            update={"model": self.model or model, "training": self.training or training}
+            update={"model": self.model or model, "training": self.training or training, "privacy": privacy}
         )
 
 

@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from consortium.config import SimulationConfig
+from consortium.errors import ConfigError
 from consortium.crypto import keys
 from consortium.data import (
     Splits,
@@ -41,9 +42,12 @@ from consortium.learning.adapter import ModelAdapter
 from consortium.learning.models import build_model
 from consortium.learning.strategies import STRATEGIES, FedAvg
 from consortium.learning.training import EvalStats, TrainSettings, evaluate, train_local
-from consortium.privacy.accountant import calibrate_noise
-from consortium.privacy.events import PrivacyEvent
+from consortium.privacy import skellam
+from consortium.privacy.accountant import accountant_used, calibrate_noise, calibrate_site_noise
+from consortium.privacy.dpsgd import secure_numpy_generator
+from consortium.privacy.events import RecordLevelEvent, SiteLevelEvent
 from consortium.privacy.ledger import BudgetLedger
+from consortium.privacy.sitedp import AdaptiveClipping, SiteLevelDP
 from consortium.protocol.coordinator import (
     COORDINATOR,
     Coordinator,
@@ -53,6 +57,7 @@ from consortium.protocol.coordinator import (
 from consortium.protocol.loop import RoundLoop
 from consortium.protocol.site import Site
 from consortium.protocol.task import ModelBuilder, build_task_model
+from consortium.secagg.graph import plan_graph
 from consortium.runs import RunFolder, new_run_dir
 from consortium.transport import InProcessTransport
 
@@ -60,6 +65,13 @@ from consortium.transport import InProcessTransport
 SECURE_AGGREGATION_OFF = "secure aggregation is OFF: the coordinator sees every site's update and statistics in the clear"
 PRIVACY_OFF = "differential privacy is OFF: the model carries no formal privacy guarantee for any patient"
 PRIVACY_TEST_MODE = "privacy noise is in TEST MODE (fixed seed): reproducible, and NOT private"
+CENTRAL_NOISE = (
+    "site-level DP noise is CENTRAL: the coordinator sees the exact sum of the clipped updates "
+    "before it adds the noise (weaker than distributed noise, which no party ever sees without)"
+)
+CENTRAL_NOISE_NO_SECAGG = (
+    "site-level DP noise is CENTRAL and secure aggregation is OFF: the coordinator sees every site's clipped update"
+)
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float | None]:
@@ -176,7 +188,7 @@ class Simulation:
         }
         self.n_classes = len(tables[self.names[0]].classes)
         site_seeds = [int(s.generate_state(1)[0]) for s in site_seq.spawn(len(self.names))]
-        self.privacy_event = self._plan_privacy()
+        self.privacy_plan = self._plan_privacy(tables[self.names[0]])
         # Every input is checked: only now does the run get its folder (site ledgers live in it).
         self.run_dir = out if out is not None else new_run_dir(runs_root, f"{config.data.dataset}-seed{config.seed}")
         pc = config.privacy
@@ -230,7 +242,7 @@ class Simulation:
             rounds=config.rounds,
             seed=config.seed,
             secure=secure,
-            privacy=self.privacy_event,
+            privacy=self.privacy_plan,
             model_builder=model_builder,
         )
         self._ledgers = ledgers
@@ -238,11 +250,13 @@ class Simulation:
             sites, dropout=config.participation.dropout, rng=np.random.default_rng(drop_seq)
         )
 
-    def _plan_privacy(self) -> PrivacyEvent | None:
-        """Each round's DP-SGD, with the noise calibrated so the whole run meets the target epsilon."""
+    def _plan_privacy(self, sample: Table) -> RecordLevelEvent | SiteLevelDP | None:
+        """Each round's privacy, with the noise calibrated so the whole run meets the target epsilon."""
         pc, training = self.config.privacy, self.config.training
         if not pc.enabled:
             return None
+        if pc.level == "site":
+            return self._plan_site_level(sample)
         assert training is not None
         steps = max(1, math.ceil(training.epochs / pc.sampling_rate))  # `epochs` expected passes per round
         sigma = pc.noise_multiplier
@@ -254,7 +268,60 @@ class Simulation:
                 steps=steps * self.config.rounds,
                 accountant=pc.accountant,
             )
-        return PrivacyEvent(noise_multiplier=sigma, clip=pc.clip, sampling_rate=pc.sampling_rate, steps=steps)
+        return RecordLevelEvent(noise_multiplier=sigma, clip=pc.clip, sampling_rate=pc.sampling_rate, steps=steps)
+
+    def _plan_site_level(self, sample: Table) -> SiteLevelDP:
+        """DP-FedAvg over the run's rounds: every round a site joins is paid in full (no sampling amplification)."""
+        config = self.config
+        pc, sa, part = config.privacy, config.secure_aggregation, config.participation
+        adaptive = pc.adaptive_clipping
+        share = adaptive.count_share if adaptive.enabled else 0.0
+        n_sites = len(self.names)
+        cohort = max(part.min_sites, math.ceil(part.fraction * n_sites))
+        if pc.noise == "distributed":
+            if pc.noise_multiplier is not None:
+                raise ConfigError("distributed noise is calibrated from privacy.epsilon: remove privacy.noise_multiplier")
+            # Calibrated for the smallest sum secure aggregation will unmask: its threshold for the cohort.
+            cohort = min(plan_graph(cohort, dropout_rate=sa.dropout_rate, corruption_rate=sa.corruption_rate).threshold, cohort)
+            assert config.model is not None
+            dim = ModelAdapter(
+                build_model(
+                    config.model,
+                    n_features=sample.n_features,
+                    n_classes=self.n_classes,
+                    mean=np.zeros(sample.n_features),
+                    scale=np.ones(sample.n_features),
+                    image_shape=sample.image_shape,
+                    seed=0,
+                )
+            ).size
+            noise = skellam.plan_skellam(
+                target_epsilon=pc.epsilon, delta=pc.delta, rounds=config.rounds, dim=dim,
+                cohort=cohort, max_sites=n_sites, bits=sa.bits, count_share=share,
+            )
+            count_z = 2 * math.sqrt(noise.variance) / noise.count_scale if noise.count_scale else None
+            event = SiteLevelEvent(
+                mechanism="dp-fedavg-skellam", noise_multiplier=skellam.noise_multiplier_of(noise),
+                clip=pc.update_clip, cohort=cohort, count_noise_multiplier=count_z, skellam=noise,
+            )
+        else:
+            if pc.noise_multiplier is not None:
+                z = pc.noise_multiplier
+                z_update, count_z = (z / math.sqrt(1 - share), z / math.sqrt(share)) if share else (z, None)
+            else:
+                z_update, count_z = calibrate_site_noise(
+                    target_epsilon=pc.epsilon, delta=pc.delta, rounds=config.rounds, count_share=share,
+                    accountant=pc.accountant,
+                )
+            event = SiteLevelEvent(
+                mechanism="dp-fedavg-gaussian", noise_multiplier=z_update, clip=pc.update_clip, cohort=cohort,
+                count_noise_multiplier=count_z,
+            )
+        return SiteLevelDP(
+            template=event,
+            noise_rng=secure_numpy_generator(None if pc.test_seed is None else pc.test_seed + 0xC0),
+            adaptive=AdaptiveClipping(adaptive.target_quantile, adaptive.learning_rate) if adaptive.enabled else None,
+        )
 
     def run(self, *, on_round: Callable[[RoundRecord], None] | None = None) -> SimulationResult:
         config, coordinator, names = self.config, self.coordinator, self.names
@@ -310,15 +377,19 @@ class Simulation:
         out = []
         if not self.config.secure_aggregation.enabled:
             out.append(SECURE_AGGREGATION_OFF)
-        if not self.config.privacy.enabled:
+        pc = self.config.privacy
+        if not pc.enabled:
             out.append(PRIVACY_OFF)
-        elif self.config.privacy.test_seed is not None:
+            return out
+        if pc.level == "site" and pc.noise == "central":
+            out.append(CENTRAL_NOISE if self.config.secure_aggregation.enabled else CENTRAL_NOISE_NO_SECAGG)
+        if pc.test_seed is not None:
             out.append(PRIVACY_TEST_MODE)
         return out
 
     def _privacy_summary(self, history: list[RoundRecord]) -> dict[str, Any]:
-        pc, ev = self.config.privacy, self.privacy_event
-        if not pc.enabled or ev is None:
+        pc, plan = self.config.privacy, self.privacy_plan
+        if not pc.enabled or plan is None:
             return {"enabled": False}
         refusals: dict[str, list[int]] = {}
         for r in history:
@@ -326,22 +397,43 @@ class Simulation:
                 if reason.startswith("privacy budget"):
                     refusals.setdefault(site, []).append(r.round)
         ledgers = {n: lg for n, lg in self._ledgers.items() if lg is not None}
-        return {
+        ev = plan.template if isinstance(plan, SiteLevelDP) else plan
+        out: dict[str, Any] = {
             "enabled": True,
             "level": ev.level,
             "mechanism": ev.mechanism,
+            "neighbouring": ev.neighbouring,
             "noise_multiplier": ev.noise_multiplier,
             "clip": ev.clip,
             "sampling_rate": ev.sampling_rate,
-            "steps_per_round": ev.steps,
             "delta": pc.delta,
-            "accountant": pc.accountant,
+            "accountant": accountant_used([ev], pc.accountant),
             "target_epsilon": pc.epsilon,
             "epsilon_per_site": {n: lg.spent() for n, lg in ledgers.items()},
             "epsilon_cap_per_site": {n: lg.epsilon_cap for n, lg in ledgers.items()},
             "refusals": refusals,
             "test_mode": pc.test_seed is not None,
+            "not_covered": [
+                "setup: row count and feature means and variances (sums across sites, exact)",
+                "evaluation counts on the sites' test splits (sums across sites, exact)",
+            ],
         }
+        if isinstance(ev, RecordLevelEvent):
+            out["steps_per_round"] = ev.steps
+        else:
+            assert isinstance(plan, SiteLevelDP)
+            out.update(
+                noise=pc.noise,
+                cohort=ev.cohort,
+                weighting="uniform",
+                count_noise_multiplier=ev.count_noise_multiplier,
+                adaptive_clipping=plan.adaptive is not None,
+                clip_per_round=[(r.privacy or {}).get("clip") for r in history],
+                final_clip=plan.clip,
+            )
+            if ev.skellam is not None:
+                out["skellam"] = ev.skellam.model_dump()
+        return out
 
     def _secure_summary(self, history: list[RoundRecord]) -> dict[str, Any]:
         sa = self.config.secure_aggregation

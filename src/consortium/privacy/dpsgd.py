@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
@@ -27,6 +28,12 @@ def secure_generator(test_seed: int | None = None) -> torch.Generator:
     """A torch generator seeded from os.urandom, or from ``test_seed`` (test mode: not private)."""
     seed = int.from_bytes(os.urandom(8), "little") if test_seed is None else test_seed
     return torch.Generator().manual_seed(seed)
+
+
+def secure_numpy_generator(test_seed: int | None = None) -> np.random.Generator:
+    """A numpy generator (for integer noise) seeded from os.urandom, or from ``test_seed`` (test mode)."""
+    entropy = int.from_bytes(os.urandom(32), "little") if test_seed is None else [test_seed, 0x5EC]
+    return np.random.default_rng(np.random.SeedSequence(entropy))
 
 
 def per_example_gradients(model: nn.Module) -> Callable[[dict, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:

@@ -20,7 +20,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from consortium.errors import ConfigError, ConsortiumError
 from consortium.privacy.accountant import PLD_INTERVAL, Accountant, epsilon
-from consortium.privacy.events import PrivacyEvent
+from consortium.privacy.events import PrivacyEvent, parse_event
 
 
 class BudgetExceeded(ConsortiumError):
@@ -102,7 +102,7 @@ class BudgetLedger:
     def events(self) -> list[PrivacyEvent]:
         with Session(self._engine) as s:
             rows = s.scalars(select(_Spent).order_by(_Spent.id)).all()
-            return [PrivacyEvent.model_validate_json(r.event) for r in rows]
+            return [parse_event(r.event) for r in rows]
 
     def history(self) -> list[dict[str, object]]:
         with Session(self._engine) as s:
@@ -122,6 +122,14 @@ class BudgetLedger:
             p = self._policy(s)
             so_far = self.events()
             before = _epsilon_under(p, so_far)
+            if so_far and so_far[0].level != new.level:
+                return Decision(
+                    False,
+                    before,
+                    before,
+                    f"privacy budget: this site's ledger holds {so_far[0].level}-level spending and one ledger "
+                    f"keeps one level: it refuses a {new.level}-level round",
+                )
             after = _epsilon_under(p, [*so_far, new])
         if after > p.epsilon_cap:
             return Decision(
@@ -163,7 +171,7 @@ def read_ledgers(run_dir: Path) -> dict[str, dict[str, object]]:
                 if policy is None:
                     raise ConfigError(f"{path} holds no policy: it is not a site ledger")
                 rows = s.scalars(select(_Spent).order_by(_Spent.id)).all()
-                events = [PrivacyEvent.model_validate_json(r.event) for r in rows]
+                events = [parse_event(r.event) for r in rows]
                 out[policy.site] = {
                     "epsilon_spent": _epsilon_under(policy, events),
                     "epsilon_cap": policy.epsilon_cap,

@@ -10,6 +10,10 @@ sum is ever decoded. Either way the coordinator reads nothing but sums.
             clipped to [-clip, clip] coordinate-wise, w is scaled to (0, 1]
             and the last two entries are scaled into [0, clip] so that every
             entry lies in the quantiser's range
+            Under site-level DP: [delta clipped to L2 norm clip (P)], then, with
+            adaptive clipping, [1/2 if the update was within the clip else -1/2];
+            no weight (every site counts once) and no loss (the guarantee does
+            not cover it)
 - evaluate: [n, correct, loss sum, negatives per score bin, positives per score bin]
 """
 
@@ -49,6 +53,21 @@ def fit_vector(delta: np.ndarray, weight: float, loss: float, clip: float | None
         return np.concatenate([delta.astype(np.float64) * weight, [weight, weight * loss]])
     clipped = np.clip(delta.astype(np.float64), -clip, clip)
     return np.concatenate([clipped * weight, [weight * clip, weight * min(loss, MAX_REPORTED_LOSS) * clip / MAX_REPORTED_LOSS]])
+
+
+def site_dp_vector(delta: np.ndarray, clip: float, with_count: bool) -> np.ndarray:
+    """The update scaled into the L2 ball of radius ``clip``, and (adaptive clipping) whether it was inside."""
+    delta = delta.astype(np.float64)
+    norm = float(np.linalg.norm(delta))
+    clipped = delta * min(1.0, clip / norm) if norm > 0 else delta
+    if not with_count:
+        return clipped
+    return np.concatenate([clipped, [0.5 if norm <= clip else -0.5]])
+
+
+def read_site_dp_sum(total: np.ndarray, n_params: int, with_count: bool) -> tuple[np.ndarray, float | None]:
+    """(sum of clipped updates, sum of centred clipped-count bits or None), noise included."""
+    return total[:n_params], float(total[n_params]) if with_count else None
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ say "ready", and the phase continues through the SecAgg+ stages
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -33,12 +34,13 @@ from consortium.learning.adapter import ModelAdapter
 from consortium.learning.models import ModelSpec
 from consortium.learning.strategies import FedAvg
 from consortium.learning.training import TrainSettings
-from consortium.privacy.events import PrivacyEvent
+from consortium.privacy.events import RecordLevelEvent
+from consortium.privacy.sitedp import SiteLevelDP
 from consortium.protocol import contributions as c
 from consortium.protocol import messages as m
 from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.secagg import SecAggServer, make_session
-from consortium.secagg.encoding import RingEncoding
+from consortium.secagg.encoding import RingEncoding, SkellamEncoding
 from consortium.secagg.graph import plan_graph
 from consortium.secagg.messages import STAGES
 
@@ -79,6 +81,7 @@ class RoundRecord:
     evaluated_sites: int = 0
     evaluation_note: str = ""
     secure: dict[str, object] | None = None
+    privacy: dict[str, object] | None = None  # site level: the clip used, and the noisy share of sites under it
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -93,6 +96,7 @@ class RoundRecord:
             "evaluated_sites": self.evaluated_sites,
             "evaluation_note": self.evaluation_note,
             "secure_aggregation": self.secure,
+            "privacy": self.privacy,
             **self.metrics,
         }
 
@@ -106,7 +110,7 @@ class _PhaseState:
     refused: dict[str, str] = field(default_factory=dict)
     plain: dict[str, np.ndarray] = field(default_factory=dict)
     server: SecAggServer | None = None
-    encoding: RingEncoding | None = None
+    encoding: RingEncoding | SkellamEncoding | None = None
     outgoing: dict[str, m.BaseModel] = field(default_factory=dict)
 
 
@@ -130,7 +134,7 @@ class Coordinator:
         rounds: int,
         seed: int,
         secure: SecureAggregation | None = None,
-        privacy: PrivacyEvent | None = None,
+        privacy: RecordLevelEvent | SiteLevelDP | None = None,
         model_builder: ModelBuilder = build_task_model,
     ) -> None:
         if len(set(sites)) != len(sites) or not sites:
@@ -147,7 +151,12 @@ class Coordinator:
         self.strategy = strategy
         self.rounds = rounds
         self.secure = secure
-        self.privacy = privacy  # the DP-SGD each round asks of the sites; they check it against their budgets
+        # Record level: the DP-SGD each round asks of the sites. Site level: the clip, noise and
+        # release of DP-FedAvg. Either way the sites check each round's event against their budgets.
+        self.privacy = privacy
+        self.site_dp = privacy if isinstance(privacy, SiteLevelDP) else None
+        if self.site_dp is not None and self.site_dp.distributed and secure is None:
+            raise ConfigError("distributed noise is added inside secure aggregation: turn it on, or choose central noise")
         self._rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC00D]))
         self._init_seed = seed
         self._build = model_builder
@@ -222,22 +231,24 @@ class Coordinator:
         if st.phase == "setup":
             return m.SetupRequest(secure_aggregation=secure)
         if st.phase == "fit":
+            site_dp = self.site_dp
             return m.FitRequest(
                 task=self._task(),
                 params=m.Tensor.from_numpy(self._params()),
                 train=self.train,
                 proximal_mu=self.strategy.proximal_mu,
-                weighting=self.strategy.weighting,
+                weighting="uniform" if site_dp else self.strategy.weighting,
                 weight_scale=self.total_rows if secure else 1.0,
                 secure_aggregation=secure,
                 update_clip=self.secure.update_clip if self.secure else None,
-                privacy=self.privacy,
+                privacy=site_dp.event() if site_dp else self.privacy,
             )
         return m.EvaluateRequest(task=self._task(), params=m.Tensor.from_numpy(self._params()), secure_aggregation=secure)
 
     def _expected_length(self, phase: Phase) -> int | None:
         if phase == "fit":
-            return self._params().shape[0] + 2
+            n_params = self._params().shape[0]
+            return self.site_dp.vector_length(n_params) if self.site_dp else n_params + 2
         if phase == "evaluate":
             return c.EVAL_LENGTH
         return None  # setup: known from the schema, checked in _finish_setup
@@ -319,8 +330,19 @@ class Coordinator:
             return _PhaseResult(None, [], f"only {len(ready)} site(s) ready: secure aggregation needs at least 2")
         plan = plan_graph(len(ready), dropout_rate=sec.dropout_rate, corruption_rate=sec.corruption_rate)
         if st.phase == "fit":
-            length = self._params().shape[0] + 2
-            st.encoding = c.fit_encoding(sec.update_clip, len(ready), sec.bits)
+            length = self._expected_length("fit")
+            assert length is not None
+            if self.site_dp is not None:
+                event = self.site_dp.event()
+                st.encoding = self.site_dp.encoding(event, len(ready), sec.bits)
+                if self.site_dp.distributed:  # the noise needs `cohort` contributors in any sum unmasked
+                    if len(ready) < event.cohort:
+                        return _PhaseResult(
+                            None, [], f"only {len(ready)} site(s) ready: the distributed noise needs {event.cohort}"
+                        )
+                    plan = dataclasses.replace(plan, threshold=max(plan.threshold, event.cohort))
+            else:
+                st.encoding = c.fit_encoding(sec.update_clip, len(ready), sec.bits)
         elif st.phase == "evaluate":
             length, st.encoding = c.EVAL_LENGTH, c.eval_encoding()
         else:
@@ -411,11 +433,18 @@ class Coordinator:
             record.reason += ": the model is unchanged this round"
             return
         n_params = self._params().shape[0]
+        if self.site_dp is not None:
+            clip = self.site_dp.clip
+            mean, fraction = self.site_dp.release(result.total, n_params, len(result.included))
+            record.privacy = {"clip": clip, "fraction_under_clip": fraction}
+            self.params = self.strategy.apply(self.round, self._params(), mean.astype(np.float32))
+            return
         s = c.read_fit_sum(result.total, n_params, self.secure.update_clip if self.secure else None)
         if s.weight <= 0:
             record.status, record.reason = "skipped", "the updates carry no weight: the model is unchanged"
             return
-        record.train_loss = s.weighted_loss / s.weight
+        if self.privacy is None:  # a training loss is not covered by any DP guarantee: not read under DP
+            record.train_loss = s.weighted_loss / s.weight
         mean_update = (s.weighted_update / s.weight).astype(np.float32)
         self.params = self.strategy.apply(self.round, self._params(), mean_update)
 

@@ -17,7 +17,7 @@ from consortium.learning.models import ModelSpec
 from consortium.learning.strategies import Weighting
 from consortium.learning.training import TrainSettings
 from consortium.privacy.events import PrivacyEvent
-from consortium.secagg.encoding import RingEncoding
+from consortium.secagg.encoding import RingEncoding, SkellamEncoding
 from consortium.secagg.messages import (
     ConsistencyAck,
     KeyAdvert,
@@ -33,7 +33,7 @@ from consortium.secagg.messages import (
 from consortium.wire import Frozen as _Frozen
 from consortium.wire import Tensor, decode_frame, encode_frame
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: site-level privacy events and the Skellam encoding
 
 #: The coordinator's name in every envelope; no site may take it.
 COORDINATOR = "coordinator"
@@ -95,7 +95,8 @@ class FitRequest(_Frozen):
     weight_scale: float = Field(1.0, gt=0)
     secure_aggregation: bool
     update_clip: float | None = Field(None, gt=0)
-    #: Record-level DP-SGD for this round, as the site will record it in its ledger; None: no DP.
+    #: This round's differential privacy, as the site will record it in its ledger; None: no DP.
+    #: Record level: DP-SGD in local training. Site level: clip the update (and add noise, if distributed).
     privacy: PrivacyEvent | None = None
 
     @model_validator(mode="after")
@@ -133,7 +134,7 @@ class SecAggStart(_Frozen):
     kind: Literal["secagg_start"] = "secagg_start"
     phase: Phase
     params: SessionParams
-    encoding: RingEncoding
+    encoding: Annotated[RingEncoding | SkellamEncoding, Field(discriminator="kind")]
 
 
 class SecAggAdvert(_Frozen):

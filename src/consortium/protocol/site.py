@@ -22,12 +22,14 @@ from consortium.data import Splits, Table
 from consortium.errors import ModelError, ProtocolError
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.training import evaluate, train_local
-from consortium.privacy.dpsgd import secure_generator, train_dp_sgd
+from consortium.privacy.dpsgd import secure_generator, secure_numpy_generator, train_dp_sgd
+from consortium.privacy.events import RecordLevelEvent, SiteLevelEvent
 from consortium.privacy.ledger import BudgetExceeded, BudgetLedger
 from consortium.protocol import contributions as c
 from consortium.protocol import messages as m
 from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.secagg import SecAggClient
+from consortium.secagg.encoding import SkellamEncoding
 from consortium.wire import Tensor
 
 COORDINATOR = m.COORDINATOR
@@ -48,8 +50,9 @@ class Site:
 
     ``identity`` (an Ed25519 key) and ``directory`` (every member's public
     key, the coordinator's included) are needed for secure aggregation.
-    ``ledger`` is the site's own privacy budget: with one, the site trains
-    only under record-level DP and refuses a round that would exceed its cap.
+    ``ledger`` is the site's own privacy budget: with one, the site takes
+    part only in rounds under differential privacy (record or site level)
+    and refuses a round that would exceed its cap.
     ``noise_test_seed`` makes the privacy noise reproducible: test mode only.
     """
 
@@ -76,6 +79,8 @@ class Site:
         # With a ledger the site trains only under DP, within its own cap.
         self.ledger = ledger
         self._noise = secure_generator(noise_test_seed)
+        self._int_noise = secure_numpy_generator(noise_test_seed)
+        self.__paid: dict[int, SiteLevelEvent] = {}  # site-level events paid, by round: their sessions must match
         self._model: tuple[m.TaskSpec, torch.nn.Module, ModelAdapter] | None = None
         self.__pending: dict[tuple[int, str], np.ndarray] = {}  # contributions awaiting their session
         self.__sessions: dict[str, tuple[SecAggClient, np.ndarray]] = {}
@@ -162,7 +167,7 @@ class Site:
         module, adapter, global_params = self._model_for(msg.task, msg.params)
         center = [p.detach().clone() for p in module.parameters()] if msg.proximal_mu > 0 else None
         X, y = self.__train
-        if msg.privacy is not None:
+        if isinstance(msg.privacy, RecordLevelEvent):
             ev = msg.privacy
             loss = train_dp_sgd(
                 module, X, y, msg.train,
@@ -173,6 +178,8 @@ class Site:
             seed = int(np.random.SeedSequence([self._seed, rnd]).generate_state(1)[0])
             loss = train_local(module, X, y, msg.train, seed=seed, proximal_mu=msg.proximal_mu, proximal_center=center)
         delta = adapter.get_vector() - global_params
+        if isinstance(msg.privacy, SiteLevelEvent):
+            return self._fit_site_level(rnd, msg, msg.privacy, delta)
         rows = float(X.shape[0]) if msg.weighting == "examples" else 1.0
         weight = min(rows / msg.weight_scale, 1.0) if msg.secure_aggregation else rows
         if msg.secure_aggregation:
@@ -180,6 +187,32 @@ class Site:
         else:  # in the clear, float32 like the update itself: half the traffic of float64
             vector = c.fit_vector(delta, weight, loss, None).astype(np.float32)
         return m.FitReply(contribution=self._contribute(rnd, "fit", vector, msg.secure_aggregation))
+
+    def _fit_site_level(self, rnd: int, msg: m.FitRequest, event: SiteLevelEvent, delta: np.ndarray) -> m.FitReply:
+        """DP-FedAvg: the update clipped to L2 norm ``event.clip``; distributed noise joins it in the ring."""
+        if event.skellam is not None:
+            if not msg.secure_aggregation:
+                raise ProtocolError("distributed noise needs secure aggregation, and this round has none")
+            self.__paid[rnd] = event
+        vector = c.site_dp_vector(delta, event.clip, event.adaptive)
+        return m.FitReply(contribution=self._contribute(rnd, "fit", vector, msg.secure_aggregation))
+
+    def _check_noise(self, rnd: int, msg: m.SecAggStart) -> None:
+        """A round paid for with distributed noise runs only in a session that adds exactly that noise."""
+        paid = self.__paid.pop(rnd, None) if msg.phase == "fit" else None
+        if paid is None:
+            if isinstance(msg.encoding, SkellamEncoding):
+                raise ProtocolError("a noisy encoding for a round this site did not pay for")
+            return
+        assert paid.skellam is not None
+        expected = SkellamEncoding(bits=msg.encoding.bits, clip=paid.clip, cohort=paid.cohort, noise=paid.skellam)
+        if msg.encoding != expected:
+            raise ProtocolError("the session's encoding does not add the noise this round's privacy event declares")
+        if msg.params.threshold < paid.cohort:
+            raise ProtocolError(
+                f"the session's threshold {msg.params.threshold} would let a sum of fewer than the {paid.cohort} "
+                "noisy updates the noise is calibrated for be unmasked"
+            )
 
     def _evaluate(self, rnd: int, msg: m.EvaluateRequest) -> m.EvaluateReply:
         module, _, _ = self._model_for(msg.task, msg.params)
@@ -202,8 +235,12 @@ class Site:
             raise ProtocolError(f"nothing is pending for round {rnd} phase {msg.phase}: refusing to start a session")
         if vector.shape != (msg.params.length,):
             raise ProtocolError(f"the session expects {msg.params.length} values, this site has {vector.shape[0]}")
+        self._check_noise(rnd, msg)
         n = len(msg.params.participants)
-        encoded = msg.encoding.encode(vector, n, self._rng(rnd, msg.phase))
+        if isinstance(msg.encoding, SkellamEncoding):
+            encoded = msg.encoding.encode(vector, n, self._rng(rnd, msg.phase), self._int_noise)
+        else:
+            encoded = msg.encoding.encode(vector, n, self._rng(rnd, msg.phase))
         client = SecAggClient(self.name, self._identity, msg.params, self._directory, self._directory[COORDINATOR])
         self._used_sessions.add(sid)
         self.__sessions[sid] = (client, encoded)
