@@ -1,5 +1,6 @@
-"""Site-level DP (DP-FedAvg): Skellam accounting against a high-precision reference, noise levels,
-reduction to plain FedAvg, adaptive clipping, and the checks a site makes before adding its noise."""
+"""Site-level DP (DP-FedAvg): the distributed discrete Gaussian's bound against a high-precision
+reference, its exact sampler, noise levels, reduction to plain FedAvg, adaptive clipping, and the
+checks a site makes before adding its noise."""
 
 import math
 
@@ -15,9 +16,9 @@ from consortium.errors import ConfigError
 from consortium.learning.models import ModelSpec
 from consortium.learning.strategies import FedAvg
 from consortium.learning.training import TrainSettings
-from consortium.privacy import skellam
+from consortium.privacy import ddg
 from consortium.privacy.accountant import PLD_INTERVAL, calibrate_site_noise, epsilon
-from consortium.privacy.events import RecordLevelEvent, SiteLevelEvent, parse_event
+from consortium.privacy.events import DiscreteGaussianNoise, RecordLevelEvent, SiteLevelEvent, parse_event
 from consortium.privacy.ledger import BudgetExceeded, BudgetLedger
 from consortium.privacy.sitedp import AdaptiveClipping, SiteLevelDP
 from consortium.protocol import contributions as c
@@ -25,56 +26,90 @@ from consortium.protocol import messages as m
 from consortium.protocol.coordinator import COORDINATOR, Coordinator, SecureAggregation
 from consortium.protocol.loop import RoundLoop
 from consortium.protocol.site import Site
-from consortium.secagg.encoding import SkellamEncoding
+from consortium.secagg.encoding import DiscreteGaussianEncoding
 from consortium.simulation import run_simulation
 from consortium.transport import InProcessTransport
 from tests.conftest import make_splits
 
-# -- the Skellam RDP bound ----------------------------------------------------------
+# -- the distributed discrete Gaussian: bound, sampler, plan ----------------------------------
 
 
-def _exact_skellam_rdp(order: int, shift: int, variance: float) -> float:
-    """D_order(Sk(variance) + shift || Sk(variance)), summed term by term at 40 digits.
+def _dg_pmf(variance: int, reach: int) -> list:
+    w = [mpmath.exp(-mpmath.mpf(k * k) / (2 * variance)) for k in range(-reach, reach + 1)]
+    total = mpmath.fsum(w)
+    return [x / total for x in w]
 
-    Sk(mu) = Poisson(mu/2) - Poisson(mu/2) has P(k) = exp(-mu) I_|k|(mu).
-    """
+
+def _exact_ddg_rdp(order: int, shift: int, variance: int, n_sites: int) -> float:
+    """D_order(S + shift || S) for S a sum of ``n_sites`` N_Z(0, variance), by convolution at 40 digits."""
     mpmath.mp.dps = 40
-    mu = mpmath.mpf(variance)
-
-    def p(k: int) -> mpmath.mpf:
-        return mpmath.exp(-mu) * mpmath.besseli(abs(k), mu)
-
-    reach = int(shift + 60 * math.sqrt(variance) + 60)
-    total = mpmath.fsum(p(k - shift) ** order * p(k) ** (1 - order) for k in range(-reach, reach + 1))
-    return float(mpmath.log(total) / (order - 1))
-
-
-@pytest.mark.parametrize("variance", [4.0, 20.0, 100.0])
-@pytest.mark.parametrize("shift", [1, 3])
-@pytest.mark.parametrize("order", [2, 5, 16])
-def test_skellam_bound_holds_against_the_exact_divergence(variance, shift, order):
-    exact = _exact_skellam_rdp(order, shift, variance)
-    bound = skellam.skellam_rdp(order, shift, shift, variance)  # one coordinate: L1 = L2 = shift
-    assert exact <= bound
-    if variance >= 100:  # and it is tight once the noise is large: the Gaussian term dominates
-        assert bound <= 1.1 * exact
+    reach = int(30 * math.sqrt(variance)) + 10
+    pmf = _dg_pmf(variance, reach)
+    total = pmf
+    for _ in range(n_sites - 1):  # convolve: support grows by 2 reach each time
+        out = [mpmath.mpf(0)] * (len(total) + len(pmf) - 1)
+        for i, a in enumerate(total):
+            for j, b in enumerate(pmf):
+                out[i + j] += a * b
+        total = out
+    terms = [total[k] ** order * total[k - shift] ** (1 - order) for k in range(shift, len(total))]
+    return float(mpmath.log(mpmath.fsum(terms)) / (order - 1))
 
 
-def test_skellam_bound_known_answers():
-    # alpha D2^2 / (2 mu) + min(((2 alpha - 1) D2^2 + 6 D1) / (4 mu^2), 3 D1 / (2 mu)), by hand:
-    assert skellam.skellam_rdp(2, 1, 1, 10) == pytest.approx(0.1 + 9 / 400, rel=1e-12)
-    assert skellam.skellam_rdp(3, 4, 2, 1) == pytest.approx(6.0 + min((20 + 24) / 4, 6.0), rel=1e-12)
-    with pytest.raises(ValueError):
-        skellam.skellam_rdp(2.5, 1, 1, 10)  # the bound is proven for integer orders only
+@pytest.mark.parametrize("variance,n_sites", [(1, 2), (1, 3), (2, 2), (4, 3), (60, 2)])
+@pytest.mark.parametrize("shift", [1, 2])
+@pytest.mark.parametrize("order", [2, 4, 8])
+def test_ddg_bound_holds_against_the_exact_divergence(variance, n_sites, shift, order):
+    exact = _exact_ddg_rdp(order, shift, variance, n_sites)
+    bound = ddg.ddg_rdp(order, shift, shift, variance, n_sites, dim=1)  # one coordinate: L1 = L2 = shift
+    assert exact <= bound * (1 + 1e-9)  # float64 rounding of the bound itself
+    if variance >= 40:  # tau is negligible: the bound is the Gaussian one, and tight
+        assert bound <= 1.05 * exact
 
 
-def test_planned_skellam_meets_its_target_tightly_and_approaches_the_gaussian():
-    noise = skellam.plan_skellam(target_epsilon=3.0, delta=1e-5, rounds=10, dim=1000, cohort=4, max_sites=8, bits=32)
-    assert skellam.skellam_epsilon(noise, 10, 1e-5) <= 3.0
-    assert skellam.ring_headroom_ok(noise, n_sites=8, cohort=4, dim=1000, bits=32)
-    # With 2^20 units per clip the integer price is negligible: the multiplier is the Gaussian one under RDP.
-    z = skellam.noise_multiplier_of(noise)
-    gaussian = dp_accounting.rdp.RdpAccountant(skellam.ORDERS).compose(
+def test_ddg_bound_known_answers():
+    # One site: tau = 0 and the bound is the Gaussian alpha (D2 / sigma)^2 / 2.
+    assert ddg.ddg_rdp(2, 1, 1, 100, 1, 1) == pytest.approx(0.01, rel=1e-12)
+    # Two sites of variance 1: tau = 10 exp(-pi^2), a = b = 1 / sqrt(2).
+    tau = 10 * math.exp(-math.pi**2)
+    expected = min(2 * 0.5 / 2 + tau, 2 * (0.5 + 2 * tau / math.sqrt(2) + tau * tau) / 2, 2 * (1 / math.sqrt(2) + tau) ** 2 / 2)
+    assert ddg.ddg_rdp(2, 1, 1, 1, 2, 1) == pytest.approx(expected, rel=1e-12)
+    assert ddg.ddg_tau(40, 5) < 1e-170
+
+
+@pytest.mark.parametrize("variance", [1, 4, 9, 1 << 24])
+def test_the_exact_sampler_matches_the_discrete_gaussian(variance):
+    draws = ddg.sample_discrete_gaussian(np.random.default_rng(variance), variance, 200_000)
+    assert draws.dtype == np.int64
+    truth = ddg.discrete_gaussian_variance(variance)
+    assert draws.var() == pytest.approx(truth, rel=0.02)
+    assert abs(draws.mean()) < 5 * math.sqrt(truth / 200_000)
+    if variance < 100:  # the whole distribution: total variation distance to the exact PMF
+        reach = int(8 * math.sqrt(variance)) + 2
+        k = np.arange(-reach, reach + 1)
+        pmf = np.exp(-k * k / (2 * variance))
+        pmf /= pmf.sum()
+        counts = np.array([(draws == v).sum() for v in k]) / draws.size
+        assert 0.5 * np.abs(counts - pmf).sum() < 0.005
+
+
+def test_huge_laplace_proposals_take_the_exact_integer_path():
+    rng = np.random.default_rng(0)
+    # exp(-((|y| t - s)^2) / (2 s t^2)) for |y| = 10^6, s = 4, t = 3: far past int64, and far below 1.
+    assert not ddg._bernoulli_exp_neg_big(rng, (10**6 * 3 - 4) ** 2, 2 * 4 * 9)
+    assert all(ddg._bernoulli_exp_neg_big(rng, 0, 5) for _ in range(20))
+    ones = np.ones(100_000, dtype=np.int64)
+    assert ddg._bernoulli_exp_neg_unit(rng, ones, ones).mean() == pytest.approx(math.exp(-1), abs=0.01)
+    assert ddg._bernoulli_exp_neg(rng, 5 * ones, 2 * ones).mean() == pytest.approx(math.exp(-2.5), abs=0.005)
+
+
+def test_planned_noise_meets_its_target_tightly_and_approaches_the_gaussian():
+    noise = ddg.plan_ddg(target_epsilon=3.0, delta=1e-5, rounds=10, dim=1000, cohort=4, max_sites=8, bits=32)
+    assert ddg.ddg_epsilon(noise, 4, 10, 1e-5) <= 3.0
+    assert noise.site_variance <= ddg.MAX_SITE_VARIANCE and ddg.ring_headroom_ok(noise, n_sites=8, bits=32)
+    # The integer price is negligible: the summed noise's multiplier is the Gaussian one under RDP.
+    z = ddg.noise_multiplier_of(noise, 4)
+    gaussian = dp_accounting.rdp.RdpAccountant(ddg.ORDERS).compose(
         dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), 10)
     )
     assert gaussian.get_epsilon(1e-5) == pytest.approx(3.0, rel=0.01)
@@ -82,15 +117,15 @@ def test_planned_skellam_meets_its_target_tightly_and_approaches_the_gaussian():
 
 def test_a_ring_too_small_for_the_noise_is_refused():
     with pytest.raises(ConfigError, match="bits"):
-        skellam.plan_skellam(target_epsilon=1.0, delta=1e-5, rounds=50, dim=10_000, cohort=10, max_sites=1000, bits=16)
+        ddg.plan_ddg(target_epsilon=1.0, delta=1e-5, rounds=50, dim=10_000, cohort=10, max_sites=1000, bits=16)
 
 
 def test_conditional_rounding_meets_its_bound_and_is_unbiased():
     rng = np.random.default_rng(0)
     x = rng.standard_normal(400)
     x *= 50 / np.linalg.norm(x)
-    bound = skellam.rounded_l2_bound(50.0, 400)
-    draws = np.stack([skellam.conditional_round(x, bound, rng) for _ in range(2000)])
+    bound = ddg.rounded_l2_bound(50.0, 400)
+    draws = np.stack([ddg.conditional_round(x, bound, rng) for _ in range(2000)])
     assert np.all(np.linalg.norm(draws, axis=1) <= bound)
     assert np.abs(draws.mean(axis=0) - x).max() < 0.1  # per-coordinate std of the mean ~ 0.5 / sqrt(2000)
 
@@ -99,16 +134,15 @@ def test_conditional_rounding_meets_its_bound_and_is_unbiased():
 
 
 def test_distributed_noise_in_the_decoded_sum_matches_theory():
-    noise = skellam.plan_skellam(target_epsilon=2.0, delta=1e-5, rounds=5, dim=3000, cohort=3, max_sites=5, bits=32)
-    enc = SkellamEncoding(bits=32, clip=0.5, cohort=3, noise=noise)
+    noise = ddg.plan_ddg(target_epsilon=2.0, delta=1e-5, rounds=5, dim=3000, cohort=3, max_sites=5, bits=32)
+    enc = DiscreteGaussianEncoding(bits=32, clip=0.5, cohort=3, noise=noise)
     rng, secret = np.random.default_rng(1), np.random.default_rng(2)
     n = 5
-    words = [enc.encode(np.zeros(3000), n, rng, secret) for _ in range(n)]
     total = np.zeros(3000, dtype=np.uint64)
-    for w in words:
-        total = (total + w.astype(np.uint64)) & np.uint64((1 << 32) - 1)
+    for _ in range(n):
+        total = (total + enc.encode(np.zeros(3000), n, rng, secret).astype(np.uint64)) & np.uint64((1 << 32) - 1)
     decoded = enc.decode_sum(total.astype(np.uint32), n)
-    theory = math.sqrt(noise.variance * n / 3) / enc.scale  # n sites each adding variance / cohort
+    theory = math.sqrt(n * ddg.discrete_gaussian_variance(noise.site_variance)) / enc.scale
     assert decoded.std() == pytest.approx(theory, rel=0.15)
     assert abs(decoded.mean()) < 4 * theory / math.sqrt(3000)
 
@@ -150,12 +184,13 @@ def test_the_clipped_count_is_paid_for_and_the_split_keeps_the_total():
     assert eps_without < eps_with - 0.2  # leaving the count out would under-report
 
 
-def test_skellam_events_are_accounted_in_rdp_and_never_mix_with_record_level(tmp_path):
-    noise = skellam.plan_skellam(target_epsilon=2.0, delta=1e-5, rounds=4, dim=100, cohort=2, max_sites=3, bits=32)
+def test_distributed_events_are_accounted_in_rdp_and_never_mix_with_record_level(tmp_path):
+    noise = ddg.plan_ddg(target_epsilon=2.0, delta=1e-5, rounds=4, dim=100, cohort=2, max_sites=3, bits=32)
     ev = SiteLevelEvent(
-        mechanism="dp-fedavg-skellam", noise_multiplier=skellam.noise_multiplier_of(noise), clip=1.0, cohort=2, skellam=noise
+        mechanism="dp-fedavg-distributed-discrete-gaussian", noise_multiplier=ddg.noise_multiplier_of(noise, 2),
+        clip=1.0, cohort=2, ddg=noise,
     )
-    assert epsilon([ev] * 4, 1e-5) == pytest.approx(skellam.skellam_epsilon(noise, 4, 1e-5), rel=1e-9)
+    assert epsilon([ev] * 4, 1e-5) == pytest.approx(ddg.ddg_epsilon(noise, 2, 4, 1e-5), rel=1e-9)
     assert parse_event(ev.model_dump_json()) == ev
     ledger = BudgetLedger(tmp_path / "b.sqlite", site="a", epsilon_cap=2.0, delta=1e-5)
     for rnd in range(1, 5):
@@ -209,10 +244,13 @@ def test_zero_noise_and_an_unbounded_clip_reproduce_plain_fedavg():
 
 def test_near_zero_distributed_noise_reproduces_plain_fedavg_through_secure_aggregation():
     plain_hist, plain = _run(*_consortium(np.random.default_rng(7), None, secure=True))
-    noise = skellam.SkellamNoise(
-        scale_clip=1 << 20, l2_bound=float(1 << 21), variance=1e-9, l2_sensitivity=float(1 << 21), l1_sensitivity=1.0
+    # The least noise there is: variance 1 in units of 10 / 2^20 of an update coordinate.
+    noise = DiscreteGaussianNoise(
+        scale_clip=1 << 20, dim=74, l2_bound=float(1 << 21), site_variance=1, l2_sensitivity=float(1 << 21), l1_sensitivity=1.0
     )
-    event = SiteLevelEvent(mechanism="dp-fedavg-skellam", noise_multiplier=0.0, clip=10.0, cohort=3, skellam=noise)
+    event = SiteLevelEvent(
+        mechanism="dp-fedavg-distributed-discrete-gaussian", noise_multiplier=0.0, clip=10.0, cohort=3, ddg=noise
+    )
     dp = SiteLevelDP(template=event, noise_rng=np.random.default_rng(0))
     hist, private = _run(*_consortium(np.random.default_rng(7), dp, secure=True))
     assert all(r.status == "ok" for r in hist)
@@ -227,9 +265,10 @@ def _to_fit_session(coord, transport):
 
 
 def _noisy_dp(sites_count=4):
-    noise = skellam.plan_skellam(target_epsilon=4.0, delta=1e-5, rounds=3, dim=65, cohort=3, max_sites=sites_count, bits=32)
+    noise = ddg.plan_ddg(target_epsilon=4.0, delta=1e-5, rounds=3, dim=74, cohort=3, max_sites=sites_count, bits=32)
     event = SiteLevelEvent(
-        mechanism="dp-fedavg-skellam", noise_multiplier=skellam.noise_multiplier_of(noise), clip=1.0, cohort=3, skellam=noise
+        mechanism="dp-fedavg-distributed-discrete-gaussian", noise_multiplier=ddg.noise_multiplier_of(noise, 3),
+        clip=1.0, cohort=3, ddg=noise,
     )
     return SiteLevelDP(template=event, noise_rng=np.random.default_rng(0))
 
@@ -289,7 +328,8 @@ def test_a_simulation_at_site_level_records_everything_and_meets_its_target(tmp_
     })
     summary = run_simulation(cfg, out=tmp_path / "run").summary
     p = summary["privacy"]
-    assert p["level"] == "site" and p["noise"] == "distributed" and p["mechanism"] == "dp-fedavg-skellam"
+    assert p["level"] == "site" and p["noise"] == "distributed"
+    assert p["mechanism"] == "dp-fedavg-distributed-discrete-gaussian"
     assert p["accountant"] == "rdp" and p["weighting"] == "uniform" and p["adaptive_clipping"]
     assert p["cohort"] == 3  # the SecAgg+ threshold of 4 sites
     assert all(0 < e <= 4.0 for e in p["epsilon_per_site"].values())

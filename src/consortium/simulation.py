@@ -42,7 +42,7 @@ from consortium.learning.adapter import ModelAdapter
 from consortium.learning.models import build_model
 from consortium.learning.strategies import STRATEGIES, FedAvg
 from consortium.learning.training import EvalStats, TrainSettings, evaluate, train_local
-from consortium.privacy import skellam
+from consortium.privacy import ddg
 from consortium.privacy.accountant import accountant_used, calibrate_noise, calibrate_site_noise
 from consortium.privacy.dpsgd import secure_numpy_generator
 from consortium.privacy.events import RecordLevelEvent, SiteLevelEvent
@@ -295,14 +295,15 @@ class Simulation:
                     seed=0,
                 )
             ).size
-            noise = skellam.plan_skellam(
+            noise = ddg.plan_ddg(
                 target_epsilon=pc.epsilon, delta=pc.delta, rounds=config.rounds, dim=dim,
                 cohort=cohort, max_sites=n_sites, bits=sa.bits, count_share=share,
             )
-            count_z = 2 * math.sqrt(noise.variance) / noise.count_scale if noise.count_scale else None
+            summed_sd = math.sqrt(cohort * noise.site_variance)
+            count_z = 2 * summed_sd / noise.count_scale if noise.count_scale else None
             event = SiteLevelEvent(
-                mechanism="dp-fedavg-skellam", noise_multiplier=skellam.noise_multiplier_of(noise),
-                clip=pc.update_clip, cohort=cohort, count_noise_multiplier=count_z, skellam=noise,
+                mechanism="dp-fedavg-distributed-discrete-gaussian", noise_multiplier=ddg.noise_multiplier_of(noise, cohort),
+                clip=pc.update_clip, cohort=cohort, count_noise_multiplier=count_z, ddg=noise,
             )
         else:
             if pc.noise_multiplier is not None:
@@ -431,8 +432,8 @@ class Simulation:
                 clip_per_round=[(r.privacy or {}).get("clip") for r in history],
                 final_clip=plan.clip,
             )
-            if ev.skellam is not None:
-                out["skellam"] = ev.skellam.model_dump()
+            if ev.ddg is not None:
+                out["distributed_noise"] = ev.ddg.model_dump()
         return out
 
     def _secure_summary(self, history: list[RoundRecord]) -> dict[str, Any]:

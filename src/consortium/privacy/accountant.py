@@ -2,10 +2,10 @@
 
 PLD (privacy loss distributions, Koskela et al.; Doroshenko et al. 2022) gives
 the figures we report; RDP (Mironov 2017) is available for comparison and is
-looser. dp-accounting has no event for Skellam noise: a run with it is
-accounted in RDP, its published bound (``skellam``) added to dp-accounting's
-RDP of the other events, and converted by dp-accounting; ``accountant_used``
-says so. Nothing here keeps state: a site's ledger stores its events and asks
+looser. dp-accounting has no event for the distributed discrete Gaussian: a
+run with it is accounted in RDP, its published bound (``ddg``) added to
+dp-accounting's RDP of the other events, and converted by dp-accounting;
+``accountant_used`` says so. Nothing here keeps state: a site's ledger stores its events and asks
 these functions what they add up to.
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 from dp_accounting import pld, rdp
 
 from consortium.errors import ConfigError
-from consortium.privacy import skellam
+from consortium.privacy import ddg
 from consortium.privacy.events import PrivacyEvent, RecordLevelEvent, SiteLevelEvent
 
 Accountant = Literal["pld", "rdp"]
@@ -56,8 +56,8 @@ def _check_delta(delta: float) -> None:
 
 
 def uses_rdp_only(events: Sequence[PrivacyEvent]) -> bool:
-    """True when some event has no dp-accounting form (Skellam noise): only RDP can compose them."""
-    return any(isinstance(e, SiteLevelEvent) and e.skellam is not None for e in events)
+    """True when some event has no dp-accounting form (distributed noise): only RDP can compose them."""
+    return any(isinstance(e, SiteLevelEvent) and e.ddg is not None for e in events)
 
 
 def accountant_used(events: Sequence[PrivacyEvent], requested: Accountant) -> Accountant:
@@ -91,16 +91,16 @@ def epsilon(
 def _epsilon_of(grouped: tuple[PrivacyEvent, ...], delta: float, accountant: Accountant, pld_interval: float) -> float:
     """Pure in its arguments, so cached: every site of a simulation asks the same question each round."""
     if uses_rdp_only(grouped):
-        acc = rdp.RdpAccountant(orders=skellam.ORDERS, neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
-        curve = np.zeros(len(skellam.ORDERS))
+        acc = rdp.RdpAccountant(orders=ddg.ORDERS, neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+        curve = np.zeros(len(ddg.ORDERS))
         for e in grouped:
             dp_event = e.to_dp_event()
             if dp_event is None:
-                assert isinstance(e, SiteLevelEvent) and e.skellam is not None
-                curve += skellam.skellam_rdp_curve(e.skellam, e.steps)
+                assert isinstance(e, SiteLevelEvent) and e.ddg is not None
+                curve += ddg.ddg_rdp_curve(e.ddg, e.cohort, e.steps)
             else:
                 acc.compose(dp_event)
-        return skellam.rdp_epsilon(curve + acc.rdp, delta)
+        return ddg.rdp_epsilon(curve + acc.rdp, delta)
     acc = _accountant(accountant, pld_interval)
     composed = dp_accounting.ComposedDpEvent([e.to_dp_event() for e in grouped])
     if not acc.supports(composed):

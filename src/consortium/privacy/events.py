@@ -11,8 +11,8 @@ Two levels, never mixed in one ledger:
 
 - ``RecordLevelEvent``: DP-SGD inside the site (a patient within a site);
 - ``SiteLevelEvent``: DP-FedAvg (a whole institution's contribution), with
-  Gaussian noise added centrally, or Skellam noise added by the sites inside
-  the secure-aggregation ring (distributed).
+  Gaussian noise added centrally, or discrete Gaussian noise added by the
+  sites inside the secure-aggregation ring (distributed).
 """
 
 from __future__ import annotations
@@ -51,30 +51,29 @@ class RecordLevelEvent(Frozen):
         return dp_accounting.SelfComposedDpEvent(step, self.steps)
 
 
-class SkellamNoise(Frozen):
-    """Distributed Skellam noise, in the integer units of the secure-aggregation ring.
+class DiscreteGaussianNoise(Frozen):
+    """Distributed discrete Gaussian noise, in the integer units of the secure-aggregation ring.
 
-    Each site scales its clipped update by ``scale_clip / clip`` (so the clip
-    bound becomes ``scale_clip`` integer units), rounds it stochastically
-    until its L2 norm is at most ``l2_bound`` (conditional rounding), appends
-    its clipped-count bit as +-``count_scale / 2`` when adaptive clipping is
-    on, and adds Skellam noise of variance ``variance / cohort`` to every
-    coordinate. Any ``cohort`` or more such sums carry Skellam noise of
-    variance at least ``variance``. Sensitivities, for the whole vector:
-    ``l2_sensitivity`` and ``l1_sensitivity`` (a site's vector replaced by
-    zeros).
+    Each site scales its clipped update (``dim`` values) by ``scale_clip /
+    clip`` (the clip bound becomes ``scale_clip`` integer units), rounds it
+    stochastically until its L2 norm is at most ``l2_bound`` (conditional
+    rounding), appends its clipped-count bit as +-``count_scale / 2`` when
+    adaptive clipping is on, and adds N_Z(0, ``site_variance``) to every
+    coordinate. Sensitivities, for the whole vector: ``l2_sensitivity`` and
+    ``l1_sensitivity`` (a site's vector replaced by zeros).
     """
 
     scale_clip: int = Field(ge=1, le=1 << 40)
+    dim: int = Field(ge=1)
     l2_bound: float = Field(gt=0)
     count_scale: int = Field(0, ge=0)
-    variance: float = Field(gt=0)
+    site_variance: int = Field(ge=1)
     l2_sensitivity: float = Field(gt=0)
     l1_sensitivity: float = Field(gt=0)
 
 
 class SiteLevelEvent(Frozen):
-    """What one round of DP-FedAvg costs a site that takes part: one Gaussian or Skellam sum.
+    """What one round of DP-FedAvg costs a site that takes part: one noisy sum.
 
     Site level, zero-out neighbours: one site's contribution replaced by the
     zero update. The coordinator picks the cohort and knows it, so no
@@ -86,25 +85,27 @@ class SiteLevelEvent(Frozen):
     under the clip, each bit centred to +-1/2, with noise of standard
     deviation ``count_noise_multiplier / 2``: a second Gaussian release,
     accounted here. ``cohort`` is the smallest number of sites whose noise
-    the sum carries (distributed noise: the secure-aggregation threshold).
+    the sum carries (distributed noise: the secure-aggregation threshold);
+    for distributed noise ``noise_multiplier`` is the summed noise's at
+    that cohort, and ``ddg`` holds what the accountant composes.
     """
 
     level: Literal["site"] = "site"
-    mechanism: Literal["dp-fedavg-gaussian", "dp-fedavg-skellam"]
+    mechanism: Literal["dp-fedavg-gaussian", "dp-fedavg-distributed-discrete-gaussian"]
     neighbouring: Literal["zero_out_one_site"] = "zero_out_one_site"
     noise_multiplier: float = Field(ge=0, le=1e6)
     clip: float = Field(gt=0, le=1e6)
     sampling_rate: float = Field(1.0, ge=1.0, le=1.0)
     cohort: int = Field(ge=1)
     count_noise_multiplier: float | None = Field(None, gt=0, le=1e6)
-    skellam: SkellamNoise | None = None
+    ddg: DiscreteGaussianNoise | None = None
     steps: int = Field(1, ge=1, le=10_000_000)  # rounds of the same mechanism, composed
 
     @model_validator(mode="after")
     def _consistent(self) -> SiteLevelEvent:
-        if (self.mechanism == "dp-fedavg-skellam") != (self.skellam is not None):
-            raise ValueError("the skellam mechanism, and only it, carries Skellam noise parameters")
-        if self.skellam is not None and (self.skellam.count_scale > 0) != (self.count_noise_multiplier is not None):
+        if (self.mechanism == "dp-fedavg-distributed-discrete-gaussian") != (self.ddg is not None):
+            raise ValueError("the distributed mechanism, and only it, carries discrete Gaussian noise parameters")
+        if self.ddg is not None and (self.ddg.count_scale > 0) != (self.count_noise_multiplier is not None):
             raise ValueError("a count scale goes with a count noise multiplier (adaptive clipping)")
         return self
 
@@ -112,19 +113,9 @@ class SiteLevelEvent(Frozen):
     def adaptive(self) -> bool:
         return self.count_noise_multiplier is not None
 
-    @property
-    def site_variance(self) -> float:
-        """Skellam: the variance each site adds per coordinate (integer units)."""
-        assert self.skellam is not None
-        return self.skellam.variance / self.cohort
-
-    def accounting_key(self) -> SiteLevelEvent:
-        """The event with what the accountant ignores normalised: clip and round count."""
-        return self.model_copy(update={"clip": 1.0, "steps": 1})
-
     def to_dp_event(self) -> dp_accounting.DpEvent | None:
-        """The dp-accounting event; None for Skellam, which it has no event for (see ``skellam``)."""
-        if self.skellam is not None:
+        """The dp-accounting event; None for distributed noise, which it has no event for (see ``ddg``)."""
+        if self.ddg is not None:
             return None
         if self.noise_multiplier == 0:
             return dp_accounting.NonPrivateDpEvent()

@@ -9,9 +9,10 @@ is a Gaussian mechanism with sensitivity C whatever one site did.
 
 Where the noise comes from is the event's mechanism:
 
-- ``dp-fedavg-skellam`` (distributed, the default under secure aggregation):
-  every site adds its share of Skellam noise inside the ring, so the sum the
-  coordinator unmasks is already noisy (``SkellamEncoding``);
+- ``dp-fedavg-distributed-discrete-gaussian`` (distributed, the default under
+  secure aggregation): every site adds discrete Gaussian noise inside the
+  ring, so the sum the coordinator unmasks is already noisy
+  (``DiscreteGaussianEncoding``);
 - ``dp-fedavg-gaussian`` (central): the coordinator adds the noise itself
   after it has seen the exact sum. Weaker: the sites must trust the
   coordinator to add it; runs that choose it say so.
@@ -33,7 +34,7 @@ import numpy as np
 from consortium.errors import ConfigError
 from consortium.privacy.events import SiteLevelEvent
 from consortium.protocol import contributions as c
-from consortium.secagg.encoding import RingEncoding, SkellamEncoding
+from consortium.secagg.encoding import RingEncoding, DiscreteGaussianEncoding
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ class SiteLevelDP:
 
     @property
     def distributed(self) -> bool:
-        return self.template.skellam is not None
+        return self.template.ddg is not None
 
     def event(self) -> SiteLevelEvent:
         """This round's event: the template at the current clip."""
@@ -71,10 +72,10 @@ class SiteLevelDP:
     def vector_length(self, n_params: int) -> int:
         return n_params + (1 if self.template.adaptive else 0)
 
-    def encoding(self, event: SiteLevelEvent, n_sites: int, bits: int) -> RingEncoding | SkellamEncoding:
+    def encoding(self, event: SiteLevelEvent, n_sites: int, bits: int) -> RingEncoding | DiscreteGaussianEncoding:
         """How the cohort encodes its vectors for secure aggregation."""
-        if event.skellam is not None:
-            return SkellamEncoding(bits=bits, clip=event.clip, cohort=event.cohort, noise=event.skellam)
+        if event.ddg is not None:
+            return DiscreteGaussianEncoding(bits=bits, clip=event.clip, cohort=event.cohort, noise=event.ddg)
         # Central noise: every entry lies in [-clip, clip] (the update) or is +-1/2 (the count).
         return c.fit_encoding(max(event.clip, 0.5), n_sites, bits)
 

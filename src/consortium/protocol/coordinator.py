@@ -40,7 +40,7 @@ from consortium.protocol import contributions as c
 from consortium.protocol import messages as m
 from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.secagg import SecAggServer, make_session
-from consortium.secagg.encoding import RingEncoding, SkellamEncoding
+from consortium.secagg.encoding import RingEncoding, DiscreteGaussianEncoding
 from consortium.secagg.graph import plan_graph
 from consortium.secagg.messages import STAGES
 
@@ -110,7 +110,7 @@ class _PhaseState:
     refused: dict[str, str] = field(default_factory=dict)
     plain: dict[str, np.ndarray] = field(default_factory=dict)
     server: SecAggServer | None = None
-    encoding: RingEncoding | SkellamEncoding | None = None
+    encoding: RingEncoding | DiscreteGaussianEncoding | None = None
     outgoing: dict[str, m.BaseModel] = field(default_factory=dict)
 
 
@@ -335,7 +335,8 @@ class Coordinator:
             if self.site_dp is not None:
                 event = self.site_dp.event()
                 st.encoding = self.site_dp.encoding(event, len(ready), sec.bits)
-                if self.site_dp.distributed:  # the noise needs `cohort` contributors in any sum unmasked
+                if isinstance(st.encoding, DiscreteGaussianEncoding):  # any sum unmasked needs `cohort` noises
+                    st.encoding.check_capacity(len(ready), length)
                     if len(ready) < event.cohort:
                         return _PhaseResult(
                             None, [], f"only {len(ready)} site(s) ready: the distributed noise needs {event.cohort}"

@@ -17,7 +17,7 @@ from consortium.learning.models import ModelSpec
 from consortium.learning.strategies import Weighting
 from consortium.learning.training import TrainSettings
 from consortium.privacy.events import PrivacyEvent
-from consortium.secagg.encoding import RingEncoding, SkellamEncoding
+from consortium.secagg.encoding import RingEncoding, DiscreteGaussianEncoding
 from consortium.secagg.messages import (
     ConsistencyAck,
     KeyAdvert,
@@ -33,7 +33,7 @@ from consortium.secagg.messages import (
 from consortium.wire import Frozen as _Frozen
 from consortium.wire import Tensor, decode_frame, encode_frame
 
-SCHEMA_VERSION = 2  # 2: site-level privacy events and the Skellam encoding
+SCHEMA_VERSION = 2  # 2: site-level privacy events and the noisy ring encoding
 
 #: The coordinator's name in every envelope; no site may take it.
 COORDINATOR = "coordinator"
@@ -134,7 +134,7 @@ class SecAggStart(_Frozen):
     kind: Literal["secagg_start"] = "secagg_start"
     phase: Phase
     params: SessionParams
-    encoding: Annotated[RingEncoding | SkellamEncoding, Field(discriminator="kind")]
+    encoding: Annotated[RingEncoding | DiscreteGaussianEncoding, Field(discriminator="kind")]
 
 
 class SecAggAdvert(_Frozen):

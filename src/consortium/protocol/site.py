@@ -29,7 +29,7 @@ from consortium.protocol import contributions as c
 from consortium.protocol import messages as m
 from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.secagg import SecAggClient
-from consortium.secagg.encoding import SkellamEncoding
+from consortium.secagg.encoding import DiscreteGaussianEncoding
 from consortium.wire import Tensor
 
 COORDINATOR = m.COORDINATOR
@@ -190,7 +190,7 @@ class Site:
 
     def _fit_site_level(self, rnd: int, msg: m.FitRequest, event: SiteLevelEvent, delta: np.ndarray) -> m.FitReply:
         """DP-FedAvg: the update clipped to L2 norm ``event.clip``; distributed noise joins it in the ring."""
-        if event.skellam is not None:
+        if event.ddg is not None:
             if not msg.secure_aggregation:
                 raise ProtocolError("distributed noise needs secure aggregation, and this round has none")
             self.__paid[rnd] = event
@@ -201,11 +201,11 @@ class Site:
         """A round paid for with distributed noise runs only in a session that adds exactly that noise."""
         paid = self.__paid.pop(rnd, None) if msg.phase == "fit" else None
         if paid is None:
-            if isinstance(msg.encoding, SkellamEncoding):
+            if isinstance(msg.encoding, DiscreteGaussianEncoding):
                 raise ProtocolError("a noisy encoding for a round this site did not pay for")
             return
-        assert paid.skellam is not None
-        expected = SkellamEncoding(bits=msg.encoding.bits, clip=paid.clip, cohort=paid.cohort, noise=paid.skellam)
+        assert paid.ddg is not None
+        expected = DiscreteGaussianEncoding(bits=msg.encoding.bits, clip=paid.clip, cohort=paid.cohort, noise=paid.ddg)
         if msg.encoding != expected:
             raise ProtocolError("the session's encoding does not add the noise this round's privacy event declares")
         if msg.params.threshold < paid.cohort:
@@ -237,7 +237,7 @@ class Site:
             raise ProtocolError(f"the session expects {msg.params.length} values, this site has {vector.shape[0]}")
         self._check_noise(rnd, msg)
         n = len(msg.params.participants)
-        if isinstance(msg.encoding, SkellamEncoding):
+        if isinstance(msg.encoding, DiscreteGaussianEncoding):
             encoded = msg.encoding.encode(vector, n, self._rng(rnd, msg.phase), self._int_noise)
         else:
             encoded = msg.encoding.encode(vector, n, self._rng(rnd, msg.phase))

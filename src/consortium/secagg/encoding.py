@@ -10,9 +10,9 @@ Two encodings, both declared in the session so every site encodes alike:
   hold the sum of every participant is refused, never wrapped.
 
 And one for site-level differential privacy with distributed noise,
-``SkellamEncoding`` (``skellam``): the update, already clipped to L2 norm
-``clip``, scaled to integer units, rounded conditionally on its norm, plus
-each site's share of Skellam noise (``consortium.privacy.skellam``), in
+``DiscreteGaussianEncoding`` (``ddg``): the update, already clipped to L2
+norm ``clip``, scaled to integer units, rounded conditionally on its norm,
+plus each site's discrete Gaussian noise (``consortium.privacy.ddg``), in
 two's complement. The sum unmasks to the noisy sum and no party ever sees
 it without the noise.
 """
@@ -26,8 +26,8 @@ from pydantic import Field, model_validator
 
 from consortium.crypto.prg import ring_dtype
 from consortium.errors import ProtocolError
-from consortium.privacy import skellam
-from consortium.privacy.events import SkellamNoise
+from consortium.privacy import ddg
+from consortium.privacy.events import DiscreteGaussianNoise
 from consortium.secagg.quantize import QuantConfig, dequantize_sum, quantize
 from consortium.wire import Frozen
 
@@ -91,21 +91,21 @@ class RingEncoding(Frozen):
         return np.asarray(total, dtype=np.uint64).view(np.int64).astype(np.float64) / float(2**self.frac_bits)
 
 
-class SkellamEncoding(Frozen):
-    """Integer encoding with distributed Skellam noise, for site-level DP under secure aggregation.
+class DiscreteGaussianEncoding(Frozen):
+    """Integer encoding with distributed discrete Gaussian noise, for site-level DP under secure aggregation.
 
     The vector a site encodes is its update clipped to L2 norm ``clip``,
     followed, when ``noise.count_scale`` is set (adaptive clipping), by its
-    clipped-count bit centred to +-1/2. Each site adds Skellam noise of
-    variance ``noise.variance / cohort``, so a sum over ``cohort`` or more
-    sites carries at least ``noise.variance``.
+    clipped-count bit centred to +-1/2. Each site adds N_Z(0,
+    ``noise.site_variance``) to every coordinate; the sum is decoded only
+    over ``cohort`` sites or more, the number the noise is calibrated for.
     """
 
-    kind: Literal["skellam"] = "skellam"
+    kind: Literal["ddg"] = "ddg"
     bits: int = Field(ge=16, le=62)
     clip: float = Field(gt=0)
     cohort: int = Field(ge=1)
-    noise: SkellamNoise
+    noise: DiscreteGaussianNoise
 
     @property
     def scale(self) -> float:
@@ -116,47 +116,41 @@ class SkellamEncoding(Frozen):
         return 1 if self.noise.count_scale else 0
 
     def check_capacity(self, n_sites: int, length: int) -> None:
-        dim = length - self.count_coords
-        if not skellam.ring_headroom_ok(self.noise, n_sites=n_sites, cohort=self.cohort, dim=dim, bits=self.bits):
-            raise ProtocolError(
-                f"{n_sites} noisy updates could overflow the 2^{self.bits} ring: refusing the session"
-            )
+        if length != self.noise.dim + self.count_coords:
+            raise ProtocolError(f"a vector of {length} values where the noise was planned for {self.noise.dim}")
+        if not ddg.ring_headroom_ok(self.noise, n_sites=n_sites, bits=self.bits):
+            raise ProtocolError(f"{n_sites} noisy updates could overflow the 2^{self.bits} ring: refusing the session")
 
     def encode(
         self, values: np.ndarray, n_sites: int, rng: np.random.Generator, noise_rng: np.random.Generator
     ) -> np.ndarray:
-        """Ring words of ``values`` plus this site's noise share; ``noise_rng`` must be secret (CSPRNG-seeded)."""
+        """Ring words of ``values`` plus this site's noise; ``noise_rng`` must be secret (CSPRNG-seeded)."""
         values = np.asarray(values, dtype=np.float64)
         self.check_capacity(n_sites, values.shape[0])
-        k = self.count_coords
-        update = values[: values.shape[0] - k]
         if not np.all(np.isfinite(values)):
             raise ProtocolError("the update has NaN or infinite coordinates: training diverged")
+        update = values[: self.noise.dim]
         norm = float(np.linalg.norm(update))
         if norm > self.clip * (1 + 1e-9):
             raise ProtocolError(f"the update's L2 norm {norm:.4g} exceeds the declared clip {self.clip:.4g}")
-        words = [skellam.conditional_round(update * self.scale, self.noise.l2_bound, rng)]
-        if k:
+        words = [ddg.conditional_round(update * self.scale, self.noise.l2_bound, rng)]
+        if self.count_coords:
             bit = values[-1]
             if bit not in (-0.5, 0.5):
                 raise ProtocolError(f"the clipped-count entry must be -1/2 or +1/2, found {bit}")
             words.append(np.array([round(bit * self.noise.count_scale)], dtype=np.int64))
         integers = np.concatenate(words)
-        integers += skellam.sample_skellam(noise_rng, self.noise.variance / self.cohort, integers.shape[0])
-        mask = (1 << self.bits) - 1
-        return (integers & mask).astype(ring_dtype(self.bits))
+        integers += ddg.sample_discrete_gaussian(noise_rng, self.noise.site_variance, integers.shape[0])
+        return (integers & ((1 << self.bits) - 1)).astype(ring_dtype(self.bits))
 
     def decode_sum(self, total: np.ndarray, n_included: int) -> np.ndarray:
         """The noisy float sum: the update part in update units, the count part as sum(bit - 1/2) + noise."""
         if n_included < self.cohort:
-            raise ProtocolError(
-                f"only {n_included} noisy updates where the noise needs {self.cohort}: refusing to decode"
-            )
+            raise ProtocolError(f"only {n_included} noisy updates where the noise needs {self.cohort}: refusing to decode")
         half = 1 << (self.bits - 1)
         signed = ((np.asarray(total, dtype=np.uint64).astype(np.int64) + half) & ((1 << self.bits) - 1)) - half
         out = signed.astype(np.float64)
-        k = self.count_coords
-        out[: out.shape[0] - k] /= self.scale
-        if k:
+        out[: self.noise.dim] /= self.scale
+        if self.count_coords:
             out[-1] /= self.noise.count_scale
         return out
