@@ -11,9 +11,10 @@ the fix, so the command line can print it as one line and exit with code 2.
     │   ├── SchemaMismatchError     two sites declare different schemas
     │   └── PartitionError          the data cannot be split as asked
     ├── ModelError                  a model or parameter vector does not fit its layout
-    └── ProtocolError               a message broke the protocol
-        ├── MessageRejected         bytes that do not parse as a known message
-        └── RoundFailed             a round could not complete (too few sites answered)
+    ├── ProtocolError               a message broke the protocol
+    │   ├── MessageRejected         bytes that do not parse as a known message
+    │   └── RoundFailed             a round could not complete (too few sites answered)
+    └── VerificationError           a proof, signature or record does not check out
 """
 
 from __future__ import annotations
@@ -61,3 +62,7 @@ class MessageRejected(ProtocolError):
 
 class RoundFailed(ProtocolError):
     """A round could not complete, for example because too few sites answered."""
+
+
+class VerificationError(ConsortiumError):
+    """A proof, a signature or a recorded figure does not check out: the record cannot be trusted."""
