@@ -6,7 +6,7 @@ Each cell is the mean (and range) of federated accuracy over independent runs
 of the demo configuration (Dirichlet alpha 0.5, secure aggregation on), with
 DP at the given epsilon per site (delta 1e-5) or without DP. Record level:
 DP-SGD at every site (3 and 5 sites, as the demo). Site level: DP-FedAvg with
-distributed Skellam noise inside secure aggregation, over 10 sites (the noise
+distributed discrete Gaussian noise inside secure aggregation, over 10 and 100 sites (the noise
 on a sum of a handful of updates swamps them: site-level DP needs a crowd).
 Noise is drawn from the OS CSPRNG, so runs differ: that spread is part of the
 result.
@@ -22,7 +22,10 @@ from consortium.config import DataConfig, PrivacyConfig, SimulationConfig
 from consortium.simulation import run_simulation
 
 SETTINGS = [("epsilon 1", 1.0), ("epsilon 3", 3.0), ("epsilon 8", 8.0), ("no DP", None)]
-DATASETS = {"record": [("breast-cancer", 3), ("digits", 5)], "site": [("breast-cancer", 10), ("digits", 10)]}
+DATASETS = {
+    "record": [("breast-cancer", 3), ("digits", 5)],
+    "site": [("breast-cancer", 10), ("digits", 10), ("synthetic-hospitals", 100)],
+}
 
 
 def main() -> None:

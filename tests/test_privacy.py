@@ -176,6 +176,10 @@ def test_sites_refuse_rounds_beyond_their_own_caps_in_a_run(tmp_path):
     assert refused == list(range(refused[0], 7))  # once out of budget, out for good
     assert all(e <= 4.0 for e in pv["epsilon_per_site"].values())
     assert s["federated"]["rounds_completed"] == 6  # the others carry on
+    # Every round a site paid for is one frozen event naming its cohort (recorded, not accounted).
+    paid = BudgetLedger(tmp_path / "run" / "sites" / "site-1" / "budget.sqlite", site="site-1", epsilon_cap=4.0, delta=1e-5)
+    assert [e.cohort for e in paid.events()] == [3] * 6
+    assert paid.spent() == pytest.approx(epsilon([e.model_copy(update={"cohort": None}) for e in paid.events()], 1e-5))
 
 
 def test_test_seed_makes_a_private_run_reproducible(tmp_path):

@@ -22,7 +22,6 @@ from consortium.privacy.events import DiscreteGaussianNoise, RecordLevelEvent, S
 from consortium.privacy.ledger import BudgetExceeded, BudgetLedger
 from consortium.privacy.sitedp import AdaptiveClipping, SiteLevelDP
 from consortium.protocol import contributions as c
-from consortium.protocol import messages as m
 from consortium.protocol.coordinator import COORDINATOR, Coordinator, SecureAggregation
 from consortium.protocol.loop import RoundLoop
 from consortium.protocol.site import Site

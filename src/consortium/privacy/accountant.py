@@ -82,6 +82,8 @@ def epsilon(
     steps: dict[PrivacyEvent, int] = {}
     for e in events:
         key = e.model_copy(update={"steps": 1, "clip": 1.0})
+        if isinstance(key, RecordLevelEvent):  # its cohort is a record, not a privacy parameter
+            key = key.model_copy(update={"cohort": None})
         steps[key] = steps.get(key, 0) + e.steps
     grouped = tuple(sorted((k.model_copy(update={"steps": n}) for k, n in steps.items()), key=lambda e: e.model_dump_json()))
     return _epsilon_of(grouped, delta, accountant, pld_interval)

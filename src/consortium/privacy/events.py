@@ -41,6 +41,9 @@ class RecordLevelEvent(Frozen):
     clip: float = Field(gt=0, le=1e6)
     sampling_rate: float = Field(gt=0, le=1)
     steps: int = Field(ge=1, le=10_000_000)
+    #: How many sites were asked to train in the round: recorded, not accounted (each site's
+    #: DP-SGD protects its own records whoever else takes part).
+    cohort: int | None = Field(None, ge=1)
 
     def to_dp_event(self) -> dp_accounting.DpEvent:
         if self.noise_multiplier == 0:

@@ -34,7 +34,7 @@ import numpy as np
 from consortium.errors import ConfigError
 from consortium.privacy.events import SiteLevelEvent
 from consortium.protocol import contributions as c
-from consortium.secagg.encoding import RingEncoding, DiscreteGaussianEncoding
+from consortium.secagg.encoding import DiscreteGaussianEncoding, RingEncoding
 
 
 @dataclass(frozen=True)

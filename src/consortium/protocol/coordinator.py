@@ -40,7 +40,7 @@ from consortium.protocol import contributions as c
 from consortium.protocol import messages as m
 from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.secagg import SecAggServer, make_session
-from consortium.secagg.encoding import RingEncoding, DiscreteGaussianEncoding
+from consortium.secagg.encoding import DiscreteGaussianEncoding, RingEncoding
 from consortium.secagg.graph import plan_graph
 from consortium.secagg.messages import STAGES
 
@@ -241,7 +241,7 @@ class Coordinator:
                 weight_scale=self.total_rows if secure else 1.0,
                 secure_aggregation=secure,
                 update_clip=self.secure.update_clip if self.secure else None,
-                privacy=site_dp.event() if site_dp else self.privacy,
+                privacy=site_dp.event() if site_dp else self._record_event(len(st.targets)),
             )
         return m.EvaluateRequest(task=self._task(), params=m.Tensor.from_numpy(self._params()), secure_aggregation=secure)
 
@@ -457,6 +457,11 @@ class Coordinator:
         record.metrics = c.read_eval_sum(result.total, self._task().n_classes).metrics()
 
     # -- helpers ------------------------------------------------------------------
+
+    def _record_event(self, cohort: int) -> RecordLevelEvent | None:
+        if not isinstance(self.privacy, RecordLevelEvent):
+            return None
+        return self.privacy.model_copy(update={"cohort": cohort})
 
     def _task(self) -> m.TaskSpec:
         if self.task is None:

@@ -17,7 +17,7 @@ from consortium.learning.models import ModelSpec
 from consortium.learning.strategies import Weighting
 from consortium.learning.training import TrainSettings
 from consortium.privacy.events import PrivacyEvent
-from consortium.secagg.encoding import RingEncoding, DiscreteGaussianEncoding
+from consortium.secagg.encoding import DiscreteGaussianEncoding, RingEncoding
 from consortium.secagg.messages import (
     ConsistencyAck,
     KeyAdvert,
