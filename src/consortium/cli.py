@@ -282,10 +282,48 @@ def budget(
     out_console.print(t)
 
 
+@app.command()
+def verify(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="a run folder")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Check a run from its transcript and folder alone: signatures, Merkle tree, co-signed heads, epsilon, model.
+
+    Exits 0 when every check passes, 1 naming the first violation.
+    """
+    from consortium.errors import VerificationError
+    from consortium.transcript.verify import verify_run
+
+    try:
+        report = verify_run(run_dir)
+    except VerificationError as exc:
+        if as_json:
+            sys.stdout.write(json.dumps({"run_dir": str(run_dir), "verified": False, "violation": str(exc)}) + "\n")
+        else:
+            err_console.print(f"[bold red]verification failed[/]: {exc}", highlight=False, soft_wrap=True)
+        raise Exit(1) from None
+    if as_json:
+        sys.stdout.write(json.dumps({"run_dir": str(run_dir), **report.to_json()}) + "\n")
+        return
+    head = report.tree_head
+    out_console.print(
+        f"[bold green]verified[/]: {report.entries} entries over {report.rounds} rounds, every one signed by its author; "
+        f"{report.heads} tree heads signed by the coordinator and co-signed by {len(head['cosigned_by'])} sites; "
+        f"tree head {head['size']} {head['root'][:16]}..."
+    )
+    if report.epsilon_per_site:
+        eps = ", ".join(f"{s} {e:.3f}" for s, e in report.epsilon_per_site.items())
+        out_console.print(f"epsilon recomputed from the events each site signed, matching the run's report: {eps}")
+    if report.final_model_sha256:
+        out_console.print(f"final model file matches the transcript: sha256 {report.final_model_sha256[:16]}...")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: turns every expected failure into one line and exit code 2."""
     try:
-        app(args=argv, standalone_mode=False, prog_name="consortium")
+        code = app(args=argv, standalone_mode=False, prog_name="consortium")
+        if isinstance(code, int) and code:  # without standalone mode, click returns an Exit's code
+            sys.exit(code)
     except ConsortiumError as exc:
         err_console.print(f"[bold red]error[/]: {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -10,7 +10,9 @@ scored on the consortium's population (every site's test split).
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,8 +59,11 @@ from consortium.protocol.coordinator import (
 from consortium.protocol.loop import RoundLoop
 from consortium.protocol.site import Site
 from consortium.protocol.task import ModelBuilder, build_task_model
-from consortium.secagg.graph import plan_graph
 from consortium.runs import RunFolder, new_run_dir
+from consortium.secagg.graph import plan_graph
+from consortium.transcript.log import vector_sha256
+from consortium.transcript.recorder import TranscriptRecorder, code_sha256, library_versions
+from consortium.transcript.verify import verify_run
 from consortium.transport import InProcessTransport
 
 #: Said loudly in every run whose protections are weaker than the defaults.
@@ -246,6 +251,8 @@ class Simulation:
             model_builder=model_builder,
         )
         self._ledgers = ledgers
+        self._identities = identities
+        self._sites = sites
         self.transport = InProcessTransport(
             sites, dropout=config.participation.dropout, rng=np.random.default_rng(drop_seq)
         )
@@ -329,10 +336,19 @@ class Simulation:
         assert config.model is not None
         started = time.perf_counter()
         run = RunFolder(self.run_dir)
-        run.write_config(yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False))
+        config_text = yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False)
+        run.write_config(config_text)
+        transcript = TranscriptRecorder(
+            self.run_dir,
+            coordinator_key=self._identities[COORDINATOR],
+            cosigners={name: site.cosign_head for name, site in self._sites.items()},
+        )
+        transcript.start(self._manifest(config_text), self._identities)
 
         def record_round(record: RoundRecord) -> None:
             run.append_metrics(_finite(record.to_json()))  # type: ignore[arg-type]
+            transcript.record(coordinator.drain_log())
+            transcript.close_round()
             if on_round is not None:
                 on_round(record)
 
@@ -347,6 +363,7 @@ class Simulation:
             {k: v.detach().numpy().copy() for k, v in final.state_dict().items()},
             {"layout_hash": adapter.layout_hash, "rounds": str(config.rounds), "dataset": config.data.dataset},
         )
+        head = transcript.finish(run.path / "model.safetensors", vector_sha256(coordinator.params), coordinator.round)
 
         summary: dict[str, Any] = {
             "run_dir": str(run.path),
@@ -370,9 +387,37 @@ class Simulation:
             "traffic_bytes": {"to_sites": self.transport.bytes_sent, "to_coordinator": self.transport.bytes_received},
         }
         summary.update(self._baselines())
+        summary["transcript"] = {"entries": head.size, "tree_head": {"size": head.size, "root": head.root}, "verified": False}
+        run.write_summary(summary)
+        # The run checks itself the way any participant would: from the folder alone.
+        verify_run(run.path)
+        summary["transcript"]["verified"] = True
         summary["elapsed_s"] = round(time.perf_counter() - started, 3)
         run.write_summary(summary)
         return SimulationResult(summary=summary, history=history, params=coordinator.params)
+
+    def _manifest(self, config_text: str) -> dict[str, Any]:
+        """Entry 0 of the transcript: who takes part with which key, under which config, code and data."""
+        pc = self.config.privacy
+        salt = os.urandom(16)
+        members = {
+            name: {"role": "coordinator" if name == COORDINATOR else "site", "public_key": keys.ed25519_public_bytes(k.public_key()).hex()}
+            for name, k in self._identities.items()
+        }
+        return {
+            "members": members,
+            "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
+            "rounds": self.config.rounds,
+            "min_sites": self.config.participation.min_sites,
+            "secure_aggregation": self.config.secure_aggregation.enabled,
+            "privacy": {"enabled": pc.enabled, "level": pc.level, "delta": pc.delta, "accountant": pc.accountant},
+            "provenance": {
+                "code_sha256": code_sha256(),
+                "libraries": library_versions(),
+                "data_salt": salt.hex(),
+                "datasets": {name: site.fingerprint(salt) for name, site in self._sites.items()},
+            },
+        }
 
     def _warnings(self) -> list[str]:
         out = []

@@ -43,6 +43,7 @@ from consortium.secagg import SecAggServer, make_session
 from consortium.secagg.encoding import DiscreteGaussianEncoding, RingEncoding
 from consortium.secagg.graph import plan_graph
 from consortium.secagg.messages import STAGES
+from consortium.transcript.log import Kind, vector_sha256
 
 COORDINATOR = m.COORDINATOR
 
@@ -99,6 +100,17 @@ class RoundRecord:
             "privacy": self.privacy,
             **self.metrics,
         }
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    """A transcript entry the coordinator has to hand: its own (``signature`` None) or a site's signed one."""
+
+    kind: Kind
+    round: int
+    author: str
+    body: dict[str, object]
+    signature: bytes | None = None
 
 
 @dataclass
@@ -172,6 +184,7 @@ class Coordinator:
         self._record: RoundRecord | None = None
         self._state: _PhaseState | None = _PhaseState("setup", list(self.sites))
         self._setup_replies: dict[str, m.SetupReply] = {}
+        self._log: list[LogRecord] = []
 
     @property
     def done(self) -> bool:
@@ -180,6 +193,11 @@ class Coordinator:
     @property
     def stage(self) -> str:
         return "done" if self._state is None else f"{self._state.phase}:{self._state.stage}"
+
+    def drain_log(self) -> list[LogRecord]:
+        """The transcript entries produced since the last call, in order (the driver writes them)."""
+        out, self._log = self._log, []
+        return out
 
     # -- the three calls the round loop makes -------------------------------------
 
@@ -205,6 +223,8 @@ class Coordinator:
         try:
             if envelope.recipient != COORDINATOR or envelope.round != self.round:
                 raise ProtocolError(f"reply for round {envelope.round} to '{envelope.recipient}' rejected")
+            if st.phase == "fit" and st.stage == "request":
+                self._log_decision(sender, msg)
             if isinstance(msg, m.Refusal):
                 raise ProtocolError(msg.reason)
             if st.stage == "request":
@@ -224,6 +244,14 @@ class Coordinator:
             return None  # the phase goes on (secure aggregation)
         return self._finish_phase(st, result)
 
+    def _log_decision(self, sender: str, msg: m.BaseModel) -> None:
+        decision = getattr(msg, "decision", None)
+        if decision is None:
+            return
+        if decision.site != sender or decision.round != self.round:
+            raise ProtocolError(f"a decision signed for '{decision.site}' in round {decision.round} does not fit this reply")
+        self._log.append(LogRecord("site_decision", self.round, sender, dict(decision.body), decision.signature))
+
     # -- phases -------------------------------------------------------------------
 
     def _phase_request(self, st: _PhaseState) -> m.BaseModel:
@@ -232,6 +260,14 @@ class Coordinator:
             return m.SetupRequest(secure_aggregation=secure)
         if st.phase == "fit":
             site_dp = self.site_dp
+            event = site_dp.event() if site_dp else self._record_event(len(st.targets))
+            self._log.append(LogRecord("round_plan", self.round, COORDINATOR, {
+                "model_sha256": vector_sha256(self._params()),
+                "cohort": sorted(st.targets),
+                "privacy_event": event.model_dump(mode="json") if event is not None else None,
+                "secure_aggregation": secure,
+                "strategy": self.strategy.describe(),
+            }))
             return m.FitRequest(
                 task=self._task(),
                 params=m.Tensor.from_numpy(self._params()),
@@ -241,7 +277,7 @@ class Coordinator:
                 weight_scale=self.total_rows if secure else 1.0,
                 secure_aggregation=secure,
                 update_clip=self.secure.update_clip if self.secure else None,
-                privacy=site_dp.event() if site_dp else self._record_event(len(st.targets)),
+                privacy=event,
             )
         return m.EvaluateRequest(task=self._task(), params=m.Tensor.from_numpy(self._params()), secure_aggregation=secure)
 
@@ -422,6 +458,21 @@ class Coordinator:
         self.params = adapter.get_vector()
 
     def _finish_fit(self, st: _PhaseState, result: _PhaseResult, record: RoundRecord) -> None:
+        parent = vector_sha256(self._params())
+        self._apply_fit(st, result, record)
+        self._log.append(LogRecord("aggregate", self.round, COORDINATOR, {
+            "status": record.status,
+            "reason": record.reason,
+            "included": record.answered,
+            "dropped": record.dropped,
+            "refused": sorted(record.refused),
+            "sum_sha256": None if result.total is None else vector_sha256(result.total),
+            "parent_model_sha256": parent,
+            "model_sha256": vector_sha256(self._params()),
+            "privacy": record.privacy,
+        }))
+
+    def _apply_fit(self, st: _PhaseState, result: _PhaseResult, record: RoundRecord) -> None:
         record.answered = sorted(result.included)
         record.refused = dict(st.refused)
         record.dropped = sorted(set(record.selected) - set(result.included) - set(st.refused))
@@ -453,8 +504,14 @@ class Coordinator:
         record.evaluated_sites = len(result.included)
         if result.total is None:
             record.evaluation_note = result.reason
-            return
-        record.metrics = c.read_eval_sum(result.total, self._task().n_classes).metrics()
+        else:
+            record.metrics = c.read_eval_sum(result.total, self._task().n_classes).metrics()
+        self._log.append(LogRecord("evaluation", self.round, COORDINATOR, {
+            "model_sha256": vector_sha256(self._params()),
+            "evaluated_sites": record.evaluated_sites,
+            "note": record.evaluation_note,
+            "metrics": {k: (v if math.isfinite(v) else None) for k, v in record.metrics.items()},
+        }))
 
     # -- helpers ------------------------------------------------------------------
 

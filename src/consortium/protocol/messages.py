@@ -9,7 +9,7 @@ tensor bytes, each tensor checked against its SHA-256 on arrival.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -31,7 +31,7 @@ from consortium.secagg.messages import (
     UnmaskRequest,
 )
 from consortium.wire import Frozen as _Frozen
-from consortium.wire import Tensor, decode_frame, encode_frame
+from consortium.wire import B64, Tensor, decode_frame, encode_frame
 
 SCHEMA_VERSION = 2  # 2: site-level privacy events and the noisy ring encoding
 
@@ -106,10 +106,25 @@ class FitRequest(_Frozen):
         return self
 
 
+class SiteDecision(_Frozen):
+    """A site's signed answer to a round plan, for the transcript: the model it was sent, and yes or no.
+
+    ``signature`` is the site's Ed25519 signature over the transcript's
+    canonical bytes of a ``site_decision`` entry (``transcript.log``), so the
+    coordinator can log it but not forge or alter it.
+    """
+
+    round: int = Field(ge=0)
+    site: Name
+    body: dict[str, Any]
+    signature: B64
+
+
 class FitReply(_Contribution):
     """Ready (secure aggregation) or the update in the clear: [w * delta, w, w * loss]."""
 
     kind: Literal["fit_reply"] = "fit_reply"
+    decision: SiteDecision | None = None  # signed acceptance of the round plan, when the site has a key
 
 
 class EvaluateRequest(_Frozen):
@@ -191,6 +206,7 @@ class Refusal(_Frozen):
 
     kind: Literal["refusal"] = "refusal"
     reason: str = Field(min_length=1, max_length=2000)
+    decision: SiteDecision | None = None  # signed, when it declines a round plan
 
 
 Message = Annotated[

@@ -30,6 +30,7 @@ from consortium.protocol import messages as m
 from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.secagg import SecAggClient
 from consortium.secagg.encoding import DiscreteGaussianEncoding
+from consortium.transcript.log import HeadWitness, TreeHead, canonical, signed_entry_bytes, vector_sha256
 from consortium.wire import Tensor
 
 COORDINATOR = m.COORDINATOR
@@ -85,6 +86,8 @@ class Site:
         self.__pending: dict[tuple[int, str], np.ndarray] = {}  # contributions awaiting their session
         self.__sessions: dict[str, tuple[SecAggClient, np.ndarray]] = {}
         self._used_sessions: set[str] = set()
+        coordinator_key = self._directory.get(COORDINATOR)
+        self._witness = HeadWitness(name, identity, coordinator_key) if identity and coordinator_key else None
 
     # -- transport entry points ------------------------------------------------
 
@@ -104,7 +107,41 @@ class Site:
             reply = self._dispatch(request.round, msg)
         except (ProtocolError, ModelError) as exc:
             reply = m.Refusal(reason=str(exc)[:2000])
+        if isinstance(msg, m.FitRequest) and request.recipient == self.name:
+            reply = self._sign_decision(request.round, msg, reply)
         return m.make_envelope(self.name, request.sender, request.round, reply)
+
+    # -- the transcript ------------------------------------------------------------
+
+    def _sign_decision(self, rnd: int, msg: m.FitRequest, reply: m.BaseModel) -> m.BaseModel:
+        """Attach the site's signed yes or no to a round plan: the model it was sent and what it paid."""
+        if self._identity is None or not isinstance(reply, (m.FitReply, m.Refusal)):
+            return reply
+        accepted = isinstance(reply, m.FitReply)
+        body = json.loads(canonical({
+            "model_sha256": vector_sha256(msg.params.to_numpy()),
+            "accepted": accepted,
+            "reason": "" if accepted else reply.reason,  # type: ignore[union-attr]
+            "privacy_event": msg.privacy.model_dump(mode="json") if accepted and msg.privacy is not None else None,
+        }))
+        signature = self._identity.sign(signed_entry_bytes("site_decision", rnd, self.name, body))
+        return reply.model_copy(update={"decision": m.SiteDecision(round=rnd, site=self.name, body=body, signature=signature)})
+
+    def cosign_head(self, head: TreeHead, proof: list[bytes]) -> bytes:
+        """Co-sign a transcript head that the coordinator signed and that extends the last one this site signed."""
+        if self._witness is None:
+            raise ProtocolError("this site has no identity key or directory: it cannot co-sign the transcript")
+        return self._witness.cosign(head, proof)
+
+    def fingerprint(self, salt: bytes) -> dict[str, object]:
+        """What the transcript records of this site's data: its schema hash, row count and a salted content hash."""
+        digest = hashlib.sha256(salt)
+        rows = 0
+        for part in (self.__data.train, self.__data.validation, self.__data.test):
+            digest.update(np.ascontiguousarray(part.X).tobytes())
+            digest.update(np.ascontiguousarray(part.y).tobytes())
+            rows += part.n_rows
+        return {"schema_sha256": table_fingerprint(self.__data.train), "rows": rows, "content_sha256": digest.hexdigest()}
 
     def _dispatch(self, rnd: int, msg: m.BaseModel) -> m.BaseModel:
         if isinstance(msg, m.SetupRequest):

@@ -1,0 +1,204 @@
+"""The transcript: signed entries, appended to a file, as the leaves of an RFC 9162 Merkle tree.
+
+``transcript.jsonl`` holds one entry per line: its index, kind, round,
+author, body and the author's Ed25519 signature over the canonical JSON
+(RFC 8785) of its kind, round, author and body (a site signs its decision
+before it knows where it will land). The leaf of entry i is the canonical
+JSON of the whole entry, index and signature included, so changing,
+dropping or moving any entry changes every later tree head.
+
+``heads.jsonl`` holds the signed tree heads: the coordinator signs (size,
+root, time) and each site co-signs a head only after checking, with a
+consistency proof, that it extends the last head that site signed (so two
+sites cannot be shown two histories, and no history can be rewritten,
+without the signatures proving it).
+
+Appends are one ``write`` of a complete line on a file opened for
+appending, then ``fsync``: a crash leaves at worst a partial last line,
+which the next writer cuts off, so the last complete entry is intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import rfc8785
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import Field, ValidationError
+
+from consortium.crypto import keys
+from consortium.errors import VerificationError
+from consortium.transcript import merkle
+from consortium.wire import B64, Frozen
+
+TRANSCRIPT_FILE = "transcript.jsonl"
+HEADS_FILE = "heads.jsonl"
+ENTRY_DOMAIN = "consortium/transcript-entry/v1"
+HEAD_DOMAIN = "consortium/tree-head/v1"
+
+Kind = Literal["manifest", "round_plan", "site_decision", "aggregate", "evaluation", "final_model"]
+
+
+def canonical(obj: Any) -> bytes:
+    """RFC 8785 canonical JSON: one byte string per value, whoever serialises it."""
+    return rfc8785.dumps(obj)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def vector_sha256(vector: np.ndarray) -> str:
+    """The hash a model (or a sum) is known by: SHA-256 of its float32 little-endian bytes."""
+    return sha256_hex(np.ascontiguousarray(vector, dtype="<f4").tobytes())
+
+
+class Entry(Frozen):
+    index: int = Field(ge=0)
+    kind: Kind
+    round: int = Field(ge=0)
+    author: str
+    body: dict[str, Any]
+    signature: B64
+
+    def signed_bytes(self) -> bytes:
+        return signed_entry_bytes(self.kind, self.round, self.author, self.body)
+
+    def leaf(self) -> bytes:
+        return merkle.leaf_hash(canonical(self.model_dump(mode="json")))
+
+
+def signed_entry_bytes(kind: str, rnd: int, author: str, body: Mapping[str, Any]) -> bytes:
+    return canonical({"domain": ENTRY_DOMAIN, "kind": kind, "round": rnd, "author": author, "body": body})
+
+
+class TreeHead(Frozen):
+    size: int = Field(ge=0)
+    root: str = Field(pattern=r"^[0-9a-f]{64}$")
+    timestamp_ms: int = Field(ge=0)
+    signer: str
+    signature: B64
+    cosignatures: dict[str, B64] = {}
+
+    def signed_bytes(self) -> bytes:
+        return head_bytes(self.size, self.root, self.timestamp_ms)
+
+
+def head_bytes(size: int, root: str, timestamp_ms: int) -> bytes:
+    return canonical({"domain": HEAD_DOMAIN, "size": size, "root": root, "timestamp_ms": timestamp_ms})
+
+
+def _append_line(path: Path, line: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _complete_lines(path: Path, *, repair: bool) -> list[bytes]:
+    """The file's complete lines; a partial last line (a crash mid-append) is cut off when ``repair``."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data) and repair:
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+    return [line for line in data[:end].split(b"\n") if line]
+
+
+def parse_entry(line: bytes, number: int) -> Entry:
+    try:
+        return Entry.model_validate_json(line)
+    except ValidationError as exc:
+        raise VerificationError(f"transcript entry {number} does not parse ({exc.errors()[0]['msg']})") from None
+
+
+def parse_head(line: bytes, number: int) -> TreeHead:
+    try:
+        return TreeHead.model_validate_json(line)
+    except ValidationError as exc:
+        raise VerificationError(f"tree head {number} does not parse ({exc.errors()[0]['msg']})") from None
+
+
+class TranscriptWriter:
+    """Appends signed entries and signed heads to a run's transcript; reopening continues it."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / TRANSCRIPT_FILE
+        self.heads_path = folder / HEADS_FILE
+        self.entries = [parse_entry(line, i) for i, line in enumerate(_complete_lines(self.path, repair=True))]
+        self.leaves = [e.leaf() for e in self.entries]
+        self.heads = [parse_head(line, i) for i, line in enumerate(_complete_lines(self.heads_path, repair=True))]
+
+    @property
+    def size(self) -> int:
+        return len(self.entries)
+
+    def append(
+        self, kind: Kind, rnd: int, author: str, body: Mapping[str, Any], *, key: Ed25519PrivateKey | None = None,
+        signature: bytes | None = None,
+    ) -> Entry:
+        """Append one entry, signed here with ``key`` or carrying the author's own ``signature``."""
+        body = json.loads(canonical(body))  # JSON values only, as they will be read back
+        message = signed_entry_bytes(kind, rnd, author, body)
+        if signature is None:
+            if key is None:
+                raise ValueError("an entry needs its author's key or signature")
+            signature = keys.sign(key, message)
+        entry = Entry(index=self.size, kind=kind, round=rnd, author=author, body=body, signature=signature)
+        _append_line(self.path, canonical(entry.model_dump(mode="json")) + b"\n")
+        self.entries.append(entry)
+        self.leaves.append(entry.leaf())
+        return entry
+
+    def root(self, size: int | None = None) -> bytes:
+        return merkle.root(self.leaves[: self.size if size is None else size])
+
+    def sign_head(self, signer: str, key: Ed25519PrivateKey, timestamp_ms: int) -> TreeHead:
+        """A head over everything appended so far, signed by ``signer`` (not yet written: co-signatures first)."""
+        root = self.root().hex()
+        return TreeHead(
+            size=self.size, root=root, timestamp_ms=timestamp_ms, signer=signer,
+            signature=keys.sign(key, head_bytes(self.size, root, timestamp_ms)),
+        )
+
+    def consistency(self, first_size: int, second_size: int) -> list[bytes]:
+        return merkle.consistency_proof(self.leaves[:second_size], first_size) if 0 < first_size < second_size else []
+
+    def publish_head(self, head: TreeHead) -> None:
+        _append_line(self.heads_path, canonical(head.model_dump(mode="json")) + b"\n")
+        self.heads.append(head)
+
+
+class HeadWitness:
+    """A member's memory of the last head it signed; it co-signs only heads that extend it."""
+
+    def __init__(self, name: str, key: Ed25519PrivateKey, signer_public_key: bytes) -> None:
+        self.name = name
+        self._key = key
+        self._signer = signer_public_key
+        self.last: TreeHead | None = None
+
+    def cosign(self, head: TreeHead, proof: list[bytes]) -> bytes:
+        """Check the coordinator's signature and the consistency proof from the last head signed; sign."""
+        keys.verify(self._signer, head.signature, head.signed_bytes())
+        if self.last is not None and self.last.size > 0:
+            if head.size < self.last.size:
+                raise VerificationError(f"a tree head of size {head.size} after one of {self.last.size}: history shrank")
+            old, new = bytes.fromhex(self.last.root), bytes.fromhex(head.root)
+            merkle.verify_consistency(self.last.size, head.size, old, new, proof)
+        signature = keys.sign(self._key, head.signed_bytes())
+        self.last = head
+        return signature

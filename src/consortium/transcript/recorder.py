@@ -1,0 +1,85 @@
+"""The driver's side of the transcript: the manifest, each round's entries, signed and co-signed heads.
+
+The coordinator state machine hands over what happened (``drain_log``); the
+recorder signs the coordinator's entries, appends the sites' own signed
+decisions as they are, and after each round has the coordinator sign a tree
+head that every site co-signs only once a consistency proof shows it extends
+the last head that site signed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from consortium.crypto import keys
+from consortium.protocol.coordinator import COORDINATOR, LogRecord
+from consortium.transcript.log import TranscriptWriter, TreeHead, sha256_hex
+from consortium.transcript.verify import manifest_bytes
+
+Cosigner = Callable[[TreeHead, list[bytes]], bytes]
+LIBRARIES = ("numpy", "torch", "cryptography", "dp-accounting", "pydantic", "rfc8785")
+
+
+def code_sha256() -> str:
+    """SHA-256 over this package's source files (path and bytes, in path order)."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    return {name: metadata.version(name) for name in LIBRARIES}
+
+
+class TranscriptRecorder:
+    """Writes one run's transcript into ``folder``."""
+
+    def __init__(
+        self, folder: Path, *, coordinator_key: Ed25519PrivateKey, cosigners: Mapping[str, Cosigner]
+    ) -> None:
+        self.writer = TranscriptWriter(folder)
+        self._key = coordinator_key
+        self._cosigners = dict(cosigners)
+
+    def start(self, body: dict[str, Any], member_keys: Mapping[str, Ed25519PrivateKey]) -> None:
+        """Entry 0: the manifest, endorsed by every member's signature, then the first head."""
+        endorsed = manifest_bytes(body)
+        body = {**body, "endorsements": {name: keys.sign(k, endorsed).hex() for name, k in member_keys.items()}}
+        self.writer.append("manifest", 0, COORDINATOR, body, key=self._key)
+        self.close_round()
+
+    def record(self, records: list[LogRecord]) -> None:
+        for r in records:
+            if r.signature is None:
+                self.writer.append(r.kind, r.round, r.author, r.body, key=self._key)
+            else:
+                self.writer.append(r.kind, r.round, r.author, r.body, signature=r.signature)
+
+    def close_round(self) -> TreeHead:
+        """Sign a head over everything so far; every site co-signs it after checking consistency."""
+        previous = self.writer.heads[-1].size if self.writer.heads else 0
+        head = self.writer.sign_head(COORDINATOR, self._key, time.time_ns() // 1_000_000)
+        proof = self.writer.consistency(previous, head.size)
+        cosigned = {name: cosign(head, proof) for name, cosign in self._cosigners.items()}
+        head = head.model_copy(update={"cosignatures": cosigned})
+        self.writer.publish_head(head)
+        return head
+
+    def finish(self, model_file: Path, model_sha256: str, rnd: int) -> TreeHead:
+        """The last entry: the model file the run wrote, by its bytes' hash."""
+        self.writer.append("final_model", rnd, COORDINATOR, {
+            "file": model_file.name,
+            "file_sha256": sha256_hex(model_file.read_bytes()),
+            "model_sha256": model_sha256,
+        }, key=self._key)
+        return self.close_round()

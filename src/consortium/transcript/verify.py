@@ -1,0 +1,274 @@
+"""Check a run from its transcript and run folder alone: ``consortium verify RUN_DIR``.
+
+Nothing here trusts the coordinator: every entry's signature is checked
+against the key the manifest (entry 0, endorsed by every member) gives its
+author, the Merkle tree is rebuilt from the entries and every signed head
+must match it, with the coordinator's signature and every site's
+co-signature; each site's epsilon is recomputed from the privacy events the
+site itself signed and compared with what the run reported; the final model
+file must hash to what the transcript holds. The first violation raises
+``VerificationError`` naming the entry, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from consortium.crypto import keys
+from consortium.errors import ConfigError, ConsortiumError, VerificationError
+from consortium.privacy.accountant import epsilon
+from consortium.privacy.events import PrivacyEvent
+from consortium.transcript import merkle
+from consortium.transcript.log import (
+    HEADS_FILE,
+    TRANSCRIPT_FILE,
+    Entry,
+    TreeHead,
+    canonical,
+    parse_entry,
+    parse_head,
+)
+
+MANIFEST_DOMAIN = "consortium/manifest/v1"
+_EVENT: TypeAdapter[Any] = TypeAdapter(PrivacyEvent)
+
+
+def manifest_bytes(body: dict[str, Any]) -> bytes:
+    """What every member endorses: the manifest without the endorsements themselves."""
+    return canonical({"domain": MANIFEST_DOMAIN, **{k: v for k, v in body.items() if k != "endorsements"}})
+
+
+@dataclass
+class Verified:
+    entries: int
+    heads: int
+    tree_head: dict[str, Any]
+    rounds: int
+    members: list[str]
+    epsilon_per_site: dict[str, float] = field(default_factory=dict)
+    final_model_sha256: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "verified": True,
+            "entries": self.entries,
+            "heads": self.heads,
+            "tree_head": self.tree_head,
+            "rounds": self.rounds,
+            "members": self.members,
+            "epsilon_per_site": self.epsilon_per_site,
+            "final_model_sha256": self.final_model_sha256,
+        }
+
+
+def _lines(path: Path, what: str) -> list[bytes]:
+    if not path.exists():
+        raise VerificationError(f"no {what} at {path}: is this a run folder written with a transcript?")
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        raise VerificationError(f"{path.name} ends in a partial line: a write was cut short after its last complete entry")
+    return [line for line in data.split(b"\n") if line]
+
+
+def _key(members: dict[str, Any], name: str, where: str) -> bytes:
+    member = members.get(name)
+    if member is None:
+        raise VerificationError(f"{where}: '{name}' is not a member of the consortium's manifest")
+    return _hex(member.get("public_key"), f"{where}: the public key of '{name}'")
+
+
+def _hex(value: object, what: str) -> bytes:
+    try:
+        return bytes.fromhex(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise VerificationError(f"{what} is not hexadecimal") from None
+
+
+def _entry_check(entry: Entry, check) -> None:  # type: ignore[no-untyped-def]
+    """Run one check on one entry; a missing or mistyped field is a violation naming the entry."""
+    try:
+        check(entry)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise VerificationError(f"entry {entry.index} ({entry.kind}): malformed body ({type(exc).__name__}: {exc})") from None
+
+
+def _check_signature(public: bytes, signature: bytes, data: bytes, where: str) -> None:
+    try:
+        keys.verify(public, signature, data)
+    except ConsortiumError as exc:
+        raise VerificationError(f"{where}: {exc}") from None
+
+
+def verify_run(run_dir: Path) -> Verified:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run folder '{run_dir}' does not exist: pass the folder a run printed")
+    entries = [parse_entry(line, i) for i, line in enumerate(_lines(run_dir / TRANSCRIPT_FILE, "transcript"))]
+    heads = [parse_head(line, i) for i, line in enumerate(_lines(run_dir / HEADS_FILE, "tree heads"))]
+    if not entries:
+        raise VerificationError("the transcript is empty")
+    members: dict[str, Any] = {}
+    _entry_check(entries[0], lambda e: members.update(_check_manifest(e)))
+    for i, entry in enumerate(entries):
+        if entry.index != i:
+            raise VerificationError(f"entry {i}: expected index {i}, found {entry.index} (an entry was removed or moved)")
+        if i and entry.kind == "manifest":
+            raise VerificationError(f"entry {i}: a second manifest")
+        author_key = _key(members, entry.author, f"entry {i}")
+        if entry.kind == "site_decision" and members[entry.author]["role"] != "site":
+            raise VerificationError(f"entry {i}: a site decision authored by '{entry.author}', who is not a site")
+        if entry.kind != "site_decision" and entry.author != _coordinator(members):
+            raise VerificationError(f"entry {i}: a {entry.kind} entry must come from the coordinator, found '{entry.author}'")
+        _check_signature(author_key, entry.signature, entry.signed_bytes(), f"entry {i} ({entry.kind} by {entry.author})")
+    leaves = [e.leaf() for e in entries]
+    _check_heads(heads, leaves, members)
+    report = Verified(
+        entries=len(entries),
+        heads=len(heads),
+        tree_head={"size": heads[-1].size, "root": heads[-1].root, "cosigned_by": sorted(heads[-1].cosignatures)},
+        rounds=max(e.round for e in entries),
+        members=sorted(members),
+    )
+    _check_rounds(entries)
+    report.epsilon_per_site = _check_privacy(entries, entries[0].body, run_dir)
+    finals = [e for e in entries if e.kind == "final_model"]
+    if finals:
+        _entry_check(finals[-1], lambda e: setattr(report, "final_model_sha256", _check_model(e, entries, run_dir)))
+    return report
+
+
+def _coordinator(members: dict[str, Any]) -> str:
+    return next(name for name, m in members.items() if m["role"] == "coordinator")
+
+
+def _check_manifest(entry: Entry) -> dict[str, Any]:
+    if entry.kind != "manifest":
+        raise VerificationError(f"entry 0: expected the manifest, found a {entry.kind} entry")
+    members = entry.body.get("members")
+    if not isinstance(members, dict) or [m.get("role") for m in members.values()].count("coordinator") != 1:
+        raise VerificationError("entry 0: the manifest must list the members with exactly one coordinator")
+    endorsed = manifest_bytes(entry.body)
+    endorsements = entry.body.get("endorsements", {})
+    for name in members:
+        if name not in endorsements:
+            raise VerificationError(f"entry 0: member '{name}' did not endorse the manifest")
+        signature = _hex(endorsements[name], f"entry 0: the endorsement by {name}")
+        _check_signature(_key(members, name, "entry 0"), signature, endorsed, f"entry 0 (endorsement by {name})")
+    return members
+
+
+def _check_heads(heads: list[TreeHead], leaves: list[bytes], members: dict[str, Any]) -> None:
+    if not heads:
+        raise VerificationError("no signed tree head: nothing vouches for the transcript")
+    coordinator = _coordinator(members)
+    sites = sorted(n for n, m in members.items() if m["role"] == "site")
+    previous = 0
+    for i, head in enumerate(heads):
+        where = f"tree head {i} (size {head.size})"
+        if head.signer != coordinator:
+            raise VerificationError(f"{where}: signed by '{head.signer}', expected the coordinator '{coordinator}'")
+        _check_signature(_key(members, coordinator, where), head.signature, head.signed_bytes(), where)
+        if head.size < previous:
+            raise VerificationError(f"{where}: smaller than the head before it ({previous}): history was cut")
+        if head.size > len(leaves):
+            raise VerificationError(f"{where}: covers {head.size} entries, the transcript has {len(leaves)} (entries are missing)")
+        root = merkle.root(leaves[: head.size]).hex()
+        if root != head.root:
+            raise VerificationError(
+                f"{where}: the entries give root {root[:16]}..., the signed head says {head.root[:16]}... "
+                f"(an entry before {head.size} was altered)"
+            )
+        for site in sites:
+            if site not in head.cosignatures:
+                raise VerificationError(f"{where}: site '{site}' did not co-sign it")
+        for site, sig in head.cosignatures.items():
+            if members.get(site, {}).get("role") != "site":
+                raise VerificationError(f"{where}: co-signed by '{site}', who is not a site")
+            _check_signature(_key(members, site, where), sig, head.signed_bytes(), f"{where}, co-signature of {site}")
+        previous = head.size
+    if heads[-1].size != len(leaves):
+        raise VerificationError(
+            f"the last signed head covers {heads[-1].size} entries, the transcript has {len(leaves)}: "
+            "entries were added after it"
+        )
+
+
+def _check_rounds(entries: list[Entry]) -> None:
+    """Each round's decisions are about the model its plan names, and its aggregate extends that model."""
+    plans = {e.round: e for e in entries if e.kind == "round_plan"}
+    for entry in entries:
+        _entry_check(entry, lambda e: _check_round_entry(e, plans))
+
+
+def _check_round_entry(e: Entry, plans: dict[int, Entry]) -> None:
+    if e.kind == "site_decision":
+        plan = plans.get(e.round)
+        if plan is None:
+            raise VerificationError(f"entry {e.index}: a decision for round {e.round}, which has no plan")
+        if e.body["model_sha256"] != plan.body["model_sha256"]:
+            raise VerificationError(
+                f"entry {e.index}: site '{e.author}' was sent model {e.body['model_sha256'][:12]}..., "
+                f"the plan (entry {plan.index}) names {plan.body['model_sha256'][:12]}..."
+            )
+        if e.body["accepted"] and e.body["privacy_event"] != plan.body["privacy_event"]:
+            raise VerificationError(
+                f"entry {e.index}: site '{e.author}' accepted a privacy event other than the plan's (entry {plan.index})"
+            )
+    if e.kind == "aggregate":
+        plan = plans.get(e.round)
+        if plan is None or e.body["parent_model_sha256"] != plan.body["model_sha256"]:
+            raise VerificationError(f"entry {e.index}: the aggregate of round {e.round} does not start from its plan's model")
+
+
+def _check_privacy(entries: list[Entry], manifest: dict[str, Any], run_dir: Path) -> dict[str, float]:
+    """Each site's epsilon from the events it signed, against what the run reported."""
+    privacy = manifest.get("privacy") or {}
+    if not privacy.get("enabled"):
+        return {}
+    paid: dict[str, list[Any]] = {n: [] for n, m in manifest["members"].items() if m["role"] == "site"}
+    def collect(e: Entry) -> None:
+        if e.kind == "site_decision" and e.body["accepted"]:
+            if e.body["privacy_event"] is None:
+                raise VerificationError(f"entry {e.index}: site '{e.author}' took part in a private run without a privacy event")
+            try:
+                paid[e.author].append(_EVENT.validate_python(e.body["privacy_event"]))
+            except ValidationError:
+                raise VerificationError(f"entry {e.index}: the privacy event does not parse") from None
+
+    for entry in entries:
+        _entry_check(entry, collect)
+    recomputed = {
+        site: epsilon(events, privacy["delta"], privacy["accountant"]) if events else 0.0 for site, events in paid.items()
+    }
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+        reported = json.loads(summary_path.read_text()).get("privacy", {}).get("epsilon_per_site", {})
+        for site, eps in recomputed.items():
+            said = reported.get(site)
+            if said is None or not math.isclose(said, eps, rel_tol=1e-9, abs_tol=1e-12):
+                raise VerificationError(
+                    f"site '{site}': the events it signed add up to epsilon {eps:.6g}, the run reported {said}"
+                )
+    return recomputed
+
+
+def _check_model(final: Entry, entries: list[Entry], run_dir: Path) -> str:
+    expected = final.body["file_sha256"]
+    name = Path(final.body["file"]).name  # a bare file name: the transcript cannot point outside the run
+    model = run_dir / name
+    if not model.exists():
+        raise VerificationError(f"entry {final.index}: the final model file {name} is missing")
+    found = hashlib.sha256(model.read_bytes()).hexdigest()
+    if found != expected:
+        raise VerificationError(f"{name}: SHA-256 {found[:16]}..., the transcript (entry {final.index}) says {expected[:16]}...")
+    aggregates = [e for e in entries if e.kind == "aggregate"]
+    if aggregates and final.body["model_sha256"] != aggregates[-1].body["model_sha256"]:
+        raise VerificationError(f"entry {final.index}: the final model is not the last round's")
+    return expected

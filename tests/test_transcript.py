@@ -1,0 +1,210 @@
+"""The transcript of a run: it verifies as written, and every tampering is caught and named."""
+
+import base64
+import json
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from consortium.config import SimulationConfig
+from consortium.crypto import keys
+from consortium.errors import VerificationError
+from consortium.protocol.coordinator import COORDINATOR
+from consortium.simulation import Simulation
+from consortium.transcript import merkle
+from consortium.transcript.log import (
+    HEADS_FILE,
+    TRANSCRIPT_FILE,
+    HeadWitness,
+    TranscriptWriter,
+    canonical,
+    head_bytes,
+    signed_entry_bytes,
+)
+from consortium.transcript.verify import verify_run
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    cfg = SimulationConfig.model_validate({
+        "rounds": 2,
+        "data": {"dataset": "breast-cancer", "sites": 3},
+        "privacy": {"test_seed": 3},
+        "baselines": {"local_only": False, "pooled": False},
+    })
+    s = Simulation(cfg, out=tmp_path_factory.mktemp("runs") / "run")
+    s.result = s.run()
+    return s
+
+
+@pytest.fixture
+def run(sim, tmp_path):
+    """A private copy of the run folder to tamper with."""
+    copy = tmp_path / "run"
+    shutil.copytree(sim.run_dir, copy)
+    return copy
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _lines(run, name=TRANSCRIPT_FILE):
+    return (run / name).read_bytes().split(b"\n")[:-1]
+
+
+def _write(run, lines, name=TRANSCRIPT_FILE):
+    (run / name).write_bytes(b"".join(line + b"\n" for line in lines))
+
+
+def test_a_run_verifies_and_says_so(sim, run):
+    assert sim.result.summary["transcript"]["verified"] is True
+    report = verify_run(run)
+    kinds = [json.loads(line)["kind"] for line in _lines(run)]
+    assert kinds[0] == "manifest" and kinds[-1] == "final_model"
+    assert kinds.count("round_plan") == 2 and kinds.count("site_decision") == 6 and kinds.count("aggregate") == 2
+    assert report.entries == len(kinds) == sim.result.summary["transcript"]["entries"]
+    assert report.tree_head["cosigned_by"] == ["site-1", "site-2", "site-3"]
+    assert report.epsilon_per_site == sim.result.summary["privacy"]["epsilon_per_site"]
+
+
+def test_the_command_line_verifies_and_fails_with_exit_1(run):
+    cmd = [sys.executable, "-m", "consortium.cli", "verify", str(run), "--json"]
+    ok = subprocess.run(cmd, capture_output=True, text=True)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["verified"] is True
+    lines = _lines(run)
+    del lines[3]
+    _write(run, lines)
+    bad = subprocess.run(cmd[:-1], capture_output=True, text=True)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert "verification failed" in bad.stderr and "entry 3" in bad.stderr
+
+
+def test_flipping_any_single_byte_of_any_entry_is_caught(run):
+    lines = _lines(run)
+    rng = random.Random(0)
+    for i, line in enumerate(lines):
+        spread = {1, len(line) // 3, len(line) // 2, 2 * len(line) // 3, len(line) - 2}
+        for pos in sorted(spread | {rng.randrange(len(line)) for _ in range(20)}):
+            tampered = list(lines)
+            tampered[i] = line[:pos] + bytes([line[pos] ^ 0x01]) + line[pos + 1 :]
+            _write(run, tampered)
+            with pytest.raises(VerificationError):
+                verify_run(run)
+
+
+@pytest.mark.parametrize("how", ["delete", "reorder", "append-unsigned-head", "truncate"])
+def test_removing_reordering_or_adding_entries_is_caught(run, sim, how):
+    lines = _lines(run)
+    if how == "delete":
+        del lines[4]
+    elif how == "reorder":
+        lines[3], lines[4] = lines[4], lines[3]
+    elif how == "truncate":  # the last entries dropped: the signed heads still count them
+        lines = lines[:-2]
+    else:  # an entry added after the last head, properly signed by the coordinator
+        key = sim._identities[COORDINATOR]
+        body = {"model_sha256": "0" * 64, "evaluated_sites": 3, "note": "", "metrics": {}}
+        sig = keys.sign(key, signed_entry_bytes("evaluation", 2, COORDINATOR, body))
+        extra = {"index": len(lines), "kind": "evaluation", "round": 2, "author": COORDINATOR, "body": body, "signature": _b64(sig)}
+        lines.append(canonical(extra))
+    _write(run, lines)
+    with pytest.raises(VerificationError, match="entry|head"):
+        verify_run(run)
+
+
+def test_swapping_the_final_model_file_is_caught(run):
+    model = run / "model.safetensors"
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 0xFF
+    model.write_bytes(bytes(data))
+    with pytest.raises(VerificationError, match="model.safetensors"):
+        verify_run(run)
+
+
+def _rewrite_as_coordinator(run, sim, edit):
+    """A coordinator with its key rewrites history: edits entries, re-signs them, re-signs every head."""
+    key = sim._identities[COORDINATOR]
+    entries = [json.loads(line) for line in _lines(run)]
+    for e in entries:
+        if edit(e):
+            e["signature"] = _b64(keys.sign(key, signed_entry_bytes(e["kind"], e["round"], e["author"], e["body"])))
+    _write(run, [canonical(e) for e in entries])
+    leaves = [merkle.leaf_hash(canonical(e)) for e in entries]
+    heads = []
+    for line in _lines(run, HEADS_FILE):
+        h = json.loads(line)
+        h["root"] = merkle.root(leaves[: h["size"]]).hex()
+        h["signature"] = _b64(keys.sign(key, head_bytes(h["size"], h["root"], h["timestamp_ms"])))
+        heads.append(canonical(h))
+    _write(run, heads, HEADS_FILE)
+
+
+def test_a_changed_noise_multiplier_is_caught_even_when_the_coordinator_re_signs(run, sim):
+    def lower_the_noise(e):
+        if e["kind"] == "round_plan" and e["round"] == 1:
+            e["body"]["privacy_event"]["noise_multiplier"] /= 10
+            return True
+        return False
+
+    _rewrite_as_coordinator(run, sim, lower_the_noise)
+    with pytest.raises(VerificationError, match="co-signature"):
+        verify_run(run)
+
+
+def test_a_forged_site_acceptance_is_caught(run, sim):
+    def forge(e):  # the coordinator signs a decision in site-2's name
+        return e["kind"] == "site_decision" and e["author"] == "site-2" and e["round"] == 2
+
+    _rewrite_as_coordinator(run, sim, forge)
+    with pytest.raises(VerificationError, match="site_decision by site-2"):
+        verify_run(run)
+
+
+def test_a_misreported_epsilon_is_caught(run):
+    summary = json.loads((run / "summary.json").read_text())
+    summary["privacy"]["epsilon_per_site"]["site-3"] /= 2
+    (run / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(VerificationError, match="site 'site-3'.*reported"):
+        verify_run(run)
+
+
+def test_a_site_refuses_to_cosign_a_forked_history(tmp_path):
+    coordinator, site = keys.generate_ed25519()[0], keys.generate_ed25519()[0]
+    witness = HeadWitness("a", site, keys.ed25519_public_bytes(coordinator.public_key()))
+    log = TranscriptWriter(tmp_path / "main")
+    for i in range(5):
+        log.append("evaluation", i, COORDINATOR, {"i": i}, key=coordinator)
+    first = log.sign_head(COORDINATOR, coordinator, 1)
+    witness.cosign(first, [])
+    fork = TranscriptWriter(tmp_path / "fork")  # the same history, but entry 2 differs
+    for i in range(8):
+        fork.append("evaluation", i, COORDINATOR, {"i": i if i != 2 else 99}, key=coordinator)
+    forked = fork.sign_head(COORDINATOR, coordinator, 2)
+    with pytest.raises(VerificationError, match="consistency"):
+        witness.cosign(forked, fork.consistency(5, 8))
+    for i in range(5, 8):
+        log.append("evaluation", i, COORDINATOR, {"i": i}, key=coordinator)
+    honest = log.sign_head(COORDINATOR, coordinator, 3)
+    witness.cosign(honest, log.consistency(5, 8))  # the true extension is signed
+    with pytest.raises(VerificationError, match="shrank"):
+        witness.cosign(first, [])
+
+
+def test_a_crash_mid_append_leaves_the_complete_entries_intact(tmp_path):
+    key = keys.generate_ed25519()[0]
+    log = TranscriptWriter(tmp_path)
+    for i in range(3):
+        log.append("evaluation", i, COORDINATOR, {"i": i}, key=key)
+    with open(tmp_path / TRANSCRIPT_FILE, "ab") as f:
+        f.write(b'{"author":"coordinator","body":{"i":3')  # the crash
+    with pytest.raises(VerificationError, match="partial line"):
+        verify_run(tmp_path)
+    reopened = TranscriptWriter(tmp_path)
+    assert [e.body for e in reopened.entries] == [{"i": 0}, {"i": 1}, {"i": 2}]
+    assert reopened.root() == log.root()
+    reopened.append("evaluation", 3, COORDINATOR, {"i": 3}, key=key)
+    assert (tmp_path / TRANSCRIPT_FILE).read_bytes().count(b"\n") == 4
