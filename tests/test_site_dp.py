@@ -264,10 +264,11 @@ def _to_fit_session(coord, transport):
 
 
 def _noisy_dp(sites_count=4):
-    noise = ddg.plan_ddg(target_epsilon=4.0, delta=1e-5, rounds=3, dim=74, cohort=3, max_sites=sites_count, bits=32)
+    # Calibrated for 2 honest sites, with 1 more assumed to collude: every sum must span 3.
+    noise = ddg.plan_ddg(target_epsilon=4.0, delta=1e-5, rounds=3, dim=74, cohort=2, max_sites=sites_count, bits=32)
     event = SiteLevelEvent(
-        mechanism="dp-fedavg-distributed-discrete-gaussian", noise_multiplier=ddg.noise_multiplier_of(noise, 3),
-        clip=1.0, cohort=3, ddg=noise,
+        mechanism="dp-fedavg-distributed-discrete-gaussian", noise_multiplier=ddg.noise_multiplier_of(noise, 2),
+        clip=1.0, cohort=2, colluders=1, ddg=noise,
     )
     return SiteLevelDP(template=event, noise_rng=np.random.default_rng(0))
 
@@ -330,7 +331,7 @@ def test_a_simulation_at_site_level_records_everything_and_meets_its_target(tmp_
     assert p["level"] == "site" and p["noise"] == "distributed"
     assert p["mechanism"] == "dp-fedavg-distributed-discrete-gaussian"
     assert p["accountant"] == "rdp" and p["weighting"] == "uniform" and p["adaptive_clipping"]
-    assert p["cohort"] == 3  # the SecAgg+ threshold of 4 sites
+    assert p["cohort"] == 2 and p["colluders_assumed"] == 1  # threshold 3 for 4 sites, one assumed colluding
     assert all(0 < e <= 4.0 for e in p["epsilon_per_site"].values())
     assert len(p["clip_per_round"]) == 3 and p["clip_per_round"][0] == 1.0
     assert summary["federated"]["rounds_completed"] == 3

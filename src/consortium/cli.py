@@ -121,7 +121,7 @@ def _print_table(s: dict[str, Any]) -> None:
             where = "added by the sites inside secure aggregation" if pv["noise"] == "distributed" else "[bold red]added by the coordinator[/]"
             how = (
                 f"site level, DP-FedAvg ({pv['noise']} noise {where}, multiplier {pv['noise_multiplier']:.3f} "
-                f"for {pv['cohort']} sites, update clip {pv['clip']:g}{', adaptive' if pv['adaptive_clipping'] else ''})"
+                f"for {pv['cohort']} honest sites, update clip {pv['clip']:g}{', adaptive' if pv['adaptive_clipping'] else ''})"
             )
         out_console.print(
             f"differential privacy: {how}; epsilon spent per site up to {spent:.3f} of {pv['target_epsilon']:g} "
@@ -134,6 +134,12 @@ def _print_table(s: dict[str, Any]) -> None:
     skipped = fed.get("rounds_skipped", 0)
     if skipped:
         out_console.print(f"{skipped} round(s) skipped for lack of answers: see metrics.jsonl")
+    tr = s.get("transcript")
+    if tr:
+        out_console.print(
+            f"transcript: {tr['entries']} signed entries, tree head {tr['tree_head']['root'][:16]}... co-signed by every "
+            f"site, {'verified' if tr['verified'] else 'NOT verified'} (check it yourself: consortium verify {s['run_dir']})"
+        )
     out_console.print(f"run folder: {s['run_dir']}")
 
 

@@ -288,8 +288,11 @@ class Simulation:
         if pc.noise == "distributed":
             if pc.noise_multiplier is not None:
                 raise ConfigError("distributed noise is calibrated from privacy.epsilon: remove privacy.noise_multiplier")
-            # Calibrated for the smallest sum secure aggregation will unmask: its threshold for the cohort.
-            cohort = min(plan_graph(cohort, dropout_rate=sa.dropout_rate, corruption_rate=sa.corruption_rate).threshold, cohort)
+            # Calibrated for the smallest sum secure aggregation will unmask (its threshold), less the
+            # sites assumed to collude with the coordinator: they can take their own noise back out.
+            graph = plan_graph(cohort, dropout_rate=sa.dropout_rate, corruption_rate=sa.corruption_rate)
+            colluders = min(math.ceil(round(sa.corruption_rate * cohort, 9)), graph.threshold - 1)
+            cohort = graph.threshold - colluders
             assert config.model is not None
             dim = ModelAdapter(
                 build_model(
@@ -310,7 +313,7 @@ class Simulation:
             count_z = 2 * summed_sd / noise.count_scale if noise.count_scale else None
             event = SiteLevelEvent(
                 mechanism="dp-fedavg-distributed-discrete-gaussian", noise_multiplier=ddg.noise_multiplier_of(noise, cohort),
-                clip=pc.update_clip, cohort=cohort, count_noise_multiplier=count_z, ddg=noise,
+                clip=pc.update_clip, cohort=cohort, colluders=colluders, count_noise_multiplier=count_z, ddg=noise,
             )
         else:
             if pc.noise_multiplier is not None:
@@ -471,6 +474,7 @@ class Simulation:
             out.update(
                 noise=pc.noise,
                 cohort=ev.cohort,
+                colluders_assumed=ev.colluders,
                 weighting="uniform",
                 count_noise_multiplier=ev.count_noise_multiplier,
                 adaptive_clipping=plan.adaptive is not None,

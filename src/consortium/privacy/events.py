@@ -88,9 +88,12 @@ class SiteLevelEvent(Frozen):
     under the clip, each bit centred to +-1/2, with noise of standard
     deviation ``count_noise_multiplier / 2``: a second Gaussian release,
     accounted here. ``cohort`` is the smallest number of sites whose noise
-    the sum carries (distributed noise: the secure-aggregation threshold);
-    for distributed noise ``noise_multiplier`` is the summed noise's at
-    that cohort, and ``ddg`` holds what the accountant composes.
+    the sum carries. With distributed noise it counts honest sites only:
+    ``colluders`` sites are assumed to collude with the coordinator and
+    subtract their own noise, so every sum unmasked spans at least
+    ``cohort + colluders`` sites (the secure-aggregation threshold);
+    ``noise_multiplier`` is the noise's at ``cohort`` honest sites, and
+    ``ddg`` holds what the accountant composes.
     """
 
     level: Literal["site"] = "site"
@@ -100,6 +103,7 @@ class SiteLevelEvent(Frozen):
     clip: float = Field(gt=0, le=1e6)
     sampling_rate: float = Field(1.0, ge=1.0, le=1.0)
     cohort: int = Field(ge=1)
+    colluders: int = Field(0, ge=0)
     count_noise_multiplier: float | None = Field(None, gt=0, le=1e6)
     ddg: DiscreteGaussianNoise | None = None
     steps: int = Field(1, ge=1, le=10_000_000)  # rounds of the same mechanism, composed

@@ -75,7 +75,9 @@ class SiteLevelDP:
     def encoding(self, event: SiteLevelEvent, n_sites: int, bits: int) -> RingEncoding | DiscreteGaussianEncoding:
         """How the cohort encodes its vectors for secure aggregation."""
         if event.ddg is not None:
-            return DiscreteGaussianEncoding(bits=bits, clip=event.clip, cohort=event.cohort, noise=event.ddg)
+            return DiscreteGaussianEncoding(
+                bits=bits, clip=event.clip, cohort=event.cohort, colluders=event.colluders, noise=event.ddg
+            )
         # Central noise: every entry lies in [-clip, clip] (the update) or is +-1/2 (the count).
         return c.fit_encoding(max(event.clip, 0.5), n_sites, bits)
 

@@ -371,13 +371,12 @@ class Coordinator:
             if self.site_dp is not None:
                 event = self.site_dp.event()
                 st.encoding = self.site_dp.encoding(event, len(ready), sec.bits)
-                if isinstance(st.encoding, DiscreteGaussianEncoding):  # any sum unmasked needs `cohort` noises
+                if isinstance(st.encoding, DiscreteGaussianEncoding):  # every sum unmasked must carry enough noise
                     st.encoding.check_capacity(len(ready), length)
-                    if len(ready) < event.cohort:
-                        return _PhaseResult(
-                            None, [], f"only {len(ready)} site(s) ready: the distributed noise needs {event.cohort}"
-                        )
-                    plan = dataclasses.replace(plan, threshold=max(plan.threshold, event.cohort))
+                    need = st.encoding.min_sum
+                    if len(ready) < need:
+                        return _PhaseResult(None, [], f"only {len(ready)} site(s) ready: the distributed noise needs {need}")
+                    plan = dataclasses.replace(plan, threshold=max(plan.threshold, need))
             else:
                 st.encoding = c.fit_encoding(sec.update_clip, len(ready), sec.bits)
         elif st.phase == "evaluate":

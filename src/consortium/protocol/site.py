@@ -242,12 +242,14 @@ class Site:
                 raise ProtocolError("a noisy encoding for a round this site did not pay for")
             return
         assert paid.ddg is not None
-        expected = DiscreteGaussianEncoding(bits=msg.encoding.bits, clip=paid.clip, cohort=paid.cohort, noise=paid.ddg)
+        expected = DiscreteGaussianEncoding(
+            bits=msg.encoding.bits, clip=paid.clip, cohort=paid.cohort, colluders=paid.colluders, noise=paid.ddg
+        )
         if msg.encoding != expected:
             raise ProtocolError("the session's encoding does not add the noise this round's privacy event declares")
-        if msg.params.threshold < paid.cohort:
+        if msg.params.threshold < expected.min_sum:
             raise ProtocolError(
-                f"the session's threshold {msg.params.threshold} would let a sum of fewer than the {paid.cohort} "
+                f"the session's threshold {msg.params.threshold} would let a sum of fewer than the {expected.min_sum} "
                 "noisy updates the noise is calibrated for be unmasked"
             )
 

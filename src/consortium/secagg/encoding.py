@@ -97,15 +97,21 @@ class DiscreteGaussianEncoding(Frozen):
     The vector a site encodes is its update clipped to L2 norm ``clip``,
     followed, when ``noise.count_scale`` is set (adaptive clipping), by its
     clipped-count bit centred to +-1/2. Each site adds N_Z(0,
-    ``noise.site_variance``) to every coordinate; the sum is decoded only
-    over ``cohort`` sites or more, the number the noise is calibrated for.
+    ``noise.site_variance``) to every coordinate. The noise is calibrated
+    for ``cohort`` honest sites; ``colluders`` more may subtract their own,
+    so a sum is decoded only over ``min_sum = cohort + colluders`` sites or more.
     """
 
     kind: Literal["ddg"] = "ddg"
     bits: int = Field(ge=16, le=62)
     clip: float = Field(gt=0)
     cohort: int = Field(ge=1)
+    colluders: int = Field(0, ge=0)
     noise: DiscreteGaussianNoise
+
+    @property
+    def min_sum(self) -> int:
+        return self.cohort + self.colluders
 
     @property
     def scale(self) -> float:
@@ -145,8 +151,8 @@ class DiscreteGaussianEncoding(Frozen):
 
     def decode_sum(self, total: np.ndarray, n_included: int) -> np.ndarray:
         """The noisy float sum: the update part in update units, the count part as sum(bit - 1/2) + noise."""
-        if n_included < self.cohort:
-            raise ProtocolError(f"only {n_included} noisy updates where the noise needs {self.cohort}: refusing to decode")
+        if n_included < self.min_sum:
+            raise ProtocolError(f"only {n_included} noisy updates where the noise needs {self.min_sum}: refusing to decode")
         half = 1 << (self.bits - 1)
         signed = ((np.asarray(total, dtype=np.uint64).astype(np.int64) + half) & ((1 << self.bits) - 1)) - half
         out = signed.astype(np.float64)
