@@ -7,11 +7,13 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from consortium.config import SimulationConfig
 from consortium.crypto import keys
 from consortium.errors import VerificationError
+from consortium.protocol import messages as m
 from consortium.protocol.coordinator import COORDINATOR
 from consortium.simulation import Simulation
 from consortium.transcript import merkle
@@ -25,6 +27,7 @@ from consortium.transcript.log import (
     signed_entry_bytes,
 )
 from consortium.transcript.verify import verify_run
+from consortium.transport import InProcessTransport
 
 
 @pytest.fixture(scope="module")
@@ -208,3 +211,41 @@ def test_a_crash_mid_append_leaves_the_complete_entries_intact(tmp_path):
     assert reopened.root() == log.root()
     reopened.append("evaluation", 3, COORDINATOR, {"i": 3}, key=key)
     assert (tmp_path / TRANSCRIPT_FILE).read_bytes().count(b"\n") == 4
+
+
+class CraftingTransport(InProcessTransport):
+    """A coordinator that sends one site a model of its own making in round 2 (Pasquini et al. 2022)."""
+
+    def exchange(self, request):
+        msg = request.message
+        if isinstance(msg, m.FitRequest) and request.recipient == "site-2" and request.round == 2:
+            crafted = msg.params.to_numpy() + np.float32(0.5)
+            request = request.model_copy(update={"message": msg.model_copy(update={"params": m.Tensor.from_numpy(crafted)})})
+        return super().exchange(request)
+
+
+def test_a_site_refuses_a_crafted_model_and_the_transcript_proves_it(tmp_path):
+    cfg = SimulationConfig.model_validate({
+        "rounds": 2, "data": {"dataset": "breast-cancer", "sites": 3}, "privacy": {"enabled": False},
+        "baselines": {"local_only": False, "pooled": False},
+    })
+    s = Simulation(cfg, out=tmp_path / "run")
+    s.transport = CraftingTransport(s._sites)
+    with pytest.raises(VerificationError, match="site 'site-2' was sent model"):
+        s.run()  # the run verifies itself, and names the attack
+    refusal = s.coordinator.history[1].refused["site-2"]
+    assert "is not the one the transcript plans for round 2" in refusal
+    assert s.coordinator.history[1].answered == ["site-1", "site-3"]  # the others trained on the planned model
+    with pytest.raises(VerificationError, match="entry .*site 'site-2' was sent model"):
+        verify_run(tmp_path / "run")
+
+
+def test_a_fit_request_without_its_plan_is_refused(sim):
+    site = sim._sites["site-1"]
+    request = m.FitRequest(
+        task=sim.coordinator.task, params=m.Tensor.from_numpy(sim.coordinator.params), train=sim.config.training,
+        secure_aggregation=False,
+    )
+    reply = site.handle(m.make_envelope(COORDINATOR, "site-1", 3, request)).message
+    assert isinstance(reply, m.Refusal) and "carries none" in reply.reason
+    assert reply.decision is not None and reply.decision.body["accepted"] is False  # signed, for the transcript

@@ -221,6 +221,7 @@ class Simulation:
                 directory=directory,
                 ledger=ledgers[name],
                 noise_test_seed=None if pc.test_seed is None else pc.test_seed + i,
+                require_plan=True,  # the transcript proves each round's plan to the sites before they train
                 model_builder=model_builder,
             )
             for i, (name, sd) in enumerate(zip(self.names, site_seeds))
@@ -355,7 +356,7 @@ class Simulation:
             if on_round is not None:
                 on_round(record)
 
-        history = RoundLoop().run(coordinator, self.transport, on_round=record_round)
+        history = RoundLoop(before_stage=transcript.prove_plan).run(coordinator, self.transport, on_round=record_round)
         assert coordinator.params is not None and coordinator.task is not None
 
         # The final model, parameters by name, with the standardisation it was trained under.

@@ -34,7 +34,7 @@ from consortium.learning.adapter import ModelAdapter
 from consortium.learning.models import ModelSpec
 from consortium.learning.strategies import FedAvg
 from consortium.learning.training import TrainSettings
-from consortium.privacy.events import RecordLevelEvent
+from consortium.privacy.events import RecordLevelEvent, SiteLevelEvent
 from consortium.privacy.sitedp import SiteLevelDP
 from consortium.protocol import contributions as c
 from consortium.protocol import messages as m
@@ -122,6 +122,7 @@ class _PhaseState:
     refused: dict[str, str] = field(default_factory=dict)
     plain: dict[str, np.ndarray] = field(default_factory=dict)
     server: SecAggServer | None = None
+    event: RecordLevelEvent | SiteLevelEvent | None = None  # fit: this round's privacy event, as planned
     encoding: RingEncoding | DiscreteGaussianEncoding | None = None
     outgoing: dict[str, m.BaseModel] = field(default_factory=dict)
 
@@ -185,6 +186,7 @@ class Coordinator:
         self._state: _PhaseState | None = _PhaseState("setup", list(self.sites))
         self._setup_replies: dict[str, m.SetupReply] = {}
         self._log: list[LogRecord] = []
+        self._plan_proof: m.PlanProof | None = None
 
     @property
     def done(self) -> bool:
@@ -260,14 +262,6 @@ class Coordinator:
             return m.SetupRequest(secure_aggregation=secure)
         if st.phase == "fit":
             site_dp = self.site_dp
-            event = site_dp.event() if site_dp else self._record_event(len(st.targets))
-            self._log.append(LogRecord("round_plan", self.round, COORDINATOR, {
-                "model_sha256": vector_sha256(self._params()),
-                "cohort": sorted(st.targets),
-                "privacy_event": event.model_dump(mode="json") if event is not None else None,
-                "secure_aggregation": secure,
-                "strategy": self.strategy.describe(),
-            }))
             return m.FitRequest(
                 task=self._task(),
                 params=m.Tensor.from_numpy(self._params()),
@@ -277,7 +271,8 @@ class Coordinator:
                 weight_scale=self.total_rows if secure else 1.0,
                 secure_aggregation=secure,
                 update_clip=self.secure.update_clip if self.secure else None,
-                privacy=event,
+                privacy=st.event,
+                plan=self._plan_proof,
             )
         return m.EvaluateRequest(task=self._task(), params=m.Tensor.from_numpy(self._params()), secure_aggregation=secure)
 
@@ -397,9 +392,7 @@ class Coordinator:
     def _finish_phase(self, st: _PhaseState, result: _PhaseResult) -> RoundRecord | None:
         if st.phase == "setup":
             self._finish_setup(st, result)
-            self._state = _PhaseState("fit", self.strategy.select(1, self.members, self._rng))
-            self.round = 1
-            self._record = RoundRecord(round=1, selected=list(self._state.targets))
+            self._open_fit(1)
             return None
         record = self._record
         assert record is not None
@@ -415,10 +408,33 @@ class Coordinator:
         if self.round >= self.rounds:
             self._state = None
         else:
-            self.round += 1
-            self._state = _PhaseState("fit", self.strategy.select(self.round, self.members, self._rng))
-            self._record = RoundRecord(round=self.round, selected=list(self._state.targets))
+            self._open_fit(self.round + 1)
         return record
+
+    def _open_fit(self, rnd: int) -> None:
+        """Plan round ``rnd``: its cohort and privacy event, logged before any request goes out."""
+        self.round = rnd
+        st = _PhaseState("fit", self.strategy.select(rnd, self.members, self._rng))
+        st.event = self.site_dp.event() if self.site_dp else self._record_event(len(st.targets))
+        self._state, self._plan_proof = st, None
+        self._record = RoundRecord(round=rnd, selected=list(st.targets))
+        self._log.append(LogRecord("round_plan", rnd, COORDINATOR, {
+            "model_sha256": vector_sha256(self._params()),
+            "cohort": sorted(st.targets),
+            "privacy_event": st.event.model_dump(mode="json") if st.event is not None else None,
+            "secure_aggregation": self.secure is not None,
+            "strategy": self.strategy.describe(),
+        }))
+
+    @property
+    def plan_proven(self) -> bool:
+        return self._plan_proof is not None
+
+    def attach_plan_proof(self, proof: m.PlanProof) -> None:
+        """The transcript's proof of this round's plan, which every fit request then carries."""
+        if self.stage != "fit:request" or proof.entry.round != self.round or proof.entry.kind != "round_plan":
+            raise ProtocolError(f"a plan proof for round {proof.entry.round} does not fit {self.stage} of round {self.round}")
+        self._plan_proof = proof
 
     def _finish_setup(self, st: _PhaseState, result: _PhaseResult) -> None:
         for site in self.sites:

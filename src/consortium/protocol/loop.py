@@ -15,7 +15,14 @@ from consortium.transport import Transport
 
 
 class RoundLoop:
-    """Sends each stage's requests, hands every answer back, then closes the stage."""
+    """Sends each stage's requests, hands every answer back, then closes the stage.
+
+    ``before_stage`` runs before each stage's requests are built: the
+    transcript uses it to log and co-sign a round's plan before any site sees it.
+    """
+
+    def __init__(self, before_stage: Callable[[Coordinator], None] | None = None) -> None:
+        self.before_stage = before_stage
 
     def run(
         self,
@@ -31,6 +38,8 @@ class RoundLoop:
 
     def step(self, coordinator: Coordinator, transport: Transport) -> RoundRecord | None:
         """Run one stage; returns the round's record when that stage ended a round."""
+        if self.before_stage is not None:
+            self.before_stage(coordinator)
         for request in coordinator.requests():
             reply = transport.exchange(request)
             if reply is None:

@@ -18,6 +18,7 @@ from consortium.learning.strategies import Weighting
 from consortium.learning.training import TrainSettings
 from consortium.privacy.events import PrivacyEvent
 from consortium.secagg.encoding import DiscreteGaussianEncoding, RingEncoding
+from consortium.transcript.log import Entry, TreeHead
 from consortium.secagg.messages import (
     ConsistencyAck,
     KeyAdvert,
@@ -84,6 +85,19 @@ class TaskSpec(_Frozen):
     layout_hash: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
+class PlanProof(_Frozen):
+    """The round's plan as the transcript holds it, and the proof that it is in a head the sites co-signed.
+
+    A site trains only on the model whose hash this plan names, so the
+    coordinator cannot send one site a crafted model (Pasquini et al., CCS
+    2022) without the site refusing and the transcript showing it.
+    """
+
+    entry: Entry
+    head: TreeHead
+    path: list[B64]
+
+
 class FitRequest(_Frozen):
     kind: Literal["fit_request"] = "fit_request"
     task: TaskSpec
@@ -98,6 +112,7 @@ class FitRequest(_Frozen):
     #: This round's differential privacy, as the site will record it in its ledger; None: no DP.
     #: Record level: DP-SGD in local training. Site level: clip the update (and add noise, if distributed).
     privacy: PrivacyEvent | None = None
+    plan: PlanProof | None = None  # with a transcript: the plan this request must match
 
     @model_validator(mode="after")
     def _clip(self) -> "FitRequest":

@@ -19,7 +19,8 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from consortium.data import Splits, Table
-from consortium.errors import ModelError, ProtocolError
+from consortium.crypto import keys
+from consortium.errors import ModelError, ProtocolError, VerificationError
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.training import evaluate, train_local
 from consortium.privacy.dpsgd import secure_generator, secure_numpy_generator, train_dp_sgd
@@ -30,6 +31,7 @@ from consortium.protocol import messages as m
 from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.secagg import SecAggClient
 from consortium.secagg.encoding import DiscreteGaussianEncoding
+from consortium.transcript import merkle
 from consortium.transcript.log import HeadWitness, TreeHead, canonical, signed_entry_bytes, vector_sha256
 from consortium.wire import Tensor
 
@@ -55,6 +57,8 @@ class Site:
     part only in rounds under differential privacy (record or site level)
     and refuses a round that would exceed its cap.
     ``noise_test_seed`` makes the privacy noise reproducible: test mode only.
+    ``require_plan``: train only on a model whose hash a round plan names,
+    proven to be in the last transcript head this site co-signed.
     """
 
     def __init__(
@@ -67,6 +71,7 @@ class Site:
         directory: Mapping[str, bytes] | None = None,
         ledger: BudgetLedger | None = None,
         noise_test_seed: int | None = None,
+        require_plan: bool = False,
         model_builder: ModelBuilder = build_task_model,
     ) -> None:
         self.name = name
@@ -88,6 +93,9 @@ class Site:
         self._used_sessions: set[str] = set()
         coordinator_key = self._directory.get(COORDINATOR)
         self._witness = HeadWitness(name, identity, coordinator_key) if identity and coordinator_key else None
+        if require_plan and self._witness is None:
+            raise ProtocolError("checking round plans against the transcript needs an identity key and the coordinator's")
+        self._require_plan = require_plan
 
     # -- transport entry points ------------------------------------------------
 
@@ -126,6 +134,35 @@ class Site:
         }))
         signature = self._identity.sign(signed_entry_bytes("site_decision", rnd, self.name, body))
         return reply.model_copy(update={"decision": m.SiteDecision(round=rnd, site=self.name, body=body, signature=signature)})
+
+    def _check_plan(self, rnd: int, msg: m.FitRequest) -> None:
+        """The request must be the round plan the transcript holds, in the last head this site co-signed."""
+        proof = msg.plan
+        if proof is None:
+            raise ProtocolError("this site trains only on a round plan the transcript holds, and the request carries none")
+        assert self._witness is not None
+        last = self._witness.last
+        if last is None or proof.head.model_copy(update={"cosignatures": {}}) != last:
+            raise ProtocolError("the plan is proven against a tree head this site did not co-sign last")
+        entry = proof.entry
+        if entry.kind != "round_plan" or entry.round != rnd or entry.author != COORDINATOR:
+            raise ProtocolError(f"the proof is of a {entry.kind} entry for round {entry.round}, not this round's plan")
+        try:
+            keys.verify(self._directory[COORDINATOR], entry.signature, entry.signed_bytes())
+            merkle.verify_inclusion(entry.leaf(), entry.index, last.size, proof.path, bytes.fromhex(last.root))
+        except VerificationError as exc:
+            raise ProtocolError(f"the round plan is not in the transcript: {exc}") from None
+        sent = vector_sha256(msg.params.to_numpy())
+        if entry.body.get("model_sha256") != sent:
+            raise ProtocolError(
+                f"the model sent (sha256 {sent[:12]}...) is not the one the transcript plans for round {rnd} "
+                f"({str(entry.body.get('model_sha256'))[:12]}...): refusing to train on it"
+            )
+        declared = json.loads(canonical(msg.privacy.model_dump(mode="json"))) if msg.privacy is not None else None
+        if entry.body.get("privacy_event") != declared:
+            raise ProtocolError("the request's privacy event is not the one the transcript plans for this round")
+        if self.name not in entry.body.get("cohort", []):
+            raise ProtocolError(f"the transcript's plan for round {rnd} does not include this site")
 
     def cosign_head(self, head: TreeHead, proof: list[bytes]) -> bytes:
         """Co-sign a transcript head that the coordinator signed and that extends the last one this site signed."""
@@ -194,6 +231,8 @@ class Site:
         return module, adapter, vector
 
     def _fit(self, rnd: int, msg: m.FitRequest) -> m.FitReply:
+        if self._require_plan:
+            self._check_plan(rnd, msg)
         if self.ledger is not None:
             if msg.privacy is None:
                 raise ProtocolError("this site trains only with differential privacy: the round plan has none")

@@ -174,6 +174,9 @@ class TranscriptWriter:
             signature=keys.sign(key, head_bytes(self.size, root, timestamp_ms)),
         )
 
+    def inclusion(self, index: int, size: int) -> list[bytes]:
+        return merkle.inclusion_proof(self.leaves[:size], index)
+
     def consistency(self, first_size: int, second_size: int) -> list[bytes]:
         return merkle.consistency_proof(self.leaves[:second_size], first_size) if 0 < first_size < second_size else []
 

@@ -19,7 +19,8 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from consortium.crypto import keys
-from consortium.protocol.coordinator import COORDINATOR, LogRecord
+from consortium.protocol.coordinator import COORDINATOR, Coordinator, LogRecord
+from consortium.protocol.messages import PlanProof
 from consortium.transcript.log import TranscriptWriter, TreeHead, sha256_hex
 from consortium.transcript.verify import manifest_bytes
 
@@ -74,6 +75,15 @@ class TranscriptRecorder:
         head = head.model_copy(update={"cosignatures": cosigned})
         self.writer.publish_head(head)
         return head
+
+    def prove_plan(self, coordinator: Coordinator) -> None:
+        """Before a round's requests go out: log its plan, have every site co-sign it, hand the proof over."""
+        if coordinator.stage != "fit:request" or coordinator.plan_proven:
+            return
+        self.record(coordinator.drain_log())
+        head = self.close_round()
+        plan = next(e for e in reversed(self.writer.entries) if e.kind == "round_plan")
+        coordinator.attach_plan_proof(PlanProof(entry=plan, head=head, path=self.writer.inclusion(plan.index, head.size)))
 
     def finish(self, model_file: Path, model_sha256: str, rnd: int) -> TreeHead:
         """The last entry: the model file the run wrote, by its bytes' hash."""
