@@ -249,3 +249,25 @@ def test_a_fit_request_without_its_plan_is_refused(sim):
     reply = site.handle(m.make_envelope(COORDINATOR, "site-1", 3, request)).message
     assert isinstance(reply, m.Refusal) and "carries none" in reply.reason
     assert reply.decision is not None and reply.decision.body["accepted"] is False  # signed, for the transcript
+
+
+class DroppingTransport(InProcessTransport):
+    """Round 2's fit requests reach site-1 only."""
+
+    def exchange(self, request):
+        if isinstance(request.message, m.FitRequest) and request.round == 2 and request.recipient != "site-1":
+            return None
+        return super().exchange(request)
+
+
+def test_a_round_below_the_manifests_minimum_cohort_is_caught(tmp_path):
+    cfg = SimulationConfig.model_validate({
+        "rounds": 2, "data": {"dataset": "breast-cancer", "sites": 3}, "privacy": {"enabled": False},
+        "participation": {"min_sites": 2}, "secure_aggregation": {"enabled": False},
+        "baselines": {"local_only": False, "pooled": False},
+    })
+    s = Simulation(cfg, out=tmp_path / "run")
+    s.transport = DroppingTransport(s._sites)
+    s.strategy.min_sites = 1  # a coordinator that goes ahead below the agreed minimum, and logs it honestly
+    with pytest.raises(VerificationError, match="round 2 aggregated 1 site.*minimum is 2"):
+        s.run()

@@ -136,7 +136,7 @@ def verify_run(run_dir: Path) -> Verified:
         rounds=max(e.round for e in entries),
         members=sorted(members),
     )
-    _check_rounds(entries)
+    _check_rounds(entries, entries[0].body)
     report.epsilon_per_site = _check_privacy(entries, entries[0].body, run_dir)
     finals = [e for e in entries if e.kind == "final_model"]
     if finals:
@@ -200,14 +200,16 @@ def _check_heads(heads: list[TreeHead], leaves: list[bytes], members: dict[str, 
         )
 
 
-def _check_rounds(entries: list[Entry]) -> None:
-    """Each round's decisions are about the model its plan names, and its aggregate extends that model."""
+def _check_rounds(entries: list[Entry], manifest: dict[str, Any]) -> None:
+    """Each round's decisions are about the model its plan names, and its aggregate extends that model
+    over at least the manifest's minimum cohort."""
     plans = {e.round: e for e in entries if e.kind == "round_plan"}
+    min_sites = manifest.get("min_sites", 1)
     for entry in entries:
-        _entry_check(entry, lambda e: _check_round_entry(e, plans))
+        _entry_check(entry, lambda e: _check_round_entry(e, plans, min_sites))
 
 
-def _check_round_entry(e: Entry, plans: dict[int, Entry]) -> None:
+def _check_round_entry(e: Entry, plans: dict[int, Entry], min_sites: int) -> None:
     if e.kind == "site_decision":
         plan = plans.get(e.round)
         if plan is None:
@@ -225,6 +227,13 @@ def _check_round_entry(e: Entry, plans: dict[int, Entry]) -> None:
         plan = plans.get(e.round)
         if plan is None or e.body["parent_model_sha256"] != plan.body["model_sha256"]:
             raise VerificationError(f"entry {e.index}: the aggregate of round {e.round} does not start from its plan's model")
+        if e.body["status"] == "ok" and len(e.body["included"]) < min_sites:
+            raise VerificationError(
+                f"entry {e.index}: round {e.round} aggregated {len(e.body['included'])} site(s), "
+                f"the manifest's minimum is {min_sites}"
+            )
+        if e.body["status"] != "ok" and e.body["model_sha256"] != e.body["parent_model_sha256"]:
+            raise VerificationError(f"entry {e.index}: round {e.round} was skipped, yet the model changed")
 
 
 def _check_privacy(entries: list[Entry], manifest: dict[str, Any], run_dir: Path) -> dict[str, float]:
