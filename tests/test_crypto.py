@@ -4,6 +4,7 @@ import hashlib
 import hmac
 import os
 import random
+import stat
 
 import numpy as np
 import pytest
@@ -21,7 +22,8 @@ from consortium.crypto import (
     prg,
     shamir,
 )
-from consortium.errors import ConsortiumError, ProtocolError
+from consortium.crypto.keyfile import load_identity_key, save_identity_key
+from consortium.errors import ConfigError, ConsortiumError, ProtocolError
 
 H = bytes.fromhex
 
@@ -691,3 +693,37 @@ def test_tensor_hash_is_computed_once_and_still_guards_other_bytes(monkeypatch):
     unchecked = Tensor.model_construct(dtype="uint32", shape=(1000,), sha256="0" * 64, raw=raw)
     with pytest.raises(ValueError, match="SHA-256"):
         MaskedInput(vector=unchecked)
+
+
+# -- identity key files -------------------------------------------------------------------
+
+
+def test_an_identity_key_is_written_for_its_owner_only_and_read_back(tmp_path):
+    key = keys.generate_ed25519()[0]
+    path = tmp_path / "site-1.key"
+    save_identity_key(path, key)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    loaded = load_identity_key(path)
+    assert keys.ed25519_public_bytes(loaded.public_key()) == keys.ed25519_public_bytes(key.public_key())
+    with pytest.raises(ConfigError, match="never overwritten"):
+        save_identity_key(path, keys.generate_ed25519()[0])
+    assert load_identity_key(path).private_bytes_raw() == key.private_bytes_raw()
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o620, 0o644, 0o666])
+def test_a_key_file_others_can_reach_is_refused(tmp_path, mode):
+    path = tmp_path / "k.key"
+    save_identity_key(path, keys.generate_ed25519()[0])
+    os.chmod(path, mode)
+    with pytest.raises(ConfigError, match=f"accessible to others \\(mode {mode:04o}\\).*chmod 600"):
+        load_identity_key(path)
+
+
+def test_a_key_file_that_is_not_an_ed25519_key_is_refused(tmp_path):
+    path = tmp_path / "k.key"
+    path.write_bytes(b"not a key")
+    os.chmod(path, 0o600)
+    with pytest.raises(ConfigError, match="PEM"):
+        load_identity_key(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_identity_key(tmp_path / "missing.key")
