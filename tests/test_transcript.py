@@ -230,7 +230,7 @@ def test_a_site_refuses_a_crafted_model_and_the_transcript_proves_it(tmp_path):
         "baselines": {"local_only": False, "pooled": False},
     })
     s = Simulation(cfg, out=tmp_path / "run")
-    s.transport = CraftingTransport(s._sites)
+    s.transport = CraftingTransport(s._sites, identity=s._identities[COORDINATOR], directory=s._directory)
     with pytest.raises(VerificationError, match="site 'site-2' was sent model"):
         s.run()  # the run verifies itself, and names the attack
     refusal = s.coordinator.history[1].refused["site-2"]
@@ -267,7 +267,7 @@ def test_a_round_below_the_manifests_minimum_cohort_is_caught(tmp_path):
         "baselines": {"local_only": False, "pooled": False},
     })
     s = Simulation(cfg, out=tmp_path / "run")
-    s.transport = DroppingTransport(s._sites)
+    s.transport = DroppingTransport(s._sites, identity=s._identities[COORDINATOR], directory=s._directory)
     s.strategy.min_sites = 1  # a coordinator that goes ahead below the agreed minimum, and logs it honestly
     with pytest.raises(VerificationError, match="round 2 aggregated 1 site.*minimum is 2"):
         s.run()

@@ -221,7 +221,7 @@ class Simulation:
                 directory=directory,
                 ledger=ledgers[name],
                 noise_test_seed=None if pc.test_seed is None else pc.test_seed + i,
-                require_plan=True,  # the transcript proves each round's plan to the sites before they train
+                strict=True,  # sealed messages, and each round's plan proven by the transcript before training
                 model_builder=model_builder,
             )
             for i, (name, sd) in enumerate(zip(self.names, site_seeds))
@@ -253,9 +253,11 @@ class Simulation:
         )
         self._ledgers = ledgers
         self._identities = identities
+        self._directory = directory
         self._sites = sites
         self.transport = InProcessTransport(
-            sites, dropout=config.participation.dropout, rng=np.random.default_rng(drop_seq)
+            sites, dropout=config.participation.dropout, rng=np.random.default_rng(drop_seq),
+            identity=identities[COORDINATOR], directory=directory,
         )
 
     def _plan_privacy(self, sample: Table) -> RecordLevelEvent | SiteLevelDP | None:

@@ -29,6 +29,7 @@ from consortium.privacy.ledger import BudgetExceeded, BudgetLedger
 from consortium.protocol import contributions as c
 from consortium.protocol import messages as m
 from consortium.protocol.task import ModelBuilder, build_task_model
+from consortium.protocol.sealed import EnvelopeGuard, seal
 from consortium.secagg import SecAggClient
 from consortium.secagg.encoding import DiscreteGaussianEncoding
 from consortium.transcript import merkle
@@ -57,8 +58,11 @@ class Site:
     part only in rounds under differential privacy (record or site level)
     and refuses a round that would exceed its cap.
     ``noise_test_seed`` makes the privacy noise reproducible: test mode only.
-    ``require_plan``: train only on a model whose hash a round plan names,
-    proven to be in the last transcript head this site co-signed.
+    ``strict``: deployment-grade checks. Every request must be sealed by the
+    coordinator (``sealed``: signed header, fresh, never replayed, in round
+    order) and every reply is sealed by this site; a fit request must carry
+    the round's plan, proven to be in the last transcript head this site
+    co-signed, naming the model it sends.
     """
 
     def __init__(
@@ -71,7 +75,7 @@ class Site:
         directory: Mapping[str, bytes] | None = None,
         ledger: BudgetLedger | None = None,
         noise_test_seed: int | None = None,
-        require_plan: bool = False,
+        strict: bool = False,
         model_builder: ModelBuilder = build_task_model,
     ) -> None:
         self.name = name
@@ -93,19 +97,34 @@ class Site:
         self._used_sessions: set[str] = set()
         coordinator_key = self._directory.get(COORDINATOR)
         self._witness = HeadWitness(name, identity, coordinator_key) if identity and coordinator_key else None
-        if require_plan and self._witness is None:
-            raise ProtocolError("checking round plans against the transcript needs an identity key and the coordinator's")
-        self._require_plan = require_plan
+        if strict and self._witness is None:
+            raise ProtocolError("strict checks need this site's identity key and the directory of members' keys")
+        self._strict = strict
+        self._guard = EnvelopeGuard(name, self._directory) if strict else None
+        self._round_seen = 0
 
     # -- transport entry points ------------------------------------------------
 
     def handle_bytes(self, raw: bytes) -> bytes:
-        """Parse a request, answer it, and encode the reply."""
+        """Parse a request (strict: open and check its seal), answer it, and encode (strict: seal) the reply."""
         try:
-            request = m.decode(raw)
+            request = m.decode(raw) if self._guard is None else self._open(raw)
         except ProtocolError as exc:
-            return m.encode(m.make_envelope(self.name, COORDINATOR, 0, m.Refusal(reason=str(exc)[:2000])))
-        return m.encode(self.handle(request))
+            reply = m.make_envelope(self.name, COORDINATOR, 0, m.Refusal(reason=str(exc)[:2000]))
+        else:
+            reply = self.handle(request)
+        if self._guard is None:
+            return m.encode(reply)
+        assert self._identity is not None
+        return seal(reply, self._identity)
+
+    def _open(self, raw: bytes) -> m.Envelope:
+        assert self._guard is not None
+        request = self._guard.open(raw, sender=COORDINATOR)
+        if request.round < self._round_seen:
+            raise ProtocolError(f"a request for round {request.round} after round {self._round_seen}: refused as a replay")
+        self._round_seen = request.round
+        return request
 
     def handle(self, request: m.Envelope) -> m.Envelope:
         msg = request.message
@@ -231,7 +250,7 @@ class Site:
         return module, adapter, vector
 
     def _fit(self, rnd: int, msg: m.FitRequest) -> m.FitReply:
-        if self._require_plan:
+        if self._strict:
             self._check_plan(rnd, msg)
         if self.ledger is not None:
             if msg.privacy is None:
