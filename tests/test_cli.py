@@ -22,7 +22,7 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 def run_json(*args: str) -> dict:
     proc = run_cli(*args, "--json")
     assert proc.returncode == 0, proc.stderr
-    lines = [l for l in proc.stdout.splitlines() if l.strip()]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
     assert len(lines) == 1, f"stdout must hold exactly one JSON object, got: {proc.stdout[:500]}"
     return json.loads(lines[0])
 
@@ -46,7 +46,7 @@ def test_demo_without_dp_is_near_pooled_and_beats_local_only(tmp_path, dataset, 
     run = Path(s["run_dir"])
     assert {p.name for p in run.iterdir()} >= {"config.yaml", "metrics.jsonl", "model.safetensors", "summary.json"}
     assert json.loads((run / "summary.json").read_text()) == s
-    rounds = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    rounds = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == list(range(1, s["rounds"] + 1))
 
 
@@ -141,7 +141,7 @@ def test_simulate_csv_sites(tmp_path):
 def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
     for n in needles:
         assert n in lines[0], (n, lines[0])

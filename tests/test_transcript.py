@@ -1,6 +1,7 @@
 """The transcript of a run: it verifies as written, and every tampering is caught and named."""
 
 import base64
+import dataclasses
 import json
 import random
 import shutil
@@ -270,4 +271,27 @@ def test_a_round_below_the_manifests_minimum_cohort_is_caught(tmp_path):
     s.transport = DroppingTransport(s._sites, identity=s._identities[COORDINATOR], directory=s._directory)
     s.strategy.min_sites = 1  # a coordinator that goes ahead below the agreed minimum, and logs it honestly
     with pytest.raises(VerificationError, match="round 2 aggregated 1 site.*minimum is 2"):
+        s.run()
+
+
+def test_masked_inputs_are_committed_and_the_sum_must_be_over_the_committed_survivors(sim, tmp_path):
+    entries = [json.loads(line) for line in _lines(sim.run_dir)]
+    committed = [e for e in entries if e["kind"] == "masked_inputs"]
+    assert [(e["round"], e["body"]["phase"]) for e in committed] == [(0, "setup"), (1, "fit"), (1, "evaluate"), (2, "fit"), (2, "evaluate")]
+    assert all(sorted(e["body"]["commitments"]) == e["body"]["survivors"] for e in committed)
+
+    cfg = SimulationConfig.model_validate({"rounds": 2, "privacy": {"enabled": False}, "baselines": {"local_only": False, "pooled": False}})
+    s = Simulation(cfg, out=tmp_path / "run")
+    drain = s.coordinator.drain_log
+
+    def hide_a_survivor():  # a coordinator that sums one more site than it committed masked inputs for
+        out = []
+        for r in drain():
+            if r.kind == "masked_inputs" and r.body["phase"] == "fit" and r.round == 2:
+                r = dataclasses.replace(r, body={**r.body, "survivors": r.body["survivors"][:-1]})
+            out.append(r)
+        return out
+
+    s.coordinator.drain_log = hide_a_survivor
+    with pytest.raises(VerificationError, match="round 2 summed .* not the survivors"):
         s.run()

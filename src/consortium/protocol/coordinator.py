@@ -125,6 +125,7 @@ class _PhaseState:
     event: RecordLevelEvent | SiteLevelEvent | None = None  # fit: this round's privacy event, as planned
     encoding: RingEncoding | DiscreteGaussianEncoding | None = None
     outgoing: dict[str, m.BaseModel] = field(default_factory=dict)
+    commitments: dict[str, str] = field(default_factory=dict)  # site -> SHA-256 of its masked input
 
 
 @dataclass(frozen=True)
@@ -314,6 +315,7 @@ class Coordinator:
             server.add_shares(sender, msg.bundle)
         elif st.stage == "collect_masked" and isinstance(msg, m.SecAggMasked):
             server.add_masked(sender, msg.masked)
+            st.commitments[sender] = msg.masked.vector.sha256
         elif st.stage == "consistency_check" and isinstance(msg, m.SecAggAck):
             server.add_ack(sender, msg.ack)
         elif st.stage == "unmask" and isinstance(msg, m.SecAggReveal):
@@ -342,6 +344,12 @@ class Coordinator:
             elif st.stage == "collect_masked":
                 survivors = server.close_collect_masked()
                 st.outgoing = {u: m.SecAggSurvivors(session_id=sid, survivors=survivors) for u in survivors.survivors}
+                self._log.append(LogRecord("masked_inputs", self.round, COORDINATOR, {
+                    "phase": st.phase,
+                    "session_id": sid,
+                    "survivors": list(survivors.survivors),
+                    "commitments": {u: st.commitments[u] for u in survivors.survivors},
+                }))
             elif st.stage == "consistency_check":
                 st.outgoing = {u: m.SecAggUnmask(session_id=sid, request=r) for u, r in server.close_consistency().items()}
             else:

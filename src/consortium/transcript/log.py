@@ -42,7 +42,7 @@ HEADS_FILE = "heads.jsonl"
 ENTRY_DOMAIN = "consortium/transcript-entry/v1"
 HEAD_DOMAIN = "consortium/tree-head/v1"
 
-Kind = Literal["manifest", "round_plan", "site_decision", "aggregate", "evaluation", "final_model"]
+Kind = Literal["manifest", "round_plan", "site_decision", "masked_inputs", "aggregate", "evaluation", "final_model"]
 
 
 def canonical(obj: Any) -> bytes:

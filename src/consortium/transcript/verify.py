@@ -204,12 +204,14 @@ def _check_rounds(entries: list[Entry], manifest: dict[str, Any]) -> None:
     """Each round's decisions are about the model its plan names, and its aggregate extends that model
     over at least the manifest's minimum cohort."""
     plans = {e.round: e for e in entries if e.kind == "round_plan"}
+    masked = {e.round: e for e in entries if e.kind == "masked_inputs" and e.body.get("phase") == "fit"}
     min_sites = manifest.get("min_sites", 1)
+    secure = bool(manifest.get("secure_aggregation"))
     for entry in entries:
-        _entry_check(entry, lambda e: _check_round_entry(e, plans, min_sites))
+        _entry_check(entry, lambda e: _check_round_entry(e, plans, masked if secure else None, min_sites))
 
 
-def _check_round_entry(e: Entry, plans: dict[int, Entry], min_sites: int) -> None:
+def _check_round_entry(e: Entry, plans: dict[int, Entry], masked: dict[int, Entry] | None, min_sites: int) -> None:
     if e.kind == "site_decision":
         plan = plans.get(e.round)
         if plan is None:
@@ -234,6 +236,13 @@ def _check_round_entry(e: Entry, plans: dict[int, Entry], min_sites: int) -> Non
             )
         if e.body["status"] != "ok" and e.body["model_sha256"] != e.body["parent_model_sha256"]:
             raise VerificationError(f"entry {e.index}: round {e.round} was skipped, yet the model changed")
+        if masked is not None and e.body["status"] == "ok":  # the sum is over exactly the committed survivors
+            commit = masked.get(e.round)
+            if commit is None or sorted(commit.body["survivors"]) != sorted(e.body["included"]):
+                raise VerificationError(
+                    f"entry {e.index}: round {e.round} summed {e.body['included']}, "
+                    f"which are not the survivors whose masked inputs were committed"
+                )
 
 
 def _check_privacy(entries: list[Entry], manifest: dict[str, Any], run_dir: Path) -> dict[str, float]:
