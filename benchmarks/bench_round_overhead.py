@@ -1,7 +1,9 @@
 """One round's protocol overhead against the local training it coordinates.
 
-10 sites, a 1M-parameter MLP. The round runs through the real protocol
-(coordinator, sites, in-process transport with full encode/decode). Local
+10 sites, a 1M-parameter MLP. The round runs through the real protocol as a
+simulation runs it (coordinator, strict sites, in-process transport with full
+encode/decode, every message sealed and checked, each round's plan proven
+from the transcript). Local
 training and local evaluation are timed inside the sites; everything else in
 the round (building requests, encoding, hashing and checking tensors, decoding,
 aggregating, the server step) is protocol overhead.
@@ -78,7 +80,10 @@ def main() -> list[tuple[str, float, str]]:
         ids = {u: keys.generate_ed25519()[0] for u in [*names, COORDINATOR]}
         directory = {u: keys.ed25519_public_bytes(k.public_key()) for u, k in ids.items()}
         sites = {
-            u: Site(u, Splits(_table(rng, ROWS), _table(rng, 8), _table(rng, 64)), seed=i, identity=ids[u], directory=directory)
+            u: Site(
+                u, Splits(_table(rng, ROWS), _table(rng, 8), _table(rng, 64)), seed=i,
+                identity=ids[u], directory=directory, strict=True,
+            )
             for i, u in enumerate(names)
         }
         recorder = TranscriptRecorder(
@@ -93,8 +98,8 @@ def main() -> list[tuple[str, float, str]]:
             rounds=REPEATS + 1,
             seed=0,
         )
-        transport = InProcessTransport(sites)
-        loop = RoundLoop()
+        transport = InProcessTransport(sites, identity=ids[COORDINATOR], directory=directory)
+        loop = RoundLoop(before_stage=timed("transcript", recorder.prove_plan))
         while loop.step(coordinator, transport) is None:  # setup and a warm-up round: not measured
             pass
         recorder.record(coordinator.drain_log())

@@ -188,6 +188,7 @@ class Coordinator:
         self._setup_replies: dict[str, m.SetupReply] = {}
         self._log: list[LogRecord] = []
         self._plan_proof: m.PlanProof | None = None
+        self._tensor_cache: tuple[np.ndarray, m.Tensor] | None = None
 
     @property
     def done(self) -> bool:
@@ -265,7 +266,7 @@ class Coordinator:
             site_dp = self.site_dp
             return m.FitRequest(
                 task=self._task(),
-                params=m.Tensor.from_numpy(self._params()),
+                params=self._params_tensor(),
                 train=self.train,
                 proximal_mu=self.strategy.proximal_mu,
                 weighting="uniform" if site_dp else self.strategy.weighting,
@@ -275,7 +276,7 @@ class Coordinator:
                 privacy=st.event,
                 plan=self._plan_proof,
             )
-        return m.EvaluateRequest(task=self._task(), params=m.Tensor.from_numpy(self._params()), secure_aggregation=secure)
+        return m.EvaluateRequest(task=self._task(), params=self._params_tensor(), secure_aggregation=secure)
 
     def _expected_length(self, phase: Phase) -> int | None:
         if phase == "fit":
@@ -427,7 +428,7 @@ class Coordinator:
         self._state, self._plan_proof = st, None
         self._record = RoundRecord(round=rnd, selected=list(st.targets))
         self._log.append(LogRecord("round_plan", rnd, COORDINATOR, {
-            "model_sha256": vector_sha256(self._params()),
+            "model_sha256": self._model_sha256(),
             "cohort": sorted(st.targets),
             "privacy_event": st.event.model_dump(mode="json") if st.event is not None else None,
             "secure_aggregation": self.secure is not None,
@@ -481,7 +482,7 @@ class Coordinator:
         self.params = adapter.get_vector()
 
     def _finish_fit(self, st: _PhaseState, result: _PhaseResult, record: RoundRecord) -> None:
-        parent = vector_sha256(self._params())
+        parent = self._model_sha256()
         self._apply_fit(st, result, record)
         self._log.append(LogRecord("aggregate", self.round, COORDINATOR, {
             "status": record.status,
@@ -491,7 +492,7 @@ class Coordinator:
             "refused": sorted(record.refused),
             "sum_sha256": None if result.total is None else vector_sha256(result.total),
             "parent_model_sha256": parent,
-            "model_sha256": vector_sha256(self._params()),
+            "model_sha256": self._model_sha256(),
             "privacy": record.privacy,
         }))
 
@@ -530,7 +531,7 @@ class Coordinator:
         else:
             record.metrics = c.read_eval_sum(result.total, self._task().n_classes).metrics()
         self._log.append(LogRecord("evaluation", self.round, COORDINATOR, {
-            "model_sha256": vector_sha256(self._params()),
+            "model_sha256": self._model_sha256(),
             "evaluated_sites": record.evaluated_sites,
             "note": record.evaluation_note,
             "metrics": {k: (v if math.isfinite(v) else None) for k, v in record.metrics.items()},
@@ -547,6 +548,17 @@ class Coordinator:
         if self.task is None:
             raise ProtocolError("the task is not set up yet: run the setup stage first")
         return self.task
+
+    def _params_tensor(self) -> m.Tensor:
+        """The global model as sent, built (and hashed) once per model version."""
+        params = self._params()
+        if self._tensor_cache is None or self._tensor_cache[0] is not params:
+            self._tensor_cache = (params, m.Tensor.from_numpy(np.asarray(params, dtype=np.float32)))
+        return self._tensor_cache[1]
+
+    def _model_sha256(self) -> str:
+        """The model's hash in the transcript: SHA-256 of its float32 bytes, as its tensor carries it."""
+        return self._params_tensor().sha256
 
     def _params(self) -> np.ndarray:
         if self.params is None:

@@ -3,8 +3,10 @@
 A sealed message is ``b"CSS1" | u32 header length | header | signature (64) |
 payload``. The header is canonical JSON (RFC 8785) naming the sender, the
 recipient, the round, the message kind, the schema version, a fresh random
-nonce, the time, and the SHA-256 of the payload (the message's ordinary
-frame, tensors included); the sender's Ed25519 key signs the header under a
+nonce, the time, and the SHA-256 of the payload's frame header (the
+message's ordinary frame, whose header carries the SHA-256 of every tensor
+and which the decoder checks byte for byte, so hashing the tensors a second
+time would add nothing); the sender's Ed25519 key signs the header under a
 domain tag. ``EnvelopeGuard.open`` checks all of it and raises
 ``MessageRejected`` on the first problem: it returns a parsed envelope or
 nothing. A nonce seen before is a replay; a message stamped too far from
@@ -49,12 +51,22 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _frame_digest(payload: bytes) -> str:
+    """SHA-256 of a frame up to the end of its JSON header: the header commits to every tensor's hash."""
+    if len(payload) < 8:
+        raise MessageRejected("a sealed message without a payload frame")
+    end = 8 + int.from_bytes(payload[4:8], "big")
+    if end > len(payload):
+        raise MessageRejected("a payload frame shorter than its header length")
+    return hashlib.sha256(payload[:end]).hexdigest()
+
+
 def seal(envelope: m.Envelope, key: Ed25519PrivateKey, *, now_ms: int | None = None) -> bytes:
     payload = m.encode(envelope)
     header = canonical(SealHeader(
         sender=envelope.sender, recipient=envelope.recipient, round=envelope.round, kind=envelope.message.kind,
         schema_version=envelope.schema_version, nonce=os.urandom(16).hex(),
-        timestamp_ms=_now_ms() if now_ms is None else now_ms, payload_sha256=hashlib.sha256(payload).hexdigest(),
+        timestamp_ms=_now_ms() if now_ms is None else now_ms, payload_sha256=_frame_digest(payload),
     ).model_dump())
     return MAGIC + len(header).to_bytes(4, "big") + header + keys.sign(key, DOMAIN + header) + payload
 
@@ -96,7 +108,7 @@ class EnvelopeGuard:
             raise MessageRejected(f"a message for '{header.recipient}' reached '{self.me}'")
         if sender is not None and header.sender != sender:
             raise MessageRejected(f"a reply from '{header.sender}' where '{sender}' was asked")
-        if hashlib.sha256(payload).hexdigest() != header.payload_sha256:
+        if _frame_digest(payload) != header.payload_sha256:
             raise MessageRejected("the payload does not match the hash its sender signed")
         now = self._clock()
         if abs(now - header.timestamp_ms) > MAX_SKEW_MS:

@@ -49,6 +49,11 @@ def table_fingerprint(table: Table) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def _model_sha256(params: Tensor) -> str:
+    """A received model's transcript hash: float32 bytes, whose SHA-256 the wire already checked on arrival."""
+    return params.sha256 if params.dtype == "float32" else vector_sha256(params.to_numpy())
+
+
 class Site:
     """One institution's agent in the protocol.
 
@@ -146,7 +151,7 @@ class Site:
             return reply
         accepted = isinstance(reply, m.FitReply)
         body = json.loads(canonical({
-            "model_sha256": vector_sha256(msg.params.to_numpy()),
+            "model_sha256": _model_sha256(msg.params),
             "accepted": accepted,
             "reason": "" if accepted else reply.reason,  # type: ignore[union-attr]
             "privacy_event": msg.privacy.model_dump(mode="json") if accepted and msg.privacy is not None else None,
@@ -171,7 +176,7 @@ class Site:
             merkle.verify_inclusion(entry.leaf(), entry.index, last.size, proof.path, bytes.fromhex(last.root))
         except VerificationError as exc:
             raise ProtocolError(f"the round plan is not in the transcript: {exc}") from None
-        sent = vector_sha256(msg.params.to_numpy())
+        sent = _model_sha256(msg.params)
         if entry.body.get("model_sha256") != sent:
             raise ProtocolError(
                 f"the model sent (sha256 {sent[:12]}...) is not the one the transcript plans for round {rnd} "
