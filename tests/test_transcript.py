@@ -295,3 +295,49 @@ def test_masked_inputs_are_committed_and_the_sum_must_be_over_the_committed_surv
     s.coordinator.drain_log = hide_a_survivor
     with pytest.raises(VerificationError, match="round 2 summed .* not the survivors"):
         s.run()
+
+
+def test_each_rounds_sum_is_recomputed_from_the_archived_masked_inputs(run):
+    from safetensors.numpy import load, save
+
+    verify_run(run)  # the archive reproduces every recorded sum
+    stem = run / "evidence" / "round-00002"
+    masked = load((stem.with_suffix(".safetensors")).read_bytes())
+    site = sorted(masked)[0]
+    altered = dict(masked)
+    altered[site] = masked[site].copy()
+    altered[site][0] += 1
+    stem.with_suffix(".safetensors").write_bytes(save(altered))
+    with pytest.raises(VerificationError, match=f"{site}'s masked input is not the one committed"):
+        verify_run(run)
+    stem.with_suffix(".safetensors").write_bytes(save(masked))
+    meta = json.loads(stem.with_suffix(".json").read_text())
+    replies = meta["evidence"]["replies"]
+    holder = sorted(replies)[0]
+    owner = sorted(replies[holder]["seed_shares"])[0]
+    share = bytearray(base64.b64decode(replies[holder]["seed_shares"][owner]))
+    share[-1] ^= 1  # one revealed share altered: the masks no longer cancel
+    replies[holder]["seed_shares"][owner] = base64.b64encode(bytes(share)).decode()
+    stem.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(VerificationError, match="round-00002: unmasking fails|round 2's sum recomputed"):
+        verify_run(run)
+    stem.with_suffix(".json").unlink()
+    with pytest.raises(VerificationError, match="archive of round 2's masked inputs is missing"):
+        verify_run(run)
+
+
+def test_a_recorded_sum_that_the_archive_does_not_reproduce_is_caught(tmp_path):
+    cfg = SimulationConfig.model_validate({"rounds": 2, "privacy": {"enabled": False}, "baselines": {"local_only": False, "pooled": False}})
+    s = Simulation(cfg, out=tmp_path / "run")
+    drain = s.coordinator.drain_log
+
+    def misreport_the_sum():  # a coordinator that records another aggregate than the one it unmasked
+        return [
+            dataclasses.replace(r, body={**r.body, "sum_sha256": "0" * 64})
+            if r.kind == "aggregate" and r.round == 2 else r
+            for r in drain()
+        ]
+
+    s.coordinator.drain_log = misreport_the_sum
+    with pytest.raises(VerificationError, match="round 2's sum recomputed from the archive is not the one recorded"):
+        s.run()

@@ -354,6 +354,7 @@ class Simulation:
         def record_round(record: RoundRecord) -> None:
             run.append_metrics(_finite(record.to_json()))  # type: ignore[arg-type]
             transcript.record(coordinator.drain_log())
+            transcript.archive(coordinator.drain_archives())
             transcript.close_round()
             if on_round is not None:
                 on_round(record)

@@ -40,6 +40,7 @@ from consortium.protocol import contributions as c
 from consortium.protocol import messages as m
 from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.secagg import SecAggServer, make_session
+from consortium.secagg.protocol import SessionEvidence
 from consortium.secagg.encoding import DiscreteGaussianEncoding, RingEncoding
 from consortium.secagg.graph import plan_graph
 from consortium.secagg.messages import STAGES
@@ -111,6 +112,16 @@ class LogRecord:
     author: str
     body: dict[str, object]
     signature: bytes | None = None
+
+
+@dataclass(frozen=True)
+class SessionArchive:
+    """A fit session's unmasking evidence and masked inputs: what lets anyone recompute its sum."""
+
+    round: int
+    evidence: SessionEvidence
+    masked: dict[str, np.ndarray]
+    encoding: RingEncoding | DiscreteGaussianEncoding
 
 
 @dataclass
@@ -189,6 +200,7 @@ class Coordinator:
         self._log: list[LogRecord] = []
         self._plan_proof: m.PlanProof | None = None
         self._tensor_cache: tuple[np.ndarray, m.Tensor] | None = None
+        self._archives: list[SessionArchive] = []
 
     @property
     def done(self) -> bool:
@@ -201,6 +213,11 @@ class Coordinator:
     def drain_log(self) -> list[LogRecord]:
         """The transcript entries produced since the last call, in order (the driver writes them)."""
         out, self._log = self._log, []
+        return out
+
+    def drain_archives(self) -> list[SessionArchive]:
+        """The fit sessions finished since the last call, for the run's evidence folder."""
+        out, self._archives = self._archives, []
         return out
 
     # -- the three calls the round loop makes -------------------------------------
@@ -356,6 +373,8 @@ class Coordinator:
             else:
                 outcome = server.finish()
                 assert st.encoding is not None
+                if st.phase == "fit":
+                    self._archives.append(SessionArchive(self.round, server.evidence(), server.masked_inputs(), st.encoding))
                 return _PhaseResult(st.encoding.decode_sum(outcome.total, len(outcome.included)), list(outcome.included))
         except (ProtocolError, ConfigError) as exc:  # aborted: too few sites, or no safe plan for those left
             return _PhaseResult(None, [], f"secure aggregation aborted at {st.stage}: {exc}")

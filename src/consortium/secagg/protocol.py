@@ -54,7 +54,7 @@ from consortium.secagg.messages import (
     share_key_context,
     survivors_statement,
 )
-from consortium.wire import Tensor
+from consortium.wire import B64, Frozen, Tensor
 
 
 class SecAggError(ProtocolError):
@@ -371,28 +371,64 @@ class SecAggServer:
         if self._stage != "unmask":
             raise SecAggError(f"cannot finish at stage {self._stage}")
         self._stage = "done"
-        p, t = self.params, self.params.threshold
         self._need(len(self._replies), "answered the unmask request")
-        dropped = sorted(set(self._bundles) - set(self._survivors))
-        seeds, subtract = [], []  # every mask to remove, gathered (and every abort decided) before any arithmetic
-        for u in self._survivors:
-            shares = {p.x_of(v): r.seed_shares[u] for v, r in self._replies.items() if u in r.seed_shares}
-            if len(shares) < t:
-                raise SecAggAborted(f"only {len(shares)} shares of '{u}''s self mask arrived, fewer than {t}: aborting")
-            seeds.append(shamir.combine(shares, threshold=t))
-            subtract.append(True)
-        for v in dropped:
-            shares = {p.x_of(w): r.key_shares[v] for w, r in self._replies.items() if v in r.key_shares}
-            if len(shares) < t:
-                raise SecAggAborted(f"only {len(shares)} shares of dropped '{v}''s mask key arrived, fewer than {t}: aborting")
-            s_sk_v = keys.load_x25519_private(shamir.combine(shares, threshold=t))
-            for u in self._survivors:
-                if u in self.graph[v] and any(s.recipient == u for s in self._bundles[v].shares):
-                    seeds.append(_pairwise_seed(s_sk_v, self._adverts[u].s_pk, p, u, v))
-                    subtract.append(u < v)  # undo what u added
-        # total = sum of the masked inputs - the masks, mod 2^bits, as uint64, in one cache-blocked pass
-        total = np.empty(p.length, dtype=np.uint64)
-        prg.mask_sum(
-            total, seeds, bits=p.bits, subtract=subtract, inputs=[self._masked[u] for u in self._survivors], reduce=True
+        evidence = self.evidence()
+        total = unmask_sum(evidence, {u: self._masked[u] for u in self._survivors})
+        return SecAggOutcome(total=total, included=self._survivors, dropped=evidence.dropped)
+
+    def masked_inputs(self) -> dict[str, np.ndarray]:
+        """The survivors' masked inputs, as received (each alone reveals nothing)."""
+        return {u: self._masked[u] for u in self._survivors}
+
+    def evidence(self) -> SessionEvidence:
+        """What unmasking used, besides the masked inputs: enough for anyone to recompute the sum."""
+        dropped = tuple(sorted(set(self._bundles) - set(self._survivors)))
+        return SessionEvidence(
+            params=self.params,
+            survivors=tuple(self._survivors),
+            dropped=dropped,
+            s_pks={u: a.s_pk for u, a in self._adverts.items()},
+            replies=dict(self._replies),
+            shared_with={v: tuple(sorted(s.recipient for s in self._bundles[v].shares)) for v in dropped},
         )
-        return SecAggOutcome(total=total, included=self._survivors, dropped=tuple(dropped))
+
+
+class SessionEvidence(Frozen):
+    """A session's unmasking data: the revealed shares, the survivors, the dropped sites' share recipients."""
+
+    params: SessionParams
+    survivors: tuple[str, ...]
+    dropped: tuple[str, ...]
+    s_pks: dict[str, B64]
+    replies: dict[str, UnmaskReply]
+    shared_with: dict[str, tuple[str, ...]]
+
+
+def unmask_sum(evidence: SessionEvidence, masked: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The sum of the survivors' inputs from their masked inputs and the revealed shares (pure).
+
+    The coordinator runs it to finish a session; a verifier reruns it on the
+    archived evidence to check the aggregate the transcript records.
+    """
+    p, t = evidence.params, evidence.params.threshold
+    graph = p.neighbours()
+    seeds, subtract = [], []  # every mask to remove, gathered (and every abort decided) before any arithmetic
+    for u in evidence.survivors:
+        shares = {p.x_of(v): r.seed_shares[u] for v, r in evidence.replies.items() if u in r.seed_shares}
+        if len(shares) < t:
+            raise SecAggAborted(f"only {len(shares)} shares of '{u}''s self mask arrived, fewer than {t}: aborting")
+        seeds.append(shamir.combine(shares, threshold=t))
+        subtract.append(True)
+    for v in evidence.dropped:
+        shares = {p.x_of(w): r.key_shares[v] for w, r in evidence.replies.items() if v in r.key_shares}
+        if len(shares) < t:
+            raise SecAggAborted(f"only {len(shares)} shares of dropped '{v}''s mask key arrived, fewer than {t}: aborting")
+        s_sk_v = keys.load_x25519_private(shamir.combine(shares, threshold=t))
+        for u in evidence.survivors:
+            if u in graph[v] and u in evidence.shared_with[v]:
+                seeds.append(_pairwise_seed(s_sk_v, evidence.s_pks[u], p, u, v))
+                subtract.append(u < v)  # undo what u added
+    # total = sum of the masked inputs - the masks, mod 2^bits, as uint64, in one cache-blocked pass
+    total = np.empty(p.length, dtype=np.uint64)
+    prg.mask_sum(total, seeds, bits=p.bits, subtract=subtract, inputs=[masked[u] for u in evidence.survivors], reduce=True)
+    return total

@@ -19,10 +19,13 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from consortium.crypto import keys
-from consortium.protocol.coordinator import COORDINATOR, Coordinator, LogRecord
+from safetensors.numpy import save as safetensors_save
+
+from consortium.protocol.coordinator import COORDINATOR, Coordinator, LogRecord, SessionArchive
 from consortium.protocol.messages import PlanProof
-from consortium.transcript.log import TranscriptWriter, TreeHead, sha256_hex
-from consortium.transcript.verify import manifest_bytes
+from consortium.runs import write_atomic
+from consortium.transcript.log import TranscriptWriter, TreeHead, canonical, sha256_hex
+from consortium.transcript.verify import EVIDENCE_DIR, manifest_bytes
 
 Cosigner = Callable[[TreeHead, list[bytes]], bytes]
 LIBRARIES = ("numpy", "torch", "cryptography", "dp-accounting", "pydantic", "rfc8785")
@@ -49,6 +52,7 @@ class TranscriptRecorder:
         self, folder: Path, *, coordinator_key: Ed25519PrivateKey, cosigners: Mapping[str, Cosigner]
     ) -> None:
         self.writer = TranscriptWriter(folder)
+        self.evidence_dir = folder / EVIDENCE_DIR
         self._key = coordinator_key
         self._cosigners = dict(cosigners)
 
@@ -84,6 +88,14 @@ class TranscriptRecorder:
         head = self.close_round()
         plan = next(e for e in reversed(self.writer.entries) if e.kind == "round_plan")
         coordinator.attach_plan_proof(PlanProof(entry=plan, head=head, path=self.writer.inclusion(plan.index, head.size)))
+
+    def archive(self, sessions: list[SessionArchive]) -> None:
+        """Each fit session's masked inputs and unmasking evidence, for ``verify`` to recompute its sum."""
+        for s in sessions:
+            stem = self.evidence_dir / f"round-{s.round:05d}"
+            write_atomic(stem.with_suffix(".safetensors"), safetensors_save(dict(s.masked)))
+            meta = {"evidence": s.evidence.model_dump(mode="json"), "encoding": s.encoding.model_dump(mode="json")}
+            write_atomic(stem.with_suffix(".json"), canonical(meta))
 
     def finish(self, model_file: Path, model_sha256: str, rnd: int) -> TreeHead:
         """The last entry: the model file the run wrote, by its bytes' hash."""

@@ -17,15 +17,21 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import TypeAdapter, ValidationError
+import numpy as np
+from pydantic import Field, TypeAdapter, ValidationError
+from safetensors import SafetensorError
+from safetensors.numpy import load as safetensors_load
 
 from consortium.crypto import keys
 from consortium.errors import ConfigError, ConsortiumError, VerificationError
 from consortium.privacy.accountant import epsilon
 from consortium.privacy.events import PrivacyEvent
 from consortium.transcript import merkle
+from consortium.secagg.encoding import DiscreteGaussianEncoding, RingEncoding
+from consortium.secagg.protocol import SessionEvidence, unmask_sum
+from consortium.transcript.log import vector_sha256
 from consortium.transcript.log import (
     HEADS_FILE,
     TRANSCRIPT_FILE,
@@ -37,7 +43,9 @@ from consortium.transcript.log import (
 )
 
 MANIFEST_DOMAIN = "consortium/manifest/v1"
+EVIDENCE_DIR = "evidence"
 _EVENT: TypeAdapter[Any] = TypeAdapter(PrivacyEvent)
+_ENCODING: TypeAdapter[Any] = TypeAdapter(Annotated[RingEncoding | DiscreteGaussianEncoding, Field(discriminator="kind")])
 
 
 def manifest_bytes(body: dict[str, Any]) -> bytes:
@@ -137,6 +145,10 @@ def verify_run(run_dir: Path) -> Verified:
         members=sorted(members),
     )
     _check_rounds(entries, entries[0].body)
+    if entries[0].body.get("secure_aggregation"):
+        for entry in entries:
+            if entry.kind == "aggregate":
+                _entry_check(entry, lambda e: _recompute_aggregate(e, entries, run_dir))
     report.epsilon_per_site = _check_privacy(entries, entries[0].body, run_dir)
     finals = [e for e in entries if e.kind == "final_model"]
     if finals:
@@ -243,6 +255,37 @@ def _check_round_entry(e: Entry, plans: dict[int, Entry], masked: dict[int, Entr
                     f"entry {e.index}: round {e.round} summed {e.body['included']}, "
                     f"which are not the survivors whose masked inputs were committed"
                 )
+
+
+def _recompute_aggregate(e: Entry, entries: list[Entry], run_dir: Path) -> None:
+    """Redo the round's unmasking from the archived masked inputs and revealed shares; compare the sum's hash."""
+    if e.body["status"] != "ok":
+        return
+    stem = run_dir / EVIDENCE_DIR / f"round-{e.round:05d}"
+    if not stem.with_suffix(".json").exists() or not stem.with_suffix(".safetensors").exists():
+        raise VerificationError(f"entry {e.index}: the archive of round {e.round}'s masked inputs is missing ({stem.name})")
+    commit = next(c for c in entries if c.kind == "masked_inputs" and c.round == e.round and c.body["phase"] == "fit")
+    try:
+        meta = json.loads(stem.with_suffix(".json").read_bytes())
+        evidence = SessionEvidence.model_validate(meta["evidence"])
+        encoding = _ENCODING.validate_python(meta["encoding"])
+        masked = safetensors_load(stem.with_suffix(".safetensors").read_bytes())
+    except (ValueError, KeyError, ValidationError, SafetensorError) as exc:
+        raise VerificationError(f"{stem.name}: the archive does not parse ({type(exc).__name__})") from None
+    if sorted(masked) != sorted(commit.body["commitments"]) or list(evidence.survivors) != sorted(commit.body["survivors"]):
+        raise VerificationError(f"{stem.name}: the archive's sites are not the ones entry {commit.index} committed")
+    for site, vector in masked.items():
+        if hashlib.sha256(np.ascontiguousarray(vector).tobytes()).hexdigest() != commit.body["commitments"][site]:
+            raise VerificationError(f"{stem.name}: {site}'s masked input is not the one committed in entry {commit.index}")
+    try:
+        total = encoding.decode_sum(unmask_sum(evidence, masked), len(evidence.survivors))
+    except ConsortiumError as exc:
+        raise VerificationError(f"{stem.name}: unmasking fails ({exc})") from None
+    if vector_sha256(total) != e.body["sum_sha256"]:
+        raise VerificationError(
+            f"entry {e.index}: round {e.round}'s sum recomputed from the archive is not the one recorded "
+            f"({vector_sha256(total)[:12]}... vs {str(e.body['sum_sha256'])[:12]}...)"
+        )
 
 
 def _check_privacy(entries: list[Entry], manifest: dict[str, Any], run_dir: Path) -> dict[str, float]:
