@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -406,7 +405,6 @@ class Simulation:
     def _manifest(self, config_text: str) -> dict[str, Any]:
         """Entry 0 of the transcript: who takes part with which key, under which config, code and data."""
         pc = self.config.privacy
-        salt = os.urandom(16)
         members = {
             name: {"role": "coordinator" if name == COORDINATOR else "site", "public_key": keys.ed25519_public_bytes(k.public_key()).hex()}
             for name, k in self._identities.items()
@@ -421,8 +419,7 @@ class Simulation:
             "provenance": {
                 "code_sha256": code_sha256(),
                 "libraries": library_versions(),
-                "data_salt": salt.hex(),
-                "datasets": {name: site.fingerprint(salt) for name, site in self._sites.items()},
+                "datasets": {name: site.fingerprint() for name, site in self._sites.items()},
             },
         }
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Mapping
 
 import numpy as np
@@ -107,6 +108,7 @@ class Site:
         self._strict = strict
         self._guard = EnvelopeGuard(name, self._directory) if strict else None
         self._round_seen = 0
+        self._fingerprint_salt = os.urandom(16)
 
     # -- transport entry points ------------------------------------------------
 
@@ -194,9 +196,13 @@ class Site:
             raise ProtocolError("this site has no identity key or directory: it cannot co-sign the transcript")
         return self._witness.cosign(head, proof)
 
-    def fingerprint(self, salt: bytes) -> dict[str, object]:
-        """What the transcript records of this site's data: its schema hash, row count and a salted content hash."""
-        digest = hashlib.sha256(salt)
+    def fingerprint(self) -> dict[str, object]:
+        """What the transcript records of this site's data: its schema hash, row count and a salted content hash.
+
+        The salt is the site's own secret: nobody else can test a guessed
+        dataset against the hash, and the site can later show its data is unchanged.
+        """
+        digest = hashlib.sha256(self._fingerprint_salt)
         rows = 0
         for part in (self.__data.train, self.__data.validation, self.__data.test):
             digest.update(np.ascontiguousarray(part.X).tobytes())

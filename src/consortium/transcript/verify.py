@@ -264,7 +264,9 @@ def _recompute_aggregate(e: Entry, entries: list[Entry], run_dir: Path) -> None:
     stem = run_dir / EVIDENCE_DIR / f"round-{e.round:05d}"
     if not stem.with_suffix(".json").exists() or not stem.with_suffix(".safetensors").exists():
         raise VerificationError(f"entry {e.index}: the archive of round {e.round}'s masked inputs is missing ({stem.name})")
-    commit = next(c for c in entries if c.kind == "masked_inputs" and c.round == e.round and c.body["phase"] == "fit")
+    commit = next((c for c in entries if c.kind == "masked_inputs" and c.round == e.round and c.body["phase"] == "fit"), None)
+    if commit is None:
+        raise VerificationError(f"entry {e.index}: round {e.round} has no committed masked inputs")
     try:
         meta = json.loads(stem.with_suffix(".json").read_bytes())
         evidence = SessionEvidence.model_validate(meta["evidence"])
