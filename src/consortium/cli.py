@@ -33,7 +33,7 @@ from consortium.config import (
     load_config,
 )
 from consortium.data import BUILTIN_DATASETS
-from consortium.errors import ConsortiumError, UnknownDatasetError
+from consortium.errors import ConfigError, ConsortiumError, UnknownDatasetError
 
 app = typer.Typer(
     add_completion=False,
@@ -322,6 +322,60 @@ def verify(
         out_console.print(f"epsilon recomputed from the events each site signed, matching the run's report: {eps}")
     if report.final_model_sha256:
         out_console.print(f"final model file matches the transcript: sha256 {report.final_model_sha256[:16]}...")
+
+
+agreement_app = typer.Typer(help="The consortium agreement: write one, check it, explain it in plain language.")
+app.add_typer(agreement_app, name="agreement")
+
+
+@agreement_app.command("init")
+def agreement_init(
+    path: Annotated[Path, typer.Argument(metavar="PATH", help="where to write the agreement (YAML)")],
+    sites: Annotated[str, typer.Option(help="the sites' names, comma-separated")],
+    consortium: Annotated[str, typer.Option(help="the consortium's name")] = "consortium",
+) -> None:
+    """Write a starting agreement with every protection on; edit it, then have every approver sign it."""
+    from consortium.governance.agreement import agreement_hash, parse_agreement, template
+    from consortium.runs import write_atomic
+
+    if path.exists():
+        raise ConfigError(f"{path} already exists: an agreement is never overwritten (approvers may have signed it)")
+    names = [s.strip() for s in sites.split(",") if s.strip()]
+    text = template(consortium, names)
+    agreement = parse_agreement(text, source=str(path))  # the template must itself be valid
+    write_atomic(path, text.encode())
+    out_console.print(f"wrote {path}: {len(agreement.members)} members, agreement hash {agreement_hash(agreement)[:16]}...")
+
+
+@agreement_app.command("check")
+def agreement_check(
+    path: Annotated[Path, typer.Argument(metavar="PATH", help="an agreement file")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate an agreement and print its hash (what approvers sign)."""
+    from consortium.governance.agreement import agreement_hash, load_agreement
+
+    agreement = load_agreement(path)
+    digest = agreement_hash(agreement)
+    if as_json:
+        sys.stdout.write(json.dumps({"path": str(path), "valid": True, "sha256": digest, "approvers": agreement.approvers()}) + "\n")
+        return
+    out_console.print(f"{path}: valid; agreement hash {digest}; approvers: {', '.join(agreement.approvers())}")
+
+
+@agreement_app.command("explain")
+def agreement_explain(
+    path: Annotated[Path, typer.Argument(metavar="PATH", help="an agreement file")],
+    markdown: Annotated[Path | None, typer.Option(help="also write the explanation to this Markdown file")] = None,
+) -> None:
+    """The exposure matrix and the privacy promises, in plain language for a privacy officer."""
+    from consortium.governance.agreement import explain, load_agreement
+    from consortium.runs import write_atomic
+
+    text = explain(load_agreement(path))
+    if markdown is not None:
+        write_atomic(markdown, text.encode())
+    sys.stdout.write(text)
 
 
 def main(argv: list[str] | None = None) -> None:

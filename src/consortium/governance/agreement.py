@@ -1,0 +1,230 @@
+"""The consortium agreement: what the institutions agreed to, as a YAML file code can enforce.
+
+One closed pydantic model (unknown keys are errors, every error names the
+file and line): the members and their roles, the exposure matrix (which
+artefact may leave a site and which roles may see it), the minimum cohort,
+the differential-privacy requirements, whether secure aggregation is
+required, the model architectures allowed (by layout hash), the data schema
+contract, the number of rounds, who must approve it and the quorum that may
+resume a halted run. Its hash (SHA-256 of its RFC 8785 canonical JSON) is
+what members sign; any change needs new signatures.
+
+Artefacts that must never leave a site (raw rows, per-example outputs or
+gradients, an unmasked update) are not in the vocabulary, so no agreement can
+allow them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from consortium.errors import ConfigError
+from consortium.transcript.log import canonical
+from consortium.yamlfile import parse_yaml, read_text, validate
+
+Role = Literal["coordinator", "site", "auditor", "observer"]
+Artefact = Literal[
+    "masked_update",  # a site's update, masked for secure aggregation
+    "aggregate_update",  # the sum of the cohort's updates
+    "aggregate_metrics",  # summed evaluation counts and the metrics computed from them
+    "setup_statistics",  # summed row counts and feature moments
+    "global_model",  # each model version
+    "privacy_events",  # each round's DP event and each site's epsilon spent
+    "transcript",  # the signed log itself
+]
+Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+LayoutHash = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+#: What each artefact means, in the words ``explain`` gives a privacy officer.
+ARTEFACT_TEXT: dict[str, str] = {
+    "masked_update": "each site's model update, masked so that only the sum over the cohort can be read",
+    "aggregate_update": "the sum of the cohort's model updates (never one site's update alone)",
+    "aggregate_metrics": "evaluation results summed over the sites (accuracy, loss, calibration counts)",
+    "setup_statistics": "the total row count and the feature means and variances, summed over the sites",
+    "global_model": "every version of the jointly trained model",
+    "privacy_events": "each round's differential-privacy parameters and the epsilon each site has spent",
+    "transcript": "the signed record of every round: plans, decisions, commitments, hashes",
+}
+NEVER_LEAVES = "raw rows, per-example outputs or gradients, and any site's unmasked update"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Member(_Strict):
+    name: Name
+    role: Role
+    approver: bool = True  # must sign the agreement before any run
+
+
+class Exposure(_Strict):
+    artefact: Artefact
+    to: list[Role] = Field(min_length=1)
+
+
+class PrivacyRequirement(_Strict):
+    level: Literal["record", "site"] = "record"
+    max_epsilon: float = Field(gt=0, le=1000)  # per site, for the whole collaboration
+    delta: float = Field(gt=0, lt=1)
+
+
+class SchemaContract(_Strict):
+    features: list[Name] = Field(min_length=1)
+    classes: list[str] = Field(min_length=2)
+
+
+class Agreement(_Strict):
+    version: Literal[1] = 1
+    consortium: Name
+    members: list[Member] = Field(min_length=2)
+    exposure: list[Exposure]
+    min_cohort: int = Field(ge=1)
+    privacy: PrivacyRequirement
+    secure_aggregation_required: bool = True
+    allowed_layouts: list[LayoutHash] = []  # empty: any architecture the sites' policies accept
+    data_schema: SchemaContract | None = None
+    rounds: int = Field(ge=1, le=100_000)
+    resume_quorum: int = Field(ge=1)  # approvers' signatures needed to resume a halted run
+
+    # Each rule is checked on the field it concerns, so an error names that field's line.
+    @field_validator("members")
+    @classmethod
+    def _members(cls, members: list[Member]) -> list[Member]:
+        names = [m.name for m in members]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"member names must be unique, '{duplicates[0]}' appears twice")
+        if [m.role for m in members].count("coordinator") != 1:
+            raise ValueError("exactly one member must have the role coordinator")
+        return members
+
+    @field_validator("exposure")
+    @classmethod
+    def _exposure(cls, exposure: list[Exposure]) -> list[Exposure]:
+        artefacts = [e.artefact for e in exposure]
+        twice = sorted({a for a in artefacts if artefacts.count(a) > 1})
+        if twice:
+            raise ValueError(f"artefact '{twice[0]}' appears twice in the exposure matrix: list its roles once")
+        for e in exposure:
+            if e.artefact == "masked_update" and set(e.to) - {"coordinator"}:
+                raise ValueError("masked updates may go to the coordinator only (it routes them; nobody reads them alone)")
+        return exposure
+
+    @field_validator("min_cohort")
+    @classmethod
+    def _cohort(cls, min_cohort: int, info: ValidationInfo) -> int:
+        sites = [m for m in info.data.get("members", []) if m.role == "site"]
+        if min_cohort > len(sites):
+            raise ValueError(f"min_cohort {min_cohort} exceeds the {len(sites)} sites: no round could ever run")
+        return min_cohort
+
+    @field_validator("resume_quorum")
+    @classmethod
+    def _quorum(cls, quorum: int, info: ValidationInfo) -> int:
+        approvers = sum(m.approver for m in info.data.get("members", []))
+        if quorum > approvers:
+            raise ValueError(f"resume_quorum {quorum} exceeds the {approvers} approvers")
+        return quorum
+
+    def visible_to(self, artefact: str, role: str) -> bool:
+        return any(e.artefact == artefact and role in e.to for e in self.exposure)
+
+    def role_of(self, name: str) -> str | None:
+        return next((m.role for m in self.members if m.name == name), None)
+
+    def approvers(self) -> list[str]:
+        return [m.name for m in self.members if m.approver]
+
+
+def agreement_hash(agreement: Agreement) -> str:
+    """What members sign: SHA-256 of the agreement's canonical JSON (RFC 8785)."""
+    return hashlib.sha256(canonical(agreement.model_dump(mode="json"))).hexdigest()
+
+
+def parse_agreement(text: str, source: str = "<agreement>") -> Agreement:
+    tree, raw = parse_yaml(text, source, ConfigError)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: an agreement is a mapping of settings: start from 'consortium agreement init'")
+    return validate(Agreement, raw, tree, source, ConfigError, "fix that value in the agreement")
+
+
+def load_agreement(path: str | Path) -> Agreement:
+    return parse_agreement(read_text(path, ConfigError, "agreement file"), source=str(path))
+
+
+def template(consortium: str, sites: list[str], coordinator: str = "coordinator") -> str:
+    """A starting agreement: every protection on, aggregates only, each member an approver."""
+    members = "\n".join([f"  - {{name: {coordinator}, role: coordinator}}", *(f"  - {{name: {s}, role: site}}" for s in sites)])
+    return f"""# The consortium agreement: every member the file names as approver must sign its hash
+# (consortium agreement sign) before a run starts. Any change needs new signatures.
+version: 1
+consortium: {consortium}
+members:
+{members}
+# Which artefacts may leave a site, and who may see them. Raw rows, per-example outputs or
+# gradients and unmasked updates are not artefacts: no agreement can let them out.
+exposure:
+  - {{artefact: masked_update, to: [coordinator]}}
+  - {{artefact: aggregate_update, to: [coordinator]}}
+  - {{artefact: aggregate_metrics, to: [coordinator, site, auditor, observer]}}
+  - {{artefact: setup_statistics, to: [coordinator]}}
+  - {{artefact: global_model, to: [coordinator, site]}}
+  - {{artefact: privacy_events, to: [coordinator, site, auditor]}}
+  - {{artefact: transcript, to: [coordinator, site, auditor]}}
+min_cohort: {min(3, max(1, len(sites)))}
+privacy:
+  level: record       # record: each patient | site: each institution's whole contribution
+  max_epsilon: 8.0    # per site, for the whole collaboration; sites may keep a stricter cap
+  delta: 1.0e-5
+secure_aggregation_required: true
+allowed_layouts: []   # model layout hashes allowed; empty: any the sites' policies accept
+rounds: 20
+resume_quorum: {max(1, (len(sites) + 1) // 2 + 1)}
+"""
+
+
+def explain(agreement: Agreement) -> str:
+    """The agreement in plain language, as Markdown, for a privacy officer."""
+    lines = [f"# What the {agreement.consortium} agreement promises", ""]
+    sites = [m.name for m in agreement.members if m.role == "site"]
+    lines += [
+        f"**Members.** {len(agreement.members)} members: "
+        + ", ".join(f"{m.name} ({m.role}{', approver' if m.approver else ''})" for m in agreement.members)
+        + ".",
+        "",
+        "## What may leave a site, and who sees it",
+        "",
+        "| artefact | what it is | who may see it |",
+        "|---|---|---|",
+    ]
+    for e in agreement.exposure:
+        lines.append(f"| {e.artefact} | {ARTEFACT_TEXT[e.artefact]} | {', '.join(e.to)} |")
+    listed = {e.artefact for e in agreement.exposure}
+    for artefact, text in ARTEFACT_TEXT.items():
+        if artefact not in listed:
+            lines.append(f"| {artefact} | {text} | nobody: it never leaves a site |")
+    lines += ["", f"Never leaves a site, whatever the agreement says: {NEVER_LEAVES}.", "", "## Privacy promises", ""]
+    p = agreement.privacy
+    who = "any one patient's records" if p.level == "record" else "any one institution's whole contribution"
+    lines.append(
+        f"- Differential privacy at **{p.level} level**: what anyone can learn about {who} from everything "
+        f"released is bounded by epsilon **{p.max_epsilon:g}** at delta {p.delta:g} per site, for the whole "
+        "collaboration. Each site keeps its own budget and refuses a round that would exceed it."
+    )
+    if agreement.secure_aggregation_required:
+        lines.append("- **Secure aggregation is required**: the coordinator only ever learns sums over the cohort.")
+    else:
+        lines.append("- Secure aggregation is **not** required: the coordinator may see individual sites' updates.")
+    lines.append(f"- No round runs with fewer than **{agreement.min_cohort}** of the {len(sites)} sites.")
+    if agreement.allowed_layouts:
+        lines.append(f"- Only {len(agreement.allowed_layouts)} model architecture(s), named by layout hash, may be trained.")
+    lines.append(
+        f"- At most {agreement.rounds} rounds. A halted run resumes only with {agreement.resume_quorum} approvers' signatures."
+    )
+    lines.append(f"- Agreement hash (what each approver signs): `{agreement_hash(agreement)}`.")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,79 @@
+"""The consortium agreement: a template that validates, errors that name file and line, a plain-language explanation."""
+
+import subprocess
+import sys
+
+import pytest
+
+from consortium.errors import ConfigError
+from consortium.governance.agreement import agreement_hash, explain, parse_agreement, template
+
+
+def _agreement(**replace):
+    text = template("hospitals", ["a", "b", "c"])
+    for old, new in replace.items():
+        assert old in text, old
+        text = text.replace(old, new)
+    return text
+
+
+def test_the_template_is_a_valid_agreement_with_every_protection_on():
+    ag = parse_agreement(_agreement())
+    assert ag.secure_aggregation_required and ag.privacy.max_epsilon == 8.0 and ag.min_cohort == 3
+    assert ag.approvers() == ["coordinator", "a", "b", "c"] and ag.resume_quorum == 3
+    assert ag.visible_to("aggregate_metrics", "observer") and not ag.visible_to("global_model", "observer")
+    assert not ag.visible_to("masked_update", "site")
+
+
+def test_the_hash_changes_with_any_change():
+    base = agreement_hash(parse_agreement(_agreement()))
+    assert base == agreement_hash(parse_agreement(_agreement()))  # canonical: stable
+    assert base != agreement_hash(parse_agreement(_agreement(**{"max_epsilon: 8.0": "max_epsilon: 8.5"})))
+    # Formatting is not content: the same agreement written differently has the same hash.
+    assert base == agreement_hash(parse_agreement(_agreement(**{"rounds: 20": "rounds:   20   # twenty"})))
+
+
+@pytest.mark.parametrize("old,new,line,message", [
+    ("{name: b, role: site}", "{name: b, role: owner}", 8, "members.2.role"),
+    ("max_epsilon: 8.0", "max_epsilon: -1", 23, "privacy.max_epsilon"),
+    ("min_cohort: 3", "min_cohort: 4", 20, "exceeds the 3 sites"),
+    ("{artefact: masked_update, to: [coordinator]}", "{artefact: raw_rows, to: [coordinator]}", 13, "exposure.0.artefact"),
+    ("{artefact: masked_update, to: [coordinator]}", "{artefact: masked_update, to: [coordinator, observer]}", 13, "coordinator only"),
+    ("{name: a, role: site}", "{name: b, role: site}", 6, "'b' appears twice"),
+    ("resume_quorum: 3", "resume_quorum: 9", 28, "exceeds the 4 approvers"),
+    ("rounds: 20", "rounds: 20\nsurprise: true", 28, "surprise"),
+])
+def test_a_malformed_agreement_names_the_file_line_and_problem(old, new, line, message):
+    with pytest.raises(ConfigError) as exc:
+        parse_agreement(_agreement(**{old: new}), source="ag.yaml")
+    text = str(exc.value)
+    assert text.startswith(f"ag.yaml line {line}:") and message in text and "fix" in text
+
+
+def test_bad_yaml_names_its_line():
+    with pytest.raises(ConfigError, match=r"ag.yaml line \d+: malformed YAML"):
+        parse_agreement(_agreement(**{"rounds: 20": "rounds: [20"}), source="ag.yaml")
+
+
+def test_explain_tells_a_privacy_officer_what_leaves_and_what_never_does():
+    text = explain(parse_agreement(_agreement(**{"  - {artefact: setup_statistics, to: [coordinator]}\n": ""})))
+    assert "| masked_update |" in text and "| setup_statistics |" in text and "nobody: it never leaves a site" in text
+    assert "raw rows, per-example outputs" in text and "epsilon **8**" in text and "Secure aggregation is required" in text
+
+
+def test_the_command_line_writes_checks_and_explains(tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "consortium.cli", *args], capture_output=True, text=True)
+
+    path = tmp_path / "agreement.yaml"
+    assert cli("agreement", "init", str(path), "--sites", "a,b,c").returncode == 0
+    checked = cli("agreement", "check", str(path), "--json")
+    assert checked.returncode == 0 and '"valid": true' in checked.stdout
+    md = tmp_path / "explained.md"
+    assert cli("agreement", "explain", str(path), "--markdown", str(md)).returncode == 0 and md.read_text().startswith("# What")
+    again = cli("agreement", "init", str(path), "--sites", "a")
+    assert again.returncode == 2 and "never overwritten" in again.stderr
+    path.write_text(path.read_text().replace("max_epsilon: 8.0", "max_epsilon: -3"))
+    bad = cli("agreement", "check", str(path))
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert f"{path} line" in bad.stderr.replace("\n", "") and "max_epsilon" in bad.stderr
