@@ -34,14 +34,14 @@ def test_the_hash_changes_with_any_change():
 
 
 @pytest.mark.parametrize("old,new,line,message", [
-    ("{name: b, role: site}", "{name: b, role: owner}", 8, "members.2.role"),
-    ("max_epsilon: 8.0", "max_epsilon: -1", 23, "privacy.max_epsilon"),
-    ("min_cohort: 3", "min_cohort: 4", 20, "exceeds the 3 sites"),
-    ("{artefact: masked_update, to: [coordinator]}", "{artefact: raw_rows, to: [coordinator]}", 13, "exposure.0.artefact"),
-    ("{artefact: masked_update, to: [coordinator]}", "{artefact: masked_update, to: [coordinator, observer]}", 13, "coordinator only"),
-    ("{name: a, role: site}", "{name: b, role: site}", 6, "'b' appears twice"),
-    ("resume_quorum: 3", "resume_quorum: 9", 28, "exceeds the 4 approvers"),
-    ("rounds: 20", "rounds: 20\nsurprise: true", 28, "surprise"),
+    ("{name: b, role: site}", "{name: b, role: owner}", 10, "members.2.role"),
+    ("max_epsilon: 8.0", "max_epsilon: -1", 25, "privacy.max_epsilon"),
+    ("min_cohort: 3", "min_cohort: 4", 22, "exceeds the 3 sites"),
+    ("{artefact: masked_update, to: [coordinator]}", "{artefact: raw_rows, to: [coordinator]}", 15, "exposure.0.artefact"),
+    ("{artefact: masked_update, to: [coordinator]}", "{artefact: masked_update, to: [coordinator, observer]}", 15, "coordinator only"),
+    ("{name: a, role: site}", "{name: b, role: site}", 8, "'b' appears twice"),
+    ("resume_quorum: 3", "resume_quorum: 9", 30, "exceeds the 4 approvers"),
+    ("rounds: 20", "rounds: 20\nsurprise: true", 30, "surprise"),
 ])
 def test_a_malformed_agreement_names_the_file_line_and_problem(old, new, line, message):
     with pytest.raises(ConfigError) as exc:
@@ -77,3 +77,58 @@ def test_the_command_line_writes_checks_and_explains(tmp_path):
     bad = cli("agreement", "check", str(path))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert f"{path} line" in bad.stderr.replace("\n", "") and "max_epsilon" in bad.stderr
+
+
+# -- approval by signature -------------------------------------------------------------
+
+
+def _signed_setup(tmp_path):
+    from consortium.crypto import keys
+    from consortium.crypto.keyfile import save_identity_key
+
+    text = template("hospitals", ["a", "b"])
+    for name in ("coordinator", "a", "b"):
+        private, public = keys.generate_ed25519()
+        save_identity_key(tmp_path / f"{name}.key", private)
+        text = text.replace(f"{{name: {name}, role:", f"{{name: {name}, public_key: {keys.ed25519_public_bytes(public).hex()}, role:")
+    path = tmp_path / "agreement.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_run_needs_every_approvers_signature_on_this_very_version(tmp_path):
+    from consortium.crypto.keyfile import load_identity_key
+    from consortium.errors import VerificationError
+    from consortium.governance.agreement import approval, load_agreement, require_approval, sign_agreement
+
+    path = _signed_setup(tmp_path)
+    ag = load_agreement(path)
+    sigs = {m: sign_agreement(ag, m, load_identity_key(tmp_path / f"{m}.key")) for m in ("coordinator", "a")}
+    assert approval(ag, sigs) == (["coordinator", "a"], ["b"])
+    with pytest.raises(ConfigError, match="'b' has not signed it"):
+        require_approval(ag, sigs)
+    sigs["b"] = sign_agreement(ag, "b", load_identity_key(tmp_path / "b.key"))
+    assert require_approval(ag, sigs) == ["coordinator", "a", "b"]
+    changed = parse_agreement(path.read_text().replace("max_epsilon: 8.0", "max_epsilon: 20.0"))
+    with pytest.raises(VerificationError, match="changed since"):
+        approval(changed, sigs)  # any change needs new signatures
+    with pytest.raises(ConfigError, match="not the one the agreement names for 'a'"):
+        sign_agreement(ag, "a", load_identity_key(tmp_path / "b.key"))
+
+
+def test_signing_from_the_command_line(tmp_path):
+    path = _signed_setup(tmp_path)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "consortium.cli", *args], capture_output=True, text=True)
+
+    for member in ("coordinator", "a"):
+        assert cli("agreement", "sign", str(path), "--member", member, "--key", str(tmp_path / f"{member}.key")).returncode == 0
+    status = cli("agreement", "check", str(path), "--json")
+    assert '"missing": ["b"]' in status.stdout and '"approved": false' in status.stdout
+    (tmp_path / "b.key").chmod(0o644)
+    loose = cli("agreement", "sign", str(path), "--member", "b", "--key", str(tmp_path / "b.key"))
+    assert loose.returncode == 2 and "accessible to others" in loose.stderr
+    (tmp_path / "b.key").chmod(0o600)
+    assert cli("agreement", "sign", str(path), "--member", "b", "--key", str(tmp_path / "b.key")).returncode == 0
+    assert '"approved": true' in cli("agreement", "check", str(path), "--json").stdout

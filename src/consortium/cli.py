@@ -352,15 +352,62 @@ def agreement_check(
     path: Annotated[Path, typer.Argument(metavar="PATH", help="an agreement file")],
     as_json: JsonOpt = False,
 ) -> None:
-    """Validate an agreement and print its hash (what approvers sign)."""
-    from consortium.governance.agreement import agreement_hash, load_agreement
+    """Validate an agreement, print its hash (what approvers sign) and who has signed this version."""
+    from consortium.governance.agreement import agreement_hash, approval, load_agreement, read_signatures
 
     agreement = load_agreement(path)
     digest = agreement_hash(agreement)
+    signed, missing = approval(agreement, read_signatures(path))
     if as_json:
-        sys.stdout.write(json.dumps({"path": str(path), "valid": True, "sha256": digest, "approvers": agreement.approvers()}) + "\n")
+        sys.stdout.write(json.dumps(
+            {"path": str(path), "valid": True, "sha256": digest, "signed": signed, "missing": missing, "approved": not missing}
+        ) + "\n")
         return
-    out_console.print(f"{path}: valid; agreement hash {digest}; approvers: {', '.join(agreement.approvers())}")
+    out_console.print(f"{path}: valid; agreement hash {digest}")
+    out_console.print(
+        f"signed by {', '.join(signed) or 'nobody yet'}; "
+        + (f"[bold red]still to sign: {', '.join(missing)}[/] (no run may start)" if missing else "approved by every approver")
+    )
+
+
+@agreement_app.command("sign")
+def agreement_sign(
+    path: Annotated[Path, typer.Argument(metavar="PATH", help="an agreement file")],
+    member: Annotated[str, typer.Option(help="the signing member's name, as the agreement lists it")],
+    key: Annotated[Path, typer.Option(help="that member's identity key file (consortium key new)")],
+) -> None:
+    """Sign the agreement's hash with a member's identity key; the signature goes beside the agreement."""
+    from consortium.crypto.keyfile import load_identity_key
+    from consortium.governance.agreement import approval, load_agreement, read_signatures, sign_agreement, signatures_path
+    from consortium.runs import write_atomic
+
+    agreement = load_agreement(path)
+    signatures = {**read_signatures(path), member: sign_agreement(agreement, member, load_identity_key(key))}
+    _, missing = approval(agreement, signatures)
+    write_atomic(signatures_path(path), (json.dumps(signatures, indent=1, sort_keys=True) + "\n").encode())
+    out_console.print(f"{member} signed {path}; " + (f"still to sign: {', '.join(missing)}" if missing else "every approver has signed"))
+
+
+key_app = typer.Typer(help="Identity keys: one Ed25519 key per member, in a file only its owner can read.")
+app.add_typer(key_app, name="key")
+
+
+@key_app.command("new")
+def key_new(
+    path: Annotated[Path, typer.Argument(metavar="PATH", help="where to write the private key (mode 0600)")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Create a member's identity key and print the public key to put in the agreement."""
+    from consortium.crypto import keys
+    from consortium.crypto.keyfile import save_identity_key
+
+    private, public = keys.generate_ed25519()
+    save_identity_key(path, private)
+    hex_key = keys.ed25519_public_bytes(public).hex()
+    if as_json:
+        sys.stdout.write(json.dumps({"path": str(path), "public_key": hex_key}) + "\n")
+        return
+    out_console.print(f"wrote {path} (mode 0600); public key: {hex_key}")
 
 
 @agreement_app.command("explain")

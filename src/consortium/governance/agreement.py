@@ -17,12 +17,15 @@ allow them.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Annotated, Literal
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from consortium.errors import ConfigError
+from consortium.crypto import keys
+from consortium.errors import ConfigError, ConsortiumError, VerificationError
 from consortium.transcript.log import canonical
 from consortium.yamlfile import parse_yaml, read_text, validate
 
@@ -38,6 +41,8 @@ Artefact = Literal[
 ]
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 LayoutHash = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+PublicKey = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+SIGNATURE_DOMAIN = b"consortium/agreement/v1\x00"
 
 #: What each artefact means, in the words ``explain`` gives a privacy officer.
 ARTEFACT_TEXT: dict[str, str] = {
@@ -60,6 +65,7 @@ class Member(_Strict):
     name: Name
     role: Role
     approver: bool = True  # must sign the agreement before any run
+    public_key: PublicKey | None = None  # Ed25519, hex: what its signatures are checked against
 
 
 class Exposure(_Strict):
@@ -146,6 +152,73 @@ def agreement_hash(agreement: Agreement) -> str:
     return hashlib.sha256(canonical(agreement.model_dump(mode="json"))).hexdigest()
 
 
+def signatures_path(path: Path) -> Path:
+    """Where an agreement's signatures live: beside it, one JSON object (member -> signature, hex)."""
+    return path.with_name(path.name + ".signatures.json")
+
+
+def sign_agreement(agreement: Agreement, member: str, key: Ed25519PrivateKey) -> str:
+    """``member``'s signature over the agreement's hash, after checking the key is the one the agreement names."""
+    named = next((m for m in agreement.members if m.name == member), None)
+    if named is None:
+        raise ConfigError(f"'{member}' is not a member of this agreement: check the name")
+    if named.public_key is None:
+        raise ConfigError(f"the agreement names no public key for '{member}': add its public_key, then sign")
+    if keys.ed25519_public_bytes(key.public_key()).hex() != named.public_key:
+        raise ConfigError(f"this key is not the one the agreement names for '{member}': use that member's own key file")
+    return keys.sign(key, SIGNATURE_DOMAIN + bytes.fromhex(agreement_hash(agreement))).hex()
+
+
+def approval(agreement: Agreement, signatures: dict[str, str]) -> tuple[list[str], list[str]]:
+    """(approvers whose signature on this very agreement verifies, approvers who have not signed it).
+
+    A signature that does not verify, over an earlier version say, raises: it
+    is either stale (re-sign) or forged.
+    """
+    digest = SIGNATURE_DOMAIN + bytes.fromhex(agreement_hash(agreement))
+    signed, missing = [], []
+    for m in agreement.members:
+        if not m.approver:
+            continue
+        sig = signatures.get(m.name)
+        if sig is None or m.public_key is None:
+            missing.append(m.name)
+            continue
+        try:
+            keys.verify(bytes.fromhex(m.public_key), bytes.fromhex(sig), digest)
+        except (ConsortiumError, ValueError):
+            raise VerificationError(
+                f"the signature of '{m.name}' does not verify for this agreement: it was changed since, "
+                "or the signature is forged; every approver must sign the current version"
+            ) from None
+        signed.append(m.name)
+    return signed, missing
+
+
+def require_approval(agreement: Agreement, signatures: dict[str, str]) -> list[str]:
+    """The approvers, once every one has signed this version; otherwise the error that says who has not."""
+    signed, missing = approval(agreement, signatures)
+    if missing:
+        raise ConfigError(
+            f"the agreement is not approved: {', '.join(repr(m) for m in missing)} "
+            f"{'has' if len(missing) == 1 else 'have'} not signed it (consortium agreement sign); no run may start"
+        )
+    return signed
+
+
+def read_signatures(path: Path) -> dict[str, str]:
+    sig_path = signatures_path(path)
+    if not sig_path.exists():
+        return {}
+    try:
+        data = json.loads(sig_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{sig_path} line {exc.lineno}: not JSON: restore it or sign again") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise ConfigError(f"{sig_path}: expected an object of member name to signature")
+    return data
+
+
 def parse_agreement(text: str, source: str = "<agreement>") -> Agreement:
     tree, raw = parse_yaml(text, source, ConfigError)
     if not isinstance(raw, dict):
@@ -162,6 +235,8 @@ def template(consortium: str, sites: list[str], coordinator: str = "coordinator"
     members = "\n".join([f"  - {{name: {coordinator}, role: coordinator}}", *(f"  - {{name: {s}, role: site}}" for s in sites)])
     return f"""# The consortium agreement: every member the file names as approver must sign its hash
 # (consortium agreement sign) before a run starts. Any change needs new signatures.
+# Each member creates its key (consortium key new FILE) and sends the public key it prints,
+# which goes in its entry here as public_key: <hex>.
 version: 1
 consortium: {consortium}
 members:
