@@ -1,5 +1,6 @@
 """The consortium agreement: a template that validates, errors that name file and line, a plain-language explanation."""
 
+import json
 import subprocess
 import sys
 
@@ -132,3 +133,65 @@ def test_signing_from_the_command_line(tmp_path):
     (tmp_path / "b.key").chmod(0o600)
     assert cli("agreement", "sign", str(path), "--member", "b", "--key", str(tmp_path / "b.key")).returncode == 0
     assert '"approved": true' in cli("agreement", "check", str(path), "--json").stdout
+
+
+# -- a run under an agreement -------------------------------------------------------------
+
+
+def _consortium_agreement(tmp_path, signers):
+    from consortium.crypto import keys
+    from consortium.crypto.keyfile import load_identity_key, save_identity_key
+    from consortium.governance.agreement import load_agreement, sign_agreement, signatures_path
+
+    names = ["coordinator", "site-1", "site-2", "site-3"]
+    text = template("hospitals", names[1:])
+    for name in names:
+        private, public = keys.generate_ed25519()
+        save_identity_key(tmp_path / "keys" / f"{name}.key", private)
+        text = text.replace(f"{{name: {name}, role:", f"{{name: {name}, public_key: {keys.ed25519_public_bytes(public).hex()}, role:")
+    path = tmp_path / "agreement.yaml"
+    path.write_text(text)
+    ag = load_agreement(path)
+    sigs = {m: sign_agreement(ag, m, load_identity_key(tmp_path / "keys" / f"{m}.key")) for m in signers}
+    signatures_path(path).write_text(json.dumps(sigs))
+    return path
+
+
+def _config(tmp_path, path, **over):
+    from consortium.config import SimulationConfig
+
+    raw = {
+        "rounds": 2, "data": {"dataset": "breast-cancer", "sites": 3},
+        "participation": {"min_sites": 3}, "baselines": {"local_only": False, "pooled": False},
+        "agreement": {"file": str(path), "keys": str(tmp_path / "keys")},
+    }
+    raw.update(over)
+    return SimulationConfig.model_validate(raw)
+
+
+def test_a_run_does_not_start_until_every_approver_has_signed(tmp_path):
+    from consortium.simulation import Simulation
+
+    path = _consortium_agreement(tmp_path, ["coordinator", "site-1", "site-2"])
+    with pytest.raises(ConfigError, match="'site-3' has not signed it"):
+        Simulation(_config(tmp_path, path), out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # nothing started, nothing written
+
+
+def test_a_signed_agreement_is_kept_and_recorded(tmp_path):
+    from consortium.governance.agreement import agreement_hash, load_agreement
+    from consortium.simulation import Simulation, run_simulation
+
+    path = _consortium_agreement(tmp_path, ["coordinator", "site-1", "site-2", "site-3"])
+    with pytest.raises(ConfigError, match="at most epsilon 8"):
+        Simulation(_config(tmp_path, path, privacy={"epsilon": 20.0}), out=tmp_path / "r1")
+    with pytest.raises(ConfigError, match="minimum cohort is 3"):
+        Simulation(_config(tmp_path, path, participation={"min_sites": 2}), out=tmp_path / "r2")
+    with pytest.raises(ConfigError, match="requires secure aggregation"):
+        Simulation(_config(tmp_path, path, secure_aggregation={"enabled": False}), out=tmp_path / "r3")
+    result = run_simulation(_config(tmp_path, path), out=tmp_path / "run")
+    manifest = json.loads((tmp_path / "run" / "transcript.jsonl").read_text().splitlines()[0])
+    assert manifest["body"]["agreement_sha256"] == agreement_hash(load_agreement(path))
+    keys_in_manifest = {n: m["public_key"] for n, m in manifest["body"]["members"].items()}
+    assert keys_in_manifest == {m.name: m.public_key for m in load_agreement(path).members}
+    assert result.summary["transcript"]["verified"]

@@ -153,6 +153,13 @@ class PrivacyConfig(_Strict):
         return self
 
 
+class AgreementConfig(_Strict):
+    """A signed consortium agreement the run must keep (``consortium agreement init|sign``)."""
+
+    file: Path  # the agreement (YAML); its signatures lie beside it
+    keys: Path  # a folder of the members' identity key files, <member>.key (simulation only)
+
+
 class BaselineConfig(_Strict):
     local_only: bool = True
     pooled: bool = True
@@ -169,6 +176,7 @@ class SimulationConfig(_Strict):
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     baselines: BaselineConfig = BaselineConfig()
+    agreement: AgreementConfig | None = None  # None: no agreement (the run says so)
 
     @model_validator(mode="after")
     def _noise_needs_secagg(self) -> SimulationConfig:

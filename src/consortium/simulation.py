@@ -21,9 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from consortium.config import SimulationConfig
+from consortium.crypto.keyfile import load_identity_key
 from consortium.errors import ConfigError
+from consortium.governance.agreement import Agreement, agreement_hash, check_run, load_agreement, read_signatures, require_approval
 from consortium.crypto import keys
 from consortium.data import (
     Splits,
@@ -193,6 +196,7 @@ class Simulation:
         self.n_classes = len(tables[self.names[0]].classes)
         site_seeds = [int(s.generate_state(1)[0]) for s in site_seq.spawn(len(self.names))]
         self.privacy_plan = self._plan_privacy(tables[self.names[0]])
+        self.agreement = self._check_agreement(config)
         # Every input is checked: only now does the run get its folder (site ledgers live in it).
         self.run_dir = out if out is not None else new_run_dir(runs_root, f"{config.data.dataset}-seed{config.seed}")
         pc = config.privacy
@@ -208,8 +212,9 @@ class Simulation:
             else None
             for name in self.names
         }
-        # Each member's identity key (Ed25519), fresh for the simulation; the directory of public keys is shared.
-        identities = {name: keys.generate_ed25519()[0] for name in [*self.names, COORDINATOR]}
+        # Each member's identity key (Ed25519): the agreement's members' own key files, or fresh ones;
+        # the directory of public keys is shared.
+        identities = self._identities_for(config)
         directory = {name: keys.ed25519_public_bytes(k.public_key()) for name, k in identities.items()}
         sites = {
             name: Site(
@@ -258,6 +263,29 @@ class Simulation:
             sites, dropout=config.participation.dropout, rng=np.random.default_rng(drop_seq),
             identity=identities[COORDINATOR], directory=directory,
         )
+
+    def _check_agreement(self, config: SimulationConfig) -> Agreement | None:
+        """No run starts unless every approver signed this agreement and the config keeps it."""
+        if config.agreement is None:
+            return None
+        agreement = load_agreement(config.agreement.file)
+        require_approval(agreement, read_signatures(config.agreement.file))
+        check_run(agreement, config, self.names)
+        return agreement
+
+    def _identities_for(self, config: SimulationConfig) -> dict[str, Ed25519PrivateKey]:
+        names = [*self.names, COORDINATOR]
+        if self.agreement is None:
+            return {name: keys.generate_ed25519()[0] for name in names}
+        assert config.agreement is not None
+        named = {m.name: m.public_key for m in self.agreement.members}
+        identities = {}
+        for name in names:
+            key = load_identity_key(config.agreement.keys / f"{name}.key")
+            if keys.ed25519_public_bytes(key.public_key()).hex() != named.get(name):
+                raise ConfigError(f"the key file of '{name}' is not the key the agreement names for it")
+            identities[name] = key
+        return identities
 
     def _plan_privacy(self, sample: Table) -> RecordLevelEvent | SiteLevelDP | None:
         """Each round's privacy, with the noise calibrated so the whole run meets the target epsilon."""
@@ -414,6 +442,7 @@ class Simulation:
             "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
             "rounds": self.config.rounds,
             "min_sites": self.config.participation.min_sites,
+            "agreement_sha256": agreement_hash(self.agreement) if self.agreement is not None else None,
             "secure_aggregation": self.config.secure_aggregation.enabled,
             "privacy": {"enabled": pc.enabled, "level": pc.level, "delta": pc.delta, "accountant": pc.accountant},
             "provenance": {

@@ -24,6 +24,7 @@ from typing import Annotated, Literal
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from consortium.config import SimulationConfig
 from consortium.crypto import keys
 from consortium.errors import ConfigError, ConsortiumError, VerificationError
 from consortium.transcript.log import canonical
@@ -204,6 +205,30 @@ def require_approval(agreement: Agreement, signatures: dict[str, str]) -> list[s
             f"{'has' if len(missing) == 1 else 'have'} not signed it (consortium agreement sign); no run may start"
         )
     return signed
+
+
+def check_run(agreement: Agreement, config: SimulationConfig, sites: list[str]) -> None:
+    """Refuse a run whose configuration the agreement does not allow; the error names the rule and the fix."""
+    agreed_sites = sorted(m.name for m in agreement.members if m.role == "site")
+    if sorted(sites) != agreed_sites:
+        raise ConfigError(f"the run's sites {sorted(sites)} are not the agreement's {agreed_sites}")
+    if agreement.secure_aggregation_required and not config.secure_aggregation.enabled:
+        raise ConfigError("the agreement requires secure aggregation: turn secure_aggregation.enabled back on")
+    p, req = config.privacy, agreement.privacy
+    if not p.enabled or p.level != req.level:
+        raise ConfigError(f"the agreement requires {req.level}-level differential privacy: set privacy.enabled and privacy.level: {req.level}")
+    caps = [p.epsilon, *p.site_epsilon_caps.values()]
+    if max(caps) > req.max_epsilon or p.delta > req.delta:
+        raise ConfigError(
+            f"the agreement allows at most epsilon {req.max_epsilon:g} at delta {req.delta:g} per site: "
+            f"lower privacy.epsilon (and any site cap) to {req.max_epsilon:g} and privacy.delta to {req.delta:g}"
+        )
+    if config.participation.min_sites < agreement.min_cohort:
+        raise ConfigError(
+            f"the agreement's minimum cohort is {agreement.min_cohort}: set participation.min_sites to at least that"
+        )
+    if config.rounds > agreement.rounds:
+        raise ConfigError(f"the agreement allows {agreement.rounds} rounds: set rounds to at most that")
 
 
 def read_signatures(path: Path) -> dict[str, str]:
