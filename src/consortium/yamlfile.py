@@ -57,6 +57,11 @@ def read_text(path: str | Path, error: type[ConsortiumError], what: str) -> str:
         raise error(f"cannot read {what} '{p}' ({exc}): check its permissions and encoding") from None
 
 
+def duplicates(values: list[str]) -> list[str]:
+    """The values that appear more than once, sorted: for validators of names that must be unique."""
+    return sorted({v for v in values if values.count(v) > 1})
+
+
 def parse_yaml(text: str, source: str, error: type[ConsortiumError]) -> tuple[yaml.Node | None, Any]:
     """The node tree (for line numbers) and the plain data of a YAML text."""
     try:

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from consortium.data.datasets import Table
 from consortium.errors import ConfigError, DataError, SchemaError, SchemaMismatchError
-from consortium.yamlfile import parse_yaml, read_text, validate
+from consortium.yamlfile import duplicates, parse_yaml, read_text, validate
 
 
 class ColumnSpec(BaseModel):
@@ -79,8 +79,7 @@ class DataSchema(BaseModel):
     @field_validator("columns")
     @classmethod
     def _unique(cls, columns: list[ColumnSpec]) -> list[ColumnSpec]:
-        names = [c.name for c in columns]
-        dupes = sorted({n for n in names if names.count(n) > 1})
+        dupes = duplicates([c.name for c in columns])
         if dupes:
             raise ValueError(f"column names must be unique, but {dupes} appear more than once")
         if len(columns) < 2:

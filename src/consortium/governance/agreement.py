@@ -28,7 +28,7 @@ from consortium.config import SimulationConfig
 from consortium.crypto import keys
 from consortium.errors import ConfigError, ConsortiumError, VerificationError
 from consortium.transcript.log import canonical
-from consortium.yamlfile import parse_yaml, read_text, validate
+from consortium.yamlfile import duplicates, parse_yaml, read_text, validate
 
 Role = Literal["coordinator", "site", "auditor", "observer"]
 Artefact = Literal[
@@ -102,10 +102,9 @@ class Agreement(_Strict):
     @field_validator("members")
     @classmethod
     def _members(cls, members: list[Member]) -> list[Member]:
-        names = [m.name for m in members]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"member names must be unique, '{duplicates[0]}' appears twice")
+        twice = duplicates([m.name for m in members])
+        if twice:
+            raise ValueError(f"member names must be unique, '{twice[0]}' appears twice")
         if [m.role for m in members].count("coordinator") != 1:
             raise ValueError("exactly one member must have the role coordinator")
         return members
@@ -113,8 +112,7 @@ class Agreement(_Strict):
     @field_validator("exposure")
     @classmethod
     def _exposure(cls, exposure: list[Exposure]) -> list[Exposure]:
-        artefacts = [e.artefact for e in exposure]
-        twice = sorted({a for a in artefacts if artefacts.count(a) > 1})
+        twice = duplicates([e.artefact for e in exposure])
         if twice:
             raise ValueError(f"artefact '{twice[0]}' appears twice in the exposure matrix: list its roles once")
         for e in exposure:

@@ -134,9 +134,9 @@ class SiteLevelEvent(Frozen):
 
 #: Either level, told apart by ``level``: what fit requests carry and ledgers store.
 PrivacyEvent = Annotated[RecordLevelEvent | SiteLevelEvent, Field(discriminator="level")]
-_EVENT: TypeAdapter[RecordLevelEvent | SiteLevelEvent] = TypeAdapter(PrivacyEvent)
+EVENT: TypeAdapter[RecordLevelEvent | SiteLevelEvent] = TypeAdapter(PrivacyEvent)
 
 
 def parse_event(text: str) -> RecordLevelEvent | SiteLevelEvent:
     """An event from its JSON (a ledger row); raises pydantic's ValidationError on anything else."""
-    return _EVENT.validate_json(text)
+    return EVENT.validate_json(text)

@@ -17,7 +17,7 @@ from consortium.learning.models import ModelSpec
 from consortium.learning.strategies import Weighting
 from consortium.learning.training import TrainSettings
 from consortium.privacy.events import PrivacyEvent
-from consortium.secagg.encoding import DiscreteGaussianEncoding, RingEncoding
+from consortium.secagg.encoding import SessionEncoding
 from consortium.transcript.log import Entry, TreeHead
 from consortium.secagg.messages import (
     ConsistencyAck,
@@ -164,7 +164,7 @@ class SecAggStart(_Frozen):
     kind: Literal["secagg_start"] = "secagg_start"
     phase: Phase
     params: SessionParams
-    encoding: Annotated[RingEncoding | DiscreteGaussianEncoding, Field(discriminator="kind")]
+    encoding: SessionEncoding
 
 
 class SecAggAdvert(_Frozen):

@@ -19,7 +19,7 @@ it without the noise.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -160,3 +160,7 @@ class DiscreteGaussianEncoding(Frozen):
         if self.count_coords:
             out[-1] /= self.noise.count_scale
         return out
+
+
+#: Either encoding, told apart by ``kind``: what a session declares and a verifier reads back.
+SessionEncoding = Annotated[RingEncoding | DiscreteGaussianEncoding, Field(discriminator="kind")]

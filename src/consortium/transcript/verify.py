@@ -17,19 +17,19 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import TypeAdapter, ValidationError
 from safetensors import SafetensorError
 from safetensors.numpy import load as safetensors_load
 
 from consortium.crypto import keys
 from consortium.errors import ConfigError, ConsortiumError, VerificationError
 from consortium.privacy.accountant import epsilon
-from consortium.privacy.events import PrivacyEvent
+from consortium.privacy.events import EVENT
 from consortium.transcript import merkle
-from consortium.secagg.encoding import DiscreteGaussianEncoding, RingEncoding
+from consortium.secagg.encoding import SessionEncoding
 from consortium.secagg.protocol import SessionEvidence, unmask_sum
 from consortium.transcript.log import vector_sha256
 from consortium.transcript.log import (
@@ -44,8 +44,7 @@ from consortium.transcript.log import (
 
 MANIFEST_DOMAIN = "consortium/manifest/v1"
 EVIDENCE_DIR = "evidence"
-_EVENT: TypeAdapter[Any] = TypeAdapter(PrivacyEvent)
-_ENCODING: TypeAdapter[Any] = TypeAdapter(Annotated[RingEncoding | DiscreteGaussianEncoding, Field(discriminator="kind")])
+_ENCODING: TypeAdapter[Any] = TypeAdapter(SessionEncoding)
 
 
 def manifest_bytes(body: dict[str, Any]) -> bytes:
@@ -301,7 +300,7 @@ def _check_privacy(entries: list[Entry], manifest: dict[str, Any], run_dir: Path
             if e.body["privacy_event"] is None:
                 raise VerificationError(f"entry {e.index}: site '{e.author}' took part in a private run without a privacy event")
             try:
-                paid[e.author].append(_EVENT.validate_python(e.body["privacy_event"]))
+                paid[e.author].append(EVENT.validate_python(e.body["privacy_event"]))
             except ValidationError:
                 raise VerificationError(f"entry {e.index}: the privacy event does not parse") from None
 
