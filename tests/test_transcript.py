@@ -4,6 +4,7 @@ import base64
 import dataclasses
 import json
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -214,6 +215,17 @@ def test_a_crash_mid_append_leaves_the_complete_entries_intact(tmp_path):
     assert (tmp_path / TRANSCRIPT_FILE).read_bytes().count(b"\n") == 4
 
 
+def _halts_on_verification(s, pattern):
+    """The run's self-check fails: it halts with that cause, recorded, and anyone's verify names it too."""
+    summary = s.run().summary
+    assert summary["status"] == "halted" and summary["halt"]["cause"] == "verification"
+    assert re.search(pattern, summary["halt"]["detail"]) and not summary["transcript"]["verified"]
+    entries = [json.loads(line) for line in _lines(s.run_dir)]
+    assert entries[-1]["kind"] == "halt" and entries[-1]["body"]["cause"] == "verification"
+    with pytest.raises(VerificationError, match=pattern):
+        verify_run(s.run_dir)
+
+
 class CraftingTransport(InProcessTransport):
     """A coordinator that sends one site a model of its own making in round 2 (Pasquini et al. 2022)."""
 
@@ -225,18 +237,24 @@ class CraftingTransport(InProcessTransport):
         return super().exchange(request)
 
 
-def test_a_site_refuses_a_crafted_model_and_the_transcript_proves_it(tmp_path):
+def test_a_site_refuses_a_crafted_model_the_run_halts_and_the_transcript_proves_it(tmp_path):
     cfg = SimulationConfig.model_validate({
         "rounds": 2, "data": {"dataset": "breast-cancer", "sites": 3}, "privacy": {"enabled": False},
         "baselines": {"local_only": False, "pooled": False},
     })
     s = Simulation(cfg, out=tmp_path / "run")
     s.transport = CraftingTransport(s._sites, identity=s._identities[COORDINATOR], directory=s._directory)
-    with pytest.raises(VerificationError, match="site 'site-2' was sent model"):
-        s.run()  # the run verifies itself, and names the attack
-    refusal = s.coordinator.history[1].refused["site-2"]
-    assert "is not the one the transcript plans for round 2" in refusal
-    assert s.coordinator.history[1].answered == ["site-1", "site-3"]  # the others trained on the planned model
+    summary = s.run().summary
+    # The site's integrity check halts the run before anyone trains on round 2's plan.
+    assert summary["status"] == "halted"
+    assert summary["halt"]["cause"] == "model_hash" and summary["halt"]["site"] == "site-2"
+    assert "is not the one the transcript plans for round 2" in s.coordinator.history[1].refused["site-2"]
+    entries = [json.loads(line) for line in (tmp_path / "run" / "transcript.jsonl").read_text().splitlines()]
+    assert [e["kind"] for e in entries if e["round"] == 2][-1] == "halt"
+    assert not any(e["kind"] in ("aggregate", "final_model") and e["round"] == 2 for e in entries)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    # The run checked itself: the transcript names the attack, and anyone's verify does too.
+    assert "site 'site-2' was sent model" in summary["transcript"]["violation"]
     with pytest.raises(VerificationError, match="entry .*site 'site-2' was sent model"):
         verify_run(tmp_path / "run")
 
@@ -270,8 +288,7 @@ def test_a_round_below_the_manifests_minimum_cohort_is_caught(tmp_path):
     s = Simulation(cfg, out=tmp_path / "run")
     s.transport = DroppingTransport(s._sites, identity=s._identities[COORDINATOR], directory=s._directory)
     s.strategy.min_sites = 1  # a coordinator that goes ahead below the agreed minimum, and logs it honestly
-    with pytest.raises(VerificationError, match="round 2 aggregated 1 site.*minimum is 2"):
-        s.run()
+    _halts_on_verification(s, "round 2 aggregated 1 site.*minimum is 2")
 
 
 def test_masked_inputs_are_committed_and_the_sum_must_be_over_the_committed_survivors(sim, tmp_path):
@@ -293,8 +310,7 @@ def test_masked_inputs_are_committed_and_the_sum_must_be_over_the_committed_surv
         return out
 
     s.coordinator.drain_log = hide_a_survivor
-    with pytest.raises(VerificationError, match="round 2 summed .* not the survivors"):
-        s.run()
+    _halts_on_verification(s, "round 2 summed .* not the survivors")
 
 
 def test_each_rounds_sum_is_recomputed_from_the_archived_masked_inputs(run):
@@ -339,5 +355,4 @@ def test_a_recorded_sum_that_the_archive_does_not_reproduce_is_caught(tmp_path):
         ]
 
     s.coordinator.drain_log = misreport_the_sum
-    with pytest.raises(VerificationError, match="round 2's sum recomputed from the archive is not the one recorded"):
-        s.run()
+    _halts_on_verification(s, "round 2's sum recomputed from the archive is not the one recorded")

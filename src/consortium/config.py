@@ -158,6 +158,13 @@ class AgreementConfig(_Strict):
 
     file: Path  # the agreement (YAML); its signatures lie beside it
     keys: Path  # a folder of the members' identity key files, <member>.key (simulation only)
+    policies: Path | None = None  # a folder of sites' own policies, <site>.yaml (simulation only; any site may have none)
+
+
+class IncidentConfig(_Strict):
+    """Automatic halts: integrity failures always halt; an anomalous update norm halts above this factor."""
+
+    update_norm_factor: float | None = Field(10.0, gt=1, le=1e6)  # null: no norm monitoring
 
 
 class BaselineConfig(_Strict):
@@ -176,6 +183,7 @@ class SimulationConfig(_Strict):
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     baselines: BaselineConfig = BaselineConfig()
+    incidents: IncidentConfig = IncidentConfig()
     agreement: AgreementConfig | None = None  # None: no agreement (the run says so)
 
     @model_validator(mode="after")

@@ -25,8 +25,18 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from consortium.config import SimulationConfig
 from consortium.crypto.keyfile import load_identity_key
-from consortium.errors import ConfigError
-from consortium.governance.agreement import Agreement, agreement_hash, check_run, load_agreement, read_signatures, require_approval
+from consortium.errors import ConfigError, VerificationError
+from consortium.governance.agreement import (
+    Agreement,
+    agreement_hash,
+    check_run,
+    load_agreement,
+    read_signatures,
+    require_approval,
+    signatures_path,
+)
+from consortium.governance.incident import Incident, NormMonitor, RunHalted
+from consortium.governance.policy import SitePolicy, load_policy
 from consortium.crypto import keys
 from consortium.data import (
     Splits,
@@ -61,11 +71,11 @@ from consortium.protocol.coordinator import (
 from consortium.protocol.loop import RoundLoop
 from consortium.protocol.site import Site
 from consortium.protocol.task import ModelBuilder, build_task_model
-from consortium.runs import RunFolder, new_run_dir
+from consortium.runs import RunFolder, new_run_dir, write_atomic
 from consortium.secagg.graph import plan_graph
 from consortium.transcript.log import vector_sha256
 from consortium.transcript.recorder import TranscriptRecorder, code_sha256, library_versions
-from consortium.transcript.verify import verify_run
+from consortium.transcript.verify import AGREEMENT_FILE, verify_run
 from consortium.transport import InProcessTransport
 
 #: Said loudly in every run whose protections are weaker than the defaults.
@@ -196,7 +206,8 @@ class Simulation:
         self.n_classes = len(tables[self.names[0]].classes)
         site_seeds = [int(s.generate_state(1)[0]) for s in site_seq.spawn(len(self.names))]
         self.privacy_plan = self._plan_privacy(tables[self.names[0]])
-        self.agreement = self._check_agreement(config)
+        self.agreement = self._check_agreement(config, tables[self.names[0]])
+        self.policies = self._load_policies(config)
         # Every input is checked: only now does the run get its folder (site ledgers live in it).
         self.run_dir = out if out is not None else new_run_dir(runs_root, f"{config.data.dataset}-seed{config.seed}")
         pc = config.privacy
@@ -204,7 +215,7 @@ class Simulation:
             name: BudgetLedger(
                 self.run_dir / "sites" / name / "budget.sqlite",
                 site=name,
-                epsilon_cap=pc.site_epsilon_caps.get(name, pc.epsilon),
+                epsilon_cap=min(pc.site_epsilon_caps.get(name, pc.epsilon), self._policy_cap(name)),
                 delta=pc.delta,
                 accountant=pc.accountant,
             )
@@ -227,6 +238,8 @@ class Simulation:
                 noise_test_seed=None if pc.test_seed is None else pc.test_seed + i,
                 strict=True,  # sealed messages, and each round's plan proven by the transcript before training
                 model_builder=model_builder,
+                agreement=self.agreement,
+                policy=self.policies.get(name),
             )
             for i, (name, sd) in enumerate(zip(self.names, site_seeds))
         }
@@ -254,6 +267,7 @@ class Simulation:
             secure=secure,
             privacy=self.privacy_plan,
             model_builder=model_builder,
+            monitor=NormMonitor(factor) if (factor := config.incidents.update_norm_factor) is not None else None,
         )
         self._ledgers = ledgers
         self._identities = identities
@@ -264,14 +278,50 @@ class Simulation:
             identity=identities[COORDINATOR], directory=directory,
         )
 
-    def _check_agreement(self, config: SimulationConfig) -> Agreement | None:
+    def _check_agreement(self, config: SimulationConfig, sample: Table) -> Agreement | None:
         """No run starts unless every approver signed this agreement and the config keeps it."""
         if config.agreement is None:
             return None
         agreement = load_agreement(config.agreement.file)
         require_approval(agreement, read_signatures(config.agreement.file))
-        check_run(agreement, config, self.names)
+        check_run(agreement, config, self.names, self._adapter(sample).layout_hash)
         return agreement
+
+    def _load_policies(self, config: SimulationConfig) -> dict[str, SitePolicy]:
+        """Each site's own policy, where its folder holds one; each is checked against the agreement."""
+        if config.agreement is None or config.agreement.policies is None or self.agreement is None:
+            return {}
+        folder = config.agreement.policies
+        if not folder.is_dir():
+            raise ConfigError(f"the policies folder '{folder}' does not exist: create it, or remove agreement.policies")
+        policies = {}
+        for name in self.names:
+            path = folder / f"{name}.yaml"
+            if path.exists():
+                policy = load_policy(path, self.agreement)
+                if policy.site != name:
+                    raise ConfigError(f"{path}: the policy is for site '{policy.site}', not '{name}': fix its site field")
+                policies[name] = policy
+        return policies
+
+    def _policy_cap(self, site: str) -> float:
+        policy = self.policies.get(site)
+        return policy.max_epsilon if policy is not None and policy.max_epsilon is not None else math.inf
+
+    def _adapter(self, sample: Table) -> ModelAdapter:
+        """The configured model's layout (its parameters' names and shapes), as every site will build it."""
+        assert self.config.model is not None
+        return ModelAdapter(
+            build_model(
+                self.config.model,
+                n_features=sample.n_features,
+                n_classes=self.n_classes,
+                mean=np.zeros(sample.n_features),
+                scale=np.ones(sample.n_features),
+                image_shape=sample.image_shape,
+                seed=0,
+            )
+        )
 
     def _identities_for(self, config: SimulationConfig) -> dict[str, Ed25519PrivateKey]:
         names = [*self.names, COORDINATOR]
@@ -323,18 +373,7 @@ class Simulation:
             graph = plan_graph(cohort, dropout_rate=sa.dropout_rate, corruption_rate=sa.corruption_rate)
             colluders = min(math.ceil(round(sa.corruption_rate * cohort, 9)), graph.threshold - 1)
             cohort = graph.threshold - colluders
-            assert config.model is not None
-            dim = ModelAdapter(
-                build_model(
-                    config.model,
-                    n_features=sample.n_features,
-                    n_classes=self.n_classes,
-                    mean=np.zeros(sample.n_features),
-                    scale=np.ones(sample.n_features),
-                    image_shape=sample.image_shape,
-                    seed=0,
-                )
-            ).size
+            dim = self._adapter(sample).size
             noise = ddg.plan_ddg(
                 target_epsilon=pc.epsilon, delta=pc.delta, rounds=config.rounds, dim=dim,
                 cohort=cohort, max_sites=n_sites, bits=sa.bits, count_share=share,
@@ -371,6 +410,9 @@ class Simulation:
         run = RunFolder(self.run_dir)
         config_text = yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False)
         run.write_config(config_text)
+        if self.agreement is not None and config.agreement is not None:  # what verify checks the run against
+            write_atomic(run.path / AGREEMENT_FILE, config.agreement.file.read_bytes())
+            write_atomic(signatures_path(run.path / AGREEMENT_FILE), signatures_path(config.agreement.file).read_bytes())
         transcript = TranscriptRecorder(
             self.run_dir,
             coordinator_key=self._identities[COORDINATOR],
@@ -386,21 +428,34 @@ class Simulation:
             if on_round is not None:
                 on_round(record)
 
-        history = RoundLoop(before_stage=transcript.prove_plan).run(coordinator, self.transport, on_round=record_round)
+        halted: Incident | None = None
+        try:
+            history = RoundLoop(before_stage=transcript.prove_plan).run(coordinator, self.transport, on_round=record_round)
+        except RunHalted as exc:  # recorded with its cause, and no final model: nothing more happens until resumed
+            halted = exc.incident
+            history = coordinator.history
+            if history and history[-1].status == "halted":
+                run.append_metrics(_finite(history[-1].to_json()))  # type: ignore[arg-type]
+            transcript.record(coordinator.drain_log())
+            transcript.archive(coordinator.drain_archives())
+            head = transcript.halt(halted, vector_sha256(coordinator.params) if coordinator.params is not None else None)
         assert coordinator.params is not None and coordinator.task is not None
 
         # The final model, parameters by name, with the standardisation it was trained under.
         final = self._build(coordinator.task, 0)
         adapter = ModelAdapter(final)
         adapter.set_vector(coordinator.params)
-        run.write_model(
-            {k: v.detach().numpy().copy() for k, v in final.state_dict().items()},
-            {"layout_hash": adapter.layout_hash, "rounds": str(config.rounds), "dataset": config.data.dataset},
-        )
-        head = transcript.finish(run.path / "model.safetensors", vector_sha256(coordinator.params), coordinator.round)
+        if halted is None:
+            run.write_model(
+                {k: v.detach().numpy().copy() for k, v in final.state_dict().items()},
+                {"layout_hash": adapter.layout_hash, "rounds": str(config.rounds), "dataset": config.data.dataset},
+            )
+            head = transcript.finish(run.path / "model.safetensors", vector_sha256(coordinator.params), coordinator.round)
 
         summary: dict[str, Any] = {
             "run_dir": str(run.path),
+            "status": "completed" if halted is None else "halted",
+            "halt": None if halted is None else halted.to_json(),
             "dataset": config.data.dataset,
             "sites": len(names),
             "site_names": names,
@@ -420,12 +475,21 @@ class Simulation:
             "warnings": self._warnings(),
             "traffic_bytes": {"to_sites": self.transport.bytes_sent, "to_coordinator": self.transport.bytes_received},
         }
-        summary.update(self._baselines())
+        if halted is None:
+            summary.update(self._baselines())
         summary["transcript"] = {"entries": head.size, "tree_head": {"size": head.size, "root": head.root}, "verified": False}
         run.write_summary(summary)
-        # The run checks itself the way any participant would: from the folder alone.
-        verify_run(run.path)
-        summary["transcript"]["verified"] = True
+        # The run checks itself the way any participant would: from the folder alone. A failure halts it.
+        try:
+            verify_run(run.path)
+            summary["transcript"]["verified"] = True
+        except VerificationError as exc:
+            summary["transcript"]["violation"] = str(exc)
+            if halted is None:
+                halted = Incident("verification", str(exc), coordinator.round, raised_by=COORDINATOR)
+                head = transcript.halt(halted, vector_sha256(coordinator.params))
+                summary.update(status="halted", halt=halted.to_json())
+                summary["transcript"].update(entries=head.size, tree_head={"size": head.size, "root": head.root})
         summary["elapsed_s"] = round(time.perf_counter() - started, 3)
         run.write_summary(summary)
         return SimulationResult(summary=summary, history=history, params=coordinator.params)

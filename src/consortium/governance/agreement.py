@@ -205,7 +205,7 @@ def require_approval(agreement: Agreement, signatures: dict[str, str]) -> list[s
     return signed
 
 
-def check_run(agreement: Agreement, config: SimulationConfig, sites: list[str]) -> None:
+def check_run(agreement: Agreement, config: SimulationConfig, sites: list[str], layout_hash: str) -> None:
     """Refuse a run whose configuration the agreement does not allow; the error names the rule and the fix."""
     agreed_sites = sorted(m.name for m in agreement.members if m.role == "site")
     if sorted(sites) != agreed_sites:
@@ -227,6 +227,11 @@ def check_run(agreement: Agreement, config: SimulationConfig, sites: list[str]) 
         )
     if config.rounds > agreement.rounds:
         raise ConfigError(f"the agreement allows {agreement.rounds} rounds: set rounds to at most that")
+    if agreement.allowed_layouts and layout_hash not in agreement.allowed_layouts:
+        raise ConfigError(
+            f"the configured model (layout hash {layout_hash}) is not among the agreement's allowed_layouts: "
+            "choose an allowed model, or amend the agreement (and have it signed again)"
+        )
 
 
 def read_signatures(path: Path) -> dict[str, str]:

@@ -30,6 +30,8 @@ from consortium.errors import (
     RoundFailed,
     SchemaMismatchError,
 )
+from consortium.governance.guard import INTEGRITY_RULES
+from consortium.governance.incident import Incident, NormMonitor, RunHalted
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.models import ModelSpec
 from consortium.learning.strategies import FedAvg
@@ -76,7 +78,7 @@ class RoundRecord:
     answered: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)
-    status: Literal["ok", "skipped"] = "ok"
+    status: Literal["ok", "skipped", "halted"] = "ok"
     reason: str = ""
     train_loss: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
@@ -161,6 +163,7 @@ class Coordinator:
         secure: SecureAggregation | None = None,
         privacy: RecordLevelEvent | SiteLevelDP | None = None,
         model_builder: ModelBuilder = build_task_model,
+        monitor: NormMonitor | None = None,
     ) -> None:
         if len(set(sites)) != len(sites) or not sites:
             raise ProtocolError("site names must be unique and there must be at least one site")
@@ -201,6 +204,9 @@ class Coordinator:
         self._plan_proof: m.PlanProof | None = None
         self._tensor_cache: tuple[np.ndarray, m.Tensor] | None = None
         self._archives: list[SessionArchive] = []
+        # Incident response: anomalous updates (``monitor``) and sites' integrity refusals halt the run.
+        self.monitor = monitor
+        self.incident: Incident | None = None
 
     @property
     def done(self) -> bool:
@@ -246,6 +252,8 @@ class Coordinator:
                 raise ProtocolError(f"reply for round {envelope.round} to '{envelope.recipient}' rejected")
             if st.phase == "fit" and st.stage == "request":
                 self._log_decision(sender, msg)
+            if isinstance(msg, m.Refusal) and msg.rule in INTEGRITY_RULES and self.incident is None:
+                self.incident = Incident(msg.rule, msg.reason, self.round, raised_by=sender, site=sender)
             if isinstance(msg, m.Refusal):
                 raise ProtocolError(msg.reason)
             if st.stage == "request":
@@ -260,6 +268,8 @@ class Coordinator:
         st = self._state
         if st is None:
             return None
+        if self.incident is not None:
+            self._halt(st)
         result = self._advance(st)
         if result is None:
             return None  # the phase goes on (secure aggregation)
@@ -429,6 +439,8 @@ class Coordinator:
             record.secure[f"{st.phase}_included"] = len(result.included)
         if st.phase == "fit":
             self._finish_fit(st, result, record)
+            if self.incident is not None:
+                self._halt(st)
             self._state = _PhaseState("evaluate", list(self.members))
             return None
         self._finish_evaluate(result, record)
@@ -438,6 +450,16 @@ class Coordinator:
         else:
             self._open_fit(self.round + 1)
         return record
+
+    def _halt(self, st: _PhaseState) -> None:
+        """Stop on the incident: end the run here and raise it for the driver."""
+        assert self.incident is not None
+        if st.phase == "fit" and self._record is not None and self._record not in self.history:
+            self._record.status, self._record.reason = "halted", f"halted: {self.incident.cause}"
+            self._record.refused = dict(st.refused)
+            self.history.append(self._record)
+        self._state = None  # the driver records the halt in the transcript, with the model it stopped at
+        raise RunHalted(self.incident)
 
     def _open_fit(self, rnd: int) -> None:
         """Plan round ``rnd``: its cohort and privacy event, logged before any request goes out."""
@@ -541,6 +563,9 @@ class Coordinator:
         if self.privacy is None:  # a training loss is not covered by any DP guarantee: not read under DP
             record.train_loss = s.weighted_loss / s.weight
         mean_update = (s.weighted_update / s.weight).astype(np.float32)
+        if self._anomalous(st, mean_update, n_params):
+            record.status, record.reason = "halted", f"halted: {self.incident.detail}: the model is unchanged"  # type: ignore[union-attr]
+            return
         self.params = self.strategy.apply(self.round, self._params(), mean_update)
 
     def _finish_evaluate(self, result: _PhaseResult, record: RoundRecord) -> None:
@@ -555,6 +580,18 @@ class Coordinator:
             "note": record.evaluation_note,
             "metrics": {k: (v if math.isfinite(v) else None) for k, v in record.metrics.items()},
         }))
+
+    def _anomalous(self, st: _PhaseState, mean_update: np.ndarray, n_params: int) -> bool:
+        """Check the round's updates against the monitor; an anomaly becomes the run's incident."""
+        if self.monitor is None:
+            return False
+        site_norms = None
+        if self.secure is None:  # in the clear each site's update is seen anyway: name the largest
+            site_norms = {u: float(np.linalg.norm(v[:n_params]) / v[n_params]) for u, v in st.plain.items() if v[n_params] > 0}
+        found = self.monitor.check(float(np.linalg.norm(mean_update)), site_norms)
+        if found is not None:
+            self.incident = Incident("update_norm", found[0], self.round, raised_by=COORDINATOR, site=found[1])
+        return found is not None
 
     # -- helpers ------------------------------------------------------------------
 

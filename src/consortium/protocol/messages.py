@@ -34,7 +34,7 @@ from consortium.secagg.messages import (
 from consortium.wire import Frozen as _Frozen
 from consortium.wire import B64, Tensor, decode_frame, encode_frame
 
-SCHEMA_VERSION = 2  # 2: site-level privacy events and the noisy ring encoding
+SCHEMA_VERSION = 3  # 2: site-level privacy events and the noisy ring encoding; 3: a refusal names its rule
 
 #: The coordinator's name in every envelope; no site may take it.
 COORDINATOR = "coordinator"
@@ -221,6 +221,7 @@ class Refusal(_Frozen):
 
     kind: Literal["refusal"] = "refusal"
     reason: str = Field(min_length=1, max_length=2000)
+    rule: str = Field("protocol", pattern=r"^[a-z_]{1,40}$")  # the guard's rule that refused, or "protocol"
     decision: SiteDecision | None = None  # signed, when it declines a round plan
 
 

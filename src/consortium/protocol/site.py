@@ -22,11 +22,15 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from consortium.data import Splits, Table
 from consortium.crypto import keys
 from consortium.errors import ModelError, ProtocolError, VerificationError
+from consortium.governance.agreement import Agreement
+from consortium.governance.guard import Clock, Refused, SiteGuard, _utc_now
+from consortium.governance.policy import SitePolicy
+from consortium.governance.roles import PermissionDenied, Roles
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.training import evaluate, train_local
 from consortium.privacy.dpsgd import secure_generator, secure_numpy_generator, train_dp_sgd
 from consortium.privacy.events import RecordLevelEvent, SiteLevelEvent
-from consortium.privacy.ledger import BudgetExceeded, BudgetLedger
+from consortium.privacy.ledger import BudgetLedger
 from consortium.protocol import contributions as c
 from consortium.protocol import messages as m
 from consortium.protocol.task import ModelBuilder, build_task_model
@@ -63,6 +67,9 @@ class Site:
     ``ledger`` is the site's own privacy budget: with one, the site takes
     part only in rounds under differential privacy (record or site level)
     and refuses a round that would exceed its cap.
+    ``agreement`` and ``policy`` (the site's own, stricter) feed the site's
+    guard, which checks each round plan before any training (see
+    ``consortium.governance.guard``); ``clock`` tells it the time.
     ``noise_test_seed`` makes the privacy noise reproducible: test mode only.
     ``strict``: deployment-grade checks. Every request must be sealed by the
     coordinator (``sealed``: signed header, fresh, never replayed, in round
@@ -83,6 +90,9 @@ class Site:
         noise_test_seed: int | None = None,
         strict: bool = False,
         model_builder: ModelBuilder = build_task_model,
+        agreement: Agreement | None = None,
+        policy: SitePolicy | None = None,
+        clock: Clock = _utc_now,
     ) -> None:
         self.name = name
         self.__data = data
@@ -94,6 +104,8 @@ class Site:
         self._build = model_builder
         # With a ledger the site trains only under DP, within its own cap.
         self.ledger = ledger
+        self.guard = SiteGuard(name, agreement=agreement, policy=policy, ledger=ledger, clock=clock)
+        self._roles = Roles.of_agreement(agreement) if agreement is not None else None
         self._noise = secure_generator(noise_test_seed)
         self._int_noise = secure_numpy_generator(noise_test_seed)
         self.__paid: dict[int, SiteLevelEvent] = {}  # site-level events paid, by round: their sessions must match
@@ -138,9 +150,11 @@ class Site:
         try:
             if request.recipient != self.name:
                 raise ProtocolError(f"message addressed to '{request.recipient}', not to this site")
+            if self._roles is not None:
+                self._roles.authorize(request.sender, "plan_round")
             reply = self._dispatch(request.round, msg)
-        except (ProtocolError, ModelError) as exc:
-            reply = m.Refusal(reason=str(exc)[:2000])
+        except (ProtocolError, ModelError, PermissionDenied) as exc:
+            reply = m.Refusal(reason=str(exc)[:2000], rule=getattr(exc, "rule", "protocol"))
         if isinstance(msg, m.FitRequest) and request.recipient == self.name:
             reply = self._sign_decision(request.round, msg, reply)
         return m.make_envelope(self.name, request.sender, request.round, reply)
@@ -156,6 +170,7 @@ class Site:
             "model_sha256": _model_sha256(msg.params),
             "accepted": accepted,
             "reason": "" if accepted else reply.reason,  # type: ignore[union-attr]
+            "rule": "" if accepted else reply.rule,  # type: ignore[union-attr]
             "privacy_event": msg.privacy.model_dump(mode="json") if accepted and msg.privacy is not None else None,
         }))
         signature = self._identity.sign(signed_entry_bytes("site_decision", rnd, self.name, body))
@@ -165,30 +180,31 @@ class Site:
         """The request must be the round plan the transcript holds, in the last head this site co-signed."""
         proof = msg.plan
         if proof is None:
-            raise ProtocolError("this site trains only on a round plan the transcript holds, and the request carries none")
+            raise Refused("plan_proof", "this site trains only on a round plan the transcript holds, and the request carries none")
         assert self._witness is not None
         last = self._witness.last
         if last is None or proof.head.model_copy(update={"cosignatures": {}}) != last:
-            raise ProtocolError("the plan is proven against a tree head this site did not co-sign last")
+            raise Refused("plan_proof", "the plan is proven against a tree head this site did not co-sign last")
         entry = proof.entry
         if entry.kind != "round_plan" or entry.round != rnd or entry.author != COORDINATOR:
-            raise ProtocolError(f"the proof is of a {entry.kind} entry for round {entry.round}, not this round's plan")
+            raise Refused("plan_proof", f"the proof is of a {entry.kind} entry for round {entry.round}, not this round's plan")
         try:
             keys.verify(self._directory[COORDINATOR], entry.signature, entry.signed_bytes())
             merkle.verify_inclusion(entry.leaf(), entry.index, last.size, proof.path, bytes.fromhex(last.root))
         except VerificationError as exc:
-            raise ProtocolError(f"the round plan is not in the transcript: {exc}") from None
+            raise Refused("plan_proof", f"the round plan is not in the transcript: {exc}") from None
         sent = _model_sha256(msg.params)
         if entry.body.get("model_sha256") != sent:
-            raise ProtocolError(
+            raise Refused(
+                "model_hash",
                 f"the model sent (sha256 {sent[:12]}...) is not the one the transcript plans for round {rnd} "
                 f"({str(entry.body.get('model_sha256'))[:12]}...): refusing to train on it"
             )
         declared = json.loads(canonical(msg.privacy.model_dump(mode="json"))) if msg.privacy is not None else None
         if entry.body.get("privacy_event") != declared:
-            raise ProtocolError("the request's privacy event is not the one the transcript plans for this round")
+            raise Refused("plan_mismatch", "the request's privacy event is not the one the transcript plans for this round")
         if self.name not in entry.body.get("cohort", []):
-            raise ProtocolError(f"the transcript's plan for round {rnd} does not include this site")
+            raise Refused("plan_mismatch", f"the transcript's plan for round {rnd} does not include this site")
 
     def cosign_head(self, head: TreeHead, proof: list[bytes]) -> bytes:
         """Co-sign a transcript head that the coordinator signed and that extends the last one this site signed."""
@@ -263,13 +279,13 @@ class Site:
     def _fit(self, rnd: int, msg: m.FitRequest) -> m.FitReply:
         if self._strict:
             self._check_plan(rnd, msg)
-        if self.ledger is not None:
-            if msg.privacy is None:
-                raise ProtocolError("this site trains only with differential privacy: the round plan has none")
-            try:  # the guard: recorded as spent before any training, or refused
-                self.ledger.spend(msg.privacy, rnd=rnd, label=f"round {rnd}")
-            except BudgetExceeded as exc:
-                raise ProtocolError(str(exc)) from None
+        self.guard.check_plan(
+            rnd,
+            cohort=msg.plan.entry.body.get("cohort") if msg.plan is not None else None,
+            layout_hash=msg.task.layout_hash,
+            secure_aggregation=msg.secure_aggregation,
+            privacy=msg.privacy,
+        )
         module, adapter, global_params = self._model_for(msg.task, msg.params)
         center = [p.detach().clone() for p in module.parameters()] if msg.proximal_mu > 0 else None
         X, y = self.__train
@@ -364,6 +380,7 @@ class Site:
         if isinstance(msg, m.SecAggDeliver):
             return m.SecAggMasked(masked=client.collect_masked(msg.delivery, encoded))
         if isinstance(msg, m.SecAggSurvivors):
+            self.guard.check_survivors(len(msg.survivors.survivors))
             return m.SecAggAck(ack=client.consistency_check(msg.survivors))
         assert isinstance(msg, m.SecAggUnmask)
         del self.__sessions[msg.session_id]  # one unmask per session, then the secrets are gone

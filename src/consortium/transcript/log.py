@@ -42,7 +42,9 @@ HEADS_FILE = "heads.jsonl"
 ENTRY_DOMAIN = "consortium/transcript-entry/v1"
 HEAD_DOMAIN = "consortium/tree-head/v1"
 
-Kind = Literal["manifest", "round_plan", "site_decision", "masked_inputs", "aggregate", "evaluation", "final_model"]
+Kind = Literal[
+    "manifest", "round_plan", "site_decision", "masked_inputs", "aggregate", "evaluation", "final_model", "halt", "resume"
+]
 
 
 def canonical(obj: Any) -> bytes:

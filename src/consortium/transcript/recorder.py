@@ -18,8 +18,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from consortium.crypto import keys
 from safetensors.numpy import save as safetensors_save
+
+from consortium.crypto import keys
+from consortium.errors import ConsortiumError
+from consortium.governance.incident import Incident, RunHalted
 
 from consortium.protocol.coordinator import COORDINATOR, Coordinator, LogRecord, SessionArchive
 from consortium.protocol.messages import PlanProof
@@ -70,15 +73,35 @@ class TranscriptRecorder:
             else:
                 self.writer.append(r.kind, r.round, r.author, r.body, signature=r.signature)
 
-    def close_round(self) -> TreeHead:
-        """Sign a head over everything so far; every site co-signs it after checking consistency."""
+    def close_round(self, *, halting: bool = False) -> TreeHead:
+        """Sign a head over everything so far; every site co-signs it after checking consistency.
+
+        A site that will not co-sign (the proof fails: history was rewritten)
+        halts the run; the head is published with the co-signatures it got,
+        so the dispute stays on record. ``halting``: the head that records a
+        halt, published whoever co-signs it.
+        """
         previous = self.writer.heads[-1].size if self.writer.heads else 0
         head = self.writer.sign_head(COORDINATOR, self._key, time.time_ns() // 1_000_000)
         proof = self.writer.consistency(previous, head.size)
-        cosigned = {name: cosign(head, proof) for name, cosign in self._cosigners.items()}
+        cosigned, refused = {}, {}
+        for name, cosign in self._cosigners.items():
+            try:
+                cosigned[name] = cosign(head, proof)
+            except ConsortiumError as exc:
+                refused[name] = str(exc)
         head = head.model_copy(update={"cosignatures": cosigned})
         self.writer.publish_head(head)
+        if refused and not halting:
+            site, why = next(iter(refused.items()))
+            rnd = self.writer.entries[-1].round if self.writer.entries else 0
+            raise RunHalted(Incident("consistency_proof", f"it will not co-sign tree head {head.size}: {why}", rnd, site, site))
         return head
+
+    def halt(self, incident: Incident, model_sha256: str | None) -> TreeHead:
+        """Record why the run stopped, and the model it stopped at, under a head of its own."""
+        self.writer.append("halt", incident.round, COORDINATOR, {**incident.to_json(), "model_sha256": model_sha256}, key=self._key)
+        return self.close_round(halting=True)
 
     def prove_plan(self, coordinator: Coordinator) -> None:
         """Before a round's requests go out: log its plan, have every site co-sign it, hand the proof over."""

@@ -26,6 +26,9 @@ from safetensors.numpy import load as safetensors_load
 
 from consortium.crypto import keys
 from consortium.errors import ConfigError, ConsortiumError, VerificationError
+from consortium.governance.agreement import Agreement, agreement_hash, load_agreement
+from consortium.governance.incident import RESUME_DOMAIN
+from consortium.governance.roles import ENTRY_OPERATION, Roles
 from consortium.privacy.accountant import epsilon
 from consortium.privacy.events import EVENT
 from consortium.transcript import merkle
@@ -44,6 +47,7 @@ from consortium.transcript.log import (
 
 MANIFEST_DOMAIN = "consortium/manifest/v1"
 EVIDENCE_DIR = "evidence"
+AGREEMENT_FILE = "agreement.yaml"  # a copy of the agreement the run was held to, with its signatures beside it
 _ENCODING: TypeAdapter[Any] = TypeAdapter(SessionEncoding)
 
 
@@ -61,10 +65,18 @@ class Verified:
     members: list[str]
     epsilon_per_site: dict[str, float] = field(default_factory=dict)
     final_model_sha256: str | None = None
+    refusals: list[dict[str, Any]] = field(default_factory=list)  # each signed refusal: round, site, rule, reason
+    halts: list[dict[str, Any]] = field(default_factory=list)  # each halt: its entry, round, cause and author
+    resumes: list[dict[str, Any]] = field(default_factory=list)  # each resume: the halt it ends and who approved
+    status: str = "completed"  # completed | halted | unfinished
 
     def to_json(self) -> dict[str, Any]:
         return {
             "verified": True,
+            "status": self.status,
+            "refusals": self.refusals,
+            "halts": self.halts,
+            "resumes": self.resumes,
             "entries": self.entries,
             "heads": self.heads,
             "tree_head": self.tree_head,
@@ -86,9 +98,26 @@ def _lines(path: Path, what: str) -> list[bytes]:
 
 def _key(members: dict[str, Any], name: str, where: str) -> bytes:
     member = members.get(name)
-    if member is None:
-        raise VerificationError(f"{where}: '{name}' is not a member of the consortium's manifest")
+    if member is None or member.get("public_key") is None:
+        raise VerificationError(f"{where}: '{name}' is not a member of the consortium (nor has a key in its agreement)")
     return _hex(member.get("public_key"), f"{where}: the public key of '{name}'")
+
+
+def _run_agreement(run_dir: Path, manifest: dict[str, Any]) -> Agreement | None:
+    """The agreement the run was held to: its copy in the run folder must hash to what the manifest names."""
+    expected = manifest.get("agreement_sha256")
+    if expected is None:
+        return None
+    path = run_dir / AGREEMENT_FILE
+    if not path.exists():
+        raise VerificationError(f"the manifest names agreement {expected[:16]}..., and the run folder holds no {AGREEMENT_FILE}")
+    try:
+        agreement = load_agreement(path)
+    except ConfigError as exc:
+        raise VerificationError(f"the run's copy of its agreement does not parse: {exc}") from None
+    if agreement_hash(agreement) != expected:
+        raise VerificationError(f"{AGREEMENT_FILE} is not the agreement the manifest names (it was altered)")
+    return agreement
 
 
 def _hex(value: object, what: str) -> bytes:
@@ -123,16 +152,25 @@ def verify_run(run_dir: Path) -> Verified:
         raise VerificationError("the transcript is empty")
     members: dict[str, Any] = {}
     _entry_check(entries[0], lambda e: members.update(_check_manifest(e)))
+    agreement = _run_agreement(run_dir, entries[0].body)
+    roles = Roles.of_agreement(agreement) if agreement is not None else Roles.of_manifest(entries[0].body)
+    # Who may sign entries: the manifest's members, and the agreement's other members (an auditor who halts).
+    signers = {
+        **{m.name: {"role": m.role, "public_key": m.public_key} for m in (agreement.members if agreement else [])},
+        **members,
+    }
     for i, entry in enumerate(entries):
         if entry.index != i:
             raise VerificationError(f"entry {i}: expected index {i}, found {entry.index} (an entry was removed or moved)")
         if i and entry.kind == "manifest":
             raise VerificationError(f"entry {i}: a second manifest")
-        author_key = _key(members, entry.author, f"entry {i}")
-        if entry.kind == "site_decision" and members[entry.author]["role"] != "site":
-            raise VerificationError(f"entry {i}: a site decision authored by '{entry.author}', who is not a site")
-        if entry.kind != "site_decision" and entry.author != _coordinator(members):
-            raise VerificationError(f"entry {i}: a {entry.kind} entry must come from the coordinator, found '{entry.author}'")
+        author_key = _key(signers, entry.author, f"entry {i}")
+        operation = ENTRY_OPERATION.get(entry.kind, "sign_tree_head")
+        if not roles.allowed(entry.author, operation):
+            raise VerificationError(
+                f"entry {i}: a {entry.kind} entry by '{entry.author}' ({roles.role(entry.author)}), "
+                f"whose role may not {operation.replace('_', ' ')}"
+            )
         _check_signature(author_key, entry.signature, entry.signed_bytes(), f"entry {i} ({entry.kind} by {entry.author})")
     leaves = [e.leaf() for e in entries]
     _check_heads(heads, leaves, members)
@@ -144,6 +182,12 @@ def verify_run(run_dir: Path) -> Verified:
         members=sorted(members),
     )
     _check_rounds(entries, entries[0].body)
+    _check_halts(entries, agreement, signers, report)
+    report.refusals = [
+        {"entry": e.index, "round": e.round, "site": e.author, "rule": e.body.get("rule", ""), "reason": e.body["reason"]}
+        for e in entries
+        if e.kind == "site_decision" and not e.body["accepted"]
+    ]
     if entries[0].body.get("secure_aggregation"):
         for entry in entries:
             if entry.kind == "aggregate":
@@ -152,7 +196,54 @@ def verify_run(run_dir: Path) -> Verified:
     finals = [e for e in entries if e.kind == "final_model"]
     if finals:
         _entry_check(finals[-1], lambda e: setattr(report, "final_model_sha256", _check_model(e, entries, run_dir)))
+    report.status = "halted" if report.halts and len(report.resumes) < len(report.halts) else (
+        "completed" if finals else "unfinished"
+    )
     return report
+
+
+def resume_statement(halt: Entry) -> bytes:
+    """What each approver signs to resume a run: the halt entry itself, by its leaf hash in this transcript."""
+    return RESUME_DOMAIN + halt.leaf()
+
+
+def _check_halts(entries: list[Entry], agreement: Agreement | None, signers: dict[str, Any], report: Verified) -> None:
+    """After a halt nothing happens but further halts, until a resume that a quorum of approvers signed."""
+    halted: Entry | None = None
+    for e in entries:
+        if e.kind == "halt":
+            report.halts.append({
+                "entry": e.index, "round": e.round, "cause": e.body.get("cause"), "author": e.author,
+                "site": e.body.get("site"), "detail": e.body.get("detail"),
+            })
+            halted = halted or e
+        elif e.kind == "resume":
+            if halted is None:
+                raise VerificationError(f"entry {e.index}: a resume, and the run is not halted")
+            _entry_check(e, lambda r, h=halted: _check_resume(r, h, agreement, signers))
+            report.resumes.append({"entry": e.index, "halt_entry": halted.index, "approvers": sorted(e.body["approvals"])})
+            halted = None
+        elif halted is not None:
+            raise VerificationError(
+                f"entry {e.index}: a {e.kind} entry after the halt in entry {halted.index}, with no resume between"
+            )
+
+
+def _check_resume(e: Entry, halt: Entry, agreement: Agreement | None, signers: dict[str, Any]) -> None:
+    if agreement is None:
+        raise VerificationError(f"entry {e.index}: a resume in a run without an agreement, which alone names the quorum")
+    if e.body["halt_entry"] != halt.index:
+        raise VerificationError(f"entry {e.index}: resumes entry {e.body['halt_entry']}, the halt is entry {halt.index}")
+    approvers = set(agreement.approvers())
+    for name, signature in e.body["approvals"].items():
+        if name not in approvers:
+            raise VerificationError(f"entry {e.index}: '{name}' approved the resume and is not an approver")
+        _check_signature(_key(signers, name, f"entry {e.index}"), _hex(signature, "an approval"), resume_statement(halt),
+                         f"entry {e.index} (approval by {name})")
+    if len(e.body["approvals"]) < agreement.resume_quorum:
+        raise VerificationError(
+            f"entry {e.index}: {len(e.body['approvals'])} approval(s) of the resume, the agreement's quorum is {agreement.resume_quorum}"
+        )
 
 
 def _coordinator(members: dict[str, Any]) -> str:

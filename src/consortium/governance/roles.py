@@ -1,0 +1,74 @@
+"""Least privilege, in one place: which role may perform which operation, and see which artefact.
+
+Sites, the simulation, ``consortium verify`` and the command line all ask
+here; nothing else decides who may do what. Without an agreement the roles
+come from the run's manifest (one coordinator, the sites); with one, from
+the agreement, whose exposure matrix also says who may see which artefact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from consortium.errors import ConsortiumError
+
+#: Each operation and the roles that may perform it.
+OPERATIONS: dict[str, frozenset[str]] = {
+    "plan_round": frozenset({"coordinator"}),  # send round plans and every protocol request to sites
+    "sign_tree_head": frozenset({"coordinator"}),  # sign transcript heads and the coordinator's entries
+    "train": frozenset({"site"}),  # hold data, train, answer a plan with a signed decision
+    "cosign_tree_head": frozenset({"site"}),
+    "halt": frozenset({"coordinator", "site", "auditor"}),  # stop a run; an observer only watches
+    "verify": frozenset({"coordinator", "site", "auditor"}),  # read the whole transcript
+    "view_aggregates": frozenset({"coordinator", "site", "auditor", "observer"}),
+}
+
+#: What a transcript entry's author must be allowed to do to have written it.
+ENTRY_OPERATION: dict[str, str] = {"site_decision": "train", "halt": "halt"}
+
+
+class PermissionDenied(ConsortiumError):
+    """A member tried an operation its role does not allow."""
+
+
+class Roles:
+    """The role of every member, and the checks built on it."""
+
+    def __init__(self, roles: Mapping[str, str], exposure: Mapping[str, list[str]] | None = None) -> None:
+        self.roles = dict(roles)
+        self.exposure = None if exposure is None else {k: list(v) for k, v in exposure.items()}
+
+    @classmethod
+    def of_agreement(cls, agreement: Any) -> Roles:
+        return cls({m.name: m.role for m in agreement.members}, {e.artefact: list(e.to) for e in agreement.exposure})
+
+    @classmethod
+    def of_manifest(cls, manifest: Mapping[str, Any]) -> Roles:
+        return cls({name: m["role"] for name, m in manifest["members"].items()})
+
+    def role(self, member: str) -> str | None:
+        return self.roles.get(member)
+
+    def allowed(self, member: str, operation: str) -> bool:
+        return self.roles.get(member) in OPERATIONS[operation]
+
+    def authorize(self, member: str, operation: str) -> None:
+        """Raise unless ``member`` holds a role that may perform ``operation``."""
+        role = self.roles.get(member)
+        if role is None:
+            raise PermissionDenied(f"'{member}' is not a member of this consortium: it may not {operation.replace('_', ' ')}")
+        if role not in OPERATIONS[operation]:
+            allowed = ", ".join(sorted(OPERATIONS[operation]))
+            raise PermissionDenied(
+                f"'{member}' is a {role}: only a {allowed} may {operation.replace('_', ' ')}"
+            )
+
+    def may_see(self, member: str, artefact: str) -> bool:
+        """Under an agreement, its exposure matrix decides; without one, every member sees every artefact."""
+        role = self.roles.get(member)
+        if role is None:
+            return False
+        if self.exposure is None:
+            return True
+        return role in self.exposure.get(artefact, [])
