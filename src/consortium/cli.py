@@ -51,6 +51,15 @@ def _run(config: SimulationConfig, out: Path | None, as_json: bool) -> None:
     )
 
     simulation = Simulation(config, out=out)  # every input check happens here, before any output
+    _train(simulation.run, config.rounds, as_json)
+
+
+#: The exit code of a run that halted on an incident (2 is a usage or input error).
+HALTED_EXIT = 3
+
+
+def _train(run: Any, rounds: int, as_json: bool) -> None:
+    """Run with a progress bar on stderr, then print the summary; a halted run exits with HALTED_EXIT."""
     show_progress = not as_json or err_console.is_terminal
     with Progress(
         TextColumn("[bold]training[/]"),
@@ -62,20 +71,30 @@ def _run(config: SimulationConfig, out: Path | None, as_json: bool) -> None:
         disable=not show_progress,
         transient=False,
     ) as progress:
-        task = progress.add_task("rounds", total=config.rounds, acc="-")
+        task = progress.add_task("rounds", total=rounds, acc="-")
 
         def on_round(record: Any) -> None:
             acc = record.metrics.get("accuracy")
             progress.update(task, advance=1, acc="-" if acc is None else f"{acc:.3f}")
 
-        result = simulation.run(on_round=on_round)
+        result = run(on_round=on_round)
     summary = result.summary
     for warning in summary["warnings"]:
         err_console.print(f"[bold red]WARNING[/]: {warning}", highlight=False)
     if as_json:
         sys.stdout.write(json.dumps(summary, allow_nan=False) + "\n")
-        return
-    _print_table(summary)
+    else:
+        _print_table(summary)
+    halt = summary.get("halt")
+    if halt is not None:
+        where = f" (site {halt['site']})" if halt.get("site") else ""
+        err_console.print(
+            f"[bold red]RUN HALTED[/] in round {halt['round']}: {halt['cause']}{where}: {halt['detail']}. "
+            f"Nothing more runs until a quorum of approvers resumes it: consortium resume {summary['run_dir']} --keys DIR "
+            "--approver NAME ...",
+            highlight=False, soft_wrap=True,
+        )
+        raise Exit(HALTED_EXIT)
 
 
 def _fmt(v: Any) -> str:
@@ -423,6 +442,94 @@ def agreement_explain(
     if markdown is not None:
         write_atomic(markdown, text.encode())
     sys.stdout.write(text)
+
+
+policy_app = typer.Typer(help="A site's own policy: kept at the site, never looser than the agreement.")
+app.add_typer(policy_app, name="policy")
+AgreementOpt = Annotated[Path, typer.Option(help="the consortium agreement the policy must be stricter than")]
+
+
+@policy_app.command("init")
+def policy_init(
+    path: Annotated[Path, typer.Argument(metavar="PATH", help="where to write the policy (YAML)")],
+    site: Annotated[str, typer.Option(help="the site the policy is for, as the agreement names it")],
+    agreement: AgreementOpt,
+) -> None:
+    """Write a starting policy that repeats the agreement's terms, for the site to tighten."""
+    from consortium.governance.agreement import load_agreement
+    from consortium.governance.policy import parse_policy, template
+    from consortium.runs import write_atomic
+
+    if path.exists():
+        raise ConfigError(f"{path} already exists: edit it, or remove it first")
+    ag = load_agreement(agreement)
+    text = template(site, ag)
+    parse_policy(text, ag, source=str(path))  # the template must itself be valid
+    write_atomic(path, text.encode())
+    out_console.print(f"wrote {path}: {site}'s policy, as strict as the agreement; tighten it as the site requires")
+
+
+@policy_app.command("check")
+def policy_check(
+    path: Annotated[Path, typer.Argument(metavar="PATH", help="a site policy file")],
+    agreement: AgreementOpt,
+    as_json: JsonOpt = False,
+) -> None:
+    """Validate a site policy and check that it is no looser than the agreement."""
+    from consortium.governance.agreement import load_agreement
+    from consortium.governance.policy import load_policy
+
+    policy = load_policy(path, load_agreement(agreement))
+    if as_json:
+        sys.stdout.write(json.dumps({"path": str(path), "valid": True, "policy": policy.model_dump()}) + "\n")
+        return
+    out_console.print(f"{path}: valid, and no looser than {agreement} for site {policy.site}")
+
+
+KeysOpt = Annotated[Path, typer.Option(help="the folder of the members' identity key files, <member>.key")]
+
+
+@app.command()
+def halt(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="a run folder held to an agreement")],
+    member: Annotated[str, typer.Option(help="the member who halts the run (a coordinator, site or auditor)")],
+    reason: Annotated[str, typer.Option(help="why: it goes in the transcript for every member to read")],
+    keys: KeysOpt,
+) -> None:
+    """Halt a run: a signed halt entry in its transcript; only a quorum of approvers can resume it."""
+    from consortium.governance.control import halt_run
+
+    entry = halt_run(run_dir, keys, member, reason)
+    out_console.print(
+        f"[bold red]halted[/] {run_dir} by {member} (transcript entry {entry.index}): {reason.strip()}; "
+        "resuming needs the agreement's quorum of approvers (consortium resume)"
+    )
+
+
+@app.command()
+def resume(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="a halted run folder")],
+    keys: KeysOpt,
+    approver: Annotated[list[str], typer.Option(help="an approver who signs the resume; repeat for each")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Resume a halted run with a quorum of approvers' signatures, then train its remaining rounds."""
+    from consortium.governance.control import resume_run
+    from consortium.runs import CHECKPOINT
+
+    entry, report = resume_run(run_dir, keys, approver)
+    approvers = ", ".join(sorted(entry.body["approvals"]))
+    err_console.print(f"resumed {run_dir}: the halt in entry {entry.body['halt_entry']} is ended by {approvers} (entry {entry.index})")
+    if report.final_model_sha256 is not None or not (run_dir / f"{CHECKPOINT}.json").exists():
+        if as_json:
+            sys.stdout.write(json.dumps({"run_dir": str(run_dir), "resumed": True, "continued": False}) + "\n")
+        else:
+            out_console.print("nothing left to train: the run had finished before it was halted")
+        return
+    from consortium.simulation import continue_run
+
+    remaining = load_config(run_dir / "config.yaml").rounds - report.rounds
+    _train(lambda on_round: continue_run(run_dir, keys, on_round=on_round), remaining, as_json)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,6 +7,7 @@ entry itself is flushed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -15,7 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as safetensors_load
 from safetensors.numpy import save as safetensors_save
+
+from consortium.errors import ConfigError
+
+CHECKPOINT = "checkpoint"  # checkpoint.json (state, and the hash of) checkpoint.safetensors (arrays)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -65,10 +72,11 @@ def new_run_dir(base: Path, label: str) -> Path:
 class RunFolder:
     """config.yaml, metrics.jsonl (one line per round), model.safetensors, summary.json."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, resume: bool = False) -> None:
         self.path = path
         path.mkdir(parents=True, exist_ok=True)
-        self._metric_lines: list[str] = []
+        metrics = path / "metrics.jsonl"
+        self._metric_lines: list[str] = metrics.read_text().splitlines() if resume and metrics.exists() else []
 
     def write_config(self, text: str) -> None:
         write_atomic(self.path / "config.yaml", text.encode())
@@ -84,3 +92,23 @@ class RunFolder:
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         write_atomic(self.path / "summary.json", (dumps(summary) + "\n").encode())
+
+    def write_checkpoint(self, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """The coordinator's state at a halt: arrays first, then the JSON that names their hash."""
+        blob = safetensors_save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
+        write_atomic(self.path / f"{CHECKPOINT}.safetensors", blob)
+        body = {"arrays_sha256": hashlib.sha256(blob).hexdigest(), "state": meta}
+        write_atomic(self.path / f"{CHECKPOINT}.json", (dumps(body) + "\n").encode())
+
+    def read_checkpoint(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        meta_path, blob_path = self.path / f"{CHECKPOINT}.json", self.path / f"{CHECKPOINT}.safetensors"
+        if not meta_path.exists() or not blob_path.exists():
+            raise ConfigError(f"{self.path} holds no checkpoint: the run halted before its setup completed, start a new run")
+        blob = blob_path.read_bytes()
+        try:
+            body = json.loads(meta_path.read_text())
+            if body["arrays_sha256"] != hashlib.sha256(blob).hexdigest():
+                raise ValueError("the arrays are not the ones the checkpoint names")
+            return body["state"], safetensors_load(blob)
+        except (ValueError, KeyError, TypeError, SafetensorError) as exc:
+            raise ConfigError(f"{meta_path}: the checkpoint is damaged ({exc}): the run cannot continue from it") from None

@@ -23,14 +23,14 @@ import torch
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from consortium.config import SimulationConfig
-from consortium.crypto.keyfile import load_identity_key
+from consortium.config import SimulationConfig, load_config
 from consortium.errors import ConfigError, VerificationError
 from consortium.governance.agreement import (
     Agreement,
     agreement_hash,
     check_run,
     load_agreement,
+    load_member_key,
     read_signatures,
     require_approval,
     signatures_path,
@@ -187,8 +187,10 @@ class Simulation:
         out: Path | None = None,
         runs_root: Path = Path("runs"),
         model_builder: ModelBuilder = build_task_model,
+        resume: bool = False,
     ) -> None:
         config = config.resolved()
+        self._resume = resume  # continue the halted run in ``out`` from its checkpoint
         assert config.model is not None and config.training is not None
         self.config = config
         self._build = model_builder
@@ -328,14 +330,7 @@ class Simulation:
         if self.agreement is None:
             return {name: keys.generate_ed25519()[0] for name in names}
         assert config.agreement is not None
-        named = {m.name: m.public_key for m in self.agreement.members}
-        identities = {}
-        for name in names:
-            key = load_identity_key(config.agreement.keys / f"{name}.key")
-            if keys.ed25519_public_bytes(key.public_key()).hex() != named.get(name):
-                raise ConfigError(f"the key file of '{name}' is not the key the agreement names for it")
-            identities[name] = key
-        return identities
+        return {name: load_member_key(self.agreement, config.agreement.keys, name) for name in names}
 
     def _plan_privacy(self, sample: Table) -> RecordLevelEvent | SiteLevelDP | None:
         """Each round's privacy, with the noise calibrated so the whole run meets the target epsilon."""
@@ -407,18 +402,23 @@ class Simulation:
         config, coordinator, names = self.config, self.coordinator, self.names
         assert config.model is not None
         started = time.perf_counter()
-        run = RunFolder(self.run_dir)
-        config_text = yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False)
-        run.write_config(config_text)
-        if self.agreement is not None and config.agreement is not None:  # what verify checks the run against
-            write_atomic(run.path / AGREEMENT_FILE, config.agreement.file.read_bytes())
-            write_atomic(signatures_path(run.path / AGREEMENT_FILE), signatures_path(config.agreement.file).read_bytes())
+        run = RunFolder(self.run_dir, resume=self._resume)
         transcript = TranscriptRecorder(
             self.run_dir,
             coordinator_key=self._identities[COORDINATOR],
             cosigners={name: site.cosign_head for name, site in self._sites.items()},
         )
-        transcript.start(self._manifest(config_text), self._identities)
+        if self._resume:  # after a quorum's resume entry: every site picks up from the last head it co-signed
+            for site in self._sites.values():
+                site.resume_from(transcript.writer.heads[-1])
+            coordinator.restore(*self._checkpoint(run, transcript))
+        else:
+            config_text = yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False)
+            run.write_config(config_text)
+            if self.agreement is not None and config.agreement is not None:  # what verify checks the run against
+                write_atomic(run.path / AGREEMENT_FILE, config.agreement.file.read_bytes())
+                write_atomic(signatures_path(run.path / AGREEMENT_FILE), signatures_path(config.agreement.file).read_bytes())
+            transcript.start(self._manifest(config_text), self._identities)
 
         def record_round(record: RoundRecord) -> None:
             run.append_metrics(_finite(record.to_json()))  # type: ignore[arg-type]
@@ -438,6 +438,8 @@ class Simulation:
                 run.append_metrics(_finite(history[-1].to_json()))  # type: ignore[arg-type]
             transcript.record(coordinator.drain_log())
             transcript.archive(coordinator.drain_archives())
+            if coordinator.task is not None:  # what a quorum's resume continues from
+                run.write_checkpoint(*coordinator.checkpoint())
             head = transcript.halt(halted, vector_sha256(coordinator.params) if coordinator.params is not None else None)
         assert coordinator.params is not None and coordinator.task is not None
 
@@ -493,6 +495,18 @@ class Simulation:
         summary["elapsed_s"] = round(time.perf_counter() - started, 3)
         run.write_summary(summary)
         return SimulationResult(summary=summary, history=history, params=coordinator.params)
+
+    @staticmethod
+    def _checkpoint(run: RunFolder, transcript: TranscriptRecorder) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """The state a halted run continues from: only right after a resume, and only the model it halted at."""
+        entries = transcript.writer.entries
+        if entries[-1].kind != "resume":
+            raise ConfigError("the run is not resumed: a quorum of approvers must sign its resume first (consortium resume)")
+        meta, arrays = run.read_checkpoint()
+        halt = entries[entries[-1].body["halt_entry"]]
+        if halt.body.get("model_sha256") != vector_sha256(arrays["params"]):
+            raise VerificationError("the checkpoint is not the model the run halted at: the run cannot continue from it")
+        return meta, arrays
 
     def _manifest(self, config_text: str) -> dict[str, Any]:
         """Entry 0 of the transcript: who takes part with which key, under which config, code and data."""
@@ -628,3 +642,12 @@ def run_simulation(
 ) -> SimulationResult:
     """Check, run and record a whole simulation in one call."""
     return Simulation(config, out=out, runs_root=runs_root, model_builder=model_builder).run(on_round=on_round)
+
+
+def continue_run(run_dir: Path, keys_dir: Path, *, on_round: Callable[[RoundRecord], None] | None = None) -> SimulationResult:
+    """Train a resumed run's remaining rounds, under the agreement copy the run holds and the members' keys."""
+    config = load_config(run_dir / "config.yaml")
+    if config.agreement is None:
+        raise ConfigError("this run was held to no agreement: only a run under an agreement can be resumed")
+    agreement = config.agreement.model_copy(update={"file": run_dir / AGREEMENT_FILE, "keys": keys_dir})
+    return Simulation(config.model_copy(update={"agreement": agreement}), out=run_dir, resume=True).run(on_round=on_round)

@@ -87,3 +87,10 @@ class NormMonitor:
         for site, n in (site_norms or {}).items():
             self._site_history.setdefault(site, []).append(n)
         return None
+
+    def state(self) -> dict[str, object]:
+        return {"history": list(self._history), "sites": {k: list(v) for k, v in self._site_history.items()}}
+
+    def load_state(self, state: dict[str, object]) -> None:
+        self._history = [float(x) for x in state["history"]]  # type: ignore[union-attr]
+        self._site_history = {k: [float(x) for x in v] for k, v in state["sites"].items()}  # type: ignore[union-attr]

@@ -31,6 +31,8 @@ ENTRY_OPERATION: dict[str, str] = {"site_decision": "train", "halt": "halt"}
 class PermissionDenied(ConsortiumError):
     """A member tried an operation its role does not allow."""
 
+    rule = "role"  # the rule a site names when it refuses such a request
+
 
 class Roles:
     """The role of every member, and the checks built on it."""

@@ -72,6 +72,13 @@ class FedAvg:
     def describe(self) -> dict[str, object]:
         return {"name": self.name, "fraction": self.fraction, "weighting": self.weighting, "server_lr": self.server_lr}
 
+    def state(self) -> dict[str, np.ndarray]:
+        """What the server step carries from round to round (nothing here), for a checkpoint."""
+        return {}
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore ``state()`` from a checkpoint."""
+
 
 class FedProx(FedAvg):
     """FedAvg whose sites add ``mu/2 * ||w - w_global||^2`` to their local loss."""
@@ -129,6 +136,13 @@ class FedAdam(FedAvg):
 
     def describe(self) -> dict[str, object]:
         return {**super().describe(), "beta1": self.beta1, "beta2": self.beta2, "tau": self.tau}
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {} if self.m is None or self.v is None else {"m": self.m, "v": self.v}
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        if arrays:
+            self.m, self.v = arrays["m"].astype(np.float64), arrays["v"].astype(np.float64)
 
 
 class FedYogi(FedAdam):

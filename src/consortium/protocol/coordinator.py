@@ -104,6 +104,13 @@ class RoundRecord:
             **self.metrics,
         }
 
+    @classmethod
+    def from_json(cls, d: dict[str, object]) -> RoundRecord:
+        fields = {"secure_aggregation": "secure", **{f.name: f.name for f in dataclasses.fields(cls) if f.name not in ("secure", "metrics")}}
+        kwargs = {attr: d[key] for key, attr in fields.items() if key in d}
+        metrics = {k: float("nan") if v is None else v for k, v in d.items() if k not in fields}
+        return cls(**kwargs, metrics=metrics)  # type: ignore[arg-type]
+
 
 @dataclass(frozen=True)
 class LogRecord:
@@ -475,6 +482,58 @@ class Coordinator:
             "secure_aggregation": self.secure is not None,
             "strategy": self.strategy.describe(),
         }))
+
+    # -- checkpoints ------------------------------------------------------------
+
+    def checkpoint(self) -> tuple[dict[str, object], dict[str, np.ndarray]]:
+        """Everything the coordinator carries between rounds: plain JSON, and arrays (for safetensors)."""
+        task = self._task()
+        meta = {
+            "round": self.round,
+            "members": self.members,
+            "excluded": self.excluded,
+            "total_rows": self.total_rows,
+            "task": task.model_dump(mode="json", exclude={"mean", "scale"}),
+            "history": [
+                {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.to_json().items()}
+                for r in self.history
+            ],
+            "secure_plans": self.secure_plans,
+            "monitor": self.monitor.state() if self.monitor is not None else None,
+            "site_dp_clip": self.site_dp.clip if self.site_dp is not None else None,
+        }
+        arrays = {
+            "params": self._params(),
+            "task.mean": task.mean.to_numpy(),
+            "task.scale": task.scale.to_numpy(),
+            **{f"strategy.{k}": v for k, v in self.strategy.state().items()},
+        }
+        return meta, arrays
+
+    def restore(self, meta: dict[str, object], arrays: dict[str, np.ndarray]) -> None:
+        """Continue from ``checkpoint()``'s output: the next round is planned (and logged) at once."""
+        self.round = int(meta["round"])  # type: ignore[call-overload]
+        self.members = list(meta["members"])  # type: ignore[call-overload]
+        self.excluded = dict(meta["excluded"])  # type: ignore[call-overload]
+        self.total_rows = float(meta["total_rows"])  # type: ignore[arg-type]
+        self.task = m.TaskSpec.model_validate({
+            **meta["task"],  # type: ignore[dict-item]
+            "mean": m.Tensor.from_numpy(arrays["task.mean"]),
+            "scale": m.Tensor.from_numpy(arrays["task.scale"]),
+        })
+        self.params = arrays["params"]
+        self.history = [RoundRecord.from_json(r) for r in meta["history"]]  # type: ignore[union-attr]
+        self.secure_plans = list(meta["secure_plans"])  # type: ignore[call-overload]
+        if self.monitor is not None and meta["monitor"] is not None:
+            self.monitor.load_state(meta["monitor"])  # type: ignore[arg-type]
+        if self.site_dp is not None and meta["site_dp_clip"] is not None:
+            self.site_dp.clip = float(meta["site_dp_clip"])  # type: ignore[arg-type]
+        self.strategy.load_state({k.removeprefix("strategy."): v for k, v in arrays.items() if k.startswith("strategy.")})
+        self._setup_replies, self.incident = {}, None
+        if self.round >= self.rounds:
+            self._state = None
+        else:
+            self._open_fit(self.round + 1)
 
     @property
     def plan_proven(self) -> bool:

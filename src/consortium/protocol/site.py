@@ -206,6 +206,12 @@ class Site:
         if self.name not in entry.body.get("cohort", []):
             raise Refused("plan_mismatch", f"the transcript's plan for round {rnd} does not include this site")
 
+    def resume_from(self, head: TreeHead) -> None:
+        """After a restart: the last head this site co-signed, recognised by its own co-signature."""
+        if self._witness is None:
+            raise ProtocolError("this site has no identity key or directory: it keeps no transcript memory")
+        self._witness.resume_from(head)
+
     def cosign_head(self, head: TreeHead, proof: list[bytes]) -> bytes:
         """Co-sign a transcript head that the coordinator signed and that extends the last one this site signed."""
         if self._witness is None:

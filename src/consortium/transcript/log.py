@@ -196,6 +196,15 @@ class HeadWitness:
         self._signer = signer_public_key
         self.last: TreeHead | None = None
 
+    def resume_from(self, head: TreeHead) -> None:
+        """After a restart: remember ``head`` as the last one signed, once this member's own co-signature is on it."""
+        keys.verify(self._signer, head.signature, head.signed_bytes())
+        own = head.cosignatures.get(self.name)
+        if own is None:
+            raise VerificationError(f"'{self.name}' did not co-sign tree head {head.size}: it cannot resume from it")
+        keys.verify(keys.ed25519_public_bytes(self._key.public_key()), own, head.signed_bytes())
+        self.last = head.model_copy(update={"cosignatures": {}})
+
     def cosign(self, head: TreeHead, proof: list[bytes]) -> bytes:
         """Check the coordinator's signature and the consistency proof from the last head signed; sign."""
         keys.verify(self._signer, head.signature, head.signed_bytes())

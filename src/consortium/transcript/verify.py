@@ -103,7 +103,7 @@ def _key(members: dict[str, Any], name: str, where: str) -> bytes:
     return _hex(member.get("public_key"), f"{where}: the public key of '{name}'")
 
 
-def _run_agreement(run_dir: Path, manifest: dict[str, Any]) -> Agreement | None:
+def run_agreement(run_dir: Path, manifest: dict[str, Any]) -> Agreement | None:
     """The agreement the run was held to: its copy in the run folder must hash to what the manifest names."""
     expected = manifest.get("agreement_sha256")
     if expected is None:
@@ -152,7 +152,7 @@ def verify_run(run_dir: Path) -> Verified:
         raise VerificationError("the transcript is empty")
     members: dict[str, Any] = {}
     _entry_check(entries[0], lambda e: members.update(_check_manifest(e)))
-    agreement = _run_agreement(run_dir, entries[0].body)
+    agreement = run_agreement(run_dir, entries[0].body)
     roles = Roles.of_agreement(agreement) if agreement is not None else Roles.of_manifest(entries[0].body)
     # Who may sign entries: the manifest's members, and the agreement's other members (an auditor who halts).
     signers = {
