@@ -426,3 +426,19 @@ def test_a_head_that_rewrites_history_is_not_cosigned_and_halts_the_run(tmp_path
     assert _entries(tmp_path / "run")[-1]["kind"] == "halt"
     with pytest.raises(VerificationError, match="did not co-sign"):
         verify_run(tmp_path / "run")  # the dispute stays on record
+
+
+def test_observers_see_aggregates_only(tmp_path):
+    agreement = _consortium(tmp_path)
+    (tmp_path / "policies").mkdir()
+    run_simulation(_config(tmp_path, agreement, rounds=1, baselines={"local_only": True, "pooled": False}), out=tmp_path / "run")
+    watcher = json.loads(_cli("show", str(tmp_path / "run"), "--member", "watcher").stdout)
+    assert "accuracy" in watcher["federated"] and watcher["status"] == "completed"
+    assert {"privacy", "model", "transcript", "local_only"} <= set(watcher["hidden_from_you"])
+    assert not {"privacy", "model", "transcript", "local_only"} & set(watcher)
+    site = json.loads(_cli("show", str(tmp_path / "run"), "--member", "site-1").stdout)
+    assert "privacy" in site and "model" in site and "local_only" not in site  # per-site baselines stay with the harness
+    coordinator = json.loads(_cli("show", str(tmp_path / "run"), "--member", COORDINATOR).stdout)
+    assert "local_only" in coordinator and coordinator["hidden_from_you"] == []
+    stranger = _cli("show", str(tmp_path / "run"), "--member", "mallory")
+    assert stranger.returncode == 2 and "'mallory' is not a member" in stranger.stderr

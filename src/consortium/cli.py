@@ -486,6 +486,17 @@ def policy_check(
     out_console.print(f"{path}: valid, and no looser than {agreement} for site {policy.site}")
 
 
+@app.command()
+def show(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="a run folder")],
+    member: Annotated[str, typer.Option(help="the member asking: what it sees is what its role may see")],
+) -> None:
+    """A run's summary as one member may see it: the agreement's exposure matrix decides (JSON)."""
+    from consortium.governance.control import member_view
+
+    sys.stdout.write(json.dumps(member_view(run_dir, member), indent=1) + "\n")
+
+
 KeysOpt = Annotated[Path, typer.Option(help="the folder of the members' identity key files, <member>.key")]
 
 

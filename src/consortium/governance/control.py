@@ -11,6 +11,7 @@ it extends the last head it signed.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,18 +45,14 @@ class RunControl:
 def open_run(run_dir: Path, keys_dir: Path) -> RunControl:
     """Reopen a run's transcript; every site's witness resumes from the last head it co-signed."""
     run_dir, keys_dir = Path(run_dir), Path(keys_dir)
-    path = run_dir / TRANSCRIPT_FILE
-    if not path.exists():
-        raise ConfigError(f"'{run_dir}' holds no transcript: pass the folder a run printed")
-    with path.open("rb") as f:
-        manifest = parse_entry(f.readline(), 0).body
+    manifest = _manifest(run_dir)
     try:
         agreement = run_agreement(run_dir, manifest)
     except VerificationError as exc:
         raise ConfigError(f"cannot trust the run's agreement: {exc}") from None
     if agreement is None:
         raise ConfigError("this run was held to no agreement, which alone names who may halt it and the quorum to resume it")
-    sites = [name for name, m in manifest["members"].items() if m["role"] == "site"]
+    sites = [name for name, m in manifest["members"].items() if m["role"] == "site"]  # type: ignore[union-attr]
     coordinator_key = load_member_key(agreement, keys_dir, COORDINATOR)
     coordinator_public = keys.ed25519_public_bytes(coordinator_key.public_key())
     witnesses = {name: HeadWitness(name, load_member_key(agreement, keys_dir, name), coordinator_public) for name in sites}
@@ -63,6 +60,29 @@ def open_run(run_dir: Path, keys_dir: Path) -> RunControl:
     for witness in witnesses.values():
         witness.resume_from(recorder.writer.heads[-1])
     return RunControl(run_dir, agreement, recorder, keys_dir)
+
+
+def _manifest(run_dir: Path) -> dict[str, object]:
+    path = run_dir / TRANSCRIPT_FILE
+    if not path.exists():
+        raise ConfigError(f"'{run_dir}' holds no transcript: pass the folder a run printed")
+    with path.open("rb") as f:
+        return parse_entry(f.readline(), 0).body
+
+
+def member_view(run_dir: Path, member: str) -> dict[str, object]:
+    """The run's summary as ``member``'s role may see it (the agreement's exposure matrix decides)."""
+    run_dir = Path(run_dir)
+    manifest = _manifest(run_dir)
+    try:
+        agreement = run_agreement(run_dir, manifest)
+    except VerificationError as exc:
+        raise ConfigError(f"cannot trust the run's agreement: {exc}") from None
+    roles = Roles.of_agreement(agreement) if agreement is not None else Roles.of_manifest(manifest)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.exists():
+        raise ConfigError(f"'{run_dir}' has no summary.json: the run did not finish writing it")
+    return roles.view(member, json.loads(summary_path.read_text()))
 
 
 def open_halt(entries: list[Entry]) -> Entry | None:

@@ -74,3 +74,34 @@ class Roles:
         if self.exposure is None:
             return True
         return role in self.exposure.get(artefact, [])
+
+    def view(self, member: str, summary: dict[str, Any]) -> dict[str, Any]:
+        """A run's summary as ``member`` may see it: each part shown only to the roles its artefact is
+        exposed to; a part this table does not know is the coordinator's alone (deny by default)."""
+        self.authorize(member, "view_aggregates")
+        out: dict[str, Any] = {}
+        for key, value in summary.items():
+            artefact = SUMMARY_ARTEFACTS.get(key)
+            if artefact == "run_metadata" or (artefact is not None and self.may_see(member, artefact)):
+                out[key] = value
+            elif artefact is None and self.roles.get(member) == "coordinator":
+                out[key] = value
+        out["hidden_from_you"] = sorted(set(summary) - set(out))
+        return out
+
+
+#: Which artefact each part of a run summary reveals. ``run_metadata`` (what ran, and whether it
+#: halted) every member sees; parts not listed, such as the simulation-only baselines that need every
+#: site's data in one place (per-site local accuracies, pooled training), only the coordinator.
+SUMMARY_ARTEFACTS: dict[str, str] = {
+    **{key: "run_metadata" for key in (
+        "run_dir", "status", "halt", "dataset", "sites", "site_names", "rounds", "seed", "strategy",
+        "partition", "warnings", "excluded_at_setup", "elapsed_s",
+    )},
+    "federated": "aggregate_metrics",
+    "privacy": "privacy_events",
+    "model": "global_model",
+    "transcript": "transcript",
+    "secure_aggregation": "transcript",
+    "traffic_bytes": "transcript",
+}
