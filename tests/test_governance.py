@@ -276,6 +276,24 @@ def test_a_sites_own_epsilon_cap_is_the_one_its_ledger_enforces(tmp_path):
     assert all(r.answered == ["site-2", "site-3", "site-4"] for r in result.history)
 
 
+@pytest.mark.parametrize("policy,rule", [
+    ({"quiet_hours": ["00:00-23:59"]}, "quiet_hours"),  # and the clock says 12:00
+    ({"min_cohort": 4}, "min_cohort"),  # and 3 of the 4 sites are asked each round
+])
+def test_each_policy_rule_refuses_on_the_record(tmp_path, policy, rule):
+    agreement = _consortium(tmp_path)
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "site-4.yaml").write_text(_policy(site="site-4", **policy))
+    sim = Simulation(_config(tmp_path, agreement, participation={"min_sites": 3, "fraction": 0.75}), out=tmp_path / "run")
+    sim._sites["site-4"].guard._clock = lambda: dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC)
+    sim.run()
+    asked = [r.selected for r in sim.coordinator.history]
+    report = verify_run(tmp_path / "run")
+    assert {(r["site"], r["rule"]) for r in report.refusals} == {("site-4", rule)}
+    assert [r["round"] for r in report.refusals] == [i + 1 for i, cohort in enumerate(asked) if "site-4" in cohort]
+    assert report.refusals  # site-4 was asked at least once
+
+
 def test_a_run_refuses_a_model_the_agreement_does_not_allow(tmp_path):
     agreement = _consortium(tmp_path, **{"allowed_layouts: []": f"allowed_layouts: ['{LAYOUT}']"})
     with pytest.raises(ConfigError, match="not among the agreement's allowed_layouts"):

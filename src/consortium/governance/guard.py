@@ -37,7 +37,7 @@ class Refused(ProtocolError):
         self.rule = rule
 
 
-def _utc_now() -> dt.datetime:
+def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
@@ -51,7 +51,7 @@ class SiteGuard:
         agreement: Agreement | None = None,
         policy: SitePolicy | None = None,
         ledger: BudgetLedger | None = None,
-        clock: Clock = _utc_now,
+        clock: Clock = utc_now,
     ) -> None:
         if policy is not None and policy.site != site:
             raise ProtocolError(f"the policy is '{policy.site}'s, not '{site}'s")

@@ -23,7 +23,7 @@ from consortium.data import Splits, Table
 from consortium.crypto import keys
 from consortium.errors import ModelError, ProtocolError, VerificationError
 from consortium.governance.agreement import Agreement
-from consortium.governance.guard import Clock, Refused, SiteGuard, _utc_now
+from consortium.governance.guard import Clock, Refused, SiteGuard, utc_now
 from consortium.governance.policy import SitePolicy
 from consortium.governance.roles import PermissionDenied, Roles
 from consortium.learning.adapter import ModelAdapter
@@ -92,7 +92,7 @@ class Site:
         model_builder: ModelBuilder = build_task_model,
         agreement: Agreement | None = None,
         policy: SitePolicy | None = None,
-        clock: Clock = _utc_now,
+        clock: Clock = utc_now,
     ) -> None:
         self.name = name
         self.__data = data
