@@ -487,6 +487,31 @@ def policy_check(
 
 
 @app.command()
+def init(
+    folder: Annotated[Path, typer.Argument(metavar="DIR", help="a new folder for the CA, the manifest and the kits")],
+    sites: Annotated[str, typer.Option(help="comma-separated site names")],
+    coordinator: Annotated[str, typer.Option(help="the coordinator's address, HOST:PORT")],
+    auditors: Annotated[str, typer.Option(help="comma-separated auditor names")] = "",
+    consortium: Annotated[str, typer.Option(help="the consortium's name")] = "consortium",
+    days: Annotated[int, typer.Option(help="certificate validity in days")] = 365,
+) -> None:
+    """Provision a consortium: a CA, and for each member a kit (certificate, keys, manifest, agreement)."""
+    from consortium.deploy.provision import provision
+
+    done = provision(
+        folder, sites=[s.strip() for s in sites.split(",") if s.strip()], coordinator_address=coordinator,
+        consortium=consortium, auditors=[a.strip() for a in auditors.split(",") if a.strip()], days=days,
+    )
+    members = done.manifest["members"]
+    assert isinstance(members, dict)
+    out_console.print(
+        f"provisioned {consortium}: CA {folder / 'ca.crt'} (its key {folder / 'ca.key'} stays with you), "
+        f"{len(members)} kits under {folder / 'kits'}; give each member its own kit only. "
+        f"Next: every approver signs {folder / 'agreement.yaml'} (consortium agreement sign)."
+    )
+
+
+@app.command()
 def show(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="a run folder")],
     member: Annotated[str, typer.Option(help="the member asking: what it sees is what its role may see")],

@@ -1,0 +1,1 @@
+"""Real deployment: provisioning (a consortium CA and one kit per member)."""
