@@ -42,7 +42,7 @@ from consortium.protocol.coordinator import COORDINATOR, Coordinator
 from consortium.protocol.loop import RoundLoop
 from consortium.protocol.site import Site
 from consortium.runs import write_atomic
-from consortium.transcript.recorder import TranscriptRecorder
+from consortium.transcript.recorder import TranscriptRecorder, direct
 from consortium.transport import InProcessTransport
 
 N_SITES = 10
@@ -94,7 +94,7 @@ def main() -> list[tuple[str, float, str]]:
             for i, u in enumerate(names)
         }
         recorder = TranscriptRecorder(
-            Path(tmp.name), coordinator_key=ids[COORDINATOR], cosigners={u: s.cosign_head for u, s in sites.items()}
+            Path(tmp.name), coordinator_key=ids[COORDINATOR], cosign=direct({u: s.cosign_head for u, s in sites.items()})
         )
         recorder.start({"members": {u: {"role": "site"} for u in names}}, {})
         coordinator = Coordinator(

@@ -74,7 +74,7 @@ from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.runs import RunFolder, new_run_dir, write_atomic
 from consortium.secagg.graph import plan_graph
 from consortium.transcript.log import vector_sha256
-from consortium.transcript.recorder import TranscriptRecorder, code_sha256, library_versions
+from consortium.transcript.recorder import TranscriptRecorder, code_sha256, library_versions, over_transport
 from consortium.transcript.verify import AGREEMENT_FILE, verify_run
 from consortium.transport import InProcessTransport
 
@@ -403,11 +403,9 @@ class Simulation:
         assert config.model is not None
         started = time.perf_counter()
         run = RunFolder(self.run_dir, resume=self._resume)
-        transcript = TranscriptRecorder(
-            self.run_dir,
-            coordinator_key=self._identities[COORDINATOR],
-            cosigners={name: site.cosign_head for name, site in self._sites.items()},
-        )
+        # Sites co-sign each head through the transport, like any other request.
+        cosign = over_transport(self.transport, self.names, lambda: coordinator.round)
+        transcript = TranscriptRecorder(self.run_dir, coordinator_key=self._identities[COORDINATOR], cosign=cosign)
         if self._resume:  # after a quorum's resume entry: every site picks up from the last head it co-signed
             for site in self._sites.values():
                 site.resume_from(transcript.writer.heads[-1])

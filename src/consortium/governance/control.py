@@ -24,7 +24,7 @@ from consortium.governance.incident import Incident
 from consortium.governance.roles import Roles
 from consortium.protocol.coordinator import COORDINATOR, LogRecord
 from consortium.transcript.log import TRANSCRIPT_FILE, Entry, HeadWitness, parse_entry, signed_entry_bytes
-from consortium.transcript.recorder import TranscriptRecorder
+from consortium.transcript.recorder import TranscriptRecorder, direct
 from consortium.transcript.verify import Verified, resume_statement, run_agreement, verify_run
 
 
@@ -56,7 +56,7 @@ def open_run(run_dir: Path, keys_dir: Path) -> RunControl:
     coordinator_key = load_member_key(agreement, keys_dir, COORDINATOR)
     coordinator_public = keys.ed25519_public_bytes(coordinator_key.public_key())
     witnesses = {name: HeadWitness(name, load_member_key(agreement, keys_dir, name), coordinator_public) for name in sites}
-    recorder = TranscriptRecorder(run_dir, coordinator_key=coordinator_key, cosigners={n: w.cosign for n, w in witnesses.items()})
+    recorder = TranscriptRecorder(run_dir, coordinator_key=coordinator_key, cosign=direct({n: w.cosign for n, w in witnesses.items()}))
     for witness in witnesses.values():
         witness.resume_from(recorder.writer.heads[-1])
     return RunControl(run_dir, agreement, recorder, keys_dir)

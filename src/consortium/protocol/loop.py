@@ -40,8 +40,7 @@ class RoundLoop:
         """Run one stage; returns the round's record when that stage ended a round."""
         if self.before_stage is not None:
             self.before_stage(coordinator)
-        for request in coordinator.requests():
-            reply = transport.exchange(request)
+        for reply in transport.exchange_many(coordinator.requests()):
             if reply is None:
                 continue  # no answer in time: the site has dropped out of this stage
             try:

@@ -34,7 +34,7 @@ from consortium.secagg.messages import (
 from consortium.wire import Frozen as _Frozen
 from consortium.wire import B64, Tensor, decode_frame, encode_frame
 
-SCHEMA_VERSION = 3  # 2: site-level privacy events and the noisy ring encoding; 3: a refusal names its rule
+SCHEMA_VERSION = 4  # 2: site-level privacy events and the noisy ring encoding; 3: a refusal names its rule; 4: co-signing
 
 #: The coordinator's name in every envelope; no site may take it.
 COORDINATOR = "coordinator"
@@ -216,6 +216,21 @@ class SecAggReveal(_Frozen):
     reply: UnmaskReply
 
 
+class CosignRequest(_Frozen):
+    """The coordinator asks a site to co-sign a transcript head, with the proof that it extends the last one."""
+
+    kind: Literal["cosign_request"] = "cosign_request"
+    head: TreeHead
+    proof: list[B64] = Field(max_length=64)  # a consistency proof has at most log2(size) hashes
+
+
+class Cosignature(_Frozen):
+    """A site's co-signature on the head it was asked about."""
+
+    kind: Literal["cosignature"] = "cosignature"
+    signature: B64
+
+
 class Refusal(_Frozen):
     """A site declines a request and says why."""
 
@@ -243,6 +258,8 @@ Message = Annotated[
         SecAggAck,
         SecAggUnmask,
         SecAggReveal,
+        CosignRequest,
+        Cosignature,
         Refusal,
     ],
     Field(discriminator="kind"),

@@ -243,6 +243,11 @@ class Site:
             return self._secagg_start(rnd, msg)
         if isinstance(msg, (m.SecAggRoster, m.SecAggDeliver, m.SecAggSurvivors, m.SecAggUnmask)):
             return self._secagg_step(msg)
+        if isinstance(msg, m.CosignRequest):
+            try:
+                return m.Cosignature(signature=self.cosign_head(msg.head, list(msg.proof)))
+            except (VerificationError, ProtocolError) as exc:  # the proof fails, or the head's signature does
+                raise Refused("consistency_proof", f"this site will not co-sign tree head {msg.head.size}: {exc}") from None
         raise ProtocolError(f"a site does not answer '{msg.kind}' messages")
 
     def _rng(self, rnd: int, phase: str) -> np.random.Generator:

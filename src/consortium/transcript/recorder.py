@@ -21,16 +21,34 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.numpy import save as safetensors_save
 
 from consortium.crypto import keys
-from consortium.errors import ConsortiumError
+from consortium.errors import ConsortiumError, ProtocolError, VerificationError
 from consortium.governance.incident import Incident, RunHalted
 
 from consortium.protocol.coordinator import COORDINATOR, Coordinator, LogRecord, SessionArchive
-from consortium.protocol.messages import PlanProof
+from consortium.protocol.messages import CosignRequest, Cosignature, PlanProof, Refusal, make_envelope
 from consortium.runs import write_atomic
 from consortium.transcript.log import TranscriptWriter, TreeHead, canonical, sha256_hex
 from consortium.transcript.verify import EVIDENCE_DIR, manifest_bytes
+from consortium.transport import Transport
 
 Cosigner = Callable[[TreeHead, list[bytes]], bytes]
+#: Asks every site at once to co-sign a head: each site's signature, or the error that stands for its refusal.
+CosignAll = Callable[[TreeHead, list[bytes]], dict[str, "bytes | ConsortiumError"]]
+
+
+def direct(cosigners: Mapping[str, Cosigner]) -> CosignAll:
+    """Co-signing by calling each site's witness directly (tools that hold every member's key)."""
+
+    def cosign_all(head: TreeHead, proof: list[bytes]) -> dict[str, bytes | ConsortiumError]:
+        out: dict[str, bytes | ConsortiumError] = {}
+        for name, cosign in cosigners.items():
+            try:
+                out[name] = cosign(head, proof)
+            except ConsortiumError as exc:
+                out[name] = exc
+        return out
+
+    return cosign_all
 LIBRARIES = ("numpy", "torch", "cryptography", "dp-accounting", "pydantic", "rfc8785")
 
 
@@ -48,16 +66,34 @@ def library_versions() -> dict[str, str]:
     return {name: metadata.version(name) for name in LIBRARIES}
 
 
+def over_transport(transport: Transport, sites: list[str], round_of: Callable[[], int]) -> CosignAll:
+    """Co-signing as a protocol request (``CosignRequest``), sealed and sent like any other, to every site at once."""
+
+    def cosign_all(head: TreeHead, proof: list[bytes]) -> dict[str, bytes | ConsortiumError]:
+        request = CosignRequest(head=head, proof=proof)
+        envelopes = [make_envelope(COORDINATOR, name, round_of(), request) for name in sites]
+        out: dict[str, bytes | ConsortiumError] = {}
+        for name, reply in zip(sites, transport.exchange_many(envelopes)):
+            if reply is None:
+                out[name] = ProtocolError(f"'{name}' did not answer the request to co-sign tree head {head.size}")
+            elif isinstance(reply.message, Cosignature):
+                out[name] = reply.message.signature
+            else:
+                reason = reply.message.reason if isinstance(reply.message, Refusal) else f"sent '{reply.message.kind}'"
+                out[name] = VerificationError(reason)
+        return out
+
+    return cosign_all
+
+
 class TranscriptRecorder:
     """Writes one run's transcript into ``folder``."""
 
-    def __init__(
-        self, folder: Path, *, coordinator_key: Ed25519PrivateKey, cosigners: Mapping[str, Cosigner]
-    ) -> None:
+    def __init__(self, folder: Path, *, coordinator_key: Ed25519PrivateKey, cosign: CosignAll) -> None:
         self.writer = TranscriptWriter(folder)
         self.evidence_dir = folder / EVIDENCE_DIR
         self._key = coordinator_key
-        self._cosigners = dict(cosigners)
+        self._cosign = cosign
 
     def start(self, body: dict[str, Any], member_keys: Mapping[str, Ed25519PrivateKey]) -> None:
         """Entry 0: the manifest, endorsed by every member's signature, then the first head."""
@@ -84,12 +120,9 @@ class TranscriptRecorder:
         previous = self.writer.heads[-1].size if self.writer.heads else 0
         head = self.writer.sign_head(COORDINATOR, self._key, time.time_ns() // 1_000_000)
         proof = self.writer.consistency(previous, head.size)
-        cosigned, refused = {}, {}
-        for name, cosign in self._cosigners.items():
-            try:
-                cosigned[name] = cosign(head, proof)
-            except ConsortiumError as exc:
-                refused[name] = str(exc)
+        answers = self._cosign(head, proof)
+        cosigned = {name: a for name, a in answers.items() if isinstance(a, bytes)}
+        refused = {name: str(a) for name, a in answers.items() if not isinstance(a, bytes)}
         head = head.model_copy(update={"cosignatures": cosigned})
         self.writer.publish_head(head)
         if refused and not halting:

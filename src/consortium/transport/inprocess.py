@@ -65,3 +65,6 @@ class InProcessTransport:
         except ProtocolError as exc:
             self.rejected.append(f"{request.recipient}: {exc}")
             return None
+
+    def exchange_many(self, requests: list[m.Envelope]) -> list[m.Envelope | None]:
+        return [self.exchange(r) for r in requests]

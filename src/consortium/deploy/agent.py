@@ -1,0 +1,47 @@
+"""The site agent: runs next to the data, connects out to the coordinator only, and answers with the site runtime.
+
+It long-polls the coordinator over mutual TLS (httpx, the kit's client
+certificate, only the consortium's CA trusted), hands each sealed request to
+the same ``Site`` as in simulation (guard, budget, transcript checks and
+all), and posts the sealed reply. Connection failures are retried with
+exponential backoff; the agent stops when the coordinator says the run is over.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+
+from consortium.deploy.provision import Kit
+from consortium.protocol.site import Site
+
+
+class SiteAgent:
+    def __init__(self, kit: Kit, site: Site, *, base_url: str | None = None, max_backoff_s: float = 10.0) -> None:
+        self.kit = kit
+        self.site = site
+        self.base_url = base_url or f"https://{kit.host}:{kit.port}"
+        self.max_backoff_s = max_backoff_s
+        self.answered = 0
+
+    def run(self, stop: threading.Event | None = None) -> None:
+        """Poll and answer until the run is over (410) or ``stop`` is set."""
+        stop = stop or threading.Event()
+        backoff = 0.05
+        with httpx.Client(base_url=self.base_url, verify=self.kit.client_context(), timeout=httpx.Timeout(120.0)) as client:
+            while not stop.is_set():
+                try:
+                    polled = client.post("/v1/poll")
+                    if polled.status_code == 410:
+                        return
+                    if polled.status_code == 204:
+                        continue
+                    polled.raise_for_status()
+                    reply = self.site.handle_bytes(polled.content)
+                    client.post("/v1/reply", content=reply, headers={"content-type": "application/octet-stream"})
+                    self.answered += 1
+                    backoff = 0.05
+                except httpx.TransportError:
+                    stop.wait(backoff)  # the coordinator is away: try again, less and less often
+                    backoff = min(backoff * 2, self.max_backoff_s)

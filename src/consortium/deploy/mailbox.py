@@ -1,0 +1,68 @@
+"""The coordinator's mailbox: sites behind firewalls poll for work; nothing connects to them.
+
+Each protocol stage puts one sealed request per addressee in the mailbox and
+waits until every addressee has answered or the stage's deadline passes
+(whoever has not answered by then has dropped out of the stage, exactly as
+in simulation). A request is handed out once; a reply is taken only from a
+member that was asked in this stage and has not answered yet, so a replayed
+or unsolicited reply is refused before it is even parsed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+
+class Mailbox:
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._outbox: dict[str, bytes] = {}
+        self._expected: set[str] = set()
+        self._inbox: dict[str, bytes] = {}
+        self._closed = False
+
+    def run_stage(self, requests: dict[str, bytes], timeout_s: float) -> dict[str, bytes]:
+        """Post one stage's requests; the replies that arrive before the deadline, by member."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            self._outbox, self._expected, self._inbox = dict(requests), set(requests), {}
+            self._cond.notify_all()
+            while not self._expected <= set(self._inbox) and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            replies = dict(self._inbox)
+            self._outbox, self._expected, self._inbox = {}, set(), {}
+            return replies
+
+    def take(self, member: str, wait_s: float) -> bytes | None:
+        """The request waiting for ``member``, after up to ``wait_s`` seconds of long polling; None if none."""
+        deadline = time.monotonic() + wait_s
+        with self._cond:
+            while member not in self._outbox and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+            return self._outbox.pop(member, None)
+
+    def put_reply(self, member: str, raw: bytes) -> bool:
+        """Take ``member``'s reply to the current stage; False if it was not asked, or has answered already."""
+        with self._cond:
+            if member not in self._expected or member in self._inbox or member in self._outbox:
+                return False
+            self._inbox[member] = raw
+            self._cond.notify_all()
+            return True
+
+    def close(self) -> None:
+        """The run is over: pollers are told so, and a waiting stage ends."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed

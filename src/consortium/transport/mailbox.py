@@ -1,0 +1,56 @@
+"""The coordinator's transport in deployment: each stage's sealed requests wait in the mailbox for their sites.
+
+Sites poll (``consortium.deploy.agent``) over the HTTPS service
+(``consortium.deploy.service``); a stage ends when every addressee has
+answered or ``stage_timeout_s`` has passed, and whoever has not answered has
+dropped out of the stage. Requests leave sealed by the coordinator and a
+reply counts only if its seal checks out, from the site asked, for the round
+asked: the same checks as the in-process transport.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from consortium.deploy.mailbox import Mailbox
+from consortium.errors import ProtocolError
+from consortium.protocol import messages as m
+from consortium.protocol.sealed import EnvelopeGuard, seal
+
+
+class MailboxTransport:
+    def __init__(
+        self, mailbox: Mailbox, *, identity: Ed25519PrivateKey, directory: Mapping[str, bytes], stage_timeout_s: float = 120.0
+    ) -> None:
+        self.mailbox = mailbox
+        self._identity = identity
+        self._guard = EnvelopeGuard(m.COORDINATOR, directory)
+        self.stage_timeout_s = stage_timeout_s
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.rejected: list[str] = []
+
+    def exchange_many(self, requests: list[m.Envelope]) -> list[m.Envelope | None]:
+        if len({r.recipient for r in requests}) != len(requests):
+            raise ProtocolError("one stage asks each site once")
+        sealed = {r.recipient: seal(r, self._identity) for r in requests}
+        self.bytes_sent += sum(len(raw) for raw in sealed.values())
+        replies = self.mailbox.run_stage(sealed, self.stage_timeout_s)
+        out: list[m.Envelope | None] = []
+        for request in requests:
+            raw = replies.get(request.recipient)
+            if raw is None:
+                out.append(None)
+                continue
+            self.bytes_received += len(raw)
+            try:
+                out.append(self._guard.open(raw, sender=request.recipient, rnd=request.round))
+            except ProtocolError as exc:
+                self.rejected.append(f"{request.recipient}: {exc}")
+                out.append(None)
+        return out
+
+    def exchange(self, request: m.Envelope) -> m.Envelope | None:
+        return self.exchange_many([request])[0]

@@ -1,0 +1,135 @@
+"""The protocol over real mutual TLS on 127.0.0.1: the coordinator's HTTPS service, sites polling it.
+
+The coordinator and the sites are the simulation's own state machines; only
+the transport differs. In test mode (every seed fixed, DP noise included) a
+secure, private run over HTTPS must end with exactly the model of its
+in-process twin.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+
+import httpx
+import numpy as np
+import pytest
+
+from consortium.config import SimulationConfig
+from consortium.crypto.keyfile import load_identity_key
+from consortium.deploy.agent import SiteAgent
+from consortium.deploy.mailbox import Mailbox
+from consortium.deploy.provision import load_kit, provision
+from consortium.deploy.service import HttpsServer, create_app
+from consortium.governance.agreement import load_agreement, sign_agreement, signatures_path
+from consortium.protocol.coordinator import COORDINATOR
+from consortium.simulation import Simulation
+from consortium.transport.mailbox import MailboxTransport
+from consortium.transcript.verify import verify_run
+
+SITES = ["site-1", "site-2", "site-3"]
+
+
+@pytest.fixture(scope="module")
+def consortium_dir(tmp_path_factory):
+    """Kits for three sites, and their agreement signed by every member with the kits' own keys."""
+    folder = tmp_path_factory.mktemp("https") / "hospitals"
+    provision(folder, sites=SITES, coordinator_address="127.0.0.1:8443", consortium="hospitals")
+    keys_dir = folder / "keys"
+    keys_dir.mkdir()
+    for member in [COORDINATOR, *SITES]:
+        shutil.copy2(folder / "kits" / member / "identity.key", keys_dir / f"{member}.key")
+    agreement = load_agreement(folder / "agreement.yaml")
+    signatures = {m: sign_agreement(agreement, m, load_identity_key(keys_dir / f"{m}.key")) for m in agreement.approvers()}
+    signatures_path(folder / "agreement.yaml").write_text(json.dumps(signatures))
+    return folder
+
+
+def _config(folder, **over) -> SimulationConfig:
+    raw = {
+        "rounds": 2, "data": {"dataset": "breast-cancer", "sites": 3}, "participation": {"min_sites": 3},
+        "privacy": {"test_seed": 7}, "baselines": {"local_only": False, "pooled": False},
+        "agreement": {"file": str(folder / "agreement.yaml"), "keys": str(folder / "keys")},
+    }
+    raw.update(over)
+    return SimulationConfig.model_validate(raw)
+
+
+class Deployment:
+    """The coordinator's service on a free port, and one polling agent per site, in threads."""
+
+    def __init__(self, folder, sim: Simulation) -> None:
+        self.mailbox = Mailbox()
+        roles = {m.name: m.role for m in load_agreement(folder / "agreement.yaml").members}
+        self.server = HttpsServer(create_app(self.mailbox, roles, poll_wait_s=2.0), load_kit(folder / "kits" / COORDINATOR), port=0)
+        self.port = self.server.start()
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.agents = [SiteAgent(load_kit(folder / "kits" / n), sim._sites[n], base_url=self.url) for n in SITES]
+        self.threads = [threading.Thread(target=a.run, daemon=True) for a in self.agents]
+        for t in self.threads:
+            t.start()
+        sim.transport = MailboxTransport(
+            self.mailbox, identity=sim._identities[COORDINATOR], directory=sim._directory, stage_timeout_s=60
+        )
+
+    def close(self) -> None:
+        self.mailbox.close()
+        for t in self.threads:
+            t.join(30)
+        self.server.stop()
+
+
+def test_a_secure_private_run_over_mutual_tls_equals_its_in_process_twin(consortium_dir, tmp_path):
+    twin = Simulation(_config(consortium_dir), out=tmp_path / "in-process").run()
+
+    sim = Simulation(_config(consortium_dir), out=tmp_path / "https")
+    deployment = Deployment(consortium_dir, sim)
+    try:
+        result = sim.run()
+    finally:
+        deployment.close()
+    assert all(not t.is_alive() for t in deployment.threads)  # told the run is over (410), they stopped
+    assert result.summary["status"] == "completed" and result.summary["secure_aggregation"]["enabled"]
+    assert result.summary["transcript"]["verified"] and verify_run(tmp_path / "https").status == "completed"
+    assert np.array_equal(result.params, twin.params)  # test mode: the same model, bit for bit
+    other = Simulation(_config(consortium_dir, privacy={"test_seed": 8}), out=tmp_path / "other-seed").run()
+    assert not np.array_equal(other.params, twin.params)  # ...and that equality is not vacuous
+    assert result.summary["federated"]["accuracy"] == twin.summary["federated"]["accuracy"]
+    assert all(a.answered > 10 for a in deployment.agents)  # every stage of every round went over HTTPS
+    assert result.summary["traffic_bytes"]["to_coordinator"] > 0
+
+
+def test_the_service_refuses_strangers_unsolicited_and_oversized_messages(consortium_dir, tmp_path):
+    mailbox = Mailbox()
+    roles = {m.name: m.role for m in load_agreement(consortium_dir / "agreement.yaml").members}
+    server = HttpsServer(create_app(mailbox, roles, poll_wait_s=0.2, max_message_bytes=1024),
+                         load_kit(consortium_dir / "kits" / COORDINATOR), port=0)
+    port = server.start()
+    url = f"https://127.0.0.1:{port}"
+    try:
+        site = load_kit(consortium_dir / "kits" / "site-1")
+        with httpx.Client(base_url=url, verify=site.client_context()) as client:
+            assert client.get("/v1/health").json() == {"status": "running"}
+            assert client.post("/v1/poll").status_code == 204  # nothing for it yet
+            unsolicited = client.post("/v1/reply", content=b"x" * 10)
+            assert unsolicited.status_code == 409 and "was not asked" in unsolicited.json()["detail"]
+            big = client.post("/v1/reply", content=b"x" * 2048)
+            assert big.status_code == 413
+            assert "openapi" in client.get("/openapi.json").json()
+        coordinator = load_kit(consortium_dir / "kits" / COORDINATOR)
+        with httpx.Client(base_url=url, verify=coordinator.client_context()) as client:
+            assert client.post("/v1/poll").status_code == 403  # a valid certificate, but not a member that polls
+        # A stage: the request goes to its site once, and only that site's reply is taken, once.
+        stage = threading.Thread(target=lambda: mailbox.run_stage({"site-1": b"request"}, 10), daemon=True)
+        stage.start()
+        with httpx.Client(base_url=url, verify=site.client_context()) as client:
+            assert client.post("/v1/poll").content == b"request"
+            assert client.post("/v1/reply", content=b"answer").status_code == 202
+            assert client.post("/v1/reply", content=b"again").status_code == 409  # a replay
+        stage.join(10)
+        mailbox.close()
+        with httpx.Client(base_url=url, verify=site.client_context()) as client:
+            assert client.post("/v1/poll").status_code == 410
+    finally:
+        server.stop()
