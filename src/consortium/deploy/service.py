@@ -19,11 +19,13 @@ messages then bind every reply to that member's signing key as well.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 import threading
 import time
 from collections.abc import Mapping
 
+import anyio
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request, Response
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -65,7 +67,14 @@ class PeerCertificateH11(_PeerCertificate, H11Protocol):
 def create_app(mailbox: Mailbox, members: Mapping[str, str], *, poll_wait_s: float = 20.0,
                max_message_bytes: int = MAX_MESSAGE_BYTES) -> FastAPI:
     """The service for ``members`` (name -> role) over ``mailbox``."""
-    app = FastAPI(title="Consortium coordinator", version="1", docs_url=None, redoc_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
+        # Each long poll holds a worker thread while it waits: room for every member twice over.
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = max(limiter.total_tokens, 2 * len(members) + 8)
+        yield
+
+    app = FastAPI(title="Consortium coordinator", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
 
     def caller(request: Request) -> str:
         der = request.scope.get(PEER_CERTIFICATE)
