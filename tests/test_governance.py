@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -108,7 +109,8 @@ def test_policy_commands_write_check_and_refuse_with_exit_2(tmp_path):
 
 
 def _guard(tmp_path=None, *, policy=None, agreement=AGREEMENT, now=dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC), cap=8.0):
-    ledger = BudgetLedger(tmp_path / "b.sqlite", site="site-1", epsilon_cap=cap, delta=1e-5) if tmp_path else None
+    folder = Path(tmp_path or tempfile.mkdtemp())
+    ledger = BudgetLedger(folder / "b.sqlite", site="site-1", epsilon_cap=cap, delta=1e-5)
     return SiteGuard("site-1", agreement=agreement, policy=policy, ledger=ledger, clock=lambda: now)
 
 
@@ -162,6 +164,18 @@ def test_quiet_hours_in_the_sites_own_time_zone():
     _plan(_guard(policy=night, now=dt.datetime(2026, 11, 29, 5, 0, tzinfo=dt.UTC)))  # 06:00 local: open again
 
 
+def test_a_site_keeps_the_budget_it_agreed_to(tmp_path):
+    with pytest.raises(ConfigError, match="needs its budget ledger"):
+        SiteGuard("site-1", agreement=AGREEMENT)
+    loose = BudgetLedger(tmp_path / "b.sqlite", site="site-1", epsilon_cap=9.0, delta=1e-5)
+    with pytest.raises(ConfigError, match="allows epsilon 9 at delta 1e-05; its agreement and policy allow at most 8"):
+        SiteGuard("site-1", agreement=AGREEMENT, ledger=loose)
+    strict = parse_policy(_policy(max_epsilon=2.0), AGREEMENT)
+    ledger = BudgetLedger(tmp_path / "c.sqlite", site="site-1", epsilon_cap=8.0, delta=1e-5)
+    with pytest.raises(ConfigError, match="at most 2 at delta"):
+        SiteGuard("site-1", agreement=AGREEMENT, policy=strict, ledger=ledger)
+
+
 def test_the_budget_is_paid_last_and_only_for_plans_accepted(tmp_path):
     guard = _guard(tmp_path, cap=1.0)
     _refused("min_cohort", lambda: _plan(guard, cohort=("site-1",)))
@@ -188,8 +202,9 @@ def test_each_role_may_do_only_its_own_operations():
     assert not roles.may_see("watcher", "privacy_events") and roles.may_see("site-1", "global_model")
 
 
-def test_a_site_answers_only_the_coordinator(sim_splits):
-    site = Site("site-1", sim_splits, seed=0, agreement=AGREEMENT)
+def test_a_site_answers_only_the_coordinator(sim_splits, tmp_path):
+    ledger = BudgetLedger(tmp_path / "b.sqlite", site="site-1", epsilon_cap=8.0, delta=1e-5)
+    site = Site("site-1", sim_splits, seed=0, agreement=AGREEMENT, ledger=ledger)
     reply = site.handle(m.make_envelope("site-2", "site-1", 1, m.SetupRequest(secure_aggregation=False))).message
     assert isinstance(reply, m.Refusal) and reply.rule == "role" and "only a coordinator may plan round" in reply.reason
     ok = site.handle(m.make_envelope(COORDINATOR, "site-1", 1, m.SetupRequest(secure_aggregation=False))).message

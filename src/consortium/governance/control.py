@@ -1,4 +1,4 @@
-"""Halting and resuming a run by hand: ``consortium halt`` and ``consortium resume``.
+"""Acting on a run folder as a member: ``consortium halt``, ``consortium resume`` and ``consortium show``.
 
 Both act on a run folder held to an agreement, with the members' key files
 (the simulation's ``agreement.keys`` folder). A halt is an entry signed by
@@ -46,10 +46,7 @@ def open_run(run_dir: Path, keys_dir: Path) -> RunControl:
     """Reopen a run's transcript; every site's witness resumes from the last head it co-signed."""
     run_dir, keys_dir = Path(run_dir), Path(keys_dir)
     manifest = _manifest(run_dir)
-    try:
-        agreement = run_agreement(run_dir, manifest)
-    except VerificationError as exc:
-        raise ConfigError(f"cannot trust the run's agreement: {exc}") from None
+    agreement = _agreement(run_dir, manifest)
     if agreement is None:
         raise ConfigError("this run was held to no agreement, which alone names who may halt it and the quorum to resume it")
     sites = [name for name, m in manifest["members"].items() if m["role"] == "site"]  # type: ignore[union-attr]
@@ -70,14 +67,18 @@ def _manifest(run_dir: Path) -> dict[str, object]:
         return parse_entry(f.readline(), 0).body
 
 
+def _agreement(run_dir: Path, manifest: dict[str, object]) -> Agreement | None:
+    try:
+        return run_agreement(run_dir, manifest)
+    except VerificationError as exc:
+        raise ConfigError(f"cannot trust the run's agreement: {exc}") from None
+
+
 def member_view(run_dir: Path, member: str) -> dict[str, object]:
     """The run's summary as ``member``'s role may see it (the agreement's exposure matrix decides)."""
     run_dir = Path(run_dir)
     manifest = _manifest(run_dir)
-    try:
-        agreement = run_agreement(run_dir, manifest)
-    except VerificationError as exc:
-        raise ConfigError(f"cannot trust the run's agreement: {exc}") from None
+    agreement = _agreement(run_dir, manifest)
     roles = Roles.of_agreement(agreement) if agreement is not None else Roles.of_manifest(manifest)
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():

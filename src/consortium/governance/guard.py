@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 
-from consortium.errors import ProtocolError
+from consortium.errors import ConfigError, ProtocolError
 from consortium.governance.agreement import Agreement
 from consortium.governance.policy import SitePolicy
 from consortium.privacy.events import PrivacyEvent
@@ -54,7 +54,16 @@ class SiteGuard:
         clock: Clock = utc_now,
     ) -> None:
         if policy is not None and policy.site != site:
-            raise ProtocolError(f"the policy is '{policy.site}'s, not '{site}'s")
+            raise ConfigError(f"the policy is '{policy.site}'s, not '{site}'s")
+        if agreement is not None:  # the budget the site keeps must be the one it agreed to, or stricter
+            if ledger is None:
+                raise ConfigError(f"the agreement requires differential privacy: site '{site}' needs its budget ledger")
+            caps = [agreement.privacy.max_epsilon] + ([policy.max_epsilon] if policy and policy.max_epsilon else [])
+            if ledger.epsilon_cap > min(caps) or ledger.delta > agreement.privacy.delta:
+                raise ConfigError(
+                    f"site '{site}''s ledger allows epsilon {ledger.epsilon_cap:g} at delta {ledger.delta:g}; its agreement "
+                    f"and policy allow at most {min(caps):g} at delta {agreement.privacy.delta:g}: lower the ledger's cap"
+                )
         self.site = site
         self.agreement = agreement
         self.policy = policy
