@@ -99,7 +99,11 @@ def create_app(mailbox: Mailbox, members: Mapping[str, str], *, poll_wait_s: flo
             return Response(status_code=410 if mailbox.closed else 204)
         return Response(content=raw, media_type="application/octet-stream")
 
-    @app.post("/v1/reply", status_code=202, responses={409: {}, 413: {}})
+    sealed_body = {"requestBody": {"required": True, "content": {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary", "maxLength": max_message_bytes}}
+    }}}
+
+    @app.post("/v1/reply", status_code=202, responses={409: {}, 413: {}}, openapi_extra=sealed_body)
     async def reply(request: Request) -> Response:
         member = caller(request)
         declared = request.headers.get("content-length")
