@@ -100,7 +100,7 @@ def test_a_secure_private_run_over_mutual_tls_equals_its_in_process_twin(consort
     assert result.summary["traffic_bytes"]["to_coordinator"] > 0
 
 
-def test_the_service_refuses_strangers_unsolicited_and_oversized_messages(consortium_dir, tmp_path):
+def test_the_service_refuses_strangers_unsolicited_and_oversized_messages(consortium_dir, tmp_path, caplog):
     mailbox = Mailbox()
     roles = {m.name: m.role for m in load_agreement(consortium_dir / "agreement.yaml").members}
     server = HttpsServer(create_app(mailbox, roles, poll_wait_s=0.2, max_message_bytes=1024),
@@ -128,6 +128,9 @@ def test_the_service_refuses_strangers_unsolicited_and_oversized_messages(consor
             assert client.post("/v1/reply", content=b"answer").status_code == 202
             assert client.post("/v1/reply", content=b"again").status_code == 409  # a replay
         stage.join(10)
+        assert "refused 409 site-1: 'site-1' was not asked in this stage, or has answered already (a replay?)" in caplog.text
+        assert "refused 413 site-1: a message may carry at most 1024 bytes" in caplog.text
+        assert "refused 403 coordinator" in caplog.text
         mailbox.close()
         with httpx.Client(base_url=url, verify=site.client_context()) as client:
             assert client.post("/v1/poll").status_code == 410

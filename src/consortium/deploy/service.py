@@ -20,6 +20,7 @@ messages then bind every reply to that member's signing key as well.
 from __future__ import annotations
 
 import contextlib
+import logging
 import ssl
 import threading
 import time
@@ -34,6 +35,7 @@ from consortium.deploy.mailbox import Mailbox
 from consortium.deploy.provision import Kit, certificate_member
 from consortium.errors import ConfigError
 
+log = logging.getLogger("consortium.service")
 PEER_CERTIFICATE = "consortium.peer_certificate"  # scope key: the client certificate, DER
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024  # a sealed 1M-parameter update in float64 is 8 MB; masked 32-bit, 4 MB
 
@@ -79,11 +81,15 @@ def create_app(mailbox: Mailbox, members: Mapping[str, str], *, poll_wait_s: flo
     def caller(request: Request) -> str:
         der = request.scope.get(PEER_CERTIFICATE)
         if der is None:
-            raise HTTPException(401, "a client certificate from the consortium's CA is required")
+            raise refuse(401, "?", "a client certificate from the consortium's CA is required")
         member = certificate_member(der)
         if members.get(member) not in ("site", "auditor"):
-            raise HTTPException(403, f"'{member}' is not a member that polls this coordinator")
+            raise refuse(403, member, f"'{member}' is not a member that polls this coordinator")
         return member
+
+    def refuse(status: int, member: str, why: str) -> HTTPException:
+        log.warning("refused %s %s: %s", status, member, why)
+        return HTTPException(status, why)
 
     @app.get("/v1/health")
     def health() -> dict[str, str]:
@@ -107,17 +113,18 @@ def create_app(mailbox: Mailbox, members: Mapping[str, str], *, poll_wait_s: flo
     async def reply(request: Request) -> Response:
         member = caller(request)
         declared = request.headers.get("content-length")
+        too_big = f"a message may carry at most {max_message_bytes} bytes"
         if declared is not None and (not declared.isdigit() or int(declared) > max_message_bytes):
-            raise HTTPException(413, f"a message may carry at most {max_message_bytes} bytes")
+            raise refuse(413, member, too_big)
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > max_message_bytes:
-                raise HTTPException(413, f"a message may carry at most {max_message_bytes} bytes")
+                raise refuse(413, member, too_big)
         if not body:
-            raise HTTPException(400, "an empty reply")
+            raise refuse(400, member, "an empty reply")
         if not mailbox.put_reply(member, bytes(body)):
-            raise HTTPException(409, f"'{member}' was not asked in this stage, or has answered already")
+            raise refuse(409, member, f"'{member}' was not asked in this stage, or has answered already (a replay?)")
         return Response(status_code=202)
 
     return app

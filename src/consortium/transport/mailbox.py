@@ -10,6 +10,7 @@ asked: the same checks as the in-process transport.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -18,6 +19,9 @@ from consortium.deploy.mailbox import Mailbox
 from consortium.errors import ProtocolError
 from consortium.protocol import messages as m
 from consortium.protocol.sealed import EnvelopeGuard, seal
+
+
+log = logging.getLogger("consortium.service")
 
 
 class MailboxTransport:
@@ -49,6 +53,7 @@ class MailboxTransport:
                 out.append(self._guard.open(raw, sender=request.recipient, rnd=request.round))
             except ProtocolError as exc:
                 self.rejected.append(f"{request.recipient}: {exc}")
+                log.warning("rejected the reply of %s: %s", request.recipient, exc)
                 out.append(None)
         return out
 
