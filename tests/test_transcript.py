@@ -231,9 +231,11 @@ class CraftingTransport(InProcessTransport):
 
     def exchange(self, request):
         msg = request.message
+        if isinstance(msg, m.EvaluateRequest):
+            self.model = msg.params  # the model it will plan for the next round
         if isinstance(msg, m.FitRequest) and request.recipient == "site-2" and request.round == 2:
-            crafted = msg.params.to_numpy() + np.float32(0.5)
-            request = request.model_copy(update={"message": msg.model_copy(update={"params": m.Tensor.from_numpy(crafted)})})
+            crafted = m.Tensor.from_numpy(self.model.to_numpy() + np.float32(0.5))  # and it names what it sends
+            request = request.model_copy(update={"message": msg.model_copy(update={"params": crafted, "model_sha256": crafted.sha256})})
         return super().exchange(request)
 
 
@@ -268,6 +270,17 @@ def test_a_fit_request_without_its_plan_is_refused(sim):
     reply = site.handle(m.make_envelope(COORDINATOR, "site-1", 3, request)).message
     assert isinstance(reply, m.Refusal) and "carries none" in reply.reason
     assert reply.decision is not None and reply.decision.body["accepted"] is False  # signed, for the transcript
+
+
+def test_a_model_that_is_not_the_one_the_request_names_is_refused(sim):
+    site = sim._sites["site-1"]
+    params = m.Tensor.from_numpy(sim.coordinator.params)
+    request = m.FitRequest(
+        task=sim.coordinator.task, params=params, model_sha256="0" * 64, train=sim.config.training, secure_aggregation=False,
+    )
+    reply = site.handle(m.make_envelope(COORDINATOR, "site-1", 3, request)).message
+    assert isinstance(reply, m.Refusal) and reply.rule == "model_hash" and "is not the one the request names" in reply.reason
+    assert reply.decision.body["model_sha256"] == params.sha256  # the decision names the bytes it was sent
 
 
 class DroppingTransport(InProcessTransport):
@@ -356,3 +369,43 @@ def test_a_recorded_sum_that_the_archive_does_not_reproduce_is_caught(tmp_path):
 
     s.coordinator.drain_log = misreport_the_sum
     _halts_on_verification(s, "round 2's sum recomputed from the archive is not the one recorded")
+
+
+def _lines_json(run):
+    return [json.loads(line) for line in _lines(run)]
+
+
+class FitRequestLog(InProcessTransport):
+    """Records, per round and site, whether the fit request carried the model."""
+
+    def __init__(self, *args, forget=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.carried = {}
+        self.forget = forget  # (round, site): that site loses its model just before that round's fit request
+
+    def exchange(self, request):
+        msg = request.message
+        if isinstance(msg, m.FitRequest):
+            self.carried[(request.round, request.recipient)] = msg.params is not None
+            if self.forget == (request.round, request.recipient):
+                self._sites[request.recipient]._held = None  # as after a restart
+        return super().exchange(request)
+
+
+def test_the_model_goes_to_each_site_once_per_version(tmp_path):
+    cfg = SimulationConfig.model_validate({
+        "rounds": 3, "data": {"dataset": "breast-cancer", "sites": 3}, "privacy": {"enabled": False},
+        "participation": {"min_sites": 2}, "baselines": {"local_only": False, "pooled": False},
+    })
+    s = Simulation(cfg, out=tmp_path / "run")
+    s.transport = FitRequestLog(s._sites, identity=s._identities[COORDINATOR], directory=s._directory, forget=(3, "site-2"))
+    summary = s.run().summary
+    assert summary["status"] == "completed" and summary["transcript"]["verified"]
+    # Round 1 carries the model; later rounds name by hash the model each site evaluated.
+    assert [s.transport.carried[(r, "site-1")] for r in (1, 2, 3)] == [True, False, False]
+    # A site that lost it says so (not an integrity failure: the run goes on without it this round)...
+    history = s.coordinator.history
+    assert "does not hold model" in history[2].refused["site-2"] and history[2].status == "ok"
+    assert history[2].evaluated_sites == 3  # ...and evaluates the new model, which every evaluate request carries
+    refusal = next(e for e in _lines_json(s.run_dir) if e["kind"] == "site_decision" and not e["body"]["accepted"])
+    assert refusal["body"]["rule"] == "protocol" and refusal["round"] == 3

@@ -211,6 +211,7 @@ class Coordinator:
         self._plan_proof: m.PlanProof | None = None
         self._tensor_cache: tuple[np.ndarray, m.Tensor] | None = None
         self._archives: list[SessionArchive] = []
+        self._holds: dict[str, str] = {}  # site -> hash of the model it last received and answered
         # Incident response: anomalous updates (``monitor``) and sites' integrity refusals halt the run.
         self.monitor = monitor
         self.incident: Incident | None = None
@@ -243,6 +244,10 @@ class Coordinator:
         if st.stage == "request":
             msg = self._phase_request(st)
             outgoing = {t: msg for t in st.targets}
+            if isinstance(msg, m.FitRequest):  # a site that holds this model (it evaluated it) is not sent it again
+                light = msg.model_copy(update={"params": None})
+                held = self._model_sha256()
+                outgoing = {t: light if self._holds.get(t) == held else msg for t in st.targets}
         else:
             outgoing = st.outgoing
         self._outstanding = set(outgoing)
@@ -259,6 +264,11 @@ class Coordinator:
                 raise ProtocolError(f"reply for round {envelope.round} to '{envelope.recipient}' rejected")
             if st.phase == "fit" and st.stage == "request":
                 self._log_decision(sender, msg)
+            if st.stage == "request" and st.phase != "setup":  # which model each site holds: it answered a request with it
+                if isinstance(msg, (m.FitReply, m.EvaluateReply)):
+                    self._holds[sender] = self._model_sha256()
+                else:
+                    self._holds.pop(sender, None)
             if isinstance(msg, m.Refusal) and msg.rule in INTEGRITY_RULES and self.incident is None:
                 self.incident = Incident(msg.rule, msg.reason, self.round, raised_by=sender, site=sender)
             if isinstance(msg, m.Refusal):
@@ -301,6 +311,7 @@ class Coordinator:
             return m.FitRequest(
                 task=self._task(),
                 params=self._params_tensor(),
+                model_sha256=self._model_sha256(),
                 train=self.train,
                 proximal_mu=self.strategy.proximal_mu,
                 weighting="uniform" if site_dp else self.strategy.weighting,

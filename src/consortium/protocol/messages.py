@@ -34,7 +34,8 @@ from consortium.secagg.messages import (
 from consortium.wire import Frozen as _Frozen
 from consortium.wire import B64, Tensor, decode_frame, encode_frame
 
-SCHEMA_VERSION = 4  # 2: site-level privacy events and the noisy ring encoding; 3: a refusal names its rule; 4: co-signing
+SCHEMA_VERSION = 5  # 2: site-level privacy events and the noisy ring encoding; 3: a refusal names its rule; 4: co-signing;
+# 5: a fit request may name by hash the model the site holds
 
 #: The coordinator's name in every envelope; no site may take it.
 COORDINATOR = "coordinator"
@@ -101,7 +102,10 @@ class PlanProof(_Frozen):
 class FitRequest(_Frozen):
     kind: Literal["fit_request"] = "fit_request"
     task: TaskSpec
-    params: Tensor
+    #: The global model, or None to a site that holds it already (it evaluated it last round):
+    #: then ``model_sha256`` names it. A site trains only on the model whose hash the plan names.
+    params: Tensor | None
+    model_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     train: TrainSettings
     proximal_mu: float = Field(0.0, ge=0)
     weighting: Weighting = "examples"
@@ -118,6 +122,8 @@ class FitRequest(_Frozen):
     def _clip(self) -> "FitRequest":
         if self.secure_aggregation and self.update_clip is None:
             raise ValueError("secure aggregation needs an update_clip")
+        if self.params is None and self.model_sha256 is None:
+            raise ValueError("a fit request carries the model, or names by hash one the site holds")
         return self
 
 

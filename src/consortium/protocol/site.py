@@ -110,6 +110,7 @@ class Site:
         self._int_noise = secure_numpy_generator(noise_test_seed)
         self.__paid: dict[int, SiteLevelEvent] = {}  # site-level events paid, by round: their sessions must match
         self._model: tuple[m.TaskSpec, torch.nn.Module, ModelAdapter] | None = None
+        self._held: tuple[str, Tensor] | None = None  # the last model received, by its hash
         self.__pending: dict[tuple[int, str], np.ndarray] = {}  # contributions awaiting their session
         self.__sessions: dict[str, tuple[SecAggClient, np.ndarray]] = {}
         self._used_sessions: set[str] = set()
@@ -167,7 +168,7 @@ class Site:
             return reply
         accepted = isinstance(reply, m.FitReply)
         body = json.loads(canonical({
-            "model_sha256": _model_sha256(msg.params),
+            "model_sha256": _model_sha256(msg.params) if msg.params is not None else msg.model_sha256,
             "accepted": accepted,
             "reason": "" if accepted else reply.reason,  # type: ignore[union-attr]
             "rule": "" if accepted else reply.rule,  # type: ignore[union-attr]
@@ -176,7 +177,21 @@ class Site:
         signature = self._identity.sign(signed_entry_bytes("site_decision", rnd, self.name, body))
         return reply.model_copy(update={"decision": m.SiteDecision(round=rnd, site=self.name, body=body, signature=signature)})
 
-    def _check_plan(self, rnd: int, msg: m.FitRequest) -> None:
+    def _received_model(self, msg: m.FitRequest) -> tuple[str, Tensor]:
+        """The model a fit request sends, or names by hash among what this site holds, with its hash."""
+        if msg.params is None:
+            assert msg.model_sha256 is not None
+            if self._held is None or self._held[0] != msg.model_sha256:
+                raise ProtocolError(f"this site does not hold model {msg.model_sha256[:12]}...: send it")
+            return self._held
+        sent = _model_sha256(msg.params)
+        if msg.model_sha256 is not None and msg.model_sha256 != sent:
+            raise Refused(
+                "model_hash", f"the model sent (sha256 {sent[:12]}...) is not the one the request names ({msg.model_sha256[:12]}...)"
+            )
+        return sent, msg.params
+
+    def _check_plan(self, rnd: int, msg: m.FitRequest, sent: str) -> None:
         """The request must be the round plan the transcript holds, in the last head this site co-signed."""
         proof = msg.plan
         if proof is None:
@@ -193,7 +208,6 @@ class Site:
             merkle.verify_inclusion(entry.leaf(), entry.index, last.size, proof.path, bytes.fromhex(last.root))
         except VerificationError as exc:
             raise Refused("plan_proof", f"the round plan is not in the transcript: {exc}") from None
-        sent = _model_sha256(msg.params)
         if entry.body.get("model_sha256") != sent:
             raise Refused(
                 "model_hash",
@@ -288,8 +302,9 @@ class Site:
         return module, adapter, vector
 
     def _fit(self, rnd: int, msg: m.FitRequest) -> m.FitReply:
+        sha, params = self._received_model(msg)
         if self._strict:
-            self._check_plan(rnd, msg)
+            self._check_plan(rnd, msg, sha)
         self.guard.check_plan(
             rnd,
             cohort=msg.plan.entry.body.get("cohort") if msg.plan is not None else None,
@@ -297,7 +312,8 @@ class Site:
             secure_aggregation=msg.secure_aggregation,
             privacy=msg.privacy,
         )
-        module, adapter, global_params = self._model_for(msg.task, msg.params)
+        module, adapter, global_params = self._model_for(msg.task, params)
+        self._held = (sha, params)
         center = [p.detach().clone() for p in module.parameters()] if msg.proximal_mu > 0 else None
         X, y = self.__train
         if isinstance(msg.privacy, RecordLevelEvent):
@@ -351,6 +367,7 @@ class Site:
 
     def _evaluate(self, rnd: int, msg: m.EvaluateRequest) -> m.EvaluateReply:
         module, _, _ = self._model_for(msg.task, msg.params)
+        self._held = (_model_sha256(msg.params), msg.params)  # the next fit request may name it instead of resending it
         X, y = self.__test
         stats = evaluate(module, X, y, msg.task.n_classes)
         return m.EvaluateReply(
