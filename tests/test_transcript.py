@@ -23,6 +23,7 @@ from consortium.transcript.log import (
     HEADS_FILE,
     TRANSCRIPT_FILE,
     HeadWitness,
+    manifest_bytes,
     TranscriptWriter,
     canonical,
     head_bytes,
@@ -409,3 +410,23 @@ def test_the_model_goes_to_each_site_once_per_version(tmp_path):
     assert history[2].evaluated_sites == 3  # ...and evaluates the new model, which every evaluate request carries
     refusal = next(e for e in _lines_json(s.run_dir) if e["kind"] == "site_decision" and not e["body"]["accepted"])
     assert refusal["body"]["rule"] == "protocol" and refusal["round"] == 3
+
+
+@pytest.mark.parametrize("tamper,why", [
+    (lambda b: b["provenance"]["datasets"]["site-1"].update(rows=b["provenance"]["datasets"]["site-1"]["rows"] + 1),
+     "misstates this site's data"),
+    (lambda b: b["members"]["site-2"].update(public_key="ab" * 32), "key for 'site-2' is not the one this site knows"),
+    (lambda b: b["members"]["site-1"].update(role="auditor"), "does not list this site, as a site"),
+    (lambda b: b["members"].update(mallory={"role": "site", "public_key": "cd" * 32}), "key for 'mallory'"),
+])
+def test_a_site_endorses_only_a_manifest_that_states_it_truly(sim, tamper, why):
+    """Entry 0 is endorsed by every site over the protocol; a site refuses a manifest that misstates it."""
+    body = {k: v for k, v in json.loads(_lines(sim.run_dir)[0])["body"].items() if k != "endorsements"}
+    site = sim._sites["site-1"]
+    honest = site.handle(m.make_envelope(COORDINATOR, "site-1", 9, m.EndorseRequest(manifest=body))).message
+    assert isinstance(honest, m.Endorsement)
+    keys.verify(sim._directory["site-1"], honest.signature, manifest_bytes(body))
+    forged = json.loads(json.dumps(body))
+    tamper(forged)
+    reply = site.handle(m.make_envelope(COORDINATOR, "site-1", 9, m.EndorseRequest(manifest=forged))).message
+    assert isinstance(reply, m.Refusal) and reply.rule == "manifest" and why in reply.reason

@@ -24,7 +24,7 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from consortium.config import SimulationConfig, load_config
-from consortium.errors import ConfigError, VerificationError
+from consortium.errors import ConfigError, ConsortiumError, ProtocolError, VerificationError
 from consortium.governance.agreement import (
     Agreement,
     agreement_hash,
@@ -74,7 +74,15 @@ from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.runs import RunFolder, new_run_dir, write_atomic
 from consortium.secagg.graph import plan_graph
 from consortium.transcript.log import vector_sha256
-from consortium.transcript.recorder import TranscriptRecorder, code_sha256, library_versions, over_transport
+from consortium.protocol import messages as m
+from consortium.transcript.recorder import (
+    Answer,
+    TranscriptRecorder,
+    ask_all,
+    code_sha256,
+    library_versions,
+    over_transport,
+)
 from consortium.transcript.verify import AGREEMENT_FILE, verify_run
 from consortium.transport import InProcessTransport
 
@@ -89,6 +97,12 @@ CENTRAL_NOISE = (
 CENTRAL_NOISE_NO_SECAGG = (
     "site-level DP noise is CENTRAL and secure aggregation is OFF: the coordinator sees every site's clipped update"
 )
+
+
+def _answer(answer: Answer | ConsortiumError) -> Answer:
+    if isinstance(answer, ConsortiumError):
+        raise ProtocolError(f"the run cannot start: {answer}")
+    return answer
 
 
 def _finite(metrics: dict[str, float]) -> dict[str, float | None]:
@@ -416,7 +430,7 @@ class Simulation:
             if self.agreement is not None and config.agreement is not None:  # what verify checks the run against
                 write_atomic(run.path / AGREEMENT_FILE, config.agreement.file.read_bytes())
                 write_atomic(signatures_path(run.path / AGREEMENT_FILE), signatures_path(config.agreement.file).read_bytes())
-            transcript.start(self._manifest(config_text), self._identities)
+            transcript.start(*self._endorsed_manifest(config_text))
 
         def record_round(record: RoundRecord) -> None:
             run.append_metrics(_finite(record.to_json()))  # type: ignore[arg-type]
@@ -506,7 +520,18 @@ class Simulation:
             raise VerificationError("the checkpoint is not the model the run halted at: the run cannot continue from it")
         return meta, arrays
 
-    def _manifest(self, config_text: str) -> dict[str, Any]:
+    def _endorsed_manifest(self, config_text: str) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """The manifest, after each site has described its data, and every site's endorsement of it.
+
+        Both are protocol requests: the coordinator holds no site's key or data. A site that will not
+        endorse (the manifest misstates it) stops the run before it starts.
+        """
+        described = ask_all(self.transport, self.names, 0, m.DescribeRequest(), m.Description)
+        body = self._manifest(config_text, {n: _answer(a).fingerprint.model_dump() for n, a in described.items()})
+        endorsed = ask_all(self.transport, self.names, 0, m.EndorseRequest(manifest=body), m.Endorsement)
+        return body, {n: _answer(a).signature for n, a in endorsed.items()}
+
+    def _manifest(self, config_text: str, datasets: dict[str, Any]) -> dict[str, Any]:
         """Entry 0 of the transcript: who takes part with which key, under which config, code and data."""
         pc = self.config.privacy
         members = {
@@ -524,7 +549,7 @@ class Simulation:
             "provenance": {
                 "code_sha256": code_sha256(),
                 "libraries": library_versions(),
-                "datasets": {name: site.fingerprint() for name, site in self._sites.items()},
+                "datasets": datasets,
             },
         }
 

@@ -34,8 +34,8 @@ from consortium.secagg.messages import (
 from consortium.wire import Frozen as _Frozen
 from consortium.wire import B64, Tensor, decode_frame, encode_frame
 
-SCHEMA_VERSION = 5  # 2: site-level privacy events and the noisy ring encoding; 3: a refusal names its rule; 4: co-signing;
-# 5: a fit request may name by hash the model the site holds
+SCHEMA_VERSION = 6  # 2: site-level privacy events and the noisy ring encoding; 3: a refusal names its rule; 4: co-signing;
+# 5: a fit request may name by hash the model the site holds; 6: sites describe their data and endorse the manifest
 
 #: The coordinator's name in every envelope; no site may take it.
 COORDINATOR = "coordinator"
@@ -222,6 +222,35 @@ class SecAggReveal(_Frozen):
     reply: UnmaskReply
 
 
+class DescribeRequest(_Frozen):
+    """The coordinator asks a site for what the manifest records of its data (no data itself)."""
+
+    kind: Literal["describe_request"] = "describe_request"
+
+
+class DataFingerprint(_Frozen):
+    schema_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    rows: int = Field(ge=0)
+    content_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # salted with a secret the site keeps
+
+
+class Description(_Frozen):
+    kind: Literal["description"] = "description"
+    fingerprint: DataFingerprint
+
+
+class EndorseRequest(_Frozen):
+    """The coordinator asks a site to endorse the run's manifest (transcript entry 0) before anything runs."""
+
+    kind: Literal["endorse_request"] = "endorse_request"
+    manifest: dict[str, Any]
+
+
+class Endorsement(_Frozen):
+    kind: Literal["endorsement"] = "endorsement"
+    signature: B64
+
+
 class CosignRequest(_Frozen):
     """The coordinator asks a site to co-sign a transcript head, with the proof that it extends the last one."""
 
@@ -264,6 +293,10 @@ Message = Annotated[
         SecAggAck,
         SecAggUnmask,
         SecAggReveal,
+        DescribeRequest,
+        Description,
+        EndorseRequest,
+        Endorsement,
         CosignRequest,
         Cosignature,
         Refusal,

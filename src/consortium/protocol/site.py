@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from consortium.data import Splits, Table
 from consortium.crypto import keys
 from consortium.errors import ModelError, ProtocolError, VerificationError
-from consortium.governance.agreement import Agreement
+from consortium.governance.agreement import Agreement, agreement_hash
 from consortium.governance.guard import Clock, Refused, SiteGuard, utc_now
 from consortium.governance.policy import SitePolicy
 from consortium.governance.roles import PermissionDenied, Roles
@@ -38,7 +38,14 @@ from consortium.protocol.sealed import EnvelopeGuard, seal
 from consortium.secagg import SecAggClient
 from consortium.secagg.encoding import DiscreteGaussianEncoding
 from consortium.transcript import merkle
-from consortium.transcript.log import HeadWitness, TreeHead, canonical, signed_entry_bytes, vector_sha256
+from consortium.transcript.log import (
+    HeadWitness,
+    TreeHead,
+    canonical,
+    manifest_bytes,
+    signed_entry_bytes,
+    vector_sha256,
+)
 from consortium.wire import Tensor
 
 COORDINATOR = m.COORDINATOR
@@ -220,6 +227,30 @@ class Site:
         if self.name not in entry.body.get("cohort", []):
             raise Refused("plan_mismatch", f"the transcript's plan for round {rnd} does not include this site")
 
+    def _endorse(self, manifest: dict[str, object]) -> m.Endorsement:
+        """Sign the run's manifest only if it states this site, the keys it knows, its agreement and its data truly."""
+        if self._identity is None:
+            raise ProtocolError("this site has no identity key: it cannot endorse a manifest")
+        members = manifest.get("members")
+        if not isinstance(members, dict):
+            raise Refused("manifest", "the manifest lists no members")
+        own = keys.ed25519_public_bytes(self._identity.public_key()).hex()
+        if members.get(self.name) != {"role": "site", "public_key": own}:
+            raise Refused("manifest", "the manifest does not list this site, as a site, with its own key")
+        for name, member in members.items():
+            known = self._directory.get(name)
+            if known is None or not isinstance(member, dict) or member.get("public_key") != known.hex():
+                raise Refused("manifest", f"the manifest's key for '{name}' is not the one this site knows")
+        if members.get(COORDINATOR, {}).get("role") != "coordinator":
+            raise Refused("manifest", f"the manifest does not name '{COORDINATOR}' as the coordinator")
+        if self.guard.agreement is not None and manifest.get("agreement_sha256") != agreement_hash(self.guard.agreement):
+            raise Refused("manifest", "the manifest names another agreement than the one this site signed")
+        provenance = manifest.get("provenance")
+        datasets = provenance.get("datasets") if isinstance(provenance, dict) else None
+        if not isinstance(datasets, dict) or datasets.get(self.name) != self.fingerprint():
+            raise Refused("manifest", "the manifest misstates this site's data")
+        return m.Endorsement(signature=keys.sign(self._identity, manifest_bytes(manifest)))
+
     def resume_from(self, head: TreeHead) -> None:
         """After a restart: the last head this site co-signed, recognised by its own co-signature."""
         if self._witness is None:
@@ -257,6 +288,10 @@ class Site:
             return self._secagg_start(rnd, msg)
         if isinstance(msg, (m.SecAggRoster, m.SecAggDeliver, m.SecAggSurvivors, m.SecAggUnmask)):
             return self._secagg_step(msg)
+        if isinstance(msg, m.DescribeRequest):
+            return m.Description(fingerprint=m.DataFingerprint.model_validate(self.fingerprint()))
+        if isinstance(msg, m.EndorseRequest):
+            return self._endorse(msg.manifest)
         if isinstance(msg, m.CosignRequest):
             try:
                 return m.Cosignature(signature=self.cosign_head(msg.head, list(msg.proof)))

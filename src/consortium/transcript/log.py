@@ -52,6 +52,14 @@ def canonical(obj: Any) -> bytes:
     return rfc8785.dumps(obj)
 
 
+MANIFEST_DOMAIN = "consortium/manifest/v1"
+
+
+def manifest_bytes(body: dict[str, Any]) -> bytes:
+    """What every member endorses: the manifest without the endorsements themselves."""
+    return canonical({"domain": MANIFEST_DOMAIN, **{k: v for k, v in body.items() if k != "endorsements"}})
+
+
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

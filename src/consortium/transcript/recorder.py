@@ -14,9 +14,10 @@ import time
 from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import BaseModel
 
 from safetensors.numpy import save as safetensors_save
 
@@ -27,10 +28,11 @@ from consortium.governance.incident import Incident, RunHalted
 from consortium.protocol.coordinator import COORDINATOR, Coordinator, LogRecord, SessionArchive
 from consortium.protocol.messages import CosignRequest, Cosignature, PlanProof, Refusal, make_envelope
 from consortium.runs import write_atomic
-from consortium.transcript.log import TranscriptWriter, TreeHead, canonical, sha256_hex
-from consortium.transcript.verify import EVIDENCE_DIR, manifest_bytes
+from consortium.transcript.log import TranscriptWriter, TreeHead, canonical, manifest_bytes, sha256_hex
+from consortium.transcript.verify import EVIDENCE_DIR
 from consortium.transport import Transport
 
+Answer = TypeVar("Answer", bound=BaseModel)
 Cosigner = Callable[[TreeHead, list[bytes]], bytes]
 #: Asks every site at once to co-sign a head: each site's signature, or the error that stands for its refusal.
 CosignAll = Callable[[TreeHead, list[bytes]], dict[str, "bytes | ConsortiumError"]]
@@ -66,22 +68,27 @@ def library_versions() -> dict[str, str]:
     return {name: metadata.version(name) for name in LIBRARIES}
 
 
+def ask_all(transport: Transport, sites: list[str], rnd: int, request: BaseModel, answer: type[Answer]) -> dict[str, Answer | ConsortiumError]:
+    """Send ``request`` to every site at once; each site's answer, or the error that stands for its refusal or silence."""
+    envelopes = [make_envelope(COORDINATOR, name, rnd, request) for name in sites]
+    out: dict[str, Answer | ConsortiumError] = {}
+    for name, reply in zip(sites, transport.exchange_many(envelopes)):
+        if reply is None:
+            out[name] = ProtocolError(f"'{name}' did not answer the {request.kind.replace('_', ' ')}")  # type: ignore[attr-defined]
+        elif isinstance(reply.message, answer):
+            out[name] = reply.message
+        else:
+            reason = reply.message.reason if isinstance(reply.message, Refusal) else f"sent '{reply.message.kind}'"
+            out[name] = VerificationError(f"'{name}': {reason}")
+    return out
+
+
 def over_transport(transport: Transport, sites: list[str], round_of: Callable[[], int]) -> CosignAll:
     """Co-signing as a protocol request (``CosignRequest``), sealed and sent like any other, to every site at once."""
 
     def cosign_all(head: TreeHead, proof: list[bytes]) -> dict[str, bytes | ConsortiumError]:
-        request = CosignRequest(head=head, proof=proof)
-        envelopes = [make_envelope(COORDINATOR, name, round_of(), request) for name in sites]
-        out: dict[str, bytes | ConsortiumError] = {}
-        for name, reply in zip(sites, transport.exchange_many(envelopes)):
-            if reply is None:
-                out[name] = ProtocolError(f"'{name}' did not answer the request to co-sign tree head {head.size}")
-            elif isinstance(reply.message, Cosignature):
-                out[name] = reply.message.signature
-            else:
-                reason = reply.message.reason if isinstance(reply.message, Refusal) else f"sent '{reply.message.kind}'"
-                out[name] = VerificationError(reason)
-        return out
+        answers = ask_all(transport, sites, round_of(), CosignRequest(head=head, proof=proof), Cosignature)
+        return {name: a.signature if isinstance(a, Cosignature) else a for name, a in answers.items()}
 
     return cosign_all
 
@@ -95,10 +102,10 @@ class TranscriptRecorder:
         self._key = coordinator_key
         self._cosign = cosign
 
-    def start(self, body: dict[str, Any], member_keys: Mapping[str, Ed25519PrivateKey]) -> None:
-        """Entry 0: the manifest, endorsed by every member's signature, then the first head."""
-        endorsed = manifest_bytes(body)
-        body = {**body, "endorsements": {name: keys.sign(k, endorsed).hex() for name, k in member_keys.items()}}
+    def start(self, body: dict[str, Any], endorsements: Mapping[str, bytes]) -> None:
+        """Entry 0: the manifest, with the coordinator's endorsement and the members' (over ``manifest_bytes``)."""
+        own = keys.sign(self._key, manifest_bytes(body))
+        body = {**body, "endorsements": {COORDINATOR: own.hex(), **{name: s.hex() for name, s in endorsements.items()}}}
         self.writer.append("manifest", 0, COORDINATOR, body, key=self._key)
         self.close_round()
 

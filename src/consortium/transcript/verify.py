@@ -41,19 +41,14 @@ from consortium.transcript.log import (
     Entry,
     TreeHead,
     canonical,
+    manifest_bytes,
     parse_entry,
     parse_head,
 )
 
-MANIFEST_DOMAIN = "consortium/manifest/v1"
 EVIDENCE_DIR = "evidence"
 AGREEMENT_FILE = "agreement.yaml"  # a copy of the agreement the run was held to, with its signatures beside it
 _ENCODING: TypeAdapter[Any] = TypeAdapter(SessionEncoding)
-
-
-def manifest_bytes(body: dict[str, Any]) -> bytes:
-    """What every member endorses: the manifest without the endorsements themselves."""
-    return canonical({"domain": MANIFEST_DOMAIN, **{k: v for k, v in body.items() if k != "endorsements"}})
 
 
 @dataclass
