@@ -29,7 +29,7 @@ import numpy as np
 
 from consortium.crypto import keys
 from consortium.crypto.keyfile import load_identity_key
-from consortium.data import Splits, Table
+from consortium.data import Splits
 from consortium.deploy.agent import SiteAgent
 from consortium.deploy.mailbox import Mailbox
 from consortium.deploy.provision import load_kit, provision
@@ -44,17 +44,10 @@ from consortium.transcript.recorder import TranscriptRecorder, over_transport
 from consortium.transport import InProcessTransport
 from consortium.transport.mailbox import MailboxTransport
 
-N_SITES = 10
-N_FEATURES = 256
-HIDDEN = (1024, 768)
+from bench_round_overhead import HIDDEN, N_SITES, _table  # the same model and data as that round
+
 ROWS = 128
 REPEATS = 3
-
-
-def _table(rng: np.random.Generator, n: int) -> Table:
-    X = rng.standard_normal((n, N_FEATURES)).astype(np.float32)
-    y = (X[:, 0] + 0.5 * rng.standard_normal(n) > 0).astype(np.int64)
-    return Table(X=X, y=y, feature_names=tuple(f"f{i}" for i in range(N_FEATURES)), classes=("no", "yes"))
 
 
 class _Deployment:

@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import settings
@@ -13,6 +16,26 @@ def make_table(rng: np.random.Generator, n: int, d: int = 6, names: tuple[str, .
 
 def make_splits(rng: np.random.Generator, n: int = 80, **kw) -> Splits:
     return Splits(make_table(rng, n, **kw), make_table(rng, 10, **kw), make_table(rng, 30, **kw))
+
+
+def signed_agreement(folder: Path, text: str, members: list[str], signers: list[str] | None = None) -> Path:
+    """Key files for ``members`` under folder/keys, their public keys put in the agreement ``text``, and the
+    signatures of ``signers`` (default: every approver) beside it."""
+    from consortium.crypto import keys
+    from consortium.crypto.keyfile import load_identity_key, save_identity_key
+    from consortium.governance.agreement import load_agreement, sign_agreement, signatures_path
+
+    for name in members:
+        private, public = keys.generate_ed25519()
+        save_identity_key(folder / "keys" / f"{name}.key", private)
+        text = text.replace(f"{{name: {name},", f"{{name: {name}, public_key: {keys.ed25519_public_bytes(public).hex()},")
+    path = folder / "agreement.yaml"
+    path.write_text(text)
+    agreement = load_agreement(path)
+    who = agreement.approvers() if signers is None else signers
+    sigs = {n: sign_agreement(agreement, n, load_identity_key(folder / "keys" / f"{n}.key")) for n in who}
+    signatures_path(path).write_text(json.dumps(sigs))
+    return path
 
 
 @pytest.fixture

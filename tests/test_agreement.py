@@ -139,22 +139,10 @@ def test_signing_from_the_command_line(tmp_path):
 
 
 def _consortium_agreement(tmp_path, signers):
-    from consortium.crypto import keys
-    from consortium.crypto.keyfile import load_identity_key, save_identity_key
-    from consortium.governance.agreement import load_agreement, sign_agreement, signatures_path
+    from tests.conftest import signed_agreement
 
     names = ["coordinator", "site-1", "site-2", "site-3"]
-    text = template("hospitals", names[1:])
-    for name in names:
-        private, public = keys.generate_ed25519()
-        save_identity_key(tmp_path / "keys" / f"{name}.key", private)
-        text = text.replace(f"{{name: {name}, role:", f"{{name: {name}, public_key: {keys.ed25519_public_bytes(public).hex()}, role:")
-    path = tmp_path / "agreement.yaml"
-    path.write_text(text)
-    ag = load_agreement(path)
-    sigs = {m: sign_agreement(ag, m, load_identity_key(tmp_path / "keys" / f"{m}.key")) for m in signers}
-    signatures_path(path).write_text(json.dumps(sigs))
-    return path
+    return signed_agreement(tmp_path, template("hospitals", names[1:]), names, signers)
 
 
 def _config(tmp_path, path, **over):

@@ -19,15 +19,10 @@ from pathlib import Path
 import pytest
 
 from consortium.config import SimulationConfig
-from consortium.crypto import keys
-from consortium.crypto.keyfile import load_identity_key, save_identity_key
 from consortium.errors import ConfigError, VerificationError
 from consortium.governance.agreement import (
-    load_agreement,
     load_member_key,
     parse_agreement,
-    sign_agreement,
-    signatures_path,
     template,
 )
 from consortium.governance.control import approve_resume, open_run
@@ -41,6 +36,7 @@ from consortium.protocol.coordinator import COORDINATOR, LogRecord
 from consortium.protocol.site import Site
 from consortium.simulation import Simulation, run_simulation
 from consortium.transcript.verify import verify_run
+from tests.conftest import signed_agreement
 
 SITES = ["site-1", "site-2", "site-3", "site-4"]
 LAYOUT = "ab" * 32
@@ -224,17 +220,7 @@ def sim_splits():
 
 def _consortium(tmp_path: Path, **replace: str) -> Path:
     """Keys for every member, and an agreement they have all signed."""
-    text = _agreement_text(**replace)
-    for name in [COORDINATOR, *SITES, "watcher"]:
-        private, public = keys.generate_ed25519()
-        save_identity_key(tmp_path / "keys" / f"{name}.key", private)
-        text = text.replace(f"{{name: {name},", f"{{name: {name}, public_key: {keys.ed25519_public_bytes(public).hex()},")
-    path = tmp_path / "agreement.yaml"
-    path.write_text(text)
-    ag = load_agreement(path)
-    sigs = {n: sign_agreement(ag, n, load_identity_key(tmp_path / "keys" / f"{n}.key")) for n in ag.approvers()}
-    signatures_path(path).write_text(json.dumps(sigs))
-    return path
+    return signed_agreement(tmp_path, _agreement_text(**replace), [COORDINATOR, *SITES, "watcher"])
 
 
 def _config(tmp_path: Path, agreement: Path, **over: object) -> SimulationConfig:

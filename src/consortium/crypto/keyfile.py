@@ -21,11 +21,16 @@ from consortium.errors import ConfigError
 
 def save_identity_key(path: Path, key: Ed25519PrivateKey) -> None:
     """Write ``key`` to ``path`` (mode 0600); refuses to overwrite an existing file."""
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    save_private_pem(path, pem)
+
+
+def save_private_pem(path: Path, pem: bytes) -> None:
+    """Any private key, as PEM: mode 0600 from the first byte, complete or absent after a crash, never over a file."""
     path = Path(path)
     if path.exists():
-        raise ConfigError(f"key file {path} already exists: a member's identity key is never overwritten")
+        raise ConfigError(f"key file {path} already exists: a private key is never overwritten")
     path.parent.mkdir(parents=True, exist_ok=True)
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import json
-import os
 import re
 import ssl
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from consortium.crypto import keys
-from consortium.crypto.keyfile import save_identity_key
+from consortium.crypto.keyfile import save_identity_key, save_private_pem
 from consortium.errors import ConfigError
 from consortium.governance import policy as site_policy
 from consortium.governance.agreement import parse_agreement, template
@@ -63,17 +62,6 @@ def parse_address(address: str) -> tuple[str, int]:
         if not _HOST.match(host):
             raise ConfigError(f"coordinator host '{host}' is neither an IP address nor a DNS name") from None
     return host, int(port)
-
-
-def _write_private(path: Path, pem: bytes) -> None:
-    """A private key file: 0600 from the first byte, never over an existing file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, pem)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -173,7 +161,7 @@ def provision(
     ])
     ca_cert = _certificate(ca_name, ca_key.public_key(), ca_name, ca_key, now=now, days=days, ca=True)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_private(folder / "ca.key", _pem_key(ca_key))
+    save_private_pem(folder / "ca.key", _pem_key(ca_key))
     ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
     write_atomic(folder / "ca.crt", ca_pem)
 
@@ -220,7 +208,7 @@ def provision(
         kit = folder / "kits" / name
         write_atomic(kit / "ca.crt", ca_pem)
         write_atomic(kit / "tls.crt", cert_pem)
-        _write_private(kit / "tls.key", tls_pem)
+        save_private_pem(kit / "tls.key", tls_pem)
         save_identity_key(kit / "identity.key", identity)  # type: ignore[arg-type]
         write_atomic(kit / MANIFEST_FILE, manifest_bytes)
         write_atomic(kit / "agreement.yaml", agreement_text.encode())

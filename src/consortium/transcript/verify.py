@@ -40,7 +40,6 @@ from consortium.transcript.log import (
     TRANSCRIPT_FILE,
     Entry,
     TreeHead,
-    canonical,
     manifest_bytes,
     parse_entry,
     parse_head,
