@@ -75,16 +75,9 @@ from consortium.runs import RunFolder, new_run_dir, write_atomic
 from consortium.secagg.graph import plan_graph
 from consortium.transcript.log import vector_sha256
 from consortium.protocol import messages as m
-from consortium.transcript.recorder import (
-    Answer,
-    TranscriptRecorder,
-    ask_all,
-    code_sha256,
-    library_versions,
-    over_transport,
-)
+from consortium.transcript.recorder import TranscriptRecorder, code_sha256, library_versions, over_transport
 from consortium.transcript.verify import AGREEMENT_FILE, verify_run
-from consortium.transport import InProcessTransport
+from consortium.transport import Answer, InProcessTransport, ask_all
 
 #: Said loudly in every run whose protections are weaker than the defaults.
 SECURE_AGGREGATION_OFF = "secure aggregation is OFF: the coordinator sees every site's update and statistics in the clear"

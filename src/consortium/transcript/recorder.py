@@ -14,25 +14,22 @@ import time
 from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pydantic import BaseModel
-
 from safetensors.numpy import save as safetensors_save
 
 from consortium.crypto import keys
-from consortium.errors import ConsortiumError, ProtocolError, VerificationError
+from consortium.errors import ConsortiumError
 from consortium.governance.incident import Incident, RunHalted
-
 from consortium.protocol.coordinator import COORDINATOR, Coordinator, LogRecord, SessionArchive
-from consortium.protocol.messages import CosignRequest, Cosignature, PlanProof, Refusal, make_envelope
+from consortium.protocol.messages import CosignRequest, Cosignature, PlanProof
 from consortium.runs import write_atomic
 from consortium.transcript.log import TranscriptWriter, TreeHead, canonical, manifest_bytes, sha256_hex
 from consortium.transcript.verify import EVIDENCE_DIR
-from consortium.transport import Transport
+from consortium.transport import Transport, ask_all
 
-Answer = TypeVar("Answer", bound=BaseModel)
+LIBRARIES = ("numpy", "torch", "cryptography", "dp-accounting", "pydantic", "rfc8785")
 Cosigner = Callable[[TreeHead, list[bytes]], bytes]
 #: Asks every site at once to co-sign a head: each site's signature, or the error that stands for its refusal.
 CosignAll = Callable[[TreeHead, list[bytes]], dict[str, "bytes | ConsortiumError"]]
@@ -51,7 +48,6 @@ def direct(cosigners: Mapping[str, Cosigner]) -> CosignAll:
         return out
 
     return cosign_all
-LIBRARIES = ("numpy", "torch", "cryptography", "dp-accounting", "pydantic", "rfc8785")
 
 
 def code_sha256() -> str:
@@ -66,21 +62,6 @@ def code_sha256() -> str:
 
 def library_versions() -> dict[str, str]:
     return {name: metadata.version(name) for name in LIBRARIES}
-
-
-def ask_all(transport: Transport, sites: list[str], rnd: int, request: BaseModel, answer: type[Answer]) -> dict[str, Answer | ConsortiumError]:
-    """Send ``request`` to every site at once; each site's answer, or the error that stands for its refusal or silence."""
-    envelopes = [make_envelope(COORDINATOR, name, rnd, request) for name in sites]
-    out: dict[str, Answer | ConsortiumError] = {}
-    for name, reply in zip(sites, transport.exchange_many(envelopes)):
-        if reply is None:
-            out[name] = ProtocolError(f"'{name}' did not answer the {request.kind.replace('_', ' ')}")  # type: ignore[attr-defined]
-        elif isinstance(reply.message, answer):
-            out[name] = reply.message
-        else:
-            reason = reply.message.reason if isinstance(reply.message, Refusal) else f"sent '{reply.message.kind}'"
-            out[name] = VerificationError(f"'{name}': {reason}")
-    return out
 
 
 def over_transport(transport: Transport, sites: list[str], round_of: Callable[[], int]) -> CosignAll:

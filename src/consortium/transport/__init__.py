@@ -8,9 +8,14 @@ itself, so simulation and deployment share it.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, TypeVar
 
-from consortium.protocol.messages import Envelope
+from pydantic import BaseModel
+
+from consortium.errors import ConsortiumError, ProtocolError, VerificationError
+from consortium.protocol.messages import COORDINATOR, Envelope, Refusal, make_envelope
+
+Answer = TypeVar("Answer", bound=BaseModel)
 
 
 class Transport(Protocol):
@@ -19,6 +24,21 @@ class Transport(Protocol):
     def exchange_many(self, requests: list[Envelope]) -> list[Envelope | None]: ...
 
 
+def ask_all(transport: Transport, sites: list[str], rnd: int, request: BaseModel, answer: type[Answer]) -> dict[str, Answer | ConsortiumError]:
+    """Send ``request`` to every site at once; each site's answer, or the error that stands for its refusal or silence."""
+    envelopes = [make_envelope(COORDINATOR, name, rnd, request) for name in sites]
+    out: dict[str, Answer | ConsortiumError] = {}
+    for name, reply in zip(sites, transport.exchange_many(envelopes)):
+        if reply is None:
+            out[name] = ProtocolError(f"'{name}' did not answer the {request.kind.replace('_', ' ')}")  # type: ignore[attr-defined]
+        elif isinstance(reply.message, answer):
+            out[name] = reply.message
+        else:
+            reason = reply.message.reason if isinstance(reply.message, Refusal) else f"sent '{reply.message.kind}'"
+            out[name] = VerificationError(f"'{name}': {reason}")
+    return out
+
+
 from consortium.transport.inprocess import InProcessTransport  # noqa: E402
 
-__all__ = ["InProcessTransport", "Transport"]
+__all__ = ["Answer", "InProcessTransport", "Transport", "ask_all"]
