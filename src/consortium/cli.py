@@ -144,7 +144,7 @@ def _print_table(s: dict[str, Any]) -> None:
             )
         out_console.print(
             f"differential privacy: {how}; epsilon spent per site up to {spent:.3f} of {pv['target_epsilon']:g} "
-            f"at delta {pv['delta']:g} ({pv['accountant']}); local-only and pooled rows are NOT private"
+            f"at delta {pv['delta']:g} ({pv['accountant']})" + ("; local-only and pooled rows are NOT private" if "pooled" in s or "local_only" in s else "")
         )
         if pv["refusals"]:
             out_console.print(f"rounds refused for lack of budget: {pv['refusals']}")
@@ -196,8 +196,16 @@ def demo(
         PrivacyLevel,
         typer.Option(help="record: DP-SGD protects each patient; site: DP-FedAvg protects each institution's update"),
     ] = PrivacyLevel.record,
+    deploy: Annotated[
+        bool,
+        typer.Option(
+            "--deploy",
+            help="run it as a real deployment on 127.0.0.1: a CA and kits, a coordinator service and one process per site (mutual TLS)",
+        ),
+    ] = False,
 ) -> None:
-    """Simulate a consortium on a built-in dataset and compare it with training alone and pooled."""
+    """Simulate a consortium on a built-in dataset and compare it with training alone and pooled
+    (with --deploy: the same consortium as real processes talking HTTPS)."""
     if dataset not in BUILTIN_DATASETS:
         raise UnknownDatasetError(f"unknown dataset '{dataset}': choose one of {', '.join(BUILTIN_DATASETS)}")
     config = SimulationConfig(
@@ -207,6 +215,16 @@ def demo(
         secure_aggregation=SecureAggregationConfig(enabled=secure_aggregation),
         privacy=PrivacyConfig(enabled=differential_privacy, epsilon=epsilon, level=privacy_level.value),
     )
+    if deploy:
+        from consortium.deploy.local import deploy_demo
+        from consortium.runs import new_run_dir
+
+        run_dir = out if out is not None else new_run_dir(Path("runs"), f"{dataset}-deployed-seed{seed}")
+        err_console.print(f"deploying on 127.0.0.1: kits, CA and site data in {run_dir}-consortium, the run in {run_dir}")
+        code = deploy_demo(config.resolved(), run_dir, as_json=as_json)
+        if code:
+            raise Exit(code)
+        return
     _run(config, out, as_json)
 
 
@@ -509,6 +527,63 @@ def init(
         f"{len(members)} kits under {folder / 'kits'}; give each member its own kit only. "
         f"Next: every approver signs {folder / 'agreement.yaml'} (consortium agreement sign)."
     )
+
+
+@app.command()
+def serve(
+    kit_dir: Annotated[Path, typer.Argument(metavar="KIT", help="the coordinator's kit folder (from consortium init)")],
+    config_file: Annotated[Path, typer.Option("--config", help="the run's config: model, training, privacy, rounds")],
+    schema: Annotated[Path, typer.Option(help="the agreed data schema every site's CSV follows")],
+    out: Annotated[Path | None, typer.Option(help="run folder (default: runs/<time>-coordinator-served)")] = None,
+    host: Annotated[str, typer.Option(help="the address to listen on")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="the port (default: the kit's)")] = None,
+    wait_for_sites: Annotated[float, typer.Option(help="seconds to wait for every site to connect")] = 300.0,
+    stage_timeout: Annotated[float, typer.Option(help="seconds a stage waits for a site before it counts as dropped")] = 120.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Coordinate a run as an HTTPS service (mutual TLS); sites connect with consortium join."""
+    from consortium.data import load_schema
+    from consortium.deploy.provision import load_kit
+    from consortium.deploy.serve import ServedRun
+
+    served = ServedRun(
+        load_kit(kit_dir), load_config(config_file), load_schema(schema), out=out, host=host, port=port,
+        stage_timeout_s=stage_timeout,
+    )
+    err_console.print(f"coordinator listening on https://{host}:{port or served.kit.port}, waiting for {', '.join(served.names)}")
+    served.start(wait_for_sites_s=wait_for_sites)
+    try:
+        _train(served.run, served.config.rounds, as_json)
+    finally:
+        served.stop()
+
+
+@app.command()
+def join(
+    kit_dir: Annotated[Path, typer.Argument(metavar="KIT", help="this site's kit folder (from consortium init)")],
+    data: Annotated[Path, typer.Option(help="this site's CSV; it never leaves this machine")],
+    schema: Annotated[Path, typer.Option(help="the agreed data schema the CSV follows")],
+    state: Annotated[Path | None, typer.Option(help="this site's state folder, its privacy ledger (default: KIT/state)")] = None,
+    seed: Annotated[int, typer.Option(min=0, help="seed of this site's splits and training (the run's seed reproduces a simulation)")] = 0,
+    test_seed: Annotated[
+        int | None, typer.Option(min=0, help="TEST MODE: a fixed seed for the privacy noise, reproducible and NOT private")
+    ] = None,
+    coordinator: Annotated[str | None, typer.Option(help="the coordinator's URL (default: the address in the kit)")] = None,
+) -> None:
+    """Take part in a run as a site: poll the coordinator over mutual TLS and answer with this site's runtime."""
+    from consortium.deploy.agent import SiteAgent
+    from consortium.deploy.join import build_site
+    from consortium.deploy.provision import load_kit
+
+    kit = load_kit(kit_dir)
+    site = build_site(kit, data, schema, state=state, seed=seed, test_seed=test_seed)
+    if test_seed is not None:
+        err_console.print("[bold red]WARNING[/]: privacy noise is in TEST MODE (fixed seed): reproducible, and NOT private")
+    agent = SiteAgent(kit, site, base_url=coordinator)
+    err_console.print(f"{kit.member} joined: polling {agent.base_url}")
+    agent.run()
+    spent = site.ledger.spent() if site.ledger is not None else 0.0
+    out_console.print(f"{kit.member}: the run is over; answered {agent.answered} requests; epsilon spent so far {spent:.4g}")
 
 
 @app.command()

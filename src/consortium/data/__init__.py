@@ -26,8 +26,12 @@ from consortium.data.schema import (
     ColumnSpec,
     DataSchema,
     check_schemas,
+    layout_table,
     load_schema,
     read_csv,
+    schema_of,
+    write_csv,
+    write_schema,
 )
 
 __all__ = [
@@ -38,12 +42,16 @@ __all__ = [
     "SyntheticHospitals",
     "Table",
     "check_schemas",
+    "layout_table",
     "load_builtin",
     "load_schema",
     "partition_dirichlet",
     "partition_iid",
     "partition_quantity",
     "read_csv",
+    "schema_of",
     "split_table",
     "synthetic_hospitals",
+    "write_csv",
+    "write_schema",
 ]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -29,9 +30,11 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from consortium.data.datasets import Table
+from consortium.runs import write_atomic
 from consortium.errors import ConfigError, DataError, SchemaError, SchemaMismatchError
 from consortium.yamlfile import duplicates, parse_yaml, read_text, validate
 
@@ -274,6 +277,45 @@ def read_csv(path: str | Path, schema: DataSchema) -> Table:
         feature_names=schema.feature_names(),
         classes=tuple(label.values or ()),
     )
+
+
+def layout_table(schema: DataSchema) -> Table:
+    """A table with no rows and the layout ``read_csv`` gives under ``schema``: what a coordinator,
+    which holds no data, needs to know of it (feature names and classes)."""
+    label = next(c for c in schema.columns if c.name == schema.label)
+    names = schema.feature_names()
+    return Table(
+        X=np.zeros((0, len(names)), dtype=np.float32), y=np.zeros(0, dtype=np.int64),
+        feature_names=names, classes=tuple(label.values or ()),
+    )
+
+
+def schema_of(table: Table, *, label: str = "label") -> DataSchema:
+    """The schema of ``table`` written by ``write_csv``: one float column per feature, then the label."""
+    if label in table.feature_names:
+        raise SchemaError(f"'{label}' names a feature already: choose another label column name")
+    return DataSchema(
+        label=label,
+        columns=[*(ColumnSpec(name=f, type="float") for f in table.feature_names),
+                 ColumnSpec(name=label, type="category", values=list(table.classes))],
+    )
+
+
+def write_csv(table: Table, path: Path, *, label: str = "label") -> None:
+    """Write ``table`` as the CSV ``read_csv(path, schema_of(table, label=label))`` reads back exactly
+    (floats in shortest round-trip form); atomically, like every file a run writes."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow([*table.feature_names, label])
+    for x, y in zip(table.X.tolist(), table.y.tolist()):
+        writer.writerow([*map(repr, x), table.classes[y]])
+    write_atomic(Path(path), buf.getvalue().encode("utf-8"))
+
+
+def write_schema(schema: DataSchema, path: Path) -> None:
+    """Write ``schema`` as the YAML ``load_schema`` reads."""
+    text = yaml.safe_dump(schema.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    write_atomic(Path(path), text.encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------

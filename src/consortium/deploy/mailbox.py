@@ -21,6 +21,7 @@ class Mailbox:
         self._expected: set[str] = set()
         self._inbox: dict[str, bytes] = {}
         self._closed = False
+        self._seen: dict[str, float] = {}  # member -> when it last polled (monotonic)
 
     def run_stage(self, requests: dict[str, bytes], timeout_s: float) -> dict[str, bytes]:
         """Post one stage's requests; the replies that arrive before the deadline, by member."""
@@ -41,6 +42,8 @@ class Mailbox:
         """The request waiting for ``member``, after up to ``wait_s`` seconds of long polling; None if none."""
         deadline = time.monotonic() + wait_s
         with self._cond:
+            self._seen[member] = time.monotonic()
+            self._cond.notify_all()
             while member not in self._outbox and not self._closed:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -56,6 +59,18 @@ class Mailbox:
             self._inbox[member] = raw
             self._cond.notify_all()
             return True
+
+    def wait_seen(self, members: list[str], *, since: float, timeout_s: float) -> list[str]:
+        """Wait until every one of ``members`` has polled after ``since`` (a ``time.monotonic()``);
+        the members still unseen when ``timeout_s`` runs out (none: all came)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                missing = [n for n in members if self._seen.get(n, -1.0) < since]
+                left = deadline - time.monotonic()
+                if not missing or left <= 0:
+                    return missing
+                self._cond.wait(left)
 
     def close(self) -> None:
         """The run is over: pollers are told so, and a waiting stage ends."""

@@ -98,9 +98,7 @@ def create_app(mailbox: Mailbox, members: Mapping[str, str], *, poll_wait_s: flo
     @app.post("/v1/poll", responses={200: {"content": {"application/octet-stream": {}}}, 204: {}, 410: {}})
     def poll(request: Request) -> Response:
         member = caller(request)
-        if mailbox.closed:
-            return Response(status_code=410)
-        raw = mailbox.take(member, poll_wait_s)
+        raw = mailbox.take(member, poll_wait_s)  # at once when the run is over: then 410
         if raw is None:
             return Response(status_code=410 if mailbox.closed else 204)
         return Response(content=raw, media_type="application/octet-stream")

@@ -168,12 +168,13 @@ def sign_agreement(agreement: Agreement, member: str, key: Ed25519PrivateKey) ->
     return keys.sign(key, SIGNATURE_DOMAIN + bytes.fromhex(agreement_hash(agreement))).hex()
 
 
-def load_member_key(agreement: Agreement, keys_dir: Path, member: str) -> Ed25519PrivateKey:
-    """``member``'s identity key from ``keys_dir/<member>.key``, checked against the key the agreement names."""
+def load_member_key(agreement: Agreement, keys_dir: Path | None, member: str, *, file: Path | None = None) -> Ed25519PrivateKey:
+    """``member``'s identity key from ``keys_dir/<member>.key`` (or ``file``: a kit's identity.key),
+    checked against the key the agreement names."""
     from consortium.crypto.keyfile import load_identity_key
 
     named = next((m.public_key for m in agreement.members if m.name == member), None)
-    key = load_identity_key(Path(keys_dir) / f"{member}.key")
+    key = load_identity_key(file if file is not None else Path(str(keys_dir)) / f"{member}.key")
     if keys.ed25519_public_bytes(key.public_key()).hex() != named:
         raise ConfigError(f"the key file of '{member}' is not the key the agreement names for it: use that member's own key")
     return key

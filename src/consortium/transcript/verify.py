@@ -374,12 +374,13 @@ def _recompute_aggregate(e: Entry, entries: list[Entry], run_dir: Path) -> None:
         )
 
 
-def _check_privacy(entries: list[Entry], manifest: dict[str, Any], run_dir: Path) -> dict[str, float]:
-    """Each site's epsilon from the events it signed, against what the run reported."""
+def signed_epsilon(entries: list[Entry], manifest: dict[str, Any]) -> dict[str, float]:
+    """Each site's epsilon, from the privacy events it signed in its decisions (empty when DP is off)."""
     privacy = manifest.get("privacy") or {}
     if not privacy.get("enabled"):
         return {}
     paid: dict[str, list[Any]] = {n: [] for n, m in manifest["members"].items() if m["role"] == "site"}
+
     def collect(e: Entry) -> None:
         if e.kind == "site_decision" and e.body["accepted"]:
             if e.body["privacy_event"] is None:
@@ -391,11 +392,14 @@ def _check_privacy(entries: list[Entry], manifest: dict[str, Any], run_dir: Path
 
     for entry in entries:
         _entry_check(entry, collect)
-    recomputed = {
-        site: epsilon(events, privacy["delta"], privacy["accountant"]) if events else 0.0 for site, events in paid.items()
-    }
+    return {site: epsilon(events, privacy["delta"], privacy["accountant"]) if events else 0.0 for site, events in paid.items()}
+
+
+def _check_privacy(entries: list[Entry], manifest: dict[str, Any], run_dir: Path) -> dict[str, float]:
+    """Each site's epsilon from the events it signed, against what the run reported."""
+    recomputed = signed_epsilon(entries, manifest)
     summary_path = run_dir / "summary.json"
-    if summary_path.exists():
+    if recomputed and summary_path.exists():
         reported = json.loads(summary_path.read_text()).get("privacy", {}).get("epsilon_per_site", {})
         for site, eps in recomputed.items():
             said = reported.get(site)

@@ -1,0 +1,74 @@
+"""``consortium join KIT --data CSV --schema SCHEMA``: a site's agent, next to its data.
+
+The site is the simulation's own ``Site`` (guard, budget ledger, transcript
+checks and all), built here from the site's kit and its CSV: its identity key
+and the agreement from the kit, its stricter policy from the kit's
+``policy.yaml``, and its privacy ledger in its own state folder, where it
+persists across runs (the budget is for the whole collaboration). The agent
+only ever connects out, to the coordinator's address in the kit.
+
+Reproducibility: the site's splits and training seed come from ``seed`` and
+its name (``consortium.simulation.site_randomness``), exactly as in
+simulation; ``test_seed`` makes its privacy noise reproducible too, and is
+for tests only: a site in test mode is not private, and says so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from consortium.config import SplitConfig
+from consortium.data import load_schema, read_csv, split_table
+from consortium.deploy.provision import Kit
+from consortium.deploy.serve import directory_of
+from consortium.errors import ConfigError
+from consortium.governance.agreement import load_agreement, load_member_key, read_signatures, require_approval
+from consortium.governance.policy import load_policy
+from consortium.privacy.ledger import BudgetLedger
+from consortium.protocol.site import Site
+from consortium.simulation import noise_test_seed, site_randomness
+
+LEDGER_FILE = "budget.sqlite"
+
+
+def build_site(
+    kit: Kit,
+    data: Path,
+    schema: Path,
+    *,
+    state: Path | None = None,
+    seed: int = 0,
+    test_seed: int | None = None,
+    split: SplitConfig = SplitConfig(),
+) -> Site:
+    """The site runtime this kit's member runs on its own CSV; every input is checked first."""
+    if kit.role != "site":
+        raise ConfigError(f"{kit.folder} is the kit of {kit.role} '{kit.member}': only a site's kit joins with data")
+    agreement_file = kit.folder / "agreement.yaml"
+    agreement = load_agreement(agreement_file)
+    require_approval(agreement, read_signatures(agreement_file))  # a site takes part only under a signed agreement
+    policy_file = kit.folder / "policy.yaml"
+    policy = load_policy(policy_file, agreement) if policy_file.exists() else None
+    if policy is not None and policy.site != kit.member:
+        raise ConfigError(f"{policy_file}: the policy is for site '{policy.site}', not '{kit.member}': fix its site field")
+    table = read_csv(data, load_schema(schema))
+    split_rng, train_seed = site_randomness(seed, kit.member)
+    splits = split_table(table, split_rng, validation=split.validation, test=split.test)
+    identity = load_member_key(agreement, None, kit.member, file=kit.folder / "identity.key")
+    cap = agreement.privacy.max_epsilon
+    if policy is not None and policy.max_epsilon is not None:
+        cap = min(cap, policy.max_epsilon)
+    state = state if state is not None else kit.folder / "state"
+    ledger = BudgetLedger(state / LEDGER_FILE, site=kit.member, epsilon_cap=cap, delta=agreement.privacy.delta)
+    return Site(
+        kit.member,
+        splits,
+        seed=train_seed,
+        identity=identity,
+        directory=directory_of(agreement),
+        ledger=ledger,
+        noise_test_seed=None if test_seed is None else noise_test_seed(test_seed, kit.member),
+        strict=True,
+        agreement=agreement,
+        policy=policy,
+    )

@@ -1,0 +1,128 @@
+"""The real deployment: `consortium serve` and one `consortium join` per site, each a process, over mutual TLS.
+
+Nothing is shared between the processes but the kits, the sites' own CSVs
+and the schema: the coordinator holds no data, each site no other's. In the
+explicit test mode (every seed fixed, DP noise included) the deployed run
+must end with exactly the model of the in-process simulation.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from safetensors.numpy import load_file
+
+from consortium.data import load_builtin, partition_iid
+from consortium.deploy.local import launch, provision_local
+from consortium.protocol.coordinator import COORDINATOR
+from consortium.simulation import run_simulation
+from consortium.config import SimulationConfig
+
+SITES = ["site-1", "site-2", "site-3"]
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    table = load_builtin("breast-cancer")
+    parts = partition_iid(table.n_rows, len(SITES), np.random.default_rng(3))
+    folder = tmp_path_factory.mktemp("deploy") / "consortium"
+    return provision_local(folder, {s: table.take(idx) for s, idx in zip(SITES, parts)}, consortium="hospitals")
+
+
+def _config(local, tmp_path, **over) -> tuple[dict, object]:
+    """The run's config: 3 secure, private rounds in test mode. The simulated twin reads the same CSVs."""
+    keys = tmp_path / "keys"  # the twin plays every member, so it holds every member's key
+    keys.mkdir(exist_ok=True)
+    for member in [COORDINATOR, *SITES]:
+        shutil.copy2(local.kit(member) / "identity.key", keys / f"{member}.key")
+    raw = {
+        "rounds": 3, "seed": 0,
+        "data": {"dataset": "csv", "csv_sites": [{"name": s, "csv": str(local.data(s)), "schema": str(local.schema)} for s in SITES]},
+        "participation": {"min_sites": 3},
+        "privacy": {"test_seed": 7, "epsilon": 8.0},
+        "baselines": {"local_only": False, "pooled": False},
+        "agreement": {"file": str(local.folder / "agreement.yaml"), "keys": str(keys)},
+    }
+    raw.update(over)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return raw, path
+
+
+def _model(run_dir) -> dict[str, np.ndarray]:
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def test_a_coordinator_and_three_site_processes_equal_the_simulation(local, tmp_path):
+    raw, config_file = _config(local, tmp_path)
+    twin = run_simulation(SimulationConfig.model_validate(raw), out=tmp_path / "twin")
+
+    run_dir = tmp_path / "served"
+    procs = launch(local, config_file, run_dir, seed=0, test_seed=7, serve_args=("--json",),
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, logs=tmp_path / "logs")
+    try:
+        out, err = procs.coordinator.communicate(timeout=420)
+        site_codes = {s: p.wait(timeout=60) for s, p in procs.sites.items()}
+    finally:
+        procs.stop()
+    assert procs.coordinator.returncode == 0, err.decode()[-3000:]
+    assert site_codes == {s: 0 for s in SITES}, {s: (tmp_path / "logs" / f"{s}.log").read_text()[-2000:] for s in SITES}
+    summary = json.loads(out)
+    assert summary["status"] == "completed" and summary["transcript"]["verified"]
+    assert summary["secure_aggregation"]["enabled"] and summary["secure_aggregation"]["survivors_per_round"] == [3, 3, 3]
+    assert summary["privacy"]["test_mode"] and "TEST MODE" in err.decode()
+    # Every site process saw the run end (410) and said what it spent, from its own ledger.
+    for s in SITES:
+        log = (tmp_path / "logs" / f"{s}.log").read_text()
+        assert "the run is over" in log and "TEST MODE" in log
+    # The same model as the in-process simulation, bit for bit, and the same metrics.
+    served, simulated = _model(run_dir), _model(tmp_path / "twin")
+    assert served.keys() == simulated.keys()
+    assert all(np.array_equal(served[k], simulated[k]) for k in served)
+    assert summary["federated"]["accuracy"] == twin.summary["federated"]["accuracy"]
+    assert summary["privacy"]["epsilon_per_site"] == pytest.approx(twin.summary["privacy"]["epsilon_per_site"], rel=1e-9)
+    # Any member checks the deployed run from its folder alone.
+    verified = subprocess.run([sys.executable, "-m", "consortium.cli", "verify", str(run_dir), "--json"],
+                              capture_output=True, text=True, timeout=120)
+    assert verified.returncode == 0, verified.stderr
+    assert json.loads(verified.stdout)["status"] == "completed"
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "consortium.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    line = " ".join(proc.stderr.split())
+    assert all(n in line for n in needles), proc.stderr
+
+
+def test_wrong_kits_and_absent_sites_are_one_line_errors(local, tmp_path):
+    _, config_file = _config(local, tmp_path)
+    schema = str(local.schema)
+    _one_line_error(_cli("serve", str(local.kit("site-1")), "--config", str(config_file), "--schema", schema),
+                    "kit of site 'site-1'", "serve with the coordinator's kit")
+    _one_line_error(_cli("join", str(local.kit(COORDINATOR)), "--data", str(local.data("site-1")), "--schema", schema),
+                    "kit of coordinator", "only a site's kit joins")
+    _one_line_error(_cli("join", str(local.kit("site-1")), "--data", str(tmp_path / "nowhere.csv"), "--schema", schema),
+                    "nowhere.csv' does not exist")
+    absent = _cli("serve", str(local.kit(COORDINATOR)), "--config", str(config_file), "--schema", schema,
+                  "--port", "0", "--wait-for-sites", "1", "--out", str(tmp_path / "never"))
+    _one_line_error(absent, "site-1, site-2, site-3 did not connect within 1 s", "consortium join")
+
+
+def test_a_site_refuses_to_join_under_an_agreement_not_everyone_signed(local, tmp_path):
+    kit = tmp_path / "kit"
+    shutil.copytree(local.kit("site-2"), kit)
+    signatures = json.loads((kit / "agreement.yaml.signatures.json").read_text())
+    del signatures["site-3"]
+    (kit / "agreement.yaml.signatures.json").write_text(json.dumps(signatures))
+    _one_line_error(_cli("join", str(kit), "--data", str(local.data("site-2")), "--schema", str(local.schema)),
+                    "'site-3' has not signed it")
