@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -27,23 +28,38 @@ from consortium.config import SimulationConfig
 SITES = ["site-1", "site-2", "site-3"]
 
 
+def _consortium(folder, sites: list[str]):
+    table = load_builtin("breast-cancer")
+    parts = partition_iid(table.n_rows, len(sites), np.random.default_rng(3))
+    # A cohort of 2 may be summed: a run can go on without a site that dies.
+    tables = {s: table.take(idx) for s, idx in zip(sites, parts)}
+    return provision_local(folder / "consortium", tables, consortium="hospitals", terms={"min_cohort": 2})
+
+
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
-    table = load_builtin("breast-cancer")
-    parts = partition_iid(table.n_rows, len(SITES), np.random.default_rng(3))
-    folder = tmp_path_factory.mktemp("deploy") / "consortium"
-    return provision_local(folder, {s: table.take(idx) for s, idx in zip(SITES, parts)}, consortium="hospitals")
+    return _consortium(tmp_path_factory.mktemp("deploy"), SITES)
+
+
+@pytest.fixture(scope="module")
+def local5(tmp_path_factory):
+    """Five sites: with three or four, the SecAgg threshold planned for the default corruption rate is
+    every neighbour, which leaves no room for a dropout once the keys are shared; with five (4
+    neighbours, threshold 3) one site may die."""
+    return _consortium(tmp_path_factory.mktemp("deploy5"), [*SITES, "site-4", "site-5"])
 
 
 def _config(local, tmp_path, **over) -> tuple[dict, object]:
     """The run's config: 3 secure, private rounds in test mode. The simulated twin reads the same CSVs."""
     keys = tmp_path / "keys"  # the twin plays every member, so it holds every member's key
     keys.mkdir(exist_ok=True)
-    for member in [COORDINATOR, *SITES]:
+    for member in [COORDINATOR, *local.sites]:
         shutil.copy2(local.kit(member) / "identity.key", keys / f"{member}.key")
     raw = {
         "rounds": 3, "seed": 0,
-        "data": {"dataset": "csv", "csv_sites": [{"name": s, "csv": str(local.data(s)), "schema": str(local.schema)} for s in SITES]},
+        "data": {"dataset": "csv", "csv_sites": [
+            {"name": s, "csv": str(local.data(s)), "schema": str(local.schema)} for s in local.sites
+        ]},
         "participation": {"min_sites": 3},
         "privacy": {"test_seed": 7, "epsilon": 8.0},
         "baselines": {"local_only": False, "pooled": False},
@@ -65,7 +81,7 @@ def test_a_coordinator_and_three_site_processes_equal_the_simulation(local, tmp_
 
     run_dir = tmp_path / "served"
     procs = launch(local, config_file, run_dir, seed=0, test_seed=7, serve_args=("--json",),
-                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, logs=tmp_path / "logs")
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, logs=tmp_path / "logs", state=tmp_path / "state")
     try:
         out, err = procs.coordinator.communicate(timeout=420)
         site_codes = {s: p.wait(timeout=60) for s, p in procs.sites.items()}
@@ -92,6 +108,90 @@ def test_a_coordinator_and_three_site_processes_equal_the_simulation(local, tmp_
                               capture_output=True, text=True, timeout=120)
     assert verified.returncode == 0, verified.stderr
     assert json.loads(verified.stdout)["status"] == "completed"
+
+
+def test_a_site_killed_during_collect_masked_leaves_the_round_to_the_others(local5, tmp_path):
+    _, config_file = _config(local5, tmp_path, rounds=2, participation={"min_sites": 2})
+    run_dir = tmp_path / "served"
+    procs = launch(local5, config_file, run_dir, seed=0, test_seed=7, serve_args=("--json", "--pickup-timeout", "8"),
+                   join_args={"site-3": ("--crash-at", "secagg_deliver:2")},  # dies as its masked input is due
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, logs=tmp_path / "logs", state=tmp_path / "state")
+    try:
+        out, err = procs.coordinator.communicate(timeout=420)
+        codes = {s: p.wait(timeout=60) for s, p in procs.sites.items()}
+    finally:
+        procs.stop()
+    assert procs.coordinator.returncode == 0, err.decode()[-3000:]
+    assert codes == {"site-1": 0, "site-2": 0, "site-3": 137, "site-4": 0, "site-5": 0}
+    summary = json.loads(out)
+    assert summary["status"] == "completed" and summary["federated"]["rounds_completed"] == 2
+    # Round 2's sum is over the two masked inputs that arrived: site-3's pairwise masks were removed
+    # with its key shares; the heads after it carry the others' co-signatures.
+    assert summary["secure_aggregation"]["survivors_per_round"] == [5, 4]
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rounds[1]["secure_aggregation"] == {"fit_included": 4, "evaluate_included": 4}
+    verified = _cli("verify", str(run_dir), "--json")
+    assert verified.returncode == 0, verified.stderr
+    heads = [json.loads(line) for line in (run_dir / "heads.jsonl").read_text().splitlines()]
+    assert "site-3" not in heads[-1]["cosignatures"] and len(heads[-1]["cosignatures"]) == 4
+
+
+def _published_plan(run_dir, rnd: int) -> bool:
+    """Round ``rnd``'s plan is in the transcript, under a head the sites co-signed."""
+    def lines(name):
+        path = run_dir / name
+        out = []
+        for line in (path.read_text().splitlines() if path.exists() else []):
+            try:
+                out.append(json.loads(line))
+            except ValueError:  # a line being written
+                pass
+        return out
+
+    plan = next((e for e in lines("transcript.jsonl") if e["kind"] == "round_plan" and e["round"] == rnd), None)
+    return plan is not None and any(h["size"] > plan["index"] for h in lines("heads.jsonl"))
+
+
+def test_a_coordinator_killed_mid_round_restarts_and_finishes_the_run(local, tmp_path):
+    _, config_file = _config(local, tmp_path)
+    run_dir = tmp_path / "served"
+    procs = launch(local, config_file, run_dir, seed=0, test_seed=7, serve_args=("--json",),
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, logs=tmp_path / "logs", state=tmp_path / "state")
+    again = None
+    try:
+        deadline = time.monotonic() + 300
+        while not _published_plan(run_dir, 2):  # round 2 is under way: its plan went out
+            assert procs.coordinator.poll() is None and time.monotonic() < deadline, procs.coordinator.stderr.read().decode()
+            time.sleep(0.02)
+        procs.coordinator.kill()  # SIGKILL: no cleanup, no goodbye to the sites
+        procs.coordinator.wait()
+        # The sites keep polling, backing off, while it is away; a new process takes the run over.
+        again = subprocess.Popen(
+            [sys.executable, "-m", "consortium.cli", "serve", str(local.kit(COORDINATOR)), "--schema", str(local.schema),
+             "--recover", str(run_dir), "--port", str(local.port), "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        out, err = again.communicate(timeout=420)
+        codes = {s: p.wait(timeout=60) for s, p in procs.sites.items()}
+    finally:
+        procs.stop()
+        if again is not None and again.poll() is None:
+            again.kill()
+    assert again.returncode == 0, err.decode()[-3000:]
+    assert codes == {s: 0 for s in SITES}
+    summary = json.loads(out)
+    assert summary["status"] == "completed" and summary["transcript"]["verified"]
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2, 3]  # nothing lost, nothing twice
+    assert [r["status"] for r in rounds] == ["ok", "skipped", "ok"]
+    assert rounds[1]["reason"].startswith("aborted: the coordinator stopped during round 2")
+    entries = [json.loads(line) for line in (run_dir / "transcript.jsonl").read_text().splitlines()]
+    assert [e["index"] for e in entries] == list(range(len(entries)))
+    assert sorted(e["round"] for e in entries if e["kind"] == "aggregate") == [1, 2, 3]  # one outcome per round
+    verified = _cli("verify", str(run_dir), "--json")
+    assert verified.returncode == 0, verified.stderr
+    # What the sites paid for the cut-off round stays paid: the run reports it, verify recomputes it.
+    assert json.loads(verified.stdout)["epsilon_per_site"] == pytest.approx(summary["privacy"]["epsilon_per_site"])
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

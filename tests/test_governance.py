@@ -429,13 +429,13 @@ def test_a_head_that_rewrites_history_is_not_cosigned_and_halts_the_run(tmp_path
     from consortium.transcript.log import TranscriptWriter
 
     honest = TranscriptWriter.consistency
-    calls = []
+    heads: list[int] = []  # the sizes of the heads proven so far
 
     def forged(self, first, second):
         proof = honest(self, first, second)
-        if proof:
-            calls.append(first)
-        return [bytes(32)] * len(proof) if len(calls) == 3 else proof  # the third proof given does not hold
+        if proof and second not in heads:
+            heads.append(second)
+        return [bytes(32)] * len(proof) if proof and heads.index(second) == 2 else proof  # the third head's proofs do not hold
 
     monkeypatch.setattr(TranscriptWriter, "consistency", forged)
     cfg = SimulationConfig.model_validate({"rounds": 3, "privacy": {"enabled": False}, "baselines": {"local_only": False, "pooled": False}})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -136,3 +137,31 @@ def test_the_service_refuses_strangers_unsolicited_and_oversized_messages(consor
             assert client.post("/v1/poll").status_code == 410
     finally:
         server.stop()
+
+
+def test_a_stage_stops_waiting_for_a_site_that_falls_silent_but_not_for_one_that_works():
+    mailbox = Mailbox()
+    replies = {}
+
+    def stage():
+        replies.update(mailbox.run_stage({"quick": b"q", "busy": b"b", "gone": b"g"}, timeout_s=30, pickup_s=0.6))
+
+    t0 = time.monotonic()
+    runner = threading.Thread(target=stage)
+    runner.start()
+    assert mailbox.take("quick", 5) == b"q" and mailbox.put_reply("quick", b"Q")
+    assert mailbox.take("busy", 5) == b"b"  # "gone" never takes its request
+    for _ in range(5):  # busy works for 1.5 s, saying so every 0.3 s: well past the 0.6 s pickup
+        time.sleep(0.3)
+        mailbox.heartbeat("busy")
+    assert runner.is_alive()  # still waiting for busy, though "gone" was given up on
+    assert mailbox.put_reply("busy", b"B")
+    runner.join(5)
+    assert replies == {"quick": b"Q", "busy": b"B"} and time.monotonic() - t0 < 5
+    # A site that takes its request and falls silent is given up on after the pickup time, not the stage's 30 s.
+    t0 = time.monotonic()
+    runner = threading.Thread(target=lambda: replies.update(mailbox.run_stage({"dies": b"d"}, timeout_s=30, pickup_s=0.6)))
+    runner.start()
+    assert mailbox.take("dies", 5) == b"d"
+    runner.join(10)
+    assert not runner.is_alive() and time.monotonic() - t0 < 3

@@ -170,6 +170,35 @@ def test_a_forged_site_acceptance_is_caught(run, sim):
         verify_run(run)
 
 
+def _rewrite_with_everyone(run, sim, edit):
+    """Every member colludes: ``edit`` changes the list of entries, which is re-indexed and put under one
+    head that the coordinator signs and every site co-signs. Only the transcript's own rules remain."""
+    entries = edit([json.loads(line) for line in _lines(run)])
+    for i, e in enumerate(entries):
+        e["index"] = i
+    _write(run, [canonical(e) for e in entries])
+    root = merkle.root([merkle.leaf_hash(canonical(e)) for e in entries]).hex()
+    signed = head_bytes(len(entries), root, 1)
+    cosignatures = {n: _b64(keys.sign(k, signed)) for n, k in sim._identities.items() if n != COORDINATOR}
+    head = {"size": len(entries), "root": root, "timestamp_ms": 1, "signer": COORDINATOR,
+            "signature": _b64(keys.sign(sim._identities[COORDINATOR], signed)), "cosignatures": cosignatures}
+    _write(run, [canonical(head)], HEADS_FILE)
+
+
+def test_a_round_that_lost_its_outcome_or_gained_a_second_is_caught(run, sim):
+    original = _lines_json(run)
+    _rewrite_with_everyone(run, sim, lambda entries: entries)
+    verify_run(run)  # the rewrite alone (one head, co-signed by all) passes...
+    # ...but a planned round without its aggregate, or with two, does not.
+    _rewrite_with_everyone(run, sim, lambda _: [e for e in original if not (e["kind"] == "aggregate" and e["round"] == 2)])
+    with pytest.raises(VerificationError, match="round 2 was planned, and has neither an aggregate nor a halt"):
+        verify_run(run)
+    again = dict(next(e for e in original if e["kind"] == "aggregate" and e["round"] == 1))
+    _rewrite_with_everyone(run, sim, lambda _: [dict(e) for e in original] + [again])
+    with pytest.raises(VerificationError, match="round 1 has a second aggregate"):
+        verify_run(run)
+
+
 def test_a_misreported_epsilon_is_caught(run):
     summary = json.loads((run / "summary.json").read_text())
     summary["privacy"]["epsilon_per_site"]["site-3"] /= 2

@@ -51,7 +51,7 @@ from consortium.protocol.loop import RoundLoop
 from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.runs import RunFolder, new_run_dir, write_atomic
 from consortium.secagg.graph import plan_graph
-from consortium.transcript.log import TreeHead, vector_sha256
+from consortium.transcript.log import TreeHead, cosign_quorum, vector_sha256
 from consortium.transcript.recorder import TranscriptRecorder, code_sha256, library_versions, over_transport
 from consortium.transcript.verify import AGREEMENT_FILE, signed_epsilon, verify_run
 from consortium.transport import Answer, Transport, ask_all
@@ -110,6 +110,7 @@ class CoordinatorRun:
     """
 
     transport: Transport
+    recorder: TranscriptRecorder | None = None  # the run's transcript, once ``run`` has opened it
 
     def __init__(
         self,
@@ -262,11 +263,12 @@ class CoordinatorRun:
         run = RunFolder(self.run_dir, resume=self._resume)
         # Sites co-sign each head through the transport, like any other request.
         cosign = over_transport(self.transport, self.names, lambda: coordinator.round)
-        transcript = TranscriptRecorder(self.run_dir, coordinator_key=self._identity, cosign=cosign)
-        if self._resume:  # after a quorum's resume entry: every site picks up from the last head it co-signed
-            self._resume_sites(transcript.writer.heads[-1])
-            coordinator.restore(*self._checkpoint(run, transcript))
-        else:
+        transcript = TranscriptRecorder(
+            self.run_dir, coordinator_key=self._identity, cosign=cosign,
+            quorum=cosign_quorum(config.participation.min_sites, len(names)),
+        )
+        self.recorder = transcript
+        if not self._resume:
             config_text = yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False)
             run.write_config(config_text)
             if self.agreement is not None and config.agreement is not None:  # what verify checks the run against
@@ -278,12 +280,16 @@ class CoordinatorRun:
             run.append_metrics(finite_metrics(record.to_json()))  # type: ignore[arg-type]
             transcript.record(coordinator.drain_log())
             transcript.archive(coordinator.drain_archives())
+            self._round_over(record, transcript)  # durable state first: then the round's head goes out
             transcript.close_round()
             if on_round is not None:
                 on_round(record)
 
         halted: Incident | None = None
         try:
+            if self._resume:  # every site picks up from the last head it co-signed
+                self._resume_sites(transcript.writer.heads)
+                self._restart(run, transcript, record_round)
             history = RoundLoop(before_stage=transcript.prove_plan).run(coordinator, self.transport, on_round=record_round)
         except RunHalted as exc:  # recorded with its cause, and no final model: nothing more happens until resumed
             halted = exc.incident
@@ -319,7 +325,7 @@ class CoordinatorRun:
             "rounds": config.rounds,
             "seed": config.seed,
             "federated": {
-                **finite_metrics(history[-1].metrics),
+                **finite_metrics(history[-1].metrics if history else {}),
                 "rounds_completed": sum(r.status == "ok" for r in history),
                 "rounds_skipped": sum(r.status == "skipped" for r in history),
             },
@@ -349,6 +355,13 @@ class CoordinatorRun:
         summary["elapsed_s"] = round(time.perf_counter() - started, 3)
         run.write_summary(summary)
         return RunResult(summary=summary, history=history, params=coordinator.params)
+
+    def _restart(self, run: RunFolder, transcript: TranscriptRecorder, record_round: Callable[[RoundRecord], None]) -> None:
+        """Where a resumed run picks up: after a quorum's resume entry, from the model it halted at."""
+        self.coordinator.restore(*self._checkpoint(run, transcript))
+
+    def _round_over(self, record: RoundRecord, transcript: TranscriptRecorder) -> None:
+        """A round's entries are written and its head is about to go out: a service saves its state here."""
 
     @staticmethod
     def _checkpoint(run: RunFolder, transcript: TranscriptRecorder) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -484,6 +497,6 @@ class CoordinatorRun:
         """Yardsticks that need every site's data in one place: the simulation's only."""
         return {}
 
-    def _resume_sites(self, head: TreeHead) -> None:
-        """After a resume: sites that keep running pick up from ``head``, the last they co-signed."""
+    def _resume_sites(self, heads: list[TreeHead]) -> None:
+        """After a resume: sites that keep running pick up from the last of ``heads`` each co-signed."""
 

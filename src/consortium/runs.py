@@ -87,6 +87,12 @@ class RunFolder:
         write_atomic(self.path / "metrics.jsonl", ("\n".join(lines) + "\n").encode())
         self._metric_lines = lines  # only once it is on disk
 
+    def reset_metrics(self, records: list[dict[str, Any]]) -> None:
+        """Rewrite metrics.jsonl as exactly ``records``: after a restart, the rounds its checkpoint holds."""
+        lines = [json.dumps(r, allow_nan=False, default=_json_default) for r in records]
+        write_atomic(self.path / "metrics.jsonl", "".join(line + "\n" for line in lines).encode())
+        self._metric_lines = lines
+
     def write_model(self, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
         write_atomic(self.path / "model.safetensors", safetensors_save(tensors, metadata=metadata))
 

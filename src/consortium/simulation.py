@@ -46,7 +46,7 @@ from consortium.privacy.ledger import BudgetLedger
 from consortium.protocol.coordinator import COORDINATOR, RoundRecord
 from consortium.protocol.site import Site
 from consortium.protocol.task import ModelBuilder, build_task_model
-from consortium.transcript.log import TreeHead
+from consortium.transcript.log import TreeHead, last_cosigned
 from consortium.transcript.recorder import TranscriptRecorder
 from consortium.transcript.verify import AGREEMENT_FILE
 from consortium.transport import InProcessTransport
@@ -236,9 +236,11 @@ class Simulation(CoordinatorRun):
         directory = {name: keys.ed25519_public_bytes(k.public_key()) for name, k in self._identities.items()}
         return self._identities[COORDINATOR], directory
 
-    def _resume_sites(self, head: TreeHead) -> None:
-        for site in self._sites.values():
-            site.resume_from(head)
+    def _resume_sites(self, heads: list[TreeHead]) -> None:
+        for name, site in self._sites.items():
+            head = last_cosigned(heads, name)
+            if head is not None:
+                site.resume_from(head)
 
     def _epsilon(self, transcript: TranscriptRecorder) -> tuple[dict[str, float], dict[str, float]]:
         """From the sites' own ledgers here (``verify`` checks them against the signed events)."""

@@ -18,12 +18,34 @@ from consortium.protocol.site import Site
 
 
 class SiteAgent:
-    def __init__(self, kit: Kit, site: Site, *, base_url: str | None = None, max_backoff_s: float = 10.0) -> None:
+    def __init__(
+        self, kit: Kit, site: Site, *, base_url: str | None = None, max_backoff_s: float = 10.0, heartbeat_s: float = 2.0
+    ) -> None:
         self.kit = kit
         self.site = site
         self.base_url = base_url or f"https://{kit.host}:{kit.port}"
         self.max_backoff_s = max_backoff_s
+        self.heartbeat_s = heartbeat_s  # while it works on a request, it says so this often
         self.answered = 0
+
+    def _answer(self, client: httpx.Client, request: bytes) -> bytes:
+        """The site's reply to ``request``, with heartbeats to the coordinator while it is being worked out."""
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(self.heartbeat_s):
+                try:
+                    client.post("/v1/heartbeat")
+                except httpx.HTTPError:
+                    pass  # the reply itself will tell whether the coordinator is there
+
+        beating = threading.Thread(target=beat, name="heartbeat", daemon=True)
+        beating.start()
+        try:
+            return self.site.handle_bytes(request)
+        finally:
+            done.set()
+            beating.join()
 
     def run(self, stop: threading.Event | None = None) -> None:
         """Poll and answer until the run is over (410) or ``stop`` is set."""
@@ -38,7 +60,7 @@ class SiteAgent:
                     if polled.status_code == 204:
                         continue
                     polled.raise_for_status()
-                    reply = self.site.handle_bytes(polled.content)
+                    reply = self._answer(client, polled.content)
                     client.post("/v1/reply", content=reply, headers={"content-type": "application/octet-stream"})
                     self.answered += 1
                     backoff = 0.05

@@ -15,7 +15,9 @@ for tests only: a site in test mode is not private, and says so.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 from consortium.config import SplitConfig
 from consortium.data import load_schema, read_csv, split_table
@@ -25,10 +27,25 @@ from consortium.errors import ConfigError
 from consortium.governance.agreement import load_agreement, load_member_key, read_signatures, require_approval
 from consortium.governance.policy import load_policy
 from consortium.privacy.ledger import BudgetLedger
+from consortium.protocol import messages as m
 from consortium.protocol.site import Site
 from consortium.simulation import noise_test_seed, site_randomness
 
 LEDGER_FILE = "budget.sqlite"
+
+
+class CrashingSite(Site):
+    """Fault injection for tests (``consortium join --crash-at KIND:ROUND``): the process dies, with no
+    goodbye, on receiving the first request of ``kind`` in ``round``, as a site whose machine fails."""
+
+    def __init__(self, *args: Any, crash_at: tuple[str, int], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._crash_at = crash_at
+
+    def handle(self, request: m.Envelope) -> m.Envelope:
+        if (request.message.kind, request.round) == self._crash_at:
+            os._exit(137)  # what SIGKILL leaves: no reply, no cleanup
+        return super().handle(request)
 
 
 def build_site(
@@ -40,6 +57,7 @@ def build_site(
     seed: int = 0,
     test_seed: int | None = None,
     split: SplitConfig = SplitConfig(),
+    crash_at: tuple[str, int] | None = None,
 ) -> Site:
     """The site runtime this kit's member runs on its own CSV; every input is checked first."""
     if kit.role != "site":
@@ -60,7 +78,8 @@ def build_site(
         cap = min(cap, policy.max_epsilon)
     state = state if state is not None else kit.folder / "state"
     ledger = BudgetLedger(state / LEDGER_FILE, site=kit.member, epsilon_cap=cap, delta=agreement.privacy.delta)
-    return Site(
+    extra: dict[str, Any] = {} if crash_at is None else {"crash_at": crash_at}
+    return (Site if crash_at is None else CrashingSite)(
         kit.member,
         splits,
         seed=train_seed,
@@ -71,4 +90,5 @@ def build_site(
         strict=True,
         agreement=agreement,
         policy=policy,
+        **extra,
     )

@@ -117,14 +117,17 @@ def launch(
     seed: int = 0,
     test_seed: int | None = None,
     serve_args: tuple[str, ...] = (),
+    join_args: dict[str, tuple[str, ...]] | None = None,
     stdout: int | None = None,
     stderr: int | None = None,
     logs: Path | None = None,
+    state: Path | None = None,
 ) -> Processes:
     """Start the coordinator's service and every site's agent, each a process of its own.
 
     The coordinator's output goes to ``stdout`` / ``stderr`` (default: this process's); each site's,
-    to ``logs/<site>.log`` when ``logs`` is given, else nowhere.
+    to ``logs/<site>.log`` when ``logs`` is given, else nowhere. Each site keeps its state (its privacy
+    ledger, for the whole collaboration) in ``state/<site>``, or by default in its kit.
     """
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if logs is not None:
@@ -139,6 +142,9 @@ def launch(
         args = ["join", str(local.kit(site)), "--data", str(local.data(site)), "--schema", str(local.schema), "--seed", str(seed)]
         if test_seed is not None:
             args += ["--test-seed", str(test_seed)]
+        if state is not None:
+            args += ["--state", str(state / site)]
+        args += (join_args or {}).get(site, ())
         sink = open(logs / f"{site}.log", "wb") if logs is not None else subprocess.DEVNULL  # noqa: SIM115
         sites[site] = subprocess.Popen(_cli(*args), stdout=sink, stderr=subprocess.STDOUT, env=env)
         if logs is not None:
@@ -176,7 +182,8 @@ def deploy_demo(config: SimulationConfig, run_dir: Path, *, as_json: bool = Fals
     try:
         code = procs.coordinator.wait()
         for proc in procs.sites.values():
-            proc.wait(timeout=60)
+            if code == 0:  # told the run is over, each site stops by itself; after a failure nobody tells them
+                proc.wait(timeout=60)
     finally:
         procs.stop()
     return code

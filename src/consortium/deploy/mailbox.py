@@ -23,17 +23,27 @@ class Mailbox:
         self._closed = False
         self._seen: dict[str, float] = {}  # member -> when it last polled (monotonic)
 
-    def run_stage(self, requests: dict[str, bytes], timeout_s: float) -> dict[str, bytes]:
-        """Post one stage's requests; the replies that arrive before the deadline, by member."""
-        deadline = time.monotonic() + timeout_s
+    def run_stage(self, requests: dict[str, bytes], timeout_s: float, pickup_s: float | None = None) -> dict[str, bytes]:
+        """Post one stage's requests; the replies that arrive before the deadline, by member.
+
+        ``pickup_s``: a live site is always polling between stages, so it takes its request at once, and
+        while it works on it its agent sends a heartbeat every few seconds. A site not heard from for
+        ``pickup_s`` (it never took its request, or went silent after taking it) is gone: crashed or cut
+        off, and the stage stops waiting for it. The others get up to ``timeout_s`` to answer.
+        """
+        posted = time.monotonic()
+        deadline = posted + timeout_s
         with self._cond:
             self._outbox, self._expected, self._inbox = dict(requests), set(requests), {}
             self._cond.notify_all()
-            while not self._expected <= set(self._inbox) and not self._closed:
-                left = deadline - time.monotonic()
-                if left <= 0:
+            while not self._closed:
+                now = time.monotonic()
+                waiting = self._expected - set(self._inbox)
+                if pickup_s is not None:  # heard from since the stage began, and recently
+                    waiting = {m for m in waiting if now - max(posted, self._seen.get(m, posted)) < pickup_s}
+                if not waiting or now >= deadline:
                     break
-                self._cond.wait(left)
+                self._cond.wait(min(deadline - now, pickup_s / 4 if pickup_s is not None else deadline - now))
             replies = dict(self._inbox)
             self._outbox, self._expected, self._inbox = {}, set(), {}
             return replies
@@ -49,7 +59,15 @@ class Mailbox:
                 if left <= 0:
                     return None
                 self._cond.wait(left)
-            return self._outbox.pop(member, None)
+            raw = self._outbox.pop(member, None)
+            if raw is not None:
+                self._seen[member] = time.monotonic()  # it has its request: heard from now
+            return raw
+
+    def heartbeat(self, member: str) -> None:
+        """``member`` is alive and working on its request."""
+        with self._cond:
+            self._seen[member] = time.monotonic()
 
     def put_reply(self, member: str, raw: bytes) -> bool:
         """Take ``member``'s reply to the current stage; False if it was not asked, or has answered already."""

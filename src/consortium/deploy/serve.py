@@ -13,22 +13,30 @@ when the run is over it tells each site so (410) before it stops listening.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from consortium.config import AgreementConfig, SimulationConfig
+from consortium.config import AgreementConfig, SimulationConfig, load_config
 from consortium.crypto import keys
 from consortium.data import DataSchema, layout_table
+from consortium.deploy.dashboard import Board, Snapshot, create_dashboard_app, head_status
 from consortium.deploy.mailbox import Mailbox
 from consortium.deploy.provision import Kit
 from consortium.deploy.service import HttpsServer, create_app
 from consortium.errors import ConfigError
 from consortium.governance.agreement import Agreement, load_agreement, load_member_key
-from consortium.orchestrator import CoordinatorRun
-from consortium.protocol.coordinator import COORDINATOR
-from consortium.runs import new_run_dir
+from consortium.deploy.state import CoordinatorState
+from consortium.orchestrator import CoordinatorRun, RunResult, finite_metrics
+from consortium.protocol.coordinator import COORDINATOR, RoundRecord
+from consortium.runs import RunFolder, new_run_dir
+from consortium.transcript.recorder import TranscriptRecorder
+from consortium.transcript.verify import signed_epsilon
 from consortium.transport.mailbox import MailboxTransport
+
+
+STATE_FILE = "coordinator.sqlite"
 
 
 def _sites(agreement: Agreement) -> list[str]:
@@ -53,34 +61,88 @@ class ServedRun(CoordinatorRun):
     def __init__(
         self,
         kit: Kit,
-        config: SimulationConfig,
+        config: SimulationConfig | None,
         schema: DataSchema,
         *,
         out: Path | None = None,
+        recover: bool = False,
+        state_url: str | None = None,
         host: str = "127.0.0.1",
         port: int | None = None,
         stage_timeout_s: float = 120.0,
+        pickup_timeout_s: float = 15.0,
         poll_wait_s: float = 20.0,
+        dashboard_port: int | None = None,
     ) -> None:
+        """A new run in ``out`` (default: a fresh folder under runs/), or with ``recover`` the run in
+        ``out`` that a stopped coordinator left, under the config it recorded."""
         if kit.role != "coordinator":
             raise ConfigError(f"{kit.folder} is the kit of {kit.role} '{kit.member}': serve with the coordinator's kit")
         self.kit = kit
+        if recover:
+            if out is None or not (out / STATE_FILE).exists():
+                raise ConfigError(f"{out} holds no coordinator state ({STATE_FILE}): --recover takes the folder of a served run")
+            config = load_config(out / "config.yaml")
+        elif out is not None and out.exists() and any(out.iterdir()):
+            raise ConfigError(f"{out} is not empty: continue the run it holds with --recover {out}, or choose a new --out")
+        if config is None:
+            raise ConfigError("a new run needs its config: pass --config (or --recover RUN_DIR to continue one)")
         agreement_file = kit.folder / "agreement.yaml"
         # The run is held to the kit's agreement, whatever the config's agreement section says.
         config = config.model_copy(update={"agreement": AgreementConfig(file=agreement_file, keys=kit.folder)})
         names = _sites(load_agreement(agreement_file))
         if out is None:
             out = new_run_dir(Path("runs"), f"{kit.member}-served-seed{config.seed}")
-        super().__init__(config, names=names, sample=layout_table(schema), out=out)
+        super().__init__(config, names=names, sample=layout_table(schema), out=out, resume=recover)
         assert self.agreement is not None
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.state = CoordinatorState(state_url or f"sqlite:///{self.run_dir / STATE_FILE}")
         self.mailbox = Mailbox()
         roles = {m.name: m.role for m in self.agreement.members}
         app = create_app(self.mailbox, roles, poll_wait_s=poll_wait_s)
         self.server = HttpsServer(app, kit, host=host, port=port)
         self.transport = MailboxTransport(
-            self.mailbox, identity=self._identity, directory=self._directory, stage_timeout_s=stage_timeout_s
+            self.mailbox, identity=self._identity, directory=self._directory, stage_timeout_s=stage_timeout_s,
+            pickup_timeout_s=pickup_timeout_s,
         )
         self.port: int | None = None
+        self.board: Board | None = None
+        self.dashboard: HttpsServer | None = None
+        self.dashboard_port: int | None = None
+        if dashboard_port is not None:  # read-only, on its own port: a browser needs no client certificate there
+            self.board = Board(Snapshot(self.agreement.consortium, str(self.run_dir), self.config.rounds))
+            self.dashboard = HttpsServer(
+                create_dashboard_app(self.board, self.agreement), kit, host=host, port=dashboard_port, client_certificates=False
+            )
+
+    def run(self, *, on_round: Callable[[RoundRecord], None] | None = None) -> RunResult:
+        def each_round(record: RoundRecord) -> None:
+            self._show("running")
+            if on_round is not None:
+                on_round(record)
+
+        self._show("running")
+        result = super().run(on_round=each_round)
+        verified = "verified" if result.summary["transcript"]["verified"] else "NOT verified"
+        self._show(f"{result.summary['status']}, transcript {verified}")
+        return result
+
+    def _show(self, status: str) -> None:
+        """Publish what the dashboard shows now: only ever between rounds, from the run's own thread."""
+        if self.board is None:
+            return
+        assert self.agreement is not None
+        epsilon: dict[str, float] = {}
+        head = None
+        if self.recorder is not None and self.recorder.writer.entries:
+            entries = self.recorder.writer.entries
+            epsilon = signed_epsilon(entries, entries[0].body)
+            head = head_status(self.recorder.writer, self._directory)
+        self.board.publish(Snapshot(
+            consortium=self.agreement.consortium, run_dir=str(self.run_dir), total_rounds=self.config.rounds, status=status,
+            rounds=[finite_metrics(r.to_json()) for r in self.coordinator.history], epsilon=epsilon,
+            epsilon_cap=self.agreement.privacy.max_epsilon, head=head,
+        ))
 
     def _member_keys(self) -> tuple[Ed25519PrivateKey, dict[str, bytes]]:
         assert self.agreement is not None
@@ -89,13 +151,46 @@ class ServedRun(CoordinatorRun):
         assert directory[COORDINATOR] == keys.ed25519_public_bytes(identity.public_key())
         return identity, directory
 
+    def _round_over(self, record: RoundRecord, transcript: TranscriptRecorder) -> None:
+        meta, arrays = self.coordinator.checkpoint()
+        # The coordinator has planned the next round already; the checkpoint is of the round just over.
+        self.state.save_round(finite_metrics(record.to_json()), {**meta, "round": record.round}, arrays)
+
+    def _restart(self, run: RunFolder, transcript: TranscriptRecorder, record_round: Callable[[RoundRecord], None]) -> None:
+        """After a crash: continue from the last round the state store holds. A round the crash cut off
+        after its plan went out ends skipped (logged, co-signed, the model unchanged); what the sites
+        paid for it stays paid. After a quorum's resume of a halt: as any resumed run."""
+        entries = transcript.writer.entries
+        if entries[-1].kind == "resume":
+            super()._restart(run, transcript, record_round)
+            return
+        latest = self.state.latest()
+        if latest is None:
+            raise ConfigError(
+                f"the coordinator of {self.run_dir} stopped before its first round ended: there is nothing to continue; "
+                "start a new run"
+            )
+        meta, arrays = latest
+        coordinator = self.coordinator
+        run.reset_metrics([finite_metrics(r) for r in meta["history"]])  # the rounds the checkpoint holds, no more
+        coordinator.restore(meta, arrays, open_next=False)
+        cut = next((e for e in entries if e.kind == "round_plan" and e.round == coordinator.round + 1), None)
+        if cut is not None:
+            reason = f"aborted: the coordinator stopped during round {cut.round} and restarted"
+            record_round(coordinator.skip_interrupted(reason, list(cut.body["cohort"])))
+        elif transcript.writer.heads[-1].size < len(entries):
+            transcript.close_round()  # the last round's entries, complete, under a head of their own
+        coordinator.open_next()
+
     def start(self, *, wait_for_sites_s: float) -> None:
         """Listen, then wait until every site has connected; the error names those that did not."""
         started = time.monotonic()
         self.port = self.server.start()
+        if self.dashboard is not None:
+            self.dashboard_port = self.dashboard.start()
         missing = self.mailbox.wait_seen(self.names, since=started, timeout_s=wait_for_sites_s)
         if missing:
-            self.server.stop()
+            self._stop_servers()
             raise ConfigError(
                 f"{', '.join(missing)} did not connect within {wait_for_sites_s:g} s: start each site's agent "
                 "(consortium join KIT --data CSV --schema SCHEMA), or give them longer (--wait-for-sites)"
@@ -106,4 +201,9 @@ class ServedRun(CoordinatorRun):
         closed = time.monotonic()
         self.mailbox.close()
         self.mailbox.wait_seen(self.names, since=closed, timeout_s=grace_s)
+        self._stop_servers()
+
+    def _stop_servers(self) -> None:
         self.server.stop()
+        if self.dashboard is not None:
+            self.dashboard.stop()

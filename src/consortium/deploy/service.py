@@ -103,6 +103,12 @@ def create_app(mailbox: Mailbox, members: Mapping[str, str], *, poll_wait_s: flo
             return Response(status_code=410 if mailbox.closed else 204)
         return Response(content=raw, media_type="application/octet-stream")
 
+    @app.post("/v1/heartbeat", status_code=204, responses={204: {}})
+    def heartbeat(request: Request) -> Response:
+        """A site working on its request says it is alive (a stage stops waiting for one that falls silent)."""
+        mailbox.heartbeat(caller(request))
+        return Response(status_code=204)
+
     sealed_body = {"requestBody": {"required": True, "content": {
         "application/octet-stream": {"schema": {"type": "string", "format": "binary", "maxLength": max_message_bytes}}
     }}}
@@ -131,12 +137,16 @@ def create_app(mailbox: Mailbox, members: Mapping[str, str], *, poll_wait_s: flo
 class HttpsServer:
     """uvicorn serving ``app`` over mutual TLS 1.3 with ``kit``'s certificate, in a background thread."""
 
-    def __init__(self, app: FastAPI, kit: Kit, *, host: str = "127.0.0.1", port: int | None = None) -> None:
+    def __init__(
+        self, app: FastAPI, kit: Kit, *, host: str = "127.0.0.1", port: int | None = None, client_certificates: bool = True
+    ) -> None:
+        """``client_certificates``: required (the protocol's service), or not asked for (the dashboard, which
+        checks a signed grant instead, so that a browser can open it)."""
         config = uvicorn.Config(
             app, host=host, port=kit.port if port is None else port, log_level="warning",
             ssl_certfile=str(kit.folder / "tls.crt"), ssl_keyfile=str(kit.folder / "tls.key"),
-            ssl_ca_certs=str(kit.folder / "ca.crt"), ssl_cert_reqs=ssl.CERT_REQUIRED, http=PeerCertificateH11,
-            timeout_keep_alive=60,
+            ssl_ca_certs=str(kit.folder / "ca.crt"), ssl_cert_reqs=ssl.CERT_REQUIRED if client_certificates else ssl.CERT_NONE,
+            http=PeerCertificateH11, timeout_keep_alive=60,
         )
         config.load()
         assert config.ssl is not None

@@ -23,7 +23,7 @@ from consortium.governance.agreement import Agreement, load_member_key
 from consortium.governance.incident import Incident
 from consortium.governance.roles import Roles
 from consortium.protocol.coordinator import COORDINATOR, LogRecord
-from consortium.transcript.log import TRANSCRIPT_FILE, Entry, HeadWitness, parse_entry, signed_entry_bytes
+from consortium.transcript.log import TRANSCRIPT_FILE, Entry, HeadWitness, last_cosigned, parse_entry, signed_entry_bytes
 from consortium.transcript.recorder import TranscriptRecorder, direct
 from consortium.transcript.verify import Verified, resume_statement, run_agreement, verify_run
 
@@ -54,8 +54,10 @@ def open_run(run_dir: Path, keys_dir: Path) -> RunControl:
     coordinator_public = keys.ed25519_public_bytes(coordinator_key.public_key())
     witnesses = {name: HeadWitness(name, load_member_key(agreement, keys_dir, name), coordinator_public) for name in sites}
     recorder = TranscriptRecorder(run_dir, coordinator_key=coordinator_key, cosign=direct({n: w.cosign for n, w in witnesses.items()}))
-    for witness in witnesses.values():
-        witness.resume_from(recorder.writer.heads[-1])
+    for name, witness in witnesses.items():
+        head = last_cosigned(recorder.writer.heads, name)
+        if head is not None:
+            witness.resume_from(head)
     return RunControl(run_dir, agreement, recorder, keys_dir)
 
 

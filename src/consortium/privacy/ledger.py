@@ -14,10 +14,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Float, Integer, String, Text, create_engine, event, select
+from sqlalchemy import Float, Integer, String, Text, create_engine, select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
+from consortium.db import open_engine
 from consortium.errors import ConfigError, ConsortiumError
 from consortium.privacy.accountant import PLD_INTERVAL, Accountant, epsilon
 from consortium.privacy.events import PrivacyEvent, parse_event
@@ -66,8 +67,7 @@ class BudgetLedger:
             raise ConfigError(f"a site's epsilon cap must be positive, found {epsilon_cap}")
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._engine = create_engine(f"sqlite:///{path}")
-        event.listen(self._engine, "connect", _durable)
+        self._engine = open_engine(f"sqlite:///{path}")
         _Base.metadata.create_all(self._engine)
         with Session(self._engine) as s, s.begin():
             policy = s.get(_Policy, 1)
@@ -184,10 +184,3 @@ def read_ledgers(run_dir: Path) -> dict[str, dict[str, object]]:
         finally:
             engine.dispose()
     return out
-
-
-def _durable(dbapi_connection, _record) -> None:
-    cur = dbapi_connection.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=FULL")  # a committed spend survives a power cut
-    cur.close()

@@ -521,8 +521,9 @@ class Coordinator:
         }
         return meta, arrays
 
-    def restore(self, meta: dict[str, object], arrays: dict[str, np.ndarray]) -> None:
-        """Continue from ``checkpoint()``'s output: the next round is planned (and logged) at once."""
+    def restore(self, meta: dict[str, object], arrays: dict[str, np.ndarray], *, open_next: bool = True) -> None:
+        """Continue from ``checkpoint()``'s output: the next round is planned (and logged) at once,
+        unless ``open_next`` is False (then ``open_next()`` does it)."""
         self.round = int(meta["round"])  # type: ignore[call-overload]
         self.members = list(meta["members"])  # type: ignore[call-overload]
         self.excluded = dict(meta["excluded"])  # type: ignore[call-overload]
@@ -540,11 +541,37 @@ class Coordinator:
         if self.site_dp is not None and meta["site_dp_clip"] is not None:
             self.site_dp.clip = float(meta["site_dp_clip"])  # type: ignore[arg-type]
         self.strategy.load_state({k.removeprefix("strategy."): v for k, v in arrays.items() if k.startswith("strategy.")})
-        self._setup_replies, self.incident = {}, None
+        self._setup_replies, self.incident, self._state = {}, None, None
+        if open_next:
+            self.open_next()
+
+    def open_next(self) -> None:
+        """Between rounds: plan the next round, or end the run after the last."""
         if self.round >= self.rounds:
             self._state = None
         else:
             self._open_fit(self.round + 1)
+
+    def skip_interrupted(self, reason: str, cohort: list[str]) -> RoundRecord:
+        """Between rounds, after a restart: the next round, whose plan went out to ``cohort`` before the
+        coordinator stopped, ends skipped and logged as such, with the model unchanged."""
+        rnd = self.round + 1
+        record = RoundRecord(round=rnd, selected=sorted(cohort), dropped=sorted(cohort), status="skipped", reason=reason)
+        model = self._model_sha256()
+        self._log.append(LogRecord("aggregate", rnd, COORDINATOR, {
+            "status": record.status,
+            "reason": reason,
+            "included": [],
+            "dropped": record.dropped,
+            "refused": [],
+            "sum_sha256": None,
+            "parent_model_sha256": model,
+            "model_sha256": model,
+            "privacy": None,
+        }))
+        self.history.append(record)
+        self.round = rnd
+        return record
 
     @property
     def plan_proven(self) -> bool:

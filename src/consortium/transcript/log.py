@@ -195,6 +195,16 @@ class TranscriptWriter:
         self.heads.append(head)
 
 
+def cosign_quorum(min_sites: int, n_sites: int) -> int:
+    """How many sites must co-sign every head of a run: its minimum cohort (all sites, if fewer)."""
+    return max(1, min(min_sites, n_sites))
+
+
+def last_cosigned(heads: list[TreeHead], member: str) -> TreeHead | None:
+    """The latest of ``heads`` that ``member`` co-signed (a site that was away misses some)."""
+    return next((h for h in reversed(heads) if member in h.cosignatures), None)
+
+
 class HeadWitness:
     """A member's memory of the last head it signed; it co-signs only heads that extend it."""
 

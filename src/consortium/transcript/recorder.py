@@ -25,24 +25,27 @@ from consortium.governance.incident import Incident, RunHalted
 from consortium.protocol.coordinator import COORDINATOR, Coordinator, LogRecord, SessionArchive
 from consortium.protocol.messages import CosignRequest, Cosignature, PlanProof
 from consortium.runs import write_atomic
-from consortium.transcript.log import TranscriptWriter, TreeHead, canonical, manifest_bytes, sha256_hex
+from consortium.transcript.log import TranscriptWriter, TreeHead, canonical, last_cosigned, manifest_bytes, sha256_hex
 from consortium.transcript.verify import EVIDENCE_DIR
-from consortium.transport import Transport, ask_all
+from consortium.transport import NoAnswer, Transport, ask_each
 
 LIBRARIES = ("numpy", "torch", "cryptography", "dp-accounting", "pydantic", "rfc8785")
 Cosigner = Callable[[TreeHead, list[bytes]], bytes]
-#: Asks every site at once to co-sign a head: each site's signature, or the error that stands for its refusal.
-CosignAll = Callable[[TreeHead, list[bytes]], dict[str, "bytes | ConsortiumError"]]
+#: The consistency proof a site needs to co-sign a head: from the last head it co-signed.
+ProofFor = Callable[[str], list[bytes]]
+#: Asks every site at once to co-sign a head, each with its own proof: each site's signature, or the error
+#: that stands for its refusal (``VerificationError``) or its silence (``NoAnswer``).
+CosignAll = Callable[[TreeHead, ProofFor], dict[str, "bytes | ConsortiumError"]]
 
 
 def direct(cosigners: Mapping[str, Cosigner]) -> CosignAll:
     """Co-signing by calling each site's witness directly (tools that hold every member's key)."""
 
-    def cosign_all(head: TreeHead, proof: list[bytes]) -> dict[str, bytes | ConsortiumError]:
+    def cosign_all(head: TreeHead, proof_for: ProofFor) -> dict[str, bytes | ConsortiumError]:
         out: dict[str, bytes | ConsortiumError] = {}
         for name, cosign in cosigners.items():
             try:
-                out[name] = cosign(head, proof)
+                out[name] = cosign(head, proof_for(name))
             except ConsortiumError as exc:
                 out[name] = exc
         return out
@@ -67,8 +70,9 @@ def library_versions() -> dict[str, str]:
 def over_transport(transport: Transport, sites: list[str], round_of: Callable[[], int]) -> CosignAll:
     """Co-signing as a protocol request (``CosignRequest``), sealed and sent like any other, to every site at once."""
 
-    def cosign_all(head: TreeHead, proof: list[bytes]) -> dict[str, bytes | ConsortiumError]:
-        answers = ask_all(transport, sites, round_of(), CosignRequest(head=head, proof=proof), Cosignature)
+    def cosign_all(head: TreeHead, proof_for: ProofFor) -> dict[str, bytes | ConsortiumError]:
+        requests = {name: CosignRequest(head=head, proof=proof_for(name)) for name in sites}
+        answers = ask_each(transport, round_of(), requests, Cosignature)
         return {name: a.signature if isinstance(a, Cosignature) else a for name, a in answers.items()}
 
     return cosign_all
@@ -77,11 +81,13 @@ def over_transport(transport: Transport, sites: list[str], round_of: Callable[[]
 class TranscriptRecorder:
     """Writes one run's transcript into ``folder``."""
 
-    def __init__(self, folder: Path, *, coordinator_key: Ed25519PrivateKey, cosign: CosignAll) -> None:
+    def __init__(self, folder: Path, *, coordinator_key: Ed25519PrivateKey, cosign: CosignAll, quorum: int | None = None) -> None:
+        """``quorum``: how many sites must co-sign each head (None: every site asked)."""
         self.writer = TranscriptWriter(folder)
         self.evidence_dir = folder / EVIDENCE_DIR
         self._key = coordinator_key
         self._cosign = cosign
+        self.quorum = quorum
 
     def start(self, body: dict[str, Any], endorsements: Mapping[str, bytes]) -> None:
         """Entry 0: the manifest, with the coordinator's endorsement and the members' (over ``manifest_bytes``)."""
@@ -98,25 +104,42 @@ class TranscriptRecorder:
                 self.writer.append(r.kind, r.round, r.author, r.body, signature=r.signature)
 
     def close_round(self, *, halting: bool = False) -> TreeHead:
-        """Sign a head over everything so far; every site co-signs it after checking consistency.
+        """Sign a head over everything so far; the sites co-sign it after checking consistency.
 
-        A site that will not co-sign (the proof fails: history was rewritten)
-        halts the run; the head is published with the co-signatures it got,
-        so the dispute stays on record. ``halting``: the head that records a
-        halt, published whoever co-signs it.
+        Each site gets the consistency proof from the last head it co-signed
+        (a site that was away catches up in one proof). A site that will not
+        co-sign (the proof fails: history was rewritten) halts the run; so do
+        fewer co-signatures than the quorum. A site that does not answer
+        (crashed, unreachable) is only absent from this head. The head is
+        published with the co-signatures it got either way, so a dispute stays
+        on record. ``halting``: the head that records a halt, published
+        whoever co-signs it.
         """
-        previous = self.writer.heads[-1].size if self.writer.heads else 0
+        heads = self.writer.heads
         head = self.writer.sign_head(COORDINATOR, self._key, time.time_ns() // 1_000_000)
-        proof = self.writer.consistency(previous, head.size)
-        answers = self._cosign(head, proof)
+
+        def proof_for(site: str) -> list[bytes]:
+            last = last_cosigned(heads, site)
+            return self.writer.consistency(last.size if last is not None else 0, head.size)
+
+        answers = self._cosign(head, proof_for)
         cosigned = {name: a for name, a in answers.items() if isinstance(a, bytes)}
-        refused = {name: str(a) for name, a in answers.items() if not isinstance(a, bytes)}
+        refused = {name: str(a) for name, a in answers.items() if not isinstance(a, (bytes, NoAnswer))}
         head = head.model_copy(update={"cosignatures": cosigned})
         self.writer.publish_head(head)
-        if refused and not halting:
+        if halting:
+            return head
+        rnd = self.writer.entries[-1].round if self.writer.entries else 0
+        if refused:
             site, why = next(iter(refused.items()))
-            rnd = self.writer.entries[-1].round if self.writer.entries else 0
             raise RunHalted(Incident("consistency_proof", f"it will not co-sign tree head {head.size}: {why}", rnd, site, site))
+        needed = len(answers) if self.quorum is None else self.quorum
+        if len(cosigned) < needed:
+            absent = ", ".join(sorted(set(answers) - set(cosigned)))
+            raise RunHalted(Incident(
+                "witnesses", f"only {len(cosigned)} sites co-signed tree head {head.size}, {needed} must ({absent} did not answer)",
+                rnd, raised_by=COORDINATOR,
+            ))
         return head
 
     def halt(self, incident: Incident, model_sha256: str | None) -> TreeHead:

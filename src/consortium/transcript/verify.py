@@ -34,7 +34,7 @@ from consortium.privacy.events import EVENT
 from consortium.transcript import merkle
 from consortium.secagg.encoding import SessionEncoding
 from consortium.secagg.protocol import SessionEvidence, unmask_sum
-from consortium.transcript.log import vector_sha256
+from consortium.transcript.log import cosign_quorum, vector_sha256
 from consortium.transcript.log import (
     HEADS_FILE,
     TRANSCRIPT_FILE,
@@ -167,7 +167,7 @@ def verify_run(run_dir: Path) -> Verified:
             )
         _check_signature(author_key, entry.signature, entry.signed_bytes(), f"entry {i} ({entry.kind} by {entry.author})")
     leaves = [e.leaf() for e in entries]
-    _check_heads(heads, leaves, members)
+    _check_heads(heads, entries, leaves, members, int(entries[0].body.get("min_sites", len(members))))
     report = Verified(
         entries=len(entries),
         heads=len(heads),
@@ -260,11 +260,13 @@ def _check_manifest(entry: Entry) -> dict[str, Any]:
     return members
 
 
-def _check_heads(heads: list[TreeHead], leaves: list[bytes], members: dict[str, Any]) -> None:
+def _check_heads(heads: list[TreeHead], entries: list[Entry], leaves: list[bytes], members: dict[str, Any], min_sites: int) -> None:
     if not heads:
         raise VerificationError("no signed tree head: nothing vouches for the transcript")
     coordinator = _coordinator(members)
     sites = sorted(n for n, m in members.items() if m["role"] == "site")
+    quorum = cosign_quorum(min_sites, len(sites))
+    kinds = [e.kind for e in entries]
     previous = 0
     for i, head in enumerate(heads):
         where = f"tree head {i} (size {head.size})"
@@ -281,9 +283,15 @@ def _check_heads(heads: list[TreeHead], leaves: list[bytes], members: dict[str, 
                 f"{where}: the entries give root {root[:16]}..., the signed head says {head.root[:16]}... "
                 f"(an entry before {head.size} was altered)"
             )
-        for site in sites:
-            if site not in head.cosignatures:
-                raise VerificationError(f"{where}: site '{site}' did not co-sign it")
+        # Every head needs the run's quorum of co-signatures (a site that was away catches up later, over a
+        # consistency proof from the last head it co-signed); a head that records a halt needs only its signer.
+        halting = head.size > 0 and kinds[head.size - 1] == "halt"
+        if len(head.cosignatures) < quorum and not halting:
+            absent = ", ".join(repr(s) for s in sites if s not in head.cosignatures)
+            raise VerificationError(
+                f"{where}: {absent} did not co-sign it, which leaves {len(head.cosignatures)} co-signatures "
+                f"where the run needs {quorum}"
+            )
         for site, sig in head.cosignatures.items():
             if members.get(site, {}).get("role") != "site":
                 raise VerificationError(f"{where}: co-signed by '{site}', who is not a site")
@@ -299,12 +307,28 @@ def _check_heads(heads: list[TreeHead], leaves: list[bytes], members: dict[str, 
 def _check_rounds(entries: list[Entry], manifest: dict[str, Any]) -> None:
     """Each round's decisions are about the model its plan names, and its aggregate extends that model
     over at least the manifest's minimum cohort."""
-    plans = {e.round: e for e in entries if e.kind == "round_plan"}
+    plans: dict[int, Entry] = {}
+    for e in entries:
+        if e.kind == "round_plan":
+            if e.round in plans:
+                raise VerificationError(f"entry {e.index}: a second plan for round {e.round} (entry {plans[e.round].index})")
+            plans[e.round] = e
     masked = {e.round: e for e in entries if e.kind == "masked_inputs" and e.body.get("phase") == "fit"}
     min_sites = manifest.get("min_sites", 1)
     secure = bool(manifest.get("secure_aggregation"))
     for entry in entries:
         _entry_check(entry, lambda e: _check_round_entry(e, plans, masked if secure else None, min_sites))
+    # Each planned round has one outcome: its aggregate (ok or skipped), or the halt that stopped it.
+    outcomes: dict[int, list[Entry]] = {}
+    for e in entries:
+        if e.kind in ("aggregate", "halt"):
+            outcomes.setdefault(e.round, []).append(e)
+    for rnd, plan in plans.items():
+        found = [e for e in outcomes.get(rnd, []) if e.kind == "aggregate"]
+        if len(found) > 1:
+            raise VerificationError(f"entry {found[1].index}: round {rnd} has a second aggregate (entry {found[0].index} is its first)")
+        if not outcomes.get(rnd):
+            raise VerificationError(f"entry {plan.index}: round {rnd} was planned, and has neither an aggregate nor a halt")
 
 
 def _check_round_entry(e: Entry, plans: dict[int, Entry], masked: dict[int, Entry] | None, min_sites: int) -> None:

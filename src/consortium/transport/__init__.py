@@ -8,6 +8,7 @@ itself, so simulation and deployment share it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol, TypeVar
 
 from pydantic import BaseModel
@@ -24,13 +25,22 @@ class Transport(Protocol):
     def exchange_many(self, requests: list[Envelope]) -> list[Envelope | None]: ...
 
 
-def ask_all(transport: Transport, sites: list[str], rnd: int, request: BaseModel, answer: type[Answer]) -> dict[str, Answer | ConsortiumError]:
-    """Send ``request`` to every site at once; each site's answer, or the error that stands for its refusal or silence."""
-    envelopes = [make_envelope(COORDINATOR, name, rnd, request) for name in sites]
+class NoAnswer(ProtocolError):
+    """A site that did not answer a request: unreachable, crashed, or dropped out (not a refusal)."""
+
+
+def ask_each(
+    transport: Transport, rnd: int, requests: Mapping[str, BaseModel], answer: type[Answer]
+) -> dict[str, Answer | ConsortiumError]:
+    """Send each site its own request, all at once; each site's answer, or the error that stands for its
+    silence (``NoAnswer``) or its refusal (``VerificationError``)."""
+    sites = list(requests)
+    envelopes = [make_envelope(COORDINATOR, name, rnd, requests[name]) for name in sites]
     out: dict[str, Answer | ConsortiumError] = {}
     for name, reply in zip(sites, transport.exchange_many(envelopes)):
         if reply is None:
-            out[name] = ProtocolError(f"'{name}' did not answer the {request.kind.replace('_', ' ')}")  # type: ignore[attr-defined]
+            kind = requests[name].kind.replace("_", " ")  # type: ignore[attr-defined]
+            out[name] = NoAnswer(f"'{name}' did not answer the {kind}")
         elif isinstance(reply.message, answer):
             out[name] = reply.message
         else:
@@ -39,6 +49,11 @@ def ask_all(transport: Transport, sites: list[str], rnd: int, request: BaseModel
     return out
 
 
+def ask_all(transport: Transport, sites: list[str], rnd: int, request: BaseModel, answer: type[Answer]) -> dict[str, Answer | ConsortiumError]:
+    """Send ``request`` to every site at once; each site's answer, or the error that stands for its refusal or silence."""
+    return ask_each(transport, rnd, {name: request for name in sites}, answer)
+
+
 from consortium.transport.inprocess import InProcessTransport  # noqa: E402
 
-__all__ = ["Answer", "InProcessTransport", "Transport", "ask_all"]
+__all__ = ["Answer", "InProcessTransport", "NoAnswer", "Transport", "ask_all", "ask_each"]

@@ -26,9 +26,13 @@ log = logging.getLogger("consortium.service")
 
 class MailboxTransport:
     def __init__(
-        self, mailbox: Mailbox, *, identity: Ed25519PrivateKey, directory: Mapping[str, bytes], stage_timeout_s: float = 120.0
+        self, mailbox: Mailbox, *, identity: Ed25519PrivateKey, directory: Mapping[str, bytes], stage_timeout_s: float = 120.0,
+        pickup_timeout_s: float | None = None,
     ) -> None:
+        """``pickup_timeout_s``: how long a stage waits for a site to take its request before it counts it gone
+        (see ``Mailbox.run_stage``); None: the whole stage timeout."""
         self.mailbox = mailbox
+        self.pickup_timeout_s = pickup_timeout_s
         self._identity = identity
         self._guard = EnvelopeGuard(m.COORDINATOR, directory)
         self.stage_timeout_s = stage_timeout_s
@@ -41,7 +45,7 @@ class MailboxTransport:
             raise ProtocolError("one stage asks each site once")
         sealed = {r.recipient: seal(r, self._identity) for r in requests}
         self.bytes_sent += sum(len(raw) for raw in sealed.values())
-        replies = self.mailbox.run_stage(sealed, self.stage_timeout_s)
+        replies = self.mailbox.run_stage(sealed, self.stage_timeout_s, self.pickup_timeout_s)
         out: list[m.Envelope | None] = []
         for request in requests:
             raw = replies.get(request.recipient)
