@@ -20,7 +20,7 @@ import yaml
 from safetensors.numpy import load_file
 
 from consortium.data import load_builtin, partition_iid
-from consortium.deploy.local import launch, provision_local
+from consortium.deploy.local import launch, provision_local, start_site
 from consortium.protocol.coordinator import COORDINATOR
 from consortium.simulation import run_simulation
 from consortium.config import SimulationConfig
@@ -110,30 +110,36 @@ def test_a_coordinator_and_three_site_processes_equal_the_simulation(local, tmp_
     assert json.loads(verified.stdout)["status"] == "completed"
 
 
-def test_a_site_killed_during_collect_masked_leaves_the_round_to_the_others(local5, tmp_path):
-    _, config_file = _config(local5, tmp_path, rounds=2, participation={"min_sites": 2})
-    run_dir = tmp_path / "served"
+def test_a_site_killed_during_collect_masked_is_left_out_then_rejoins_when_restarted(local5, tmp_path):
+    _, config_file = _config(local5, tmp_path, participation={"min_sites": 2})
+    run_dir, state, logs = tmp_path / "served", tmp_path / "state", tmp_path / "logs"
     procs = launch(local5, config_file, run_dir, seed=0, test_seed=7, serve_args=("--json", "--pickup-timeout", "8"),
                    join_args={"site-3": ("--crash-at", "secagg_deliver:2")},  # dies as its masked input is due
-                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, logs=tmp_path / "logs", state=tmp_path / "state")
+                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, logs=logs, state=state)
     try:
+        assert procs.sites["site-3"].wait(timeout=300) == 137
+        # The same site, restarted on its state folder: its ledger, and the last head it co-signed.
+        memory = json.loads((state / "site-3" / "transcript-memory.json").read_text())
+        procs.sites["site-3"] = start_site(local5, "site-3", seed=0, test_seed=7, logs=logs, state=state)
         out, err = procs.coordinator.communicate(timeout=420)
         codes = {s: p.wait(timeout=60) for s, p in procs.sites.items()}
     finally:
         procs.stop()
     assert procs.coordinator.returncode == 0, err.decode()[-3000:]
-    assert codes == {"site-1": 0, "site-2": 0, "site-3": 137, "site-4": 0, "site-5": 0}
+    assert codes == {s: 0 for s in local5.sites}
     summary = json.loads(out)
-    assert summary["status"] == "completed" and summary["federated"]["rounds_completed"] == 2
-    # Round 2's sum is over the two masked inputs that arrived: site-3's pairwise masks were removed
-    # with its key shares; the heads after it carry the others' co-signatures.
-    assert summary["secure_aggregation"]["survivors_per_round"] == [5, 4]
+    assert summary["status"] == "completed" and summary["federated"]["rounds_completed"] == 3
+    # Round 2's sum is over the four masked inputs that arrived (site-3's pairwise masks were removed with
+    # its neighbours' key shares); restarted, site-3 is summed again in round 3.
+    assert summary["secure_aggregation"]["survivors_per_round"] == [5, 4, 5]
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert rounds[1]["secure_aggregation"] == {"fit_included": 4, "evaluate_included": 4}
+    assert rounds[1]["secure_aggregation"]["fit_included"] == 4
     verified = _cli("verify", str(run_dir), "--json")
     assert verified.returncode == 0, verified.stderr
     heads = [json.loads(line) for line in (run_dir / "heads.jsonl").read_text().splitlines()]
-    assert "site-3" not in heads[-1]["cosignatures"] and len(heads[-1]["cosignatures"]) == 4
+    remembered = next(i for i, h in enumerate(heads) if h["size"] == memory["head"]["size"] and h["root"] == memory["head"]["root"])
+    assert "site-3" in heads[remembered]["cosignatures"]  # what it noted down is what it had co-signed;
+    assert "site-3" in heads[-1]["cosignatures"]  # back, it co-signs over a proof from the head it remembered
 
 
 def _published_plan(run_dir, rnd: int) -> bool:
@@ -192,6 +198,17 @@ def test_a_coordinator_killed_mid_round_restarts_and_finishes_the_run(local, tmp
     assert verified.returncode == 0, verified.stderr
     # What the sites paid for the cut-off round stays paid: the run reports it, verify recomputes it.
     assert json.loads(verified.stdout)["epsilon_per_site"] == pytest.approx(summary["privacy"]["epsilon_per_site"])
+    # A finished run is not "recovered" into a second final model.
+    again = _cli("serve", str(local.kit(COORDINATOR)), "--schema", str(local.schema), "--recover", str(run_dir))
+    _one_line_error(again, "finished: there is nothing to recover")
+    # Nor is a crash a way around a halt: only a quorum's resume continues a halted run.
+    halted = tmp_path / "halted"
+    shutil.copytree(run_dir, halted)
+    lines = (halted / "transcript.jsonl").read_text().splitlines()[:-1]  # no final model, and a halt last
+    lines.append(json.dumps({**json.loads(lines[-1]), "kind": "halt", "index": len(lines)}))
+    (halted / "transcript.jsonl").write_text("\n".join(lines) + "\n")
+    again = _cli("serve", str(local.kit(COORDINATOR)), "--schema", str(local.schema), "--recover", str(halted))
+    _one_line_error(again, "is halted: only a quorum of approvers continues it")
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

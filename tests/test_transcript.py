@@ -229,6 +229,30 @@ def test_a_site_refuses_to_cosign_a_forked_history(tmp_path):
         witness.cosign(first, [])
 
 
+def test_a_restarted_site_still_refuses_a_fork_of_what_it_cosigned_before(tmp_path):
+    from consortium.protocol.site import Site
+    from tests.conftest import make_splits
+
+    coordinator, identity = keys.generate_ed25519()[0], keys.generate_ed25519()[0]
+    directory = {COORDINATOR: keys.ed25519_public_bytes(coordinator.public_key()),
+                 "site-1": keys.ed25519_public_bytes(identity.public_key())}
+    memory = tmp_path / "state" / "memory.json"
+
+    def site(remembers: bool) -> Site:  # a fresh process of the same site, on its state folder or not
+        return Site("site-1", make_splits(np.random.default_rng(0)), seed=0, identity=identity, directory=directory,
+                    strict=True, memory=memory if remembers else None)
+
+    log, fork = TranscriptWriter(tmp_path / "main"), TranscriptWriter(tmp_path / "fork")
+    for i in range(10):
+        log.append("evaluation", i, COORDINATOR, {"i": i}, key=coordinator)
+        fork.append("evaluation", i, COORDINATOR, {"i": i if i != 2 else 99}, key=coordinator)  # entry 2 rewritten
+    site(remembers=True).cosign_head(log.sign_head(COORDINATOR, coordinator, 1), [])  # all 10 true entries; then killed
+    forked = fork.sign_head(COORDINATOR, coordinator, 2)
+    with pytest.raises(VerificationError, match="consistency"):  # restarted, it checks the fork against what it signed
+        site(remembers=True).cosign_head(forked, fork.consistency(10, 10))
+    site(remembers=False).cosign_head(forked, [])  # what a site that forgot would sign
+
+
 def test_a_crash_mid_append_leaves_the_complete_entries_intact(tmp_path):
     key = keys.generate_ed25519()[0]
     log = TranscriptWriter(tmp_path)

@@ -5,7 +5,9 @@ checks and all), built here from the site's kit and its CSV: its identity key
 and the agreement from the kit, its stricter policy from the kit's
 ``policy.yaml``, and its privacy ledger in its own state folder, where it
 persists across runs (the budget is for the whole collaboration). The agent
-only ever connects out, to the coordinator's address in the kit.
+only ever connects out, to the coordinator's address in the kit. The state
+folder also keeps the last transcript head the site co-signed, so an agent
+restarted mid-run checks the next head against it and carries on.
 
 Reproducibility: the site's splits and training seed come from ``seed`` and
 its name (``consortium.simulation.site_randomness``), exactly as in
@@ -32,6 +34,7 @@ from consortium.protocol.site import Site
 from consortium.simulation import noise_test_seed, site_randomness
 
 LEDGER_FILE = "budget.sqlite"
+MEMORY_FILE = "transcript-memory.json"  # the last head this site co-signed: a restarted agent picks up from it
 
 
 class CrashingSite(Site):
@@ -90,5 +93,6 @@ def build_site(
         strict=True,
         agreement=agreement,
         policy=policy,
+        memory=state / MEMORY_FILE,
         **extra,
     )

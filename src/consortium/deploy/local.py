@@ -109,6 +109,33 @@ class Processes:
             proc.wait()
 
 
+_ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def start_site(
+    local: LocalConsortium,
+    site: str,
+    *,
+    seed: int = 0,
+    test_seed: int | None = None,
+    logs: Path | None = None,
+    state: Path | None = None,
+    extra: tuple[str, ...] = (),
+) -> subprocess.Popen:
+    """One site's agent as a process of its own (``consortium join``); see ``launch``. Its output is
+    appended to ``logs/<site>.log``, so a restarted agent's follows its former self's."""
+    args = ["join", str(local.kit(site)), "--data", str(local.data(site)), "--schema", str(local.schema), "--seed", str(seed)]
+    if test_seed is not None:
+        args += ["--test-seed", str(test_seed)]
+    if state is not None:
+        args += ["--state", str(state / site)]
+    if logs is None:
+        return subprocess.Popen(_cli(*args, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=_ENV)
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / f"{site}.log", "ab") as sink:  # the child holds its own copy
+        return subprocess.Popen(_cli(*args, *extra), stdout=sink, stderr=subprocess.STDOUT, env=_ENV)
+
+
 def launch(
     local: LocalConsortium,
     config_file: Path,
@@ -127,28 +154,18 @@ def launch(
 
     The coordinator's output goes to ``stdout`` / ``stderr`` (default: this process's); each site's,
     to ``logs/<site>.log`` when ``logs`` is given, else nowhere. Each site keeps its state (its privacy
-    ledger, for the whole collaboration) in ``state/<site>``, or by default in its kit.
+    ledger, for the whole collaboration, and its memory of the transcript) in ``state/<site>``, or by
+    default in its kit.
     """
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if logs is not None:
-        logs.mkdir(parents=True, exist_ok=True)
     coordinator = subprocess.Popen(
         _cli("serve", str(local.kit(COORDINATOR)), "--config", str(config_file), "--schema", str(local.schema),
              "--out", str(run_dir), "--port", str(local.port), *serve_args),
-        stdout=stdout, stderr=stderr, env=env,
+        stdout=stdout, stderr=stderr, env=_ENV,
     )
-    sites = {}
-    for site in local.sites:
-        args = ["join", str(local.kit(site)), "--data", str(local.data(site)), "--schema", str(local.schema), "--seed", str(seed)]
-        if test_seed is not None:
-            args += ["--test-seed", str(test_seed)]
-        if state is not None:
-            args += ["--state", str(state / site)]
-        args += (join_args or {}).get(site, ())
-        sink = open(logs / f"{site}.log", "wb") if logs is not None else subprocess.DEVNULL  # noqa: SIM115
-        sites[site] = subprocess.Popen(_cli(*args), stdout=sink, stderr=subprocess.STDOUT, env=env)
-        if logs is not None:
-            sink.close()  # the child holds its own copy
+    sites = {
+        site: start_site(local, site, seed=seed, test_seed=test_seed, logs=logs, state=state, extra=(join_args or {}).get(site, ()))
+        for site in local.sites
+    }
     return Processes(coordinator, sites)
 
 

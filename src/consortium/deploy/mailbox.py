@@ -22,6 +22,7 @@ class Mailbox:
         self._inbox: dict[str, bytes] = {}
         self._closed = False
         self._seen: dict[str, float] = {}  # member -> when it last polled (monotonic)
+        self._alive: dict[str, float] = {}  # member -> when it last took a request or sent a heartbeat
 
     def run_stage(self, requests: dict[str, bytes], timeout_s: float, pickup_s: float | None = None) -> dict[str, bytes]:
         """Post one stage's requests; the replies that arrive before the deadline, by member.
@@ -40,7 +41,7 @@ class Mailbox:
                 now = time.monotonic()
                 waiting = self._expected - set(self._inbox)
                 if pickup_s is not None:  # heard from since the stage began, and recently
-                    waiting = {m for m in waiting if now - max(posted, self._seen.get(m, posted)) < pickup_s}
+                    waiting = {m for m in waiting if now - max(posted, self._alive.get(m, posted)) < pickup_s}
                 if not waiting or now >= deadline:
                     break
                 self._cond.wait(min(deadline - now, pickup_s / 4 if pickup_s is not None else deadline - now))
@@ -61,13 +62,14 @@ class Mailbox:
                 self._cond.wait(left)
             raw = self._outbox.pop(member, None)
             if raw is not None:
-                self._seen[member] = time.monotonic()  # it has its request: heard from now
+                self._alive[member] = time.monotonic()  # it has its request, and works on it
             return raw
 
     def heartbeat(self, member: str) -> None:
-        """``member`` is alive and working on its request."""
+        """``member`` is alive and working on its request (a mere poll is not: a restarted agent polls
+        for work while the request its former self took is lost)."""
         with self._cond:
-            self._seen[member] = time.monotonic()
+            self._alive[member] = time.monotonic()
 
     def put_reply(self, member: str, raw: bytes) -> bool:
         """Take ``member``'s reply to the current stage; False if it was not asked, or has answered already."""

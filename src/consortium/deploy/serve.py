@@ -31,6 +31,7 @@ from consortium.deploy.state import CoordinatorState
 from consortium.orchestrator import CoordinatorRun, RunResult, finite_metrics
 from consortium.protocol.coordinator import COORDINATOR, RoundRecord
 from consortium.runs import RunFolder, new_run_dir
+from consortium.transcript.log import TranscriptWriter
 from consortium.transcript.recorder import TranscriptRecorder
 from consortium.transcript.verify import signed_epsilon
 from consortium.transport.mailbox import MailboxTransport
@@ -82,6 +83,11 @@ class ServedRun(CoordinatorRun):
         if recover:
             if out is None or not (out / STATE_FILE).exists():
                 raise ConfigError(f"{out} holds no coordinator state ({STATE_FILE}): --recover takes the folder of a served run")
+            kinds = [e.kind for e in TranscriptWriter(out).entries]
+            if "final_model" in kinds:
+                raise ConfigError(f"the run in {out} finished: there is nothing to recover")
+            if kinds and kinds[-1] == "halt":  # a crash is no way around a halt
+                raise ConfigError(f"the run in {out} is halted: only a quorum of approvers continues it (consortium resume)")
             config = load_config(out / "config.yaml")
         elif out is not None and out.exists() and any(out.iterdir()):
             raise ConfigError(f"{out} is not empty: continue the run it holds with --recover {out}, or choose a new --out")

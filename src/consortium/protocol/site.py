@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from consortium.data import Splits, Table
 from consortium.crypto import keys
-from consortium.errors import ModelError, ProtocolError, VerificationError
+from consortium.errors import ConfigError, ModelError, ProtocolError, VerificationError
 from consortium.governance.agreement import Agreement, agreement_hash
 from consortium.governance.guard import Clock, Refused, SiteGuard, utc_now
 from consortium.governance.policy import SitePolicy
@@ -35,6 +36,7 @@ from consortium.protocol import contributions as c
 from consortium.protocol import messages as m
 from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.protocol.sealed import EnvelopeGuard, seal
+from consortium.runs import write_atomic
 from consortium.secagg import SecAggClient
 from consortium.secagg.encoding import DiscreteGaussianEncoding
 from consortium.transcript import merkle
@@ -100,6 +102,7 @@ class Site:
         agreement: Agreement | None = None,
         policy: SitePolicy | None = None,
         clock: Clock = utc_now,
+        memory: Path | None = None,
     ) -> None:
         self.name = name
         self.__data = data
@@ -129,6 +132,21 @@ class Site:
         self._guard = EnvelopeGuard(name, self._directory) if strict else None
         self._round_seen = 0
         self._fingerprint_salt = os.urandom(16)
+        self._memory = memory
+        if memory is not None and memory.exists():
+            self._recall(memory)
+
+    def _recall(self, path: Path) -> None:
+        """A restarted site picks up where it was: the last head it co-signed, the last round it answered."""
+        try:
+            saved = json.loads(path.read_text())
+            head, rnd = TreeHead.model_validate(saved["head"]), int(saved["round"])
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(f"{path} is damaged: restore it from a backup (without it this site cannot check the transcript)") from None
+        if self._witness is None:
+            raise ProtocolError("this site has no identity key or directory: it keeps no transcript memory")
+        self._witness.remember(head)
+        self._round_seen = rnd
 
     # -- transport entry points ------------------------------------------------
 
@@ -261,7 +279,11 @@ class Site:
         """Co-sign a transcript head that the coordinator signed and that extends the last one this site signed."""
         if self._witness is None:
             raise ProtocolError("this site has no identity key or directory: it cannot co-sign the transcript")
-        return self._witness.cosign(head, proof)
+        signature = self._witness.cosign(head, proof)
+        if self._memory is not None:  # noted down before the co-signature leaves: a restart resumes from it
+            memo = {"head": head.model_copy(update={"cosignatures": {}}).model_dump(mode="json"), "round": self._round_seen}
+            write_atomic(self._memory, json.dumps(memo).encode())
+        return signature
 
     def fingerprint(self) -> dict[str, object]:
         """What the transcript records of this site's data: its schema hash, row count and a salted content hash.

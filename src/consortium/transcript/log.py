@@ -223,6 +223,11 @@ class HeadWitness:
         keys.verify(keys.ed25519_public_bytes(self._key.public_key()), own, head.signed_bytes())
         self.last = head.model_copy(update={"cosignatures": {}})
 
+    def remember(self, head: TreeHead) -> None:
+        """After a restart: ``head`` is the last one this member co-signed, as it noted down at the time."""
+        keys.verify(self._signer, head.signature, head.signed_bytes())
+        self.last = head.model_copy(update={"cosignatures": {}})
+
     def cosign(self, head: TreeHead, proof: list[bytes]) -> bytes:
         """Check the coordinator's signature and the consistency proof from the last head signed; sign."""
         keys.verify(self._signer, head.signature, head.signed_bytes())
