@@ -8,8 +8,11 @@ in-process twin.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import shutil
+import socket
+import ssl
 import threading
 import time
 
@@ -21,7 +24,7 @@ from consortium.config import SimulationConfig
 from consortium.crypto.keyfile import load_identity_key
 from consortium.deploy.agent import SiteAgent
 from consortium.deploy.mailbox import Mailbox
-from consortium.deploy.provision import load_kit, provision
+from consortium.deploy.provision import Kit, load_kit, provision
 from consortium.deploy.service import HttpsServer, create_app
 from consortium.governance.agreement import load_agreement, sign_agreement, signatures_path
 from consortium.protocol.coordinator import COORDINATOR
@@ -165,3 +168,41 @@ def test_a_stage_stops_waiting_for_a_site_that_falls_silent_but_not_for_one_that
     assert mailbox.take("dies", 5) == b"d"
     runner.join(10)
     assert not runner.is_alive() and time.monotonic() - t0 < 3
+
+
+def _handshake(port: int, cert_dir=None) -> None:
+    """Connect as a careless client (it checks nothing itself), presenting the certificate in ``cert_dir``, if any."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    if cert_dir is not None:
+        ctx.load_cert_chain(cert_dir / "tls.crt", cert_dir / "tls.key")
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, ctx.wrap_socket(raw) as tls:
+            tls.sendall(b"GET /v1/health HTTP/1.1\r\nHost: coordinator\r\n\r\n")
+            assert tls.recv(100) == b""  # TLS 1.3: the refusal arrives after the client's side of the handshake
+    except (ssl.SSLError, ConnectionError):
+        pass
+
+
+def test_strangers_and_expired_certificates_are_refused_at_the_handshake_with_a_log_line(consortium_dir, tmp_path, caplog):
+    members = {COORDINATOR: "coordinator", **{s: "site" for s in SITES}}
+    other = provision(tmp_path / "other", sites=SITES, coordinator_address="127.0.0.1:8443", consortium="hospitals")
+    old = provision(tmp_path / "old", sites=SITES, coordinator_address="127.0.0.1:8443", consortium="hospitals",
+                    now=dt.datetime.now(dt.UTC) - dt.timedelta(days=10), days=2)  # every certificate long expired
+    ours = HttpsServer(create_app(Mailbox(), members), load_kit(consortium_dir / "kits" / COORDINATOR), port=0)
+    theirs = HttpsServer(create_app(Mailbox(), members),  # the old consortium's coordinator, its CA still trusted
+                         Kit(old.folder / "kits" / COORDINATOR, COORDINATOR, "coordinator", "127.0.0.1", 0), port=0)
+    port, old_port = ours.start(), theirs.start()
+    try:
+        _handshake(port, other.folder / "kits" / "site-1")  # a certificate from another consortium's CA
+        _handshake(port, None)  # no certificate at all
+        _handshake(old_port, old.folder / "kits" / "site-1")  # the right CA, but expired
+        time.sleep(0.5)
+    finally:
+        ours.stop()
+        theirs.stop()
+    refused = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused TLS handshake")]
+    assert len(refused) == 3, refused
+    assert "unable to get local issuer certificate" in refused[0]
+    assert "certificate" in refused[1].split("(")[0]
+    assert "certificate has expired" in refused[2]

@@ -62,6 +62,24 @@ class _PeerCertificate:
         self.app = app
 
 
+class _LoggedHandshake(ssl.SSLObject):
+    """The server side of each TLS connection: a handshake the consortium's rules refuse (a certificate
+    from another CA, an expired one, none at all) is logged in one line before the connection drops.
+    asyncio itself says nothing of a failed handshake outside its debug mode."""
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise  # the handshake goes on: more bytes are needed
+        except ssl.SSLError as exc:
+            why = getattr(exc, "verify_message", None) or exc.reason or str(exc)
+            if why.isupper():  # an OpenSSL reason code: PEER_DID_NOT_RETURN_A_CERTIFICATE
+                why = why.replace("_", " ").lower()
+            log.warning("refused TLS handshake: %s (a client certificate from the consortium's CA, valid now, is required)", why)
+            raise
+
+
 class PeerCertificateH11(_PeerCertificate, H11Protocol):
     """uvicorn's HTTP/1.1 protocol, with the peer certificate (httptools measured no faster here)."""
 
@@ -151,6 +169,7 @@ class HttpsServer:
         config.load()
         assert config.ssl is not None
         config.ssl.minimum_version = ssl.TLSVersion.TLSv1_3
+        config.ssl.sslobject_class = _LoggedHandshake
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self.server.run, name="coordinator-https", daemon=True)
 
