@@ -156,8 +156,9 @@ def _print_table(s: dict[str, Any]) -> None:
     tr = s.get("transcript")
     if tr:
         out_console.print(
-            f"transcript: {tr['entries']} signed entries, tree head {tr['tree_head']['root'][:16]}... co-signed by every "
-            f"site, {'verified' if tr['verified'] else 'NOT verified'} (check it yourself: consortium verify {s['run_dir']})"
+            f"transcript: {tr['entries']} signed entries, tree head {tr['tree_head']['root'][:16]}... co-signed by "
+            f"{len(tr['tree_head']['cosigners'])} of {s['sites']} sites, {'verified' if tr['verified'] else 'NOT verified'} "
+            f"(check it yourself: consortium verify {s['run_dir']})"
         )
     out_console.print(f"run folder: {s['run_dir']}")
 

@@ -93,6 +93,10 @@ def make_strategy(config: SimulationConfig) -> FedAvg:
     return cls(**common)
 
 
+def _head_json(head: TreeHead) -> dict[str, Any]:
+    return {"size": head.size, "root": head.root, "cosigners": sorted(head.cosignatures)}
+
+
 @dataclass
 class RunResult:
     summary: dict[str, Any]
@@ -339,7 +343,7 @@ class CoordinatorRun:
         }
         if halted is None:
             summary.update(self._baselines())
-        summary["transcript"] = {"entries": head.size, "tree_head": {"size": head.size, "root": head.root}, "verified": False}
+        summary["transcript"] = {"entries": head.size, "tree_head": _head_json(head), "verified": False}
         run.write_summary(summary)
         # The run checks itself the way any participant would: from the folder alone. A failure halts it.
         try:
@@ -351,7 +355,7 @@ class CoordinatorRun:
                 halted = Incident("verification", str(exc), coordinator.round, raised_by=COORDINATOR)
                 head = transcript.halt(halted, vector_sha256(coordinator.params))
                 summary.update(status="halted", halt=halted.to_json())
-                summary["transcript"].update(entries=head.size, tree_head={"size": head.size, "root": head.root})
+                summary["transcript"].update(entries=head.size, tree_head=_head_json(head))
         summary["elapsed_s"] = round(time.perf_counter() - started, 3)
         run.write_summary(summary)
         return RunResult(summary=summary, history=history, params=coordinator.params)
