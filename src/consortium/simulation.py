@@ -52,19 +52,21 @@ from consortium.transcript.verify import AGREEMENT_FILE
 from consortium.transport import InProcessTransport
 
 
+def _name_tag(site: str) -> int:
+    return int.from_bytes(hashlib.sha256(site.encode()).digest()[:8], "big")
+
+
 def site_randomness(seed: int, site: str) -> tuple[np.random.Generator, int]:
     """A site's own randomness in a run with ``seed``: the generator that splits its data, and its
     training seed. From the seed and the site's name alone, so a site process (``consortium join
     --seed``) draws what the same site draws in simulation, whoever else takes part."""
-    tag = int.from_bytes(hashlib.sha256(site.encode()).digest()[:8], "big")
-    split_seq, train_seq = np.random.SeedSequence([seed, tag]).spawn(2)
+    split_seq, train_seq = np.random.SeedSequence([seed, _name_tag(site)]).spawn(2)
     return np.random.default_rng(split_seq), int(train_seq.generate_state(1)[0])
 
 
 def noise_test_seed(test_seed: int, site: str) -> int:
     """A site's privacy-noise seed in test mode (reproducible and NOT private), from its name."""
-    tag = int.from_bytes(hashlib.sha256(site.encode()).digest()[:8], "big")
-    return int(np.random.SeedSequence([test_seed, tag, 0xD9]).generate_state(1)[0])
+    return int(np.random.SeedSequence([test_seed, _name_tag(site), 0xD9]).generate_state(1)[0])
 
 
 def site_datasets(config: SimulationConfig) -> dict[str, Table]:

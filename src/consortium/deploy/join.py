@@ -27,6 +27,7 @@ from consortium.deploy.provision import Kit
 from consortium.deploy.serve import directory_of
 from consortium.errors import ConfigError
 from consortium.governance.agreement import load_agreement, load_member_key, read_signatures, require_approval
+from consortium.governance.guard import epsilon_cap
 from consortium.governance.policy import load_policy
 from consortium.privacy.ledger import BudgetLedger
 from consortium.protocol import messages as m
@@ -76,11 +77,8 @@ def build_site(
     split_rng, train_seed = site_randomness(seed, kit.member)
     splits = split_table(table, split_rng, validation=split.validation, test=split.test)
     identity = load_member_key(agreement, None, kit.member, file=kit.folder / "identity.key")
-    cap = agreement.privacy.max_epsilon
-    if policy is not None and policy.max_epsilon is not None:
-        cap = min(cap, policy.max_epsilon)
     state = state if state is not None else kit.folder / "state"
-    ledger = BudgetLedger(state / LEDGER_FILE, site=kit.member, epsilon_cap=cap, delta=agreement.privacy.delta)
+    ledger = BudgetLedger(state / LEDGER_FILE, site=kit.member, epsilon_cap=epsilon_cap(agreement, policy), delta=agreement.privacy.delta)
     extra: dict[str, Any] = {} if crash_at is None else {"crash_at": crash_at}
     return (Site if crash_at is None else CrashingSite)(
         kit.member,

@@ -40,15 +40,11 @@ from consortium.transport.mailbox import MailboxTransport
 STATE_FILE = "coordinator.sqlite"
 
 
-def _sites(agreement: Agreement) -> list[str]:
-    return [m.name for m in agreement.members if m.role == "site"]
-
-
 def directory_of(agreement: Agreement) -> dict[str, bytes]:
     """The protocol's members (the sites, then the coordinator) and the public keys the agreement names."""
     named = {m.name: m for m in agreement.members}
     out = {}
-    for name in [*_sites(agreement), COORDINATOR]:
+    for name in [*agreement.sites(), COORDINATOR]:
         public = named[name].public_key if name in named else None
         if public is None:
             raise ConfigError(f"the agreement names no public key for '{name}': provision the kits with consortium init")
@@ -96,7 +92,7 @@ class ServedRun(CoordinatorRun):
         agreement_file = kit.folder / "agreement.yaml"
         # The run is held to the kit's agreement, whatever the config's agreement section says.
         config = config.model_copy(update={"agreement": AgreementConfig(file=agreement_file, keys=kit.folder)})
-        names = _sites(load_agreement(agreement_file))
+        names = load_agreement(agreement_file).sites()
         if out is None:
             out = new_run_dir(Path("runs"), f"{kit.member}-served-seed{config.seed}")
         super().__init__(config, names=names, sample=layout_table(schema), out=out, resume=recover)

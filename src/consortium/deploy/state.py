@@ -98,17 +98,3 @@ class CoordinatorState:
                 return json.loads(row.state), safetensors_load(row.arrays)
             except (ValueError, SafetensorError):
                 raise ConfigError(f"the checkpoint of round {row.round} in {self.url} is damaged: the run cannot continue") from None
-
-    def rounds(self) -> list[dict[str, Any]]:
-        with Session(self._engine) as s:
-            return [json.loads(r.record) for r in s.scalars(select(_Round).order_by(_Round.round))]
-
-    def members(self) -> dict[str, dict[str, Any]]:
-        with Session(self._engine) as s:
-            return {
-                m.name: {"last_asked": m.last_asked, "last_answered": m.last_answered, "last_outcome": m.last_outcome}
-                for m in s.scalars(select(_Member).order_by(_Member.name))
-            }
-
-    def close(self) -> None:
-        self._engine.dispose()

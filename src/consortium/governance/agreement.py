@@ -145,6 +145,10 @@ class Agreement(_Strict):
     def approvers(self) -> list[str]:
         return [m.name for m in self.members if m.approver]
 
+    def sites(self) -> list[str]:
+        """The site members, in the agreement's order."""
+        return [m.name for m in self.members if m.role == "site"]
+
 
 def agreement_hash(agreement: Agreement) -> str:
     """What members sign: SHA-256 of the agreement's canonical JSON (RFC 8785)."""
@@ -219,7 +223,7 @@ def require_approval(agreement: Agreement, signatures: dict[str, str]) -> list[s
 
 def check_run(agreement: Agreement, config: SimulationConfig, sites: list[str], layout_hash: str) -> None:
     """Refuse a run whose configuration the agreement does not allow; the error names the rule and the fix."""
-    agreed_sites = sorted(m.name for m in agreement.members if m.role == "site")
+    agreed_sites = sorted(agreement.sites())
     if sorted(sites) != agreed_sites:
         raise ConfigError(f"the run's sites {sorted(sites)} are not the agreement's {agreed_sites}")
     if agreement.secure_aggregation_required and not config.secure_aggregation.enabled:
@@ -306,7 +310,7 @@ resume_quorum: {max(1, (len(sites) + 1) // 2 + 1)}
 def explain(agreement: Agreement) -> str:
     """The agreement in plain language, as Markdown, for a privacy officer."""
     lines = [f"# What the {agreement.consortium} agreement promises", ""]
-    sites = [m.name for m in agreement.members if m.role == "site"]
+    sites = agreement.sites()
     lines += [
         f"**Members.** {len(agreement.members)} members: "
         + ", ".join(f"{m.name} ({m.role}{', approver' if m.approver else ''})" for m in agreement.members)

@@ -41,6 +41,12 @@ def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def epsilon_cap(agreement: Agreement, policy: SitePolicy | None) -> float:
+    """The most epsilon a site may spend: its agreement's cap, or its own policy's if stricter."""
+    own = policy.max_epsilon if policy is not None and policy.max_epsilon is not None else agreement.privacy.max_epsilon
+    return min(agreement.privacy.max_epsilon, own)
+
+
 class SiteGuard:
     """The checks one site applies to each round plan; ``clock`` is injectable for tests of quiet hours."""
 
@@ -58,11 +64,11 @@ class SiteGuard:
         if agreement is not None:  # the budget the site keeps must be the one it agreed to, or stricter
             if ledger is None:
                 raise ConfigError(f"the agreement requires differential privacy: site '{site}' needs its budget ledger")
-            caps = [agreement.privacy.max_epsilon] + ([policy.max_epsilon] if policy and policy.max_epsilon else [])
-            if ledger.epsilon_cap > min(caps) or ledger.delta > agreement.privacy.delta:
+            cap = epsilon_cap(agreement, policy)
+            if ledger.epsilon_cap > cap or ledger.delta > agreement.privacy.delta:
                 raise ConfigError(
                     f"site '{site}''s ledger allows epsilon {ledger.epsilon_cap:g} at delta {ledger.delta:g}; its agreement "
-                    f"and policy allow at most {min(caps):g} at delta {agreement.privacy.delta:g}: lower the ledger's cap"
+                    f"and policy allow at most {cap:g} at delta {agreement.privacy.delta:g}: lower the ledger's cap"
                 )
         self.site = site
         self.agreement = agreement

@@ -68,7 +68,7 @@ class SitePolicy(BaseModel):
 
 def _stricter(policy: SitePolicy, agreement: Agreement) -> tuple[str, str] | None:
     """(field, problem) for the first term of the policy that would loosen the agreement."""
-    sites = [m.name for m in agreement.members if m.role == "site"]
+    sites = agreement.sites()
     if policy.site not in sites:
         return "site", f"'{policy.site}' is not a site of the {agreement.consortium} agreement (its sites: {', '.join(sites)})"
     if policy.max_epsilon is not None and policy.max_epsilon > agreement.privacy.max_epsilon:
