@@ -49,8 +49,23 @@ def test_a_private_mechanism_stays_under_its_ceiling_and_a_leaky_one_does_not():
     result = evaluate_attack(members, nonmembers, fprs=(1 - keep + 0.01,))
     point = result.points[0]
     assert point.low <= dp_tpr_bound(point.fpr, eps, 0.0)  # within its interval of the ceiling
+    assert not point.contradicts(eps, 0.0)
     leaky = evaluate_attack(members + rng.normal(0, 0.01, n) + 1.0, nonmembers, fprs=(0.01,)).points[0]
     assert leaky.low > dp_tpr_bound(0.01, eps, 0.0)  # a mechanism that leaks is caught above the ceiling
+    assert leaky.contradicts(eps, 0.0)
+
+
+def test_the_ceiling_check_allows_for_the_uncertainty_of_the_fpr():
+    """120 non-members all below 5 of 400 members: FPR 0 is measured, but up to 3% is plausible."""
+    members = np.concatenate([np.full(5, 10.0), np.zeros(395)])
+    point = evaluate_attack(members, np.full(120, 1.0), fprs=(0.001,)).points[0]
+    assert point.fpr_reached == 0.0 and point.tpr == 5 / 400
+    assert point.fpr_high == pytest.approx(clopper_pearson(0, 120)[1]) and point.fpr_high > 0.03
+    assert point.low > dp_tpr_bound(0.001, 1.0, 1e-5)  # against the nominal FPR it would look like a breach
+    assert not point.contradicts(1.0, 1e-5)  # but 5 members are no proof at this sample size
+    # The same rates measured on 100 times more records are proof.
+    big = evaluate_attack(np.tile(members, 100), np.full(12_000, 1.0), fprs=(0.001,)).points[0]
+    assert big.contradicts(1.0, 1e-5)
 
 
 def test_bad_scores_are_refused():

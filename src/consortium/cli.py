@@ -686,6 +686,68 @@ def resume(
     _train(lambda on_round: continue_run(run_dir, keys, on_round=on_round), remaining, as_json)
 
 
+@app.command()
+def audit(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="a finished run's folder")],
+    attacks: Annotated[str, typer.Option("--attacks", help="comma-separated: mia, inversion, canary, poisoning")] = "mia",
+    shadows: Annotated[int, typer.Option("--shadows", min=2, max=1024, help="LiRA's shadow models (even)")] = 16,
+    canaries: Annotated[int, typer.Option("--canaries", min=10, max=1_000_000, help="the one-run audit's canaries")] = 1000,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="the red team's own randomness")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Attack a finished run's model and data the way an adversary would; writes RUN_DIR/audit.json.
+
+    mia: membership inference (loss threshold; LiRA with shadow models that replay the run), each site's
+    members against its held-out records, TPR at low FPR against the ceiling the run's epsilon sets.
+    inversion: gradient inversion of one round's update, one site's against the secure sum's, with the run's DP.
+    canary: the one-run DP audit (Steinke et al.) of the run's DP-SGD, and of a deliberately broken copy.
+    poisoning: the run replayed with a malicious site (scaling, sign flip, backdoor), undefended and defended.
+    """
+    from consortium.redteam.audit import AuditOptions, parse_attacks, run_audit
+
+    names = parse_attacks(attacks)
+    with err_console.status(f"red team: {', '.join(names)} against {run_dir}"):
+        result = run_audit(run_dir, names, AuditOptions(shadows=shadows, seed=seed, canaries=canaries))
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    _print_audit(result, names)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="a run folder")],
+    compare: Annotated[
+        list[Path] | None, typer.Option("--compare", help="another run folder, shown side by side (repeatable)")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="the HTML file to write (default: RUN_DIR/report.html)")] = None,
+) -> None:
+    """Write one self-contained HTML page: accuracy, epsilon per site, the red team's findings, verification."""
+    from consortium.redteam.report import write_report
+
+    written = write_report([run_dir, *(compare or [])], out)
+    out_console.print(f"written: {written}")
+
+
+def _print_audit(result: dict[str, Any], names: list[str]) -> None:
+    mia = result["attacks"].get("mia") if "mia" in names else None
+    if mia is not None:
+        for attack in ("loss", "lira"):
+            if attack not in mia:
+                continue
+            t = RichTable(title=f"membership inference: {attack} ({mia['shadows']} shadows)" if attack == "lira" else
+                          "membership inference: loss threshold")
+            for col in ("site", "members", "AUC", "TPR @ 0.1% FPR", "TPR @ 1% FPR", "epsilon", "within DP bound"):
+                t.add_column(col, justify="left" if col == "site" else "right")
+            for v in mia[attack]["sites"]:
+                rates = [f"{p['tpr']:.2%} [{p['interval'][0]:.2%}, {p['interval'][1]:.2%}]" for p in v["tpr_at_fpr"]]
+                eps = "no DP" if v["epsilon"] is None else f"{v['epsilon']:.3g}"
+                within = {None: "-", True: "yes", False: "[bold red]NO[/]"}[v["within_dp_bound"]]
+                t.add_row(v["site"], str(v["members"]), f"{v['auc']:.3f}", *rates, eps, within)
+            out_console.print(t)
+    out_console.print(f"written: {Path(result['run_dir']) / 'audit.json'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: turns every expected failure into one line and exit code 2."""
     try:

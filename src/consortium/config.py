@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from consortium.data import BUILTIN_DATASETS
 from consortium.errors import ConfigError
 from consortium.learning.models import ModelSpec
+from consortium.learning.robust import AGGREGATORS, CONDITIONS, Aggregator, min_updates, needs_updates
 from consortium.learning.training import TrainSettings
 from consortium.yamlfile import parse_yaml, read_text, validate
 
@@ -167,6 +168,28 @@ class IncidentConfig(_Strict):
     update_norm_factor: float | None = Field(10.0, gt=1, le=1e6)  # null: no norm monitoring
 
 
+class RobustConfig(_Strict):
+    """Defences against poisoned updates (``consortium.learning.robust``).
+
+    ``norm_bound`` works under secure aggregation (each site's runtime bounds its own update; without
+    secure aggregation the coordinator also enforces it); ``median``, ``trimmed_mean``, ``krum`` and
+    ``multi_krum`` read each site's update, so they need secure aggregation off.
+    """
+
+    aggregator: Aggregator = "mean"
+    byzantine: int = Field(0, ge=0, le=10_000)  # f: arbitrary updates the aggregator must tolerate per round
+    norm_bound: float | None = Field(None, gt=0, le=1e6)  # L2 bound on each site's model update; null: none
+
+    @model_validator(mode="after")
+    def _mean(self) -> RobustConfig:
+        if self.aggregator == "mean" and self.byzantine > 0:
+            raise ValueError(
+                f"the mean tolerates no arbitrary update, found byzantine: {self.byzantine}: choose aggregator "
+                f"{' | '.join(a for a in AGGREGATORS if a != 'mean')}, or set byzantine: 0 and bound norms with norm_bound"
+            )
+        return self
+
+
 class BaselineConfig(_Strict):
     local_only: bool = True
     pooled: bool = True
@@ -184,6 +207,7 @@ class SimulationConfig(_Strict):
     privacy: PrivacyConfig = PrivacyConfig()
     baselines: BaselineConfig = BaselineConfig()
     incidents: IncidentConfig = IncidentConfig()
+    robust: RobustConfig = RobustConfig()
     agreement: AgreementConfig | None = None  # None: no agreement (the run says so)
 
     @model_validator(mode="after")
@@ -195,6 +219,34 @@ class SimulationConfig(_Strict):
                 "privacy.noise: central (weaker: the coordinator then sees every update before adding noise)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _robust_tolerance(self) -> SimulationConfig:
+        """A defence's tolerance condition must hold in every round that aggregates, however few answer."""
+        r = self.robust
+        if not needs_updates(r.aggregator):
+            return self
+        if self.secure_aggregation.enabled:
+            raise ValueError(
+                f"robust.aggregator {r.aggregator} needs each site's update, which secure aggregation hides: "
+                "turn secure_aggregation off, or use norm bounding (aggregator: mean, norm_bound: B)"
+            )
+        if self.privacy.enabled and self.privacy.level == "site":
+            raise ValueError(
+                f"robust.aggregator {r.aggregator} does not compute the sum that site-level DP adds its noise to: "
+                "use aggregator: mean (with norm_bound), or record-level privacy"
+            )
+        # A round aggregates as few as participation.min_sites updates (fewer and it is skipped), whatever
+        # the cohort: dropouts can take it down to that. So the condition must hold for n = min_sites.
+        need, f = min_updates(r.aggregator, r.byzantine), r.byzantine
+        condition = f"{CONDITIONS[r.aggregator]} with f = {f}"
+        if self.participation.min_sites < need:
+            raise ValueError(
+                f"robust.aggregator {r.aggregator} tolerates f Byzantine updates only when {condition}, and a round "
+                f"may aggregate as few as participation.min_sites = {self.participation.min_sites}: set "
+                f"participation.min_sites to at least {need}, or lower robust.byzantine"
+            )
+        return self  # the consortium's own size is checked where its sites are known (the coordinator)
 
     def resolved(self) -> SimulationConfig:
         """The same config with the dataset's defaults filled in: what a run records."""

@@ -39,6 +39,7 @@ from consortium.governance.agreement import (
 from consortium.governance.incident import Incident, NormMonitor, RunHalted
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.models import build_model
+from consortium.learning.robust import RobustAggregation
 from consortium.learning.strategies import STRATEGIES, FedAvg
 from consortium.privacy import ddg
 from consortium.privacy.accountant import accountant_used, calibrate_noise, calibrate_site_noise
@@ -153,6 +154,8 @@ class CoordinatorRun:
             else None
         )
         self.strategy = make_strategy(config)
+        rc = config.robust
+        self.robust = RobustAggregation(rc.aggregator, rc.byzantine, rc.norm_bound)
         self.coordinator = Coordinator(
             self.names,
             model=config.model,
@@ -164,6 +167,7 @@ class CoordinatorRun:
             privacy=self.privacy_plan,
             model_builder=model_builder,
             monitor=NormMonitor(factor) if (factor := config.incidents.update_norm_factor) is not None else None,
+            robust=self.robust if (rc.aggregator != "mean" or rc.norm_bound is not None) else None,
         )
 
     def _member_keys(self) -> tuple[Ed25519PrivateKey, dict[str, bytes]]:
@@ -334,7 +338,7 @@ class CoordinatorRun:
                 "rounds_skipped": sum(r.status == "skipped" for r in history),
             },
             "model": {"kind": config.model.kind, "parameters": adapter.size, "layout_hash": adapter.layout_hash},
-            "strategy": self.strategy.describe(),
+            "strategy": {**self.strategy.describe(), "robust": self.robust.describe()},
             "partition": config.data.partition.model_dump() if config.data.dataset in ("breast-cancer", "digits") else None,
             "secure_aggregation": self._secure_summary(history),
             "privacy": self._privacy_summary(history, transcript),

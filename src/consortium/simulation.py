@@ -36,6 +36,7 @@ from consortium.data import (
     split_table,
     synthetic_hospitals,
 )
+from consortium.data.datasets import concat_tables
 from consortium.errors import ConfigError
 from consortium.governance.agreement import Agreement, load_member_key
 from consortium.governance.policy import SitePolicy, load_policy
@@ -69,6 +70,15 @@ def noise_test_seed(test_seed: int, site: str) -> int:
     return int(np.random.SeedSequence([test_seed, _name_tag(site), 0xD9]).generate_state(1)[0])
 
 
+def site_splits(config: SimulationConfig) -> dict[str, Splits]:
+    """Each simulated site's train / validation / test split: the ones its ``Site`` trains and tests on."""
+    split = config.data.split
+    return {
+        name: split_table(table, site_randomness(config.seed, name)[0], validation=split.validation, test=split.test)
+        for name, table in site_datasets(config).items()
+    }
+
+
 def site_datasets(config: SimulationConfig) -> dict[str, Table]:
     """Each simulated site's full table, keyed by site name: the same for the same config."""
     data = config.data
@@ -91,17 +101,6 @@ def site_datasets(config: SimulationConfig) -> dict[str, Table]:
     else:
         parts = partition_quantity(table.n_rows, k, p.beta, rng, min_rows=p.min_rows)
     return {f"site-{i + 1}": table.take(idx) for i, idx in enumerate(parts)}
-
-
-def _concat(tables: list[Table]) -> Table:
-    first = tables[0]
-    return Table(
-        X=np.concatenate([t.X for t in tables]),
-        y=np.concatenate([t.y for t in tables]),
-        feature_names=first.feature_names,
-        classes=first.classes,
-        image_shape=first.image_shape,
-    )
 
 
 def _train_alone(
@@ -152,17 +151,12 @@ class Simulation(CoordinatorRun):
     ) -> None:
         config = config.resolved()
         drop_seq, self._base_seq = np.random.SeedSequence(config.seed).spawn(2)
-        tables = site_datasets(config)
-        names = list(tables)
-        split = config.data.split
-        randomness = {name: site_randomness(config.seed, name) for name in names}
         # Held by the harness only for the simulation-only baselines; each Site gets its own.
-        self._splits: dict[str, Splits] = {
-            name: split_table(tables[name], randomness[name][0], validation=split.validation, test=split.test)
-            for name in names
-        }
+        self._splits = site_splits(config)
+        names = list(self._splits)
+        randomness = {name: site_randomness(config.seed, name) for name in names}
         super().__init__(
-            config, names=names, sample=tables[names[0]], out=out, runs_root=runs_root,
+            config, names=names, sample=self._splits[names[0]].train, out=out, runs_root=runs_root,
             model_builder=model_builder, resume=resume,
         )
         pc = self.config.privacy
@@ -179,7 +173,7 @@ class Simulation(CoordinatorRun):
             for name in names
         }
         sites = {
-            name: Site(
+            name: self._make_site(
                 name,
                 self._splits[name],
                 seed=randomness[name][1],
@@ -200,6 +194,11 @@ class Simulation(CoordinatorRun):
             sites, dropout=config.participation.dropout, rng=np.random.default_rng(drop_seq),
             identity=self._identity, directory=self._directory,
         )
+
+    def _make_site(self, name: str, splits: Splits, **kwargs: Any) -> Site:
+        """One simulated institution's agent. The red team overrides this to play a malicious site
+        (``consortium.redteam.poisoning``); everyone else gets the honest runtime."""
+        return Site(name, splits, **kwargs)
 
     def _check_agreement(self, config: SimulationConfig, sample: Table) -> Agreement | None:
         agreement = super()._check_agreement(config, sample)
@@ -253,7 +252,7 @@ class Simulation(CoordinatorRun):
         """Local-only and pooled (simulation only): same model, seed and number of epochs,
         scored on the consortium's population (every site's test split)."""
         config, names, splits, k = self.config, self.names, self._splits, self.n_classes
-        population = _concat([splits[n].test for n in names])
+        population = concat_tables([splits[n].test for n in names])
         seeds = [int(s.generate_state(1)[0]) for s in self._base_seq.spawn(len(names) + 1)]
         out: dict[str, Any] = {}
         if config.baselines.local_only:
@@ -268,7 +267,7 @@ class Simulation(CoordinatorRun):
                 "own_split_accuracy_per_site": own,
             }
         if config.baselines.pooled:
-            model = _train_alone(_concat([splits[n].train for n in names]), config, k, seeds[-1])
+            model = _train_alone(concat_tables([splits[n].train for n in names]), config, k, seeds[-1])
             out["pooled"] = finite_metrics(_score(model, population, k).metrics())
         return out
 

@@ -105,6 +105,18 @@ class Table:
         )
 
 
+def concat_tables(tables: list[Table]) -> Table:
+    """The rows of ``tables`` one after the other; the first table's metadata (they must share it)."""
+    first = tables[0]
+    return Table(
+        X=np.concatenate([t.X for t in tables]),
+        y=np.concatenate([t.y for t in tables]),
+        feature_names=first.feature_names,
+        classes=first.classes,
+        image_shape=first.image_shape,
+    )
+
+
 def _describe(a: object) -> str:
     if isinstance(a, np.ndarray):
         return f"an array of shape {a.shape}"

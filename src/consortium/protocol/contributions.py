@@ -6,8 +6,9 @@ are encoded into the ring (``consortium.secagg.encoding``) and only their
 sum is ever decoded. Either way the coordinator reads nothing but sums.
 
 - setup:    [n_train, sum of x (d), sum of x^2 (d)]
-- fit:      [w * delta (P), w, w * loss]; under secure aggregation delta is
-            clipped to [-clip, clip] coordinate-wise, w is scaled to (0, 1]
+- fit:      [w * delta (P), w, w * loss]; delta is first scaled into the L2 ball of
+            radius norm_bound when the round has one (robust aggregation); under
+            secure aggregation delta is then clipped to [-clip, clip] coordinate-wise, w is scaled to (0, 1]
             and the last two entries are scaled into [0, clip] so that every
             entry lies in the quantiser's range
             Under site-level DP: [delta clipped to L2 norm clip (P)], then, with
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from consortium.learning.robust import bound_norm
 from consortium.learning.training import AUC_BINS, EvalStats
 from consortium.secagg.encoding import RingEncoding
 from consortium.secagg.quantize import plan_quantization
@@ -48,7 +50,10 @@ def read_setup_sum(total: np.ndarray, n_features: int) -> tuple[float, np.ndarra
     return n, mean, np.sqrt(var)
 
 
-def fit_vector(delta: np.ndarray, weight: float, loss: float, clip: float | None) -> np.ndarray:
+def fit_vector(
+    delta: np.ndarray, weight: float, loss: float, clip: float | None, norm_bound: float | None = None
+) -> np.ndarray:
+    delta = bound_norm(delta.astype(np.float64), norm_bound)
     if clip is None:
         return np.concatenate([delta.astype(np.float64) * weight, [weight, weight * loss]])
     clipped = np.clip(delta.astype(np.float64), -clip, clip)

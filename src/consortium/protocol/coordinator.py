@@ -34,6 +34,7 @@ from consortium.governance.guard import INTEGRITY_RULES
 from consortium.governance.incident import Incident, NormMonitor, RunHalted
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.models import ModelSpec
+from consortium.learning.robust import RobustAggregation
 from consortium.learning.strategies import FedAvg
 from consortium.learning.training import TrainSettings
 from consortium.privacy.events import RecordLevelEvent, SiteLevelEvent
@@ -86,6 +87,7 @@ class RoundRecord:
     evaluation_note: str = ""
     secure: dict[str, object] | None = None
     privacy: dict[str, object] | None = None  # site level: the clip used, and the noisy share of sites under it
+    robust: dict[str, object] | None = None  # in the clear: whose updates the norm bound cut, whom Krum selected
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -101,6 +103,7 @@ class RoundRecord:
             "evaluation_note": self.evaluation_note,
             "secure_aggregation": self.secure,
             "privacy": self.privacy,
+            "robust": self.robust,
             **self.metrics,
         }
 
@@ -171,6 +174,7 @@ class Coordinator:
         privacy: RecordLevelEvent | SiteLevelDP | None = None,
         model_builder: ModelBuilder = build_task_model,
         monitor: NormMonitor | None = None,
+        robust: RobustAggregation | None = None,
     ) -> None:
         if len(set(sites)) != len(sites) or not sites:
             raise ProtocolError("site names must be unique and there must be at least one site")
@@ -192,6 +196,9 @@ class Coordinator:
         self.site_dp = privacy if isinstance(privacy, SiteLevelDP) else None
         if self.site_dp is not None and self.site_dp.distributed and secure is None:
             raise ConfigError("distributed noise is added inside secure aggregation: turn it on, or choose central noise")
+        self.robust = robust
+        if robust is not None:
+            self._check_robust(robust)
         self._rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC00D]))
         self._init_seed = seed
         self._build = model_builder
@@ -215,6 +222,28 @@ class Coordinator:
         # Incident response: anomalous updates (``monitor``) and sites' integrity refusals halt the run.
         self.monitor = monitor
         self.incident: Incident | None = None
+
+    def _check_robust(self, robust: RobustAggregation) -> None:
+        """The defence's tolerance condition holds in every round that aggregates, or the run is refused."""
+        if not robust.needs_updates:
+            return
+        if self.secure is not None:
+            raise ConfigError(
+                f"robust aggregator {robust.aggregator} needs each site's update, which secure aggregation hides: "
+                "turn secure_aggregation off, or use norm bounding"
+            )
+        if self.site_dp is not None:
+            raise ConfigError(
+                f"robust aggregator {robust.aggregator} does not compute the sum that site-level DP adds its noise to: "
+                "use the mean with a norm bound, or record-level privacy"
+            )
+        need = robust.min_updates
+        if self.strategy.min_sites < need or len(self.sites) < need:
+            raise ConfigError(
+                f"robust aggregator {robust.aggregator} tolerates f={robust.byzantine} Byzantine updates only in rounds "
+                f"of at least {need} updates; min_sites is {self.strategy.min_sites} and there are {len(self.sites)} "
+                f"sites: set min_sites to at least {need} (with as many sites), or lower byzantine"
+            )
 
     @property
     def done(self) -> bool:
@@ -318,6 +347,7 @@ class Coordinator:
                 weight_scale=self.total_rows if secure else 1.0,
                 secure_aggregation=secure,
                 update_clip=self.secure.update_clip if self.secure else None,
+                norm_bound=self.robust.norm_bound if self.robust else None,
                 privacy=st.event,
                 plan=self._plan_proof,
             )
@@ -492,6 +522,7 @@ class Coordinator:
             "privacy_event": st.event.model_dump(mode="json") if st.event is not None else None,
             "secure_aggregation": self.secure is not None,
             "strategy": self.strategy.describe(),
+            "robust": self.robust.describe() if self.robust is not None else None,
         }))
 
     # -- checkpoints ------------------------------------------------------------
@@ -632,6 +663,7 @@ class Coordinator:
             "parent_model_sha256": parent,
             "model_sha256": self._model_sha256(),
             "privacy": record.privacy,
+            "robust": record.robust,
         }))
 
     def _apply_fit(self, st: _PhaseState, result: _PhaseResult, record: RoundRecord) -> None:
@@ -647,23 +679,73 @@ class Coordinator:
             record.reason += ": the model is unchanged this round"
             return
         n_params = self._params().shape[0]
+        total = result.total
+        if self.secure is None and self.robust is not None and self.robust.norm_bound is not None:
+            total = self._bounded_plain_sum(st, record, n_params)  # in the clear the coordinator enforces the bound
         if self.site_dp is not None:
             clip = self.site_dp.clip
-            mean, fraction = self.site_dp.release(result.total, n_params, len(result.included))
+            mean, fraction = self.site_dp.release(total, n_params, len(result.included))
             record.privacy = {"clip": clip, "fraction_under_clip": fraction}
             self.params = self.strategy.apply(self.round, self._params(), mean.astype(np.float32))
             return
-        s = c.read_fit_sum(result.total, n_params, self.secure.update_clip if self.secure else None)
+        s = c.read_fit_sum(total, n_params, self.secure.update_clip if self.secure else None)
         if s.weight <= 0:
             record.status, record.reason = "skipped", "the updates carry no weight: the model is unchanged"
             return
         if self.privacy is None:  # a training loss is not covered by any DP guarantee: not read under DP
             record.train_loss = s.weighted_loss / s.weight
         mean_update = (s.weighted_update / s.weight).astype(np.float32)
+        if self.robust is not None and self.robust.needs_updates:
+            robust_update = self._robust_update(st, record, n_params)
+            if robust_update is None:
+                record.status = "skipped"
+                record.reason = (
+                    f"fewer than {self.robust.min_updates} updates carry weight, which {self.robust.aggregator} needs "
+                    f"to tolerate {self.robust.byzantine} Byzantine: the model is unchanged"
+                )
+                return
+            mean_update = robust_update
         if self._anomalous(st, mean_update, n_params):
             record.status, record.reason = "halted", f"halted: {self.incident.detail}: the model is unchanged"  # type: ignore[union-attr]
             return
         self.params = self.strategy.apply(self.round, self._params(), mean_update)
+
+    def _bounded_plain_sum(self, st: _PhaseState, record: RoundRecord, n_params: int) -> np.ndarray:
+        """The plain round's sum with each site's update scaled into the norm bound (as its runtime should have).
+
+        Each vector carries ``w * delta`` (site level: ``delta``), so the bound applies to ``delta``."""
+        assert self.robust is not None and self.robust.norm_bound is not None
+        bound, cut, vectors = self.robust.norm_bound, [], []
+        for site in record.answered:
+            v = st.plain[site].copy()
+            w = 1.0 if self.site_dp is not None else float(v[n_params])
+            norm = float(np.linalg.norm(v[:n_params]))
+            if w <= 0:  # no weight, no update: a weightless vector would otherwise slip past the bound
+                if norm > 0:
+                    v[:n_params] = 0.0
+                    cut.append(site)
+            elif norm / w > bound * (1 + 1e-6):  # float32 transport: a site's own bounding may round just above
+                v[:n_params] *= bound * w / norm
+                cut.append(site)
+            vectors.append(v)
+        record.robust = {**(record.robust or {}), "bounded": cut}
+        return np.sum(vectors, axis=0)
+
+    def _robust_update(self, st: _PhaseState, record: RoundRecord, n_params: int) -> np.ndarray | None:
+        """Median, trimmed mean or (Multi-)Krum over the plain round's updates, each bounded first if asked;
+        None when fewer updates carry weight than the aggregator's tolerance condition needs."""
+        assert self.robust is not None
+        sites = [u for u in record.answered if st.plain[u][n_params] > 0]
+        if len(sites) < self.robust.min_updates:
+            return None
+        weights = np.array([st.plain[u][n_params] for u in sites])
+        updates = np.stack([st.plain[u][:n_params] / st.plain[u][n_params] for u in sites])
+        agg = self.robust.aggregate(updates, weights)
+        info: dict[str, object] = {**(record.robust or {}), "bounded": [sites[i] for i in agg.bounded]}
+        if agg.selected is not None:
+            info["selected"] = [sites[i] for i in agg.selected]
+        record.robust = info
+        return agg.update.astype(np.float32)
 
     def _finish_evaluate(self, result: _PhaseResult, record: RoundRecord) -> None:
         record.evaluated_sites = len(result.included)

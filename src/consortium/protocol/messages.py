@@ -34,8 +34,9 @@ from consortium.secagg.messages import (
 from consortium.wire import Frozen as _Frozen
 from consortium.wire import B64, Tensor, decode_frame, encode_frame
 
-SCHEMA_VERSION = 6  # 2: site-level privacy events and the noisy ring encoding; 3: a refusal names its rule; 4: co-signing;
-# 5: a fit request may name by hash the model the site holds; 6: sites describe their data and endorse the manifest
+SCHEMA_VERSION = 7  # 2: site-level privacy events and the noisy ring encoding; 3: a refusal names its rule; 4: co-signing;
+# 5: a fit request may name by hash the model the site holds; 6: sites describe their data and endorse the manifest;
+# 7: a fit request carries the round's L2 norm bound on each update
 
 #: The coordinator's name in every envelope; no site may take it.
 COORDINATOR = "coordinator"
@@ -113,6 +114,9 @@ class FitRequest(_Frozen):
     weight_scale: float = Field(1.0, gt=0)
     secure_aggregation: bool
     update_clip: float | None = Field(None, gt=0)
+    #: Robust aggregation: the site scales its update into the L2 ball of this radius before it leaves
+    #: (and before quantisation); None: no bound. The round's plan in the transcript names the same bound.
+    norm_bound: float | None = Field(None, gt=0)
     #: This round's differential privacy, as the site will record it in its ledger; None: no DP.
     #: Record level: DP-SGD in local training. Site level: clip the update (and add noise, if distributed).
     privacy: PrivacyEvent | None = None

@@ -28,6 +28,7 @@ from consortium.governance.guard import Clock, Refused, SiteGuard, utc_now
 from consortium.governance.policy import SitePolicy
 from consortium.governance.roles import PermissionDenied, Roles
 from consortium.learning.adapter import ModelAdapter
+from consortium.learning.robust import bound_norm
 from consortium.learning.training import evaluate, train_local
 from consortium.privacy.dpsgd import secure_generator, secure_numpy_generator, train_dp_sgd
 from consortium.privacy.events import RecordLevelEvent, SiteLevelEvent
@@ -242,6 +243,12 @@ class Site:
         declared = json.loads(canonical(msg.privacy.model_dump(mode="json"))) if msg.privacy is not None else None
         if entry.body.get("privacy_event") != declared:
             raise Refused("plan_mismatch", "the request's privacy event is not the one the transcript plans for this round")
+        planned_bound = (entry.body.get("robust") or {}).get("norm_bound")
+        if msg.norm_bound != planned_bound:
+            raise Refused(
+                "plan_mismatch",
+                f"the request's norm bound {msg.norm_bound} is not the one the transcript plans for this round ({planned_bound})",
+            )
         if self.name not in entry.body.get("cohort", []):
             raise Refused("plan_mismatch", f"the transcript's plan for round {rnd} does not include this site")
 
@@ -371,6 +378,22 @@ class Site:
         )
         module, adapter, global_params = self._model_for(msg.task, params)
         self._held = (sha, params)
+        delta, loss = self._local_update(rnd, msg, module, adapter, global_params)
+        rows = float(self.__train[0].shape[0]) if msg.weighting == "examples" else 1.0
+        if isinstance(msg.privacy, SiteLevelEvent):
+            return self._fit_site_level(rnd, msg, msg.privacy, bound_norm(delta, msg.norm_bound))
+        weight = min(rows / msg.weight_scale, 1.0) if msg.secure_aggregation else rows
+        # The round's norm bound (robust aggregation) is applied here, before quantisation and masking.
+        if msg.secure_aggregation:
+            vector = c.fit_vector(delta, weight, loss, msg.update_clip, msg.norm_bound)
+        else:  # in the clear, float32 like the update itself: half the traffic of float64
+            vector = c.fit_vector(delta, weight, loss, None, msg.norm_bound).astype(np.float32)
+        return m.FitReply(contribution=self._contribute(rnd, "fit", vector, msg.secure_aggregation))
+
+    def _local_update(
+        self, rnd: int, msg: m.FitRequest, module: torch.nn.Module, adapter: ModelAdapter, global_params: np.ndarray
+    ) -> tuple[np.ndarray, float]:
+        """Train on this site's split from the global model: (the model delta, the training loss)."""
         center = [p.detach().clone() for p in module.parameters()] if msg.proximal_mu > 0 else None
         X, y = self.__train
         if isinstance(msg.privacy, RecordLevelEvent):
@@ -383,16 +406,7 @@ class Site:
         else:
             seed = int(np.random.SeedSequence([self._seed, rnd]).generate_state(1)[0])
             loss = train_local(module, X, y, msg.train, seed=seed, proximal_mu=msg.proximal_mu, proximal_center=center)
-        delta = adapter.get_vector() - global_params
-        if isinstance(msg.privacy, SiteLevelEvent):
-            return self._fit_site_level(rnd, msg, msg.privacy, delta)
-        rows = float(X.shape[0]) if msg.weighting == "examples" else 1.0
-        weight = min(rows / msg.weight_scale, 1.0) if msg.secure_aggregation else rows
-        if msg.secure_aggregation:
-            vector = c.fit_vector(delta, weight, loss, msg.update_clip)
-        else:  # in the clear, float32 like the update itself: half the traffic of float64
-            vector = c.fit_vector(delta, weight, loss, None).astype(np.float32)
-        return m.FitReply(contribution=self._contribute(rnd, "fit", vector, msg.secure_aggregation))
+        return adapter.get_vector() - global_params, loss
 
     def _fit_site_level(self, rnd: int, msg: m.FitRequest, event: SiteLevelEvent, delta: np.ndarray) -> m.FitReply:
         """DP-FedAvg: the update clipped to L2 norm ``event.clip``; distributed noise joins it in the ring."""

@@ -52,6 +52,17 @@ class RatePoint:
     tpr: float  # the best true-positive rate at a threshold whose FPR does not exceed it
     low: float  # the Clopper-Pearson interval of that TPR
     high: float
+    fpr_reached: float  # that threshold's own FPR on the non-members (at most ``fpr``)
+    fpr_high: float  # the upper end of its interval: with 300 non-members an FPR of 0 may truly be 1%
+
+    def contradicts(self, epsilon: float, delta: float) -> bool:
+        """True when this point proves (at the intervals' confidence) that the mechanism is not (epsilon, delta)-DP.
+
+        Both rates are estimates: the TPR is taken at its lowest plausible value
+        and the FPR at its highest, so sampling luck alone does not contradict
+        the guarantee.
+        """
+        return self.low > dp_tpr_bound(self.fpr_high, epsilon, delta)
 
 
 @dataclass(frozen=True)
@@ -82,7 +93,10 @@ def evaluate_attack(
     for target in fprs:
         if not 0 < target < 1:
             raise ConfigError(f"a false-positive rate to report must lie strictly between 0 and 1, got {target}")
-        reached = float(tpr[fpr <= target].max())  # fpr[0] == 0: the threshold above every score
-        low, high = clopper_pearson(round(reached * members.size), members.size, confidence)
-        points.append(RatePoint(target, reached, low, high))
+        allowed = np.flatnonzero(fpr <= target)  # fpr[0] == 0: the threshold above every score
+        best = allowed[np.argmax(tpr[allowed])]  # the first (lowest-FPR) threshold reaching the best TPR
+        low, high = clopper_pearson(round(tpr[best] * members.size), members.size, confidence)
+        false_pos = round(fpr[best] * nonmembers.size)
+        fpr_high = clopper_pearson(false_pos, nonmembers.size, confidence)[1]
+        points.append(RatePoint(target, float(tpr[best]), low, high, float(fpr[best]), fpr_high))
     return AttackResult(float(roc_auc_score(labels, scores)), tuple(points), members.size, nonmembers.size, fpr, tpr)

@@ -136,11 +136,16 @@ def _check_signature(public: bytes, signature: bytes, data: bytes, where: str) -
         raise VerificationError(f"{where}: {exc}") from None
 
 
+def read_entries(run_dir: Path) -> list[Entry]:
+    """The transcript's entries, parsed (not verified: ``verify_run`` does that)."""
+    return [parse_entry(line, i) for i, line in enumerate(_lines(run_dir / TRANSCRIPT_FILE, "transcript"))]
+
+
 def verify_run(run_dir: Path) -> Verified:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"run folder '{run_dir}' does not exist: pass the folder a run printed")
-    entries = [parse_entry(line, i) for i, line in enumerate(_lines(run_dir / TRANSCRIPT_FILE, "transcript"))]
+    entries = read_entries(run_dir)
     heads = [parse_head(line, i) for i, line in enumerate(_lines(run_dir / HEADS_FILE, "tree heads"))]
     if not entries:
         raise VerificationError("the transcript is empty")
@@ -398,25 +403,33 @@ def _recompute_aggregate(e: Entry, entries: list[Entry], run_dir: Path) -> None:
         )
 
 
-def signed_epsilon(entries: list[Entry], manifest: dict[str, Any]) -> dict[str, float]:
-    """Each site's epsilon, from the privacy events it signed in its decisions (empty when DP is off)."""
-    privacy = manifest.get("privacy") or {}
-    if not privacy.get("enabled"):
+def signed_events(entries: list[Entry], manifest: dict[str, Any]) -> dict[str, list[tuple[int, Any]]]:
+    """Each site's (round, privacy event) pairs, as it signed them in its decisions (empty when DP is off)."""
+    if not (manifest.get("privacy") or {}).get("enabled"):
         return {}
-    paid: dict[str, list[Any]] = {n: [] for n, m in manifest["members"].items() if m["role"] == "site"}
+    paid: dict[str, list[tuple[int, Any]]] = {n: [] for n, m in manifest["members"].items() if m["role"] == "site"}
 
     def collect(e: Entry) -> None:
         if e.kind == "site_decision" and e.body["accepted"]:
             if e.body["privacy_event"] is None:
                 raise VerificationError(f"entry {e.index}: site '{e.author}' took part in a private run without a privacy event")
             try:
-                paid[e.author].append(EVENT.validate_python(e.body["privacy_event"]))
+                paid[e.author].append((e.round, EVENT.validate_python(e.body["privacy_event"])))
             except ValidationError:
                 raise VerificationError(f"entry {e.index}: the privacy event does not parse") from None
 
     for entry in entries:
         _entry_check(entry, collect)
-    return {site: epsilon(events, privacy["delta"], privacy["accountant"]) if events else 0.0 for site, events in paid.items()}
+    return paid
+
+
+def signed_epsilon(entries: list[Entry], manifest: dict[str, Any]) -> dict[str, float]:
+    """Each site's epsilon, from the privacy events it signed in its decisions (empty when DP is off)."""
+    privacy = manifest.get("privacy") or {}
+    return {
+        site: epsilon([ev for _, ev in paid], privacy["delta"], privacy["accountant"]) if paid else 0.0
+        for site, paid in signed_events(entries, manifest).items()
+    }
 
 
 def _check_privacy(entries: list[Entry], manifest: dict[str, Any], run_dir: Path) -> dict[str, float]:

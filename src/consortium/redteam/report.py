@@ -1,0 +1,289 @@
+"""``consortium report RUN_DIR [--compare RUN_DIR ...]``: one self-contained HTML file a partner can read.
+
+For each run, side by side when several are given: what the run was (data,
+protections, warnings), whether its transcript verifies, accuracy per round
+(the consortium's, from the secure sums, and each site's own where the site
+kept it), epsilon spent per site per round (recomputed from the privacy
+events the sites signed), and the red team's findings from ``audit.json``:
+ROC curves of the membership attacks on log axes against the ceiling the
+run's epsilon sets, and the other attacks' tables.
+
+Plots are drawn by matplotlib and embedded as inline SVG; the page loads
+nothing from anywhere, so it can be mailed, archived, or opened offline.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display: figures are only ever written to SVG
+import numpy as np
+from matplotlib import pyplot as plt
+from matplotlib.figure import Figure
+
+from consortium.errors import ConsortiumError
+from consortium.privacy.accountant import epsilon as account
+from consortium.redteam.audit import AUDIT_FILE
+from consortium.redteam.membership import AuditError
+from consortium.redteam.metrics import dp_tpr_bound
+from consortium.runs import write_atomic
+from consortium.transcript.verify import read_entries, signed_events, verify_run
+
+REPORT_FILE = "report.html"
+
+_CSS = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 24px; color: #1d2430; }
+h1 { font-size: 22px; } h2 { font-size: 17px; margin-top: 28px; border-bottom: 1px solid #ccd; }
+.runs { display: grid; grid-template-columns: repeat(var(--columns), minmax(420px, 1fr)); gap: 28px; }
+table { border-collapse: collapse; margin: 8px 0; } td, th { border: 1px solid #ccd; padding: 3px 8px; text-align: right; }
+td:first-child, th:first-child { text-align: left; }
+.ok { color: #106b21; font-weight: bold; } .bad { color: #b3141b; font-weight: bold; }
+.warn { background: #fff3cd; border-left: 4px solid #d39e00; padding: 4px 8px; margin: 4px 0; }
+figure { margin: 8px 0; } figure svg { max-width: 100%; height: auto; }
+.muted { color: #667; }
+"""
+
+
+def _svg(fig: Figure, name: str) -> str:
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    plt.close(fig)
+    svg = buf.getvalue()
+    svg = svg[svg.index("<svg"):]  # drop the XML prolog and doctype: inline SVG needs neither
+    return f'<figure class="plot" data-plot="{html.escape(name)}">{svg}</figure>'
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def _accuracy_plot(rounds: list[dict[str, Any]], sites: dict[str, list[dict[str, Any]]]) -> str:
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    done = [r for r in rounds if r.get("accuracy") is not None]
+    ax.plot([r["round"] for r in done], [r["accuracy"] for r in done], "o-", color="black", lw=2, label="consortium (secure sum)")
+    for site, points in sites.items():
+        ax.plot([p["round"] for p in points], [p["accuracy"] for p in points], ".--", lw=1, label=site)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _svg(fig, "accuracy")
+
+
+def epsilon_by_round(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Each site's cumulative epsilon after each round it paid for, from the events it signed."""
+    entries = read_entries(run_dir)
+    manifest = entries[0].body
+    privacy = manifest.get("privacy") or {}
+    cache: dict[str, float] = {}
+    out: dict[str, list[tuple[int, float]]] = {}
+    for site, paid in signed_events(entries, manifest).items():
+        curve = []
+        for k in range(1, len(paid) + 1):
+            events = [ev for _, ev in paid[:k]]
+            key = json.dumps([ev.model_dump(mode="json") for ev in events], sort_keys=True)
+            if key not in cache:  # sites paying the same events (the usual case) are accounted once
+                cache[key] = account(events, privacy["delta"], privacy["accountant"])
+            curve.append((paid[k - 1][0], cache[key]))
+        out[site] = curve
+    return out
+
+
+def _epsilon_plot(curves: dict[str, list[tuple[int, float]]], caps: dict[str, float]) -> str:
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for i, (site, curve) in enumerate(curves.items()):
+        line = ax.step([0] + [r for r, _ in curve], [0.0] + [e for _, e in curve], where="post", label=site)
+        if site in caps:
+            ax.axhline(caps[site], ls=":", color=line[0].get_color(), lw=1)
+    ax.set_xlabel("round")
+    ax.set_ylabel("epsilon spent (dotted: cap)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _svg(fig, "epsilon")
+
+
+def _roc_plot(mia: dict[str, Any], epsilon: float | None, delta: float | None) -> str:
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    grid = np.geomspace(1e-4, 1, 200)
+    for attack, style in (("loss", "--"), ("lira", "-")):
+        if attack in mia:
+            roc = mia[attack]["roc"]
+            fpr, tpr = np.maximum(roc["fpr"], 1e-4), np.maximum(roc["tpr"], 1e-4)
+            auc = mia[attack]["sites"][-1]["auc"]
+            ax.plot(fpr, tpr, style, lw=2, label=f"{attack} (AUC {auc:.3f})")
+    ax.plot(grid, grid, color="grey", lw=1, label="chance")
+    if epsilon is not None:
+        ceiling = [dp_tpr_bound(f, epsilon, delta or 0.0) for f in grid]
+        ax.plot(grid, ceiling, color="#b3141b", lw=1.5, ls=":", label=f"DP ceiling, epsilon {epsilon:.3g}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(1e-4, 1)
+    ax.set_ylim(1e-4, 1)
+    ax.set_xlabel("false-positive rate")
+    ax.set_ylabel("true-positive rate")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="lower right")
+    return _svg(fig, "roc")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}%"
+
+
+def _membership(mia: dict[str, Any], privacy: dict[str, Any]) -> str:
+    eps_map = privacy.get("epsilon_per_site") or {}
+    epsilon = max(eps_map.values()) if privacy.get("enabled") and eps_map else None
+    parts = [_roc_plot(mia, epsilon, privacy.get("delta"))]
+    for attack in ("loss", "lira"):
+        if attack not in mia:
+            continue
+        rows = []
+        for v in mia[attack]["sites"]:
+            rates = [f"{_pct(p['tpr'])} <span class=muted>[{_pct(p['interval'][0])}, {_pct(p['interval'][1])}]</span>"
+                     for p in v["tpr_at_fpr"]]
+            within = {None: "no DP", True: "<span class=ok>yes</span>", False: "<span class=bad>NO</span>"}[v["within_dp_bound"]]
+            rows.append([html.escape(v["site"]), str(v["members"]), f"{v['auc']:.3f}", *rates, within])
+        title = f"LiRA, {mia['shadows']} shadow runs" if attack == "lira" else "loss threshold"
+        parts.append(f"<h3>{title}</h3>" + _table(["site", "members", "AUC", "TPR @ 0.1% FPR", "TPR @ 1% FPR", "within DP ceiling"], rows))
+    if "lira_skipped" in mia:
+        parts.append(f"<p class=muted>LiRA not run: {html.escape(mia['lira_skipped'])}</p>")
+    return "".join(parts)
+
+
+def _inversion(section: dict[str, Any]) -> str:
+    unit = "dB PSNR" if section["metric"] == "psnr" else "mean error (sd), lower is better"
+    rows = [
+        [html.escape(r["observer"]), str(r["batch_size"]), f"{r['quality']:.2f}", f"{r['baseline']:.2f}",
+         "<span class=bad>yes</span>" if r["gain"] > 3 * (1 if r["metric"] == "psnr" else 0.1) else "no",
+         "yes" if r["labels_exact"] else "no"]
+        for r in section["rows"]
+    ]
+    header = ["observer", "batch", f"reconstruction ({unit})", "mean-image guess", "recovers inputs", "labels exact"]
+    return f"<p class=muted>{html.escape(section['note'])}</p>" + _table(header, rows)
+
+
+def _canary(section: dict[str, Any]) -> str:
+    if "skipped" in section:
+        return f"<p class=muted>not run: {html.escape(section['skipped'])}</p>"
+    rows = []
+    for name, label in (("as_run", "the run's DP-SGD"), ("noise_divided_by_10", "control: noise divided by 10")):
+        r = section[name]
+        verdict = "<span class=bad>caught: less private than claimed</span>" if r["caught"] else "<span class=ok>within its claim</span>"
+        rows.append([label, f"{r['correct']} / {r['guesses']}", f"{r['lower_bound']:.3f}", f"{r['accounted_epsilon']:.3f}", verdict])
+    note = (f"<p class=muted>{section['as_run']['canaries']} canaries; with every guess right the audit could show at most "
+            f"epsilon {section['reach']:.2f}.</p>")
+    return _table(["mechanism", "correct guesses", "empirical epsilon (95%)", "accounted epsilon", "verdict"], rows) + note
+
+
+def _poisoning(section: dict[str, Any]) -> str:
+    parts = [f"<p>Site <b>{html.escape(section['attacker'])}</b> plays the attacker from round 2.</p>"]
+
+    def acc(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}%"
+
+    for attack, runs in section["attacks"].items():
+        rows = [
+            [html.escape(r["label"]), "on" if r["secure_aggregation"] else "off", html.escape(r["status"]),
+             acc(r["accuracy"]), acc(r["worst_accuracy"]), acc(r["backdoor_success"]),
+             f"<span class=muted>{html.escape(r['detail'])}</span>"]
+            for r in runs
+        ]
+        parts.append(f"<h3>{html.escape(attack)}</h3>" + _table(
+            ["run", "secure agg.", "status", "final accuracy", "worst since attack", "backdoor success", "detail"], rows))
+    return "".join(parts)
+
+
+def _run_column(run_dir: Path) -> str:
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except FileNotFoundError:
+        raise AuditError(f"{run_dir / 'summary.json'} is missing: give the folder of a run (consortium simulate writes one)") from None
+    except ValueError as exc:
+        raise AuditError(f"{run_dir / 'summary.json'} is not valid JSON ({exc}): the run folder is damaged") from None
+    privacy = summary.get("privacy") or {}
+    sa = summary.get("secure_aggregation") or {}
+    out = [f"<section class=run><h2>{html.escape(run_dir.name)}</h2>"]
+    dp = (f"{privacy.get('level', 'record')}-level DP, target epsilon {privacy.get('target_epsilon')}, "
+          f"delta {privacy.get('delta')}") if privacy.get("enabled") else "<span class=bad>no differential privacy</span>"
+    secure = "secure aggregation" if sa.get("enabled") else "<span class=bad>no secure aggregation</span>"
+    out.append(f"<p>{html.escape(str(summary.get('dataset')))}, {summary.get('sites')} sites, {summary.get('rounds')} rounds, "
+               f"status <b>{html.escape(str(summary.get('status')))}</b>; {secure}; {dp}.</p>")
+    out += [f"<div class=warn>{html.escape(w)}</div>" for w in summary.get("warnings", [])]
+
+    out.append("<h2>Transcript</h2>")
+    try:
+        v = verify_run(run_dir)
+        head = v.tree_head
+        out.append(f"<p class=ok data-verified=true>verified</p><p>{v.entries} signed entries over {v.rounds} rounds; "
+                   f"tree head {head['size']} <code>{head['root'][:16]}...</code> co-signed by "
+                   f"{len(head['cosigned_by'])} sites; status {v.status}.</p>")
+        verified = True
+    except ConsortiumError as exc:
+        out.append(f"<p class=bad data-verified=false>verification FAILED: {html.escape(str(exc))}</p>")
+        verified = False
+
+    out.append("<h2>Accuracy per round</h2>")
+    sites_dir = run_dir / "sites"
+    site_curves = {p.parent.name: _lines(p) for p in sorted(sites_dir.glob("*/evaluation.jsonl"))}
+    out.append(_accuracy_plot(_lines(run_dir / "metrics.jsonl"), {k: v for k, v in site_curves.items() if v}))
+    if not any(site_curves.values()):
+        out.append("<p class=muted>Each site's own accuracy stays with the site; none was found beside this run.</p>")
+
+    out.append("<h2>Epsilon spent per site</h2>")
+    if privacy.get("enabled") and verified:
+        out.append(_epsilon_plot(epsilon_by_round(run_dir), privacy.get("epsilon_cap_per_site") or {}))
+    elif privacy.get("enabled"):
+        out.append("<p class=bad>not shown: the transcript the events come from does not verify</p>")
+    else:
+        out.append("<p class=bad>no DP: no privacy budget was spent or protected</p>")
+
+    audit_path = run_dir / AUDIT_FILE
+    audit = json.loads(audit_path.read_text()) if audit_path.exists() else {"attacks": {}}
+    out.append("<h2>Membership inference</h2>")
+    if "mia" in audit["attacks"]:
+        out.append(_membership(audit["attacks"]["mia"], audit.get("privacy") or privacy))
+    else:
+        out.append("<p class=muted>not audited: run <code>consortium audit RUN_DIR --attacks mia</code></p>")
+    for key, title, render in (("inversion", "Gradient inversion", _inversion), ("canary", "One-run DP audit", _canary),
+                               ("poisoning", "Poisoning and robust aggregation", _poisoning)):
+        if key in audit["attacks"]:
+            out.append(f"<h2>{title}</h2>" + render(audit["attacks"][key]))
+    out.append("</section>")
+    return "".join(out)
+
+
+def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
+    """Write the report of ``run_dirs`` (one column each) to ``out`` (default: the first run's report.html)."""
+    for d in run_dirs:
+        if not d.is_dir():
+            raise AuditError(f"run folder '{d}' does not exist: pass the folder a run printed")
+    columns = "".join(_run_column(d) for d in run_dirs)
+    title = "Consortium report: " + ", ".join(d.name for d in run_dirs)
+    page = (
+        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"
+        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+        f"<div class=runs style='--columns: {len(run_dirs)}'>{columns}</div>"
+        # Counts the plots the browser actually laid out (non-empty boxes): what a reader (or a test) can check.
+        "<script>addEventListener('load', () => { const p = [...document.querySelectorAll('figure.plot svg')];"
+        " document.body.dataset.plots = p.length; document.body.dataset.rendered = p.filter(s => {"
+        " const r = s.getBoundingClientRect(); return r.width > 50 && r.height > 50; }).length; });</script>"
+        "</body></html>"
+    )
+    target = out or run_dirs[0] / REPORT_FILE
+    write_atomic(target, page.encode())
+    return target

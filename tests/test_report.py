@@ -1,0 +1,108 @@
+"""``consortium report``: one self-contained HTML page, opened in a real headless browser."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from consortium.config import SimulationConfig
+from consortium.redteam.audit import AuditOptions, run_audit
+from consortium.simulation import Simulation
+
+pytestmark = pytest.mark.slow
+CHROMIUM = shutil.which("chromium")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small models: one thread is fastest, two on two shared cores can crawl
+    root = tmp_path_factory.mktemp("report")
+    try:
+        out = {}
+        for name, dp in (("private", True), ("open", False)):
+            config = SimulationConfig.model_validate({
+                "rounds": 4, "data": {"dataset": "breast-cancer", "sites": 3},
+                "privacy": {"enabled": dp, "epsilon": 1.0, "test_seed": 3}, "baselines": {"local_only": False, "pooled": False},
+            })
+            Simulation(config, out=root / name).run()
+            out[name] = root / name
+        run_audit(out["private"], ["mia", "inversion", "canary"], AuditOptions(shadows=2, batch_sizes=(1,), canaries=200))
+        run_audit(out["open"], ["mia"], AuditOptions(shadows=2))
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def consortium(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "consortium.cli", *args], check=False, capture_output=True, text=True, timeout=300)
+
+
+def test_the_report_is_one_self_contained_file_with_every_section(runs: dict[str, Path]) -> None:
+    done = consortium("report", str(runs["private"]), "--compare", str(runs["open"]))
+    assert done.returncode == 0, done.stderr
+    page = (runs["private"] / "report.html").read_text()
+    # Nothing is fetched from anywhere: no external scripts, styles, images or fonts.
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", page)
+    assert "<link" not in page and "@import" not in page
+    for heading in ("Transcript", "Accuracy per round", "Epsilon spent per site", "Membership inference",
+                    "Gradient inversion", "One-run DP audit"):
+        assert f"<h2>{heading}</h2>" in page
+    assert page.count("data-verified=true") == 2  # both transcripts verify
+    assert "no differential privacy" in page  # the open run says so
+    assert page.count('data-plot="roc"') == 2 and 'data-plot="epsilon"' in page
+    audit = json.loads((runs["private"] / "audit.json").read_text())
+    assert audit["attacks"]["canary"]["noise_divided_by_10"]["caught"] is True  # the control fails, as it must
+    assert audit["attacks"]["canary"]["as_run"]["caught"] is False
+
+
+def test_a_tampered_transcript_shows_as_failed_and_no_epsilon_is_drawn_from_it(runs: dict[str, Path], tmp_path: Path) -> None:
+    copy = tmp_path / "tampered"
+    shutil.copytree(runs["private"], copy)
+    transcript = copy / "transcript.jsonl"
+    lines = transcript.read_text().splitlines()
+    entry = json.loads(lines[3])
+    entry["body"]["note"] = "edited after signing"
+    lines[3] = json.dumps(entry)
+    transcript.write_text("\n".join(lines) + "\n")
+    done = consortium("report", str(copy))
+    assert done.returncode == 0, done.stderr
+    page = (copy / "report.html").read_text()
+    assert "data-verified=false" in page and "verification FAILED" in page
+    assert 'data-plot="epsilon"' not in page and "does not verify" in page
+
+
+def test_report_errors_are_one_line(tmp_path: Path) -> None:
+    done = consortium("report", str(tmp_path / "nowhere"))
+    assert done.returncode == 2 and "does not exist" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it: apt-get install chromium)")
+def test_every_plot_renders_in_headless_chromium(runs: dict[str, Path], tmp_path: Path) -> None:
+    page = tmp_path / "report.html"
+    done = consortium("report", str(runs["private"]), "--compare", str(runs["open"]), "--out", str(page))
+    assert done.returncode == 0, done.stderr
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], check=False, capture_output=True, text=True, timeout=120).stdout
+    plots = re.search(r'data-plots="(\d+)"', dom)
+    rendered = re.search(r'data-rendered="(\d+)"', dom)
+    assert plots and rendered, dom[:500]
+    # private: accuracy, epsilon, ROC; open: accuracy, ROC. Each laid out by the browser with a real size.
+    assert int(plots.group(1)) == 5 and int(rendered.group(1)) == 5
+    shot = tmp_path / "report.png"
+    subprocess.run([*flags, "--window-size=1400,2400", f"--screenshot={shot}", page.as_uri()], check=False,
+                   capture_output=True, timeout=120)
+    pixels = np.asarray(Image.open(shot).convert("L"))
+    assert pixels.shape == (2400, 1400)
+    assert (pixels < 128).mean() > 0.01  # text, axes and curves: a blank or failed page is near-white
