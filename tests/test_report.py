@@ -33,6 +33,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             config = SimulationConfig.model_validate({
                 "rounds": 4, "data": {"dataset": "breast-cancer", "sites": 3},
                 "privacy": {"enabled": dp, "epsilon": 1.0, "test_seed": 3}, "baselines": {"local_only": False, "pooled": False},
+                "evaluation": {"sensitive_feature": "mean radius", "shift_noise": 1.0} if dp else {},
             })
             Simulation(config, out=root / name).run()
             out[name] = root / name
@@ -54,12 +55,15 @@ def test_the_report_is_one_self_contained_file_with_every_section(runs: dict[str
     # Nothing is fetched from anywhere: no external scripts, styles, images or fonts.
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", page)
     assert "<link" not in page and "@import" not in page
-    for heading in ("Transcript", "Accuracy per round", "Epsilon spent per site", "Membership inference",
-                    "Gradient inversion", "One-run DP audit"):
+    for heading in ("Transcript", "Accuracy per round", "Calibration", "Fairness", "Epsilon spent per site",
+                    "Membership inference", "Gradient inversion", "One-run DP audit"):
         assert f"<h2>{heading}</h2>" in page
     assert page.count("data-verified=true") == 2  # both transcripts verify
     assert "no differential privacy" in page  # the open run says so
-    assert page.count('data-plot="roc"') == 2 and 'data-plot="epsilon"' in page
+    assert page.count('data-plot="roc"') == 2 and page.count('data-plot="reliability"') == 2
+    assert page.count('data-plot="fairness"') == 1 and "Groups of <b>mean radius</b>" in page
+    assert 'data-plot="epsilon"' in page and "standard deviation" in page  # the spread across sites, from sums
+    assert "site-1 (its own record)" in page  # each site's own accuracy, from the journal it kept
     audit = json.loads((runs["private"] / "audit.json").read_text())
     assert audit["attacks"]["canary"]["noise_divided_by_10"]["caught"] is True  # the control fails, as it must
     assert audit["attacks"]["canary"]["as_run"]["caught"] is False
@@ -98,8 +102,9 @@ def test_every_plot_renders_in_headless_chromium(runs: dict[str, Path], tmp_path
     plots = re.search(r'data-plots="(\d+)"', dom)
     rendered = re.search(r'data-rendered="(\d+)"', dom)
     assert plots and rendered, dom[:500]
-    # private: accuracy, epsilon, ROC; open: accuracy, ROC. Each laid out by the browser with a real size.
-    assert int(plots.group(1)) == 5 and int(rendered.group(1)) == 5
+    # private: accuracy, reliability, fairness, epsilon, ROC; open: accuracy, reliability, ROC. Each laid out
+    # by the browser with a real size.
+    assert int(plots.group(1)) == 8 and int(rendered.group(1)) == 8
     shot = tmp_path / "report.png"
     subprocess.run([*flags, "--window-size=1400,2400", f"--screenshot={shot}", page.as_uri()], check=False,
                    capture_output=True, timeout=120)

@@ -190,6 +190,15 @@ class RobustConfig(_Strict):
         return self
 
 
+class EvaluationConfig(_Strict):
+    """What the sites measure beyond accuracy, each summed through secure aggregation like accuracy itself."""
+
+    sensitive_feature: str | None = None  # a feature of the schema whose groups the fairness gaps compare
+    sensitive_threshold: float | None = None  # groups: at or below / above it; default: the consortium's mean
+    positive_class: int = Field(1, ge=0)  # the favourable prediction (class index)
+    shift_noise: float | None = Field(None, gt=0, le=100)  # robustness: Gaussian noise, in feature standard deviations
+
+
 class BaselineConfig(_Strict):
     local_only: bool = True
     pooled: bool = True
@@ -206,6 +215,7 @@ class SimulationConfig(_Strict):
     secure_aggregation: SecureAggregationConfig = SecureAggregationConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     baselines: BaselineConfig = BaselineConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     incidents: IncidentConfig = IncidentConfig()
     robust: RobustConfig = RobustConfig()
     agreement: AgreementConfig | None = None  # None: no agreement (the run says so)

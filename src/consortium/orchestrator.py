@@ -94,6 +94,29 @@ def make_strategy(config: SimulationConfig) -> FedAvg:
     return cls(**common)
 
 
+def evaluation_spec(config: SimulationConfig, sample: Table) -> m.EvaluationSpec:
+    """What the sites measure beyond accuracy, the sensitive attribute named by its column in the schema."""
+    ev = config.evaluation
+    n_classes = len(sample.classes)
+    if ev.positive_class >= n_classes:
+        raise ConfigError(
+            f"evaluation.positive_class is {ev.positive_class}, but the data has {n_classes} classes: "
+            f"choose a class index from 0 to {n_classes - 1}"
+        )
+    feature = None
+    if ev.sensitive_feature is not None:
+        if ev.sensitive_feature not in sample.feature_names:
+            raise ConfigError(
+                f"evaluation.sensitive_feature '{ev.sensitive_feature}' is not a feature of the data: choose one of "
+                f"{', '.join(sample.feature_names[:8])}{', ...' if len(sample.feature_names) > 8 else ''}"
+            )
+        feature = sample.feature_names.index(ev.sensitive_feature)
+    return m.EvaluationSpec(
+        sensitive_feature=feature, sensitive_threshold=ev.sensitive_threshold,
+        positive_class=ev.positive_class, shift_noise=ev.shift_noise,
+    )
+
+
 def _head_json(head: TreeHead) -> dict[str, Any]:
     return {"size": head.size, "root": head.root, "cosigners": sorted(head.cosignatures)}
 
@@ -168,6 +191,7 @@ class CoordinatorRun:
             model_builder=model_builder,
             monitor=NormMonitor(factor) if (factor := config.incidents.update_norm_factor) is not None else None,
             robust=self.robust if (rc.aggregator != "mean" or rc.norm_bound is not None) else None,
+            evaluation=evaluation_spec(config, sample),
         )
 
     def _member_keys(self) -> tuple[Ed25519PrivateKey, dict[str, bytes]]:

@@ -185,6 +185,7 @@ class Simulation(CoordinatorRun):
                 model_builder=model_builder,
                 agreement=self.agreement,
                 policy=self.policies.get(name),
+                journal=self.run_dir / "sites" / name / "evaluation.jsonl",  # the site's own, beside its ledger
             )
             for name in names
         }

@@ -92,5 +92,6 @@ def build_site(
         agreement=agreement,
         policy=policy,
         memory=state / MEMORY_FILE,
+        journal=state / "evaluation.jsonl",  # how each round's model did on this site's own test split
         **extra,
     )

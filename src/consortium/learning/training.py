@@ -7,6 +7,7 @@ consortium's metrics are sums that secure aggregation can compute.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,6 +19,10 @@ from torch.nn import functional as F
 
 #: Bins of the predicted positive-class probability used for ROC AUC.
 AUC_BINS = 1000
+#: Bins of the top-class confidence for calibration (expected calibration error, reliability diagram).
+CAL_BINS = 15
+#: Per group of a sensitive attribute: records, predicted positive, positives, true positives, negatives, false positives.
+GROUP_FIELDS = ("n", "predicted_positive", "positives", "true_positives", "negatives", "false_positives")
 
 
 class TrainSettings(BaseModel):
@@ -83,6 +88,15 @@ def train_local(
 
 
 @dataclass(frozen=True)
+class Groups:
+    """The two groups of a declared sensitive attribute: feature ``feature`` at or below ``threshold``, or above."""
+
+    feature: int
+    threshold: float
+    positive: int = 1  # the class that counts as the favourable / positive prediction
+
+
+@dataclass(frozen=True)
 class EvalStats:
     """Sufficient statistics of an evaluation: sums, so sites' statistics add up to the pooled ones."""
 
@@ -92,15 +106,62 @@ class EvalStats:
     #: For binary tasks: int64 [2, AUC_BINS] counts of negatives / positives per
     #: bin of the predicted positive-class probability. None otherwise.
     score_hist: np.ndarray | None
+    #: [3, CAL_BINS]: per bin of top-class confidence, the records, their summed confidence, the correct ones.
+    calibration: np.ndarray | None = None
+    #: [2, len(GROUP_FIELDS)]: per group of the sensitive attribute (at or below the threshold, above); None: none declared.
+    groups: np.ndarray | None = None
+    #: [sites, sum of the sites' accuracies, sum of their squares]: the spread across sites, never one site's figure.
+    sites: np.ndarray | None = None
+    #: [n, correct] on the test records under the declared distribution shift; None: none declared.
+    shift: np.ndarray | None = None
 
     def metrics(self) -> dict[str, float]:
-        """Accuracy and mean loss, plus ROC AUC for binary tasks."""
+        """Accuracy and mean loss, ROC AUC for binary tasks, and what else was measured: expected calibration
+        error, the spread of accuracy across sites, fairness gaps between the groups, accuracy under shift."""
         if self.n == 0:
             return {"accuracy": float("nan"), "loss": float("nan")}
         out = {"accuracy": self.correct / self.n, "loss": self.loss_sum / self.n}
         if self.score_hist is not None:
             out["auc"] = auc_from_histograms(self.score_hist[0], self.score_hist[1])
+        if self.calibration is not None:
+            count, confidence, correct = self.calibration
+            out["ece"] = float(np.abs(correct - confidence).sum() / max(count.sum(), 1))
+        if self.sites is not None and self.sites[0] >= 2:
+            k, total, squares = (float(v) for v in self.sites)
+            out["site_accuracy_mean"] = total / k
+            out["site_accuracy_std"] = math.sqrt(max(squares / k - (total / k) ** 2, 0.0))
+        out.update(fairness_gaps(self.groups))
+        if self.shift is not None and self.shift[0] > 0:
+            out["shift_accuracy"] = float(self.shift[1] / self.shift[0])
         return out
+
+    def reliability(self) -> list[dict[str, float]]:
+        """The reliability diagram: per non-empty confidence bin, its range, records, mean confidence and accuracy."""
+        if self.calibration is None:
+            return []
+        count, confidence, correct = self.calibration
+        edges = np.linspace(0, 1, CAL_BINS + 1)
+        return [
+            {"low": float(edges[b]), "high": float(edges[b + 1]), "count": int(round(count[b])),
+             "confidence": float(confidence[b] / count[b]), "accuracy": float(correct[b] / count[b])}
+            for b in range(CAL_BINS) if count[b] >= 0.5
+        ]
+
+
+def fairness_gaps(groups: np.ndarray | None) -> dict[str, float]:
+    """Demographic parity difference |P(yhat=+|A) - P(yhat=+|B)| and equalised odds difference
+    max(|TPR_A - TPR_B|, |FPR_A - FPR_B|) from the groups' counts; only the gaps both groups define."""
+    if groups is None:
+        return {}
+    g = {f: groups[:, i].astype(np.float64) for i, f in enumerate(GROUP_FIELDS)}
+    out: dict[str, float] = {}
+    if np.all(g["n"] > 0):
+        rate = g["predicted_positive"] / g["n"]
+        out["demographic_parity_gap"] = float(abs(rate[0] - rate[1]))
+    if np.all(g["positives"] > 0) and np.all(g["negatives"] > 0):
+        tpr, fpr = g["true_positives"] / g["positives"], g["false_positives"] / g["negatives"]
+        out["equalized_odds_gap"] = float(max(abs(tpr[0] - tpr[1]), abs(fpr[0] - fpr[1])))
+    return out
 
 
 def auc_from_histograms(neg: np.ndarray, pos: np.ndarray) -> float:
@@ -120,21 +181,50 @@ def auc_from_histograms(neg: np.ndarray, pos: np.ndarray) -> float:
     return wins / (n_neg * n_pos)
 
 
+def _group_counts(pred: np.ndarray, y: np.ndarray, member_b: np.ndarray, positive: int) -> np.ndarray:
+    out = np.zeros((2, len(GROUP_FIELDS)))
+    for g, rows in enumerate((~member_b, member_b)):
+        p, t = pred[rows] == positive, y[rows] == positive
+        out[g] = [rows.sum(), p.sum(), t.sum(), (p & t).sum(), (~t).sum(), (p & ~t).sum()]
+    return out
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, n_classes: int) -> EvalStats:
-    """Evaluate ``model`` on (X, y) and return summable statistics."""
+def evaluate(
+    model: nn.Module, X: torch.Tensor, y: torch.Tensor, n_classes: int, *,
+    groups: Groups | None = None, shifted: torch.Tensor | None = None,
+) -> EvalStats:
+    """Evaluate ``model`` on (X, y) and return summable statistics.
+
+    ``groups``: also count, per group of that sensitive attribute, what the
+    fairness gaps need. ``shifted``: the same records under a distribution
+    shift (same labels), whose accuracy is counted too.
+    """
     model.eval()
-    if X.shape[0] == 0:
+    n = X.shape[0]
+    calibration = np.zeros((3, CAL_BINS))
+    group_counts = None if groups is None else np.zeros((2, len(GROUP_FIELDS)))
+    shift = None if shifted is None else np.zeros(2)
+    if n == 0:
         hist = np.zeros((2, AUC_BINS), dtype=np.int64) if n_classes == 2 else None
-        return EvalStats(0, 0, 0.0, hist)
+        return EvalStats(0, 0, 0.0, hist, calibration, group_counts, None, shift)
     logits = model(X)
     loss_sum = float(F.cross_entropy(logits, y, reduction="sum"))
-    correct = int((logits.argmax(dim=1) == y).sum())
+    probs = torch.softmax(logits, dim=1).numpy().astype(np.float64)
+    pred, labels = probs.argmax(axis=1), y.numpy()
+    right = pred == labels
+    correct = int(right.sum())
+    confidence = probs.max(axis=1)
+    cal_bin = np.minimum((confidence * CAL_BINS).astype(np.int64), CAL_BINS - 1)
+    for row, values in enumerate((np.ones(n), confidence, right.astype(np.float64))):
+        np.add.at(calibration[row], cal_bin, values)
     hist = None
     if n_classes == 2:
-        p = torch.softmax(logits, dim=1)[:, 1].numpy().astype(np.float64)
-        bins = np.minimum((p * AUC_BINS).astype(np.int64), AUC_BINS - 1)
-        labels = y.numpy()
+        bins = np.minimum((probs[:, 1] * AUC_BINS).astype(np.int64), AUC_BINS - 1)
         hist = np.zeros((2, AUC_BINS), dtype=np.int64)
         np.add.at(hist, (labels, bins), 1)
-    return EvalStats(int(X.shape[0]), correct, loss_sum, hist)
+    if groups is not None:
+        group_counts = _group_counts(pred, labels, X[:, groups.feature].numpy() > groups.threshold, groups.positive)
+    if shifted is not None:
+        shift = np.array([n, float((model(shifted).argmax(dim=1) == y).sum())])
+    return EvalStats(n, correct, loss_sum, hist, calibration, group_counts, None, shift)

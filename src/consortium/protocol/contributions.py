@@ -15,7 +15,11 @@ sum is ever decoded. Either way the coordinator reads nothing but sums.
             adaptive clipping, [1/2 if the update was within the clip else -1/2];
             no weight (every site counts once) and no loss (the guarantee does
             not cover it)
-- evaluate: [n, correct, loss sum, negatives per score bin, positives per score bin]
+- evaluate: [n, correct, loss sum, negatives per score bin, positives per score bin,
+            calibration (records, confidence sum, correct per confidence bin),
+            per group of the sensitive attribute (GROUP_FIELDS), the site's
+            [1, accuracy, accuracy^2] (so the spread across sites is a sum),
+            and [n, correct] under the declared shift]; zeros where not measured
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from consortium.learning.robust import bound_norm
-from consortium.learning.training import AUC_BINS, EvalStats
+from consortium.learning.training import AUC_BINS, CAL_BINS, GROUP_FIELDS, EvalStats
 from consortium.secagg.encoding import RingEncoding
 from consortium.secagg.quantize import plan_quantization
 
@@ -33,8 +37,12 @@ from consortium.secagg.quantize import plan_quantization
 MAX_REPORTED_LOSS = 100.0
 SETUP_FRAC_BITS = 8
 EVAL_FRAC_BITS = 16
-#: The evaluation vector: three counts, then the score histogram (zeros for multi-class tasks).
-EVAL_LENGTH = 3 + 2 * AUC_BINS
+#: The evaluation vector's parts, in order, and their lengths.
+EVAL_PARTS = {
+    "counts": 3, "score_hist": 2 * AUC_BINS, "calibration": 3 * CAL_BINS, "groups": 2 * len(GROUP_FIELDS),
+    "sites": 3, "shift": 2,
+}
+EVAL_LENGTH = sum(EVAL_PARTS.values())
 
 
 def setup_vector(X: np.ndarray) -> np.ndarray:
@@ -90,14 +98,37 @@ def read_fit_sum(total: np.ndarray, n_params: int, clip: float | None) -> FitSum
 
 
 def eval_vector(stats: EvalStats) -> np.ndarray:
-    hist = np.zeros((2, AUC_BINS)) if stats.score_hist is None else stats.score_hist
-    return np.concatenate([[stats.n, stats.correct, stats.loss_sum], hist.ravel().astype(np.float64)])
+    """One site's evaluation as the vector that is summed (see the module docstring)."""
+    site = [1.0, stats.correct / stats.n, (stats.correct / stats.n) ** 2] if stats.n else [0.0, 0.0, 0.0]
+    parts = {
+        "counts": [stats.n, stats.correct, stats.loss_sum],
+        "score_hist": stats.score_hist,
+        "calibration": stats.calibration,
+        "groups": stats.groups,
+        "sites": site,
+        "shift": stats.shift,
+    }
+    return np.concatenate([
+        np.zeros(size) if parts[name] is None else np.asarray(parts[name], dtype=np.float64).ravel()
+        for name, size in EVAL_PARTS.items()
+    ])
 
 
-def read_eval_sum(total: np.ndarray, n_classes: int) -> EvalStats:
-    counts = np.rint(total).astype(np.int64)
-    hist = counts[3:].reshape(2, AUC_BINS) if n_classes == 2 else None
-    return EvalStats(int(counts[0]), int(counts[1]), float(total[2]), hist)
+def read_eval_sum(total: np.ndarray, n_classes: int, *, groups: bool = False, shift: bool = False) -> EvalStats:
+    """The summed evaluation; ``groups`` / ``shift``: whether the round asked for them."""
+    offsets = np.cumsum([0, *EVAL_PARTS.values()])
+    part = {name: total[offsets[i] : offsets[i + 1]] for i, name in enumerate(EVAL_PARTS)}
+    counts = np.rint(part["counts"]).astype(np.int64)
+    return EvalStats(
+        int(counts[0]),
+        int(counts[1]),
+        float(part["counts"][2]),
+        np.rint(part["score_hist"]).astype(np.int64).reshape(2, AUC_BINS) if n_classes == 2 else None,
+        part["calibration"].reshape(3, CAL_BINS),
+        np.rint(part["groups"]).reshape(2, len(GROUP_FIELDS)) if groups else None,
+        part["sites"].copy(),
+        np.rint(part["shift"]) if shift else None,
+    )
 
 
 def setup_encoding() -> RingEncoding:

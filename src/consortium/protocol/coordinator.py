@@ -88,6 +88,7 @@ class RoundRecord:
     secure: dict[str, object] | None = None
     privacy: dict[str, object] | None = None  # site level: the clip used, and the noisy share of sites under it
     robust: dict[str, object] | None = None  # in the clear: whose updates the norm bound cut, whom Krum selected
+    evaluation: dict[str, object] | None = None  # the summed reliability diagram and the groups' counts
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -104,6 +105,7 @@ class RoundRecord:
             "secure_aggregation": self.secure,
             "privacy": self.privacy,
             "robust": self.robust,
+            "evaluation": self.evaluation,
             **self.metrics,
         }
 
@@ -175,6 +177,7 @@ class Coordinator:
         model_builder: ModelBuilder = build_task_model,
         monitor: NormMonitor | None = None,
         robust: RobustAggregation | None = None,
+        evaluation: m.EvaluationSpec = m.EvaluationSpec(),
     ) -> None:
         if len(set(sites)) != len(sites) or not sites:
             raise ProtocolError("site names must be unique and there must be at least one site")
@@ -196,6 +199,7 @@ class Coordinator:
         self.site_dp = privacy if isinstance(privacy, SiteLevelDP) else None
         if self.site_dp is not None and self.site_dp.distributed and secure is None:
             raise ConfigError("distributed noise is added inside secure aggregation: turn it on, or choose central noise")
+        self.evaluation = evaluation
         self.robust = robust
         if robust is not None:
             self._check_robust(robust)
@@ -351,7 +355,19 @@ class Coordinator:
                 privacy=st.event,
                 plan=self._plan_proof,
             )
-        return m.EvaluateRequest(task=self._task(), params=self._params_tensor(), secure_aggregation=secure)
+        return m.EvaluateRequest(
+            task=self._task(), params=self._params_tensor(), secure_aggregation=secure, evaluation=self._evaluation_spec()
+        )
+
+    def _evaluation_spec(self) -> m.EvaluationSpec:
+        """What the sites measure; the sensitive groups split at the consortium's mean unless a threshold was set."""
+        ev = self.evaluation
+        if ev.sensitive_feature is None or ev.sensitive_threshold is not None:
+            return ev
+        mean = self._task().mean.to_numpy()
+        if ev.sensitive_feature >= mean.shape[0]:
+            raise ConfigError(f"the sensitive feature's index {ev.sensitive_feature} is beyond the data's {mean.shape[0]} features")
+        return ev.model_copy(update={"sensitive_threshold": float(mean[ev.sensitive_feature])})
 
     def _expected_length(self, phase: Phase) -> int | None:
         if phase == "fit":
@@ -752,7 +768,15 @@ class Coordinator:
         if result.total is None:
             record.evaluation_note = result.reason
         else:
-            record.metrics = c.read_eval_sum(result.total, self._task().n_classes).metrics()
+            ev = self.evaluation
+            stats = c.read_eval_sum(
+                result.total, self._task().n_classes,
+                groups=ev.sensitive_feature is not None, shift=ev.shift_noise is not None,
+            )
+            record.metrics = stats.metrics()
+            record.evaluation = {"reliability": stats.reliability()}
+            if stats.groups is not None:
+                record.evaluation["groups"] = stats.groups.tolist()
         self._log.append(LogRecord("evaluation", self.round, COORDINATOR, {
             "model_sha256": self._model_sha256(),
             "evaluated_sites": record.evaluated_sites,

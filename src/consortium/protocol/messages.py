@@ -34,9 +34,10 @@ from consortium.secagg.messages import (
 from consortium.wire import Frozen as _Frozen
 from consortium.wire import B64, Tensor, decode_frame, encode_frame
 
-SCHEMA_VERSION = 7  # 2: site-level privacy events and the noisy ring encoding; 3: a refusal names its rule; 4: co-signing;
+SCHEMA_VERSION = 8  # 2: site-level privacy events and the noisy ring encoding; 3: a refusal names its rule; 4: co-signing;
 # 5: a fit request may name by hash the model the site holds; 6: sites describe their data and endorse the manifest;
-# 7: a fit request carries the round's L2 norm bound on each update
+# 7: a fit request carries the round's L2 norm bound on each update; 8: an evaluate request says what to measure
+# beyond accuracy (groups of a sensitive attribute, a distribution shift)
 
 #: The coordinator's name in every envelope; no site may take it.
 COORDINATOR = "coordinator"
@@ -152,11 +153,24 @@ class FitReply(_Contribution):
     decision: SiteDecision | None = None  # signed acceptance of the round plan, when the site has a key
 
 
+class EvaluationSpec(_Frozen):
+    """What a site measures beyond accuracy when it evaluates; every figure is summed, never one site's."""
+
+    #: The sensitive attribute: the index of a feature of the schema; its groups are the records at or
+    #: below ``sensitive_threshold`` and those above. None: no fairness gaps.
+    sensitive_feature: int | None = Field(None, ge=0)
+    sensitive_threshold: float | None = None
+    positive_class: int = Field(1, ge=0)  # the favourable prediction the gaps compare
+    #: Robustness: accuracy on the test records with Gaussian noise of this many feature standard deviations.
+    shift_noise: float | None = Field(None, gt=0, le=100)
+
+
 class EvaluateRequest(_Frozen):
     kind: Literal["evaluate_request"] = "evaluate_request"
     task: TaskSpec
     params: Tensor
     secure_aggregation: bool
+    evaluation: EvaluationSpec = EvaluationSpec()
 
 
 class EvaluateReply(_Contribution):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,7 +30,7 @@ from consortium.governance.policy import SitePolicy
 from consortium.governance.roles import PermissionDenied, Roles
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.robust import bound_norm
-from consortium.learning.training import evaluate, train_local
+from consortium.learning.training import EvalStats, Groups, evaluate, train_local
 from consortium.privacy.dpsgd import secure_generator, secure_numpy_generator, train_dp_sgd
 from consortium.privacy.events import RecordLevelEvent, SiteLevelEvent
 from consortium.privacy.ledger import BudgetLedger
@@ -69,6 +70,26 @@ def _model_sha256(params: Tensor) -> str:
     return params.sha256 if params.dtype == "float32" else vector_sha256(params.to_numpy())
 
 
+class EvaluationJournal:
+    """A site's own record of how each round's model did on its test split: kept by the site, never sent.
+
+    One JSON line per evaluated round, appended and flushed to disk; a torn
+    last line (a crash mid-write) is skipped by whoever reads it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def append(self, rnd: int, stats: EvalStats) -> None:
+        metrics = {k: (float(v) if math.isfinite(v) else None) for k, v in stats.metrics().items()}
+        line = json.dumps({"round": rnd, "n": stats.n, **metrics}, allow_nan=False)
+        with self.path.open("a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
 class Site:
     """One institution's agent in the protocol.
 
@@ -104,12 +125,14 @@ class Site:
         policy: SitePolicy | None = None,
         clock: Clock = utc_now,
         memory: Path | None = None,
+        journal: Path | None = None,
     ) -> None:
         self.name = name
         self.__data = data
         self.__train = (torch.from_numpy(data.train.X), torch.from_numpy(data.train.y))
         self.__test = (torch.from_numpy(data.test.X), torch.from_numpy(data.test.y))
         self._seed = seed
+        self._journal = None if journal is None else EvaluationJournal(journal)
         self._identity = identity
         self._directory = dict(directory or {})
         self._build = model_builder
@@ -440,7 +463,19 @@ class Site:
         module, _, _ = self._model_for(msg.task, msg.params)
         self._held = (_model_sha256(msg.params), msg.params)  # the next fit request may name it instead of resending it
         X, y = self.__test
-        stats = evaluate(module, X, y, msg.task.n_classes)
+        spec = msg.evaluation
+        groups = None
+        if spec.sensitive_feature is not None:
+            if spec.sensitive_threshold is None or spec.sensitive_feature >= X.shape[1]:
+                raise ProtocolError("the evaluation names a sensitive feature without a threshold, or one the data lacks")
+            groups = Groups(spec.sensitive_feature, spec.sensitive_threshold, spec.positive_class)
+        shifted = None
+        if spec.shift_noise is not None:  # the site's own draw: deterministic per round, never sent
+            noise = self._rng(rnd, "evaluate").standard_normal(X.shape) * spec.shift_noise * msg.task.scale.to_numpy()
+            shifted = X + torch.from_numpy(noise.astype(np.float32))
+        stats = evaluate(module, X, y, msg.task.n_classes, groups=groups, shifted=shifted)
+        if self._journal is not None and stats.n:
+            self._journal.append(rnd, stats)
         return m.EvaluateReply(
             contribution=self._contribute(rnd, "evaluate", c.eval_vector(stats), msg.secure_aggregation)
         )

@@ -27,6 +27,7 @@ import numpy as np
 from matplotlib import pyplot as plt
 from matplotlib.figure import Figure
 
+from consortium.config import load_config
 from consortium.errors import ConsortiumError
 from consortium.privacy.accountant import epsilon as account
 from consortium.redteam.audit import AUDIT_FILE
@@ -66,17 +67,52 @@ def _lines(path: Path) -> list[dict[str, Any]]:
         return []
 
 
+def _series(rounds: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    done = [r for r in rounds if r.get(key) is not None]
+    return [r["round"] for r in done], [r[key] for r in done]
+
+
 def _accuracy_plot(rounds: list[dict[str, Any]], sites: dict[str, list[dict[str, Any]]]) -> str:
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    done = [r for r in rounds if r.get("accuracy") is not None]
-    ax.plot([r["round"] for r in done], [r["accuracy"] for r in done], "o-", color="black", lw=2, label="consortium (secure sum)")
+    ax.plot(*_series(rounds, "accuracy"), "o-", color="black", lw=2, label="consortium (secure sum)")
+    if any(r.get("shift_accuracy") is not None for r in rounds):
+        ax.plot(*_series(rounds, "shift_accuracy"), "s:", color="grey", lw=1.5, label="consortium, under the declared shift")
     for site, points in sites.items():
-        ax.plot([p["round"] for p in points], [p["accuracy"] for p in points], ".--", lw=1, label=site)
+        ax.plot(*_series(points, "accuracy"), ".--", lw=1, label=f"{site} (its own record)")
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _svg(fig, "accuracy")
+
+
+def _reliability_plot(bins: list[dict[str, Any]], ece: float | None) -> str:
+    fig, ax = plt.subplots(figsize=(4.2, 4.0))
+    width = [b["high"] - b["low"] for b in bins]
+    ax.bar([b["low"] for b in bins], [b["accuracy"] for b in bins], width=width, align="edge",
+           edgecolor="black", alpha=0.7, label="accuracy in the bin")
+    ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o", color="#b3141b", ms=4, label="mean confidence")
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence of the predicted class")
+    ax.set_ylabel("accuracy")
+    if ece is not None:
+        ax.set_title(f"expected calibration error {ece:.3f}", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    return _svg(fig, "reliability")
+
+
+def _fairness_plot(rounds: list[dict[str, Any]]) -> str:
+    fig, ax = plt.subplots(figsize=(6, 3.0))
+    ax.plot(*_series(rounds, "demographic_parity_gap"), "o-", label="demographic parity gap")
+    ax.plot(*_series(rounds, "equalized_odds_gap"), "s-", label="equalised odds gap")
+    ax.set_xlabel("round")
+    ax.set_ylabel("gap between the groups")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _svg(fig, "fairness")
 
 
 def epsilon_by_round(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -238,11 +274,32 @@ def _run_column(run_dir: Path) -> str:
         verified = False
 
     out.append("<h2>Accuracy per round</h2>")
+    rounds = _lines(run_dir / "metrics.jsonl")
     sites_dir = run_dir / "sites"
     site_curves = {p.parent.name: _lines(p) for p in sorted(sites_dir.glob("*/evaluation.jsonl"))}
-    out.append(_accuracy_plot(_lines(run_dir / "metrics.jsonl"), {k: v for k, v in site_curves.items() if v}))
+    out.append(_accuracy_plot(rounds, {k: v for k, v in site_curves.items() if v}))
     if not any(site_curves.values()):
         out.append("<p class=muted>Each site's own accuracy stays with the site; none was found beside this run.</p>")
+    last = next((r for r in reversed(rounds) if r.get("accuracy") is not None), None)
+    if last is not None and last.get("site_accuracy_std") is not None:
+        out.append(f"<p>Across sites, last round (from sums only): mean accuracy {_pct(last['site_accuracy_mean'])}, "
+                   f"standard deviation {_pct(last['site_accuracy_std'])}.</p>")
+
+    out.append("<h2>Calibration</h2>")
+    bins = ((last or {}).get("evaluation") or {}).get("reliability") or []
+    out.append(_reliability_plot(bins, last.get("ece")) if bins and last is not None else
+               "<p class=muted>no calibration statistics in this run</p>")
+
+    out.append("<h2>Fairness</h2>")
+    if any(r.get("demographic_parity_gap") is not None for r in rounds):
+        try:
+            feature = load_config(run_dir / "config.yaml").evaluation.sensitive_feature or "the declared attribute"
+        except ConsortiumError:
+            feature = "the declared attribute (config.yaml unreadable)"
+        out.append(f"<p>Groups of <b>{html.escape(feature)}</b> (at or below the threshold, above), summed over sites.</p>")
+        out.append(_fairness_plot(rounds))
+    else:
+        out.append("<p class=muted>no sensitive attribute declared (evaluation.sensitive_feature in the config)</p>")
 
     out.append("<h2>Epsilon spent per site</h2>")
     if privacy.get("enabled") and verified:
