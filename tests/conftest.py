@@ -3,9 +3,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import settings
 
 from consortium.data import Splits, Table
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules that train many tiny models: one thread is fastest, and on a busy 2-core machine a
+    second one spin-waits (20-50 times slower). Module by module, never for the whole session: a test
+    that compares a run bit for bit with one in another process needs the same thread count as that process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def make_table(rng: np.random.Generator, n: int, d: int = 6, names: tuple[str, ...] | None = None) -> Table:

@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 
 from consortium.errors import ConfigError
 from consortium.learning.models import ModelSpec
@@ -18,6 +17,8 @@ from consortium.redteam.canary import (
     p_value,
     run_canary_audit,
 )
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def logit(q: float) -> float:
@@ -100,15 +101,6 @@ def test_an_eps_delta_mechanism_fools_the_pure_bound_but_not_the_delta_bound():
 
 
 # -- DP-SGD, audited -----------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The audit's tensors are small: on a shared 2-core machine a second thread spin-waits, 20-50 times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # digits, an MLP of width 512, 1000 canaries, 100 steps at q = 0.1, sigma = 2: accounted epsilon 2.34 at 1e-5

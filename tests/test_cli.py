@@ -102,6 +102,8 @@ def test_demo_table_and_warnings(tmp_path):
     assert "secure aggregation is OFF" not in proc.stderr
     assert "differential privacy is OFF" not in proc.stderr
     assert "differential privacy: record level" in proc.stdout.replace("\n", " ")
+    assert "beyond accuracy: expected calibration error" in proc.stdout.replace("\n", " ")
+    assert "accuracy across sites" in proc.stdout.replace("\n", " ")
     proc = run_cli(
         "demo", "--rounds", "2", "--no-secure-aggregation", "--no-differential-privacy", "--out", str(tmp_path / "r2")
     )
@@ -114,6 +116,8 @@ def test_simulate_example_config(tmp_path):
     s = run_json("simulate", str(REPO / "examples" / "simulate.yaml"), "--out", str(tmp_path / "run"))
     assert s["dataset"] == "synthetic-hospitals" and s["sites"] == 5
     assert s["federated"]["accuracy"] > 0.6
+    # The example declares a shift (noise of 0.5 feature standard deviations): measured, and it costs accuracy.
+    assert 0 < s["federated"]["shift_accuracy"] <= s["federated"]["accuracy"] + 0.02
 
 
 def test_simulate_csv_sites(tmp_path):

@@ -28,16 +28,9 @@ from consortium.redteam.inversion import (
     run_inversion,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 MLP = ModelSpec(kind="mlp", hidden=(128,))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is fastest, and 20 times faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

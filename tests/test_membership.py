@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from consortium.config import SimulationConfig
 from consortium.redteam.membership import (
@@ -27,7 +26,7 @@ from consortium.redteam.membership import (
 )
 from consortium.simulation import Simulation
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 SHADOWS = 16
 
@@ -44,17 +43,8 @@ def overfit_config(dataset: str, *, dp: bool, rounds: int, epochs: int) -> Simul
     })
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small models train fastest on one thread; two threads on two shared cores can be 20 times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def runs(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("mia")
     plan = {
         "digits": overfit_config("digits", dp=False, rounds=20, epochs=5),

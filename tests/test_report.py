@@ -11,36 +11,30 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from consortium.config import SimulationConfig
 from consortium.redteam.audit import AuditOptions, run_audit
 from consortium.simulation import Simulation
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 CHROMIUM = shutil.which("chromium")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small models: one thread is fastest, two on two shared cores can crawl
+def runs(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("report")
-    try:
-        out = {}
-        for name, dp in (("private", True), ("open", False)):
-            config = SimulationConfig.model_validate({
-                "rounds": 4, "data": {"dataset": "breast-cancer", "sites": 3},
-                "privacy": {"enabled": dp, "epsilon": 1.0, "test_seed": 3}, "baselines": {"local_only": False, "pooled": False},
-                "evaluation": {"sensitive_feature": "mean radius", "shift_noise": 1.0} if dp else {},
-            })
-            Simulation(config, out=root / name).run()
-            out[name] = root / name
-        run_audit(out["private"], ["mia", "inversion", "canary"], AuditOptions(shadows=2, batch_sizes=(1,), canaries=200))
-        run_audit(out["open"], ["mia"], AuditOptions(shadows=2))
-    finally:
-        torch.set_num_threads(threads)
+    out = {}
+    for name, dp in (("private", True), ("open", False)):
+        config = SimulationConfig.model_validate({
+            "rounds": 4, "data": {"dataset": "breast-cancer", "sites": 3},
+            "privacy": {"enabled": dp, "epsilon": 1.0, "test_seed": 3}, "baselines": {"local_only": False, "pooled": False},
+            "evaluation": {"sensitive_feature": "mean radius", "shift_noise": 1.0} if dp else {},
+        })
+        Simulation(config, out=root / name).run()
+        out[name] = root / name
+    run_audit(out["private"], ["mia", "inversion", "canary"], AuditOptions(shadows=2, batch_sizes=(1,), canaries=200))
+    run_audit(out["open"], ["mia", "poisoning"], AuditOptions(shadows=2))
     return out
 
 
@@ -56,7 +50,7 @@ def test_the_report_is_one_self_contained_file_with_every_section(runs: dict[str
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//)""", page)
     assert "<link" not in page and "@import" not in page
     for heading in ("Transcript", "Accuracy per round", "Calibration", "Fairness", "Epsilon spent per site",
-                    "Membership inference", "Gradient inversion", "One-run DP audit"):
+                    "Membership inference", "Gradient inversion", "One-run DP audit", "Poisoning and robust aggregation"):
         assert f"<h2>{heading}</h2>" in page
     assert page.count("data-verified=true") == 2  # both transcripts verify
     assert "no differential privacy" in page  # the open run says so
@@ -67,6 +61,12 @@ def test_the_report_is_one_self_contained_file_with_every_section(runs: dict[str
     audit = json.loads((runs["private"] / "audit.json").read_text())
     assert audit["attacks"]["canary"]["noise_divided_by_10"]["caught"] is True  # the control fails, as it must
     assert audit["attacks"]["canary"]["as_run"]["caught"] is False
+    poisoning = json.loads((runs["open"] / "audit.json").read_text())["attacks"]["poisoning"]["attacks"]
+    assert set(poisoning) == {"scale x100", "sign flip x10", "backdoor"}
+    by_label = {r["label"]: r for r in poisoning["sign flip x10"]}
+    assert by_label["attacked + krum"]["status"] == "refused"  # 3 sites: Krum needs n > 2f + 2 = 4
+    assert by_label["attacked + median"]["status"] == "completed"
+    assert "attacked + krum" in page and "refused" in page
 
 
 def test_a_tampered_transcript_shows_as_failed_and_no_epsilon_is_drawn_from_it(runs: dict[str, Path], tmp_path: Path) -> None:

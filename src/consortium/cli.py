@@ -118,6 +118,15 @@ def _print_table(s: dict[str, Any]) -> None:
         p = s["pooled"]
         t.add_row("pooled (simulation-only upper bound)", _fmt(p.get("accuracy")), _fmt(p.get("loss")), _fmt(p.get("auc")))
     out_console.print(t)
+    quality = [f"expected calibration error {fed['ece']:.3f}"] if fed.get("ece") is not None else []
+    if fed.get("site_accuracy_std") is not None:
+        quality.append(f"accuracy across sites {fed['site_accuracy_mean']:.3f} +- {fed['site_accuracy_std']:.3f} (from sums)")
+    for key, label in (("demographic_parity_gap", "demographic parity gap"), ("equalized_odds_gap", "equalised odds gap"),
+                       ("shift_accuracy", "accuracy under the declared shift")):
+        if fed.get(key) is not None:
+            quality.append(f"{label} {fed[key]:.3f}")
+    if quality:
+        out_console.print("beyond accuracy: " + "; ".join(quality))
     sa = s["secure_aggregation"]
     if sa["enabled"]:
         per_round = sa["survivors_per_round"]
