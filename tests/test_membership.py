@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -123,6 +124,12 @@ def test_unusable_run_folders_are_refused(tmp_path: Path, runs: dict[str, Path])
         load_target(halted)
     with pytest.raises(AuditError, match="even number"):
         lira_attack(load_target(runs["breast-cancer"]), shadows=3)
+    # A model file swapped after the run: the transcript's hash no longer matches, and nothing is attacked.
+    swapped = tmp_path / "swapped"
+    shutil.copytree(runs["breast-cancer"], swapped)
+    (swapped / "model.safetensors").write_bytes((runs["digits"] / "model.safetensors").read_bytes())
+    with pytest.raises(AuditError, match="does not verify"):
+        load_target(swapped)
 
 
 def consortium(*args: str) -> subprocess.CompletedProcess[str]:

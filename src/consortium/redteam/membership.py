@@ -49,6 +49,7 @@ from consortium.privacy.dpsgd import train_dp_sgd
 from consortium.protocol.contributions import read_setup_sum, setup_vector
 from consortium.redteam.metrics import AttackResult, dp_tpr_bound, evaluate_attack
 from consortium.simulation import site_splits
+from consortium.transcript.verify import verify_run
 
 ATTACKS = ("loss", "lira")
 
@@ -92,6 +93,10 @@ def load_target(run_dir: Path) -> Target:
     summary = _read_json(run_dir / "summary.json")
     if summary.get("status") != "completed":
         raise AuditError(f"{run_dir} holds a {summary.get('status', 'unfinished')} run with no final model: audit a completed run")
+    try:  # the model attacked is the one the transcript records, signed and co-signed
+        verify_run(run_dir)
+    except ConsortiumError as exc:
+        raise AuditError(f"{run_dir} does not verify ({exc}): audit only a run whose transcript checks out") from None
     config = load_config(run_dir / "config.yaml").resolved()
     assert config.model is not None
     splits = site_splits(config)
