@@ -330,3 +330,16 @@ def test_a_site_refuses_a_norm_bound_other_than_the_one_the_transcript_plans(tmp
     summary = sim.run().summary
     assert summary["status"] == "halted" and summary["halt"]["cause"] == "plan_mismatch"
     assert "norm bound" in summary["halt"]["detail"]
+
+
+def test_the_audit_plants_its_trigger_on_the_features_least_tied_to_the_target():
+    from consortium.data import Table
+    from consortium.redteam.poisoning import quiet_features
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    X = np.stack([y + 0.1 * rng.standard_normal(400), rng.standard_normal(400), np.zeros(400),
+                  y + rng.standard_normal(400)], axis=1).astype(np.float32)
+    table = Table(X, y, ("signal", "noise", "blank", "weak signal"), ("no", "yes"))
+    assert quiet_features(table, target=0, k=2) == (2, 1)  # the blank feature, then pure noise
+    assert quiet_features(table, target=1, k=3) == (2, 1, 3)

@@ -36,7 +36,7 @@ from consortium.redteam.membership import (
     loss_attack,
     verdicts,
 )
-from consortium.redteam.poisoning import Attack, poisoning_experiment
+from consortium.redteam.poisoning import Attack, poisoning_experiment, quiet_features
 from consortium.runs import dumps, write_atomic
 
 AUDIT_FILE = "audit.json"
@@ -167,7 +167,9 @@ def poisoning_section(target: Target, options: AuditOptions) -> dict[str, Any]:
     attacks = {
         "scale x100": Attack("scale", attacker, factor=100.0, start_round=2),
         "sign flip x10": Attack("sign_flip", attacker, factor=10.0, start_round=2),
-        "backdoor": Attack("backdoor", attacker, factor=5.0, start_round=2),
+        # The trigger on the attacker's quietest features: not ones the clean model already reads as the target.
+        "backdoor": Attack("backdoor", attacker, factor=5.0, start_round=2,
+                           trigger_features=quiet_features(target.splits[attacker[0]].train, 0)),
     }
     out: dict[str, Any] = {"attacker": attacker[0], "attacks": {}}
     with tempfile.TemporaryDirectory(prefix="consortium-poisoning-") as scratch:

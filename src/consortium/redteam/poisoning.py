@@ -161,6 +161,18 @@ class AttackedSimulation(Simulation):
 
 
 
+def quiet_features(table: Table, target: int, k: int = 3) -> tuple[int, ...]:
+    """The ``k`` features least correlated with "the label is ``target``" in ``table`` (an attacker's own
+    data): a trigger there is not something the clean model already reads as the target class. A constant
+    feature (a blank pixel) counts as uncorrelated."""
+    X = table.X.astype(np.float64)
+    is_target = (table.y == target).astype(np.float64)
+    Xc, yc = X - X.mean(axis=0), is_target - is_target.mean()
+    denom = np.sqrt((Xc * Xc).sum(axis=0) * (yc * yc).sum())
+    corr = np.abs(np.divide(Xc.T @ yc, denom, out=np.zeros(X.shape[1]), where=denom > 0))
+    return tuple(int(j) for j in np.argsort(corr, kind="stable")[:k])
+
+
 def attack_trigger(attack: Attack, splits: Splits) -> Trigger:
     """The backdoor's trigger, from the (first) attacker's own, unpoisoned training split."""
     return Trigger.outside(splits.train.X, attack.trigger_features, attack.trigger_shift, attack.target)
