@@ -144,6 +144,7 @@ def test_audit_command_writes_audit_json(runs: dict[str, Path]) -> None:
     assert done.returncode == 0, done.stderr
     printed = json.loads(done.stdout)
     assert printed == json.loads((run / "audit.json").read_text())
+    assert printed["model_sha256"] == load_target(run).model_sha256 and len(printed["model_sha256"]) == 64
     mia = printed["attacks"]["mia"]
     assert [v["site"] for v in mia["lira"]["sites"]] == ["site-1", "site-2", "site-3", "all"]
     assert all(v["within_dp_bound"] for v in mia["loss"]["sites"] + mia["lira"]["sites"])

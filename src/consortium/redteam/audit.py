@@ -213,6 +213,7 @@ def run_audit(run_dir: Path, attacks: list[str], options: AuditOptions = AuditOp
         "run_dir": str(run_dir),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seed": options.seed,
+        "model_sha256": target.model_sha256,  # what was attacked: the verified transcript's final model
         "privacy": {
             "enabled": bool(target.privacy.get("enabled")),
             "level": target.privacy.get("level"),

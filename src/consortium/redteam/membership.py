@@ -67,6 +67,7 @@ class Target:
     model: nn.Module
     splits: dict[str, Splits]  # train = members, test = non-members
     privacy: dict[str, Any]  # the run summary's privacy section
+    model_sha256: str | None = None  # the final model's hash, as the verified transcript records it
 
     @property
     def n_classes(self) -> int:
@@ -94,7 +95,7 @@ def load_target(run_dir: Path) -> Target:
     if summary.get("status") != "completed":
         raise AuditError(f"{run_dir} holds a {summary.get('status', 'unfinished')} run with no final model: audit a completed run")
     try:  # the model attacked is the one the transcript records, signed and co-signed
-        verify_run(run_dir)
+        verified = verify_run(run_dir)
     except ConsortiumError as exc:
         raise AuditError(f"{run_dir} does not verify ({exc}): audit only a run whose transcript checks out") from None
     config = load_config(run_dir / "config.yaml").resolved()
@@ -113,7 +114,7 @@ def load_target(run_dir: Path) -> Target:
     except (SafetensorError, RuntimeError) as exc:
         first = str(exc).splitlines()[0]
         raise AuditError(f"{run_dir / 'model.safetensors'} does not hold this run's model ({first})") from None
-    return Target(run_dir, config, model, splits, summary["privacy"])
+    return Target(run_dir, config, model, splits, summary["privacy"], verified.final_model_sha256)
 
 
 # -- scores -------------------------------------------------------------------------
