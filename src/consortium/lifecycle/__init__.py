@@ -1,5 +1,9 @@
-"""The model lifecycle (issue 9): what a site watches between rounds, and, to come, the registry of
-model versions, canary evaluation, staged rollout and rollback.
+"""The model lifecycle (issue 9): versions, their states, and what a site watches between rounds.
 
-So far: ``drift``, each site's own check of its incoming data against its training data.
+So far: ``registry``, every model version with its hash, parent, round, sites,
+privacy cost, evaluation and state (candidate, canary, production, retired,
+rolled back), and the moves allowed between states; ``drift``, each site's own
+check of its incoming data against its training data. To come: each state
+change as a transcript entry, canary evaluation through secure sums, staged
+rollout, automatic rollback and the ``consortium models`` command.
 """
