@@ -40,7 +40,7 @@ from consortium.data.datasets import concat_tables
 from consortium.errors import ConfigError
 from consortium.governance.agreement import Agreement, load_member_key
 from consortium.governance.policy import SitePolicy, load_policy
-from consortium.learning.models import build_model
+from consortium.learning.models import build_model, standardisation
 from consortium.learning.training import EvalStats, TrainSettings, evaluate, train_local
 from consortium.orchestrator import CoordinatorRun, RunResult, finite_metrics
 from consortium.privacy.ledger import BudgetLedger
@@ -107,10 +107,7 @@ def _train_alone(
     train: Table, config: SimulationConfig, n_classes: int, seed: int
 ) -> torch.nn.Module:
     """Train on one table with no one else: the baselines' procedure, same model and budget."""
-    X = train.X.astype(np.float64)
-    mean = X.mean(axis=0)
-    scale = X.std(axis=0)
-    scale[scale < 1e-6] = 1.0
+    mean, scale = standardisation(train.X)
     assert config.model is not None and config.training is not None
     model = build_model(
         config.model,

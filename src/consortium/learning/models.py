@@ -29,6 +29,13 @@ class ModelSpec(BaseModel):
     hidden: tuple[Annotated[int, Field(ge=1, le=65536)], ...] = (64,)
 
 
+def standardisation(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, scale) of each column of ``X``, for ``Standardize``; a constant feature gets scale 1 (passes unscaled)."""
+    X64 = np.asarray(X, dtype=np.float64)
+    mean, scale = X64.mean(axis=0), X64.std(axis=0)
+    return mean, np.where(scale < 1e-6, 1.0, scale)
+
+
 class Standardize(nn.Module):
     """x -> (x - mean) / scale with constant (non-trainable) buffers."""
 

@@ -51,11 +51,12 @@ def setup_vector(X: np.ndarray) -> np.ndarray:
 
 
 def read_setup_sum(total: np.ndarray, n_features: int) -> tuple[float, np.ndarray, np.ndarray]:
-    """(rows, per-feature mean, per-feature standard deviation) of the pooled training data."""
+    """(rows, per-feature mean, per-feature standard deviation) of the pooled training data; a constant
+    feature's deviation is given as 1, so that it passes ``Standardize`` unscaled."""
     n = float(round(total[0]))
     mean = total[1 : 1 + n_features] / n
-    var = np.maximum(total[1 + n_features : 1 + 2 * n_features] / n - mean * mean, 0.0)
-    return n, mean, np.sqrt(var)
+    std = np.sqrt(np.maximum(total[1 + n_features : 1 + 2 * n_features] / n - mean * mean, 0.0))
+    return n, mean, np.where(std < 1e-6, 1.0, std)
 
 
 def fit_vector(

@@ -652,7 +652,6 @@ class Coordinator:
             raise RoundFailed(f"setup sum has {result.total.shape[0]} values where {1 + 2 * d} were expected")
         self.members = sorted(result.included)
         self.total_rows, mean, scale = c.read_setup_sum(result.total, d)
-        scale[scale < 1e-6] = 1.0  # constant features pass through unscaled
         provisional = m.TaskSpec(
             model=self.model_spec,
             n_features=d,

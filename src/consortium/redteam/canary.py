@@ -50,7 +50,7 @@ from torch import nn
 
 from consortium.data.datasets import load_builtin
 from consortium.errors import ConfigError
-from consortium.learning.models import ModelSpec, build_model
+from consortium.learning.models import ModelSpec, build_model, standardisation
 from consortium.learning.training import TrainSettings, make_optimizer
 from consortium.privacy.accountant import dp_sgd_epsilon
 from consortium.privacy.dpsgd import (
@@ -212,9 +212,7 @@ class CanaryAuditResult:
 def _standardised_model(
     settings: CanaryAuditSettings, X: np.ndarray, n_classes: int, image_shape: tuple[int, int, int] | None, seed: int
 ) -> nn.Module:
-    mean = X.mean(axis=0)
-    scale = X.std(axis=0)
-    scale[scale < 1e-6] = 1.0  # a constant feature stays constant (0), not divided by zero
+    mean, scale = standardisation(X)
     return build_model(settings.model, n_features=X.shape[1], n_classes=n_classes, mean=mean, scale=scale,
                        image_shape=image_shape, seed=seed)
 

@@ -62,7 +62,7 @@ from torch.nn import functional as F
 from consortium.data.datasets import Table
 from consortium.errors import ConfigError, ModelError
 from consortium.learning.adapter import ModelAdapter
-from consortium.learning.models import ModelSpec, build_model
+from consortium.learning.models import ModelSpec, build_model, standardisation
 from consortium.learning.training import TrainSettings, train_local
 from consortium.privacy.dpsgd import secure_generator, train_dp_sgd
 
@@ -465,9 +465,7 @@ def run_inversion(
     if not (math.isfinite(lr) and 0 < lr <= 10):
         raise ConfigError(f"lr = {lr!r} is invalid: it must lie in (0, 10]")
 
-    X64 = table.X.astype(np.float64)
-    mean, std = X64.mean(axis=0), X64.std(axis=0)
-    scale = np.where(std < 1e-6, 1.0, std)
+    mean, scale = standardisation(table.X)
     model = build_model(
         spec, n_features=table.n_features, n_classes=table.n_classes, mean=mean, scale=scale,
         image_shape=table.image_shape, seed=seed,

@@ -80,7 +80,8 @@ class Target:
         return float(self.privacy["epsilon_per_site"][site])
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_run_json(path: Path) -> dict[str, Any]:
+    """A run folder's JSON file (summary.json, audit.json); missing or damaged is one AuditError line."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -91,7 +92,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def load_target(run_dir: Path) -> Target:
     """The final model of the run in ``run_dir`` and its sites' data, rebuilt from its configuration."""
-    summary = _read_json(run_dir / "summary.json")
+    summary = read_run_json(run_dir / "summary.json")
     if summary.get("status") != "completed":
         raise AuditError(f"{run_dir} holds a {summary.get('status', 'unfinished')} run with no final model: audit a completed run")
     try:  # the model attacked is the one the transcript records, signed and co-signed
@@ -155,7 +156,6 @@ def replay_training(target: Target, tables: dict[str, Table], seed: int) -> nn.M
     sample = next(iter(tables.values()))
     total = sum(setup_vector(t.X) for t in tables.values())
     _, mean, scale = read_setup_sum(total, sample.n_features)
-    scale[scale < 1e-6] = 1.0
     model = build_model(
         config.model, n_features=sample.n_features, n_classes=target.n_classes, mean=mean, scale=scale,
         image_shape=sample.image_shape, seed=seed,

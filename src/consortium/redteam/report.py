@@ -31,7 +31,7 @@ from consortium.config import load_config
 from consortium.errors import ConsortiumError
 from consortium.privacy.accountant import epsilon as account
 from consortium.redteam.audit import AUDIT_FILE
-from consortium.redteam.membership import AuditError
+from consortium.redteam.membership import AuditError, read_run_json
 from consortium.redteam.metrics import dp_tpr_bound
 from consortium.runs import write_atomic
 from consortium.transcript.verify import read_entries, signed_events, verify_run
@@ -245,12 +245,7 @@ def _poisoning(section: dict[str, Any]) -> str:
 
 
 def _run_column(run_dir: Path) -> str:
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-    except FileNotFoundError:
-        raise AuditError(f"{run_dir / 'summary.json'} is missing: give the folder of a run (consortium simulate writes one)") from None
-    except ValueError as exc:
-        raise AuditError(f"{run_dir / 'summary.json'} is not valid JSON ({exc}): the run folder is damaged") from None
+    summary = read_run_json(run_dir / "summary.json")
     privacy = summary.get("privacy") or {}
     sa = summary.get("secure_aggregation") or {}
     out = [f"<section class=run><h2>{html.escape(run_dir.name)}</h2>"]
@@ -310,7 +305,7 @@ def _run_column(run_dir: Path) -> str:
         out.append("<p class=bad>no DP: no privacy budget was spent or protected</p>")
 
     audit_path = run_dir / AUDIT_FILE
-    audit = json.loads(audit_path.read_text()) if audit_path.exists() else {"attacks": {}}
+    audit = read_run_json(audit_path) if audit_path.exists() else {"attacks": {}}
     out.append("<h2>Membership inference</h2>")
     if "mia" in audit["attacks"]:
         out.append(_membership(audit["attacks"]["mia"], audit.get("privacy") or privacy))
