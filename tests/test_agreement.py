@@ -36,13 +36,13 @@ def test_the_hash_changes_with_any_change():
 
 @pytest.mark.parametrize("old,new,line,message", [
     ("{name: b, role: site}", "{name: b, role: owner}", 10, "members.2.role"),
-    ("max_epsilon: 8.0", "max_epsilon: -1", 25, "privacy.max_epsilon"),
-    ("min_cohort: 3", "min_cohort: 4", 22, "exceeds the 3 sites"),
+    ("max_epsilon: 8.0", "max_epsilon: -1", 26, "privacy.max_epsilon"),
+    ("min_cohort: 3", "min_cohort: 4", 23, "exceeds the 3 sites"),
     ("{artefact: masked_update, to: [coordinator]}", "{artefact: raw_rows, to: [coordinator]}", 15, "exposure.0.artefact"),
     ("{artefact: masked_update, to: [coordinator]}", "{artefact: masked_update, to: [coordinator, observer]}", 15, "coordinator only"),
     ("{name: a, role: site}", "{name: b, role: site}", 8, "'b' appears twice"),
-    ("resume_quorum: 3", "resume_quorum: 9", 30, "exceeds the 4 approvers"),
-    ("rounds: 20", "rounds: 20\nsurprise: true", 30, "surprise"),
+    ("resume_quorum: 3", "resume_quorum: 9", 31, "exceeds the 4 approvers"),
+    ("rounds: 20", "rounds: 20\nsurprise: true", 31, "surprise"),
 ])
 def test_a_malformed_agreement_names_the_file_line_and_problem(old, new, line, message):
     with pytest.raises(ConfigError) as exc:

@@ -204,8 +204,9 @@ def test_a_coordinator_killed_mid_round_restarts_and_finishes_the_run(local, tmp
     # Nor is a crash a way around a halt: only a quorum's resume continues a halted run.
     halted = tmp_path / "halted"
     shutil.copytree(run_dir, halted)
-    lines = (halted / "transcript.jsonl").read_text().splitlines()[:-1]  # no final model, and a halt last
-    lines.append(json.dumps({**json.loads(lines[-1]), "kind": "halt", "index": len(lines)}))
+    lines = (halted / "transcript.jsonl").read_text().splitlines()
+    lines = lines[: next(i for i, line in enumerate(lines) if json.loads(line)["kind"] == "final_model")]  # no final model
+    lines.append(json.dumps({**json.loads(lines[-1]), "kind": "halt", "index": len(lines)}))  # and a halt last
     (halted / "transcript.jsonl").write_text("\n".join(lines) + "\n")
     again = _cli("serve", str(local.kit(COORDINATOR)), "--schema", str(local.schema), "--recover", str(halted))
     _one_line_error(again, "is halted: only a quorum of approvers continues it")

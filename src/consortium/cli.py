@@ -369,6 +369,15 @@ def verify(
         out_console.print(f"epsilon recomputed from the events each site signed, matching the run's report: {eps}")
     if report.final_model_sha256:
         out_console.print(f"final model file matches the transcript: sha256 {report.final_model_sha256[:16]}...")
+    if report.lineage is not None:
+        out_console.print("model lineage, every state change signed and in order:")
+        for v in report.lineage.registry.versions.values():
+            out_console.print(f"  {v.id} ({v.parent or 'the run'} -> {v.id}) {v.state}: {v.history[-1].reason}", highlight=False)
+        running = {ver for ver in report.lineage.deployed.values()}
+        where = ", ".join(f"{s} {ver or '-'}" for s, ver in report.lineage.deployed.items())
+        out_console.print(f"  sites run: {where}" + (" (all on one version)" if len(running) == 1 else ""))
+        if report.registry_stale:
+            err_console.print("registry.json is behind the transcript (a write was cut short): consortium models list rebuilds it")
 
 
 agreement_app = typer.Typer(help="The consortium agreement: write one, check it, explain it in plain language.")
@@ -736,6 +745,185 @@ def report(
 
     written = write_report([run_dir, *(compare or [])], out)
     out_console.print(f"written: {written}")
+
+
+models_app = typer.Typer(help="The model lifecycle: versions, canary evaluation, staged rollout, rollback, drift.")
+app.add_typer(models_app, name="models")
+VersionArg = Annotated[str, typer.Argument(metavar="VERSION", help="a model version, e.g. v2")]
+RunArg = Annotated[Path, typer.Argument(metavar="RUN_DIR", help="a completed run held to an agreement with lifecycle terms")]
+
+
+def _lineage(run_dir: Path) -> Any:
+    """The run's model lineage as its transcript has it (verified); the registry index is brought up to date."""
+    from consortium.lifecycle.registry import ModelRegistry
+    from consortium.transcript.verify import verify_run
+
+    report = verify_run(run_dir)
+    if report.lineage is None:
+        raise ConfigError(
+            f"{run_dir} has no model versions: a run registers its final model when its agreement sets lifecycle terms"
+        )
+    if report.registry_stale:
+        ModelRegistry(run_dir).rebuild(report.lineage.registry.versions)
+    return report.lineage
+
+
+@models_app.command("list")
+def models_list(run_dir: RunArg, as_json: JsonOpt = False) -> None:
+    """Every model version: its state, parent, round, metrics, privacy cost and the sites running it."""
+    lineage = _lineage(run_dir)
+    if as_json:
+        sys.stdout.write(json.dumps({"run_dir": str(run_dir), **lineage.to_json()}) + "\n")
+        return
+    t = RichTable(title=f"model versions of {run_dir}")
+    for col in ("version", "state", "parent", "round", "accuracy", "ECE", "max epsilon", "running on"):
+        t.add_column(col, justify="left" if col in ("version", "state", "running on") else "right")
+    for v in lineage.registry.versions.values():
+        running = sorted(s for s, ver in lineage.deployed.items() if ver == v.id)
+        eps = max(v.epsilon.values()) if v.epsilon else None
+        t.add_row(
+            v.id, v.state, v.parent or "-", str(v.round), _fmt(v.metrics.get("accuracy")), _fmt(v.metrics.get("ece")),
+            _fmt(eps), ", ".join(running) or "-",
+        )
+    out_console.print(t)
+    for site, info in lineage.to_json()["open_drift_incidents"].items():
+        out_console.print(f"[bold yellow]promotion paused[/]: {site} reported drift in {', '.join(info['features']) or 'its label rates'} (entry {info['entry']})")
+
+
+@models_app.command("show")
+def models_show(run_dir: RunArg, version: VersionArg, as_json: JsonOpt = False) -> None:
+    """One version: its hash, lineage, every state change with its reason, its evaluations and deployments."""
+    from dataclasses import asdict
+
+    from consortium.transcript.verify import read_entries
+
+    lineage = _lineage(run_dir)
+    v = lineage.registry.get(version)
+    evaluations = [e.body | {"entry": e.index} for e in lineage.evaluations if version in (e.body["version"], e.body["baseline"])]
+    deployments = [
+        {"entry": e.index, "site": e.author, **{k: e.body[k] for k in ("reason", "stage", "accepted", "detail")}}
+        for e in read_entries(run_dir) if e.kind == "deployment" and e.body["version"] == version
+    ]
+    shown = {
+        **v.to_json(), "lineage": [x.id for x in lineage.registry.lineage(version)],
+        "running_on": sorted(s for s, ver in lineage.deployed.items() if ver == version),
+        "evaluations": evaluations, "deployments": deployments,
+    }
+    if as_json:
+        sys.stdout.write(json.dumps(shown) + "\n")
+        return
+    out_console.print(f"[bold]{v.id}[/] {v.state}; lineage {' <- '.join(shown['lineage'])}; round {v.round}; sha256 {v.sha256[:16]}...")
+    for change in v.history:
+        c = asdict(change)
+        out_console.print(f"  {c['at']} {c['previous'] or '-'} -> {c['state']} by {c['by']}: {c['reason']}", highlight=False)
+    for ev in evaluations:
+        verdict = "passed" if ev["passed"] else "FAILED"
+        out_console.print(f"  {ev['purpose']} (stage {ev['stage']}) on {', '.join(ev['sites'])} against {ev['baseline'] or '-'}: {verdict}")
+    out_console.print(f"  running on: {', '.join(shown['running_on']) or 'no site'}")
+
+
+@models_app.command("register")
+def models_register(
+    run_dir: RunArg,
+    model: Annotated[Path, typer.Option("--model", help="a .safetensors file with the run's layout and standardisation")],
+    parent: Annotated[str, typer.Option("--parent", help="the version it was trained from")],
+    keys: KeysOpt,
+    by: Annotated[str, typer.Option("--by", help="the member who brings it in")] = "coordinator",
+) -> None:
+    """Register a model trained from a version (fine-tuned, say) as a new candidate."""
+    from consortium.lifecycle.manager import open_lifecycle, read_model_file
+
+    lc = open_lifecycle(run_dir, keys)
+    if lc.agreement.role_of(by) is None:
+        raise ConfigError(f"'{by}' is not a member of the agreement: name the member who brings the model in")
+    v = lc.register(read_model_file(model), parent=parent, by=by)
+    out_console.print(f"registered {v.id} (candidate, parent {parent}): sha256 {v.sha256[:16]}...")
+
+
+@models_app.command("promote")
+def models_promote(run_dir: RunArg, version: VersionArg, keys: KeysOpt, as_json: JsonOpt = False) -> None:
+    """Canary evaluation, then production in the agreement's stages with monitoring after each.
+
+    Exits 0 when the version ends in production, 1 when the canary rejects it or monitoring rolls it back.
+    """
+    from consortium.lifecycle.lineage import describe_failures
+    from consortium.lifecycle.manager import open_lifecycle
+
+    with err_console.status(f"promoting {version}: canary evaluation by the canary sites"):
+        promotion = open_lifecycle(run_dir, keys).promote(version)
+    if as_json:
+        sys.stdout.write(json.dumps(promotion.to_json()) + "\n")
+    elif promotion.outcome == "rejected":
+        err_console.print(f"[bold red]rejected at canary[/]: {version} {describe_failures(promotion.failed)}; it is retired", highlight=False)
+    else:
+        for stage in promotion.stages:
+            watch = stage.get("monitoring")
+            watch = watch if isinstance(watch, str) else ("passed" if watch["passed"] else "FAILED: " + describe_failures(watch["failed"]))
+            refused = [f"{s} {a}" for s, a in stage["answers"].items() if a != "deployed"]
+            out_console.print(
+                f"stage {stage['stage']} ({stage['share']:.0%}): running on {', '.join(stage['running'])}"
+                + (f"; {'; '.join(refused)}" if refused else "") + f"; monitoring {watch}", highlight=False,
+            )
+        if promotion.rolled_back:
+            err_console.print(f"[bold red]rolled back[/]: {version} regressed during the rollout; {promotion.baseline} is back everywhere")
+        else:
+            out_console.print(f"[bold green]{version} is in production[/]")
+    if promotion.outcome != "production":
+        raise Exit(1)
+
+
+def _rollback(run_dir: Path, to: str, reason: str, keys: Path, member: str) -> None:
+    from consortium.lifecycle.manager import open_lifecycle
+
+    answers = open_lifecycle(run_dir, keys).rollback(to, reason=reason, member=member)
+    refused = [f"{s} ({a})" for s, a in answers.items() if a != "deployed"]
+    out_console.print(
+        f"[bold yellow]rolled back[/] to {to} by {member}: {reason.strip()}; restored on {len(answers) - len(refused)} site(s)"
+        + (f", not on {', '.join(refused)}" if refused else ""), highlight=False,
+    )
+
+
+ToOpt = Annotated[str, typer.Option("--to", help="the earlier production version to restore")]
+ReasonOpt = Annotated[str, typer.Option("--reason", help="why: it goes in the transcript for every member to read")]
+MemberOpt = Annotated[str, typer.Option("--member", help="who demands it: a coordinator, site or auditor (signs it)")]
+
+
+@models_app.command("rollback")
+def models_rollback(run_dir: RunArg, to: ToOpt, reason: ReasonOpt, keys: KeysOpt, member: MemberOpt = "coordinator") -> None:
+    """Restore an earlier production version everywhere, signed by the member who demands it."""
+    _rollback(run_dir, to, reason, keys, member)
+
+
+@app.command("rollback")
+def rollback(run_dir: RunArg, to: ToOpt, reason: ReasonOpt, keys: KeysOpt, member: MemberOpt = "coordinator") -> None:
+    """Restore an earlier production model everywhere (the same as consortium models rollback)."""
+    _rollback(run_dir, to, reason, keys, member)
+
+
+@models_app.command("monitor")
+def models_monitor(
+    run_dir: RunArg,
+    keys: KeysOpt,
+    incoming: Annotated[
+        list[str] | None, typer.Option("--incoming", help="SITE=FILE.csv: the records that reached a site since training (repeatable)")
+    ] = None,
+) -> None:
+    """Each site checks its incoming records for drift against its training records; breaches become signed incidents."""
+    from consortium.lifecycle.manager import open_lifecycle, read_incoming
+
+    lc = open_lifecycle(run_dir, keys, incoming=read_incoming(run_dir, incoming or []))
+    reports = lc.monitor()
+    for e in reports:
+        if e.kind == "drift_incident":
+            what = ", ".join(e.body["features"]) or "none"
+            out_console.print(
+                f"[bold red]drift incident[/] filed by {e.author} (entry {e.index}): features {what}; "
+                f"label shift {e.body['label_shift']:.3f}; promotion is paused", highlight=False,
+            )
+        else:
+            out_console.print(f"[bold green]resolved[/]: {e.author}'s incoming data no longer drifts (entry {e.index})")
+    if not reports:
+        out_console.print("no drift to report: every site's check is within the agreement's thresholds (or kept at the site)")
 
 
 def _print_audit(result: dict[str, Any], names: list[str]) -> None:

@@ -41,13 +41,15 @@ from consortium.learning.adapter import ModelAdapter
 from consortium.learning.models import build_model
 from consortium.learning.robust import RobustAggregation
 from consortium.learning.strategies import STRATEGIES, FedAvg
+from consortium.lifecycle.lineage import version_body
+from consortium.lifecycle.registry import Change, ModelRegistry, Version, now
 from consortium.privacy import ddg
 from consortium.privacy.accountant import accountant_used, calibrate_noise, calibrate_site_noise
 from consortium.privacy.dpsgd import secure_numpy_generator
 from consortium.privacy.events import RecordLevelEvent, SiteLevelEvent
 from consortium.privacy.sitedp import AdaptiveClipping, SiteLevelDP
 from consortium.protocol import messages as m
-from consortium.protocol.coordinator import COORDINATOR, Coordinator, RoundRecord, SecureAggregation
+from consortium.protocol.coordinator import COORDINATOR, Coordinator, LogRecord, RoundRecord, SecureAggregation
 from consortium.protocol.loop import RoundLoop
 from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.runs import RunFolder, new_run_dir, write_atomic
@@ -117,6 +119,17 @@ def evaluation_spec(config: SimulationConfig, sample: Table) -> m.EvaluationSpec
     )
 
 
+def secure_aggregation(config: SimulationConfig, identity: Ed25519PrivateKey, directory: dict[str, bytes]) -> SecureAggregation | None:
+    """The run's secure-aggregation settings for the coordinator, or None where the config turned it off."""
+    sa = config.secure_aggregation
+    if not sa.enabled:
+        return None
+    return SecureAggregation(
+        identity=identity, directory=directory, update_clip=sa.update_clip, bits=sa.bits,
+        dropout_rate=sa.dropout_rate, corruption_rate=sa.corruption_rate,
+    )
+
+
 def _head_json(head: TreeHead) -> dict[str, Any]:
     return {"size": head.size, "root": head.root, "cosigners": sorted(head.cosignatures)}
 
@@ -163,19 +176,7 @@ class CoordinatorRun:
         self._identity, self._directory = self._member_keys()
         # Every input is checked: only now does the run get its folder.
         self.run_dir = out if out is not None else new_run_dir(runs_root, f"{config.data.dataset}-seed{config.seed}")
-        sa = config.secure_aggregation
-        secure = (
-            SecureAggregation(
-                identity=self._identity,
-                directory=self._directory,
-                update_clip=sa.update_clip,
-                bits=sa.bits,
-                dropout_rate=sa.dropout_rate,
-                corruption_rate=sa.corruption_rate,
-            )
-            if sa.enabled
-            else None
-        )
+        secure = secure_aggregation(config, self._identity, self._directory)
         self.strategy = make_strategy(config)
         rc = config.robust
         self.robust = RobustAggregation(rc.aggregator, rc.byzantine, rc.norm_bound)
@@ -340,11 +341,17 @@ class CoordinatorRun:
         adapter = ModelAdapter(final)
         adapter.set_vector(coordinator.params)
         if halted is None:
+            tensors = {k: v.detach().numpy().copy() for k, v in final.state_dict().items()}
             run.write_model(
-                {k: v.detach().numpy().copy() for k, v in final.state_dict().items()},
-                {"layout_hash": adapter.layout_hash, "rounds": str(config.rounds), "dataset": config.data.dataset},
+                tensors, {"layout_hash": adapter.layout_hash, "rounds": str(config.rounds), "dataset": config.data.dataset},
             )
-            head = transcript.finish(run.path / "model.safetensors", vector_sha256(coordinator.params), coordinator.round)
+            registered = self._register_final(run.path, tensors, history, transcript)
+            head = transcript.finish(
+                run.path / "model.safetensors", vector_sha256(coordinator.params), coordinator.round,
+                then=[registered[1]] if registered else None,
+            )
+            if registered:
+                ModelRegistry(run.path).add(registered[0])
 
         summary: dict[str, Any] = {
             "run_dir": str(run.path),
@@ -387,6 +394,25 @@ class CoordinatorRun:
         summary["elapsed_s"] = round(time.perf_counter() - started, 3)
         run.write_summary(summary)
         return RunResult(summary=summary, history=history, params=coordinator.params)
+
+    def _register_final(
+        self, run_path: Path, tensors: dict[str, np.ndarray], history: list[RoundRecord], transcript: TranscriptRecorder,
+    ) -> tuple[Version, LogRecord] | None:
+        """Under an agreement with lifecycle terms, the final model becomes candidate v1 of the model registry:
+        its tensor file now, its ``model_version`` entry right after the final model's."""
+        if self.agreement is None or self.agreement.lifecycle is None:
+            return None
+        assert self.coordinator.params is not None
+        ok = [r for r in history if r.status == "ok"]
+        version = Version(
+            id="v1", sha256=ModelRegistry(run_path).store_tensors("v1", tensors), parent=None, round=self.coordinator.round,
+            sites=sorted(ok[-1].answered) if ok else [],
+            epsilon=signed_epsilon(transcript.writer.entries, transcript.writer.entries[0].body),
+            metrics=finite_metrics(history[-1].metrics) if history else {},
+            history=[Change("candidate", None, "registered", COORDINATOR, now())],
+        )
+        body = version_body(version, vector_sha256(self.coordinator.params), "run")
+        return version, LogRecord("model_version", self.coordinator.round, COORDINATOR, body)
 
     def _restart(self, run: RunFolder, transcript: TranscriptRecorder, record_round: Callable[[RoundRecord], None]) -> None:
         """Where a resumed run picks up: after a quorum's resume entry, from the model it halted at."""

@@ -103,6 +103,41 @@ def site_datasets(config: SimulationConfig) -> dict[str, Table]:
     return {f"site-{i + 1}": table.take(idx) for i, idx in enumerate(parts)}
 
 
+def site_policies(config: SimulationConfig, agreement: Agreement | None, names: list[str]) -> dict[str, SitePolicy]:
+    """Each simulated site's own policy, where the policies folder holds one; each checked against the agreement."""
+    if config.agreement is None or config.agreement.policies is None or agreement is None:
+        return {}
+    folder = config.agreement.policies
+    if not folder.is_dir():
+        raise ConfigError(f"the policies folder '{folder}' does not exist: create it, or remove agreement.policies")
+    policies = {}
+    for name in names:
+        path = folder / f"{name}.yaml"
+        if path.exists():
+            policy = load_policy(path, agreement)
+            if policy.site != name:
+                raise ConfigError(f"{path}: the policy is for site '{policy.site}', not '{name}': fix its site field")
+            policies[name] = policy
+    return policies
+
+
+def site_ledgers(
+    run_dir: Path, config: SimulationConfig, names: list[str], policies: dict[str, SitePolicy]
+) -> dict[str, BudgetLedger | None]:
+    """Each simulated site's privacy budget ledger, beside its other state in the run folder (None without DP).
+    Its cap: the run's epsilon, or the site's own stricter cap (the config's, or its policy's)."""
+    pc = config.privacy
+    out: dict[str, BudgetLedger | None] = {}
+    for name in names:
+        policy = policies.get(name)
+        own = policy.max_epsilon if policy is not None and policy.max_epsilon is not None else math.inf
+        out[name] = BudgetLedger(
+            run_dir / "sites" / name / "budget.sqlite", site=name,
+            epsilon_cap=min(pc.site_epsilon_caps.get(name, pc.epsilon), own), delta=pc.delta, accountant=pc.accountant,
+        ) if pc.enabled else None
+    return out
+
+
 def _train_alone(
     train: Table, config: SimulationConfig, n_classes: int, seed: int
 ) -> torch.nn.Module:
@@ -157,18 +192,7 @@ class Simulation(CoordinatorRun):
             model_builder=model_builder, resume=resume,
         )
         pc = self.config.privacy
-        ledgers = {
-            name: BudgetLedger(
-                self.run_dir / "sites" / name / "budget.sqlite",
-                site=name,
-                epsilon_cap=min(pc.site_epsilon_caps.get(name, pc.epsilon), self._policy_cap(name)),
-                delta=pc.delta,
-                accountant=pc.accountant,
-            )
-            if pc.enabled
-            else None
-            for name in names
-        }
+        ledgers = site_ledgers(self.run_dir, self.config, names, self.policies)
         sites = {
             name: self._make_site(
                 name,
@@ -204,25 +228,7 @@ class Simulation(CoordinatorRun):
         return agreement
 
     def _load_policies(self, config: SimulationConfig, agreement: Agreement | None) -> dict[str, SitePolicy]:
-        """Each site's own policy, where its folder holds one; each is checked against the agreement."""
-        if config.agreement is None or config.agreement.policies is None or agreement is None:
-            return {}
-        folder = config.agreement.policies
-        if not folder.is_dir():
-            raise ConfigError(f"the policies folder '{folder}' does not exist: create it, or remove agreement.policies")
-        policies = {}
-        for name in self.names:
-            path = folder / f"{name}.yaml"
-            if path.exists():
-                policy = load_policy(path, agreement)
-                if policy.site != name:
-                    raise ConfigError(f"{path}: the policy is for site '{policy.site}', not '{name}': fix its site field")
-                policies[name] = policy
-        return policies
-
-    def _policy_cap(self, site: str) -> float:
-        policy = self.policies.get(site)
-        return policy.max_epsilon if policy is not None and policy.max_epsilon is not None else math.inf
+        return site_policies(config, agreement, self.names)
 
     def _member_keys(self) -> tuple[Ed25519PrivateKey, dict[str, bytes]]:
         """Every member's identity key: the agreement's members' own key files, or fresh ones."""

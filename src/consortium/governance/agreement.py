@@ -39,6 +39,7 @@ Artefact = Literal[
     "global_model",  # each model version
     "privacy_events",  # each round's DP event and each site's epsilon spent
     "transcript",  # the signed log itself
+    "drift_incident",  # a site's signed report that its incoming data drifted, naming the features
 ]
 Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 LayoutHash = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
@@ -54,6 +55,7 @@ ARTEFACT_TEXT: dict[str, str] = {
     "global_model": "every version of the jointly trained model",
     "privacy_events": "each round's differential-privacy parameters and the epsilon each site has spent",
     "transcript": "the signed record of every round: plans, decisions, commitments, hashes",
+    "drift_incident": "a site's own report that its incoming data drifted from its training data, naming the features",
 }
 NEVER_LEAVES = "raw rows, per-example outputs or gradients, and any site's unmasked update"
 
@@ -85,6 +87,43 @@ class SchemaContract(_Strict):
     classes: list[str] = Field(min_length=2)
 
 
+#: The metrics a canary or a rollout stage compares, and which way is better.
+LIFECYCLE_METRICS: dict[str, str] = {
+    "accuracy": "higher",
+    "auc": "higher",
+    "loss": "lower",
+    "ece": "lower",
+    "demographic_parity_gap": "lower",
+    "equalized_odds_gap": "lower",
+    "shift_accuracy": "higher",
+}
+LifecycleMetric = Literal["accuracy", "auc", "loss", "ece", "demographic_parity_gap", "equalized_odds_gap", "shift_accuracy"]
+
+
+class DriftTerms(_Strict):
+    psi: float = Field(0.25, gt=0)  # a feature's population stability index above this is drift
+    label_shift: float = Field(0.1, gt=0, le=1)  # total variation distance of the label rates above this is drift
+    #: Fewer incoming records than this are not judged: the index of a small sample is mostly noise
+    #: (about (bins - 1) / rows with no drift at all: 0.09 at 100 rows, 0.045 at 200).
+    min_rows: int = Field(200, ge=20)
+
+
+class LifecycleTerms(_Strict):
+    """How a new model version reaches the sites: canary sites, tolerances, rollout stages, drift thresholds."""
+
+    canary_sites: list[Name] = Field(min_length=1)  # evaluate each candidate first, on their validation data
+    tolerances: dict[LifecycleMetric, Annotated[float, Field(ge=0)]] = Field(min_length=1)  # regression allowed
+    rollout: list[Annotated[float, Field(gt=0, le=1)]] = [0.5, 1.0]  # share of sites running it after each stage
+    drift: DriftTerms = DriftTerms()
+
+    @field_validator("rollout")
+    @classmethod
+    def _stages(cls, stages: list[float]) -> list[float]:
+        if not stages or stages[-1] != 1.0 or any(a >= b for a, b in zip(stages, stages[1:])):
+            raise ValueError("rollout stages are increasing shares of the sites ending at 1.0, e.g. [0.5, 1.0]")
+        return stages
+
+
 class Agreement(_Strict):
     version: Literal[1] = 1
     consortium: Name
@@ -97,6 +136,7 @@ class Agreement(_Strict):
     data_schema: SchemaContract | None = None
     rounds: int = Field(ge=1, le=100_000)
     resume_quorum: int = Field(ge=1)  # approvers' signatures needed to resume a halted run
+    lifecycle: LifecycleTerms | None = None  # omitted: no model version may be promoted under this agreement
 
     # Each rule is checked on the field it concerns, so an error names that field's line.
     @field_validator("members")
@@ -135,6 +175,25 @@ class Agreement(_Strict):
         if quorum > approvers:
             raise ValueError(f"resume_quorum {quorum} exceeds the {approvers} approvers")
         return quorum
+
+    @field_validator("lifecycle")
+    @classmethod
+    def _lifecycle(cls, terms: LifecycleTerms | None, info: ValidationInfo) -> LifecycleTerms | None:
+        if terms is None:
+            return None
+        sites = [m.name for m in info.data.get("members", []) if m.role == "site"]
+        unknown = [s for s in terms.canary_sites if s not in sites]
+        if unknown:
+            raise ValueError(f"canary site '{unknown[0]}' is not a site of the agreement (its sites: {', '.join(sites)})")
+        if duplicates(terms.canary_sites):
+            raise ValueError(f"canary site '{duplicates(terms.canary_sites)[0]}' is listed twice")
+        need = max(2, info.data.get("min_cohort", 1))
+        if info.data.get("secure_aggregation_required", True) and len(terms.canary_sites) < need:
+            raise ValueError(
+                f"with secure aggregation required, name at least {need} canary sites (2, and the minimum cohort): "
+                "their metrics are summed, and no site helps unmask a sum over fewer"
+            )
+        return terms
 
     def visible_to(self, artefact: str, role: str) -> bool:
         return any(e.artefact == artefact and role in e.to for e in self.exposure)
@@ -295,6 +354,7 @@ exposure:
   - {{artefact: global_model, to: [coordinator, site]}}
   - {{artefact: privacy_events, to: [coordinator, site, auditor]}}
   - {{artefact: transcript, to: [coordinator, site, auditor]}}
+  - {{artefact: drift_incident, to: [coordinator, site, auditor]}}
 min_cohort: {min(3, max(1, len(sites)))}
 privacy:
   level: record       # record: each patient | site: each institution's whole contribution
@@ -304,6 +364,23 @@ secure_aggregation_required: true
 allowed_layouts: []   # model layout hashes allowed; empty: any the sites' policies accept
 rounds: 20
 resume_quorum: {max(1, (len(sites) + 1) // 2 + 1)}
+{_lifecycle_template(sites)}"""
+
+
+def _lifecycle_template(sites: list[str]) -> str:
+    canary = sites[: max(2, min(3, len(sites)))]  # as many as the minimum cohort the template sets
+    if len(sites) < 2:
+        return "# lifecycle: needs at least 2 canary sites under secure aggregation\n"
+    return f"""# How a new model version reaches the sites: evaluated first by the canary sites on their own
+# validation data (summed securely), promoted only if no metric below regresses by more than its
+# tolerance against the production version, then rolled out to a growing share of the sites,
+# and rolled back automatically if it regresses there. A site whose incoming data drifts past the
+# thresholds files a signed incident (the drift_incident artefact) and promotion pauses.
+lifecycle:
+  canary_sites: [{", ".join(canary)}]
+  tolerances: {{accuracy: 0.02, ece: 0.05}}
+  rollout: [0.5, 1.0]
+  drift: {{psi: 0.25, label_shift: 0.1, min_rows: 200}}
 """
 
 
@@ -345,5 +422,22 @@ def explain(agreement: Agreement) -> str:
     lines.append(
         f"- At most {agreement.rounds} rounds. A halted run resumes only with {agreement.resume_quorum} approvers' signatures."
     )
+    if agreement.lifecycle is not None:
+        lc = agreement.lifecycle
+        tolerances = ", ".join(f"{k} by more than {v:g}" for k, v in lc.tolerances.items())
+        stages = ", ".join(f"{share:.0%}" for share in lc.rollout)
+        lines += [
+            "", "## How a new model version reaches the sites", "",
+            f"- Every new version is first evaluated by the canary sites ({', '.join(lc.canary_sites)}) on their own "
+            "validation records, summed securely, beside the version in production.",
+            f"- It is promoted only if it is not worse on {tolerances}; otherwise it is rejected, with the numbers in the transcript.",
+            f"- It then reaches the sites in stages ({stages}); each site may pin a version by its own policy. After each stage "
+            "the sites running it compare it with the previous version, and any regression rolls it back everywhere.",
+            f"- Each site checks its incoming records for drift (a feature's stability index above {lc.drift.psi:g}, or "
+            f"label rates shifted by more than {lc.drift.label_shift:g}, over at least {lc.drift.min_rows} records). "
+            + ("A breach is reported, signed, naming the site and the features (drift_incident), and no version is "
+               "promoted until it is resolved." if any(e.artefact == "drift_incident" for e in agreement.exposure)
+               else "The agreement does not let drift reports leave a site: each site keeps its own."),
+        ]
     lines.append(f"- Agreement hash (what each approver signs): `{agreement_hash(agreement)}`.")
     return "\n".join(lines) + "\n"

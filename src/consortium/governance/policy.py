@@ -36,6 +36,7 @@ class SitePolicy(BaseModel):
     refused_layouts: list[LayoutHash] = []  # model architectures (layout hashes) this site will not train
     quiet_hours: list[HourRange] = []  # local times at which this site does not train
     timezone: str = "UTC"
+    pin_model: str | None = Field(None, pattern=r"^v[1-9][0-9]*$")  # run only this model version: refuse any other
 
     @field_validator("timezone")
     @classmethod
@@ -112,10 +113,12 @@ def template(site: str, agreement: Agreement) -> str:
         "refused_layouts": [],
         "quiet_hours": [],
         "timezone": "UTC",
+        "pin_model": None,
     }
     return (
         f"# {site}'s own policy: kept at the site, never shared. It may only be stricter than the\n"
         f"# {agreement.consortium} agreement: a lower max_epsilon, a larger min_cohort, layouts refused,\n"
-        "# quiet_hours (local times, e.g. 07:00-19:00 or 22:00-06:00) in which this site does not train.\n"
+        "# quiet_hours (local times, e.g. 07:00-19:00 or 22:00-06:00) in which this site does not train,\n"
+        "# pin_model (a version, e.g. v3): the only model version this site runs; it refuses any rollout of another.\n"
         + yaml.safe_dump(body, sort_keys=False)
     )

@@ -20,12 +20,18 @@ OPERATIONS: dict[str, frozenset[str]] = {
     "train": frozenset({"site"}),  # hold data, train, answer a plan with a signed decision
     "cosign_tree_head": frozenset({"site"}),
     "halt": frozenset({"coordinator", "site", "auditor"}),  # stop a run; an observer only watches
+    "rollback": frozenset({"coordinator", "site", "auditor"}),  # demand the previous production model back
+    "deploy_model": frozenset({"site"}),  # run a model version (or refuse it) and sign the receipt
+    "report_drift": frozenset({"site"}),  # a site's signed report on its own incoming data
     "verify": frozenset({"coordinator", "site", "auditor"}),  # read the whole transcript
     "view_aggregates": frozenset({"coordinator", "site", "auditor", "observer"}),
 }
 
 #: What a transcript entry's author must be allowed to do to have written it.
-ENTRY_OPERATION: dict[str, str] = {"site_decision": "train", "halt": "halt"}
+ENTRY_OPERATION: dict[str, str] = {
+    "site_decision": "train", "halt": "halt", "deployment": "deploy_model",
+    "drift_incident": "report_drift", "drift_resolved": "report_drift",
+}
 
 
 class PermissionDenied(ConsortiumError):

@@ -1,9 +1,9 @@
-"""The model lifecycle (issue 9): versions, their states, and what a site watches between rounds.
+"""The model lifecycle (issue 9): versions, their states, canary evaluation, staged rollout, rollback, drift.
 
-So far: ``registry``, every model version with its hash, parent, round, sites,
-privacy cost, evaluation and state (candidate, canary, production, retired,
-rolled back), and the moves allowed between states; ``drift``, each site's own
-check of its incoming data against its training data. To come: each state
-change as a transcript entry, canary evaluation through secure sums, staged
-rollout, automatic rollback and the ``consortium models`` command.
+``registry``: every model version with its hash, parent, round, sites,
+privacy cost, evaluation and state, and the moves allowed between states.
+``lineage``: the transcript's lifecycle entries replayed under those rules
+(what ``consortium verify`` checks). ``manager``: the operations on a run
+folder, through the protocol and into the transcript. ``drift``: each site's
+own check of its incoming data against its training data.
 """

@@ -20,9 +20,11 @@ At most one version is in ``production``: promoting one retires the
 previous, rolling back restores the named earlier version. Every change
 keeps its reason, who made it and when, in the version's history.
 
-(Issue 9, begun: the registry itself. Recording each change as a transcript
-entry, canary evaluation through secure sums, staged rollout and automatic
-rollback build on it.)
+The transcript is the record: every registration and every state change is
+an entry there first (``consortium.lifecycle.manager``), and ``registry.json``
+is the index rebuilt from it (``consortium.lifecycle.lineage``), which
+``consortium verify`` checks against it. The same class, kept in memory
+(``folder=None``), is how ``verify`` replays the entries: one set of rules.
 """
 
 from __future__ import annotations
@@ -90,26 +92,62 @@ class Version:
         return cls(**{**d, "history": [Change(**c) for c in d.get("history", [])]})
 
 
-def _now() -> str:
+def now() -> str:
+    """UTC, ISO 8601, to the second: when a state change happened."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 class ModelRegistry:
-    """The versions kept in ``folder/registry`` (a run folder, or a coordinator's store)."""
+    """The versions kept in ``folder/registry`` (a run folder, or a coordinator's store); in memory only
+    when ``folder`` is None."""
 
-    def __init__(self, folder: Path) -> None:
-        self.path = Path(folder) / REGISTRY_DIR
-        self._index = self.path / "registry.json"
+    def __init__(self, folder: Path | None) -> None:
+        self.path = Path(folder) / REGISTRY_DIR if folder is not None else None
+        self._index = self.path / "registry.json" if self.path is not None else None
         self.versions: dict[str, Version] = {}
-        if self._index.exists():
+        if self._index is not None and self._index.exists():
             try:
                 raw = json.loads(self._index.read_text())
                 self.versions = {v["id"]: Version.from_json(v) for v in raw["versions"]}
             except (ValueError, KeyError, TypeError) as exc:
                 raise VerificationError(f"{self._index} is damaged ({exc}): restore it from a backup") from None
 
+    def index_json(self) -> dict[str, Any]:
+        return {"versions": [v.to_json() for v in self.versions.values()]}
+
     def _save(self) -> None:
-        write_atomic(self._index, dumps({"versions": [v.to_json() for v in self.versions.values()]}).encode())
+        if self._index is not None:
+            write_atomic(self._index, dumps(self.index_json()).encode())
+
+    def rebuild(self, versions: dict[str, Version]) -> None:
+        """Replace the index with ``versions`` (as the transcript has them) and write it."""
+        self.versions = {k: Version.from_json(v.to_json()) for k, v in versions.items()}
+        self._save()
+
+    @property
+    def next_id(self) -> str:
+        return f"v{len(self.versions) + 1}"
+
+    def tensor_path(self, version: str) -> Path:
+        if self.path is None:
+            raise RegistryError("an in-memory registry holds no tensor files")
+        return self.path / "versions" / f"{version}.safetensors"
+
+    def store_tensors(self, version: str, tensors: dict[str, np.ndarray]) -> str:
+        """Write a version's tensor file (before anything names it); its SHA-256."""
+        blob = safetensors_save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
+        write_atomic(self.tensor_path(version), blob)
+        return hashlib.sha256(blob).hexdigest()
+
+    def add(self, version: Version) -> Version:
+        """Add a registered version: the next id, a known parent, state candidate."""
+        if version.id != self.next_id:
+            raise RegistryError(f"version {version.id} registered where {self.next_id} comes next")
+        if version.parent is not None:
+            self.get(version.parent)
+        self.versions[version.id] = version
+        self._save()
+        return version
 
     def get(self, version: str) -> Version:
         if version not in self.versions:
@@ -124,22 +162,17 @@ class ModelRegistry:
         """Store a new candidate version; its tensors first, then the index that names them."""
         if parent is not None:
             self.get(parent)
-        blob = safetensors_save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
-        vid = f"v{len(self.versions) + 1}"
-        write_atomic(self.path / "versions" / f"{vid}.safetensors", blob)
-        version = Version(
-            id=vid, sha256=hashlib.sha256(blob).hexdigest(), parent=parent, round=round, sites=sorted(sites),
+        vid = self.next_id
+        return self.add(Version(
+            id=vid, sha256=self.store_tensors(vid, tensors), parent=parent, round=round, sites=sorted(sites),
             epsilon=dict(epsilon or {}), metrics=dict(metrics or {}),
-            history=[Change("candidate", None, "registered", by, _now())],
-        )
-        self.versions[vid] = version
-        self._save()
-        return version
+            history=[Change("candidate", None, "registered", by, now())],
+        ))
 
     def tensors(self, version: str) -> dict[str, np.ndarray]:
         """The version's tensors, refused unless the file's bytes still hash to what was registered."""
         v = self.get(version)
-        path = self.path / "versions" / f"{version}.safetensors"
+        path = self.tensor_path(version)
         try:
             blob = path.read_bytes()
         except FileNotFoundError:
@@ -164,14 +197,14 @@ class ModelRegistry:
                 return out
             current = self.get(current.parent)
 
-    def _move(self, v: Version, to: str, reason: str, by: str) -> None:
+    def _move(self, v: Version, to: str, reason: str, by: str, at: str | None) -> None:
         if to not in TRANSITIONS[v.state]:
             allowed = ", ".join(sorted(TRANSITIONS[v.state])) or "nothing"
             raise RegistryError(f"version {v.id} is {v.state}: it can move to {allowed}, not to {to}")
-        v.history.append(Change(to, v.state, reason, by, _now()))
+        v.history.append(Change(to, v.state, reason, by, at or now()))
         v.state = to
 
-    def transition(self, version: str, to: State, *, reason: str, by: str) -> Version:
+    def transition(self, version: str, to: State, *, reason: str, by: str, at: str | None = None) -> Version:
         """Move ``version`` to state ``to``. Into production: the current production version is retired.
         A retired version returns to production only through ``rollback``."""
         v = self.get(version)
@@ -180,13 +213,13 @@ class ModelRegistry:
         if v.state == "retired" and to == "production":
             raise RegistryError(f"version {v.id} is retired: bring it back with a rollback, which records why")
         current = self.production
-        self._move(v, to, reason, by)
+        self._move(v, to, reason, by, at)
         if to == "production" and current is not None:
-            self._move(current, "retired", f"superseded by {v.id}", by)
+            self._move(current, "retired", f"superseded by {v.id}", by, at)
         self._save()
         return v
 
-    def rollback(self, to: str, *, reason: str, by: str) -> Version:
+    def rollback(self, to: str, *, reason: str, by: str, at: str | None = None) -> Version:
         """Restore ``to`` (an earlier production version, now retired); the current one is rolled back."""
         target = self.get(to)
         current = self.production
@@ -195,7 +228,7 @@ class ModelRegistry:
         if not reason.strip():
             raise RegistryError("a rollback needs a reason: say why, it is kept with both versions")
         if current is not None:
-            self._move(current, "rolled_back", reason, by)
-        self._move(target, "production", f"rollback: {reason}", by)
+            self._move(current, "rolled_back", reason, by, at)
+        self._move(target, "production", f"rollback: {reason}", by, at)
         self._save()
         return target

@@ -226,6 +226,7 @@ class Coordinator:
         # Incident response: anomalous updates (``monitor``) and sites' integrity refusals halt the run.
         self.monitor = monitor
         self.incident: Incident | None = None
+        self._purpose: Literal["round", "canary", "monitor"] = "round"
 
     def _check_robust(self, robust: RobustAggregation) -> None:
         """The defence's tolerance condition holds in every round that aggregates, or the run is refused."""
@@ -356,7 +357,8 @@ class Coordinator:
                 plan=self._plan_proof,
             )
         return m.EvaluateRequest(
-            task=self._task(), params=self._params_tensor(), secure_aggregation=secure, evaluation=self._evaluation_spec()
+            task=self._task(), params=self._params_tensor(), secure_aggregation=secure, evaluation=self._evaluation_spec(),
+            purpose=self._purpose,
         )
 
     def _evaluation_spec(self) -> m.EvaluationSpec:
@@ -509,11 +511,22 @@ class Coordinator:
             return None
         self._finish_evaluate(result, record)
         self.history.append(record)
-        if self.round >= self.rounds:
+        if self.round >= self.rounds or self._purpose != "round":
             self._state = None
         else:
             self._open_fit(self.round + 1)
         return record
+
+    def open_evaluation(
+        self, task: m.TaskSpec, params: np.ndarray, sites: list[str], *, rnd: int, purpose: Literal["canary", "monitor"]
+    ) -> None:
+        """An evaluation outside the rounds (the model lifecycle): ``params`` evaluated by ``sites``, on their
+        validation splits (``canary``) or test splits (``monitor``), summed as any round's evaluation is.
+        The round loop runs it; its record is then the last in ``history`` and the coordinator is done."""
+        self.task, self.params, self.members, self.round = task, params, sorted(sites), rnd
+        self._purpose = purpose
+        self._record = RoundRecord(round=rnd, selected=sorted(sites))
+        self._state = _PhaseState("evaluate", sorted(sites))
 
     def _halt(self, st: _PhaseState) -> None:
         """Stop on the incident: end the run here and raise it for the driver."""
@@ -781,6 +794,7 @@ class Coordinator:
             "evaluated_sites": record.evaluated_sites,
             "note": record.evaluation_note,
             "metrics": {k: (v if math.isfinite(v) else None) for k, v in record.metrics.items()},
+            **({"purpose": self._purpose, "sites": sorted(result.included)} if self._purpose != "round" else {}),
         }))
 
     def _anomalous(self, st: _PhaseState, mean_update: np.ndarray, n_params: int) -> bool:

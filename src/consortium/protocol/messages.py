@@ -34,10 +34,11 @@ from consortium.secagg.messages import (
 from consortium.wire import Frozen as _Frozen
 from consortium.wire import B64, Tensor, decode_frame, encode_frame
 
-SCHEMA_VERSION = 8  # 2: site-level privacy events and the noisy ring encoding; 3: a refusal names its rule; 4: co-signing;
+SCHEMA_VERSION = 9  # 2: site-level privacy events and the noisy ring encoding; 3: a refusal names its rule; 4: co-signing;
 # 5: a fit request may name by hash the model the site holds; 6: sites describe their data and endorse the manifest;
 # 7: a fit request carries the round's L2 norm bound on each update; 8: an evaluate request says what to measure
-# beyond accuracy (groups of a sensitive attribute, a distribution shift)
+# beyond accuracy (groups of a sensitive attribute, a distribution shift); 9: the model lifecycle (an evaluation's
+# purpose, deploying a model version, a site's drift report)
 
 #: The coordinator's name in every envelope; no site may take it.
 COORDINATOR = "coordinator"
@@ -171,6 +172,48 @@ class EvaluateRequest(_Frozen):
     params: Tensor
     secure_aggregation: bool
     evaluation: EvaluationSpec = EvaluationSpec()
+    #: round: the round's model on the test split; canary: a candidate version on the validation split;
+    #: monitor: a version being rolled out, on the test split (the records the site holds out).
+    purpose: Literal["round", "canary", "monitor"] = "round"
+
+
+class DeployRequest(_Frozen):
+    """The model lifecycle: run model version ``version`` from now on (a rollout stage, or a rollback)."""
+
+    kind: Literal["deploy_request"] = "deploy_request"
+    version: str = Field(pattern=r"^v[1-9][0-9]*$")
+    model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")  # the transcript's hash of the model the params must be
+    task: TaskSpec
+    params: Tensor
+    reason: Literal["rollout", "rollback"]
+    stage: int = Field(ge=0)  # the rollout stage (0 for a rollback)
+
+
+class DeployReply(_Frozen):
+    """The site's signed receipt (a ``deployment`` entry): the version it now runs, or why it refused."""
+
+    kind: Literal["deploy_reply"] = "deploy_reply"
+    receipt: SiteDecision
+
+
+class MonitorRequest(_Frozen):
+    """Between rounds: has the site's incoming data drifted from its training data?"""
+
+    kind: Literal["monitor_request"] = "monitor_request"
+
+
+class MonitorReply(_Frozen):
+    """A signed ``drift_incident`` or ``drift_resolved`` entry, or nothing to disclose."""
+
+    kind: Literal["monitor_reply"] = "monitor_reply"
+    entry_kind: Literal["drift_incident", "drift_resolved"] | None = None
+    report: SiteDecision | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> "MonitorReply":
+        if (self.entry_kind is None) != (self.report is None):
+            raise ValueError("a drift report names its kind, and only a report does")
+        return self
 
 
 class EvaluateReply(_Contribution):
@@ -318,6 +361,10 @@ Message = Annotated[
         CosignRequest,
         Cosignature,
         Refusal,
+        DeployRequest,
+        DeployReply,
+        MonitorRequest,
+        MonitorReply,
     ],
     Field(discriminator="kind"),
 ]

@@ -31,6 +31,7 @@ from consortium.governance.roles import PermissionDenied, Roles
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.robust import bound_norm
 from consortium.learning.training import EvalStats, Groups, evaluate, train_local
+from consortium.lifecycle.drift import DriftReport, check_drift
 from consortium.privacy.dpsgd import secure_generator, secure_numpy_generator, train_dp_sgd
 from consortium.privacy.events import RecordLevelEvent, SiteLevelEvent
 from consortium.privacy.ledger import BudgetLedger
@@ -90,6 +91,43 @@ class EvaluationJournal:
             os.fsync(f.fileno())
 
 
+class SiteLifecycle:
+    """A site's own lifecycle state, in one JSON file written atomically: the model version it runs,
+    whether it has a drift incident open, and its last drift check (the check stays here)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.state: dict[str, object] = {"version": None, "model_sha256": None, "incident_open": False, "drift": None}
+        if path.exists():
+            try:
+                self.state.update(json.loads(path.read_text()))
+            except ValueError:
+                raise ConfigError(f"{path} is damaged: restore it from a backup") from None
+
+    @property
+    def version(self) -> str | None:
+        return self.state["version"]  # type: ignore[return-value]
+
+    @property
+    def incident_open(self) -> bool:
+        return bool(self.state["incident_open"])
+
+    def _save(self) -> None:
+        write_atomic(self.path, json.dumps(self.state, indent=1).encode())
+
+    def deploy(self, version: str, model_sha256: str) -> None:
+        self.state.update(version=version, model_sha256=model_sha256)
+        self._save()
+
+    def set_incident(self, open_: bool) -> None:
+        self.state["incident_open"] = open_
+        self._save()
+
+    def note_drift(self, report: DriftReport) -> None:
+        self.state["drift"] = {"psi": report.psi, "label_shift": report.label_shift, "breached": report.breached}
+        self._save()
+
+
 class Site:
     """One institution's agent in the protocol.
 
@@ -126,11 +164,17 @@ class Site:
         clock: Clock = utc_now,
         memory: Path | None = None,
         journal: Path | None = None,
+        lifecycle: Path | None = None,
     ) -> None:
         self.name = name
         self.__data = data
         self.__train = (torch.from_numpy(data.train.X), torch.from_numpy(data.train.y))
+        self.__valid = (torch.from_numpy(data.validation.X), torch.from_numpy(data.validation.y))
         self.__test = (torch.from_numpy(data.test.X), torch.from_numpy(data.test.y))
+        self.__incoming: Table | None = None  # the records arriving since training, for the drift check
+        self._lifecycle = SiteLifecycle(lifecycle) if lifecycle is not None else None
+        self._agreement = agreement
+        self._policy = policy
         self._seed = seed
         self._journal = None if journal is None else EvaluationJournal(journal)
         self._identity = identity
@@ -211,20 +255,26 @@ class Site:
 
     # -- the transcript ------------------------------------------------------------
 
+    def _signed(self, kind: str, rnd: int, body: dict[str, object]) -> m.SiteDecision:
+        """A transcript entry of ``kind`` that this site authors, signed before it knows where it will land."""
+        if self._identity is None:
+            raise ProtocolError("this site has no identity key: it cannot sign what the transcript records")
+        body = json.loads(canonical(body))
+        signature = self._identity.sign(signed_entry_bytes(kind, rnd, self.name, body))
+        return m.SiteDecision(round=rnd, site=self.name, body=body, signature=signature)
+
     def _sign_decision(self, rnd: int, msg: m.FitRequest, reply: m.BaseModel) -> m.BaseModel:
         """Attach the site's signed yes or no to a round plan: the model it was sent and what it paid."""
         if self._identity is None or not isinstance(reply, (m.FitReply, m.Refusal)):
             return reply
         accepted = isinstance(reply, m.FitReply)
-        body = json.loads(canonical({
+        return reply.model_copy(update={"decision": self._signed("site_decision", rnd, {
             "model_sha256": _model_sha256(msg.params) if msg.params is not None else msg.model_sha256,
             "accepted": accepted,
             "reason": "" if accepted else reply.reason,  # type: ignore[union-attr]
             "rule": "" if accepted else reply.rule,  # type: ignore[union-attr]
             "privacy_event": msg.privacy.model_dump(mode="json") if accepted and msg.privacy is not None else None,
-        }))
-        signature = self._identity.sign(signed_entry_bytes("site_decision", rnd, self.name, body))
-        return reply.model_copy(update={"decision": m.SiteDecision(round=rnd, site=self.name, body=body, signature=signature)})
+        })})
 
     def _received_model(self, msg: m.FitRequest) -> tuple[str, Tensor]:
         """The model a fit request sends, or names by hash among what this site holds, with its hash."""
@@ -340,6 +390,10 @@ class Site:
             return self._secagg_start(rnd, msg)
         if isinstance(msg, (m.SecAggRoster, m.SecAggDeliver, m.SecAggSurvivors, m.SecAggUnmask)):
             return self._secagg_step(msg)
+        if isinstance(msg, m.DeployRequest):
+            return self._deploy(rnd, msg)
+        if isinstance(msg, m.MonitorRequest):
+            return self._monitor(rnd)
         if isinstance(msg, m.DescribeRequest):
             return m.Description(fingerprint=m.DataFingerprint.model_validate(self.fingerprint()))
         if isinstance(msg, m.EndorseRequest):
@@ -462,7 +516,7 @@ class Site:
     def _evaluate(self, rnd: int, msg: m.EvaluateRequest) -> m.EvaluateReply:
         module, _, _ = self._model_for(msg.task, msg.params)
         self._held = (_model_sha256(msg.params), msg.params)  # the next fit request may name it instead of resending it
-        X, y = self.__test
+        X, y = self.__valid if msg.purpose == "canary" else self.__test
         spec = msg.evaluation
         groups = None
         if spec.sensitive_feature is not None:
@@ -474,11 +528,73 @@ class Site:
             noise = self._rng(rnd, "evaluate").standard_normal(X.shape) * spec.shift_noise * msg.task.scale.to_numpy()
             shifted = X + torch.from_numpy(noise.astype(np.float32))
         stats = evaluate(module, X, y, msg.task.n_classes, groups=groups, shifted=shifted)
-        if self._journal is not None and stats.n:
+        if self._journal is not None and stats.n and msg.purpose == "round":
             self._journal.append(rnd, stats)
         return m.EvaluateReply(
             contribution=self._contribute(rnd, "evaluate", c.eval_vector(stats), msg.secure_aggregation)
         )
+
+    # -- the model lifecycle --------------------------------------------------------
+
+    def observe(self, incoming: Table) -> None:
+        """The records that arrived since training (the hospital's feed): what the drift check compares."""
+        if incoming.feature_names != self.__data.train.feature_names:
+            raise ConfigError(f"{self.name}'s incoming data has other features than its training data: same schema only")
+        self.__incoming = incoming
+
+    def _deploy(self, rnd: int, msg: m.DeployRequest) -> m.DeployReply:
+        """Run ``msg.version`` from now on, unless this site's policy pins another; sign the receipt either way."""
+        if self._lifecycle is None:
+            raise ProtocolError("this site keeps no lifecycle state: it cannot run a model version")
+        if _model_sha256(msg.params) != msg.model_sha256:
+            raise Refused("model_hash", f"the model sent is not version {msg.version} ({msg.model_sha256[:12]}...) as requested")
+        self._model_for(msg.task, msg.params)  # the architecture must be the one the task describes
+        pin = self._policy.pin_model if self._policy is not None else None
+        refused = pin is not None and msg.version != pin
+        if not refused:
+            self._lifecycle.deploy(msg.version, msg.model_sha256)
+        return m.DeployReply(receipt=self._signed("deployment", rnd, {
+            "version": msg.version,
+            "model_sha256": msg.model_sha256,
+            "reason": msg.reason,
+            "stage": msg.stage,
+            "accepted": not refused,
+            "rule": "pinned_model" if refused else "",
+            "detail": f"this site's policy pins model {pin}: it runs no other version" if refused else "",
+            "running": self._lifecycle.version,
+        }))
+
+    def _monitor(self, rnd: int) -> m.MonitorReply:
+        """Check the incoming records against the training records; disclose a breach only where the agreement
+        lets this artefact out, and say when a breach it disclosed has ended."""
+        if self._lifecycle is None or self.__incoming is None or self._agreement is None or self._agreement.lifecycle is None:
+            return m.MonitorReply()
+        train, incoming, terms = self.__data.train, self.__incoming, self._agreement.lifecycle.drift
+        if incoming.n_rows < terms.min_rows:  # too few to tell drift from noise: nothing is judged, nothing said
+            return m.MonitorReply()
+        report = check_drift(
+            train.X, train.y, incoming.X, incoming.y, feature_names=train.feature_names,
+            n_classes=len(train.classes), psi_threshold=terms.psi, label_threshold=terms.label_shift,
+        )
+        self._lifecycle.note_drift(report)
+        if not self._agreement.visible_to("drift_incident", "coordinator"):
+            return m.MonitorReply()  # kept here: the agreement does not let this report leave the site
+        if report.breached and not self._lifecycle.incident_open:
+            self._lifecycle.set_incident(True)
+            return m.MonitorReply(entry_kind="drift_incident", report=self._signed("drift_incident", rnd, {
+                "site": self.name,
+                "features": report.drifting_features,
+                "psi": {f: round(report.psi[f], 6) for f in report.drifting_features},
+                "label_shift": round(report.label_shift, 6),
+                "thresholds": {"psi": terms.psi, "label_shift": terms.label_shift},
+                "rows": incoming.n_rows,
+            }))
+        if not report.breached and self._lifecycle.incident_open:
+            self._lifecycle.set_incident(False)
+            return m.MonitorReply(entry_kind="drift_resolved", report=self._signed("drift_resolved", rnd, {
+                "site": self.name, "rows": incoming.n_rows,
+            }))
+        return m.MonitorReply()
 
     # -- secure aggregation ---------------------------------------------------------
 

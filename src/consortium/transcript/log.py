@@ -20,6 +20,7 @@ which the next writer cuts off, so the last complete entry is intact.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -43,7 +44,10 @@ ENTRY_DOMAIN = "consortium/transcript-entry/v1"
 HEAD_DOMAIN = "consortium/tree-head/v1"
 
 Kind = Literal[
-    "manifest", "round_plan", "site_decision", "masked_inputs", "aggregate", "evaluation", "final_model", "halt", "resume"
+    "manifest", "round_plan", "site_decision", "masked_inputs", "aggregate", "evaluation", "final_model", "halt", "resume",
+    # the model lifecycle (consortium.lifecycle): a version registered, its state changed, its canary or stage
+    # evaluated, a site running it (or refusing to), a site's drift report and its end
+    "model_version", "model_state", "model_evaluation", "deployment", "drift_incident", "drift_resolved",
 ]
 
 
@@ -104,11 +108,21 @@ def head_bytes(size: int, root: str, timestamp_ms: int) -> bytes:
     return canonical({"domain": HEAD_DOMAIN, "size": size, "root": root, "timestamp_ms": timestamp_ms})
 
 
-def _append_line(path: Path, line: bytes) -> None:
+def _append_line(path: Path, line: bytes, expected_size: int | None = None) -> int:
+    """Append one line; with ``expected_size``, only if the file still has that size (under a lock), so two
+    writers that opened the same transcript cannot interleave. Returns the new size."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        size = os.fstat(fd).st_size
+        if expected_size is not None and size != expected_size:
+            raise VerificationError(
+                f"{path.name} changed since it was opened here (another writer appended to it): "
+                "open the run again, one writer at a time"
+            )
         os.write(fd, line)
         os.fsync(fd)
+        return size + len(line)
     finally:
         os.close(fd)
 
@@ -149,6 +163,7 @@ class TranscriptWriter:
         self.path = folder / TRANSCRIPT_FILE
         self.heads_path = folder / HEADS_FILE
         self.entries = [parse_entry(line, i) for i, line in enumerate(_complete_lines(self.path, repair=True))]
+        self._size = self.path.stat().st_size if self.path.exists() else 0
         self.leaves = [e.leaf() for e in self.entries]
         self.heads = [parse_head(line, i) for i, line in enumerate(_complete_lines(self.heads_path, repair=True))]
 
@@ -168,7 +183,7 @@ class TranscriptWriter:
                 raise ValueError("an entry needs its author's key or signature")
             signature = keys.sign(key, message)
         entry = Entry(index=self.size, kind=kind, round=rnd, author=author, body=body, signature=signature)
-        _append_line(self.path, canonical(entry.model_dump(mode="json")) + b"\n")
+        self._size = _append_line(self.path, canonical(entry.model_dump(mode="json")) + b"\n", self._size)
         self.entries.append(entry)
         self.leaves.append(entry.leaf())
         return entry

@@ -164,11 +164,13 @@ class TranscriptRecorder:
             meta = {"evidence": s.evidence.model_dump(mode="json"), "encoding": s.encoding.model_dump(mode="json")}
             write_atomic(stem.with_suffix(".json"), canonical(meta))
 
-    def finish(self, model_file: Path, model_sha256: str, rnd: int) -> TreeHead:
-        """The last entry: the model file the run wrote, by its bytes' hash."""
+    def finish(self, model_file: Path, model_sha256: str, rnd: int, then: list[LogRecord] | None = None) -> TreeHead:
+        """The last entry: the model file the run wrote, by its bytes' hash (``then``: entries that follow
+        from it, such as its registration as a model version), under one head."""
         self.writer.append("final_model", rnd, COORDINATOR, {
             "file": model_file.name,
             "file_sha256": sha256_hex(model_file.read_bytes()),
             "model_sha256": model_sha256,
         }, key=self._key)
+        self.record(then or [])
         return self.close_round()

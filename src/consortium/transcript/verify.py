@@ -29,6 +29,8 @@ from consortium.errors import ConfigError, ConsortiumError, VerificationError
 from consortium.governance.agreement import Agreement, agreement_hash, load_agreement
 from consortium.governance.incident import RESUME_DOMAIN
 from consortium.governance.roles import ENTRY_OPERATION, Roles
+from consortium.lifecycle.lineage import Lineage, replay, rollback_statement
+from consortium.lifecycle.registry import ModelRegistry
 from consortium.privacy.accountant import epsilon
 from consortium.privacy.events import EVENT
 from consortium.transcript import merkle
@@ -63,11 +65,15 @@ class Verified:
     halts: list[dict[str, Any]] = field(default_factory=list)  # each halt: its entry, round, cause and author
     resumes: list[dict[str, Any]] = field(default_factory=list)  # each resume: the halt it ends and who approved
     status: str = "completed"  # completed | halted | unfinished
+    lineage: Lineage | None = None  # the model lifecycle, replayed (None: no version was ever registered)
+    registry_stale: bool = False  # registry.json is behind the transcript (a write was cut short)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "verified": True,
             "status": self.status,
+            "lifecycle": self.lineage.to_json() if self.lineage is not None else None,
+            "registry_stale": self.registry_stale,
             "refusals": self.refusals,
             "halts": self.halts,
             "resumes": self.resumes,
@@ -182,6 +188,11 @@ def verify_run(run_dir: Path) -> Verified:
     )
     _check_rounds(entries, entries[0].body)
     _check_halts(entries, agreement, signers, report)
+    lineage = replay(entries, agreement, sorted(n for n, m in members.items() if m["role"] == "site"))
+    if lineage.registry.versions:
+        _check_rollback_requests(entries, roles, signers)
+        report.registry_stale = _check_registry(run_dir, lineage)
+        report.lineage = lineage
     report.refusals = [
         {"entry": e.index, "round": e.round, "site": e.author, "rule": e.body.get("rule", ""), "reason": e.body["reason"]}
         for e in entries
@@ -199,6 +210,35 @@ def verify_run(run_dir: Path) -> Verified:
         "completed" if finals else "unfinished"
     )
     return report
+
+
+def _check_rollback_requests(entries: list[Entry], roles: Roles, signers: dict[str, Any]) -> None:
+    """A rollback someone asked for carries that member's signature over it, and its role allows it."""
+    for e in entries:
+        request = e.body.get("request") if e.kind == "model_state" else None
+        if not request:
+            continue
+        member = request["member"]
+        if not roles.allowed(member, "rollback"):
+            raise VerificationError(f"entry {e.index}: '{member}' ({roles.role(member)}) demanded a rollback, which its role may not")
+        _check_signature(
+            _key(signers, member, f"entry {e.index}"), _hex(request["signature"], "a rollback request's signature"),
+            rollback_statement(e.body["version"], e.body["reason"], e.index), f"entry {e.index} (rollback requested by {member})",
+        )
+        if e.body["by"] != member:
+            raise VerificationError(f"entry {e.index}: the rollback is recorded as by '{e.body['by']}', and {member} signed it")
+
+
+def _check_registry(run_dir: Path, lineage: Lineage) -> bool:
+    """Every registered version's tensor file hashes to what its entry says; whether registry.json lags."""
+    registry = ModelRegistry(run_dir)
+    for version in lineage.registry.versions.values():
+        path = registry.tensor_path(version.id)
+        if not path.exists():
+            raise VerificationError(f"model version {version.id}: its tensor file {path.name} is missing")
+        if hashlib.sha256(path.read_bytes()).hexdigest() != version.sha256:
+            raise VerificationError(f"model version {version.id}: {path.name} is not the file the transcript registered (it was swapped or damaged)")
+    return registry.index_json() != lineage.registry.index_json()
 
 
 def resume_statement(halt: Entry) -> bytes:

@@ -1,0 +1,480 @@
+"""The model lifecycle on a run folder: register, canary, promote in stages, monitor, roll back.
+
+Everything here goes through the protocol and into the transcript, in the
+order a privacy officer would want to read it:
+
+- **Registration** (``model_version``): a version's tensors are written under
+  ``registry/versions/`` first, then the signed entry that names them by hash.
+- **Canary** (``promote``): the candidate moves to ``canary`` and the canary
+  sites the agreement names evaluate it, and the production version beside it,
+  on their *validation* splits; each evaluation is summed under secure
+  aggregation like a round's, so no site's own figures reach the coordinator.
+  A ``model_evaluation`` entry quotes both sums, the agreement's tolerances
+  and the metrics that regressed; the candidate goes to production only if
+  none did, and is retired (with the numbers in its reason) otherwise.
+- **Staged rollout**: the new production version is deployed to a growing
+  share of the sites (the agreement's ``rollout``, canary sites first); each
+  site signs a ``deployment`` receipt, or refuses by its own policy
+  (``pin_model``). After each stage the sites running it evaluate it and the
+  previous version on their test splits; a regression beyond tolerance rolls
+  it back at once, automatically, and the previous version is restored
+  everywhere.
+- **Monitoring** (``monitor``): each site checks its incoming records against
+  its training records (``consortium.lifecycle.drift``) and, where the
+  agreement lets a ``drift_incident`` out, files a signed incident naming
+  itself and the drifting features; no promotion happens while one is open.
+- **Rollback** by hand (``rollback``): a coordinator, site or auditor signs
+  the request; the coordinator records it and restores the version everywhere.
+
+In simulation every member's key is at hand (the agreement's key folder), as
+``consortium halt`` and ``resume`` assume; the sites are rebuilt from the
+run's config and each keeps its own lifecycle state beside its ledger.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.numpy import load as safetensors_load
+
+from consortium.config import load_config
+from consortium.crypto import keys
+from consortium.data import Table, load_schema, read_csv
+from consortium.data.schema import schema_of
+from consortium.errors import ConfigError, ConsortiumError
+from consortium.governance.agreement import Agreement, load_member_key
+from consortium.governance.roles import Roles
+from consortium.learning.adapter import ModelAdapter
+from consortium.learning.models import Standardize
+from consortium.lifecycle.lineage import Lineage, describe_failures, regressions, replay, rollback_statement, version_body
+from consortium.lifecycle.registry import Change, ModelRegistry, RegistryError, Version, now
+from consortium.orchestrator import evaluation_spec, make_strategy, secure_aggregation
+from consortium.protocol import messages as m
+from consortium.protocol.coordinator import COORDINATOR, Coordinator, LogRecord
+from consortium.protocol.loop import RoundLoop
+from consortium.protocol.site import Site
+from consortium.protocol.task import build_task_model
+from consortium.simulation import site_ledgers, site_policies, site_randomness, site_splits
+from consortium.transcript.log import Entry, cosign_quorum, last_cosigned, signed_entry_bytes, vector_sha256
+from consortium.transcript.recorder import TranscriptRecorder, over_transport
+from consortium.transcript.verify import read_entries, run_agreement, verify_run
+from consortium.transport import InProcessTransport, ask_all, ask_each
+from consortium.wire import Tensor
+
+
+class LifecycleError(RegistryError):
+    """A lifecycle operation that cannot go ahead: the run, the agreement or the version's state forbids it."""
+
+
+@dataclass
+class Promotion:
+    """What ``promote`` did: the canary's verdict and, past it, each stage of the rollout."""
+
+    version: str
+    baseline: str | None
+    passed: bool
+    failed: list[dict[str, Any]]
+    canary: dict[str, Any]  # the canary's model_evaluation body
+    stages: list[dict[str, Any]] = field(default_factory=list)  # per stage: sites, refusals, the monitoring verdict
+    rolled_back: bool = False
+
+    @property
+    def outcome(self) -> str:
+        if not self.passed:
+            return "rejected"
+        return "rolled_back" if self.rolled_back else "production"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": self.version, "baseline": self.baseline, "outcome": self.outcome, "failed": self.failed,
+            "canary": self.canary, "stages": self.stages,
+        }
+
+
+def run_model(run_dir: Path) -> dict[str, np.ndarray]:
+    """The run's final model tensors (``model.safetensors``), as ``verify`` has checked them."""
+    path = Path(run_dir) / "model.safetensors"
+    try:
+        return safetensors_load(path.read_bytes())
+    except FileNotFoundError:
+        raise LifecycleError(f"{path} is missing: the run has no final model to register") from None
+    except SafetensorError as exc:
+        raise LifecycleError(f"{path} is not a safetensors file ({exc})") from None
+
+
+def read_model_file(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return safetensors_load(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise LifecycleError(f"model file '{path}' does not exist: pass a .safetensors file with the run's layout") from None
+    except SafetensorError as exc:
+        raise LifecycleError(f"'{path}' is not a safetensors file ({exc}): pass one with the run's layout") from None
+
+
+def read_incoming(run_dir: Path, specs: list[str]) -> dict[str, Table]:
+    """``SITE=FILE.csv`` pairs: the records that reached each named site since training, read under the
+    site's own schema (its CSV schema, or the layout of a built-in dataset with a ``label`` column)."""
+    if not specs:
+        return {}
+    config = load_config(Path(run_dir) / "config.yaml").resolved()
+    names = [n for n, mm in read_entries(Path(run_dir))[0].body["members"].items() if mm["role"] == "site"]
+    layouts = None
+    out: dict[str, Table] = {}
+    for spec in specs:
+        site, sep, file = spec.partition("=")
+        if not sep or not site or not file:
+            raise ConfigError(f"--incoming '{spec}': write SITE=FILE.csv, e.g. site-2=data/site-2-march.csv")
+        if site not in names:
+            raise ConfigError(f"--incoming names '{site}', which is not a site of this run (its sites: {', '.join(names)})")
+        csv_site = next((c for c in config.data.csv_sites or [] if c.name == site), None)
+        if csv_site is not None:
+            schema = load_schema(csv_site.schema_file)
+        else:
+            layouts = layouts or site_splits(config)
+            schema = schema_of(layouts[site].train)
+        out[site] = read_csv(file, schema)
+    return out
+
+
+class Lifecycle:
+    """A finished run folder reopened to move model versions through their states, with the members' keys.
+
+    ``incoming``: the records that arrived at each site since training (its drift check's input;
+    a site given none has nothing to check).
+    """
+
+    def __init__(self, run_dir: Path, keys_dir: Path, *, incoming: Mapping[str, Table] | None = None) -> None:
+        self.run_dir = Path(run_dir)
+        report = verify_run(self.run_dir)  # a disputed transcript gets no lifecycle operation: it is investigated
+        if report.status != "completed":
+            raise LifecycleError(f"{self.run_dir} holds a {report.status} run: only a completed run's models move on")
+        entries = read_entries(self.run_dir)
+        manifest = entries[0].body
+        agreement = run_agreement(self.run_dir, manifest)
+        if agreement is None or agreement.lifecycle is None:
+            raise LifecycleError(
+                "this run's agreement sets no lifecycle terms (canary sites, tolerances, rollout, drift): "
+                "add a lifecycle section to the agreement and have it signed again"
+            )
+        self.agreement: Agreement = agreement
+        self.terms = agreement.lifecycle
+        self.config = load_config(self.run_dir / "config.yaml").resolved()
+        self.names = [n for n, mm in manifest["members"].items() if mm["role"] == "site"]
+        self._keys_dir = Path(keys_dir)
+        identities = {n: load_member_key(agreement, self._keys_dir, n) for n in [*self.names, COORDINATOR]}
+        self._coordinator_key = identities[COORDINATOR]
+        self._directory = {n: keys.ed25519_public_bytes(k.public_key()) for n, k in identities.items()}
+        splits = site_splits(self.config)
+        policies = site_policies(self.config, agreement, self.names)
+        ledgers = site_ledgers(self.run_dir, self.config, self.names, policies)  # a site under DP keeps its ledger
+        self._sites = {
+            n: Site(
+                n, splits[n], seed=site_randomness(self.config.seed, n)[1], identity=identities[n],
+                directory=self._directory, strict=True, agreement=agreement, policy=policies.get(n), ledger=ledgers[n],
+                lifecycle=self.run_dir / "sites" / n / "lifecycle.json",
+            )
+            for n in self.names
+        }
+        for n, table in (incoming or {}).items():
+            self._sites[n].observe(table)
+        self._sample = splits[self.names[0]].train
+        self.round = entries[-1].round
+        self.transport = InProcessTransport(self._sites, identity=self._coordinator_key, directory=self._directory)
+        self.recorder = TranscriptRecorder(
+            self.run_dir, coordinator_key=self._coordinator_key,
+            cosign=over_transport(self.transport, self.names, lambda: self.round),
+            quorum=cosign_quorum(int(manifest.get("min_sites", 1)), len(self.names)),
+        )
+        for n, site in self._sites.items():
+            head = last_cosigned(self.recorder.writer.heads, n)
+            if head is not None:
+                site.resume_from(head)
+        self.registry = ModelRegistry(self.run_dir)
+        self.task = self._task()
+        self.lineage = self._sync()
+
+    # -- reading ---------------------------------------------------------------------
+
+    @property
+    def entries(self) -> list[Entry]:
+        return self.recorder.writer.entries
+
+    def _sync(self) -> Lineage:
+        """Replay the transcript; the registry index is rebuilt from it wherever the two differ."""
+        lineage = replay(self.entries, self.agreement, self.names)
+        if lineage.registry.index_json() != self.registry.index_json():
+            self.registry.rebuild(lineage.registry.versions)
+        self.lineage = lineage
+        return lineage
+
+    def _task(self) -> m.TaskSpec:
+        """The run's task (model, input standardisation, layout), from its final model."""
+        assert self.config.model is not None
+        sample = self._sample
+        model = self._module(run_model(self.run_dir))
+        standardize = next(mod for mod in model.modules() if isinstance(mod, Standardize))
+        return m.TaskSpec(
+            model=self.config.model, n_features=sample.n_features, n_classes=len(sample.classes),
+            image_shape=sample.image_shape, mean=Tensor.from_numpy(standardize.mean.numpy().copy()),
+            scale=Tensor.from_numpy(standardize.scale.numpy().copy()), layout_hash=ModelAdapter(model).layout_hash,
+        )
+
+    def _module(self, tensors: dict[str, np.ndarray]) -> torch.nn.Module:
+        """The run's architecture holding ``tensors``; a file of another layout is refused."""
+        sample = self._sample
+        assert self.config.model is not None
+        placeholder = m.TaskSpec(
+            model=self.config.model, n_features=sample.n_features, n_classes=len(sample.classes),
+            image_shape=sample.image_shape, mean=Tensor.from_numpy(np.zeros(sample.n_features, np.float32)),
+            scale=Tensor.from_numpy(np.ones(sample.n_features, np.float32)), layout_hash="0" * 64,
+        )
+        model = build_task_model(placeholder, 0)
+        try:
+            model.load_state_dict({k: torch.from_numpy(np.array(v, copy=True)) for k, v in tensors.items()})
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise LifecycleError(f"the model does not have this run's layout ({first}): it cannot be a version of it") from None
+        return model
+
+    def params(self, version: str) -> np.ndarray:
+        """A version's parameters as the protocol sends them, read from its hash-checked tensor file."""
+        return ModelAdapter(self._module(self.registry.tensors(version))).get_vector()
+
+    # -- writing -----------------------------------------------------------------------
+
+    def _append(self, kind: str, body: dict[str, Any]) -> Entry:
+        self.recorder.record([LogRecord(kind, self.round, COORDINATOR, body)])  # type: ignore[arg-type]
+        return self.entries[-1]
+
+    def _close(self) -> None:
+        """Seal what was appended under a head every site co-signs, then bring the registry index up to date."""
+        self.recorder.close_round()
+        self._sync()
+
+    def _move(self, version: str, to: str, reason: str, by: str) -> None:
+        self._append("model_state", {"version": version, "to": to, "reason": reason, "by": by, "at": now(), "rollback": False})
+        self._sync()
+
+    def register(self, tensors: dict[str, np.ndarray], *, parent: str | None, by: str) -> Version:
+        """A new candidate version trained from ``parent`` outside the run (fine-tuned, say), brought in by
+        ``by``: its tensor file, then the signed entry naming it by hash. (The run's own final model is
+        registered as v1 when the run ends.)"""
+        module = self._module(tensors)
+        standardize = next(mod for mod in module.modules() if isinstance(mod, Standardize))
+        if not (np.array_equal(standardize.mean.numpy(), self.task.mean.to_numpy())
+                and np.array_equal(standardize.scale.numpy(), self.task.scale.to_numpy())):
+            raise LifecycleError("the model standardises its inputs otherwise than the run does: keep the run's mean and scale buffers")
+        if parent is not None:
+            self.registry.get(parent)
+        vid = self.registry.next_id
+        version = Version(
+            id=vid, sha256=self.registry.store_tensors(vid, tensors), parent=parent, round=self.round, sites=[],
+            epsilon={}, metrics={}, history=[Change("candidate", None, "registered", by, now())],
+        )
+        self._append("model_version", version_body(version, vector_sha256(ModelAdapter(module).get_vector()), "file"))
+        self._close()
+        return self.registry.get(vid)
+
+    def _site_entry(self, kind: str, site: str, signed: m.SiteDecision) -> LogRecord | None:
+        """A site's signed entry, recorded only if its signature holds (a bad one would spoil the transcript)."""
+        try:
+            keys.verify(self._directory[site], signed.signature, signed_entry_bytes(kind, self.round, site, dict(signed.body)))
+        except ConsortiumError:
+            return None
+        return LogRecord(kind, self.round, site, dict(signed.body), signed.signature)  # type: ignore[arg-type]
+
+    # -- evaluation through secure sums -------------------------------------------------
+
+    def _evaluate(self, version: str, sites: list[str], purpose: Literal["canary", "monitor"]) -> Entry:
+        """``sites`` evaluate ``version`` (canary: validation splits; monitor: test splits), summed securely."""
+        config = self.config
+        assert config.model is not None and config.training is not None
+        coordinator = Coordinator(
+            self.names, model=config.model, train=config.training, strategy=make_strategy(config), rounds=config.rounds,
+            seed=config.seed, secure=secure_aggregation(config, self._coordinator_key, self._directory),
+            evaluation=evaluation_spec(config, self._sample),
+        )
+        coordinator.open_evaluation(self.task, self.params(version), sites, rnd=self.round, purpose=purpose)
+        RoundLoop().run(coordinator, self.transport)
+        self.recorder.record(coordinator.drain_log())
+        record = coordinator.history[-1]
+        if record.evaluated_sites < len(sites):
+            raise LifecycleError(
+                f"the {purpose} evaluation of {version} was summed over {record.evaluated_sites} of the "
+                f"{len(sites)} sites asked ({record.evaluation_note or 'some did not answer'}): try again when they are up"
+            )
+        return self.entries[-1]
+
+    def _judge(self, version: str, baseline: str | None, sites: list[str], purpose: Literal["canary", "monitor"], stage: int) -> Entry:
+        """Evaluate ``version`` and ``baseline`` on the same sites, compare them, record the verdict."""
+        candidate = self._evaluate(version, sites, purpose)
+        base = self._evaluate(baseline, sites, purpose) if baseline is not None else None
+        tolerances = dict(self.terms.tolerances)
+        failed = regressions(candidate.body["metrics"], base.body["metrics"] if base else None, tolerances)
+        return self._append("model_evaluation", {
+            "version": version, "baseline": baseline, "purpose": purpose, "stage": stage, "sites": sorted(sites),
+            "secure": self.config.secure_aggregation.enabled,
+            "candidate_entry": candidate.index, "baseline_entry": base.index if base else None,
+            "candidate_metrics": candidate.body["metrics"], "baseline_metrics": base.body["metrics"] if base else None,
+            "tolerances": tolerances, "failed": failed, "passed": not failed,
+        })
+
+    def _check_measured(self) -> None:
+        ev = self.config.evaluation
+        for metric in self.terms.tolerances:
+            if metric.endswith("_gap") and ev.sensitive_feature is None:
+                raise LifecycleError(
+                    f"the agreement's tolerances name {metric}, which this run does not measure: "
+                    "set evaluation.sensitive_feature in the run's config"
+                )
+            if metric == "shift_accuracy" and ev.shift_noise is None:
+                raise LifecycleError("the agreement's tolerances name shift_accuracy: set evaluation.shift_noise in the run's config")
+
+    # -- deployment -------------------------------------------------------------------------
+
+    def _deploy(self, version: str, sites: list[str], *, reason: Literal["rollout", "rollback"], stage: int) -> dict[str, str]:
+        """Ask ``sites`` to run ``version``; each signed receipt goes in the transcript. Returns each site's
+        answer: ``deployed``, ``refused: <why>`` (its policy) or ``no answer: <why>``."""
+        if not sites:
+            return {}
+        params = self.params(version)
+        tensor = Tensor.from_numpy(params.astype(np.float32))
+        request = m.DeployRequest(
+            version=version, model_sha256=tensor.sha256, task=self.task, params=tensor, reason=reason, stage=stage
+        )
+        out: dict[str, str] = {}
+        records = []
+        for site, answer in ask_each(self.transport, self.round, {s: request for s in sites}, m.DeployReply).items():
+            if not isinstance(answer, m.DeployReply) or answer.receipt.site != site:
+                out[site] = f"no answer: {answer}"
+                continue
+            record = self._site_entry("deployment", site, answer.receipt)
+            if record is None:
+                out[site] = "no answer: its receipt's signature does not verify"
+                continue
+            records.append(record)
+            out[site] = "deployed" if record.body["accepted"] else f"refused: {record.body['detail']}"
+        self.recorder.record(records)
+        return out
+
+    def _rollout_order(self) -> list[str]:
+        """Canary sites first (they have seen the version), then the others in the agreement's order."""
+        canary = list(self.terms.canary_sites)
+        return canary + [s for s in self.agreement.sites() if s not in canary and s in self.names]
+
+    def _stage_size(self, share: float) -> int:
+        n = len(self.names)
+        size = math.ceil(share * n - 1e-9)
+        if self.config.secure_aggregation.enabled:  # monitoring sums over the stage's sites: never fewer than a cohort
+            size = max(size, 2, self.agreement.min_cohort)
+        return min(size, n)
+
+    # -- the operations -------------------------------------------------------------------------
+
+    def promote(self, version: str, *, by: str = COORDINATOR) -> Promotion:
+        """Canary, then production in stages, with monitoring after each; the first regression rolls it back."""
+        lineage = self._sync()
+        v = self.registry.get(version)
+        if v.state != "candidate":
+            raise LifecycleError(f"version {version} is {v.state}: only a candidate can be promoted (register a new version)")
+        self._refuse_while_drifting(lineage)
+        self._check_measured()
+        baseline = lineage.production.id if lineage.production is not None else None
+        canary_sites = sorted(self.terms.canary_sites)
+        self._move(version, "canary", f"canary evaluation by {', '.join(canary_sites)} against {baseline or 'no production version'}", by)
+        verdict = self._judge(version, baseline, canary_sites, "canary", 0)
+        failed = verdict.body["failed"]
+        promotion = Promotion(version, baseline, not failed, failed, verdict.body)
+        if failed:
+            self._move(version, "retired", f"rejected at canary: {describe_failures(failed)}", by)
+            self._close()
+            return promotion
+        self._move(version, "production", f"canary passed on {', '.join(canary_sites)}", by)
+        self._close()
+        order, running = self._rollout_order(), []
+        for stage, share in enumerate(self.terms.rollout, start=1):
+            asked = [s for s in order[: self._stage_size(share)] if s not in running and self.lineage.deployed.get(s) != version]
+            answers = self._deploy(version, asked, reason="rollout", stage=stage)
+            running += [s for s, a in answers.items() if a == "deployed"]
+            info: dict[str, Any] = {"stage": stage, "share": share, "asked": asked, "answers": answers, "running": sorted(running)}
+            promotion.stages.append(info)
+            self._close()
+            if baseline is None or len(running) < (max(2, self.agreement.min_cohort) if self.config.secure_aggregation.enabled else 1):
+                info["monitoring"] = "not compared: " + ("no earlier version" if baseline is None else "too few sites run it to sum")
+                continue
+            check = self._judge(version, baseline, sorted(running), "monitor", stage)
+            info["monitoring"] = {"failed": check.body["failed"], "passed": check.body["passed"]}
+            if check.body["failed"]:
+                why = f"automatic: at rollout stage {stage} on {', '.join(sorted(running))}: {describe_failures(check.body['failed'])}"
+                self._restore(baseline, why, by=f"{COORDINATOR} (monitoring)", request=None)
+                promotion.rolled_back = True
+                return promotion
+            self._close()
+        return promotion
+
+    def rollback(self, to: str, *, reason: str, member: str = COORDINATOR) -> dict[str, str]:
+        """``member`` (a coordinator, site or auditor) demands version ``to`` back in production everywhere."""
+        if not reason.strip():
+            raise LifecycleError("a rollback needs a reason (--reason): it goes in the transcript for every member")
+        Roles.of_agreement(self.agreement).authorize(member, "rollback")
+        self._sync()
+        target = self.registry.get(to)
+        if target.state == "production":
+            raise LifecycleError(f"version {to} is already in production: there is nothing to roll back")
+        if target.state != "retired" or not any(c.state == "production" for c in target.history):
+            raise LifecycleError(f"version {to} is {target.state} and was never in production: roll back only to a former production version")
+        key = load_member_key(self.agreement, self._keys_dir, member)
+        statement = rollback_statement(to, reason.strip(), len(self.entries))
+        request = {"member": member, "signature": keys.sign(key, statement).hex()}
+        return self._restore(to, reason.strip(), by=member, request=request)
+
+    def _restore(self, to: str, reason: str, *, by: str, request: dict[str, str] | None) -> dict[str, str]:
+        """Put ``to`` back in production (the current version is rolled back) and on every site."""
+        self._append("model_state", {
+            "version": to, "to": "production", "reason": reason, "by": by, "at": now(), "rollback": True, "request": request,
+        })
+        self._sync()
+        answers = self._deploy(to, [s for s in self.names if self.lineage.deployed.get(s) != to], reason="rollback", stage=0)
+        self._close()
+        return answers
+
+    def monitor(self) -> list[Entry]:
+        """Every site checks its incoming data for drift; what the agreement lets out is recorded, signed."""
+        answers = ask_all(self.transport, self.names, self.round, m.MonitorRequest(), m.MonitorReply)
+        records = [
+            record
+            for site, a in answers.items()
+            if isinstance(a, m.MonitorReply) and a.report is not None and a.entry_kind is not None
+            and (record := self._site_entry(a.entry_kind, site, a.report)) is not None
+        ]
+        if not records:
+            return []
+        self.recorder.record(records)  # type: ignore[arg-type]
+        self._close()
+        return self.entries[-len(records):]
+
+    def _refuse_while_drifting(self, lineage: Lineage) -> None:
+        if lineage.open_incidents:
+            site, incident = next(iter(sorted(lineage.open_incidents.items())))
+            features = ", ".join(incident.body.get("features", [])) or "the label rates"
+            raise LifecycleError(
+                f"promotion is paused: {site} reported drift in {features} (transcript entry {incident.index}); "
+                "it resumes once that site's own check is clean again (consortium models monitor)"
+            )
+
+
+def open_lifecycle(run_dir: Path, keys_dir: Path, *, incoming: Mapping[str, Table] | None = None) -> Lifecycle:
+    """Reopen a run for lifecycle operations; any failure to do so is one line (``ConsortiumError``)."""
+    try:
+        return Lifecycle(run_dir, keys_dir, incoming=incoming)
+    except ConsortiumError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot reopen {run_dir} for the model lifecycle: {exc}") from None
