@@ -222,6 +222,29 @@ def test_a_site_pinned_to_a_version_refuses_the_upgrade_on_the_record(tmp_path):
     assert [(r["site"], r["version"], r["rule"]) for r in report.lineage.refusals] == [("site-3", "v2", "pinned_model")]
 
 
+def test_a_site_runs_no_version_the_transcript_has_not_put_in_production(run):
+    from consortium.protocol import messages as m
+    from consortium.transport import ask_each
+    from consortium.wire import Tensor
+
+    lc = _promote_v1(run)
+    v2 = lc.register(_perturbed(lc.registry.tensors("v1"), 0.5), parent="v1", by=COORDINATOR)  # never promoted
+    tensor = Tensor.from_numpy(lc.params(v2.id).astype(np.float32))
+    registered_v2 = next(e for e in lc.entries if e.kind == "model_version" and e.body["version"] == "v2")
+    promoted_v1 = next(e for e in lc.entries if e.kind == "model_state" and e.body["version"] == "v1" and e.body["to"] == "production")
+
+    def ask(**proofs):
+        request = m.DeployRequest(version=v2.id, model_sha256=tensor.sha256, task=lc.task, params=tensor,
+                                  reason="rollout", stage=1, **proofs)
+        return ask_each(lc.transport, lc.round, {"site-3": request}, m.DeployReply)["site-3"]
+
+    for proofs in ({}, {"registered": lc._proof(registered_v2), "promoted": lc._proof(promoted_v1)}):
+        answer = ask(**proofs)
+        assert isinstance(answer, VerificationError), answer  # a refusal, not a receipt
+        assert "not proven against the last tree head" in str(answer) or "does not put version v2 in production" in str(answer)
+    assert json.loads((run / "sites" / "site-3" / "lifecycle.json").read_text())["version"] == "v1"
+
+
 # -- drift ------------------------------------------------------------------------------------------------
 
 

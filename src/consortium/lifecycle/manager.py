@@ -346,8 +346,12 @@ class Lifecycle:
             return {}
         params = self.params(version)
         tensor = Tensor.from_numpy(params.astype(np.float32))
+        registered = next(e for e in self.entries if e.kind == "model_version" and e.body["version"] == version)
+        promoted = next(e for e in reversed(self.entries)
+                        if e.kind == "model_state" and e.body["version"] == version and e.body["to"] == "production")
         request = m.DeployRequest(
-            version=version, model_sha256=tensor.sha256, task=self.task, params=tensor, reason=reason, stage=stage
+            version=version, model_sha256=tensor.sha256, task=self.task, params=tensor, reason=reason, stage=stage,
+            registered=self._proof(registered), promoted=self._proof(promoted),
         )
         out: dict[str, str] = {}
         records = []
@@ -363,6 +367,11 @@ class Lifecycle:
             out[site] = "deployed" if record.body["accepted"] else f"refused: {record.body['detail']}"
         self.recorder.record(records)
         return out
+
+    def _proof(self, entry: Entry) -> m.PlanProof:
+        """``entry`` with its inclusion proof in the last head, which every site co-signed."""
+        head = self.recorder.writer.heads[-1]
+        return m.PlanProof(entry=entry, head=head, path=self.recorder.writer.inclusion(entry.index, head.size))
 
     def _rollout_order(self) -> list[str]:
         """Canary sites first (they have seen the version), then the others in the agreement's order."""
@@ -440,7 +449,7 @@ class Lifecycle:
         self._append("model_state", {
             "version": to, "to": "production", "reason": reason, "by": by, "at": now(), "rollback": True, "request": request,
         })
-        self._sync()
+        self._close()  # the sites see the rollback under a head they co-sign before they are asked to act on it
         answers = self._deploy(to, [s for s in self.names if self.lineage.deployed.get(s) != to], reason="rollback", stage=0)
         self._close()
         return answers

@@ -90,7 +90,8 @@ class TaskSpec(_Frozen):
 
 
 class PlanProof(_Frozen):
-    """The round's plan as the transcript holds it, and the proof that it is in a head the sites co-signed.
+    """The round's plan (or another entry a site acts on) as the transcript holds it, and the proof that
+    it is in a head the sites co-signed.
 
     A site trains only on the model whose hash this plan names, so the
     coordinator cannot send one site a crafted model (Pasquini et al., CCS
@@ -187,6 +188,10 @@ class DeployRequest(_Frozen):
     params: Tensor
     reason: Literal["rollout", "rollback"]
     stage: int = Field(ge=0)  # the rollout stage (0 for a rollback)
+    #: The transcript's word for it, in the last head the site co-signed: the version's registration
+    #: (which binds the version to the model's hash) and the entry that put it in production.
+    registered: PlanProof | None = None
+    promoted: PlanProof | None = None
 
 
 class DeployReply(_Frozen):

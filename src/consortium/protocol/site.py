@@ -44,6 +44,7 @@ from consortium.secagg import SecAggClient
 from consortium.secagg.encoding import DiscreteGaussianEncoding
 from consortium.transcript import merkle
 from consortium.transcript.log import (
+    Entry,
     HeadWitness,
     TreeHead,
     canonical,
@@ -548,6 +549,8 @@ class Site:
             raise ProtocolError("this site keeps no lifecycle state: it cannot run a model version")
         if _model_sha256(msg.params) != msg.model_sha256:
             raise Refused("model_hash", f"the model sent is not version {msg.version} ({msg.model_sha256[:12]}...) as requested")
+        if self._strict:
+            self._check_promoted(msg)
         self._model_for(msg.task, msg.params)  # the architecture must be the one the task describes
         pin = self._policy.pin_model if self._policy is not None else None
         refused = pin is not None and msg.version != pin
@@ -563,6 +566,32 @@ class Site:
             "detail": f"this site's policy pins model {pin}: it runs no other version" if refused else "",
             "running": self._lifecycle.version,
         }))
+
+    def _proven(self, proof: m.PlanProof | None, kind: str, what: str) -> Entry:
+        """An entry of ``kind`` by the coordinator, in the last tree head this site co-signed."""
+        assert self._witness is not None
+        last = self._witness.last
+        if proof is None or last is None or proof.head.model_copy(update={"cosignatures": {}}) != last:
+            raise Refused("deploy_proof", f"{what} is not proven against the last tree head this site co-signed")
+        entry = proof.entry
+        if entry.kind != kind or entry.author != COORDINATOR:
+            raise Refused("deploy_proof", f"{what}: the proof is of a {entry.kind} entry, not a {kind} entry")
+        try:
+            keys.verify(self._directory[COORDINATOR], entry.signature, entry.signed_bytes())
+            merkle.verify_inclusion(entry.leaf(), entry.index, last.size, proof.path, bytes.fromhex(last.root))
+        except VerificationError as exc:
+            raise Refused("deploy_proof", f"{what} is not in the transcript: {exc}") from None
+        return entry
+
+    def _check_promoted(self, msg: m.DeployRequest) -> None:
+        """A site runs only a version the transcript registered with this very model and put in production."""
+        registered = self._proven(msg.registered, "model_version", f"version {msg.version}'s registration")
+        if registered.body.get("version") != msg.version or registered.body.get("model_sha256") != msg.model_sha256:
+            raise Refused("deploy_proof", f"the transcript registered another model as {registered.body.get('version')}, not this one")
+        promoted = self._proven(msg.promoted, "model_state", f"version {msg.version}'s promotion")
+        body = promoted.body
+        if body.get("version") != msg.version or body.get("to") != "production" or promoted.index < registered.index:
+            raise Refused("deploy_proof", f"the transcript does not put version {msg.version} in production: refusing to run it")
 
     def _monitor(self, rnd: int) -> m.MonitorReply:
         """Check the incoming records against the training records; disclose a breach only where the agreement
