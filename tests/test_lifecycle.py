@@ -184,6 +184,12 @@ def test_a_regression_during_the_rollout_is_rolled_back_automatically_and_every_
     shown = _cli("verify", run)
     assert shown.returncode == 0 and "model lineage" in shown.stdout and "(all on one version)" in shown.stdout
     assert "v2 (v1 -> v2) rolled_back: automatic" in shown.stdout.replace("\n", " ")
+    # The report a privacy officer reads shows the same lineage, with the verdict that failed.
+    from consortium.redteam.report import write_report
+
+    page = write_report([run]).read_text()
+    section = page[page.index("<h2>Model versions</h2>"):]
+    assert "<td>rolled_back</td>" in section and "monitor stage 2: <span class=bad>failed</span> accuracy" in section
 
 
 # -- manual rollback --------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 
 from consortium.config import load_config
 from consortium.errors import ConsortiumError
+from consortium.lifecycle.lineage import Lineage, describe_failures
 from consortium.privacy.accountant import epsilon as account
 from consortium.redteam.audit import AUDIT_FILE
 from consortium.redteam.membership import AuditError, read_run_json
@@ -244,6 +245,24 @@ def _poisoning(section: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _lineage(lineage: Lineage) -> str:
+    """Each version's state, parent and last change, its canary and monitoring verdicts, and who runs what."""
+    rows = []
+    for v in lineage.registry.versions.values():
+        verdicts = [
+            f"{e.body['purpose']}{'' if e.body['purpose'] == 'canary' else ' stage ' + str(e.body['stage'])}: "
+            + ("passed" if e.body["passed"] else "<span class=bad>failed</span> " + html.escape(describe_failures(e.body["failed"])))
+            for e in lineage.evaluations if e.body["version"] == v.id
+        ]
+        running = ", ".join(s for s, ver in lineage.deployed.items() if ver == v.id) or "-"
+        rows.append([v.id, html.escape(v.state), v.parent or "-", html.escape(v.history[-1].reason), "<br>".join(verdicts) or "-", running])
+    out = _table(["version", "state", "parent", "last change", "evaluations (secure sums)", "running on"], rows)
+    for site, e in sorted(lineage.open_incidents.items()):
+        out += (f"<p class=bad>promotion paused: {html.escape(site)} reported drift in "
+                f"{html.escape(', '.join(e.body.get('features', [])) or 'its label rates')} (entry {e.index})</p>")
+    return out
+
+
 def _run_column(run_dir: Path) -> str:
     summary = read_run_json(run_dir / "summary.json")
     privacy = summary.get("privacy") or {}
@@ -267,6 +286,8 @@ def _run_column(run_dir: Path) -> str:
     except ConsortiumError as exc:
         out.append(f"<p class=bad data-verified=false>verification FAILED: {html.escape(str(exc))}</p>")
         verified = False
+    if verified and v.lineage is not None:
+        out.append("<h2>Model versions</h2>" + _lineage(v.lineage))
 
     out.append("<h2>Accuracy per round</h2>")
     rounds = _lines(run_dir / "metrics.jsonl")
