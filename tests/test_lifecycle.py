@@ -198,8 +198,14 @@ def test_a_regression_during_the_rollout_is_rolled_back_automatically_and_every_
 def test_a_site_rolls_back_by_hand_with_its_signature_and_an_observer_may_not(run):
     lc = _promote_v1(run)
     v2 = lc.register(lc.registry.tensors("v1"), parent="v1", by=COORDINATOR)  # the same weights: passes everything
-    assert Lifecycle(run, _keys(run)).promote(v2.id).outcome == "production"
+    held = Lifecycle(run, _keys(run)).promote(v2.id, stages=1)  # the first stage now, the rest after a while
+    assert held.outcome == "production" and held.held_after == 1
+    assert verify_run(run).lineage.deployed == {"site-1": "v2", "site-2": "v2", "site-3": "v1", "site-4": "v1"}
+    advanced = _cli("models", "advance", run, "--keys", _keys(run))
+    assert advanced.returncode == 0 and "stage 2 (100%)" in advanced.stdout and "on every stage" in advanced.stdout
     assert verify_run(run).lineage.deployed == {s: "v2" for s in SITES}
+    nothing = _cli("models", "advance", run, "--keys", _keys(run))
+    assert nothing.returncode == 2 and "every stage of its rollout" in nothing.stderr
     denied = _cli("rollback", run, "--to", "v1", "--reason", "odd alerts", "--keys", _keys(run), "--member", "watcher")
     assert denied.returncode == 2 and len(denied.stderr.strip().splitlines()) == 1 and "observer" in denied.stderr
     done = _cli("rollback", run, "--to", "v1", "--reason", "odd alerts in the ward", "--keys", _keys(run), "--member", "site-2")

@@ -840,17 +840,36 @@ def models_register(
     out_console.print(f"registered {v.id} (candidate, parent {parent}): sha256 {v.sha256[:16]}...")
 
 
+StagesOpt = Annotated[int | None, typer.Option("--stages", min=1, help="run only this many rollout stages now (default: all)")]
+
+
 @models_app.command("promote")
-def models_promote(run_dir: RunArg, version: VersionArg, keys: KeysOpt, as_json: JsonOpt = False) -> None:
+def models_promote(run_dir: RunArg, version: VersionArg, keys: KeysOpt, stages: StagesOpt = None, as_json: JsonOpt = False) -> None:
     """Canary evaluation, then production in the agreement's stages with monitoring after each.
 
     Exits 0 when the version ends in production, 1 when the canary rejects it or monitoring rolls it back.
     """
-    from consortium.lifecycle.lineage import describe_failures
     from consortium.lifecycle.manager import open_lifecycle
 
     with err_console.status(f"promoting {version}: canary evaluation by the canary sites"):
-        promotion = open_lifecycle(run_dir, keys).promote(version)
+        promotion = open_lifecycle(run_dir, keys).promote(version, stages=stages)
+    _print_promotion(promotion, as_json)
+
+
+@models_app.command("advance")
+def models_advance(run_dir: RunArg, keys: KeysOpt, stages: StagesOpt = None, as_json: JsonOpt = False) -> None:
+    """Take the production version's rollout on from the stage it reached, with monitoring after each stage."""
+    from consortium.lifecycle.manager import open_lifecycle
+
+    with err_console.status("advancing the rollout"):
+        promotion = open_lifecycle(run_dir, keys).advance(stages=stages)
+    _print_promotion(promotion, as_json)
+
+
+def _print_promotion(promotion: Any, as_json: bool) -> None:
+    from consortium.lifecycle.lineage import describe_failures
+
+    version = promotion.version
     if as_json:
         sys.stdout.write(json.dumps(promotion.to_json()) + "\n")
     elif promotion.outcome == "rejected":
@@ -866,8 +885,11 @@ def models_promote(run_dir: RunArg, version: VersionArg, keys: KeysOpt, as_json:
             )
         if promotion.rolled_back:
             err_console.print(f"[bold red]rolled back[/]: {version} regressed during the rollout; {promotion.baseline} is back everywhere")
+        elif promotion.held_after is not None:
+            out_console.print(f"[bold green]{version} is in production[/], rolled out to stage {promotion.held_after}: "
+                              "consortium models advance takes it on")
         else:
-            out_console.print(f"[bold green]{version} is in production[/]")
+            out_console.print(f"[bold green]{version} is in production[/] on every stage")
     if promotion.outcome != "production":
         raise Exit(1)
 

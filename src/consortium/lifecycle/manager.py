@@ -84,6 +84,7 @@ class Promotion:
     canary: dict[str, Any]  # the canary's model_evaluation body
     stages: list[dict[str, Any]] = field(default_factory=list)  # per stage: sites, refusals, the monitoring verdict
     rolled_back: bool = False
+    held_after: int | None = None  # the rollout stopped after this stage, as asked (``advance`` goes on)
 
     @property
     def outcome(self) -> str:
@@ -94,7 +95,7 @@ class Promotion:
     def to_json(self) -> dict[str, Any]:
         return {
             "version": self.version, "baseline": self.baseline, "outcome": self.outcome, "failed": self.failed,
-            "canary": self.canary, "stages": self.stages,
+            "canary": self.canary, "stages": self.stages, "held_after": self.held_after,
         }
 
 
@@ -387,8 +388,9 @@ class Lifecycle:
 
     # -- the operations -------------------------------------------------------------------------
 
-    def promote(self, version: str, *, by: str = COORDINATOR) -> Promotion:
-        """Canary, then production in stages, with monitoring after each; the first regression rolls it back."""
+    def promote(self, version: str, *, by: str = COORDINATOR, stages: int | None = None) -> Promotion:
+        """Canary, then production in stages (all of them, or the first ``stages``: ``advance`` goes on),
+        with monitoring after each; the first regression rolls it back."""
         lineage = self._sync()
         v = self.registry.get(version)
         if v.state != "candidate":
@@ -407,9 +409,34 @@ class Lifecycle:
             return promotion
         self._move(version, "production", f"canary passed on {', '.join(canary_sites)}", by)
         self._close()
-        order, running = self._rollout_order(), []
-        for stage, share in enumerate(self.terms.rollout, start=1):
-            asked = [s for s in order[: self._stage_size(share)] if s not in running and self.lineage.deployed.get(s) != version]
+        return self._rollout(promotion, 1, stages)
+
+    def advance(self, *, stages: int | None = None) -> Promotion:
+        """Take the production version's rollout on from the stage it reached (all the rest, or ``stages`` more)."""
+        lineage = self._sync()
+        self._refuse_while_drifting(lineage)
+        current = lineage.production
+        canary = next((e for e in reversed(lineage.evaluations)
+                       if current is not None and e.body["version"] == current.id and e.body["purpose"] == "canary"), None)
+        if current is None or canary is None or current.history[-1].reason.startswith("rollback"):
+            raise LifecycleError("no version is being rolled out: promote a candidate first (consortium models promote)")
+        reached = max((e.body["stage"] for e in self.entries
+                       if e.kind == "deployment" and e.body["version"] == current.id and e.body["reason"] == "rollout"), default=0)
+        if reached >= len(self.terms.rollout):
+            raise LifecycleError(f"{current.id} has been through every stage of its rollout: there is nothing to advance")
+        promotion = Promotion(current.id, canary.body["baseline"], True, [], canary.body)
+        return self._rollout(promotion, reached + 1, stages)
+
+    def _rollout(self, promotion: Promotion, first: int, stages: int | None) -> Promotion:
+        """Stages ``first``.. of the agreement's rollout: deploy, then the sites running it compare it with
+        the baseline; a regression restores the baseline everywhere."""
+        version, baseline = promotion.version, promotion.baseline
+        last = len(self.terms.rollout) if stages is None else min(len(self.terms.rollout), first - 1 + stages)
+        order = self._rollout_order()
+        running = [s for s in order if self.lineage.deployed.get(s) == version]
+        for stage in range(first, last + 1):
+            share = self.terms.rollout[stage - 1]
+            asked = [s for s in order[: self._stage_size(share)] if s not in running]
             answers = self._deploy(version, asked, reason="rollout", stage=stage)
             running += [s for s, a in answers.items() if a == "deployed"]
             info: dict[str, Any] = {"stage": stage, "share": share, "asked": asked, "answers": answers, "running": sorted(running)}
@@ -426,6 +453,7 @@ class Lifecycle:
                 promotion.rolled_back = True
                 return promotion
             self._close()
+        promotion.held_after = last if last < len(self.terms.rollout) else None
         return promotion
 
     def rollback(self, to: str, *, reason: str, member: str = COORDINATOR) -> dict[str, str]:
