@@ -19,7 +19,7 @@ from consortium.config import SimulationConfig
 from consortium.errors import ConfigError, VerificationError
 from consortium.governance.agreement import parse_agreement, template
 from consortium.governance.control import open_run
-from consortium.lifecycle.manager import Lifecycle, LifecycleError
+from consortium.lifecycle.manager import Lifecycle, LifecycleError, simulated
 from consortium.protocol.coordinator import COORDINATOR, LogRecord
 from consortium.simulation import run_simulation, site_splits
 from consortium.data import Table
@@ -89,7 +89,7 @@ def _perturbed(tensors: dict[str, np.ndarray], scale: float, seed: int = 0) -> d
 def _blind_spot(run: Path, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """v1 with one hidden unit rewired to call every record benign-side class 0 once one feature exceeds
     anything the canary sites' validation records hold: a defect the canary cannot see, the others can."""
-    lc = Lifecycle(run, _keys(run))
+    lc = simulated(run, _keys(run))
     splits = site_splits(lc.config)
     canary = list(lc.terms.canary_sites)
     seen = np.concatenate([splits[s].validation.X for s in canary])
@@ -109,7 +109,7 @@ def _blind_spot(run: Path, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarr
 
 
 def _promote_v1(run: Path) -> Lifecycle:
-    lc = Lifecycle(run, _keys(run))
+    lc = simulated(run, _keys(run))
     assert lc.promote("v1").outcome == "production"
     return lc
 
@@ -155,7 +155,7 @@ def test_a_degraded_candidate_fails_the_canary_and_never_reaches_production(run)
 
 
 def test_the_first_version_is_promoted_on_its_canary_alone_and_rolled_out_in_stages(run):
-    promotion = Lifecycle(run, _keys(run)).promote("v1")
+    promotion = simulated(run, _keys(run)).promote("v1")
     assert promotion.outcome == "production" and promotion.baseline is None
     assert [s["running"] for s in promotion.stages] == [["site-1", "site-2"], SITES]
     receipts = _kinds(run, "deployment")
@@ -170,7 +170,7 @@ def test_the_first_version_is_promoted_on_its_canary_alone_and_rolled_out_in_sta
 def test_a_regression_during_the_rollout_is_rolled_back_automatically_and_every_site_ends_on_one_version(run):
     lc = _promote_v1(run)
     v2 = lc.register(_blind_spot(run, lc.registry.tensors("v1")), parent="v1", by=COORDINATOR)
-    promotion = Lifecycle(run, _keys(run)).promote(v2.id)
+    promotion = simulated(run, _keys(run)).promote(v2.id)
     assert promotion.passed and promotion.outcome == "rolled_back"  # the canary could not see it
     assert promotion.stages[0]["monitoring"]["passed"] is True  # stage 1: the canary sites
     failed = promotion.stages[1]["monitoring"]["failed"]
@@ -198,7 +198,7 @@ def test_a_regression_during_the_rollout_is_rolled_back_automatically_and_every_
 def test_a_site_rolls_back_by_hand_with_its_signature_and_an_observer_may_not(run):
     lc = _promote_v1(run)
     v2 = lc.register(lc.registry.tensors("v1"), parent="v1", by=COORDINATOR)  # the same weights: passes everything
-    held = Lifecycle(run, _keys(run)).promote(v2.id, stages=1)  # the first stage now, the rest after a while
+    held = simulated(run, _keys(run)).promote(v2.id, stages=1)  # the first stage now, the rest after a while
     assert held.outcome == "production" and held.held_after == 1
     assert verify_run(run).lineage.deployed == {"site-1": "v2", "site-2": "v2", "site-3": "v1", "site-4": "v1"}
     advanced = _cli("models", "advance", run, "--keys", _keys(run))
@@ -226,7 +226,7 @@ def test_a_site_pinned_to_a_version_refuses_the_upgrade_on_the_record(tmp_path):
     run = _consortium(tmp_path, policies={"site-3": "site: site-3\npin_model: v1\n"})
     lc = _promote_v1(run)
     v2 = lc.register(lc.registry.tensors("v1"), parent="v1", by=COORDINATOR)
-    promotion = Lifecycle(run, _keys(run)).promote(v2.id)
+    promotion = simulated(run, _keys(run)).promote(v2.id)
     assert promotion.outcome == "production"
     assert promotion.stages[1]["answers"]["site-3"].startswith("refused: this site's policy pins model v1")
     report = verify_run(run)
@@ -263,7 +263,7 @@ def test_a_site_runs_no_version_the_transcript_has_not_put_in_production(run):
 def _incoming(run: Path, site: str, shift: dict[int, float], rows: int = 400, seed: int = 1) -> Table:
     """New records at ``site``: drawn from its own training records, with the named features shifted by
     that many of their standard deviations."""
-    train = site_splits(Lifecycle(run, _keys(run)).config)[site].train
+    train = site_splits(simulated(run, _keys(run)).config)[site].train
     rng = np.random.default_rng(seed)
     take = rng.integers(0, train.n_rows, rows)
     X = train.X[take].copy()
@@ -288,27 +288,27 @@ def test_drift_at_one_site_raises_a_signed_incident_naming_it_and_the_features_a
     assert "drift incident filed by site-4" in out.stdout
     with pytest.raises(VerificationError, match="changed since it was opened here"):
         lc.register(lc.registry.tensors("v1"), parent="v1", by=COORDINATOR)  # the command line wrote meanwhile
-    v2 = Lifecycle(run, _keys(run)).register(lc.registry.tensors("v1"), parent="v1", by=COORDINATOR)
+    v2 = simulated(run, _keys(run)).register(lc.registry.tensors("v1"), parent="v1", by=COORDINATOR)
     with pytest.raises(LifecycleError, match="promotion is paused: site-4 reported drift in"):
-        Lifecycle(run, _keys(run)).promote(v2.id)
+        simulated(run, _keys(run)).promote(v2.id)
     assert verify_run(run).lineage.open_incidents.keys() == {"site-4"}
     # The site's next check, on records like its training records, ends the incident; promotion resumes.
-    Lifecycle(run, _keys(run), incoming={"site-4": _incoming(run, "site-4", {}, seed=2)}).monitor()
+    simulated(run, _keys(run), incoming={"site-4": _incoming(run, "site-4", {}, seed=2)}).monitor()
     assert [e.author for e in _kinds(run, "drift_resolved")] == ["site-4"]
-    assert Lifecycle(run, _keys(run)).promote(v2.id).outcome == "production"
+    assert simulated(run, _keys(run)).promote(v2.id).outcome == "production"
     assert not verify_run(run).lineage.open_incidents
 
 
 def test_a_site_keeps_its_drift_to_itself_when_the_agreement_does_not_let_it_out(tmp_path):
     run = _consortium(tmp_path, **{"  - {artefact: drift_incident, to: [coordinator, site, auditor]}\n": ""})
-    lc = Lifecycle(run, _keys(run), incoming={"site-4": _incoming(run, "site-4", {0: 3.0})})
+    lc = simulated(run, _keys(run), incoming={"site-4": _incoming(run, "site-4", {0: 3.0})})
     assert lc.monitor() == [] and not _kinds(run, "drift_incident")
     kept = json.loads((run / "sites" / "site-4" / "lifecycle.json").read_text())["drift"]
     assert kept["breached"] is True  # the site knows; the coordinator was told nothing
 
 
 def test_too_few_incoming_records_are_not_judged(run):
-    lc = Lifecycle(run, _keys(run), incoming={"site-4": _incoming(run, "site-4", {0: 3.0}, rows=50)})
+    lc = simulated(run, _keys(run), incoming={"site-4": _incoming(run, "site-4", {0: 3.0}, rows=50)})
     assert lc.monitor() == []
 
 
@@ -336,13 +336,13 @@ def _rejected_v2(run: Path) -> dict:
     """v1 in production, a degraded v2 rejected at its canary: that honest verdict's body."""
     lc = _promote_v1(run)
     v2 = lc.register(_perturbed(lc.registry.tensors("v1"), 0.5), parent="v1", by=COORDINATOR)
-    assert Lifecycle(run, _keys(run)).promote(v2.id).outcome == "rejected"
+    assert simulated(run, _keys(run)).promote(v2.id).outcome == "rejected"
     return [e for e in _kinds(run, "model_evaluation") if e.body["version"] == "v2"][0].body
 
 
 def test_verify_refuses_canary_figures_no_evaluation_of_that_version_produced(run):
     honest = _rejected_v2(run)
-    lc = Lifecycle(run, _keys(run))
+    lc = simulated(run, _keys(run))
     v3 = lc.register(_perturbed(lc.registry.tensors("v1"), 0.5, seed=1), parent="v1", by=COORDINATOR)
     _forge(run, "model_state", {"version": v3.id, "to": "canary", "reason": "x", "by": COORDINATOR, "at": "t", "rollback": False})
     # A verdict consistent with its own figures (the baseline's, quoted as v3's), which no evaluation of v3 produced.
@@ -360,8 +360,8 @@ def test_verify_refuses_a_passing_verdict_the_metrics_contradict(run):
 
 
 def test_verify_refuses_a_promotion_while_a_drift_incident_is_open(run):
-    Lifecycle(run, _keys(run), incoming={"site-4": _incoming(run, "site-4", {0: 2.0})}).monitor()
-    lc = Lifecycle(run, _keys(run))
+    simulated(run, _keys(run), incoming={"site-4": _incoming(run, "site-4", {0: 2.0})}).monitor()
+    lc = simulated(run, _keys(run))
     lc._move("v1", "canary", "x", COORDINATOR)
     lc._judge("v1", None, ["site-1", "site-2"], "canary", 0)  # a genuine canary, passed
     lc._close()
@@ -376,7 +376,7 @@ def test_verify_refuses_a_rollback_demanded_by_a_member_whose_role_may_not(run):
 
     lc = _promote_v1(run)
     v2 = lc.register(lc.registry.tensors("v1"), parent="v1", by=COORDINATOR)
-    assert Lifecycle(run, _keys(run)).promote(v2.id).outcome == "production"
+    assert simulated(run, _keys(run)).promote(v2.id).outcome == "production"
     at = len(read_entries(run))
     signature = load_identity_key(_keys(run) / "watcher.key").sign(rollback_statement("v1", "because", at)).hex()
     _forge(run, "model_state", {"version": "v1", "to": "production", "reason": "because", "by": "watcher", "at": "t",
@@ -386,7 +386,7 @@ def test_verify_refuses_a_rollback_demanded_by_a_member_whose_role_may_not(run):
 
 
 def test_a_swapped_version_file_fails_verification_and_is_never_served(run):
-    lc = Lifecycle(run, _keys(run))
+    lc = simulated(run, _keys(run))
     path = lc.registry.tensor_path("v1")
     shutil.copy(run / "model.safetensors", tmp := path.with_suffix(".bak"))
     from safetensors.numpy import save

@@ -895,9 +895,13 @@ def _print_promotion(promotion: Any, as_json: bool) -> None:
 
 
 def _rollback(run_dir: Path, to: str, reason: str, keys: Path, member: str) -> None:
+    from consortium.governance.agreement import load_member_key
     from consortium.lifecycle.manager import open_lifecycle
 
-    answers = open_lifecycle(run_dir, keys).rollback(to, reason=reason, member=member)
+    lc = open_lifecycle(run_dir, keys)
+    if lc.agreement.role_of(member) is None:
+        raise ConfigError(f"'{member}' is not a member of the agreement: name the member who demands the rollback")
+    answers = lc.rollback(to, reason=reason, member=member, key=load_member_key(lc.agreement, keys, member))
     refused = [f"{s} ({a})" for s, a in answers.items() if a != "deployed"]
     out_console.print(
         f"[bold yellow]rolled back[/] to {to} by {member}: {reason.strip()}; restored on {len(answers) - len(refused)} site(s)"

@@ -41,6 +41,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors import SafetensorError
 from safetensors.numpy import load as safetensors_load
 
@@ -62,10 +63,10 @@ from consortium.protocol.loop import RoundLoop
 from consortium.protocol.site import Site
 from consortium.protocol.task import build_task_model
 from consortium.simulation import site_ledgers, site_policies, site_randomness, site_splits
-from consortium.transcript.log import Entry, cosign_quorum, last_cosigned, signed_entry_bytes, vector_sha256
+from consortium.transcript.log import Entry, TranscriptWriter, cosign_quorum, last_cosigned, signed_entry_bytes, vector_sha256
 from consortium.transcript.recorder import TranscriptRecorder, over_transport
 from consortium.transcript.verify import read_entries, run_agreement, verify_run
-from consortium.transport import InProcessTransport, ask_all, ask_each
+from consortium.transport import InProcessTransport, Transport, ask_all, ask_each
 from consortium.wire import Tensor
 
 
@@ -145,58 +146,37 @@ def read_incoming(run_dir: Path, specs: list[str]) -> dict[str, Table]:
 
 
 class Lifecycle:
-    """A finished run folder reopened to move model versions through their states, with the members' keys.
+    """A finished run folder reopened by its coordinator to move model versions through their states.
 
-    ``incoming``: the records that arrived at each site since training (its drift check's input;
-    a site given none has nothing to check).
+    The sites are reached over ``transport``: in-process simulated sites (``simulated``), or the sites'
+    own agents polling the coordinator's service (``consortium.deploy.serve.serve_lifecycle``).
+    ``sample``: a table with the data's layout (its rows are never read).
     """
 
-    def __init__(self, run_dir: Path, keys_dir: Path, *, incoming: Mapping[str, Table] | None = None) -> None:
+    def __init__(
+        self, run_dir: Path, *, coordinator_key: Ed25519PrivateKey, directory: dict[str, bytes], transport: Transport,
+        sample: Table,
+    ) -> None:
         self.run_dir = Path(run_dir)
         report = verify_run(self.run_dir)  # a disputed transcript gets no lifecycle operation: it is investigated
         if report.status != "completed":
             raise LifecycleError(f"{self.run_dir} holds a {report.status} run: only a completed run's models move on")
         entries = read_entries(self.run_dir)
         manifest = entries[0].body
-        agreement = run_agreement(self.run_dir, manifest)
-        if agreement is None or agreement.lifecycle is None:
-            raise LifecycleError(
-                "this run's agreement sets no lifecycle terms (canary sites, tolerances, rollout, drift): "
-                "add a lifecycle section to the agreement and have it signed again"
-            )
-        self.agreement: Agreement = agreement
-        self.terms = agreement.lifecycle
+        self.agreement: Agreement = lifecycle_agreement(self.run_dir, manifest)
+        self.terms = self.agreement.lifecycle
         self.config = load_config(self.run_dir / "config.yaml").resolved()
         self.names = [n for n, mm in manifest["members"].items() if mm["role"] == "site"]
-        self._keys_dir = Path(keys_dir)
-        identities = {n: load_member_key(agreement, self._keys_dir, n) for n in [*self.names, COORDINATOR]}
-        self._coordinator_key = identities[COORDINATOR]
-        self._directory = {n: keys.ed25519_public_bytes(k.public_key()) for n, k in identities.items()}
-        splits = site_splits(self.config)
-        policies = site_policies(self.config, agreement, self.names)
-        ledgers = site_ledgers(self.run_dir, self.config, self.names, policies)  # a site under DP keeps its ledger
-        self._sites = {
-            n: Site(
-                n, splits[n], seed=site_randomness(self.config.seed, n)[1], identity=identities[n],
-                directory=self._directory, strict=True, agreement=agreement, policy=policies.get(n), ledger=ledgers[n],
-                lifecycle=self.run_dir / "sites" / n / "lifecycle.json",
-            )
-            for n in self.names
-        }
-        for n, table in (incoming or {}).items():
-            self._sites[n].observe(table)
-        self._sample = splits[self.names[0]].train
+        self._coordinator_key = coordinator_key
+        self._directory = directory
+        self._sample = sample
         self.round = entries[-1].round
-        self.transport = InProcessTransport(self._sites, identity=self._coordinator_key, directory=self._directory)
+        self.transport = transport
         self.recorder = TranscriptRecorder(
-            self.run_dir, coordinator_key=self._coordinator_key,
-            cosign=over_transport(self.transport, self.names, lambda: self.round),
+            self.run_dir, coordinator_key=coordinator_key,
+            cosign=over_transport(transport, self.names, lambda: self.round),
             quorum=cosign_quorum(int(manifest.get("min_sites", 1)), len(self.names)),
         )
-        for n, site in self._sites.items():
-            head = last_cosigned(self.recorder.writer.heads, n)
-            if head is not None:
-                site.resume_from(head)
         self.registry = ModelRegistry(self.run_dir)
         self.task = self._task()
         self.lineage = self._sync()
@@ -456,18 +436,21 @@ class Lifecycle:
         promotion.held_after = last if last < len(self.terms.rollout) else None
         return promotion
 
-    def rollback(self, to: str, *, reason: str, member: str = COORDINATOR) -> dict[str, str]:
-        """``member`` (a coordinator, site or auditor) demands version ``to`` back in production everywhere."""
+    def rollback(self, to: str, *, reason: str, member: str = COORDINATOR, key: Ed25519PrivateKey | None = None) -> dict[str, str]:
+        """``member`` (a coordinator, site or auditor) demands version ``to`` back in production everywhere,
+        signing the demand with ``key`` (its identity key; the coordinator's own by default)."""
         if not reason.strip():
             raise LifecycleError("a rollback needs a reason (--reason): it goes in the transcript for every member")
         Roles.of_agreement(self.agreement).authorize(member, "rollback")
+        key = key if key is not None else self._coordinator_key
+        if keys.ed25519_public_bytes(key.public_key()).hex() != next(m.public_key for m in self.agreement.members if m.name == member):
+            raise LifecycleError(f"the key given is not {member}'s identity key: the member who demands a rollback signs it")
         self._sync()
         target = self.registry.get(to)
         if target.state == "production":
             raise LifecycleError(f"version {to} is already in production: there is nothing to roll back")
         if target.state != "retired" or not any(c.state == "production" for c in target.history):
             raise LifecycleError(f"version {to} is {target.state} and was never in production: roll back only to a former production version")
-        key = load_member_key(self.agreement, self._keys_dir, member)
         statement = rollback_statement(to, reason.strip(), len(self.entries))
         request = {"member": member, "signature": keys.sign(key, statement).hex()}
         return self._restore(to, reason.strip(), by=member, request=request)
@@ -507,10 +490,54 @@ class Lifecycle:
             )
 
 
+def lifecycle_agreement(run_dir: Path, manifest: dict[str, Any]) -> Agreement:
+    """The run's agreement, which must set lifecycle terms: no version moves without them."""
+    agreement = run_agreement(run_dir, manifest)
+    if agreement is None or agreement.lifecycle is None:
+        raise LifecycleError(
+            "this run's agreement sets no lifecycle terms (canary sites, tolerances, rollout, drift): "
+            "add a lifecycle section to the agreement and have it signed again"
+        )
+    return agreement
+
+
+def simulated(run_dir: Path, keys_dir: Path, *, incoming: Mapping[str, Table] | None = None) -> Lifecycle:
+    """A simulated run's lifecycle: its sites rebuilt from the run's config, each with its own state beside
+    its ledger, and every member's key from ``keys_dir`` (as ``consortium halt`` and ``resume`` use them).
+    ``incoming``: the records that reached each site since training (its drift check's input; a site
+    given none has nothing to check)."""
+    run_dir = Path(run_dir)
+    entries = read_entries(run_dir)
+    agreement = lifecycle_agreement(run_dir, entries[0].body)
+    config = load_config(run_dir / "config.yaml").resolved()
+    names = [n for n, mm in entries[0].body["members"].items() if mm["role"] == "site"]
+    identities = {n: load_member_key(agreement, Path(keys_dir), n) for n in [*names, COORDINATOR]}
+    directory = {n: keys.ed25519_public_bytes(k.public_key()) for n, k in identities.items()}
+    splits = site_splits(config)
+    policies = site_policies(config, agreement, names)
+    ledgers = site_ledgers(run_dir, config, names, policies)  # a site under DP keeps its ledger
+    heads = TranscriptWriter(run_dir).heads
+    sites = {}
+    for n in names:
+        sites[n] = Site(
+            n, splits[n], seed=site_randomness(config.seed, n)[1], identity=identities[n], directory=directory,
+            strict=True, agreement=agreement, policy=policies.get(n), ledger=ledgers[n],
+            lifecycle=run_dir / "sites" / n / "lifecycle.json",
+        )
+        head = last_cosigned(heads, n)
+        if head is not None:
+            sites[n].resume_from(head)
+        if incoming and n in incoming:
+            sites[n].observe(incoming[n])
+    transport = InProcessTransport(sites, identity=identities[COORDINATOR], directory=directory)
+    return Lifecycle(run_dir, coordinator_key=identities[COORDINATOR], directory=directory, transport=transport,
+                     sample=splits[names[0]].train)
+
+
 def open_lifecycle(run_dir: Path, keys_dir: Path, *, incoming: Mapping[str, Table] | None = None) -> Lifecycle:
-    """Reopen a run for lifecycle operations; any failure to do so is one line (``ConsortiumError``)."""
+    """Reopen a simulated run for lifecycle operations; any failure to do so is one line (``ConsortiumError``)."""
     try:
-        return Lifecycle(run_dir, keys_dir, incoming=incoming)
+        return simulated(run_dir, keys_dir, incoming=incoming)
     except ConsortiumError:
         raise
     except (OSError, ValueError) as exc:
