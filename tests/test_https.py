@@ -170,6 +170,21 @@ def test_a_stage_stops_waiting_for_a_site_that_falls_silent_but_not_for_one_that
     assert not runner.is_alive() and time.monotonic() - t0 < 3
 
 
+def test_closing_counts_a_poll_it_ends_as_the_site_being_told():
+    """A site long-polling when the run ends is answered at once that it is over: the coordinator need not
+    wait for a poll that will never come (it did, for its whole grace period, before every shutdown)."""
+    mailbox = Mailbox()
+    poller = threading.Thread(target=lambda: mailbox.take("site-1", 20))
+    poller.start()
+    time.sleep(0.2)  # site-1 is in its long poll
+    closed = time.monotonic()
+    mailbox.close()
+    assert mailbox.wait_seen(["site-1"], since=closed, timeout_s=10) == []
+    assert time.monotonic() - closed < 2
+    poller.join(5)
+    assert mailbox.wait_seen(["site-2"], since=closed, timeout_s=0.3) == ["site-2"]  # one that never polled is not
+
+
 def _handshake(port: int, cert_dir=None) -> None:
     """Connect as a careless client (it checks nothing itself), presenting the certificate in ``cert_dir``, if any."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)

@@ -433,3 +433,69 @@ def test_lifecycle_commands_refuse_bad_input_in_one_line(run, tmp_path):
 def test_malformed_lifecycle_terms_name_the_line_and_the_fix(old, new, message):
     with pytest.raises(ConfigError, match=message):
         parse_agreement(_agreement_text(**{old: new}), source="ag.yaml")
+
+
+# -- deployed: the coordinator's service and each site's own agent, over mutual TLS -----------------------
+
+
+def test_a_deployed_consortium_promotes_and_reports_drift_through_the_sites_own_agents(tmp_path):
+    """A real deployment on 127.0.0.1: kits, a served run, then lifecycle sessions in which each site's
+    agent (consortium join) answers from its own data and its own state folder."""
+    import yaml
+
+    from consortium.data import load_builtin, partition_iid
+    from consortium.deploy.local import launch, provision_local, start_site
+
+    table = load_builtin("breast-cancer")
+    parts = partition_iid(table.n_rows, 3, np.random.default_rng(3))
+    sites = ["site-1", "site-2", "site-3"]
+    local = provision_local(tmp_path / "c", {s: table.take(i) for s, i in zip(sites, parts)}, consortium="hospitals",
+                            terms={"min_cohort": 2, "lifecycle": {"canary_sites": ["site-1", "site-2"]}})
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "rounds": 2, "seed": 0, "participation": {"min_sites": 2}, "privacy": {"test_seed": 7},
+        "data": {"dataset": "csv", "csv_sites": [{"name": s, "csv": str(local.data(s)), "schema": str(local.schema)} for s in sites]},
+        "baselines": {"local_only": False, "pooled": False},
+    }))
+    run, state = tmp_path / "served", tmp_path / "state"
+    procs = launch(local, config, run, test_seed=7, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, state=state)
+    try:
+        assert procs.coordinator.wait(timeout=300) == 0, procs.coordinator.stderr.read().decode()[-2000:]
+        assert all(p.wait(timeout=60) == 0 for p in procs.sites.values())
+    finally:
+        procs.stop()
+    assert verify_run(run).lineage.registry.get("v1").state == "candidate"  # in the coordinator's own run folder
+
+    def session(command: str, *args: str, incoming: dict[str, Path] | None = None) -> subprocess.CompletedProcess:
+        coordinator = subprocess.Popen(
+            [sys.executable, "-m", "consortium.cli", "models", command, str(run), *args, "--kit", str(local.kit(COORDINATOR)),
+             "--schema", str(local.schema), "--wait-for-sites", "60"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        agents = [start_site(local, s, state=state, extra=("--incoming", str(incoming[s])) if incoming and s in incoming else ())
+                  for s in sites]
+        try:
+            out, err = coordinator.communicate(timeout=300)
+            assert all(a.wait(timeout=60) == 0 for a in agents)
+        finally:
+            for a in agents:
+                if a.poll() is None:
+                    a.kill()
+        return subprocess.CompletedProcess(coordinator.args, coordinator.returncode, out, err)
+
+    promoted = session("promote", "v1")
+    assert promoted.returncode == 0, promoted.stderr
+    assert all(json.loads((state / s / "lifecycle.json").read_text())["version"] == "v1" for s in sites)
+    assert verify_run(run).lineage.deployed == {s: "v1" for s in sites}
+
+    train = table.take(parts[2])
+    rng = np.random.default_rng(5)
+    take = rng.integers(0, train.n_rows, 300)
+    X = train.X[take].copy()
+    X[:, 1] += np.float32(2 * train.X[:, 1].std())
+    write_csv(Table(X=X, y=train.y[take], feature_names=train.feature_names, classes=train.classes), tmp_path / "march.csv")
+    monitored = session("monitor", incoming={"site-3": tmp_path / "march.csv"})
+    assert monitored.returncode == 0, monitored.stderr
+    incidents = _kinds(run, "drift_incident")
+    assert [e.author for e in incidents] == ["site-3"] and incidents[0].body["features"] == [train.feature_names[1]]
+    assert verify_run(run).lineage.open_incidents.keys() == {"site-3"}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -624,8 +626,12 @@ def join(
     ] = None,
     coordinator: Annotated[str | None, typer.Option(help="the coordinator's URL (default: the address in the kit)")] = None,
     crash_at: Annotated[str | None, typer.Option(hidden=True, help="fault injection for tests: KIND:ROUND")] = None,
+    incoming: Annotated[
+        Path | None, typer.Option(help="records that reached this site since training (same schema): what its drift check reads")
+    ] = None,
 ) -> None:
-    """Take part in a run as a site: poll the coordinator over mutual TLS and answer with this site's runtime."""
+    """Take part in a run (or a model-lifecycle session) as a site: poll the coordinator over mutual TLS and
+    answer with this site's runtime."""
     from consortium.deploy.agent import SiteAgent
     from consortium.deploy.join import build_site
     from consortium.deploy.provision import load_kit
@@ -637,7 +643,7 @@ def join(
         if not rnd.isdigit():
             raise ConfigError(f"--crash-at '{crash_at}' is not KIND:ROUND, for example secagg_deliver:2")
         fault = (kind, int(rnd))
-    site = build_site(kit, data, schema, state=state, seed=seed, test_seed=test_seed, crash_at=fault)
+    site = build_site(kit, data, schema, state=state, seed=seed, test_seed=test_seed, crash_at=fault, incoming=incoming)
     if test_seed is not None:
         err_console.print("[bold red]WARNING[/]: privacy noise is in TEST MODE (fixed seed): reproducible, and NOT private")
     agent = SiteAgent(kit, site, base_url=coordinator)
@@ -768,6 +774,41 @@ def _lineage(run_dir: Path) -> Any:
     return report.lineage
 
 
+SimKeysOpt = Annotated[Path | None, typer.Option("--keys", help="a simulated run: the folder of every member's key file")]
+KitOpt = Annotated[
+    Path | None, typer.Option("--kit", help="a deployed run: the coordinator's kit; it serves, and the sites' agents join")
+]
+SchemaOpt = Annotated[Path | None, typer.Option("--schema", help="with --kit: the agreed data schema")]
+WaitOpt = Annotated[float, typer.Option("--wait-for-sites", min=1, help="with --kit: seconds to wait for every site's agent")]
+
+
+@contextmanager
+def _reopened(run_dir: Path, keys: Path | None, kit: Path | None, schema: Path | None, wait: float,
+              incoming: list[str] | None = None) -> Iterator[Any]:
+    """The run reopened for the lifecycle: simulated (every member's key at hand) or by its deployed coordinator."""
+    from consortium.lifecycle.manager import open_lifecycle, read_incoming
+
+    if (keys is None) == (kit is None):
+        raise ConfigError(
+            "pass --keys DIR (a simulated run: every member's key) or --kit KIT --schema SCHEMA (a deployed run: "
+            "its coordinator serves, and each site joins with consortium join)"
+        )
+    if kit is None:
+        assert keys is not None
+        yield open_lifecycle(run_dir, keys, incoming=read_incoming(run_dir, incoming or []))
+        return
+    from consortium.deploy.provision import load_kit
+    from consortium.deploy.serve import serve_lifecycle
+
+    if schema is None:
+        raise ConfigError("--kit needs --schema: the agreed data schema the sites' data follows")
+    if incoming:
+        raise ConfigError("--incoming names a simulated site's records: a deployed site reads its own (consortium join --incoming CSV)")
+    with serve_lifecycle(load_kit(kit), run_dir, schema, wait_for_sites_s=wait) as lc:
+        err_console.print(f"every site joined: {', '.join(lc.names)}")
+        yield lc
+
+
 @models_app.command("list")
 def models_list(run_dir: RunArg, as_json: JsonOpt = False) -> None:
     """Every model version: its state, parent, round, metrics, privacy cost and the sites running it."""
@@ -827,16 +868,17 @@ def models_register(
     run_dir: RunArg,
     model: Annotated[Path, typer.Option("--model", help="a .safetensors file with the run's layout and standardisation")],
     parent: Annotated[str, typer.Option("--parent", help="the version it was trained from")],
-    keys: KeysOpt,
     by: Annotated[str, typer.Option("--by", help="the member who brings it in")] = "coordinator",
+    keys: SimKeysOpt = None, kit: KitOpt = None, schema: SchemaOpt = None, wait: WaitOpt = 120.0,
 ) -> None:
     """Register a model trained from a version (fine-tuned, say) as a new candidate."""
-    from consortium.lifecycle.manager import open_lifecycle, read_model_file
+    from consortium.lifecycle.manager import read_model_file
 
-    lc = open_lifecycle(run_dir, keys)
-    if lc.agreement.role_of(by) is None:
-        raise ConfigError(f"'{by}' is not a member of the agreement: name the member who brings the model in")
-    v = lc.register(read_model_file(model), parent=parent, by=by)
+    tensors = read_model_file(model)
+    with _reopened(run_dir, keys, kit, schema, wait) as lc:
+        if lc.agreement.role_of(by) is None:
+            raise ConfigError(f"'{by}' is not a member of the agreement: name the member who brings the model in")
+        v = lc.register(tensors, parent=parent, by=by)
     out_console.print(f"registered {v.id} (candidate, parent {parent}): sha256 {v.sha256[:16]}...")
 
 
@@ -844,25 +886,27 @@ StagesOpt = Annotated[int | None, typer.Option("--stages", min=1, help="run only
 
 
 @models_app.command("promote")
-def models_promote(run_dir: RunArg, version: VersionArg, keys: KeysOpt, stages: StagesOpt = None, as_json: JsonOpt = False) -> None:
+def models_promote(
+    run_dir: RunArg, version: VersionArg, stages: StagesOpt = None, as_json: JsonOpt = False,
+    keys: SimKeysOpt = None, kit: KitOpt = None, schema: SchemaOpt = None, wait: WaitOpt = 120.0,
+) -> None:
     """Canary evaluation, then production in the agreement's stages with monitoring after each.
 
     Exits 0 when the version ends in production, 1 when the canary rejects it or monitoring rolls it back.
     """
-    from consortium.lifecycle.manager import open_lifecycle
-
-    with err_console.status(f"promoting {version}: canary evaluation by the canary sites"):
-        promotion = open_lifecycle(run_dir, keys).promote(version, stages=stages)
+    with _reopened(run_dir, keys, kit, schema, wait) as lc, err_console.status(f"promoting {version}: canary evaluation"):
+        promotion = lc.promote(version, stages=stages)
     _print_promotion(promotion, as_json)
 
 
 @models_app.command("advance")
-def models_advance(run_dir: RunArg, keys: KeysOpt, stages: StagesOpt = None, as_json: JsonOpt = False) -> None:
+def models_advance(
+    run_dir: RunArg, stages: StagesOpt = None, as_json: JsonOpt = False,
+    keys: SimKeysOpt = None, kit: KitOpt = None, schema: SchemaOpt = None, wait: WaitOpt = 120.0,
+) -> None:
     """Take the production version's rollout on from the stage it reached, with monitoring after each stage."""
-    from consortium.lifecycle.manager import open_lifecycle
-
-    with err_console.status("advancing the rollout"):
-        promotion = open_lifecycle(run_dir, keys).advance(stages=stages)
+    with _reopened(run_dir, keys, kit, schema, wait) as lc, err_console.status("advancing the rollout"):
+        promotion = lc.advance(stages=stages)
     _print_promotion(promotion, as_json)
 
 
@@ -894,14 +938,17 @@ def _print_promotion(promotion: Any, as_json: bool) -> None:
         raise Exit(1)
 
 
-def _rollback(run_dir: Path, to: str, reason: str, keys: Path, member: str) -> None:
+def _rollback(run_dir: Path, to: str, reason: str, member: str, keys: Path | None, kit: Path | None,
+              schema: Path | None, wait: float) -> None:
     from consortium.governance.agreement import load_member_key
-    from consortium.lifecycle.manager import open_lifecycle
 
-    lc = open_lifecycle(run_dir, keys)
-    if lc.agreement.role_of(member) is None:
-        raise ConfigError(f"'{member}' is not a member of the agreement: name the member who demands the rollback")
-    answers = lc.rollback(to, reason=reason, member=member, key=load_member_key(lc.agreement, keys, member))
+    if kit is not None and member != "coordinator":
+        raise ConfigError("the deployed coordinator signs only its own demands: a site or auditor halts the run (consortium halt)")
+    with _reopened(run_dir, keys, kit, schema, wait) as lc:
+        if lc.agreement.role_of(member) is None:
+            raise ConfigError(f"'{member}' is not a member of the agreement: name the member who demands the rollback")
+        key = load_member_key(lc.agreement, keys, member) if keys is not None else None
+        answers = lc.rollback(to, reason=reason, member=member, key=key)
     refused = [f"{s} ({a})" for s, a in answers.items() if a != "deployed"]
     out_console.print(
         f"[bold yellow]rolled back[/] to {to} by {member}: {reason.strip()}; restored on {len(answers) - len(refused)} site(s)"
@@ -915,30 +962,34 @@ MemberOpt = Annotated[str, typer.Option("--member", help="who demands it: a coor
 
 
 @models_app.command("rollback")
-def models_rollback(run_dir: RunArg, to: ToOpt, reason: ReasonOpt, keys: KeysOpt, member: MemberOpt = "coordinator") -> None:
+def models_rollback(
+    run_dir: RunArg, to: ToOpt, reason: ReasonOpt, member: MemberOpt = "coordinator",
+    keys: SimKeysOpt = None, kit: KitOpt = None, schema: SchemaOpt = None, wait: WaitOpt = 120.0,
+) -> None:
     """Restore an earlier production version everywhere, signed by the member who demands it."""
-    _rollback(run_dir, to, reason, keys, member)
+    _rollback(run_dir, to, reason, member, keys, kit, schema, wait)
 
 
 @app.command("rollback")
-def rollback(run_dir: RunArg, to: ToOpt, reason: ReasonOpt, keys: KeysOpt, member: MemberOpt = "coordinator") -> None:
+def rollback(
+    run_dir: RunArg, to: ToOpt, reason: ReasonOpt, member: MemberOpt = "coordinator",
+    keys: SimKeysOpt = None, kit: KitOpt = None, schema: SchemaOpt = None, wait: WaitOpt = 120.0,
+) -> None:
     """Restore an earlier production model everywhere (the same as consortium models rollback)."""
-    _rollback(run_dir, to, reason, keys, member)
+    _rollback(run_dir, to, reason, member, keys, kit, schema, wait)
 
 
 @models_app.command("monitor")
 def models_monitor(
     run_dir: RunArg,
-    keys: KeysOpt,
     incoming: Annotated[
-        list[str] | None, typer.Option("--incoming", help="SITE=FILE.csv: the records that reached a site since training (repeatable)")
+        list[str] | None, typer.Option("--incoming", help="SITE=FILE.csv: the records that reached a simulated site since training (repeatable)")
     ] = None,
+    keys: SimKeysOpt = None, kit: KitOpt = None, schema: SchemaOpt = None, wait: WaitOpt = 120.0,
 ) -> None:
     """Each site checks its incoming records for drift against its training records; breaches become signed incidents."""
-    from consortium.lifecycle.manager import open_lifecycle, read_incoming
-
-    lc = open_lifecycle(run_dir, keys, incoming=read_incoming(run_dir, incoming or []))
-    reports = lc.monitor()
+    with _reopened(run_dir, keys, kit, schema, wait, incoming) as lc:
+        reports = lc.monitor()
     for e in reports:
         if e.kind == "drift_incident":
             what = ", ".join(e.body["features"]) or "none"

@@ -62,6 +62,7 @@ def build_site(
     test_seed: int | None = None,
     split: SplitConfig = SplitConfig(),
     crash_at: tuple[str, int] | None = None,
+    incoming: Path | None = None,
 ) -> Site:
     """The site runtime this kit's member runs on its own CSV; every input is checked first."""
     if kit.role != "site":
@@ -73,14 +74,15 @@ def build_site(
     policy = load_policy(policy_file, agreement) if policy_file.exists() else None
     if policy is not None and policy.site != kit.member:
         raise ConfigError(f"{policy_file}: the policy is for site '{policy.site}', not '{kit.member}': fix its site field")
-    table = read_csv(data, load_schema(schema))
+    data_schema = load_schema(schema)
+    table = read_csv(data, data_schema)
     split_rng, train_seed = site_randomness(seed, kit.member)
     splits = split_table(table, split_rng, validation=split.validation, test=split.test)
     identity = load_member_key(agreement, None, kit.member, file=kit.folder / "identity.key")
     state = state if state is not None else kit.folder / "state"
     ledger = BudgetLedger(state / LEDGER_FILE, site=kit.member, epsilon_cap=epsilon_cap(agreement, policy), delta=agreement.privacy.delta)
     extra: dict[str, Any] = {} if crash_at is None else {"crash_at": crash_at}
-    return (Site if crash_at is None else CrashingSite)(
+    site = (Site if crash_at is None else CrashingSite)(
         kit.member,
         splits,
         seed=train_seed,
@@ -93,5 +95,9 @@ def build_site(
         policy=policy,
         memory=state / MEMORY_FILE,
         journal=state / "evaluation.jsonl",  # how each round's model did on this site's own test split
+        lifecycle=state / "lifecycle.json",  # the model version this site runs, and its drift checks
         **extra,
     )
+    if incoming is not None:  # the records that reached the site since training: its drift check's input
+        site.observe(read_csv(incoming, data_schema))
+    return site

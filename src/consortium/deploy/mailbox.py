@@ -60,6 +60,9 @@ class Mailbox:
                 if left <= 0:
                     return None
                 self._cond.wait(left)
+            if self._closed:  # this poll returns now to say the run is over: the member is told (see wait_seen)
+                self._seen[member] = time.monotonic()
+                self._cond.notify_all()
             raw = self._outbox.pop(member, None)
             if raw is not None:
                 self._alive[member] = time.monotonic()  # it has its request, and works on it
@@ -81,8 +84,9 @@ class Mailbox:
             return True
 
     def wait_seen(self, members: list[str], *, since: float, timeout_s: float) -> list[str]:
-        """Wait until every one of ``members`` has polled after ``since`` (a ``time.monotonic()``);
-        the members still unseen when ``timeout_s`` runs out (none: all came)."""
+        """Wait until every one of ``members`` has polled after ``since`` (a ``time.monotonic()``), or, after
+        ``close``, has had a poll answered that the run is over; the members still unseen when ``timeout_s``
+        runs out (none: all came)."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
             while True:

@@ -13,14 +13,16 @@ when the run is over it tells each site so (410) before it stops listening.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from consortium.config import AgreementConfig, SimulationConfig, load_config
 from consortium.crypto import keys
-from consortium.data import DataSchema, layout_table
+from consortium.data import DataSchema, layout_table, load_schema
 from consortium.deploy.dashboard import Board, Snapshot, create_dashboard_app, head_status
 from consortium.deploy.mailbox import Mailbox
 from consortium.deploy.provision import Kit
@@ -35,6 +37,9 @@ from consortium.transcript.log import TranscriptWriter
 from consortium.transcript.recorder import TranscriptRecorder
 from consortium.transcript.verify import signed_epsilon
 from consortium.transport.mailbox import MailboxTransport
+
+if TYPE_CHECKING:
+    from consortium.lifecycle.manager import Lifecycle
 
 
 STATE_FILE = "coordinator.sqlite"
@@ -209,3 +214,42 @@ class ServedRun(CoordinatorRun):
         self.server.stop()
         if self.dashboard is not None:
             self.dashboard.stop()
+
+
+@contextmanager
+def serve_lifecycle(
+    kit: Kit, run_dir: Path, schema: Path, *, host: str = "127.0.0.1", port: int | None = None,
+    wait_for_sites_s: float = 120.0, stage_timeout_s: float = 120.0, pickup_timeout_s: float = 15.0, poll_wait_s: float = 20.0,
+) -> Iterator[Lifecycle]:
+    """The deployed coordinator reopens its finished run for the model lifecycle (``consortium models ...
+    --kit``): it listens, waits for every site's agent (``consortium join``), and canary, rollout, monitoring
+    and rollback go over the same sealed mailbox as the rounds did. When the operation is over every site is
+    told so (410), as at the end of a run."""
+    from consortium.lifecycle.manager import Lifecycle
+
+    if kit.role != "coordinator":
+        raise ConfigError(f"{kit.folder} is the kit of {kit.role} '{kit.member}': the coordinator's kit drives the lifecycle")
+    agreement = load_agreement(kit.folder / "agreement.yaml")
+    identity = load_member_key(agreement, None, COORDINATOR, file=kit.folder / "identity.key")
+    directory = directory_of(agreement)
+    sample = layout_table(load_schema(schema))
+    mailbox = Mailbox()
+    server = HttpsServer(create_app(mailbox, {m.name: m.role for m in agreement.members}, poll_wait_s=poll_wait_s), kit,
+                         host=host, port=port)
+    transport = MailboxTransport(mailbox, identity=identity, directory=directory, stage_timeout_s=stage_timeout_s,
+                                 pickup_timeout_s=pickup_timeout_s)
+    started = time.monotonic()
+    server.start()
+    try:
+        missing = mailbox.wait_seen(agreement.sites(), since=started, timeout_s=wait_for_sites_s)
+        if missing:
+            raise ConfigError(
+                f"{', '.join(missing)} did not connect within {wait_for_sites_s:g} s: start each site's agent "
+                "(consortium join KIT --data CSV --schema SCHEMA), or give them longer (--wait-for-sites)"
+            )
+        yield Lifecycle(run_dir, coordinator_key=identity, directory=directory, transport=transport, sample=sample)
+    finally:
+        closed = time.monotonic()
+        mailbox.close()
+        mailbox.wait_seen(agreement.sites(), since=closed, timeout_s=30.0)
+        server.stop()

@@ -26,9 +26,12 @@ order a privacy officer would want to read it:
 - **Rollback** by hand (``rollback``): a coordinator, site or auditor signs
   the request; the coordinator records it and restores the version everywhere.
 
-In simulation every member's key is at hand (the agreement's key folder), as
-``consortium halt`` and ``resume`` assume; the sites are rebuilt from the
-run's config and each keeps its own lifecycle state beside its ledger.
+The coordinator side (``Lifecycle``) reaches the sites over any transport. In
+simulation (``simulated``) every member's key is at hand (the agreement's key
+folder), as ``consortium halt`` and ``resume`` assume, and the sites are
+rebuilt from the run's config, each keeping its lifecycle state beside its
+ledger; deployed (``consortium.deploy.serve.serve_lifecycle``), the sites'
+own agents answer through the coordinator's mailbox.
 """
 
 from __future__ import annotations
