@@ -114,6 +114,11 @@ def run_model(run_dir: Path) -> dict[str, np.ndarray]:
         raise LifecycleError(f"{path} is not a safetensors file ({exc})") from None
 
 
+def _standardize(model: torch.nn.Module) -> Standardize:
+    """The model's input standardisation (its mean and scale buffers)."""
+    return next(mod for mod in model.modules() if isinstance(mod, Standardize))
+
+
 def read_model_file(path: Path) -> dict[str, np.ndarray]:
     try:
         return safetensors_load(Path(path).read_bytes())
@@ -203,7 +208,7 @@ class Lifecycle:
         assert self.config.model is not None
         sample = self._sample
         model = self._module(run_model(self.run_dir))
-        standardize = next(mod for mod in model.modules() if isinstance(mod, Standardize))
+        standardize = _standardize(model)
         return m.TaskSpec(
             model=self.config.model, n_features=sample.n_features, n_classes=len(sample.classes),
             image_shape=sample.image_shape, mean=Tensor.from_numpy(standardize.mean.numpy().copy()),
@@ -251,7 +256,7 @@ class Lifecycle:
         ``by``: its tensor file, then the signed entry naming it by hash. (The run's own final model is
         registered as v1 when the run ends.)"""
         module = self._module(tensors)
-        standardize = next(mod for mod in module.modules() if isinstance(mod, Standardize))
+        standardize = _standardize(module)
         if not (np.array_equal(standardize.mean.numpy(), self.task.mean.to_numpy())
                 and np.array_equal(standardize.scale.numpy(), self.task.scale.to_numpy())):
             raise LifecycleError("the model standardises its inputs otherwise than the run does: keep the run's mean and scale buffers")
