@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -75,18 +76,36 @@ def _model(run_dir) -> dict[str, np.ndarray]:
     return load_file(str(run_dir / "model.safetensors"))
 
 
+def _summary_line(coordinator: subprocess.Popen, timeout: float = 420) -> bytes:
+    """The coordinator's one line of JSON, read as soon as it is printed (b"" if it ended without one).
+
+    By then the run is over and its folder final; the process itself ends a while later, once every
+    site has been told so. Checks that only read the run folder go on meanwhile.
+    """
+    line: list[bytes] = []
+    reader = threading.Thread(target=lambda: line.append(coordinator.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert line, f"the coordinator printed no summary within {timeout} s"
+    return line[0]
+
+
 def test_a_coordinator_and_three_site_processes_equal_the_simulation(local, tmp_path):
     raw, config_file = _config(local, tmp_path)
-    twin = run_simulation(SimulationConfig.model_validate(raw), out=tmp_path / "twin")
-
     run_dir = tmp_path / "served"
-    procs = launch(local, config_file, run_dir, seed=0, test_seed=7, serve_args=("--json",),
-                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, logs=tmp_path / "logs", state=tmp_path / "state")
+    with open(tmp_path / "coordinator.err", "wb") as coordinator_err:
+        procs = launch(local, config_file, run_dir, seed=0, test_seed=7, serve_args=("--json",),
+                       stdout=subprocess.PIPE, stderr=coordinator_err, logs=tmp_path / "logs", state=tmp_path / "state")
     try:
-        out, err = procs.coordinator.communicate(timeout=420)
+        out = _summary_line(procs.coordinator)
+        # While the coordinator tells the sites that the run is over: its in-process twin, and a member's check.
+        twin = run_simulation(SimulationConfig.model_validate(raw), out=tmp_path / "twin")
+        verified = _cli("verify", str(run_dir), "--json")
+        out += procs.coordinator.communicate(timeout=420)[0]
         site_codes = {s: p.wait(timeout=60) for s, p in procs.sites.items()}
     finally:
         procs.stop()
+    err = (tmp_path / "coordinator.err").read_bytes()
     assert procs.coordinator.returncode == 0, err.decode()[-3000:]
     assert site_codes == {s: 0 for s in SITES}, {s: (tmp_path / "logs" / f"{s}.log").read_text()[-2000:] for s in SITES}
     summary = json.loads(out)
@@ -104,8 +123,6 @@ def test_a_coordinator_and_three_site_processes_equal_the_simulation(local, tmp_
     assert summary["federated"]["accuracy"] == twin.summary["federated"]["accuracy"]
     assert summary["privacy"]["epsilon_per_site"] == pytest.approx(twin.summary["privacy"]["epsilon_per_site"], rel=1e-9)
     # Any member checks the deployed run from its folder alone.
-    verified = subprocess.run([sys.executable, "-m", "consortium.cli", "verify", str(run_dir), "--json"],
-                              capture_output=True, text=True, timeout=120)
     assert verified.returncode == 0, verified.stderr
     assert json.loads(verified.stdout)["status"] == "completed"
 
@@ -113,18 +130,22 @@ def test_a_coordinator_and_three_site_processes_equal_the_simulation(local, tmp_
 def test_a_site_killed_during_collect_masked_is_left_out_then_rejoins_when_restarted(local5, tmp_path):
     _, config_file = _config(local5, tmp_path, participation={"min_sites": 2})
     run_dir, state, logs = tmp_path / "served", tmp_path / "state", tmp_path / "logs"
-    procs = launch(local5, config_file, run_dir, seed=0, test_seed=7, serve_args=("--json", "--pickup-timeout", "8"),
-                   join_args={"site-3": ("--crash-at", "secagg_deliver:2")},  # dies as its masked input is due
-                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, logs=logs, state=state)
+    with open(tmp_path / "coordinator.err", "wb") as coordinator_err:
+        procs = launch(local5, config_file, run_dir, seed=0, test_seed=7, serve_args=("--json", "--pickup-timeout", "8"),
+                       join_args={"site-3": ("--crash-at", "secagg_deliver:2")},  # dies as its masked input is due
+                       stdout=subprocess.PIPE, stderr=coordinator_err, logs=logs, state=state)
     try:
         assert procs.sites["site-3"].wait(timeout=300) == 137
         # The same site, restarted on its state folder: its ledger, and the last head it co-signed.
         memory = json.loads((state / "site-3" / "transcript-memory.json").read_text())
         procs.sites["site-3"] = start_site(local5, "site-3", seed=0, test_seed=7, logs=logs, state=state)
-        out, err = procs.coordinator.communicate(timeout=420)
+        out = _summary_line(procs.coordinator)
+        verified = _cli("verify", str(run_dir), "--json")  # while the sites are told that the run is over
+        out += procs.coordinator.communicate(timeout=420)[0]
         codes = {s: p.wait(timeout=60) for s, p in procs.sites.items()}
     finally:
         procs.stop()
+    err = (tmp_path / "coordinator.err").read_bytes()
     assert procs.coordinator.returncode == 0, err.decode()[-3000:]
     assert codes == {s: 0 for s in local5.sites}
     summary = json.loads(out)
@@ -134,7 +155,6 @@ def test_a_site_killed_during_collect_masked_is_left_out_then_rejoins_when_resta
     assert summary["secure_aggregation"]["survivors_per_round"] == [5, 4, 5]
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rounds[1]["secure_aggregation"]["fit_included"] == 4
-    verified = _cli("verify", str(run_dir), "--json")
     assert verified.returncode == 0, verified.stderr
     heads = [json.loads(line) for line in (run_dir / "heads.jsonl").read_text().splitlines()]
     remembered = next(i for i, h in enumerate(heads) if h["size"] == memory["head"]["size"] and h["root"] == memory["head"]["root"])
@@ -172,17 +192,21 @@ def test_a_coordinator_killed_mid_round_restarts_and_finishes_the_run(local, tmp
         procs.coordinator.kill()  # SIGKILL: no cleanup, no goodbye to the sites
         procs.coordinator.wait()
         # The sites keep polling, backing off, while it is away; a new process takes the run over.
-        again = subprocess.Popen(
-            [sys.executable, "-m", "consortium.cli", "serve", str(local.kit(COORDINATOR)), "--schema", str(local.schema),
-             "--recover", str(run_dir), "--port", str(local.port), "--json"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )
-        out, err = again.communicate(timeout=420)
+        with open(tmp_path / "again.err", "wb") as again_err:
+            again = subprocess.Popen(
+                [sys.executable, "-m", "consortium.cli", "serve", str(local.kit(COORDINATOR)), "--schema", str(local.schema),
+                 "--recover", str(run_dir), "--port", str(local.port), "--json"],
+                stdout=subprocess.PIPE, stderr=again_err,
+            )
+        out = _summary_line(again)
+        verified = _cli("verify", str(run_dir), "--json")  # while the sites are told that the run is over
+        out += again.communicate(timeout=420)[0]
         codes = {s: p.wait(timeout=60) for s, p in procs.sites.items()}
     finally:
         procs.stop()
         if again is not None and again.poll() is None:
             again.kill()
+    err = (tmp_path / "again.err").read_bytes()
     assert again.returncode == 0, err.decode()[-3000:]
     assert codes == {s: 0 for s in SITES}
     summary = json.loads(out)
@@ -194,13 +218,9 @@ def test_a_coordinator_killed_mid_round_restarts_and_finishes_the_run(local, tmp
     entries = [json.loads(line) for line in (run_dir / "transcript.jsonl").read_text().splitlines()]
     assert [e["index"] for e in entries] == list(range(len(entries)))
     assert sorted(e["round"] for e in entries if e["kind"] == "aggregate") == [1, 2, 3]  # one outcome per round
-    verified = _cli("verify", str(run_dir), "--json")
     assert verified.returncode == 0, verified.stderr
     # What the sites paid for the cut-off round stays paid: the run reports it, verify recomputes it.
     assert json.loads(verified.stdout)["epsilon_per_site"] == pytest.approx(summary["privacy"]["epsilon_per_site"])
-    # A finished run is not "recovered" into a second final model.
-    again = _cli("serve", str(local.kit(COORDINATOR)), "--schema", str(local.schema), "--recover", str(run_dir))
-    _one_line_error(again, "finished: there is nothing to recover")
     # Nor is a crash a way around a halt: only a quorum's resume continues a halted run.
     halted = tmp_path / "halted"
     shutil.copytree(run_dir, halted)
@@ -208,12 +228,30 @@ def test_a_coordinator_killed_mid_round_restarts_and_finishes_the_run(local, tmp
     lines = lines[: next(i for i, line in enumerate(lines) if json.loads(line)["kind"] == "final_model")]  # no final model
     lines.append(json.dumps({**json.loads(lines[-1]), "kind": "halt", "index": len(lines)}))  # and a halt last
     (halted / "transcript.jsonl").write_text("\n".join(lines) + "\n")
-    again = _cli("serve", str(local.kit(COORDINATOR)), "--schema", str(local.schema), "--recover", str(halted))
-    _one_line_error(again, "is halted: only a quorum of approvers continues it")
+    finished, stopped = _cli_side_by_side(
+        ("serve", str(local.kit(COORDINATOR)), "--schema", str(local.schema), "--recover", str(run_dir)),
+        ("serve", str(local.kit(COORDINATOR)), "--schema", str(local.schema), "--recover", str(halted)),
+    )
+    # A finished run is not "recovered" into a second final model.
+    _one_line_error(finished, "finished: there is nothing to recover")
+    _one_line_error(stopped, "is halted: only a quorum of approvers continues it")
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "consortium.cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def _cli_side_by_side(*commands: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
+    """As ``_cli`` for each of ``commands``, all started at once: independent commands, two cores."""
+    started = [subprocess.Popen([sys.executable, "-m", "consortium.cli", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for args in commands]
+    try:
+        outputs = [p.communicate(timeout=120) for p in started]
+        return [subprocess.CompletedProcess(p.args, p.returncode, *o) for p, o in zip(started, outputs)]
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
 
 
 def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
@@ -225,14 +263,16 @@ def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
 def test_wrong_kits_and_absent_sites_are_one_line_errors(local, tmp_path):
     _, config_file = _config(local, tmp_path)
     schema = str(local.schema)
-    _one_line_error(_cli("serve", str(local.kit("site-1")), "--config", str(config_file), "--schema", schema),
-                    "kit of site 'site-1'", "serve with the coordinator's kit")
-    _one_line_error(_cli("join", str(local.kit(COORDINATOR)), "--data", str(local.data("site-1")), "--schema", schema),
-                    "kit of coordinator", "only a site's kit joins")
-    _one_line_error(_cli("join", str(local.kit("site-1")), "--data", str(tmp_path / "nowhere.csv"), "--schema", schema),
-                    "nowhere.csv' does not exist")
-    absent = _cli("serve", str(local.kit(COORDINATOR)), "--config", str(config_file), "--schema", schema,
-                  "--port", "0", "--wait-for-sites", "1", "--out", str(tmp_path / "never"))
+    site_kit, kit_joins, no_data, absent = _cli_side_by_side(
+        ("serve", str(local.kit("site-1")), "--config", str(config_file), "--schema", schema),
+        ("join", str(local.kit(COORDINATOR)), "--data", str(local.data("site-1")), "--schema", schema),
+        ("join", str(local.kit("site-1")), "--data", str(tmp_path / "nowhere.csv"), "--schema", schema),
+        ("serve", str(local.kit(COORDINATOR)), "--config", str(config_file), "--schema", schema,
+         "--port", "0", "--wait-for-sites", "1", "--out", str(tmp_path / "never")),
+    )
+    _one_line_error(site_kit, "kit of site 'site-1'", "serve with the coordinator's kit")
+    _one_line_error(kit_joins, "kit of coordinator", "only a site's kit joins")
+    _one_line_error(no_data, "nowhere.csv' does not exist")
     _one_line_error(absent, "site-1, site-2, site-3 did not connect within 1 s", "consortium join")
 
 

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from consortium.config import SimulationConfig
 from consortium.redteam.membership import (
@@ -44,27 +47,46 @@ def overfit_config(dataset: str, *, dp: bool, rounds: int, epochs: int) -> Simul
     })
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("mia")
-    plan = {
+def _plan() -> dict[str, SimulationConfig]:
+    return {
         "digits": overfit_config("digits", dp=False, rounds=20, epochs=5),
         "digits-dp": overfit_config("digits", dp=True, rounds=12, epochs=5),
         "breast-cancer": overfit_config("breast-cancer", dp=False, rounds=15, epochs=10),
         "breast-cancer-dp": overfit_config("breast-cancer", dp=True, rounds=10, epochs=3),  # DP-SGD replays cost more
     }
-    for name, config in plan.items():
-        Simulation(config, out=root / name).run()
-    return {name: root / name for name in plan}
+
+
+def _train(name: str, out: Path) -> None:
+    torch.set_num_threads(1)
+    Simulation(_plan()[name], out=out).run()
+
+
+def _lira(run: Path) -> dict:
+    torch.set_num_threads(1)
+    return lira_attack(load_target(run), shadows=SHADOWS, seed=3)
 
 
 @pytest.fixture(scope="module")
-def lira(runs: dict[str, Path]) -> dict[str, tuple]:
-    out = {}
-    for name, path in runs.items():
-        target = load_target(path)
-        out[name] = (target, lira_attack(target, shadows=SHADOWS, seed=3))
-    return out
+def workers():
+    """Two worker processes, one thread each: the runs and their 64 shadow replays are independent and fully
+    seeded, so they are computed two at a time (the second core is otherwise idle) with the same results."""
+    with ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, workers: ProcessPoolExecutor) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("mia")
+    jobs = [workers.submit(_train, name, root / name) for name in _plan()]
+    for job in jobs:
+        job.result()
+    return {name: root / name for name in _plan()}
+
+
+@pytest.fixture(scope="module")
+def lira(runs: dict[str, Path], workers: ProcessPoolExecutor) -> dict[str, tuple]:
+    jobs = {name: workers.submit(_lira, path) for name, path in runs.items()}  # the largest first
+    return {name: (load_target(runs[name]), job.result()) for name, job in jobs.items()}
 
 
 @pytest.mark.parametrize("name", ["digits", "breast-cancer"])
@@ -138,6 +160,19 @@ def consortium(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "consortium.cli", *args], check=False, capture_output=True, text=True, timeout=600)
 
 
+def consortium_side_by_side(*commands: list[str]) -> list[subprocess.CompletedProcess[str]]:
+    """As ``consortium`` for each of ``commands``, all started at once (independent commands, two cores)."""
+    started = [subprocess.Popen([sys.executable, "-m", "consortium.cli", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for args in commands]
+    try:
+        outputs = [p.communicate(timeout=600) for p in started]
+        return [subprocess.CompletedProcess(p.args, p.returncode, *o) for p, o in zip(started, outputs)]
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+
+
 def test_audit_command_writes_audit_json(runs: dict[str, Path]) -> None:
     run = runs["digits-dp"]
     done = consortium("audit", str(run), "--attacks", "mia", "--shadows", "2", "--json")
@@ -152,11 +187,11 @@ def test_audit_command_writes_audit_json(runs: dict[str, Path]) -> None:
 
 
 def test_audit_command_errors_are_one_line(tmp_path: Path, runs: dict[str, Path]) -> None:
-    for args, expected in [
+    cases = [
         (["audit", str(runs["digits"]), "--attacks", "mia,telepathy"], "unknown attack 'telepathy'"),
         (["audit", str(tmp_path)], "summary.json is missing"),
-    ]:
-        done = consortium(*args)
+    ]
+    for done, (_, expected) in zip(consortium_side_by_side(*(args for args, _ in cases)), cases):
         assert done.returncode == 2
         assert expected in done.stderr and "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr

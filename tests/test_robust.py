@@ -27,6 +27,10 @@ from consortium.protocol.coordinator import Coordinator, SecureAggregation
 from consortium.crypto import keys
 from consortium.redteam.poisoning import Attack, PoisoningRun, poisoning_experiment
 
+# Whole simulations of tiny models below: one torch thread is fastest (see conftest), and every accuracy
+# they report is the same with one thread or two.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # -- known answers ------------------------------------------------------------------
 
 POINTS = np.array([[0.0], [1.0], [3.0], [10.0], [11.0]])
@@ -219,7 +223,7 @@ def _by_label(runs: tuple[PoisoningRun, ...]) -> dict[str, PoisoningRun]:
 
 
 @pytest.fixture(scope="module")
-def scaling_runs(tmp_path_factory) -> dict[str, PoisoningRun]:
+def scaling_runs(tmp_path_factory, one_torch_thread) -> dict[str, PoisoningRun]:
     defences = {
         "norm_bound": {"robust": {"norm_bound": 1.0}},  # under secure aggregation
         "median": {**PLAIN, "robust": {"aggregator": "median", "byzantine": 1}, "participation": {"min_sites": 3}},

@@ -16,6 +16,10 @@ from consortium.simulation import run_simulation
 from consortium.transport import InProcessTransport
 from tests.conftest import make_splits
 
+# Simulations of tiny models: one torch thread is fastest (see conftest); their accuracies are the same with
+# one thread or two, and each comparison here is between two runs in this process.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 class RecordingTransport(InProcessTransport):
     """Keeps every reply the coordinator receives: its whole view of the sites."""
