@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +50,19 @@ def signed_agreement(folder: Path, text: str, members: list[str], signers: list[
     sigs = {n: sign_agreement(agreement, n, load_identity_key(folder / "keys" / f"{n}.key")) for n in who}
     signatures_path(path).write_text(json.dumps(sigs))
     return path
+
+
+def cli_side_by_side(*commands: list[str] | tuple[str, ...], timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """``consortium`` run once per command, all started at once (independent commands: two cores)."""
+    started = [subprocess.Popen([sys.executable, "-m", "consortium.cli", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for args in commands]
+    try:
+        outputs = [p.communicate(timeout=timeout) for p in started]
+        return [subprocess.CompletedProcess(p.args, p.returncode, *o) for p, o in zip(started, outputs)]
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from consortium.deploy.local import launch, provision_local, start_site
 from consortium.protocol.coordinator import COORDINATOR
 from consortium.simulation import run_simulation
 from consortium.config import SimulationConfig
+from tests.conftest import cli_side_by_side
 
 SITES = ["site-1", "site-2", "site-3"]
 
@@ -242,16 +243,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def _cli_side_by_side(*commands: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
-    """As ``_cli`` for each of ``commands``, all started at once: independent commands, two cores."""
-    started = [subprocess.Popen([sys.executable, "-m", "consortium.cli", *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for args in commands]
-    try:
-        outputs = [p.communicate(timeout=120) for p in started]
-        return [subprocess.CompletedProcess(p.args, p.returncode, *o) for p, o in zip(started, outputs)]
-    finally:
-        for proc in started:
-            if proc.poll() is None:
-                proc.kill()
+    return cli_side_by_side(*commands, timeout=120)
 
 
 def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:

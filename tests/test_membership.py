@@ -29,6 +29,7 @@ from consortium.redteam.membership import (
     verdicts,
 )
 from consortium.simulation import Simulation
+from tests.conftest import cli_side_by_side
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -160,17 +161,6 @@ def consortium(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "consortium.cli", *args], check=False, capture_output=True, text=True, timeout=600)
 
 
-def consortium_side_by_side(*commands: list[str]) -> list[subprocess.CompletedProcess[str]]:
-    """As ``consortium`` for each of ``commands``, all started at once (independent commands, two cores)."""
-    started = [subprocess.Popen([sys.executable, "-m", "consortium.cli", *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for args in commands]
-    try:
-        outputs = [p.communicate(timeout=600) for p in started]
-        return [subprocess.CompletedProcess(p.args, p.returncode, *o) for p, o in zip(started, outputs)]
-    finally:
-        for proc in started:
-            if proc.poll() is None:
-                proc.kill()
 
 
 def test_audit_command_writes_audit_json(runs: dict[str, Path]) -> None:
@@ -191,7 +181,7 @@ def test_audit_command_errors_are_one_line(tmp_path: Path, runs: dict[str, Path]
         (["audit", str(runs["digits"]), "--attacks", "mia,telepathy"], "unknown attack 'telepathy'"),
         (["audit", str(tmp_path)], "summary.json is missing"),
     ]
-    for done, (_, expected) in zip(consortium_side_by_side(*(args for args, _ in cases)), cases):
+    for done, (_, expected) in zip(cli_side_by_side(*(args for args, _ in cases)), cases):
         assert done.returncode == 2
         assert expected in done.stderr and "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr

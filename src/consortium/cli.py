@@ -938,8 +938,17 @@ def _print_promotion(promotion: Any, as_json: bool) -> None:
         raise Exit(1)
 
 
-def _rollback(run_dir: Path, to: str, reason: str, member: str, keys: Path | None, kit: Path | None,
-              schema: Path | None, wait: float) -> None:
+ToOpt = Annotated[str, typer.Option("--to", help="the earlier production version to restore")]
+ReasonOpt = Annotated[str, typer.Option("--reason", help="why: it goes in the transcript for every member to read")]
+MemberOpt = Annotated[str, typer.Option("--member", help="who demands it: a coordinator, site or auditor (signs it)")]
+
+
+@models_app.command("rollback")
+def models_rollback(
+    run_dir: RunArg, to: ToOpt, reason: ReasonOpt, member: MemberOpt = "coordinator",
+    keys: SimKeysOpt = None, kit: KitOpt = None, schema: SchemaOpt = None, wait: WaitOpt = 120.0,
+) -> None:
+    """Restore an earlier production version everywhere, signed by the member who demands it."""
     from consortium.governance.agreement import load_member_key
 
     if kit is not None and member != "coordinator":
@@ -956,27 +965,7 @@ def _rollback(run_dir: Path, to: str, reason: str, member: str, keys: Path | Non
     )
 
 
-ToOpt = Annotated[str, typer.Option("--to", help="the earlier production version to restore")]
-ReasonOpt = Annotated[str, typer.Option("--reason", help="why: it goes in the transcript for every member to read")]
-MemberOpt = Annotated[str, typer.Option("--member", help="who demands it: a coordinator, site or auditor (signs it)")]
-
-
-@models_app.command("rollback")
-def models_rollback(
-    run_dir: RunArg, to: ToOpt, reason: ReasonOpt, member: MemberOpt = "coordinator",
-    keys: SimKeysOpt = None, kit: KitOpt = None, schema: SchemaOpt = None, wait: WaitOpt = 120.0,
-) -> None:
-    """Restore an earlier production version everywhere, signed by the member who demands it."""
-    _rollback(run_dir, to, reason, member, keys, kit, schema, wait)
-
-
-@app.command("rollback")
-def rollback(
-    run_dir: RunArg, to: ToOpt, reason: ReasonOpt, member: MemberOpt = "coordinator",
-    keys: SimKeysOpt = None, kit: KitOpt = None, schema: SchemaOpt = None, wait: WaitOpt = 120.0,
-) -> None:
-    """Restore an earlier production model everywhere (the same as consortium models rollback)."""
-    _rollback(run_dir, to, reason, member, keys, kit, schema, wait)
+app.command("rollback")(models_rollback)  # consortium rollback: the same command, at the top level
 
 
 @models_app.command("monitor")
