@@ -291,23 +291,31 @@ class Site:
             )
         return sent, msg.params
 
+    def _proven(self, proof: m.PlanProof | None, kind: str, what: str, rule: str) -> Entry:
+        """An entry of ``kind`` by the coordinator, in the last tree head this site co-signed; a refusal
+        under ``rule`` otherwise (round plans before training, lifecycle entries before deploying)."""
+        assert self._witness is not None
+        last = self._witness.last
+        if proof is None or last is None or proof.head.model_copy(update={"cosignatures": {}}) != last:
+            raise Refused(rule, f"{what} is not proven against the last tree head this site co-signed")
+        entry = proof.entry
+        if entry.kind != kind or entry.author != COORDINATOR:
+            raise Refused(rule, f"{what}: the proof is of a {entry.kind} entry, not a {kind} entry")
+        try:
+            keys.verify(self._directory[COORDINATOR], entry.signature, entry.signed_bytes())
+            merkle.verify_inclusion(entry.leaf(), entry.index, last.size, proof.path, bytes.fromhex(last.root))
+        except VerificationError as exc:
+            raise Refused(rule, f"{what} is not in the transcript: {exc}") from None
+        return entry
+
     def _check_plan(self, rnd: int, msg: m.FitRequest, sent: str) -> None:
         """The request must be the round plan the transcript holds, in the last head this site co-signed."""
         proof = msg.plan
         if proof is None:
             raise Refused("plan_proof", "this site trains only on a round plan the transcript holds, and the request carries none")
-        assert self._witness is not None
-        last = self._witness.last
-        if last is None or proof.head.model_copy(update={"cosignatures": {}}) != last:
-            raise Refused("plan_proof", "the plan is proven against a tree head this site did not co-sign last")
-        entry = proof.entry
-        if entry.kind != "round_plan" or entry.round != rnd or entry.author != COORDINATOR:
-            raise Refused("plan_proof", f"the proof is of a {entry.kind} entry for round {entry.round}, not this round's plan")
-        try:
-            keys.verify(self._directory[COORDINATOR], entry.signature, entry.signed_bytes())
-            merkle.verify_inclusion(entry.leaf(), entry.index, last.size, proof.path, bytes.fromhex(last.root))
-        except VerificationError as exc:
-            raise Refused("plan_proof", f"the round plan is not in the transcript: {exc}") from None
+        entry = self._proven(proof, "round_plan", "the round plan", "plan_proof")
+        if entry.round != rnd:
+            raise Refused("plan_proof", f"the proof is of the plan for round {entry.round}, not this round's plan")
         if entry.body.get("model_sha256") != sent:
             raise Refused(
                 "model_hash",
@@ -567,28 +575,13 @@ class Site:
             "running": self._lifecycle.version,
         }))
 
-    def _proven(self, proof: m.PlanProof | None, kind: str, what: str) -> Entry:
-        """An entry of ``kind`` by the coordinator, in the last tree head this site co-signed."""
-        assert self._witness is not None
-        last = self._witness.last
-        if proof is None or last is None or proof.head.model_copy(update={"cosignatures": {}}) != last:
-            raise Refused("deploy_proof", f"{what} is not proven against the last tree head this site co-signed")
-        entry = proof.entry
-        if entry.kind != kind or entry.author != COORDINATOR:
-            raise Refused("deploy_proof", f"{what}: the proof is of a {entry.kind} entry, not a {kind} entry")
-        try:
-            keys.verify(self._directory[COORDINATOR], entry.signature, entry.signed_bytes())
-            merkle.verify_inclusion(entry.leaf(), entry.index, last.size, proof.path, bytes.fromhex(last.root))
-        except VerificationError as exc:
-            raise Refused("deploy_proof", f"{what} is not in the transcript: {exc}") from None
-        return entry
 
     def _check_promoted(self, msg: m.DeployRequest) -> None:
         """A site runs only a version the transcript registered with this very model and put in production."""
-        registered = self._proven(msg.registered, "model_version", f"version {msg.version}'s registration")
+        registered = self._proven(msg.registered, "model_version", f"version {msg.version}'s registration", "deploy_proof")
         if registered.body.get("version") != msg.version or registered.body.get("model_sha256") != msg.model_sha256:
             raise Refused("deploy_proof", f"the transcript registered another model as {registered.body.get('version')}, not this one")
-        promoted = self._proven(msg.promoted, "model_state", f"version {msg.version}'s promotion")
+        promoted = self._proven(msg.promoted, "model_state", f"version {msg.version}'s promotion", "deploy_proof")
         body = promoted.body
         if body.get("version") != msg.version or body.get("to") != "production" or promoted.index < registered.index:
             raise Refused("deploy_proof", f"the transcript does not put version {msg.version} in production: refusing to run it")
