@@ -190,6 +190,33 @@ def test_derive_key_binds_context():
         aead.derive_key(alice, BOB_PUBLIC, info=b"")
 
 
+def test_derive_keys_gives_one_independent_key_per_context_from_one_agreement():
+    alice = keys.load_x25519_private(ALICE_PRIVATE)
+    share, ack = aead.derive_keys(alice, BOB_PUBLIC, infos=(INFO, INFO + b"|ack"))
+    assert share == _hkdf_sha256_stdlib(SHARED, INFO) and ack == _hkdf_sha256_stdlib(SHARED, INFO + b"|ack")
+    with pytest.raises(CryptoError, match="distinct"):
+        aead.derive_keys(alice, BOB_PUBLIC, infos=(INFO, INFO))
+
+
+def test_mac_is_hmac_sha256_and_check_mac_refuses_any_change():
+    import hashlib
+    import hmac as std_hmac
+
+    key, other = _pair_key(), _pair_key()
+    statement = b"consortium/secagg/v1/ack|s1|s0|s0,s1,s2"
+    tag = aead.mac(key, statement)
+    assert tag == std_hmac.new(key, statement, hashlib.sha256).digest()  # an independent implementation agrees
+    aead.check_mac(key, tag, statement)
+    flipped = bytes([tag[0] ^ 1]) + tag[1:]
+    for bad_key, bad_tag, bad_statement in ((key, flipped, statement), (key, tag, statement + b"x"), (other, tag, statement)):
+        with pytest.raises(aead.MacError):
+            aead.check_mac(bad_key, bad_tag, bad_statement)
+    with pytest.raises(aead.MacError):
+        aead.check_mac(key, tag[:16], statement)  # a truncated tag is not a shorter valid one
+    with pytest.raises(CryptoError, match="32 bytes"):
+        aead.mac(b"short", statement)
+
+
 def test_seal_open_round_trip():
     key = _pair_key()
     plaintext = os.urandom(2 * 48 + 7)

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from consortium.crypto import keys
-from consortium.crypto.aead import DecryptionError
+from consortium.crypto.aead import DecryptionError, MacError
 from consortium.crypto.keys import InvalidSignatureError
 from consortium.secagg import (
     STAGES,
@@ -25,6 +25,7 @@ from consortium.secagg.messages import (
     ShareDelivery,
     SurvivorList,
     UnmaskRequest,
+    survivors_statement,
 )
 from consortium.secagg.quantize import QuantizationError
 
@@ -116,8 +117,9 @@ class Session:
 
     def to_unmask(self, skip=()):
         survivors = self.to_masked(skip)
-        for u in survivors.survivors:
-            self.server.add_ack(u, self.clients[u].consistency_check(survivors))
+        self.acks = {u: self.clients[u].consistency_check(survivors) for u in survivors.survivors}
+        for u, ack in self.acks.items():
+            self.server.add_ack(u, ack)
         return self.server.close_consistency()
 
 
@@ -221,9 +223,42 @@ def test_unmask_reveals_seed_shares_for_alive_and_key_shares_for_dropped_never_b
 def test_forged_acknowledgements_are_refused():
     s, req = _honest_request(Session())
     acks = dict(req.acks)
-    acks["s1"] = keys.sign(keys.generate_ed25519()[0], b"anything")
-    with pytest.raises(InvalidSignatureError):
+    acks["s1"] = bytes(32)  # the coordinator does not hold the key s0 and s1 share
+    with pytest.raises(MacError):
         s.clients["s0"].unmask(UnmaskRequest(survivors=req.survivors, dropped=req.dropped, acks=acks))
+
+
+def test_a_site_own_acknowledgement_reflected_back_is_refused():
+    s, req = _honest_request(Session())
+    acks = dict(req.acks)
+    acks["s1"] = s.acks["s0"].tags["s1"]  # s0's tag for s1, under the key they share, passed off as s1's
+    with pytest.raises(MacError):
+        s.clients["s0"].unmask(UnmaskRequest(survivors=req.survivors, dropped=req.dropped, acks=acks))
+    # Nor may s0's own confirmation count at all, nor a site whose keys s0 never checked.
+    s, req = _honest_request(Session())
+    with pytest.raises(SecAggError, match="not a neighbour"):
+        s.clients["s0"].unmask(UnmaskRequest(survivors=req.survivors, dropped=req.dropped, acks={**req.acks, "s0": bytes(32)}))
+
+
+def test_a_coordinator_showing_two_survivor_lists_is_caught():
+    """The attack the consistency check exists for: some sites are told s4 survived, others that it dropped.
+
+    A coordinator that got s4's seed shares from the first group and its mask-key shares from the second
+    could strip every mask off s4's input. Each site checks that its neighbours acknowledged the very list it
+    saw, so a neighbour's tag over the other list fails.
+    """
+    s = Session()
+    s.to_masked()
+    sid = s.params.session_id
+    full = tuple(s.params.participants)
+    without_s4 = tuple(u for u in full if u != "s4")
+    both = {lst: SurvivorList(survivors=lst, signature=keys.sign(s.server_key, survivors_statement(sid, lst))) for lst in (full, without_s4)}
+    shown = {"s0": full, "s1": full, "s2": without_s4, "s3": without_s4}
+    acks = {u: s.clients[u].consistency_check(both[lst]) for u, lst in shown.items()}
+    # s0, told all five survived, gets s1's tag over that list and s2's and s3's over the list without s4.
+    request = UnmaskRequest(survivors=full, dropped=(), acks={v: acks[v].tags["s0"] for v in ("s1", "s2", "s3")})
+    with pytest.raises(MacError):
+        s.clients["s0"].unmask(request)
 
 
 def test_a_site_checks_the_threshold_itself():

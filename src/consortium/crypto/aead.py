@@ -9,6 +9,12 @@ cannot read or alter.
   (RFC 5869) with no salt and a caller-chosen ``info`` that binds the
   context, for example ``b"consortium/secagg/share-key/v1" + round + sorted
   pair of site names``. Different contexts give independent keys.
+- ``derive_keys``: several such keys from one X25519 agreement, one per
+  ``info`` (the share key and the acknowledgement key of one pair of sites).
+- ``mac`` / ``check_mac``: HMAC-SHA256 (RFC 2104) under such a key, for a
+  statement one site addresses to one neighbour: only the two of them hold
+  the key, so it convinces that neighbour as a signature would, for a
+  fraction of an Ed25519 verification.
 - ``seal`` / ``open_``: AES-256-GCM (NIST SP 800-38D) with a fresh random
   12-byte nonce prepended: ``nonce || ciphertext || 16-byte tag``. Random
   nonces are safe for far more than 2^32 messages per key (SP 800-38D,
@@ -16,7 +22,8 @@ cannot read or alter.
 
 ``open_`` raises ``DecryptionError`` on every failure (a flipped bit, other
 associated data, another key, a truncated input), as Fernet raises
-``InvalidToken``: the caller cannot forget to check a bool.
+``InvalidToken``: the caller cannot forget to check a bool; ``check_mac``
+raises ``MacError`` likewise.
 """
 
 from __future__ import annotations
@@ -24,14 +31,27 @@ from __future__ import annotations
 import os
 
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from consortium.crypto.keys import CryptoError, exchange
 
-__all__ = ["DecryptionError", "KEY_BYTES", "NONCE_BYTES", "TAG_BYTES", "derive_key", "seal", "open_"]
+__all__ = [
+    "DecryptionError",
+    "KEY_BYTES",
+    "MacError",
+    "NONCE_BYTES",
+    "TAG_BYTES",
+    "check_mac",
+    "derive_key",
+    "derive_keys",
+    "mac",
+    "seal",
+    "open_",
+]
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -44,9 +64,13 @@ class DecryptionError(CryptoError):
     """A ciphertext that does not authenticate under this key and associated data."""
 
 
+class MacError(CryptoError):
+    """A message authentication code that does not match its statement under this key."""
+
+
 def _key(key: bytes) -> bytes:
     if not isinstance(key, (bytes, bytearray, memoryview)) or len(key) != KEY_BYTES:
-        raise CryptoError(f"an AES-256-GCM key must be {KEY_BYTES} bytes: derive it with derive_key")
+        raise CryptoError(f"an AES-256-GCM or HMAC key must be {KEY_BYTES} bytes: derive it with derive_key")
     return bytes(key)
 
 
@@ -58,10 +82,34 @@ def derive_key(own_private_x25519: X25519PrivateKey, peer_public_bytes: bytes, *
     key never serves two contexts. Both sides get the same key when they
     pass the same ``info``.
     """
-    if not isinstance(info, bytes) or not info:
-        raise CryptoError("derive_key needs a non-empty info (purpose, round and sorted site names) to bind the key to its context")
+    return derive_keys(own_private_x25519, peer_public_bytes, infos=(info,))[0]
+
+
+def derive_keys(own_private_x25519: X25519PrivateKey, peer_public_bytes: bytes, *, infos: tuple[bytes, ...]) -> tuple[bytes, ...]:
+    """``derive_key`` for each of ``infos``, from one X25519 agreement: independent keys, one per purpose."""
+    if not infos or any(not isinstance(info, bytes) or not info for info in infos) or len(set(infos)) != len(infos):
+        raise CryptoError(
+            "derive_keys needs distinct non-empty infos (purpose, round and sorted site names) to bind each key to its context"
+        )
     secret = exchange(own_private_x25519, peer_public_bytes)
-    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(secret)
+    return tuple(HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(secret) for info in infos)
+
+
+def mac(key: bytes, data: bytes) -> bytes:
+    """HMAC-SHA256 of ``data`` under ``key`` (32 bytes)."""
+    h = hmac.HMAC(_key(key), hashes.SHA256())
+    h.update(bytes(data))
+    return h.finalize()
+
+
+def check_mac(key: bytes, tag: bytes, data: bytes) -> None:
+    """Raise ``MacError`` unless ``tag`` is ``mac(key, data)`` (compared in constant time)."""
+    h = hmac.HMAC(_key(key), hashes.SHA256())
+    h.update(bytes(data))
+    try:
+        h.verify(bytes(tag))
+    except InvalidSignature:
+        raise MacError("authentication code does not match: the statement was altered or not made by the key's other holder") from None
 
 
 def seal(key: bytes, plaintext: bytes, *, associated_data: bytes) -> bytes:

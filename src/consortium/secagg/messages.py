@@ -112,12 +112,21 @@ class SurvivorList(Frozen):
 
 
 class ConsistencyAck(Frozen):
-    """A site's signature over the survivor list it was shown."""
+    """A site's confirmation of the survivor list it was shown.
+
+    ``signature`` (Ed25519, identity key) is for the coordinator; ``tags``
+    holds, per surviving neighbour, an HMAC of the list under the key this
+    site shares with that neighbour alone (``ack_statement``), which is what
+    the neighbour checks before unmasking.
+    """
 
     signature: B64
+    tags: dict[Name, B64]
 
 
 class UnmaskRequest(Frozen):
+    """To one site: the survivors, the dropped sites, and the acknowledgement tags its neighbours addressed to it."""
+
     survivors: tuple[Name, ...]
     dropped: tuple[Name, ...]
     acks: dict[Name, B64]
@@ -145,6 +154,17 @@ def survivors_statement(session_id: str, survivors: tuple[str, ...]) -> bytes:
     return _statement(b"survivors", session_id, *(s.encode() for s in sorted(survivors)))
 
 
+def ack_statement(session_id: str, sender: str, recipient: str, listed: bytes) -> bytes:
+    """What a site's acknowledgement tag for one neighbour covers: the direction and the survivor list.
+
+    ``listed`` is ``survivors_statement`` of the list (built once, tagged for
+    every neighbour). Naming the direction matters because both ends hold the
+    same key: a coordinator reflecting a site's own tag back at it must not
+    pass for the neighbour's.
+    """
+    return _statement(b"ack", session_id, sender.encode(), recipient.encode(), listed)
+
+
 def share_context(session_id: str, sender: str, recipient: str) -> bytes:
     """Associated data and key-derivation context of one share ciphertext."""
     return _statement(b"share", session_id, sender.encode(), recipient.encode())
@@ -159,3 +179,9 @@ def share_key_context(session_id: str, a: str, b: str) -> bytes:
     """Key-derivation context of the AES-GCM key two sites share (the same from either side)."""
     lo, hi = sorted((a, b))
     return _statement(b"share-key", session_id, lo.encode(), hi.encode())
+
+
+def ack_key_context(session_id: str, a: str, b: str) -> bytes:
+    """Key-derivation context of the HMAC key two sites share for acknowledgements (the same from either side)."""
+    lo, hi = sorted((a, b))
+    return _statement(b"ack-key", session_id, lo.encode(), hi.encode())
