@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from consortium.learning.training import TrainSettings, train_local
+from consortium.learning.specs import TrainSettings
+from consortium.learning.training import train_local
 from consortium.privacy import dpsgd
 from consortium.privacy.dpsgd import secure_generator, train_dp_sgd
 

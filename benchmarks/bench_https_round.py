@@ -34,9 +34,8 @@ from consortium.deploy.agent import SiteAgent
 from consortium.deploy.mailbox import Mailbox
 from consortium.deploy.provision import load_kit, provision
 from consortium.deploy.service import HttpsServer, create_app
-from consortium.learning.models import ModelSpec
+from consortium.learning.specs import ModelSpec, TrainSettings
 from consortium.learning.strategies import FedAvg
-from consortium.learning.training import TrainSettings
 from consortium.protocol.coordinator import COORDINATOR, Coordinator, SecureAggregation
 from consortium.protocol.loop import RoundLoop
 from consortium.protocol.site import Site

@@ -33,9 +33,8 @@ from safetensors.numpy import save as safetensors_save
 
 from consortium.crypto import keys
 from consortium.data import Splits, Table
-from consortium.learning.models import ModelSpec
+from consortium.learning.specs import ModelSpec, TrainSettings
 from consortium.learning.strategies import FedAvg
-from consortium.learning.training import TrainSettings
 from consortium.protocol import coordinator as coordinator_module
 from consortium.protocol import site as site_module
 from consortium.protocol.coordinator import COORDINATOR, Coordinator

@@ -6,7 +6,8 @@ from hypothesis import strategies as st
 
 from consortium.errors import ModelError
 from consortium.learning.adapter import ModelAdapter
-from consortium.learning.models import ModelSpec, build_model
+from consortium.learning.models import build_model
+from consortium.learning.specs import ModelSpec
 
 
 def _model(kind="mlp", hidden=(16,), n_features=64, seed=0):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from consortium.errors import ConfigError
-from consortium.learning.models import ModelSpec
+from consortium.learning.specs import ModelSpec
 from consortium.privacy.dpsgd import secure_generator
 from consortium.redteam.canary import (
     CanaryAuditSettings,

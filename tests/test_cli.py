@@ -214,3 +214,21 @@ def test_schema_mismatch_names_site_and_column(tmp_path):
         f"    - {{name: s2, csv: {tmp_path / 's2.csv'}, schema: {tmp_path / 's2.yaml'}}}\n"
     )
     _one_line_error(run_cli("simulate", str(cfg)), "s2", "sex")
+
+
+def test_reading_configs_agreements_and_transcripts_does_not_load_torch():
+    """`consortium --help`, `verify`, the agreement and policy commands and every config error answer in
+    half a second rather than the two that importing torch takes: nothing they import pulls it in."""
+    light = (
+        "consortium.cli",
+        "consortium.config",
+        "consortium.protocol.messages",
+        "consortium.transcript.verify",
+        "consortium.governance.agreement",
+        "consortium.governance.policy",
+        "consortium.privacy.accountant",
+    )
+    code = f"import sys\nfor m in {light!r}: __import__(m)\nprint('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"

@@ -16,8 +16,9 @@ import torch
 from consortium.data.datasets import load_builtin
 from consortium.errors import ConfigError, ModelError
 from consortium.learning.adapter import ModelAdapter
-from consortium.learning.models import ModelSpec, build_model
-from consortium.learning.training import TrainSettings, train_local
+from consortium.learning.models import build_model
+from consortium.learning.specs import ModelSpec, TrainSettings
+from consortium.learning.training import train_local
 from consortium.redteam.inversion import (
     InversionSettings,
     feature_error,

@@ -8,7 +8,8 @@ from dp_accounting import pld, rdp
 
 from consortium.config import SimulationConfig
 from consortium.errors import ConfigError
-from consortium.learning.training import TrainSettings, train_local
+from consortium.learning.specs import TrainSettings
+from consortium.learning.training import train_local
 from consortium.privacy.accountant import calibrate_noise, dp_sgd_epsilon, epsilon
 from consortium.privacy.dpsgd import (
     clip_and_sum,

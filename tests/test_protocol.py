@@ -8,9 +8,8 @@ import pytest
 
 from consortium.config import SimulationConfig
 from consortium.errors import ProtocolError, SchemaMismatchError
-from consortium.learning.models import ModelSpec
+from consortium.learning.specs import ModelSpec, TrainSettings
 from consortium.learning.strategies import FedAvg
-from consortium.learning.training import TrainSettings
 from consortium.protocol import messages as m
 from consortium.protocol.coordinator import Coordinator
 from consortium.protocol.loop import RoundLoop

@@ -19,12 +19,11 @@ from hypothesis.extra.numpy import arrays
 from consortium.config import SimulationConfig, parse_config
 from consortium.errors import ConfigError
 from consortium.learning import robust as r
-from consortium.learning.models import ModelSpec
 from consortium.learning.strategies import FedAvg
-from consortium.learning.training import TrainSettings
 from consortium.protocol import contributions as c
 from consortium.protocol.coordinator import Coordinator, SecureAggregation
 from consortium.crypto import keys
+from consortium.learning.specs import ModelSpec, TrainSettings
 from consortium.redteam.poisoning import Attack, PoisoningRun, poisoning_experiment
 
 # Whole simulations of tiny models below: one torch thread is fastest (see conftest), and every accuracy

@@ -13,9 +13,8 @@ from dp_accounting import pld
 from consortium.config import SimulationConfig
 from consortium.crypto import keys
 from consortium.errors import ConfigError
-from consortium.learning.models import ModelSpec
+from consortium.learning.specs import ModelSpec, TrainSettings
 from consortium.learning.strategies import FedAvg
-from consortium.learning.training import TrainSettings
 from consortium.privacy import ddg
 from consortium.privacy.accountant import PLD_INTERVAL, calibrate_site_noise, epsilon
 from consortium.privacy.events import DiscreteGaussianNoise, RecordLevelEvent, SiteLevelEvent, parse_event

@@ -14,9 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from consortium.data import BUILTIN_DATASETS
 from consortium.errors import ConfigError
-from consortium.learning.models import ModelSpec
 from consortium.learning.robust import AGGREGATORS, CONDITIONS, Aggregator, min_updates, needs_updates
-from consortium.learning.training import TrainSettings
+from consortium.learning.specs import ModelSpec, TrainSettings
 from consortium.yamlfile import parse_yaml, read_text, validate
 
 SiteName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]

@@ -41,7 +41,8 @@ from consortium.errors import ConfigError
 from consortium.governance.agreement import Agreement, load_member_key
 from consortium.governance.policy import SitePolicy, load_policy
 from consortium.learning.models import build_model, standardisation
-from consortium.learning.training import EvalStats, TrainSettings, evaluate, train_local
+from consortium.learning.specs import TrainSettings
+from consortium.learning.training import EvalStats, evaluate, train_local
 from consortium.orchestrator import CoordinatorRun, RunResult, finite_metrics
 from consortium.privacy.ledger import BudgetLedger
 from consortium.protocol.coordinator import COORDINATOR, RoundRecord

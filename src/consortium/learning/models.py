@@ -8,25 +8,12 @@ feature statistics (sums of counts, values and squares, never rows).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
-
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from consortium.errors import ModelError
-
-ModelKind = Literal["logistic", "mlp", "cnn"]
-
-
-class ModelSpec(BaseModel):
-    """Which built-in architecture to train, and its size."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: ModelKind = "mlp"
-    hidden: tuple[Annotated[int, Field(ge=1, le=65536)], ...] = (64,)
+from consortium.learning.specs import ModelSpec
 
 
 def standardisation(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

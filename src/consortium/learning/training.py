@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn import functional as F
+
+from consortium.learning.specs import TrainSettings
 
 #: Bins of the predicted positive-class probability used for ROC AUC.
 AUC_BINS = 1000
@@ -23,19 +23,6 @@ AUC_BINS = 1000
 CAL_BINS = 15
 #: Per group of a sensitive attribute: records, predicted positive, positives, true positives, negatives, false positives.
 GROUP_FIELDS = ("n", "predicted_positive", "positives", "true_positives", "negatives", "false_positives")
-
-
-class TrainSettings(BaseModel):
-    """How a site trains in one round."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    epochs: int = Field(1, ge=1, le=10_000)
-    batch_size: int = Field(32, ge=1, le=1_000_000)
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    lr: float = Field(0.05, gt=0, le=10)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0, le=1)
 
 
 def make_optimizer(params: list[torch.Tensor], settings: TrainSettings) -> torch.optim.Optimizer:

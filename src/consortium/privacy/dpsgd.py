@@ -21,7 +21,8 @@ from torch.func import functional_call, grad, vmap
 from torch.nn import functional as F
 
 from consortium.errors import ConfigError
-from consortium.learning.training import TrainSettings, make_optimizer
+from consortium.learning.specs import TrainSettings
+from consortium.learning.training import make_optimizer
 
 
 def secure_generator(test_seed: int | None = None) -> torch.Generator:

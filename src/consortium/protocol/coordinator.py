@@ -33,10 +33,9 @@ from consortium.errors import (
 from consortium.governance.guard import INTEGRITY_RULES
 from consortium.governance.incident import Incident, NormMonitor, RunHalted
 from consortium.learning.adapter import ModelAdapter
-from consortium.learning.models import ModelSpec
 from consortium.learning.robust import RobustAggregation
+from consortium.learning.specs import ModelSpec, TrainSettings
 from consortium.learning.strategies import FedAvg
-from consortium.learning.training import TrainSettings
 from consortium.privacy.events import RecordLevelEvent, SiteLevelEvent
 from consortium.privacy.sitedp import SiteLevelDP
 from consortium.protocol import contributions as c

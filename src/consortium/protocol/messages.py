@@ -13,9 +13,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from consortium.learning.models import ModelSpec
+from consortium.learning.specs import ModelSpec, TrainSettings
 from consortium.learning.strategies import Weighting
-from consortium.learning.training import TrainSettings
 from consortium.privacy.events import PrivacyEvent
 from consortium.secagg.encoding import SessionEncoding
 from consortium.transcript.log import Entry, TreeHead

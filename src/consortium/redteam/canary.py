@@ -50,8 +50,9 @@ from torch import nn
 
 from consortium.data.datasets import load_builtin
 from consortium.errors import ConfigError
-from consortium.learning.models import ModelSpec, build_model, standardisation
-from consortium.learning.training import TrainSettings, make_optimizer
+from consortium.learning.models import build_model, standardisation
+from consortium.learning.specs import ModelSpec, TrainSettings
+from consortium.learning.training import make_optimizer
 from consortium.privacy.accountant import dp_sgd_epsilon
 from consortium.privacy.dpsgd import (
     clip_and_sum,

@@ -62,8 +62,9 @@ from torch.nn import functional as F
 from consortium.data.datasets import Table
 from consortium.errors import ConfigError, ModelError
 from consortium.learning.adapter import ModelAdapter
-from consortium.learning.models import ModelSpec, build_model, standardisation
-from consortium.learning.training import TrainSettings, train_local
+from consortium.learning.models import build_model, standardisation
+from consortium.learning.specs import ModelSpec, TrainSettings
+from consortium.learning.training import train_local
 from consortium.privacy.dpsgd import secure_generator, train_dp_sgd
 
 __all__ = [
