@@ -30,8 +30,7 @@ from __future__ import annotations
 
 import os
 
-from cryptography.exceptions import InvalidTag
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -95,19 +94,21 @@ def derive_keys(own_private_x25519: X25519PrivateKey, peer_public_bytes: bytes, 
     return tuple(HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(secret) for info in infos)
 
 
-def mac(key: bytes, data: bytes) -> bytes:
-    """HMAC-SHA256 of ``data`` under ``key`` (32 bytes)."""
+def _hmac(key: bytes, data: bytes) -> hmac.HMAC:
     h = hmac.HMAC(_key(key), hashes.SHA256())
     h.update(bytes(data))
-    return h.finalize()
+    return h
+
+
+def mac(key: bytes, data: bytes) -> bytes:
+    """HMAC-SHA256 of ``data`` under ``key`` (32 bytes)."""
+    return _hmac(key, data).finalize()
 
 
 def check_mac(key: bytes, tag: bytes, data: bytes) -> None:
     """Raise ``MacError`` unless ``tag`` is ``mac(key, data)`` (compared in constant time)."""
-    h = hmac.HMAC(_key(key), hashes.SHA256())
-    h.update(bytes(data))
     try:
-        h.verify(bytes(tag))
+        _hmac(key, data).verify(bytes(tag))
     except InvalidSignature:
         raise MacError("authentication code does not match: the statement was altered or not made by the key's other holder") from None
 
