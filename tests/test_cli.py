@@ -217,8 +217,8 @@ def test_schema_mismatch_names_site_and_column(tmp_path):
 
 
 def test_reading_configs_agreements_and_transcripts_does_not_load_torch():
-    """`consortium --help`, `verify`, the agreement and policy commands and every config error answer in
-    half a second rather than the two that importing torch takes: nothing they import pulls it in."""
+    """`consortium --help`, `verify`, `show`, `halt`, the agreement and policy commands and every config error
+    answer in half a second rather than the two that importing torch takes: nothing they import pulls it in."""
     light = (
         "consortium.cli",
         "consortium.config",
@@ -226,6 +226,7 @@ def test_reading_configs_agreements_and_transcripts_does_not_load_torch():
         "consortium.transcript.verify",
         "consortium.governance.agreement",
         "consortium.governance.policy",
+        "consortium.governance.control",
         "consortium.privacy.accountant",
     )
     code = f"import sys\nfor m in {light!r}: __import__(m)\nprint('torch' in sys.modules)"

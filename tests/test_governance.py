@@ -32,7 +32,8 @@ from consortium.governance.roles import PermissionDenied, Roles
 from consortium.privacy.events import RecordLevelEvent, SiteLevelEvent
 from consortium.privacy.ledger import BudgetLedger
 from consortium.protocol import messages as m
-from consortium.protocol.coordinator import COORDINATOR, LogRecord
+from consortium.protocol.coordinator import COORDINATOR
+from consortium.transcript.records import LogRecord
 from consortium.protocol.site import Site
 from consortium.simulation import Simulation, run_simulation
 from consortium.transcript.verify import verify_run

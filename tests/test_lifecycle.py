@@ -20,7 +20,8 @@ from consortium.errors import ConfigError, VerificationError
 from consortium.governance.agreement import parse_agreement, template
 from consortium.governance.control import open_run
 from consortium.lifecycle.manager import Lifecycle, LifecycleError, simulated
-from consortium.protocol.coordinator import COORDINATOR, LogRecord
+from consortium.protocol.coordinator import COORDINATOR
+from consortium.transcript.records import LogRecord
 from consortium.simulation import run_simulation, site_splits
 from consortium.data import Table
 from consortium.data.schema import write_csv

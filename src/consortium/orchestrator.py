@@ -49,13 +49,14 @@ from consortium.privacy.dpsgd import secure_numpy_generator
 from consortium.privacy.events import RecordLevelEvent, SiteLevelEvent
 from consortium.privacy.sitedp import AdaptiveClipping, SiteLevelDP
 from consortium.protocol import messages as m
-from consortium.protocol.coordinator import COORDINATOR, Coordinator, LogRecord, RoundRecord, SecureAggregation
+from consortium.protocol.coordinator import COORDINATOR, Coordinator, RoundRecord, SecureAggregation
 from consortium.protocol.loop import RoundLoop
 from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.runs import RunFolder, new_run_dir, write_atomic
 from consortium.secagg.graph import plan_graph
 from consortium.transcript.log import TreeHead, cosign_quorum, vector_sha256
 from consortium.transcript.recorder import TranscriptRecorder, code_sha256, library_versions, over_transport
+from consortium.transcript.records import LogRecord
 from consortium.transcript.verify import AGREEMENT_FILE, signed_epsilon, verify_run
 from consortium.transport import Answer, Transport, ask_all
 

@@ -61,13 +61,14 @@ from consortium.lifecycle.lineage import Lineage, describe_failures, regressions
 from consortium.lifecycle.registry import Change, ModelRegistry, RegistryError, Version, now
 from consortium.orchestrator import evaluation_spec, make_strategy, secure_aggregation
 from consortium.protocol import messages as m
-from consortium.protocol.coordinator import COORDINATOR, Coordinator, LogRecord
+from consortium.protocol.coordinator import COORDINATOR, Coordinator
 from consortium.protocol.loop import RoundLoop
 from consortium.protocol.site import Site
 from consortium.protocol.task import build_task_model
 from consortium.simulation import site_ledgers, site_policies, site_randomness, site_splits
 from consortium.transcript.log import Entry, TranscriptWriter, cosign_quorum, last_cosigned, signed_entry_bytes, vector_sha256
 from consortium.transcript.recorder import TranscriptRecorder, over_transport
+from consortium.transcript.records import LogRecord
 from consortium.transcript.verify import read_entries, run_agreement, verify_run
 from consortium.transport import InProcessTransport, Transport, ask_all, ask_each
 from consortium.wire import Tensor

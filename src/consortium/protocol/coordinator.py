@@ -42,11 +42,11 @@ from consortium.protocol import contributions as c
 from consortium.protocol import messages as m
 from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.secagg import SecAggServer, make_session
-from consortium.secagg.protocol import SessionEvidence
 from consortium.secagg.encoding import DiscreteGaussianEncoding, RingEncoding
 from consortium.secagg.graph import plan_graph
 from consortium.secagg.messages import STAGES
-from consortium.transcript.log import Kind, vector_sha256
+from consortium.transcript.log import vector_sha256
+from consortium.transcript.records import LogRecord, SessionArchive
 
 COORDINATOR = m.COORDINATOR
 
@@ -114,27 +114,6 @@ class RoundRecord:
         kwargs = {attr: d[key] for key, attr in fields.items() if key in d}
         metrics = {k: float("nan") if v is None else v for k, v in d.items() if k not in fields}
         return cls(**kwargs, metrics=metrics)  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True)
-class LogRecord:
-    """A transcript entry the coordinator has to hand: its own (``signature`` None) or a site's signed one."""
-
-    kind: Kind
-    round: int
-    author: str
-    body: dict[str, object]
-    signature: bytes | None = None
-
-
-@dataclass(frozen=True)
-class SessionArchive:
-    """A fit session's unmasking evidence and masked inputs: what lets anyone recompute its sum."""
-
-    round: int
-    evidence: SessionEvidence
-    masked: dict[str, np.ndarray]
-    encoding: RingEncoding | DiscreteGaussianEncoding
 
 
 @dataclass

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.numpy import save as safetensors_save
@@ -22,12 +22,15 @@ from safetensors.numpy import save as safetensors_save
 from consortium.crypto import keys
 from consortium.errors import ConsortiumError
 from consortium.governance.incident import Incident, RunHalted
-from consortium.protocol.coordinator import COORDINATOR, Coordinator, LogRecord, SessionArchive
-from consortium.protocol.messages import CosignRequest, Cosignature, PlanProof
+from consortium.protocol.messages import COORDINATOR, CosignRequest, Cosignature, PlanProof
 from consortium.runs import write_atomic
 from consortium.transcript.log import TranscriptWriter, TreeHead, canonical, last_cosigned, manifest_bytes, sha256_hex
+from consortium.transcript.records import LogRecord, SessionArchive
 from consortium.transcript.verify import EVIDENCE_DIR
 from consortium.transport import NoAnswer, Transport, ask_each
+
+if TYPE_CHECKING:  # the protocol engine (and torch) only where a run is driven, not to append a halt
+    from consortium.protocol.coordinator import Coordinator
 
 LIBRARIES = ("numpy", "torch", "cryptography", "dp-accounting", "pydantic", "rfc8785")
 Cosigner = Callable[[TreeHead, list[bytes]], bytes]

@@ -54,6 +54,14 @@ def ask_all(transport: Transport, sites: list[str], rnd: int, request: BaseModel
     return ask_each(transport, rnd, {name: request for name in sites}, answer)
 
 
-from consortium.transport.inprocess import InProcessTransport  # noqa: E402
+def __getattr__(name: str) -> object:
+    """``InProcessTransport`` on first use: it runs whole sites (and so loads torch), which the commands that
+    only append to a transcript (halt, resume) never need."""
+    if name == "InProcessTransport":
+        from consortium.transport.inprocess import InProcessTransport
+
+        return InProcessTransport
+    raise AttributeError(f"module 'consortium.transport' has no attribute '{name}'")
+
 
 __all__ = ["Answer", "InProcessTransport", "NoAnswer", "Transport", "ask_all", "ask_each"]
