@@ -234,7 +234,7 @@ def test_a_site_own_acknowledgement_reflected_back_is_refused():
     acks["s1"] = s.acks["s0"].tags["s1"]  # s0's tag for s1, under the key they share, passed off as s1's
     with pytest.raises(MacError):
         s.clients["s0"].unmask(UnmaskRequest(survivors=req.survivors, dropped=req.dropped, acks=acks))
-    # Nor may s0's own confirmation count at all, nor a site whose keys s0 never checked.
+    # Nor may a confirmation from s0 itself count: it is not its own neighbour.
     s, req = _honest_request(Session())
     with pytest.raises(SecAggError, match="not a neighbour"):
         s.clients["s0"].unmask(UnmaskRequest(survivors=req.survivors, dropped=req.dropped, acks={**req.acks, "s0": bytes(32)}))
