@@ -575,7 +575,6 @@ class Site:
             "running": self._lifecycle.version,
         }))
 
-
     def _check_promoted(self, msg: m.DeployRequest) -> None:
         """A site runs only a version the transcript registered with this very model and put in production."""
         registered = self._proven(msg.registered, "model_version", f"version {msg.version}'s registration", "deploy_proof")
