@@ -44,8 +44,8 @@ from consortium.governance.agreement import parse_agreement, template
 from consortium.protocol.messages import COORDINATOR
 from consortium.runs import write_atomic
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_HOST = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
+_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")  # \Z: "$" would accept a final newline
+_HOST = re.compile(r"\A[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?\Z")
 KIT_FILE = "kit.json"
 MANIFEST_FILE = "consortium.json"
 
@@ -60,7 +60,7 @@ def parse_address(address: str) -> tuple[str, int]:
         ipaddress.ip_address(host)
     except ValueError:
         if not _HOST.match(host):
-            raise ConfigError(f"coordinator host '{host}' is neither an IP address nor a DNS name") from None
+            raise ConfigError(f"coordinator host {host!r} is neither an IP address nor a DNS name") from None
     return host, int(port)
 
 
@@ -144,7 +144,7 @@ def provision(
     names = [*sites, *auditors]
     for name in [consortium, *names]:
         if not _NAME.match(name):
-            raise ConfigError(f"'{name}' is not a valid name: letters, digits, '.', '_' and '-', starting with a letter or digit")
+            raise ConfigError(f"{name!r} is not a valid name: letters, digits, '.', '_' and '-', starting with a letter or digit")
     if len(sites) < 2:
         raise ConfigError("a consortium needs at least 2 sites: list them with --sites a,b")
     if len(set(names)) != len(names) or COORDINATOR in names:
