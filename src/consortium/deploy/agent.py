@@ -4,7 +4,9 @@ It long-polls the coordinator over mutual TLS (httpx, the kit's client
 certificate, only the consortium's CA trusted), hands each sealed request to
 the same ``Site`` as in simulation (guard, budget, transcript checks and
 all), and posts the sealed reply. Connection failures are retried with
-exponential backoff; the agent stops when the coordinator says the run is over.
+exponential backoff; a poll the coordinator turns away as one too many (429)
+is retried after the time it names; the agent stops when the coordinator
+says the run is over.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ from consortium.deploy.provision import Kit
 from consortium.protocol.site import Site
 
 
+def _retry_after(response: httpx.Response, default_s: float = 1.0) -> float:
+    """The seconds a 429 asks the agent to wait (1 to 30; ``default_s`` when it names none)."""
+    text = response.headers.get("retry-after", "")
+    return min(30.0, max(1.0, float(text))) if text.isdigit() else default_s
+
+
 class SiteAgent:
+    """One site's agent: polls the coordinator, answers with its ``Site``, until the run is over."""
+
     def __init__(
         self, kit: Kit, site: Site, *, base_url: str | None = None, max_backoff_s: float = 10.0, heartbeat_s: float = 2.0
     ) -> None:
@@ -58,6 +68,9 @@ class SiteAgent:
                     if polled.status_code == 410:
                         return
                     if polled.status_code == 204:
+                        continue
+                    if polled.status_code == 429:  # its polls are all in flight (a former connection's): wait its turn
+                        stop.wait(_retry_after(polled))
                         continue
                     polled.raise_for_status()
                     reply = self._answer(client, polled.content)

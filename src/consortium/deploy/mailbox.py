@@ -4,28 +4,42 @@ Each protocol stage puts one sealed request per addressee in the mailbox and
 waits until every addressee has answered or the stage's deadline passes
 (whoever has not answered by then has dropped out of the stage, exactly as
 in simulation). A request is handed out once; a reply is taken only from a
-member that was asked in this stage and has not answered yet, so a replayed
-or unsolicited reply is refused before it is even parsed.
+member that was asked in this stage and has not answered yet, so an
+unsolicited reply is refused before it is even parsed. A stage may name an
+``accept`` check (the transport's: the seal, its sender, round, freshness
+and nonce): a reply takes its member's place only once it passes, so a
+replayed or forged reply is refused and the genuine one still gets in.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
+
+Accept = Callable[[str, bytes], Any]  # (member, raw reply) -> what the stage returns for it; raises to refuse it
 
 
 class Mailbox:
+    """Requests waiting for their sites, replies waiting for their stage; one stage at a time."""
+
     def __init__(self) -> None:
         self._cond = threading.Condition()
         self._outbox: dict[str, bytes] = {}
         self._expected: set[str] = set()
-        self._inbox: dict[str, bytes] = {}
+        self._inbox: dict[str, Any] = {}
+        self._accept: Accept | None = None
+        self._stage = 0  # which stage is open: a reply checked during one is not taken into the next
         self._closed = False
         self._seen: dict[str, float] = {}  # member -> when it last polled (monotonic)
         self._alive: dict[str, float] = {}  # member -> when it last took a request or sent a heartbeat
 
-    def run_stage(self, requests: dict[str, bytes], timeout_s: float, pickup_s: float | None = None) -> dict[str, bytes]:
-        """Post one stage's requests; the replies that arrive before the deadline, by member.
+    def run_stage(
+        self, requests: dict[str, bytes], timeout_s: float, pickup_s: float | None = None, *, accept: Accept | None = None,
+    ) -> dict[str, Any]:
+        """Post one stage's requests; the replies that arrive before the deadline, by member (as ``accept``
+        returned them; without it, the raw bytes).
 
         ``pickup_s``: a live site is always polling between stages, so it takes its request at once, and
         while it works on it its agent sends a heartbeat every few seconds. A site not heard from for
@@ -36,6 +50,7 @@ class Mailbox:
         deadline = posted + timeout_s
         with self._cond:
             self._outbox, self._expected, self._inbox = dict(requests), set(requests), {}
+            self._accept, self._stage = accept, self._stage + 1
             self._cond.notify_all()
             while not self._closed:
                 now = time.monotonic()
@@ -46,7 +61,7 @@ class Mailbox:
                     break
                 self._cond.wait(min(deadline - now, pickup_s / 4 if pickup_s is not None else deadline - now))
             replies = dict(self._inbox)
-            self._outbox, self._expected, self._inbox = {}, set(), {}
+            self._outbox, self._expected, self._inbox, self._accept = {}, set(), {}, None
             return replies
 
     def take(self, member: str, wait_s: float) -> bytes | None:
@@ -74,12 +89,23 @@ class Mailbox:
         with self._cond:
             self._alive[member] = time.monotonic()
 
+    def _open_for(self, member: str) -> bool:
+        return member in self._expected and member not in self._inbox and member not in self._outbox
+
     def put_reply(self, member: str, raw: bytes) -> bool:
-        """Take ``member``'s reply to the current stage; False if it was not asked, or has answered already."""
+        """Take ``member``'s reply to the current stage; False if it was not asked, or has answered already.
+
+        The stage's ``accept`` check runs first, outside the lock (it may parse megabytes): whatever it
+        raises, the reply is refused and the member's place stays free for its genuine reply."""
         with self._cond:
-            if member not in self._expected or member in self._inbox or member in self._outbox:
+            if not self._open_for(member):
                 return False
-            self._inbox[member] = raw
+            accept, stage = self._accept, self._stage
+        taken = raw if accept is None else accept(member, raw)
+        with self._cond:
+            if self._stage != stage or not self._open_for(member):
+                return False
+            self._inbox[member] = taken
             self._cond.notify_all()
             return True
 
@@ -104,4 +130,5 @@ class Mailbox:
 
     @property
     def closed(self) -> bool:
+        """Whether the run is over."""
         return self._closed

@@ -6,10 +6,19 @@ Endpoints (OpenAPI at ``/openapi.json``):
   (``application/octet-stream``), 204 when there is none yet, 410 once the
   run is over.
 - ``POST /v1/reply``: a site's sealed reply to the current stage; 202, or
-  409 when it was not asked (or answered already), 413 when the body is over
-  the declared limit (refused from its Content-Length, or while it streams,
-  before anything is parsed).
-- ``GET /v1/health``.
+  409 when it was not asked (or answered already), 400 when its seal does
+  not check out (a replay, another round's reply: the site's place stays
+  free for its genuine reply), 413 when the body is over the declared limit
+  (refused from its Content-Length, or while it streams, before anything is
+  parsed).
+- ``GET /v1/health``: answered on the event loop, whatever the polls do.
+
+Fairness: only sites poll, reply and send heartbeats (an auditor or an
+observer is refused at once, holding nothing); each site holds at most two
+long polls and two replies at a time, and is answered 429 with Retry-After
+beyond that, so a member flooding the service only queues behind itself.
+Names from certificates are escaped before they reach the log, and a client
+that hangs up mid-body is one log line.
 
 Who is calling comes from the TLS layer: uvicorn checks the client
 certificate against the consortium's CA, and the member is the certificate's
@@ -29,11 +38,13 @@ from collections.abc import Mapping
 import anyio
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request, Response
+from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from consortium.deploy.mailbox import Mailbox
 from consortium.deploy.provision import Kit, certificate_member
-from consortium.errors import ConfigError
+from consortium.errors import ConfigError, ProtocolError
+from consortium.governance.roles import OPERATIONS
 
 log = logging.getLogger("consortium.service")
 PEER_CERTIFICATE = "consortium.peer_certificate"  # scope key: the client certificate, DER
@@ -84,45 +95,118 @@ class PeerCertificateH11(_PeerCertificate, H11Protocol):
     """uvicorn's HTTP/1.1 protocol, with the peer certificate (httptools measured no faster here)."""
 
 
+MAX_POLLS_PER_MEMBER = 2  # a site polls once at a time; twice covers an agent restarted mid-poll
+MAX_REPLIES_PER_MEMBER = 2
+RETRY_AFTER_S = 1
+LOG_EVERY_S = 10.0  # one line per member and refusal this often at most: a flood does not flood the log too
+
+
+def printable(name: object) -> str:
+    """A name from a certificate or a token as it may go into a log line: control characters escaped."""
+    text = str(name)
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+class _QuietLog:
+    """Refusals logged one line per (status, member) every ``LOG_EVERY_S``, with a count of those left out."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[tuple[int, str], tuple[float, int]] = {}
+
+    def refused(self, status: int, member: str, why: str) -> None:
+        now = time.monotonic()
+        key = (status, member)
+        with self._lock:
+            last, quiet = self._last.get(key, (-LOG_EVERY_S, 0))
+            if now - last < LOG_EVERY_S:
+                self._last[key] = (last, quiet + 1)
+                return
+            self._last[key] = (now, 0)
+        more = f" (and {quiet} more like it)" if quiet else ""
+        log.warning("refused %s %s: %s%s", status, printable(member), printable(why), more)
+
+
+class _Slots:
+    """How many requests of one kind each member has in flight, capped per member (the event loop's own:
+    only ever touched from the loop's thread)."""
+
+    def __init__(self, per_member: int) -> None:
+        self.per_member = per_member
+        self._busy: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def hold(self, member: str):  # type: ignore[no-untyped-def]
+        """One slot for ``member``; None if it has all of its own in use (nobody else's is touched)."""
+        if self._busy.get(member, 0) >= self.per_member:
+            yield False
+            return
+        self._busy[member] = self._busy.get(member, 0) + 1
+        try:
+            yield True
+        finally:
+            self._busy[member] -= 1
+
+
 def create_app(mailbox: Mailbox, members: Mapping[str, str], *, poll_wait_s: float = 20.0,
                max_message_bytes: int = MAX_MESSAGE_BYTES) -> FastAPI:
-    """The service for ``members`` (name -> role) over ``mailbox``."""
-    @contextlib.asynccontextmanager
-    async def lifespan(_: FastAPI):  # type: ignore[no-untyped-def]
-        # Each long poll holds a worker thread while it waits: room for every member twice over.
-        limiter = anyio.to_thread.current_default_thread_limiter()
-        limiter.total_tokens = max(limiter.total_tokens, 2 * len(members) + 8)
-        yield
+    """The service for ``members`` (name -> role) over ``mailbox``.
 
-    app = FastAPI(title="Consortium coordinator", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
+    Fairness: only members whose role trains (the sites) poll, reply or send heartbeats; each holds at
+    most ``MAX_POLLS_PER_MEMBER`` long polls and ``MAX_REPLIES_PER_MEMBER`` replies at once, and its
+    excess is answered 429 at once (with Retry-After). Long polls wait in worker threads of their own,
+    enough for every site's share, so one member's flood leaves the others' shares free; the health
+    check and the heartbeats run on the event loop and wait for no thread at all.
+    """
+    pollers = [name for name, role in members.items() if role in OPERATIONS["train"]]
+    polls, replies = _Slots(MAX_POLLS_PER_MEMBER), _Slots(MAX_REPLIES_PER_MEMBER)
+    quiet = _QuietLog()
+    limiters: dict[str, anyio.CapacityLimiter] = {}
+
+    def limiter(kind: str, per_member: int) -> anyio.CapacityLimiter:
+        """A pool of worker threads for ``kind`` alone, with room for every site's whole share."""
+        if kind not in limiters:
+            limiters[kind] = anyio.CapacityLimiter(per_member * max(1, len(pollers)) + 1)
+        return limiters[kind]
+
+    app = FastAPI(title="Consortium coordinator", version="1", docs_url=None, redoc_url=None)
+
+    def refuse(status: int, member: str, why: str, headers: dict[str, str] | None = None) -> HTTPException:
+        quiet.refused(status, member, why)
+        return HTTPException(status, why, headers=headers)
 
     def caller(request: Request) -> str:
         der = request.scope.get(PEER_CERTIFICATE)
         if der is None:
             raise refuse(401, "?", "a client certificate from the consortium's CA is required")
         member = certificate_member(der)
-        if members.get(member) not in ("site", "auditor"):
-            raise refuse(403, member, f"'{member}' is not a member that polls this coordinator")
+        if members.get(member) not in OPERATIONS["train"]:
+            raise refuse(403, member, f"{member!r} is not a member that polls this coordinator (only sites do)")
         return member
 
-    def refuse(status: int, member: str, why: str) -> HTTPException:
-        log.warning("refused %s %s: %s", status, member, why)
-        return HTTPException(status, why)
+    def busy(member: str, what: str) -> HTTPException:
+        return refuse(429, member, f"{member!r} has {what} in flight already: retry in {RETRY_AFTER_S} s",
+                      headers={"Retry-After": str(RETRY_AFTER_S)})
 
     @app.get("/v1/health")
-    def health() -> dict[str, str]:
+    async def health() -> dict[str, str]:
         return {"status": "closed" if mailbox.closed else "running"}
 
-    @app.post("/v1/poll", responses={200: {"content": {"application/octet-stream": {}}}, 204: {}, 410: {}})
-    def poll(request: Request) -> Response:
+    @app.post("/v1/poll", responses={200: {"content": {"application/octet-stream": {}}}, 204: {}, 410: {}, 429: {}})
+    async def poll(request: Request) -> Response:
         member = caller(request)
-        raw = mailbox.take(member, poll_wait_s)  # at once when the run is over: then 410
+        with polls.hold(member) as held:
+            if not held:
+                raise busy(member, f"{MAX_POLLS_PER_MEMBER} polls")
+            # at once when the run is over: then 410
+            raw = await anyio.to_thread.run_sync(mailbox.take, member, poll_wait_s,
+                                                 limiter=limiter("poll", MAX_POLLS_PER_MEMBER))
         if raw is None:
             return Response(status_code=410 if mailbox.closed else 204)
         return Response(content=raw, media_type="application/octet-stream")
 
     @app.post("/v1/heartbeat", status_code=204, responses={204: {}})
-    def heartbeat(request: Request) -> Response:
+    async def heartbeat(request: Request) -> Response:
         """A site working on its request says it is alive (a stage stops waiting for one that falls silent)."""
         mailbox.heartbeat(caller(request))
         return Response(status_code=204)
@@ -131,23 +215,39 @@ def create_app(mailbox: Mailbox, members: Mapping[str, str], *, poll_wait_s: flo
         "application/octet-stream": {"schema": {"type": "string", "format": "binary", "maxLength": max_message_bytes}}
     }}}
 
-    @app.post("/v1/reply", status_code=202, responses={409: {}, 413: {}}, openapi_extra=sealed_body)
+    @app.post("/v1/reply", status_code=202, responses={400: {}, 409: {}, 413: {}, 429: {}}, openapi_extra=sealed_body)
     async def reply(request: Request) -> Response:
         member = caller(request)
+        with replies.hold(member) as held:
+            if not held:
+                raise busy(member, f"{MAX_REPLIES_PER_MEMBER} replies")
+            body = await _read_body(request, member)
+            if not body:
+                raise refuse(400, member, "an empty reply")
+            try:  # the seal is checked before the reply takes the member's place in the stage
+                taken = await anyio.to_thread.run_sync(mailbox.put_reply, member, bytes(body),
+                                                       limiter=limiter("reply", MAX_REPLIES_PER_MEMBER))
+            except ProtocolError as exc:
+                raise refuse(400, member, f"the reply was rejected: {exc}") from None
+        if not taken:
+            raise refuse(409, member, f"{member!r} was not asked in this stage, or has answered already (a replay?)")
+        return Response(status_code=202)
+
+    async def _read_body(request: Request, member: str) -> bytearray:
         declared = request.headers.get("content-length")
         too_big = f"a message may carry at most {max_message_bytes} bytes"
         if declared is not None and (not declared.isdigit() or int(declared) > max_message_bytes):
             raise refuse(413, member, too_big)
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_message_bytes:
-                raise refuse(413, member, too_big)
-        if not body:
-            raise refuse(400, member, "an empty reply")
-        if not mailbox.put_reply(member, bytes(body)):
-            raise refuse(409, member, f"'{member}' was not asked in this stage, or has answered already (a replay?)")
-        return Response(status_code=202)
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_message_bytes:
+                    raise refuse(413, member, too_big)
+        except ClientDisconnect:
+            log.warning("%s disconnected after %d bytes of its reply: nothing was taken", printable(member), len(body))
+            raise HTTPException(400, "the client disconnected mid-body") from None  # nobody is there to read it
+        return body
 
     return app
 

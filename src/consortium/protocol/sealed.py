@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 
@@ -83,6 +84,7 @@ class EnvelopeGuard:
         self._directory = dict(directory)
         self._clock = clock
         self._seen: dict[tuple[str, str], int] = {}  # (sender, nonce) -> timestamp, kept while it could be fresh
+        self._lock = threading.Lock()  # replies are opened as they arrive, on the service's threads
 
     def open(self, raw: bytes, *, sender: str | None = None, rnd: int | None = None) -> m.Envelope:
         """The envelope inside ``raw``, every check passed; ``sender``/``rnd``: what this reply must come from / be for."""
@@ -116,13 +118,20 @@ class EnvelopeGuard:
         if rnd is not None and header.round != rnd:
             raise MessageRejected(f"a message for round {header.round} where round {rnd} was expected")
         key = (header.sender, header.nonce)
-        if key in self._seen:
-            raise MessageRejected(f"a replayed message from '{header.sender}' (nonce seen before)")
-        envelope = m.decode(payload)
-        stated = (envelope.sender, envelope.recipient, envelope.round, envelope.message.kind, envelope.schema_version)
-        if stated != (header.sender, header.recipient, header.round, header.kind, header.schema_version):
-            raise MessageRejected("the envelope inside does not match its signed header")
-        self._seen = {k: t for k, t in self._seen.items() if abs(now - t) <= 2 * MAX_SKEW_MS}
-        self._seen[key] = header.timestamp_ms
+        with self._lock:
+            if key in self._seen:
+                raise MessageRejected(f"a replayed message from '{header.sender}' (nonce seen before)")
+            self._seen[key] = header.timestamp_ms  # taken now: a copy racing this one is a replay
+        try:
+            envelope = m.decode(payload)
+            stated = (envelope.sender, envelope.recipient, envelope.round, envelope.message.kind, envelope.schema_version)
+            if stated != (header.sender, header.recipient, header.round, header.kind, header.schema_version):
+                raise MessageRejected("the envelope inside does not match its signed header")
+        except BaseException:
+            with self._lock:  # not a message after all: its nonce was never used
+                self._seen.pop(key, None)
+            raise
+        with self._lock:
+            self._seen = {k: t for k, t in self._seen.items() if abs(now - t) <= 2 * MAX_SKEW_MS}
         return envelope
 

@@ -1,0 +1,183 @@
+"""The coordinator's service played by an attacker: floods, forged log lines, broken bodies, replays.
+
+Every test here plays one attack against the live service on 127.0.0.1 (or
+against the file it defends) and fails when the defence is removed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import socket
+import ssl
+import threading
+import time
+
+import httpx
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from consortium.crypto import keys
+from consortium.deploy.mailbox import Mailbox
+from consortium.deploy.provision import load_kit, provision
+from consortium.deploy.service import HttpsServer, create_app
+from consortium.protocol import messages as m
+from consortium.protocol.coordinator import COORDINATOR
+from consortium.protocol.sealed import seal
+from consortium.transport.mailbox import MailboxTransport
+
+SITES = ["site-1", "site-2", "site-3"]
+AUDITOR = "auditor-1"
+ROLES = {COORDINATOR: "coordinator", **{s: "site" for s in SITES}, AUDITOR: "auditor"}
+
+
+@pytest.fixture(scope="module")
+def kits(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hardening") / "c"
+    provision(folder, sites=SITES, auditors=[AUDITOR], coordinator_address="127.0.0.1:8443", consortium="hospitals")
+    return folder / "kits"
+
+
+@pytest.fixture
+def service(kits):
+    """The coordinator's service with 10 s long polls, and its mailbox."""
+    mailbox = Mailbox()
+    server = HttpsServer(create_app(mailbox, ROLES, poll_wait_s=10.0), load_kit(kits / COORDINATOR), port=0)
+    port = server.start()
+    yield mailbox, f"https://127.0.0.1:{port}"
+    mailbox.close()
+    server.stop()
+
+
+def _flood(url: str, kit, n: int) -> tuple[list[threading.Thread], list[int]]:
+    """``n`` concurrent long polls with ``kit``'s certificate, each on a connection of its own."""
+    context = kit.client_context()
+    codes: list[int] = []
+
+    def one() -> None:
+        try:
+            with httpx.Client(base_url=url, verify=context, timeout=30) as client:
+                codes.append(client.post("/v1/poll").status_code)
+        except httpx.HTTPError:
+            codes.append(-1)
+
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    return threads, codes
+
+
+@pytest.mark.parametrize("flooder", ["site-1", AUDITOR])
+def test_a_member_flooding_long_polls_starves_nobody(kits, service, flooder):
+    """100 concurrent polls from one certificate (a site's, or an auditor's, who has no business polling):
+    another site's health check, poll and reply still answer at once, and its stage completes."""
+    mailbox, url = service
+    threads, codes = _flood(url, load_kit(kits / flooder), 100)
+    deadline = time.monotonic() + 5  # the flood is in: its excess answered, or (unbounded) all of it waiting
+    while len(codes) < 90 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    replies: dict[str, bytes] = {}
+    stage = threading.Thread(target=lambda: replies.update(mailbox.run_stage({"site-2": b"request"}, 20)), daemon=True)
+    stage.start()
+    with httpx.Client(base_url=url, verify=load_kit(kits / "site-2").client_context(), timeout=30) as client:
+        t0 = time.monotonic()
+        assert client.get("/v1/health").json() == {"status": "running"}
+        health_s = time.monotonic() - t0
+        t0 = time.monotonic()
+        assert client.post("/v1/poll").content == b"request"
+        assert client.post("/v1/reply", content=b"answer").status_code == 202
+        stage_s = time.monotonic() - t0
+    stage.join(10)
+    assert replies == {"site-2": b"answer"}
+    assert health_s < 1.5 and stage_s < 2.0, (health_s, stage_s)
+    for t in threads:
+        t.join(30)
+    if flooder == AUDITOR:  # no business polling: refused outright, holding nothing
+        assert set(codes) == {403}, codes
+    else:  # a couple of polls wait their turn; the rest are told at once to come back later
+        assert codes.count(429) >= 90 and set(codes) <= {204, 429}, codes
+
+
+def _site_client(kits, url: str, site: str = "site-2") -> httpx.Client:
+    return httpx.Client(base_url=url, verify=load_kit(kits / site).client_context(), timeout=30)
+
+
+def test_a_replayed_reply_is_refused_and_the_genuine_one_still_counts(kits, service):
+    """A site's reply from an earlier round, replayed into this round's stage before the genuine reply,
+    is refused when it arrives (400, its seal names round 1) and does not take the site's place: the
+    genuine reply is taken (202) and the stage returns it. A copy of the genuine reply is then a replay (409)."""
+    mailbox, url = service
+    coordinator, site = keys.generate_ed25519()[0], keys.generate_ed25519()[0]
+    directory = {COORDINATOR: keys.ed25519_public_bytes(coordinator.public_key()),
+                 "site-2": keys.ed25519_public_bytes(site.public_key())}
+    transport = MailboxTransport(mailbox, identity=coordinator, directory=directory, stage_timeout_s=20)
+    old = seal(m.make_envelope("site-2", COORDINATOR, 1, m.Refusal(reason="round one's answer")), site)
+    genuine = seal(m.make_envelope("site-2", COORDINATOR, 2, m.Refusal(reason="round two's answer")), site)
+    got: list[m.Envelope | None] = []
+    stage = threading.Thread(target=lambda: got.extend(transport.exchange_many(
+        [m.make_envelope(COORDINATOR, "site-2", 2, m.Refusal(reason="a request"))])), daemon=True)
+    stage.start()
+    with _site_client(kits, url) as client:
+        assert client.post("/v1/poll").status_code == 200  # its request
+        replayed = client.post("/v1/reply", content=old)
+        assert replayed.status_code == 400 and "round 1 where round 2 was expected" in replayed.json()["detail"]
+        assert client.post("/v1/reply", content=genuine).status_code == 202
+        assert client.post("/v1/reply", content=genuine).status_code == 409
+    stage.join(10)
+    assert len(got) == 1 and got[0] is not None and got[0].message.reason == "round two's answer"
+    assert transport.rejected == ["site-2: a message for round 1 where round 2 was expected"]
+
+
+def test_a_client_that_disconnects_mid_body_is_one_log_line(kits, service, caplog):
+    """A reply that announces 100 kB and hangs up after 10 bytes: one warning line, no traceback."""
+    _, url = service
+    port = int(url.rsplit(":", 1)[1])
+    kit = load_kit(kits / "site-2")
+    context = kit.client_context()
+    caplog.set_level(logging.INFO)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, context.wrap_socket(raw, server_hostname="coordinator") as tls:
+        tls.sendall(b"POST /v1/reply HTTP/1.1\r\nHost: coordinator\r\nContent-Type: application/octet-stream\r\n"
+                    b"Content-Length: 100000\r\n\r\n" + b"x" * 10)
+        time.sleep(0.3)
+    deadline = time.monotonic() + 5
+    while not any("disconnected" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # whatever else the server would say of it
+    said = [r for r in caplog.records if r.name.startswith(("consortium", "uvicorn"))]
+    assert [r.getMessage() for r in said] == ["site-2 disconnected after 10 bytes of its reply: nothing was taken"]
+    assert all(r.exc_info is None for r in said)
+
+
+def test_a_name_with_a_newline_never_forges_a_log_line(kits, tmp_path, caplog):
+    """A certificate from the consortium's CA whose common name carries a newline and a forged line:
+    the refusal is logged on one line, the newline escaped."""
+    folder = kits.parent
+    ca_key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate((folder / "ca.crt").read_bytes())
+    forged_name = "site-1\nrefused TLS handshake: all is well"
+    tls_key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, forged_name)]))
+            .issuer_name(ca_cert.subject).public_key(tls_key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    (tmp_path / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "tls.key").write_bytes(tls_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                             serialization.NoEncryption()))
+    context = ssl.create_default_context(cafile=str(folder / "ca.crt"))
+    context.load_cert_chain(tmp_path / "tls.crt", tmp_path / "tls.key")
+    mailbox = Mailbox()
+    server = HttpsServer(create_app(mailbox, ROLES, poll_wait_s=0.1), load_kit(kits / COORDINATOR), port=0)
+    port = server.start()
+    try:
+        with httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=context, timeout=10) as client:
+            assert client.post("/v1/poll").status_code == 403
+    finally:
+        server.stop()
+    lines = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("consortium")).splitlines()
+    assert lines == ["refused 403 site-1\\nrefused TLS handshake: all is well: "
+                     "'site-1\\nrefused TLS handshake: all is well' is not a member that polls this coordinator (only sites do)"]
