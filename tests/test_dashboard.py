@@ -14,12 +14,16 @@ import httpx
 import numpy as np
 import pytest
 import yaml
+from fastapi.testclient import TestClient
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from consortium.crypto.keyfile import load_identity_key
 from consortium.data import load_builtin, partition_iid
-from consortium.deploy.dashboard import Snapshot, check_grant, grant, member_view, render
+from consortium.crypto import keys
+from consortium.deploy.dashboard import (
+    GRANT_DOMAIN, MAX_GRANT_S, Board, Snapshot, _b64, check_grant, create_dashboard_app, grant, member_view, render,
+)
 from consortium.deploy.local import free_port, launch, provision_local
 from consortium.errors import ConsortiumError
 from consortium.governance.agreement import load_agreement
@@ -77,6 +81,59 @@ def test_each_role_sees_what_the_exposure_matrix_shows_it():
     assert "Privacy budget" not in render(watcher) and "Privacy budget" in render(site)
     with pytest.raises(PermissionDenied):
         member_view(snap, "stranger", roles)
+
+
+def test_a_refusal_reason_quoting_a_sites_budget_is_shown_only_to_roles_that_see_privacy_events():
+    """site-2 refused round 2 saying what it spent and its own (private) cap: a site and an auditor see why,
+    an observer sees only that it refused; the round's privacy and robust parts follow the matrix too."""
+    roles = Roles(
+        {"coordinator": "coordinator", "site-1": "site", "auditor": "auditor", "watcher": "observer"},
+        {"aggregate_metrics": ["coordinator", "site", "auditor", "observer"], "privacy_events": ["coordinator", "site", "auditor"],
+         "transcript": ["coordinator", "site"]},
+    )
+    secret = "epsilon spent 7.91 would exceed this site's own cap of 7.95"
+    snap = Snapshot("hospitals", "run", 3, status="running", rounds=[{
+        "round": 2, "status": "ok", "reason": "", "selected": ["site-1", "site-2"], "answered": ["site-1"], "dropped": [],
+        "refused": {"site-2": secret}, "accuracy": 0.9, "privacy": {"clip": 0.73, "fraction_under_clip": 0.5},
+        "robust": {"cut": ["site-1"]}, "secure_aggregation": None, "something_new": {"per_site": [1, 2]},
+    }])
+    watcher = member_view(snap, "watcher", roles)
+    (shown,) = watcher["rounds"]
+    assert shown["refused"] == {"site-2": "(the reason is hidden from your role)"} and shown["accuracy"] == 0.9
+    assert "privacy" not in shown and "robust" not in shown and "something_new" not in shown  # deny by default
+    assert watcher["hidden_from_you"] == ["epsilon_per_site", "tree_head", "rounds' refusal reasons", "rounds' privacy",
+                                          "rounds' robust"]
+    for text in (json.dumps(watcher), render(watcher)):
+        assert "7.91" not in text and "7.95" not in text and "0.73" not in text
+    auditor = member_view(snap, "auditor", roles)
+    assert auditor["rounds"][0]["refused"] == {"site-2": secret} and auditor["rounds"][0]["privacy"]["clip"] == 0.73
+    assert "robust" not in auditor["rounds"][0]  # the transcript is not shown to auditors under this matrix
+    assert member_view(snap, "site-1", roles)["rounds"][0]["robust"] == {"cut": ["site-1"]}
+
+
+def test_the_dashboard_refuses_a_grant_for_too_long_and_logs_a_forged_name_on_one_line(local, caplog):
+    """A grant signed by its member's own key for 100 years is refused (at most 24 h); a token whose member
+    name carries a newline and a fake log line is refused on one log line."""
+    agreement = load_agreement(local.folder / "agreement.yaml")
+    key = load_identity_key(local.kit("site-1") / "identity.key")
+    century = 100 * 365 * 24 * 3600
+    payload = json.dumps({"member": "site-1", "expires": int(time.time() + century)}, separators=(",", ":")).encode()
+    forever = f"{_b64(payload)}.{_b64(keys.sign(key, GRANT_DOMAIN + payload))}"
+    with pytest.raises(ConsortiumError, match="at most 24 hours"):
+        check_grant(forever, agreement)
+    with pytest.raises(ConsortiumError, match="at most 24 hours"):
+        grant("site-1", key, seconds=century)
+    assert check_grant(grant("site-1", key, seconds=MAX_GRANT_S), agreement) == "site-1"  # the cap itself is fine
+    forged = "site-9\nrefused 401 dashboard: all is well"
+    payload = json.dumps({"member": forged, "expires": int(time.time() + 60)}, separators=(",", ":")).encode()
+    token = f"{_b64(payload)}.{_b64(keys.sign(key, GRANT_DOMAIN + payload))}"
+    board = Board(Snapshot("hospitals", "run", 3))
+    with TestClient(create_dashboard_app(board, agreement)) as client:
+        assert client.get("/dashboard.json", params={"token": forever}).status_code == 401
+        assert client.get("/dashboard.json", params={"token": token}).status_code == 401
+    lines = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("consortium")).splitlines()
+    assert len(lines) == 2 and "at most 24 hours" in lines[0], lines
+    assert lines[1] == "refused 401 dashboard: 'site-9\\nrefused 401 dashboard: all is well' is not a member with a key in the agreement"
 
 
 def _spki_pin(cert_path) -> str:

@@ -24,6 +24,7 @@ import base64
 import html
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Mapping
@@ -43,7 +44,8 @@ from consortium.transcript.log import TranscriptWriter
 
 log = logging.getLogger("consortium.service")
 GRANT_DOMAIN = b"consortium/dashboard-grant/v1\x00"
-MAX_GRANT_S = 7 * 24 * 3600
+MAX_GRANT_S = 24 * 3600  # three times the 8 h a link lasts by default; the page checks it too, whoever signed
+CLOCK_SKEW_S = 300  # a grant signed on a clock a little ahead is still within the cap
 
 
 def _b64(data: bytes) -> str:
@@ -57,26 +59,39 @@ def _unb64(text: str) -> bytes:
 def grant(member: str, key: Ed25519PrivateKey, *, seconds: float, now: float | None = None) -> str:
     """A token that lets ``member`` read the dashboard for ``seconds``, signed with its identity key."""
     if not 0 < seconds <= MAX_GRANT_S:
-        raise ConsortiumError(f"a dashboard grant lasts from 1 second to {MAX_GRANT_S // 3600} hours, not {seconds:g} s")
+        raise ConsortiumError(f"a dashboard grant lasts at most {MAX_GRANT_S // 3600} hours (and over 0 s), not "
+                              f"{seconds / 3600:g} hours: ask for a shorter link")
     payload = json.dumps({"member": member, "expires": int((now or time.time()) + seconds)}, separators=(",", ":")).encode()
     return f"{_b64(payload)}.{_b64(keys.sign(key, GRANT_DOMAIN + payload))}"
 
 
 def check_grant(token: str, agreement: Agreement, *, now: float | None = None) -> str:
-    """The member a grant is from, once its signature, its member's key and its expiry check out."""
+    """The member a grant is from, once its signature, its member's key and its expiry check out.
+
+    A grant valid for longer than ``MAX_GRANT_S`` from now is refused, signed or not: a link that
+    works for years is a standing password. Names in the errors are quoted with ``repr``: a name
+    from a token never puts a line break into the log."""
     try:
         payload_text, signature_text = token.split(".")
         payload, signature = _unb64(payload_text), _unb64(signature_text)
         claims = json.loads(payload)
-        member, expires = str(claims["member"]), float(claims["expires"])
+        member, expires = claims["member"], float(claims["expires"])
+        if not isinstance(member, str) or not math.isfinite(expires):
+            raise TypeError
     except (ValueError, KeyError, TypeError):
         raise ConsortiumError("the dashboard grant is malformed: ask for a new link (consortium dashboard-link)") from None
     named = next((m for m in agreement.members if m.name == member), None)
     if named is None or named.public_key is None:
-        raise ConsortiumError(f"'{member}' is not a member with a key in the agreement")
+        raise ConsortiumError(f"{member!r} is not a member with a key in the agreement")
     keys.verify(bytes.fromhex(named.public_key), signature, GRANT_DOMAIN + payload)
-    if (now or time.time()) > expires:
-        raise ConsortiumError(f"the dashboard grant of '{member}' has expired: ask for a new link (consortium dashboard-link)")
+    clock = time.time() if now is None else now
+    if clock > expires:
+        raise ConsortiumError(f"the dashboard grant of {member!r} has expired: ask for a new link (consortium dashboard-link)")
+    if expires - clock > MAX_GRANT_S + CLOCK_SKEW_S:
+        raise ConsortiumError(
+            f"the dashboard grant of {member!r} is valid for {(expires - clock) / 3600:.0f} more hours; this dashboard "
+            f"accepts grants of at most {MAX_GRANT_S // 3600} hours: ask for a new link (consortium dashboard-link --hours 8)"
+        )
     return member
 
 
@@ -129,6 +144,33 @@ def head_status(writer: TranscriptWriter, directory: Mapping[str, bytes]) -> dic
             "problem": problem}
 
 
+#: Which artefact a part of a round's record reveals, beyond the aggregate metrics: a refusal's reason
+#: quotes the site's budget and its private cap (privacy events); whose update the norm bound cut and the
+#: secure-aggregation survivors are the transcript's.
+ROUND_ARTEFACTS: dict[str, str] = {
+    "refusal_reasons": "privacy_events", "privacy": "privacy_events", "robust": "transcript", "secure_aggregation": "transcript",
+}
+_ROUND_LISTS = ("selected", "answered", "dropped", "evaluation")  # who took part, and the summed evaluation
+HIDDEN_REASON = "(the reason is hidden from your role)"
+
+
+def round_view(record: Mapping[str, Any], member: str, roles: Roles) -> dict[str, Any]:
+    """One round's record as ``member`` may see it: its status, who took part and the aggregate metrics,
+    and each further part only if the exposure matrix shows its artefact to ``member``'s role; a part this
+    table does not know is left out (deny by default)."""
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if key == "refused":  # who refused is participation; why may quote a site's spent budget and its own cap
+            reasons = roles.may_see(member, ROUND_ARTEFACTS["refusal_reasons"])
+            out[key] = {site: (why if reasons else HIDDEN_REASON) for site, why in dict(value).items()}
+        elif key in ROUND_ARTEFACTS:
+            if roles.may_see(member, ROUND_ARTEFACTS[key]):
+                out[key] = value
+        elif key in _ROUND_LISTS or value is None or isinstance(value, (str, int, float)):
+            out[key] = value  # the round's number, status and reason, and its aggregate metrics
+    return out
+
+
 def member_view(snapshot: Snapshot, member: str, roles: Roles) -> dict[str, Any]:
     """The snapshot as ``member`` may see it (deny by default)."""
     roles.authorize(member, "view_aggregates")
@@ -140,14 +182,19 @@ def member_view(snapshot: Snapshot, member: str, roles: Roles) -> dict[str, Any]
         "rounds_planned": snapshot.total_rounds,
         "updated": snapshot.updated,
     }
+    hidden = []
     if roles.may_see(member, "aggregate_metrics"):
-        out["rounds"] = snapshot.rounds
+        out["rounds"] = [round_view(r, member, roles) for r in snapshot.rounds]
+        present = {k for r in snapshot.rounds for k in ROUND_ARTEFACTS if r.get("refused" if k == "refusal_reasons" else k)}
+        hidden = [k for k in ROUND_ARTEFACTS if k in present and not roles.may_see(member, ROUND_ARTEFACTS[k])]
     if roles.may_see(member, "privacy_events"):
         out["epsilon_per_site"] = snapshot.epsilon
         out["epsilon_cap"] = snapshot.epsilon_cap
     if roles.may_see(member, "transcript"):
         out["tree_head"] = snapshot.head
-    out["hidden_from_you"] = [k for k in ("rounds", "epsilon_per_site", "tree_head") if k not in out]
+    out["hidden_from_you"] = [k for k in ("rounds", "epsilon_per_site", "tree_head") if k not in out] + [
+        f"rounds' {k.replace('_', ' ')}" for k in hidden
+    ]
     return out
 
 
@@ -229,6 +276,9 @@ def render(view: Mapping[str, Any]) -> str:
 
 
 def create_dashboard_app(board: Board, agreement: Agreement) -> FastAPI:
+    """The dashboard's app: each member's page and its data, behind a grant that member signed."""
+    from consortium.deploy.service import printable  # the service's web stack; a grant is made without it
+
     roles = Roles.of_agreement(agreement)
     app = FastAPI(title="Consortium dashboard", version="1", docs_url=None, redoc_url=None)
 
@@ -238,7 +288,7 @@ def create_dashboard_app(board: Board, agreement: Agreement) -> FastAPI:
             return member_view(board.read(), member, roles)
         except ConsortiumError as exc:
             status = 403 if isinstance(exc, PermissionDenied) else 401
-            log.warning("refused %s dashboard: %s", status, exc)
+            log.warning("refused %s dashboard: %s", status, printable(exc))  # one line, whatever the token says
             raise HTTPException(status, str(exc)) from None
 
     @app.get("/dashboard", response_class=HTMLResponse)
