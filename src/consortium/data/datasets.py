@@ -66,8 +66,8 @@ class Table:
                 f"Table.y holds values in [{y.min()}, {y.max()}] but there are {len(self.classes)} classes: "
                 f"labels must lie in 0..{len(self.classes) - 1}"
             )
-        if not np.isfinite(X).all():
-            bad = int(np.argwhere(~np.isfinite(X))[0][0])
+        bad = _first_non_finite_row(X)
+        if bad is not None:
             raise DataError(f"Table.X has a NaN or infinite value (first in row {bad}): clean or drop those rows")
         if self.image_shape is not None:
             shape = tuple(self.image_shape)
@@ -115,6 +115,17 @@ def concat_tables(tables: list[Table]) -> Table:
         classes=first.classes,
         image_shape=first.image_shape,
     )
+
+
+def _first_non_finite_row(X: np.ndarray) -> int | None:
+    """The first row holding a NaN or an infinity, or None; checked in blocks of about 4M values, so that
+    a large table is not shadowed by a boolean copy of itself."""
+    step = max(1, (1 << 22) // max(1, X.shape[1]))
+    for start in range(0, len(X), step):
+        bad = ~np.isfinite(X[start : start + step])
+        if bad.any():
+            return start + int(np.argwhere(bad)[0][0])
+    return None
 
 
 def _describe(a: object) -> str:

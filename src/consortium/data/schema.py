@@ -139,6 +139,9 @@ def load_schema(path: str | Path) -> DataSchema:
 # Reading a CSV
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 class _BadCell(ValueError):
     """A cell that does not fit its column; the message says why."""
 
@@ -146,7 +149,9 @@ class _BadCell(ValueError):
 def _cell_parser(col: ColumnSpec) -> Callable[[str], float | int]:
     """A function from cell text to its value (a float, an int, or a category index)."""
 
-    def check_bounds(v: float) -> None:
+    def check_bounds(v: float, s: str) -> None:
+        if abs(v) > _FLOAT32_MAX:  # the table is float32: the value would become infinite
+            raise _BadCell(f"'{s}' is beyond the float32 range of +-{_FLOAT32_MAX:.3g} that training uses")
         if (col.min is not None and v < col.min) or (col.max is not None and v > col.max):
             low = "-inf" if col.min is None else f"{col.min:g}"
             high = "inf" if col.max is None else f"{col.max:g}"
@@ -161,7 +166,7 @@ def _cell_parser(col: ColumnSpec) -> Callable[[str], float | int]:
                 raise _BadCell(f"'{s}' is not a float") from None
             if not math.isfinite(v):
                 raise _BadCell(f"'{s}' is not a finite float")
-            check_bounds(v)
+            check_bounds(v, s)
             return v
 
         return parse_float
@@ -179,7 +184,7 @@ def _cell_parser(col: ColumnSpec) -> Callable[[str], float | int]:
                 if not f.is_integer():
                     raise _BadCell(f"'{s}' is not an int") from None
                 v = int(f)
-            check_bounds(v)
+            check_bounds(v, s)
             return v
 
         return parse_int
@@ -194,25 +199,46 @@ def _cell_parser(col: ColumnSpec) -> Callable[[str], float | int]:
     return parse_category
 
 
+def _row_bound(path: Path, n_columns: int) -> int:
+    """An upper bound on the data rows of ``path``, so that the arrays are allocated once: its line count,
+    and no more rows than its bytes can hold (a row is ``n_columns`` non-empty cells and a comma between each)."""
+    lines, size = 1, 0
+    with path.open("rb") as raw:
+        while block := raw.read(1 << 20):
+            lines += max(block.count(b"\n"), block.count(b"\r"))
+            size += len(block)
+    return max(1, min(lines, (size + 1) // (2 * n_columns)))
+
+
+def _grown(a: np.ndarray) -> np.ndarray:
+    """``a`` with twice the rows, the first ones copied: the file grew after it was counted."""
+    bigger = np.empty((2 * len(a), *a.shape[1:]), dtype=a.dtype)
+    bigger[: len(a)] = a
+    return bigger
+
+
 def read_csv(path: str | Path, schema: DataSchema) -> Table:
     """Read a site's CSV into a :class:`Table`, checking every cell against ``schema``.
 
     The header must hold exactly the schema's columns, in any order. Category
     features are one-hot encoded in the order of their declared values; the
     label becomes class indices into its values, which become the table's classes.
+    The file is streamed row by row into arrays allocated once from its line count,
+    so reading it holds little more than the table itself.
     """
     p = Path(path)
     try:
+        bound = _row_bound(p, len(schema.columns))
         handle = p.open(newline="", encoding="utf-8-sig")
     except FileNotFoundError:
         raise DataError(f"data file '{p}' does not exist: check the path") from None
     except OSError as exc:
         raise DataError(f"cannot read data file '{p}' ({exc}): check its permissions") from None
 
-    parsers = [_cell_parser(c) for c in schema.columns]
     n_features = len(schema.feature_names())
-    rows_X: list[np.ndarray] = []
-    rows_y: list[int] = []
+    X = np.empty((bound, n_features), dtype=np.float32)
+    y = np.empty(bound, dtype=np.int64)
+    n = 0
     with handle:
         reader = csv.reader(handle)
         try:
@@ -232,7 +258,15 @@ def read_csv(path: str | Path, schema: DataSchema) -> Table:
                     raise SchemaError(
                         f"{p} line 1: column '{name}' is not in the schema; remove it from the file or declare it"
                     )
-            positions = [header.index(c.name) for c in schema.columns]
+            # Per column: its name, position in the row, parser, and where its value goes (None: the label).
+            plan: list[tuple[str, int, Callable[[str], float | int], int | None, bool]] = []
+            j = 0
+            for col in schema.columns:
+                at = None if col.name == schema.label else j
+                plan.append((col.name, header.index(col.name), _cell_parser(col), at, col.type == "category"))
+                if at is not None:
+                    j += len(col.values or ()) if col.type == "category" else 1
+            zeros = [0.0] * n_features
 
             for row in reader:
                 line = reader.line_num
@@ -242,9 +276,9 @@ def read_csv(path: str | Path, schema: DataSchema) -> Table:
                     raise SchemaError(
                         f"{p} line {line}: expected {len(header)} cells but found {len(row)}; fix the row"
                     )
-                x = np.zeros(n_features, dtype=np.float64)
-                j = 0
-                for col, pos, parse in zip(schema.columns, positions, parsers):
+                x = zeros.copy()
+                label = 0
+                for name, pos, parse, at, one_hot in plan:
                     text = row[pos].strip()
                     try:
                         if not text:
@@ -252,30 +286,32 @@ def read_csv(path: str | Path, schema: DataSchema) -> Table:
                         value = parse(text)
                     except _BadCell as exc:
                         raise SchemaError(
-                            f"{p} line {line}, column '{col.name}': {exc}; fix the row or the schema"
+                            f"{p} line {line}, column '{name}': {exc}; fix the row or the schema"
                         ) from None
-                    if col.name == schema.label:
-                        rows_y.append(int(value))
-                    elif col.type == "category":
-                        x[j + int(value)] = 1.0
-                        j += len(col.values or ())
+                    if at is None:
+                        label = int(value)
+                    elif one_hot:
+                        x[at + int(value)] = 1.0
                     else:
-                        x[j] = value
-                        j += 1
-                rows_X.append(x)
+                        x[at] = value
+                if n == len(y):
+                    X, y = _grown(X), _grown(y)
+                X[n] = x
+                y[n] = label
+                n += 1
         except csv.Error as exc:
             raise SchemaError(f"{p} line {reader.line_num}: not valid CSV ({exc}); fix the file") from None
         except UnicodeDecodeError:
             raise DataError(f"{p} is not UTF-8 text: save it as UTF-8 CSV") from None
 
-    if not rows_X:
+    if n == 0:
         raise SchemaError(f"{p} has a header but no data rows: a site needs at least one row")
-    label = next(c for c in schema.columns if c.name == schema.label)
+    label_col = next(c for c in schema.columns if c.name == schema.label)
     return Table(
-        X=np.ascontiguousarray(np.stack(rows_X), dtype=np.float32),
-        y=np.asarray(rows_y, dtype=np.int64),
+        X=X[:n],  # the leading rows: contiguous, no copy; rows never written were never touched
+        y=y[:n],
         feature_names=schema.feature_names(),
-        classes=tuple(label.values or ()),
+        classes=tuple(label_col.values or ()),
     )
 
 
