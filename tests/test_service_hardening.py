@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
+import shutil
 import socket
 import ssl
+import stat
+import subprocess
+import sys
 import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -21,12 +27,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from consortium.crypto import keys
+from consortium.data import load_builtin, partition_iid
+from consortium.deploy.join import build_site
+from consortium.deploy.local import provision_local
 from consortium.deploy.mailbox import Mailbox
 from consortium.deploy.provision import load_kit, provision
 from consortium.deploy.service import HttpsServer, create_app
+from consortium.errors import ConfigError
+from consortium.learning.training import EvalStats
 from consortium.protocol import messages as m
 from consortium.protocol.coordinator import COORDINATOR
 from consortium.protocol.sealed import seal
+from consortium.runs import write_atomic
 from consortium.transport.mailbox import MailboxTransport
 
 SITES = ["site-1", "site-2", "site-3"]
@@ -181,3 +193,46 @@ def test_a_name_with_a_newline_never_forges_a_log_line(kits, tmp_path, caplog):
     lines = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("consortium")).splitlines()
     assert lines == ["refused 403 site-1\\nrefused TLS handshake: all is well: "
                      "'site-1\\nrefused TLS handshake: all is well' is not a member that polls this coordinator (only sites do)"]
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory):
+    table = load_builtin("breast-cancer")
+    parts = partition_iid(table.n_rows, len(SITES), np.random.default_rng(5))
+    return provision_local(tmp_path_factory.mktemp("join") / "c", {s: table.take(i) for s, i in zip(SITES, parts)})
+
+
+def test_a_sites_state_files_are_its_own(local, tmp_path):
+    """Under the usual umask 022, the state folder is 0700 and the ledger, the evaluation journal and the
+    transcript memory are 0600, as created and as written to; a loose file left from before is tightened."""
+    state = tmp_path / "state"
+    state.mkdir()
+    old_umask = os.umask(0o022)
+    try:
+        (state / "evaluation.jsonl").write_text("")  # an older agent's journal, world-readable
+        os.chmod(state / "evaluation.jsonl", 0o644)
+        site = build_site(load_kit(local.kit("site-1")), local.data("site-1"), local.schema, state=state, test_seed=1)
+        site._journal.append(1, EvalStats(n=2, correct=1, loss_sum=0.5, score_hist=None))
+        write_atomic(state / "transcript-memory.json", b"{}")  # the memory's writer
+        assert site.ledger.spent() == 0.0
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in state.iterdir()}
+    assert {"budget.sqlite", "evaluation.jsonl", "transcript-memory.json"} <= set(modes)
+    assert all(mode == 0o600 for mode in modes.values()), modes
+
+
+def test_join_refuses_a_tls_key_that_others_can_read(local, tmp_path):
+    """As for the identity key: a TLS key the group or others can read is refused, in one line naming the fix."""
+    kit = tmp_path / "kit"
+    shutil.copytree(local.kit("site-1"), kit)
+    os.chmod(kit / "tls.key", 0o644)
+    with pytest.raises(ConfigError, match=r"tls.key is accessible to others \(mode 0644\): run 'chmod 600"):
+        load_kit(kit)
+    joined = subprocess.run([sys.executable, "-m", "consortium.cli", "join", str(kit), "--data", str(local.data("site-1")),
+                             "--schema", str(local.schema)], capture_output=True, text=True, timeout=120)
+    assert joined.returncode != 0 and "accessible to others" in joined.stderr and "Traceback" not in joined.stderr
+    assert len(joined.stderr.strip().splitlines()) == 1, joined.stderr
+    os.chmod(kit / "tls.key", 0o600)
+    assert load_kit(kit).member == "site-1"

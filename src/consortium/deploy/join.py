@@ -38,6 +38,29 @@ LEDGER_FILE = "budget.sqlite"
 MEMORY_FILE = "transcript-memory.json"  # the last head this site co-signed: a restarted agent picks up from it
 
 
+JOURNAL_FILE = "evaluation.jsonl"
+LIFECYCLE_FILE = "lifecycle.json"
+PRIVATE_FILES = (LEDGER_FILE, JOURNAL_FILE)  # created here, before their writers open them; the others are written atomically
+
+
+def private_state(state: Path) -> None:
+    """The site's state folder and its files, for the site's eyes only: the folder 0700, the files 0600.
+
+    Its ledger (what the site spent), its evaluation journal (how each model did on its own test split)
+    and its transcript memory are site-only. The ledger and the journal are created here, 0600, before
+    SQLite and the journal append to them (SQLite gives its WAL files the database's mode); files written
+    atomically (the memory, the lifecycle state) start as 0600 temporary files. Existing ones are
+    tightened; nothing else in the folder is touched."""
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(state, 0o700)
+    for name in PRIVATE_FILES:
+        os.close(os.open(state / name, os.O_WRONLY | os.O_CREAT, 0o600))
+    for name in (*PRIVATE_FILES, f"{LEDGER_FILE}-wal", f"{LEDGER_FILE}-shm", MEMORY_FILE, LIFECYCLE_FILE):
+        path = state / name
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, 0o600)
+
+
 class CrashingSite(Site):
     """Fault injection for tests (``consortium join --crash-at KIND:ROUND``): the process dies, with no
     goodbye, on receiving the first request of ``kind`` in ``round``, as a site whose machine fails."""
@@ -80,6 +103,7 @@ def build_site(
     splits = split_table(table, split_rng, validation=split.validation, test=split.test)
     identity = load_member_key(agreement, None, kit.member, file=kit.folder / "identity.key")
     state = state if state is not None else kit.folder / "state"
+    private_state(state)
     ledger = BudgetLedger(state / LEDGER_FILE, site=kit.member, epsilon_cap=epsilon_cap(agreement, policy), delta=agreement.privacy.delta)
     extra: dict[str, Any] = {} if crash_at is None else {"crash_at": crash_at}
     site = (Site if crash_at is None else CrashingSite)(
@@ -94,8 +118,8 @@ def build_site(
         agreement=agreement,
         policy=policy,
         memory=state / MEMORY_FILE,
-        journal=state / "evaluation.jsonl",  # how each round's model did on this site's own test split
-        lifecycle=state / "lifecycle.json",  # the model version this site runs, and its drift checks
+        journal=state / JOURNAL_FILE,  # how each round's model did on this site's own test split
+        lifecycle=state / LIFECYCLE_FILE,  # the model version this site runs, and its drift checks
         **extra,
     )
     if incoming is not None:  # the records that reached the site since training: its drift check's input

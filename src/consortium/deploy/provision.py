@@ -28,6 +28,7 @@ import ipaddress
 import json
 import re
 import ssl
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -283,12 +284,27 @@ def load_kit(folder: Path) -> Kit:
     for name in ("ca.crt", "tls.crt", "tls.key", "identity.key"):
         if not (folder / name).exists():
             raise ConfigError(f"{folder / name} is missing: the kit is incomplete, restore it from the provisioned kit")
+    for name in ("tls.key", "identity.key"):
+        require_private(folder / name)
     cert = x509.load_pem_x509_certificate((folder / "tls.crt").read_bytes())
     if dt.datetime.now(dt.UTC) > cert.not_valid_after_utc:
         raise ConfigError(
             f"{folder / 'tls.crt'} expired on {cert.not_valid_after_utc:%Y-%m-%d}: ask the consortium's provisioner for a new kit"
         )
     return kit
+
+
+def require_private(path: Path) -> None:
+    """Refuse a private key file that its group or others can read or change (the TLS key as the identity
+    key): such a key may already be someone else's too, and a connection made with it proves nothing."""
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"key file {path} is not a regular file")
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(
+            f"key file {path} is accessible to others (mode {stat.S_IMODE(mode):04o}): "
+            f"run 'chmod 600 {path}' if it was not exposed, otherwise ask for a new kit"
+        )
 
 
 def certificate_member(der: bytes) -> str:
