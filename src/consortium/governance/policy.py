@@ -44,7 +44,7 @@ class SitePolicy(BaseModel):
         try:
             ZoneInfo(name)
         except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"'{name}' is not a known time zone (an IANA name such as Europe/Zurich)") from None
+            raise ValueError(f"{name!r} is not a known time zone (an IANA name such as Europe/Zurich)") from None
         return name
 
     @field_validator("quiet_hours")
