@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from consortium import crashpoints, recovery
 from consortium.config import SimulationConfig
 from consortium.data import Table
 from consortium.errors import ConfigError, ConsortiumError, ProtocolError, VerificationError
@@ -153,6 +154,9 @@ class CoordinatorRun:
 
     transport: Transport
     recorder: TranscriptRecorder | None = None  # the run's transcript, once ``run`` has opened it
+    # Where the coordinator commits its state with each round's entries; a run with one survives a crash
+    # of its coordinator (``consortium.recovery``). Set by whoever builds the run (``serve`` does).
+    state: recovery.StateStore | None = None
 
     def __init__(
         self,
@@ -310,21 +314,49 @@ class CoordinatorRun:
                 write_atomic(signatures_path(run.path / AGREEMENT_FILE), signatures_path(config.agreement.file).read_bytes())
             transcript.start(*self._endorsed_manifest(config_text))
 
+        def commit(rnd: int, record: RoundRecord | None) -> None:
+            """Round ``rnd``'s entries (0: setup's) and the state after it, as one step (``consortium.recovery``)."""
+            drained = coordinator.drain_log()
+            coordinator.requeue([r for r in drained if r.round > rnd])  # the next round's plan: logged as it goes out
+            pending = transcript.prepare([r for r in drained if r.round <= rnd])
+            if self.state is not None:  # the write-ahead record: committed before the transcript holds it
+                recovery.commit(self.state, coordinator, rnd, None if record is None else finite_metrics(record.to_json()),
+                                pending, transcript.writer.size)
+                crashpoints.reached("setup_committed" if record is None else "round_committed")
+            transcript.commit(pending, crash_point="round_appending")
+
         def record_round(record: RoundRecord) -> None:
+            transcript.archive(coordinator.drain_archives())  # the evidence the round's entries refer to
+            crashpoints.reached("round_archived")
+            commit(record.round, record)
+            crashpoints.reached("round_appended")
             run.append_metrics(finite_metrics(record.to_json()))  # type: ignore[arg-type]
-            transcript.record(coordinator.drain_log())
-            transcript.archive(coordinator.drain_archives())
-            self._round_over(record, transcript)  # durable state first: then the round's head goes out
             transcript.close_round()
+            crashpoints.reached("round_cosigned")
             if on_round is not None:
                 on_round(record)
+
+        setup_saved = self._resume
+
+        def before_stage(c: Coordinator) -> None:
+            nonlocal setup_saved
+            if not setup_saved and c.stage == "fit:request":  # setup is over: its state is what a restart needs first
+                setup_saved = True
+                commit(0, None)
+            transcript.prove_plan(c)
+
+        def after_stage(c: Coordinator, closed: str) -> None:
+            if closed == "fit:request":  # what each site signed that it paid, on record before the round goes on
+                transcript.record(c.drain_decisions())
+                crashpoints.reached("decisions_appended")
 
         halted: Incident | None = None
         try:
             if self._resume:  # every site picks up from the last head it co-signed
                 self._resume_sites(transcript.writer.heads)
                 self._restart(run, transcript, record_round)
-            history = RoundLoop(before_stage=transcript.prove_plan).run(coordinator, self.transport, on_round=record_round)
+            loop = RoundLoop(before_stage=before_stage, after_stage=after_stage)
+            history = loop.run(coordinator, self.transport, on_round=record_round)
         except RunHalted as exc:  # recorded with its cause, and no final model: nothing more happens until resumed
             halted = exc.incident
             history = coordinator.history
@@ -341,7 +373,10 @@ class CoordinatorRun:
         final = self._build(coordinator.task, 0)
         adapter = ModelAdapter(final)
         adapter.set_vector(coordinator.params)
-        if halted is None:
+        finished = next((e for e in transcript.writer.entries if e.kind == "final_model"), None)
+        if halted is None and finished is not None:  # recovered after its final entry: the model file is written
+            head = transcript.writer.heads[-1]
+        elif halted is None:
             tensors = {k: v.detach().numpy().copy() for k, v in final.state_dict().items()}
             run.write_model(
                 tensors, {"layout_hash": adapter.layout_hash, "rounds": str(config.rounds), "dataset": config.data.dataset},
@@ -416,11 +451,12 @@ class CoordinatorRun:
         return version, LogRecord("model_version", self.coordinator.round, COORDINATOR, body)
 
     def _restart(self, run: RunFolder, transcript: TranscriptRecorder, record_round: Callable[[RoundRecord], None]) -> None:
-        """Where a resumed run picks up: after a quorum's resume entry, from the model it halted at."""
+        """Where a resumed run picks up: after a quorum's resume entry, from the model it halted at; after a
+        crash (a run with a state store), from its last committed state (``consortium.recovery``)."""
+        if transcript.writer.entries[-1].kind != "resume" and self.state is not None:
+            recovery.recover(self.state, self.coordinator, run, transcript, record_round)
+            return
         self.coordinator.restore(*self._checkpoint(run, transcript))
-
-    def _round_over(self, record: RoundRecord, transcript: TranscriptRecorder) -> None:
-        """A round's entries are written and its head is about to go out: a service saves its state here."""
 
     @staticmethod
     def _checkpoint(run: RunFolder, transcript: TranscriptRecorder) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -504,6 +540,9 @@ class CoordinatorRun:
             "accountant": accountant_used([ev], pc.accountant),
             "target_epsilon": pc.epsilon,
             "epsilon_per_site": spent,
+            # At least what any site's ledger holds: with the events of rounds a coordinator crash cut off whose
+            # decision was lost, which the site may have paid (``consortium.recovery``).
+            "epsilon_bound_per_site": recovery.epsilon_bound(transcript.writer.entries, spent),
             "epsilon_cap_per_site": caps,
             "refusals": refusals,
             "test_mode": pc.test_seed is not None,

@@ -32,9 +32,8 @@ from consortium.governance.agreement import Agreement, load_agreement, load_memb
 from consortium.deploy.state import CoordinatorState
 from consortium.orchestrator import CoordinatorRun, RunResult, finite_metrics
 from consortium.protocol.coordinator import COORDINATOR, RoundRecord
-from consortium.runs import RunFolder, new_run_dir
+from consortium.runs import new_run_dir
 from consortium.transcript.log import TranscriptWriter
-from consortium.transcript.recorder import TranscriptRecorder
 from consortium.transcript.verify import signed_epsilon
 from consortium.transport.mailbox import MailboxTransport
 
@@ -85,7 +84,7 @@ class ServedRun(CoordinatorRun):
             if out is None or not (out / STATE_FILE).exists():
                 raise ConfigError(f"{out} holds no coordinator state ({STATE_FILE}): --recover takes the folder of a served run")
             kinds = [e.kind for e in TranscriptWriter(out).entries]
-            if "final_model" in kinds:
+            if "final_model" in kinds and (out / "summary.json").exists():
                 raise ConfigError(f"the run in {out} finished: there is nothing to recover")
             if kinds and kinds[-1] == "halt":  # a crash is no way around a halt
                 raise ConfigError(f"the run in {out} is halted: only a quorum of approvers continues it (consortium resume)")
@@ -103,7 +102,7 @@ class ServedRun(CoordinatorRun):
         super().__init__(config, names=names, sample=layout_table(schema), out=out, resume=recover)
         assert self.agreement is not None
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.state = CoordinatorState(state_url or f"sqlite:///{self.run_dir / STATE_FILE}")
+        self.state = CoordinatorState(state_url or f"sqlite:///{self.run_dir / STATE_FILE}")  # recovers a crash
         self.mailbox = Mailbox()
         roles = {m.name: m.role for m in self.agreement.members}
         app = create_app(self.mailbox, roles, poll_wait_s=poll_wait_s)
@@ -157,37 +156,6 @@ class ServedRun(CoordinatorRun):
         directory = directory_of(self.agreement)
         assert directory[COORDINATOR] == keys.ed25519_public_bytes(identity.public_key())
         return identity, directory
-
-    def _round_over(self, record: RoundRecord, transcript: TranscriptRecorder) -> None:
-        meta, arrays = self.coordinator.checkpoint()
-        # The coordinator has planned the next round already; the checkpoint is of the round just over.
-        self.state.save_round(finite_metrics(record.to_json()), {**meta, "round": record.round}, arrays)
-
-    def _restart(self, run: RunFolder, transcript: TranscriptRecorder, record_round: Callable[[RoundRecord], None]) -> None:
-        """After a crash: continue from the last round the state store holds. A round the crash cut off
-        after its plan went out ends skipped (logged, co-signed, the model unchanged); what the sites
-        paid for it stays paid. After a quorum's resume of a halt: as any resumed run."""
-        entries = transcript.writer.entries
-        if entries[-1].kind == "resume":
-            super()._restart(run, transcript, record_round)
-            return
-        latest = self.state.latest()
-        if latest is None:
-            raise ConfigError(
-                f"the coordinator of {self.run_dir} stopped before its first round ended: there is nothing to continue; "
-                "start a new run"
-            )
-        meta, arrays = latest
-        coordinator = self.coordinator
-        run.reset_metrics([finite_metrics(r) for r in meta["history"]])  # the rounds the checkpoint holds, no more
-        coordinator.restore(meta, arrays, open_next=False)
-        cut = next((e for e in entries if e.kind == "round_plan" and e.round == coordinator.round + 1), None)
-        if cut is not None:
-            reason = f"aborted: the coordinator stopped during round {cut.round} and restarted"
-            record_round(coordinator.skip_interrupted(reason, list(cut.body["cohort"])))
-        elif transcript.writer.heads[-1].size < len(entries):
-            transcript.close_round()  # the last round's entries, complete, under a head of their own
-        coordinator.open_next()
 
     def start(self, *, wait_for_sites_s: float) -> None:
         """Listen, then wait until every site has connected; the error names those that did not."""

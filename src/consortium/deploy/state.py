@@ -9,11 +9,15 @@ in one transaction as each round ends, before its tree head is published:
 - ``members``: each site's standing: the last round it was asked, answered
   in, and how it ended;
 - ``checkpoints``: everything the coordinator carries between rounds (its
-  state as JSON, the model and strategy arrays as safetensors bytes).
+  state as JSON, the model and strategy arrays as safetensors bytes), and
+  the write-ahead record: the round's transcript entries, signed, which are
+  appended to the transcript only once this transaction has committed.
 
 The transcript stays in its append-only files in the run folder, which any
-member verifies from the folder alone; a restart reads there whether the
-round after the checkpoint had begun (its plan went out). Nothing is
+member verifies from the folder alone. State and transcript change as one
+step: a restart appends whatever entries of the last committed record the
+transcript lacks, then reads there whether the round after the checkpoint
+had begun (its plan went out); see ``consortium.recovery``. Nothing is
 pickled: JSON text, and tensors through safetensors.
 """
 
@@ -71,13 +75,17 @@ class CoordinatorState:
         except SQLAlchemyError as exc:
             raise ConfigError(f"cannot open the coordinator's state at {url} ({type(exc).__name__}): check the URL") from None
 
-    def save_round(self, record: dict[str, Any], state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-        """Round ``record["round"]`` is over: its record, the members' standing and the checkpoint, all or nothing."""
-        rnd = int(record["round"])
+    def save_round(self, record: dict[str, Any] | None, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+        """Round ``state["round"]`` is over (0: setup, which has no ``record``): its record, the members'
+        standing and the checkpoint, with the write-ahead record it holds, all or nothing."""
+        rnd = int(state["round"])
         blob = safetensors_save({k: np.ascontiguousarray(v) for k, v in arrays.items()})
-        outcome = {s: "answered" for s in record["answered"]} | {s: "dropped" for s in record["dropped"]}
-        outcome |= {s: "refused" for s in record["refused"]}
         with Session(self._engine) as s, s.begin():
+            s.merge(_Checkpoint(round=rnd, state=json.dumps(state, allow_nan=False), arrays=blob, saved_at=time.time()))
+            if record is None:
+                return
+            outcome = {s: "answered" for s in record["answered"]} | {s: "dropped" for s in record["dropped"]}
+            outcome |= {s: "refused" for s in record["refused"]}
             s.merge(_Round(round=rnd, status=str(record["status"]), record=json.dumps(record, allow_nan=False)))
             for name in record["selected"]:
                 member = s.get(_Member, name) or _Member(name=name, last_answered=0)
@@ -86,7 +94,6 @@ class CoordinatorState:
                 if member.last_outcome == "answered":
                     member.last_answered = rnd
                 s.merge(member)
-            s.merge(_Checkpoint(round=rnd, state=json.dumps(state, allow_nan=False), arrays=blob, saved_at=time.time()))
 
     def latest(self) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
         """The last checkpoint: (state, arrays); None before any round ended."""

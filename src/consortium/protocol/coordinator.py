@@ -241,6 +241,16 @@ class Coordinator:
         out, self._log = self._log, []
         return out
 
+    def drain_decisions(self) -> list[LogRecord]:
+        """The sites' signed decisions logged since the last drain, ahead of the round's other entries."""
+        out = [r for r in self._log if r.kind == "site_decision"]
+        self._log = [r for r in self._log if r.kind != "site_decision"]
+        return out
+
+    def requeue(self, records: list[LogRecord]) -> None:
+        """Give back entries drained too early (the driver writes them later, first in line)."""
+        self._log[:0] = records
+
     def drain_archives(self) -> list[SessionArchive]:
         """The fit sessions finished since the last call, for the run's evidence folder."""
         out, self._archives = self._archives, []
@@ -590,9 +600,10 @@ class Coordinator:
         else:
             self._open_fit(self.round + 1)
 
-    def skip_interrupted(self, reason: str, cohort: list[str]) -> RoundRecord:
+    def skip_interrupted(self, reason: str, cohort: list[str], unaccounted: dict[str, object] | None = None) -> RoundRecord:
         """Between rounds, after a restart: the next round, whose plan went out to ``cohort`` before the
-        coordinator stopped, ends skipped and logged as such, with the model unchanged."""
+        coordinator stopped, ends skipped and logged as such, with the model unchanged. ``unaccounted``:
+        the planned privacy event of each site whose decision the crash lost (it may have paid it)."""
         rnd = self.round + 1
         record = RoundRecord(round=rnd, selected=sorted(cohort), dropped=sorted(cohort), status="skipped", reason=reason)
         model = self._model_sha256()
@@ -606,6 +617,7 @@ class Coordinator:
             "parent_model_sha256": model,
             "model_sha256": model,
             "privacy": None,
+            **({"unaccounted": unaccounted} if unaccounted else {}),
         }))
         self.history.append(record)
         self.round = rnd

@@ -19,10 +19,17 @@ class RoundLoop:
 
     ``before_stage`` runs before each stage's requests are built: the
     transcript uses it to log and co-sign a round's plan before any site sees it.
+    ``after_stage`` runs once a stage has closed, with the stage's name: the
+    transcript uses it to put the sites' decisions on record before the round goes on.
     """
 
-    def __init__(self, before_stage: Callable[[Coordinator], None] | None = None) -> None:
+    def __init__(
+        self,
+        before_stage: Callable[[Coordinator], None] | None = None,
+        after_stage: Callable[[Coordinator, str], None] | None = None,
+    ) -> None:
         self.before_stage = before_stage
+        self.after_stage = after_stage
 
     def run(
         self,
@@ -40,6 +47,7 @@ class RoundLoop:
         """Run one stage; returns the round's record when that stage ended a round."""
         if self.before_stage is not None:
             self.before_stage(coordinator)
+        stage = coordinator.stage
         for reply in transport.exchange_many(coordinator.requests()):
             if reply is None:
                 continue  # no answer in time: the site has dropped out of this stage
@@ -47,4 +55,7 @@ class RoundLoop:
                 coordinator.receive(reply)
             except ProtocolError:
                 continue  # an unsolicited reply is ignored, never used
-        return coordinator.close_stage()
+        record = coordinator.close_stage()
+        if self.after_stage is not None:
+            self.after_stage(coordinator, stage)
+        return record

@@ -176,13 +176,26 @@ class TranscriptWriter:
         signature: bytes | None = None,
     ) -> Entry:
         """Append one entry, signed here with ``key`` or carrying the author's own ``signature``."""
+        return self.append_entry(self.make_entry(kind, rnd, author, body, index=self.size, key=key, signature=signature))
+
+    @staticmethod
+    def make_entry(
+        kind: Kind, rnd: int, author: str, body: Mapping[str, Any], *, index: int, key: Ed25519PrivateKey | None = None,
+        signature: bytes | None = None,
+    ) -> Entry:
+        """Entry ``index``, signed, not yet written (a driver's write-ahead record holds it first)."""
         body = json.loads(canonical(body))  # JSON values only, as they will be read back
         message = signed_entry_bytes(kind, rnd, author, body)
         if signature is None:
             if key is None:
                 raise ValueError("an entry needs its author's key or signature")
             signature = keys.sign(key, message)
-        entry = Entry(index=self.size, kind=kind, round=rnd, author=author, body=body, signature=signature)
+        return Entry(index=index, kind=kind, round=rnd, author=author, body=body, signature=signature)
+
+    def append_entry(self, entry: Entry) -> Entry:
+        """Append an entry made by ``make_entry``; it must be the next one."""
+        if entry.index != self.size:
+            raise VerificationError(f"entry {entry.index} cannot be appended as entry {self.size} of {self.path.name}")
         self._size = _append_line(self.path, canonical(entry.model_dump(mode="json")) + b"\n", self._size)
         self.entries.append(entry)
         self.leaves.append(entry.leaf())

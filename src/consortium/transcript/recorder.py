@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING, Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.numpy import save as safetensors_save
 
+from consortium import crashpoints
 from consortium.crypto import keys
-from consortium.errors import ConsortiumError
+from consortium.errors import ConfigError, ConsortiumError
 from consortium.governance.incident import Incident, RunHalted
 from consortium.protocol.messages import COORDINATOR, CosignRequest, Cosignature, PlanProof
 from consortium.runs import write_atomic
-from consortium.transcript.log import TranscriptWriter, TreeHead, canonical, last_cosigned, manifest_bytes, sha256_hex
+from consortium.transcript.log import Entry, TranscriptWriter, TreeHead, canonical, last_cosigned, manifest_bytes, sha256_hex
 from consortium.transcript.records import LogRecord, SessionArchive
 from consortium.transcript.verify import EVIDENCE_DIR
 from consortium.transport import NoAnswer, Transport, ask_each
@@ -100,11 +101,34 @@ class TranscriptRecorder:
         self.close_round()
 
     def record(self, records: list[LogRecord]) -> None:
-        for r in records:
-            if r.signature is None:
-                self.writer.append(r.kind, r.round, r.author, r.body, key=self._key)
-            else:
-                self.writer.append(r.kind, r.round, r.author, r.body, signature=r.signature)
+        self.commit(self.prepare(records))
+
+    def prepare(self, records: list[LogRecord]) -> list[Entry]:
+        """``records`` as the transcript's next entries, signed but not written: the write-ahead record
+        that the driver commits with its own state before ``commit`` appends them."""
+        return [
+            self.writer.make_entry(
+                r.kind, r.round, r.author, r.body, index=self.writer.size + i,
+                key=self._key if r.signature is None else None, signature=r.signature,
+            )
+            for i, r in enumerate(records)
+        ]
+
+    def commit(self, entries: list[Entry], *, crash_point: str | None = None) -> None:
+        """Append prepared entries. After a crash the same record is committed again: an entry the
+        transcript already holds must be that very entry, and only the missing ones are appended.
+        ``crash_point``: the name of the point after the first of several entries (``consortium.crashpoints``)."""
+        for i, entry in enumerate(entries):
+            if entry.index < self.writer.size:
+                if self.writer.entries[entry.index] != entry:
+                    raise ConfigError(
+                        f"transcript entry {entry.index} is not the one the coordinator's state committed: the run folder "
+                        "was changed after the coordinator stopped, and it cannot be recovered"
+                    )
+                continue
+            self.writer.append_entry(entry)
+            if i == 0 and len(entries) > 1 and crash_point is not None:
+                crashpoints.reached(crash_point)
 
     def close_round(self, *, halting: bool = False) -> TreeHead:
         """Sign a head over everything so far; the sites co-sign it after checking consistency.
@@ -155,7 +179,9 @@ class TranscriptRecorder:
         if coordinator.stage != "fit:request" or coordinator.plan_proven:
             return
         self.record(coordinator.drain_log())
+        crashpoints.reached("plan_appended")
         head = self.close_round()
+        crashpoints.reached("plan_cosigned")
         plan = next(e for e in reversed(self.writer.entries) if e.kind == "round_plan")
         coordinator.attach_plan_proof(PlanProof(entry=plan, head=head, path=self.writer.inclusion(plan.index, head.size)))
 
@@ -176,4 +202,5 @@ class TranscriptRecorder:
             "model_sha256": model_sha256,
         }, key=self._key)
         self.record(then or [])
+        crashpoints.reached("final_appended")
         return self.close_round()
