@@ -27,11 +27,14 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from consortium.crypto import keys
-from consortium.data import load_builtin, partition_iid
+from consortium.config import SimulationConfig
+from consortium.data import load_builtin, load_schema, partition_iid
+from consortium.deploy.agent import SiteAgent
 from consortium.deploy.join import build_site
 from consortium.deploy.local import provision_local
 from consortium.deploy.mailbox import Mailbox
 from consortium.deploy.provision import load_kit, provision
+from consortium.deploy.serve import ServedRun
 from consortium.deploy.service import HttpsServer, create_app
 from consortium.errors import ConfigError
 from consortium.learning.training import EvalStats
@@ -236,3 +239,40 @@ def test_join_refuses_a_tls_key_that_others_can_read(local, tmp_path):
     assert len(joined.stderr.strip().splitlines()) == 1, joined.stderr
     os.chmod(kit / "tls.key", 0o600)
     assert load_kit(kit).member == "site-1"
+
+
+def _served_run(local, out, state):
+    """One run served in this process (1 round, test mode), each site's agent a thread built from its kit
+    and its state folder, as ``consortium join`` builds it; the run's result and the sites."""
+    raw = {"rounds": 1, "seed": 0, "participation": {"min_sites": 3}, "privacy": {"test_seed": 7, "epsilon": 3.0},
+           "baselines": {"local_only": False, "pooled": False}}
+    served = ServedRun(load_kit(local.kit(COORDINATOR)), SimulationConfig.model_validate(raw), load_schema(local.schema),
+                       out=out, port=0, poll_wait_s=1.0, stage_timeout_s=60, pickup_timeout_s=20)
+    port = served.server.start()
+    sites = [build_site(load_kit(local.kit(s)), local.data(s), local.schema, state=state / s, test_seed=7) for s in SITES]
+    agents = [SiteAgent(load_kit(local.kit(s.name)), s, base_url=f"https://127.0.0.1:{port}") for s in sites]
+    threads = [threading.Thread(target=a.run, daemon=True) for a in agents]
+    for t in threads:
+        t.start()
+    try:
+        assert served.mailbox.wait_seen(served.names, since=0, timeout_s=30) == []
+        result = served.run()
+    finally:
+        served.stop(grace_s=10)
+        for t in threads:
+            t.join(10)
+    return result, sites
+
+
+def test_a_second_run_on_the_same_kits_starts_and_each_ledger_carries_over(local, tmp_path):
+    """Replay protection is per run: the round numbers and the last head a site remembers from one run do
+    not refuse the next run's setup (they did: "a request for round 0 after round 1: refused as a replay"),
+    while what each site spent stays in its ledger and counts against its cap in the next run."""
+    first, sites = _served_run(local, tmp_path / "run-1", tmp_path / "state")
+    assert first.summary["status"] == "completed"
+    spent = {s.name: s.ledger.spent() for s in sites}
+    second, sites = _served_run(local, tmp_path / "run-2", tmp_path / "state")
+    assert second.summary["status"] == "completed" and [r.status for r in second.history] == ["ok"]
+    for site in sites:
+        assert site.ledger.spent() > spent[site.name] > 0  # both runs' rounds, in the one ledger
+        assert len(site.ledger.history()) == 2

@@ -235,9 +235,9 @@ class Site:
     def _open(self, raw: bytes) -> m.Envelope:
         assert self._guard is not None
         request = self._guard.open(raw, sender=COORDINATOR)
-        if request.round < self._round_seen:
+        if 0 < request.round < self._round_seen:  # round 0 is a run's setup: a new run starts there (see endorse)
             raise ProtocolError(f"a request for round {request.round} after round {self._round_seen}: refused as a replay")
-        self._round_seen = request.round
+        self._round_seen = max(self._round_seen, request.round)
         return request
 
     def handle(self, request: m.Envelope) -> m.Envelope:
@@ -356,6 +356,8 @@ class Site:
         datasets = provenance.get("datasets") if isinstance(provenance, dict) else None
         if not isinstance(datasets, dict) or datasets.get(self.name) != self.fingerprint():
             raise Refused("manifest", "the manifest misstates this site's data")
+        if self._witness is not None:  # a new run on the same kits: a new transcript, rounds from 1 (the ledger carries over)
+            self._witness.last, self._round_seen = None, 0
         return m.Endorsement(signature=keys.sign(self._identity, manifest_bytes(manifest)))
 
     def resume_from(self, head: TreeHead) -> None:
