@@ -33,16 +33,17 @@ from consortium.transport.mailbox import MailboxTransport
 from consortium.transcript.verify import verify_run
 
 SITES = ["site-1", "site-2", "site-3"]
+AUDITOR = "auditor-1"
 
 
 @pytest.fixture(scope="module")
 def consortium_dir(tmp_path_factory):
-    """Kits for three sites, and their agreement signed by every member with the kits' own keys."""
+    """Kits for three sites and an auditor, and their agreement signed by every approver with the kits' own keys."""
     folder = tmp_path_factory.mktemp("https") / "hospitals"
-    provision(folder, sites=SITES, coordinator_address="127.0.0.1:8443", consortium="hospitals")
+    provision(folder, sites=SITES, auditors=[AUDITOR], coordinator_address="127.0.0.1:8443", consortium="hospitals")
     keys_dir = folder / "keys"
     keys_dir.mkdir()
-    for member in [COORDINATOR, *SITES]:
+    for member in [COORDINATOR, *SITES, AUDITOR]:
         shutil.copy2(folder / "kits" / member / "identity.key", keys_dir / f"{member}.key")
     agreement = load_agreement(folder / "agreement.yaml")
     signatures = {m: sign_agreement(agreement, m, load_identity_key(keys_dir / f"{m}.key")) for m in agreement.approvers()}
@@ -102,6 +103,37 @@ def test_a_secure_private_run_over_mutual_tls_equals_its_in_process_twin(consort
     assert result.summary["federated"]["accuracy"] == twin.summary["federated"]["accuracy"]
     assert all(a.answered > 10 for a in deployment.agents)  # every stage of every round went over HTTPS
     assert result.summary["traffic_bytes"]["to_coordinator"] > 0
+
+
+def test_a_run_completes_while_the_auditor_floods_the_service_with_polls(consortium_dir, tmp_path):
+    """100 clients with the auditor's certificate poll without pause for the whole run (such a flood once
+    held every worker thread, and the run halted: "only 0 sites co-signed"): refused at once, they hold
+    nothing, and the run completes."""
+    sim = Simulation(_config(consortium_dir, rounds=1), out=tmp_path / "flooded")
+    deployment = Deployment(consortium_dir, sim)
+    stop, refused = threading.Event(), []
+    context = load_kit(consortium_dir / "kits" / AUDITOR).client_context()
+
+    def flood() -> None:
+        with httpx.Client(base_url=deployment.url, verify=context, timeout=30) as client:
+            while not stop.is_set():
+                refused.append(client.post("/v1/poll").status_code)
+                stop.wait(0.2)  # a hundred of these: some 500 polls a second
+
+    flooders = [threading.Thread(target=flood, daemon=True) for _ in range(100)]
+    for t in flooders:
+        t.start()
+    try:
+        t0 = time.monotonic()
+        result = sim.run()
+        elapsed = time.monotonic() - t0
+    finally:
+        stop.set()
+        deployment.close()
+        for t in flooders:
+            t.join(30)
+    assert result.summary["status"] == "completed" and [r.status for r in result.history] == ["ok"]
+    assert len(refused) > 100 and set(refused) == {403} and elapsed < 60
 
 
 def test_the_service_refuses_strangers_unsolicited_and_oversized_messages(consortium_dir, tmp_path, caplog):
