@@ -144,7 +144,7 @@ def _rewrite_as_coordinator(run, sim, edit):
     for line in _lines(run, HEADS_FILE):
         h = json.loads(line)
         h["root"] = merkle.root(leaves[: h["size"]]).hex()
-        h["signature"] = _b64(keys.sign(key, head_bytes(h["size"], h["root"], h["timestamp_ms"])))
+        h["signature"] = _b64(keys.sign(key, head_bytes(h["size"], h["root"], h["timestamp_ms"], h["seq"])))
         heads.append(canonical(h))
     _write(run, heads, HEADS_FILE)
 
@@ -178,9 +178,9 @@ def _rewrite_with_everyone(run, sim, edit):
         e["index"] = i
     _write(run, [canonical(e) for e in entries])
     root = merkle.root([merkle.leaf_hash(canonical(e)) for e in entries]).hex()
-    signed = head_bytes(len(entries), root, 1)
+    signed = head_bytes(len(entries), root, 1, 0)
     cosignatures = {n: _b64(keys.sign(k, signed)) for n, k in sim._identities.items() if n != COORDINATOR}
-    head = {"size": len(entries), "root": root, "timestamp_ms": 1, "signer": COORDINATOR,
+    head = {"seq": 0, "size": len(entries), "root": root, "timestamp_ms": 1, "signer": COORDINATOR,
             "signature": _b64(keys.sign(sim._identities[COORDINATOR], signed)), "cosignatures": cosignatures}
     _write(run, [canonical(head)], HEADS_FILE)
 

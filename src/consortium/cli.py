@@ -317,40 +317,95 @@ def privacy_calibrate(
     _report(inputs, "noise_multiplier", sigma, as_json, f"noise multiplier = {sigma:.4f}")
 
 
+StateOpt = Annotated[
+    Path | None,
+    typer.Option("--state", help="a site's state folder: its ledger, and its own record of the heads it co-signed"),
+]
+
+
+def _reconciled(run_dir: Path, state: Path | None) -> tuple[dict[str, Any], str | None]:
+    """The ledgers (the run's own, or the one in ``state``) reconciled with the decisions each site signed in
+    the run's transcript, when the transcript verifies; otherwise the ledgers alone and why."""
+    from consortium.errors import VerificationError
+    from consortium.privacy.ledger import read_ledgers
+    from consortium.transcript.record import transcript_payments
+    from consortium.transcript.verify import read_entries, verify_run
+
+    paths = None if state is None else [state / "budget.sqlite"]
+    try:
+        verify_run(run_dir)
+    except VerificationError as exc:
+        return read_ledgers(run_dir, paths=paths), f"the transcript does not verify ({exc}): the ledgers are not reconciled with it"
+    entries = read_entries(run_dir)
+    sites = [n for n, m in (entries[0].body.get("members") or {}).items() if m.get("role") == "site"]
+    return read_ledgers(run_dir, paths=paths, signed={s: transcript_payments(entries, s) for s in sites}), None
+
+
+def _print_discrepancies(rows: dict[str, Any]) -> bool:
+    """Name each ledger row that disagrees with what its site signed; whether any row was deleted or edited."""
+    broken = False
+    for site, r in rows.items():
+        for d in r.get("discrepancies", []):
+            broken |= d["kind"] != "unsigned"
+            line = f"{site}: run {d['run'][:12]} round {d['round']}: {d['detail']}"
+            err_console.print(("[bold red]ledger[/] " if d["kind"] != "unsigned" else "note: ") + line, highlight=False, soft_wrap=True)
+    return broken
+
+
 @app.command()
 def budget(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="a run folder")],
+    state: StateOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Epsilon spent by each site against its own cap, read from the sites' ledgers."""
-    from consortium.privacy.ledger import read_ledgers
-
-    rows = read_ledgers(run_dir)
+    """Epsilon spent by each site against its own cap, read from the sites' ledgers and reconciled with the
+    privacy events each site signed in the transcript. Exits 1 when a ledger row was deleted or edited."""
+    rows, unreconciled = _reconciled(run_dir, state)
+    if unreconciled:
+        err_console.print(f"[yellow]{unreconciled}[/]", highlight=False, soft_wrap=True)
     if as_json:
-        sys.stdout.write(json.dumps({"run_dir": str(run_dir), "sites": rows}) + "\n")
-        return
-    t = RichTable(title=f"privacy budget: {run_dir}")
-    for col in ("site", "epsilon spent", "cap", "delta", "rounds paid"):
-        t.add_column(col, justify="left" if col == "site" else "right")
-    for name, r in rows.items():
-        t.add_row(name, f"{r['epsilon_spent']:.4f}", f"{r['epsilon_cap']:g}", f"{r['delta']:g}", str(r["rounds_paid"]))
-    out_console.print(t)
+        sys.stdout.write(json.dumps({"run_dir": str(run_dir), "sites": rows, "reconciled": unreconciled is None}) + "\n")
+    else:
+        t = RichTable(title=f"privacy budget: {run_dir}")
+        for col in ("site", "epsilon spent", "cap", "delta", "rounds paid"):
+            t.add_column(col, justify="left" if col == "site" else "right")
+        for name, r in rows.items():
+            t.add_row(name, f"{r['epsilon_spent']:.4f}", f"{r['epsilon_cap']:g}", f"{r['delta']:g}", str(r["rounds_paid"]))
+        out_console.print(t)
+    if _print_discrepancies(rows):
+        raise Exit(1)
 
 
 @app.command()
 def verify(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="a run folder")],
+    agreement: Annotated[Path | None, typer.Option(help="the signed agreement you hold: the anchor for every key")] = None,
+    kit: Annotated[Path | None, typer.Option(help="your member kit: its agreement, keys and (a site's) record")] = None,
+    state: StateOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Check a run from its transcript and folder alone: signatures, Merkle tree, co-signed heads, epsilon, model.
+    """Check a run: signatures, Merkle tree, co-signed heads, epsilon, summary, model; anchored in what you hold.
 
-    Exits 0 when every check passes, 1 naming the first violation.
+    Without --agreement, --kit or --state the check is for consistency only, and says so. With --state, the
+    site's ledger is also reconciled with what it signed. Exits 0 when every check passes, 1 naming the first
+    violation.
     """
     from consortium.errors import VerificationError
+    from consortium.transcript.anchor import CONSISTENCY_ONLY, agreement_anchor, kit_anchor, state_anchor
     from consortium.transcript.verify import verify_run
 
+    anchors = [
+        *([agreement_anchor(agreement)] if agreement is not None else []),
+        *([kit_anchor(kit)] if kit is not None else []),
+        *([state_anchor(state)] if state is not None else []),
+    ]
     try:
-        report = verify_run(run_dir)
+        report = verify_run(run_dir, anchors=anchors)
+        rows = _reconciled(run_dir, state)[0] if state is not None and (state / "budget.sqlite").exists() else {}
+        deleted = [d for r in rows.values() for d in r.get("discrepancies", []) if d["kind"] != "unsigned"]
+        if deleted:
+            raise VerificationError(f"the ledger in {state} disagrees with what its site signed: " + "; ".join(
+                f"run {d['run'][:12]} round {d['round']}: {d['detail']}" for d in deleted))
     except VerificationError as exc:
         if as_json:
             sys.stdout.write(json.dumps({"run_dir": str(run_dir), "verified": False, "violation": str(exc)}) + "\n")
@@ -366,9 +421,14 @@ def verify(
         f"{report.heads} tree heads signed by the coordinator and co-signed by {len(head['cosigned_by'])} sites; "
         f"tree head {head['size']} {head['root'][:16]}..."
     )
+    if report.summary == "missing":
+        err_console.print("[yellow]no summary.json[/]: the run's report is missing, so none of its figures were checked")
+    else:
+        out_console.print("summary.json is this run's: its run id, tree head, target epsilon, epsilon and metrics match signed entries")
     if report.epsilon_per_site:
         eps = ", ".join(f"{s} {e:.3f}" for s, e in report.epsilon_per_site.items())
-        out_console.print(f"epsilon recomputed from the events each site signed, matching the run's report: {eps}")
+        said = "matching the run's report" if report.summary == "bound" else "(no report to compare with)"
+        out_console.print(f"epsilon recomputed from the events each site signed, {said}: {eps}")
     if report.final_model_sha256:
         out_console.print(f"final model file matches the transcript: sha256 {report.final_model_sha256[:16]}...")
     if report.lineage is not None:
@@ -380,6 +440,10 @@ def verify(
         out_console.print(f"  sites run: {where}" + (" (all on one version)" if len(running) == 1 else ""))
         if report.registry_stale:
             err_console.print("registry.json is behind the transcript (a write was cut short): consortium models list rebuilds it")
+    for line in report.anchored_by:
+        out_console.print(f"[bold green]anchored[/]: {line}", highlight=False)
+    if not report.anchored_by:
+        err_console.print(f"[bold yellow]{CONSISTENCY_ONLY}[/]", highlight=False, soft_wrap=True)
 
 
 agreement_app = typer.Typer(help="The consortium agreement: write one, check it, explain it in plain language.")

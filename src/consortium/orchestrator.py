@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -390,6 +391,7 @@ class CoordinatorRun:
                 ModelRegistry(run.path).add(registered[0])
 
         summary: dict[str, Any] = {
+            "run_id": transcript.writer.entries[0].body.get("run_id"),
             "run_dir": str(run.path),
             "status": "completed" if halted is None else "halted",
             "halt": None if halted is None else halted.to_json(),
@@ -489,13 +491,19 @@ class CoordinatorRun:
             for name, public in self._directory.items()
         }
         return {
+            # A fresh identity for this run: the summary names it, and a site keeps its record of the heads
+            # it co-signed under it, so neither can be passed off as another run's.
+            "run_id": secrets.token_hex(16),
             "members": members,
             "config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
             "rounds": self.config.rounds,
             "min_sites": self.config.participation.min_sites,
             "agreement_sha256": agreement_hash(self.agreement) if self.agreement is not None else None,
             "secure_aggregation": self.config.secure_aggregation.enabled,
-            "privacy": {"enabled": pc.enabled, "level": pc.level, "delta": pc.delta, "accountant": pc.accountant},
+            "privacy": {
+                "enabled": pc.enabled, "level": pc.level, "delta": pc.delta, "accountant": pc.accountant,
+                "target_epsilon": pc.epsilon if pc.enabled else None,
+            },
             "provenance": {
                 "code_sha256": code_sha256(),
                 "libraries": library_versions(),

@@ -49,6 +49,7 @@ from consortium.protocol.coordinator import COORDINATOR, RoundRecord
 from consortium.protocol.site import Site
 from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.transcript.log import TreeHead, last_cosigned
+from consortium.transcript.record import RECORD_FILE
 from consortium.transcript.recorder import TranscriptRecorder
 from consortium.transcript.verify import AGREEMENT_FILE
 from consortium.transport import InProcessTransport
@@ -208,6 +209,7 @@ class Simulation(CoordinatorRun):
                 agreement=self.agreement,
                 policy=self.policies.get(name),
                 journal=self.run_dir / "sites" / name / "evaluation.jsonl",  # the site's own, beside its ledger
+                record=self.run_dir / "sites" / name / RECORD_FILE,  # the heads and decisions it signed
             )
             for name in names
         }

@@ -33,6 +33,7 @@ from consortium.privacy.ledger import BudgetLedger
 from consortium.protocol import messages as m
 from consortium.protocol.site import Site
 from consortium.simulation import noise_test_seed, site_randomness
+from consortium.transcript.record import RECORD_FILE
 
 LEDGER_FILE = "budget.sqlite"
 MEMORY_FILE = "transcript-memory.json"  # the last head this site co-signed: a restarted agent picks up from it
@@ -120,6 +121,7 @@ def build_site(
         memory=state / MEMORY_FILE,
         journal=state / JOURNAL_FILE,  # how each round's model did on this site's own test split
         lifecycle=state / LIFECYCLE_FILE,  # the model version this site runs, and its drift checks
+        record=state / RECORD_FILE,  # every head it co-signed and decision it signed: its anchor and its ledger's
         **extra,
     )
     if incoming is not None:  # the records that reached the site since training: its drift check's input

@@ -91,8 +91,9 @@ class SiteGuard:
         layout_hash: str,
         secure_aggregation: bool,
         privacy: PrivacyEvent | None,
+        run: str = "",
     ) -> None:
-        """Accept (and pay for) round ``rnd``'s plan, or raise ``Refused`` naming the rule."""
+        """Accept (and pay for) round ``rnd`` of run ``run``'s plan, or raise ``Refused`` naming the rule."""
         ag, policy = self.agreement, self.policy
         if policy is not None:
             quiet = policy.quiet_at(self._clock())
@@ -120,7 +121,7 @@ class SiteGuard:
             if privacy is None:
                 raise Refused("budget", "this site trains only with differential privacy: the round plan has none")
             try:  # recorded as spent before any training, or refused
-                self.ledger.spend(privacy, rnd=rnd, label=f"round {rnd}")
+                self.ledger.spend(privacy, rnd=rnd, label=f"round {rnd}", run=run)
             except BudgetExceeded as exc:
                 raise Refused("budget", str(exc)) from None
 

@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import Float, Integer, String, Text, create_engine, select
+from sqlalchemy import Float, Integer, String, Text, create_engine, inspect, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -45,10 +45,34 @@ class _Policy(_Base):
 class _Spent(_Base):
     __tablename__ = "spent"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run: Mapped[str] = mapped_column(String(64), default="")  # the run's id, from the manifest the site endorsed
     round: Mapped[int] = mapped_column(Integer)
     label: Mapped[str] = mapped_column(String(256))
     event: Mapped[str] = mapped_column(Text)  # the PrivacyEvent as canonical JSON
     epsilon_after: Mapped[float] = mapped_column(Float)
+
+
+@dataclass(frozen=True)
+class Paid:
+    """One round a site signed that it paid for: the run, the round and the privacy event, from its signed decision."""
+
+    run: str
+    round: int
+    event: PrivacyEvent
+
+
+@dataclass(frozen=True)
+class Discrepancy:
+    """A ledger row that disagrees with what the site signed: ``deleted``, ``edited``, or ``unsigned`` (paid, yet
+    no signed decision records it: the reply was lost or the round was cut off, which is no fault)."""
+
+    kind: str
+    run: str
+    round: int
+    detail: str
+
+    def __str__(self) -> str:
+        return f"run {self.run[:12]} round {self.round}: {self.detail}"
 
 
 @dataclass(frozen=True)
@@ -69,6 +93,9 @@ class BudgetLedger:
         self.path = path
         self._engine = open_engine(f"sqlite:///{path}")
         _Base.metadata.create_all(self._engine)
+        if "run" not in {c["name"] for c in inspect(self._engine).get_columns("spent")}:  # a ledger from before runs had ids
+            with self._engine.begin() as conn:
+                conn.execute(text("ALTER TABLE spent ADD COLUMN run VARCHAR(64) NOT NULL DEFAULT ''"))
         with Session(self._engine) as s, s.begin():
             policy = s.get(_Policy, 1)
             if policy is None:
@@ -83,6 +110,24 @@ class BudgetLedger:
                 # A site may tighten its own cap, never loosen it silently through a restart.
                 policy.epsilon_cap = min(policy.epsilon_cap, epsilon_cap)
         self.site = site
+
+    def reconcile(self, signed: list[Paid], *, restore: bool = False) -> list[Discrepancy]:
+        """Compare the ledger with the rounds this site signed that it paid for (its own signed decisions:
+        the site's record, or a run's transcript); with ``restore``, put every deleted or edited row back
+        as signed, in one transaction, so a lost or edited ledger never lets a cap be spent twice."""
+        with Session(self._engine) as s, s.begin():
+            found = _discrepancies(s.scalars(select(_Spent).order_by(_Spent.id)).all(), signed)
+            if restore:
+                by_key = {(p.run, p.round): p for p in signed}
+                for d in found:
+                    if d.kind == "unsigned":
+                        continue
+                    paid = by_key[(d.run, d.round)]
+                    for row in s.scalars(select(_Spent).where(_Spent.run == d.run, _Spent.round == d.round)).all():
+                        s.delete(row)
+                    s.add(_Spent(run=d.run, round=d.round, label=f"round {d.round} (restored from the signed record)",
+                                 event=paid.event.model_dump_json(), epsilon_after=0.0))
+        return found
 
     def _policy(self, s: Session) -> _Policy:
         policy = s.get(_Policy, 1)
@@ -141,29 +186,54 @@ class BudgetLedger:
             )
         return Decision(True, before, after)
 
-    def spend(self, new: PrivacyEvent, *, rnd: int, label: str = "") -> Decision:
+    def spend(self, new: PrivacyEvent, *, rnd: int, label: str = "", run: str = "") -> Decision:
         """Record ``new`` if it fits under the cap, in one transaction; raise BudgetExceeded otherwise."""
         decision = self.check(new)
         if not decision.accepted:
             raise BudgetExceeded(decision.reason)
         with Session(self._engine) as s, s.begin():
-            s.add(_Spent(round=rnd, label=label, event=new.model_dump_json(), epsilon_after=decision.epsilon_after))
+            s.add(_Spent(run=run, round=rnd, label=label, event=new.model_dump_json(), epsilon_after=decision.epsilon_after))
         return decision
+
+
+def _discrepancies(rows: list[_Spent], signed: list[Paid]) -> list[Discrepancy]:
+    """Each signed payment missing from ``rows`` or recorded otherwise, and each row no signature covers."""
+    by_key: dict[tuple[str, int], list[_Spent]] = {}
+    for row in rows:
+        by_key.setdefault((row.run, row.round), []).append(row)
+    runs = {p.run for p in signed}
+    out: list[Discrepancy] = []
+    for p in signed:
+        held = by_key.get((p.run, p.round), [])
+        if not held:
+            out.append(Discrepancy("deleted", p.run, p.round, "signed as paid, and the ledger has no row for it (deleted)"))
+        elif any(parse_event(r.event) != p.event for r in held) or len(held) > 1:
+            out.append(Discrepancy("edited", p.run, p.round, "the ledger's row is not the privacy event the site signed (edited)"))
+    paid = {(p.run, p.round) for p in signed}
+    for (run, rnd), held in by_key.items():
+        if run in runs and (run, rnd) not in paid:
+            out.append(Discrepancy("unsigned", run, rnd, "paid in the ledger; no signed decision records it (a reply lost or a round cut off)"))
+    return sorted(out, key=lambda d: (d.run, d.round))
 
 
 def _epsilon_under(policy: _Policy, events: list[PrivacyEvent]) -> float:
     return epsilon(events, policy.delta, policy.accountant, pld_interval=policy.pld_interval)  # type: ignore[arg-type]
 
 
-def read_ledgers(run_dir: Path) -> dict[str, dict[str, object]]:
-    """Every site ledger under ``run_dir/sites/*/budget.sqlite``, read only."""
-    paths = sorted(Path(run_dir).glob("sites/*/budget.sqlite"))
+def read_ledgers(
+    run_dir: Path, *, paths: list[Path] | None = None, signed: dict[str, list[Paid]] | None = None
+) -> dict[str, dict[str, object]]:
+    """Every site ledger under ``run_dir/sites/*/budget.sqlite`` (or at ``paths``), read only; with ``signed``
+    (each site's payments as it signed them), each ledger's ``discrepancies`` with them, by run and round."""
     if not Path(run_dir).is_dir():
         raise ConfigError(f"run folder '{run_dir}' does not exist: pass the folder a run printed")
+    paths = paths if paths is not None else sorted(Path(run_dir).glob("sites/*/budget.sqlite"))
     if not paths:
         raise ConfigError(f"no site ledgers under '{run_dir}/sites/': the run had differential privacy off")
     out: dict[str, dict[str, object]] = {}
     for path in paths:
+        if not path.exists():
+            raise ConfigError(f"no ledger at {path}: pass the site's state folder (the one 'consortium join --state' used)")
         engine = create_engine(f"sqlite:///file:{path}?mode=ro&uri=true")
         try:
             with Session(engine) as s:
@@ -179,6 +249,11 @@ def read_ledgers(run_dir: Path) -> dict[str, dict[str, object]]:
                     "accountant": policy.accountant,
                     "rounds_paid": [r.round for r in rows],
                 }
+                if signed is not None:
+                    out[policy.site]["discrepancies"] = [
+                        {"kind": d.kind, "run": d.run, "round": d.round, "detail": d.detail}
+                        for d in _discrepancies(list(rows), signed.get(policy.site, []))
+                    ]
         except SQLAlchemyError as exc:
             raise ConfigError(f"cannot read ledger {path} ({type(exc).__name__}): is it a Consortium ledger?") from None
         finally:

@@ -34,7 +34,7 @@ from consortium.learning.training import EvalStats, Groups, evaluate, train_loca
 from consortium.lifecycle.drift import DriftReport, check_drift
 from consortium.privacy.dpsgd import secure_generator, secure_numpy_generator, train_dp_sgd
 from consortium.privacy.events import RecordLevelEvent, SiteLevelEvent
-from consortium.privacy.ledger import BudgetLedger
+from consortium.privacy.ledger import BudgetLedger, Discrepancy
 from consortium.protocol import contributions as c
 from consortium.protocol import messages as m
 from consortium.protocol.task import ModelBuilder, build_task_model
@@ -43,6 +43,7 @@ from consortium.runs import write_atomic
 from consortium.secagg import SecAggClient
 from consortium.secagg.encoding import DiscreteGaussianEncoding
 from consortium.transcript import merkle
+from consortium.transcript.record import SignedRecord, payments
 from consortium.transcript.log import (
     Entry,
     HeadWitness,
@@ -166,6 +167,7 @@ class Site:
         memory: Path | None = None,
         journal: Path | None = None,
         lifecycle: Path | None = None,
+        record: Path | None = None,
     ) -> None:
         self.name = name
         self.__data = data
@@ -202,14 +204,22 @@ class Site:
         self._round_seen = 0
         self._fingerprint_salt = os.urandom(16)
         self._memory = memory
+        self._run_id = ""  # the run whose manifest this site endorsed: its ledger rows and its record name it
+        self._record = SignedRecord(record) if record is not None else None
+        self.restored: list[Discrepancy] = []  # ledger rows put back from the signed record at start
         if memory is not None and memory.exists():
             self._recall(memory)
+        if self._record is not None and ledger is not None and identity is not None:
+            # Before anything is spent: every round this site signed as paid is in its ledger, as signed.
+            own = keys.ed25519_public_bytes(identity.public_key())
+            self.restored = ledger.reconcile(payments(self._record.decisions(name, own)), restore=True)
 
     def _recall(self, path: Path) -> None:
         """A restarted site picks up where it was: the last head it co-signed, the last round it answered."""
         try:
             saved = json.loads(path.read_text())
             head, rnd = TreeHead.model_validate(saved["head"]), int(saved["round"])
+            self._run_id = str(saved.get("run_id", ""))
         except (ValueError, KeyError, TypeError):
             raise ConfigError(f"{path} is damaged: restore it from a backup (without it this site cannot check the transcript)") from None
         if self._witness is None:
@@ -262,6 +272,8 @@ class Site:
             raise ProtocolError("this site has no identity key: it cannot sign what the transcript records")
         body = json.loads(canonical(body))
         signature = self._identity.sign(signed_entry_bytes(kind, rnd, self.name, body))
+        if self._record is not None and kind == "site_decision":  # noted down before it leaves
+            self._record.note_decision(self._run_id, rnd, self.name, body, signature)
         return m.SiteDecision(round=rnd, site=self.name, body=body, signature=signature)
 
     def _sign_decision(self, rnd: int, msg: m.FitRequest, reply: m.BaseModel) -> m.BaseModel:
@@ -356,8 +368,11 @@ class Site:
         datasets = provenance.get("datasets") if isinstance(provenance, dict) else None
         if not isinstance(datasets, dict) or datasets.get(self.name) != self.fingerprint():
             raise Refused("manifest", "the manifest misstates this site's data")
-        if self._witness is not None:  # a new run on the same kits: a new transcript, rounds from 1 (the ledger carries over)
+        run_id = str(manifest.get("run_id") or "")
+        if self._witness is not None and (not run_id or run_id != self._run_id):
+            # A new run on the same kits: a new transcript, its own rounds from 1 (the ledger carries over).
             self._witness.last, self._round_seen = None, 0
+        self._run_id = run_id
         return m.Endorsement(signature=keys.sign(self._identity, manifest_bytes(manifest)))
 
     def resume_from(self, head: TreeHead) -> None:
@@ -371,8 +386,13 @@ class Site:
         if self._witness is None:
             raise ProtocolError("this site has no identity key or directory: it cannot co-sign the transcript")
         signature = self._witness.cosign(head, proof)
+        if self._record is not None:
+            self._record.note_head(self._run_id, head)
         if self._memory is not None:  # noted down before the co-signature leaves: a restart resumes from it
-            memo = {"head": head.model_copy(update={"cosignatures": {}}).model_dump(mode="json"), "round": self._round_seen}
+            memo = {
+                "head": head.model_copy(update={"cosignatures": {}}).model_dump(mode="json"), "round": self._round_seen,
+                "run_id": self._run_id,
+            }
             write_atomic(self._memory, json.dumps(memo).encode())
         return signature
 
@@ -463,6 +483,7 @@ class Site:
             layout_hash=msg.task.layout_hash,
             secure_aggregation=msg.secure_aggregation,
             privacy=msg.privacy,
+            run=self._run_id,
         )
         module, adapter, global_params = self._model_for(msg.task, params)
         self._held = (sha, params)

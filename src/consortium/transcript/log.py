@@ -93,6 +93,14 @@ def signed_entry_bytes(kind: str, rnd: int, author: str, body: Mapping[str, Any]
 
 
 class TreeHead(Frozen):
+    """A signed statement of the transcript's size and Merkle root.
+
+    ``seq`` numbers the heads of a run from 0, under the signature: a heads
+    file with a head deleted from the middle, or all but the last deleted,
+    no longer counts 0, 1, 2, ... and ``verify`` says so.
+    """
+
+    seq: int = Field(ge=0)
     size: int = Field(ge=0)
     root: str = Field(pattern=r"^[0-9a-f]{64}$")
     timestamp_ms: int = Field(ge=0)
@@ -101,11 +109,12 @@ class TreeHead(Frozen):
     cosignatures: dict[str, B64] = {}
 
     def signed_bytes(self) -> bytes:
-        return head_bytes(self.size, self.root, self.timestamp_ms)
+        return head_bytes(self.size, self.root, self.timestamp_ms, self.seq)
 
 
-def head_bytes(size: int, root: str, timestamp_ms: int) -> bytes:
-    return canonical({"domain": HEAD_DOMAIN, "size": size, "root": root, "timestamp_ms": timestamp_ms})
+def head_bytes(size: int, root: str, timestamp_ms: int, seq: int) -> bytes:
+    """What the coordinator signs and the sites co-sign: the head's number in the run, size, root and time."""
+    return canonical({"domain": HEAD_DOMAIN, "seq": seq, "size": size, "root": root, "timestamp_ms": timestamp_ms})
 
 
 def _append_line(path: Path, line: bytes, expected_size: int | None = None) -> int:
@@ -206,10 +215,10 @@ class TranscriptWriter:
 
     def sign_head(self, signer: str, key: Ed25519PrivateKey, timestamp_ms: int) -> TreeHead:
         """A head over everything appended so far, signed by ``signer`` (not yet written: co-signatures first)."""
-        root = self.root().hex()
+        root, seq = self.root().hex(), len(self.heads)
         return TreeHead(
-            size=self.size, root=root, timestamp_ms=timestamp_ms, signer=signer,
-            signature=keys.sign(key, head_bytes(self.size, root, timestamp_ms)),
+            seq=seq, size=self.size, root=root, timestamp_ms=timestamp_ms, signer=signer,
+            signature=keys.sign(key, head_bytes(self.size, root, timestamp_ms, seq)),
         )
 
     def inclusion(self, index: int, size: int) -> list[bytes]:

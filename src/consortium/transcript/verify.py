@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,8 @@ from consortium.transcript import merkle
 from consortium.secagg.encoding import SessionEncoding
 from consortium.secagg.protocol import SessionEvidence, unmask_sum
 from consortium.transcript.log import cosign_quorum, vector_sha256
+from consortium.transcript.anchor import Anchor, check_anchor, run_signatures
+from consortium.transcript.summary import check_summary, read_summary
 from consortium.transcript.log import (
     HEADS_FILE,
     TRANSCRIPT_FILE,
@@ -67,6 +69,8 @@ class Verified:
     status: str = "completed"  # completed | halted | unfinished
     lineage: Lineage | None = None  # the model lifecycle, replayed (None: no version was ever registered)
     registry_stale: bool = False  # registry.json is behind the transcript (a write was cut short)
+    summary: str = "missing"  # "bound": summary.json's claims match the signed record; "missing": there is none
+    anchored_by: list[str] = field(default_factory=list)  # what each anchor proved; empty: consistency only
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -74,6 +78,9 @@ class Verified:
             "status": self.status,
             "lifecycle": self.lineage.to_json() if self.lineage is not None else None,
             "registry_stale": self.registry_stale,
+            "summary": self.summary,
+            "anchored_by": self.anchored_by,
+            "consistency_only": not self.anchored_by,
             "refusals": self.refusals,
             "halts": self.halts,
             "resumes": self.resumes,
@@ -147,7 +154,12 @@ def read_entries(run_dir: Path) -> list[Entry]:
     return [parse_entry(line, i) for i, line in enumerate(_lines(run_dir / TRANSCRIPT_FILE, "transcript"))]
 
 
-def verify_run(run_dir: Path) -> Verified:
+def verify_run(run_dir: Path, *, anchors: Sequence[Anchor] = ()) -> Verified:
+    """Check the run folder for consistency, then against each anchor the verifier holds.
+
+    Without an anchor the report says so (``anchored_by`` empty): every key came from the folder
+    itself. Raises ``VerificationError`` naming the first violation, ``ConfigError`` for a missing folder.
+    """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"run folder '{run_dir}' does not exist: pass the folder a run printed")
@@ -202,7 +214,15 @@ def verify_run(run_dir: Path) -> Verified:
         for entry in entries:
             if entry.kind == "aggregate":
                 _entry_check(entry, lambda e: _recompute_aggregate(e, entries, run_dir))
-    report.epsilon_per_site = _check_privacy(entries, entries[0].body, run_dir)
+    report.epsilon_per_site = signed_epsilon(entries, entries[0].body)
+    summary = read_summary(run_dir)
+    if summary is not None:
+        check_summary(summary, entries, heads, report.epsilon_per_site)
+    report.summary = "missing" if summary is None else "bound"
+    signatures = run_signatures(run_dir, AGREEMENT_FILE)
+    held = {name: key for anchor in anchors for name, key in anchor.keys.items()}
+    for anchor in anchors:
+        report.anchored_by.extend(check_anchor(anchor, entries, signatures, held))
     finals = [e for e in entries if e.kind == "final_model"]
     if finals:
         _entry_check(finals[-1], lambda e: setattr(report, "final_model_sha256", _check_model(e, entries, run_dir)))
@@ -315,6 +335,11 @@ def _check_heads(heads: list[TreeHead], entries: list[Entry], leaves: list[bytes
     previous = 0
     for i, head in enumerate(heads):
         where = f"tree head {i} (size {head.size})"
+        if head.seq != i:  # numbered under the coordinator's signature: a gap is a head taken out
+            raise VerificationError(
+                f"{where}: numbered {head.seq} by its signature, found at place {i} of the heads file: "
+                f"{'head(s) before it were deleted' if head.seq > i else 'heads were reordered or repeated'}"
+            )
         if head.signer != coordinator:
             raise VerificationError(f"{where}: signed by '{head.signer}', expected the coordinator '{coordinator}'")
         _check_signature(_key(members, coordinator, where), head.signature, head.signed_bytes(), where)
@@ -470,21 +495,6 @@ def signed_epsilon(entries: list[Entry], manifest: dict[str, Any]) -> dict[str, 
         site: epsilon([ev for _, ev in paid], privacy["delta"], privacy["accountant"]) if paid else 0.0
         for site, paid in signed_events(entries, manifest).items()
     }
-
-
-def _check_privacy(entries: list[Entry], manifest: dict[str, Any], run_dir: Path) -> dict[str, float]:
-    """Each site's epsilon from the events it signed, against what the run reported."""
-    recomputed = signed_epsilon(entries, manifest)
-    summary_path = run_dir / "summary.json"
-    if recomputed and summary_path.exists():
-        reported = json.loads(summary_path.read_text()).get("privacy", {}).get("epsilon_per_site", {})
-        for site, eps in recomputed.items():
-            said = reported.get(site)
-            if said is None or not math.isclose(said, eps, rel_tol=1e-9, abs_tol=1e-12):
-                raise VerificationError(
-                    f"site '{site}': the events it signed add up to epsilon {eps:.6g}, the run reported {said}"
-                )
-    return recomputed
 
 
 def _check_model(final: Entry, entries: list[Entry], run_dir: Path) -> str:
