@@ -710,6 +710,8 @@ def join(
     site = build_site(kit, data, schema, state=state, seed=seed, test_seed=test_seed, crash_at=fault, incoming=incoming)
     if test_seed is not None:
         err_console.print("[bold red]WARNING[/]: privacy noise is in TEST MODE (fixed seed): reproducible, and NOT private")
+    for d in site.restored:  # its ledger had lost or changed rows this site signed as paid: put back before anything runs
+        err_console.print(f"[bold red]ledger restored[/]: {d} -> the signed event is counted again", highlight=False, soft_wrap=True)
     agent = SiteAgent(kit, site, base_url=coordinator)
     err_console.print(f"{kit.member} joined: polling {agent.base_url}")
     agent.run()
