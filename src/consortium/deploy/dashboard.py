@@ -12,7 +12,10 @@ a half-written round.
 
 Access is a grant the member signs with its own identity key
 (``consortium dashboard-link KIT``): its name and an expiry, checked against
-the public key the agreement names for it. The page is served over TLS with
+the public key the agreement names for it; a grant valid for more than 24 h
+from now is refused, whoever signed it. A refusal's reason (it may quote the
+site's spent epsilon and its own cap) is shown only to the roles that see
+privacy events; the others see that the site refused. The page is served over TLS with
 the coordinator's certificate on its own port, where a browser needs no
 client certificate; it is plain HTML with the chart as inline SVG, and loads
 nothing from anywhere else.
