@@ -43,14 +43,6 @@ def local(tmp_path_factory):
     return _consortium(tmp_path_factory.mktemp("deploy"), SITES)
 
 
-@pytest.fixture(scope="module")
-def local5(tmp_path_factory):
-    """Five sites: with three or four, the SecAgg threshold planned for the default corruption rate is
-    every neighbour, which leaves no room for a dropout once the keys are shared; with five (4
-    neighbours, threshold 3) one site may die."""
-    return _consortium(tmp_path_factory.mktemp("deploy5"), [*SITES, "site-4", "site-5"])
-
-
 def _config(local, tmp_path, **over) -> tuple[dict, object]:
     """The run's config: 3 secure, private rounds in test mode. The simulated twin reads the same CSVs."""
     keys = tmp_path / "keys"  # the twin plays every member, so it holds every member's key
@@ -128,18 +120,24 @@ def test_a_coordinator_and_three_site_processes_equal_the_simulation(local, tmp_
     assert json.loads(verified.stdout)["status"] == "completed"
 
 
-def test_a_site_killed_during_collect_masked_is_left_out_then_rejoins_when_restarted(local5, tmp_path):
-    _, config_file = _config(local5, tmp_path, participation={"min_sites": 2})
+def test_three_sites_lose_one_as_its_masked_input_is_due_and_another_as_it_unmasks(local, tmp_path):
+    """Threshold 2 of 3 (no site assumed to collude with the coordinator, so each survivor may count its own
+    acknowledgement): site-3 dies as its masked input is due in round 2, and site-2 as the unmasking request
+    reaches it in round 3. Both rounds complete with the sites left; each, restarted, rejoins."""
+    _, config_file = _config(local, tmp_path, participation={"min_sites": 2}, secure_aggregation={"corruption_rate": 0.0})
     run_dir, state, logs = tmp_path / "served", tmp_path / "state", tmp_path / "logs"
+    faults = {"site-3": ("--crash-at", "secagg_deliver:2"), "site-2": ("--crash-at", "secagg_unmask:3")}
     with open(tmp_path / "coordinator.err", "wb") as coordinator_err:
-        procs = launch(local5, config_file, run_dir, seed=0, test_seed=7, serve_args=("--json", "--pickup-timeout", "8"),
-                       join_args={"site-3": ("--crash-at", "secagg_deliver:2")},  # dies as its masked input is due
-                       stdout=subprocess.PIPE, stderr=coordinator_err, logs=logs, state=state)
+        procs = launch(local, config_file, run_dir, seed=0, test_seed=7, serve_args=("--json", "--pickup-timeout", "8"),
+                       join_args=faults, stdout=subprocess.PIPE, stderr=coordinator_err, logs=logs, state=state)
+    memory = None
     try:
-        assert procs.sites["site-3"].wait(timeout=300) == 137
-        # The same site, restarted on its state folder: its ledger, and the last head it co-signed.
-        memory = json.loads((state / "site-3" / "transcript-memory.json").read_text())
-        procs.sites["site-3"] = start_site(local5, "site-3", seed=0, test_seed=7, logs=logs, state=state)
+        for site in ("site-3", "site-2"):  # in the order they die
+            assert procs.sites[site].wait(timeout=300) == 137
+            if site == "site-3":
+                memory = json.loads((state / "site-3" / "transcript-memory.json").read_text())
+            # The same site, restarted on its state folder: its ledger, and the last head it co-signed.
+            procs.sites[site] = start_site(local, site, seed=0, test_seed=7, logs=logs, state=state)
         out = _summary_line(procs.coordinator)
         verified = _cli("verify", str(run_dir), "--json")  # while the sites are told that the run is over
         out += procs.coordinator.communicate(timeout=420)[0]
@@ -148,19 +146,24 @@ def test_a_site_killed_during_collect_masked_is_left_out_then_rejoins_when_resta
         procs.stop()
     err = (tmp_path / "coordinator.err").read_bytes()
     assert procs.coordinator.returncode == 0, err.decode()[-3000:]
-    assert codes == {s: 0 for s in local5.sites}
+    assert codes == {s: 0 for s in local.sites}
     summary = json.loads(out)
     assert summary["status"] == "completed" and summary["federated"]["rounds_completed"] == 3
-    # Round 2's sum is over the four masked inputs that arrived (site-3's pairwise masks were removed with
-    # its neighbours' key shares); restarted, site-3 is summed again in round 3.
-    assert summary["secure_aggregation"]["survivors_per_round"] == [5, 4, 5]
+    assert summary["secure_aggregation"]["threshold"] == 2
+    # Round 2's sum is over the two masked inputs that arrived (site-3's pairwise masks removed with its
+    # neighbours' key shares); round 3's over all three (site-2's self mask rebuilt from the others' shares).
+    assert summary["secure_aggregation"]["survivors_per_round"] == [3, 2, 3]
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert rounds[1]["secure_aggregation"]["fit_included"] == 4
+    assert [r["answered"] for r in rounds][1:] == [["site-1", "site-2"], SITES]
     assert verified.returncode == 0, verified.stderr
     heads = [json.loads(line) for line in (run_dir / "heads.jsonl").read_text().splitlines()]
     remembered = next(i for i, h in enumerate(heads) if h["size"] == memory["head"]["size"] and h["root"] == memory["head"]["root"])
     assert "site-3" in heads[remembered]["cosignatures"]  # what it noted down is what it had co-signed;
     assert "site-3" in heads[-1]["cosignatures"]  # back, it co-signs over a proof from the head it remembered
+    for site in SITES:  # nothing paid twice, nothing beyond the cap, nothing the summary does not count
+        paid, spent, cap = _ledger(state / site / "budget.sqlite")
+        assert len(paid) == len(set(paid)) and spent <= cap + 1e-9, (site, paid, spent, cap)
+        assert summary["privacy"]["epsilon_bound_per_site"][site] >= spent - 1e-9, (site, paid, summary["privacy"])
 
 
 def _published_plan(run_dir, rnd: int) -> bool:
@@ -179,26 +182,54 @@ def _published_plan(run_dir, rnd: int) -> bool:
     return plan is not None and any(h["size"] > plan["index"] for h in lines("heads.jsonl"))
 
 
+def _recover(local, run_dir, err) -> subprocess.Popen:
+    """A new coordinator process taking the run over (``serve --recover``)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "consortium.cli", "serve", str(local.kit(COORDINATOR)), "--schema", str(local.schema),
+         "--recover", str(run_dir), "--port", str(local.port), "--json"],
+        stdout=subprocess.PIPE, stderr=err,
+    )
+
+
+def _ledger(path) -> tuple[list[int], float, float]:
+    """A site's ledger, read as it is on disk: the rounds it paid, its epsilon and its cap."""
+    from sqlalchemy import create_engine, text
+
+    from consortium.privacy.accountant import epsilon
+    from consortium.privacy.events import EVENT
+
+    engine = create_engine(f"sqlite:///{path}")
+    with engine.connect() as c:
+        rows = list(c.execute(text("SELECT round, event FROM spent ORDER BY id")))
+        cap, delta, accountant, interval = next(iter(c.execute(text("SELECT epsilon_cap, delta, accountant, pld_interval FROM policy"))))
+    engine.dispose()
+    return [r[0] for r in rows], epsilon([EVENT.validate_json(r[1]) for r in rows], delta, accountant, pld_interval=interval), cap
+
+
 def test_a_coordinator_killed_mid_round_restarts_and_finishes_the_run(local, tmp_path):
+    """Killed twice: at a named crash point inside round 1's commit (its entries half appended), then by
+    SIGKILL once round 2's plan is out. Round 1 completes from its committed record; round 2 is aborted."""
+    from consortium.crashpoints import CRASH_ENV, CRASH_EXIT
+
     _, config_file = _config(local, tmp_path)
-    run_dir = tmp_path / "served"
+    run_dir, state = tmp_path / "served", tmp_path / "state"
     procs = launch(local, config_file, run_dir, seed=0, test_seed=7, serve_args=("--json",),
-                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, logs=tmp_path / "logs", state=tmp_path / "state")
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, logs=tmp_path / "logs", state=state,
+                   coordinator_env={CRASH_ENV: "round_appending"})
     again = None
     try:
-        deadline = time.monotonic() + 300
-        while not _published_plan(run_dir, 2):  # round 2 is under way: its plan went out
-            assert procs.coordinator.poll() is None and time.monotonic() < deadline, procs.coordinator.stderr.read().decode()
-            time.sleep(0.02)
-        procs.coordinator.kill()  # SIGKILL: no cleanup, no goodbye to the sites
-        procs.coordinator.wait()
+        assert procs.coordinator.wait(timeout=300) == CRASH_EXIT, procs.coordinator.stderr.read().decode()[-3000:]
         # The sites keep polling, backing off, while it is away; a new process takes the run over.
         with open(tmp_path / "again.err", "wb") as again_err:
-            again = subprocess.Popen(
-                [sys.executable, "-m", "consortium.cli", "serve", str(local.kit(COORDINATOR)), "--schema", str(local.schema),
-                 "--recover", str(run_dir), "--port", str(local.port), "--json"],
-                stdout=subprocess.PIPE, stderr=again_err,
-            )
+            again = _recover(local, run_dir, again_err)
+        deadline = time.monotonic() + 300
+        while not _published_plan(run_dir, 2):  # round 1 completed by the recovery; round 2 is under way
+            assert again.poll() is None and time.monotonic() < deadline, (tmp_path / "again.err").read_text()[-3000:]
+            time.sleep(0.02)
+        again.kill()  # SIGKILL: no cleanup, no goodbye to the sites
+        again.wait()
+        with open(tmp_path / "again.err", "ab") as again_err:
+            again = _recover(local, run_dir, again_err)
         out = _summary_line(again)
         verified = _cli("verify", str(run_dir), "--json")  # while the sites are told that the run is over
         out += again.communicate(timeout=420)[0]
@@ -219,9 +250,16 @@ def test_a_coordinator_killed_mid_round_restarts_and_finishes_the_run(local, tmp
     entries = [json.loads(line) for line in (run_dir / "transcript.jsonl").read_text().splitlines()]
     assert [e["index"] for e in entries] == list(range(len(entries)))
     assert sorted(e["round"] for e in entries if e["kind"] == "aggregate") == [1, 2, 3]  # one outcome per round
+    assert sorted(e["round"] for e in entries if e["kind"] == "round_plan") == [1, 2, 3]  # and one plan
     assert verified.returncode == 0, verified.stderr
-    # What the sites paid for the cut-off round stays paid: the run reports it, verify recomputes it.
-    assert json.loads(verified.stdout)["epsilon_per_site"] == pytest.approx(summary["privacy"]["epsilon_per_site"])
+    # What the sites signed that they paid stays paid: the run reports it, verify recomputes it; and the bound
+    # also counts what a site may have paid for round 2 although its decision died with the coordinator.
+    privacy = summary["privacy"]
+    assert json.loads(verified.stdout)["epsilon_per_site"] == pytest.approx(privacy["epsilon_per_site"])
+    for site in SITES:
+        paid, spent, cap = _ledger(state / site / "budget.sqlite")
+        assert len(paid) == len(set(paid)) and spent <= cap + 1e-9, (site, paid, spent, cap)  # nothing paid twice
+        assert privacy["epsilon_bound_per_site"][site] >= spent - 1e-9, (site, paid, privacy)
     # Nor is a crash a way around a halt: only a quorum's resume continues a halted run.
     halted = tmp_path / "halted"
     shutil.copytree(run_dir, halted)

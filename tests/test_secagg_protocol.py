@@ -30,7 +30,7 @@ from consortium.secagg.messages import (
 from consortium.secagg.quantize import QuantizationError
 
 
-def _predict_abort(n: int, t: int, drop: dict[int, str]) -> bool:
+def _predict_abort(n: int, t: int, drop: dict[int, str], self_ack: bool = False) -> bool:
     """On the complete graph: does some stage keep fewer than the threshold?"""
 
     def alive(stage):
@@ -42,7 +42,10 @@ def _predict_abort(n: int, t: int, drop: dict[int, str]) -> bool:
     u2, u3, u4, u5 = (alive(s) & u1 for s in STAGES[1:])
     if min(len(u2), len(u3), len(u4), len(u5)) < t:
         return True
-    return any(len(u5 - {u}) < t for u in u3)
+    # A site unmasks once t others acknowledged the list (itself counting under self_ack); it reveals its own
+    # seed share with its neighbours', so every mask needs t of those who answer, a survivor's own included.
+    repliers = {u for u in u5 if len(u4 - {u}) + self_ack >= t}
+    return len(repliers) < t
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -56,8 +59,8 @@ def test_secure_sum_is_the_plain_sum_over_included_sites(n, length, data):
     rng = np.random.default_rng(seed)
     updates = [rng.uniform(-2, 2, length) for _ in range(n)]
     drop = data.draw(st.dictionaries(st.integers(0, n - 1), st.sampled_from(STAGES), max_size=n))
-    t = plan_graph(n).threshold
-    if _predict_abort(n, t, drop):
+    plan = plan_graph(n)
+    if _predict_abort(n, plan.threshold, drop, plan.self_ack):
         with pytest.raises(SecAggAborted):
             secure_sum(updates, clip=1.5, drop=drop, seed=seed)
         return
@@ -215,7 +218,7 @@ def test_unmask_refuses_too_few_acknowledgements_and_a_second_request():
 def test_unmask_reveals_seed_shares_for_alive_and_key_shares_for_dropped_never_both():
     s, req = _honest_request(Session())
     reply = s.clients["s0"].unmask(req)
-    assert set(reply.seed_shares) == {"s1", "s2", "s3"}
+    assert set(reply.seed_shares) == {"s0", "s1", "s2", "s3"}  # its own seed share too, never its own key share
     assert set(reply.key_shares) == {"s4"}
     assert not set(reply.seed_shares) & set(reply.key_shares)
 

@@ -34,7 +34,7 @@ class RecordingTransport(InProcessTransport):
         return reply
 
 
-def _secure_setup(rng, n_sites=4, rounds=2, dropout=0.0, **strategy):
+def _secure_setup(rng, n_sites=4, rounds=2, dropout=0.0, corruption_rate=0.1, **strategy):
     names = [f"s{i}" for i in range(n_sites)]
     ids = {u: keys.generate_ed25519()[0] for u in [*names, COORDINATOR]}
     directory = {u: keys.ed25519_public_bytes(k.public_key()) for u, k in ids.items()}
@@ -42,7 +42,7 @@ def _secure_setup(rng, n_sites=4, rounds=2, dropout=0.0, **strategy):
     coord = Coordinator(
         names, model=ModelSpec(kind="mlp", hidden=(8,)), train=TrainSettings(lr=0.1, batch_size=16),
         strategy=FedAvg(**strategy), rounds=rounds, seed=0,
-        secure=SecureAggregation(identity=ids[COORDINATOR], directory=directory),
+        secure=SecureAggregation(identity=ids[COORDINATOR], directory=directory, corruption_rate=corruption_rate),
     )
     return sites, coord, RecordingTransport(sites, dropout=dropout, rng=np.random.default_rng(3))
 
@@ -160,3 +160,27 @@ def test_a_site_lost_mid_session_is_removed_exactly(kind, in_sum):
 
     RoundLoop().run(plain, LoseS2(plain_sites))
     assert np.max(np.abs(coord.params - plain.params)) < 1e-5  # only quantisation separates them
+
+
+# Three sites, threshold 2, one lost at each stage after its keys were shared. Where it had sent its masked
+# input (consistency check, unmask) it stays in the sum: its self mask is rebuilt from the two others' shares.
+# A survivor's own self mask needs two shares with one neighbour left: its own (every site keeps a share of
+# its seed) and that neighbour's. Lost before it acknowledged the survivor list (deliver, consistency check),
+# it leaves each survivor one neighbour to acknowledge: each must count its own signature, which is safe
+# only if no site is assumed to collude (corruption_rate 0). Assuming one of three may, a coordinator could
+# show the two survivors different lists and unmask one of them: those rounds abort, as they must.
+@pytest.mark.parametrize("corruption_rate", [0.0, 0.1])
+@pytest.mark.parametrize("kind", ["secagg_deliver", "secagg_survivors", "secagg_unmask"])
+def test_three_sites_at_threshold_two_lose_one_at_each_stage(kind, corruption_rate):
+    sites, coord, _ = _secure_setup(np.random.default_rng(5), n_sites=3, rounds=1, corruption_rate=corruption_rate,
+                                    min_sites=2)
+    [record] = RoundLoop().run(coord, DropAt(sites, site="s2", kind=kind))
+    fit = next(p for p in coord.secure_plans if p["phase"] == "fit")
+    assert fit["threshold"] == 2 and fit["graph"] == "complete"
+    if kind != "secagg_unmask" and corruption_rate > 0:
+        assert record.status == "skipped" and "unmask" in record.reason, record.reason
+        assert all("acknowledged the survivor list" in why for why in record.refused.values()) and record.refused
+        return
+    assert record.status == "ok", record.reason
+    assert record.answered == (["s0", "s1"] if kind == "secagg_deliver" else ["s0", "s1", "s2"])
+    assert record.secure["fit_included"] == len(record.answered)

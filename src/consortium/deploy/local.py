@@ -149,18 +149,20 @@ def launch(
     stderr: int | None = None,
     logs: Path | None = None,
     state: Path | None = None,
+    coordinator_env: dict[str, str] | None = None,
 ) -> Processes:
     """Start the coordinator's service and every site's agent, each a process of its own.
 
     The coordinator's output goes to ``stdout`` / ``stderr`` (default: this process's); each site's,
     to ``logs/<site>.log`` when ``logs`` is given, else nowhere. Each site keeps its state (its privacy
     ledger, for the whole collaboration, and its memory of the transcript) in ``state/<site>``, or by
-    default in its kit.
+    default in its kit. ``coordinator_env``: variables added to the coordinator's environment (a test's
+    ``CONSORTIUM_CRASH_AT``, say).
     """
     coordinator = subprocess.Popen(
         _cli("serve", str(local.kit(COORDINATOR)), "--config", str(config_file), "--schema", str(local.schema),
              "--out", str(run_dir), "--port", str(local.port), *serve_args),
-        stdout=stdout, stderr=stderr, env=_ENV,
+        stdout=stdout, stderr=stderr, env={**_ENV, **(coordinator_env or {})},
     )
     sites = {
         site: start_site(local, site, seed=seed, test_seed=test_seed, logs=logs, state=state, extra=(join_args or {}).get(site, ()))

@@ -63,6 +63,7 @@ def make_session(
         threshold=plan.threshold,
         bits=bits,
         length=length,
+        self_ack=plan.self_ack,
     )
 
 

@@ -209,6 +209,22 @@ class GraphPlan:
         if self.kind == "complete" and self.degree != self.n_sites - 1:
             raise GraphPlanError(f"a complete graph on {self.n_sites} sites has degree {self.n_sites - 1}, not {self.degree}")
 
+    @property
+    def self_ack(self) -> bool:
+        """Whether a site may count its own signature of the survivor list among the ``threshold``
+        acknowledgements it needs before unmasking (see ``consortium.secagg.protocol``).
+
+        With it, two conflicting survivor lists would each need t acknowledgements counting their own
+        signer: 2t > k + 1 + c rules that out, one more than without. Checked on the complete graph,
+        where c is the assumed corrupt count; never on a sparse one, whose plan was made without it. It
+        is what lets a small cohort lose a site after the masked inputs were sent: with it, 3 sites at
+        threshold 2 finish with 2; without it each survivor has only one neighbour left to acknowledge.
+        """
+        if self.kind != "complete":
+            return False
+        corrupt = min(math.ceil(round(self.corruption_rate * self.n_sites, 9)), self.n_sites - 2, self.degree)
+        return 2 * self.threshold > self.degree + 1 + corrupt
+
     def build(self, names: Sequence[str], rng: np.random.Generator) -> dict[str, frozenset[str]]:
         """The neighbour graph this plan was analysed for, over ``names`` (exactly ``n_sites`` of them)."""
         if len(names) != self.n_sites:

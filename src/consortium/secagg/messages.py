@@ -31,6 +31,9 @@ class SessionParams(Frozen):
     threshold: int = Field(ge=1)
     bits: int = Field(ge=8, le=64)
     length: int = Field(ge=1, le=1 << 31)
+    # A site counts its own signature of the survivor list toward the threshold of acknowledgements:
+    # only where the plan's threshold stays secure with it (``GraphPlan.self_ack``).
+    self_ack: bool = False
 
     @field_validator("participants")
     @classmethod

@@ -9,7 +9,10 @@ graphs of Bell et al. (CCS 2020):
 2. ``share_keys``: each site draws a self-mask seed b_u and Shamir-shares b_u
    and its s private key among its neighbours, each share pair sealed with
    AES-GCM under a key only that neighbour can derive (X25519 + HKDF). The
-   coordinator routes ciphertexts it cannot read.
+   coordinator routes ciphertexts it cannot read. The site keeps one more
+   share of b_u for itself (as in Bonawitz et al., where every user holds a
+   share of its own secrets), so a survivor's self mask is recovered with
+   one neighbour fewer; never one of its s key, which it never reveals.
 3. ``collect_masked``: each site sends y_u = x_u + PRG(b_u) + sum over
    neighbours v of +/-PRG(s_uv) in Z_{2^bits}; pairwise masks cancel in the sum.
 4. ``consistency_check``: the coordinator signs the list of sites whose input
@@ -18,9 +21,16 @@ graphs of Bell et al. (CCS 2020):
    a key derived from their share channel (the active-server variant of
    Bonawitz et al.).
 5. ``unmask``: each site checks that at least ``threshold`` neighbours
-   tagged the same list, then reveals, per neighbour, the share of its
-   self-mask seed if it is alive or of its mask key if it dropped, never
-   both, and only once.
+   tagged the same list (its own signature counting as one where the
+   session's ``self_ack`` says the threshold allows it), then reveals, per
+   neighbour, the share of its self-mask seed if it is alive or of its mask
+   key if it dropped, never both, and only once; and its own seed share.
+
+Why a site's own seed share costs nothing: an honest site reveals it only
+once it has accepted a survivor list naming itself, and then no honest
+neighbour can have accepted a list without it (two conflicting lists would
+each need ``threshold`` acknowledgements, which the plan's threshold rules
+out), so its mask key stays out of reach whatever is known of its seed.
 
 Why tags and not signatures in step 5: a site only needs to be convinced
 itself that its neighbours saw the list it saw. The pair's key comes from
@@ -91,10 +101,12 @@ def check_params(params: SessionParams, me: str) -> frozenset[str]:
     n = len(params.participants)
     if params.graph == "complete" and params.degree != n - 1:
         raise SecAggError(f"a complete graph on {n} sites has degree {n - 1}, not {params.degree}")
-    if not (params.degree // 2 < params.threshold <= params.degree):
+    counted = params.degree + (1 if params.self_ack else 0)  # who may acknowledge a survivor list
+    if not (counted // 2 < params.threshold <= params.degree):
         raise SecAggError(
-            f"threshold {params.threshold} with {params.degree} neighbours is unsafe: it must exceed half "
-            "the neighbours, or a coordinator could collect both kinds of share for one site"
+            f"threshold {params.threshold} with {params.degree} neighbours{' and the site itself' if params.self_ack else ''} "
+            "is unsafe: it must exceed half of those who acknowledge the survivor list, or a coordinator could collect "
+            "both kinds of share for one site"
         )
     mine = params.neighbours()[me]
     if len(mine) != params.degree:
@@ -127,6 +139,7 @@ class SecAggClient:
         self._held: dict[str, SharePlaintext] = {}  # neighbour -> the shares it gave us
         self._channels: dict[str, tuple[bytes, bytes]] = {}  # neighbour -> (AES-GCM key, HMAC key), both sides derive
         self._signed_survivors: tuple[str, ...] | None = None
+        self._own_seed_share = b""
 
     def _advance(self, expected: str, nxt: str) -> None:
         if self._stage != expected:
@@ -165,7 +178,8 @@ class SecAggClient:
             )
         holders = sorted(self._peers)
         xs = [p.x_of(v) for v in holders]
-        seed_shares = shamir.split(self._b, threshold=p.threshold, xs=xs)
+        seed_shares = shamir.split(self._b, threshold=p.threshold, xs=[*xs, p.x_of(self.name)])
+        self._own_seed_share = seed_shares[p.x_of(self.name)]  # revealed by this site only, and only as a survivor
         key_shares = shamir.split(keys.x25519_private_bytes(self._s_sk), threshold=p.threshold, xs=xs)
         out = []
         for v, x in zip(holders, xs):
@@ -255,12 +269,13 @@ class SecAggClient:
             if site not in self._peers:
                 raise SecAggError(f"an acknowledgement comes from '{site}', which is not a neighbour of '{self.name}': refused")
             aead.check_mac(self._channel(site)[1], tag, ack_statement(p.session_id, site, self.name, listed))
-        if len(request.acks) < p.threshold:  # every tag was checked: a bad one refuses the request, never skipped
+        own = 1 if p.self_ack else 0  # this site signed the list too
+        if len(request.acks) + own < p.threshold:  # every tag was checked: a bad one refuses the request, never skipped
             raise SecAggError(
-                f"only {len(request.acks)} neighbours acknowledged the survivor list, fewer than the threshold "
-                f"{p.threshold}: refused"
+                f"only {len(request.acks)} neighbours{' and this site' if own else ''} acknowledged the survivor list, "
+                f"fewer than the threshold {p.threshold}: refused"
             )
-        seed_shares, key_shares = {}, {}
+        seed_shares, key_shares = {self.name: self._own_seed_share}, {}
         for v, plain in self._held.items():
             if v in alive:
                 seed_shares[v] = plain.seed_share
