@@ -155,7 +155,8 @@ def test_a_client_that_disconnects_mid_body_is_one_log_line(kits, service, caplo
     kit = load_kit(kits / "site-2")
     context = kit.client_context()
     caplog.set_level(logging.INFO)
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, context.wrap_socket(raw, server_hostname="coordinator") as tls:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="coordinator") as tls:
         tls.sendall(b"POST /v1/reply HTTP/1.1\r\nHost: coordinator\r\nContent-Type: application/octet-stream\r\n"
                     b"Content-Length: 100000\r\n\r\n" + b"x" * 10)
         time.sleep(0.3)

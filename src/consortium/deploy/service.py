@@ -137,7 +137,7 @@ class _Slots:
 
     @contextlib.contextmanager
     def hold(self, member: str):  # type: ignore[no-untyped-def]
-        """One slot for ``member``; None if it has all of its own in use (nobody else's is touched)."""
+        """Yields True holding one of ``member``'s slots, or False when all of its own are in use (nobody else's is touched)."""
         if self._busy.get(member, 0) >= self.per_member:
             yield False
             return
