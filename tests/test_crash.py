@@ -24,6 +24,7 @@ from consortium.config import SimulationConfig
 from consortium.crypto import keys
 from consortium.deploy.state import CoordinatorState
 from consortium.protocol.coordinator import COORDINATOR
+from consortium.orchestrator import CoordinatorRun
 from consortium.simulation import Simulation
 from consortium.transcript.verify import verify_run
 
@@ -126,3 +127,32 @@ def test_a_coordinator_killed_at_each_crash_point_recovers(point, tmp_path, monk
         assert 0 < spent <= cap + 1e-9
         assert privacy["epsilon_bound_per_site"][site] >= spent - 1e-9
         assert report.epsilon_per_site[site] == pytest.approx(spent)
+
+
+def test_a_round_a_site_paid_for_counts_although_its_decision_was_lost(tmp_path):
+    """site-1 accepts round 1's plan and pays for it, and its reply (its signed decision) never arrives. The
+    epsilon the run can prove from signed events misses that round; the bound it reports does not."""
+    config = SimulationConfig.model_validate(CONFIG)
+
+    class Signed(Recoverable):
+        _epsilon = CoordinatorRun._epsilon  # what a served run reports: the signed events, not the ledgers it cannot see
+
+    run = Signed(config, out=tmp_path / "run")
+    site = run.names[0]
+    exchange = run.transport.exchange
+
+    def lose_the_reply(request):
+        reply = exchange(request)  # the site handles the request: it pays, trains and answers
+        lost = request.recipient == site and request.round == 1 and request.message.kind == "fit_request"
+        return None if lost else reply
+
+    run.transport.exchange = lose_the_reply
+    summary = run.run().summary
+    assert summary["status"] == "completed" and verify_run(tmp_path / "run").status == "completed"
+    paid = _ledgers(tmp_path / "run")[site]
+    assert paid == [1, 2]
+    spent = run._ledgers[site].spent()
+    privacy = summary["privacy"]
+    assert privacy["epsilon_per_site"][site] < spent - 1e-6  # one signed decision short
+    assert privacy["epsilon_bound_per_site"][site] >= spent - 1e-9
+    assert all(privacy["epsilon_bound_per_site"][s] == privacy["epsilon_per_site"][s] for s in run.names[1:])

@@ -682,7 +682,17 @@ class Coordinator:
             "model_sha256": self._model_sha256(),
             "privacy": record.privacy,
             "robust": record.robust,
+            **self._unaccounted(st, record),
         }))
+
+    @staticmethod
+    def _unaccounted(st: _PhaseState, record: RoundRecord) -> dict[str, object]:
+        """The planned event of each site asked that never answered the request: it may have paid it (a site
+        pays before it trains) with its signed decision lost on the way, so the run's epsilon bound counts it."""
+        silent = sorted(set(record.selected) - set(st.ready) - set(st.refused))
+        if st.event is None or not silent:
+            return {}
+        return {"unaccounted": {s: st.event.model_dump(mode="json") for s in silent}}
 
     def _apply_fit(self, st: _PhaseState, result: _PhaseResult, record: RoundRecord) -> None:
         record.answered = sorted(result.included)
