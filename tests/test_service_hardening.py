@@ -108,12 +108,13 @@ def test_a_member_flooding_long_polls_starves_nobody(kits, service, flooder):
     stage.join(10)
     assert replies == {"site-2": b"answer"}
     assert health_s < 1.5 and stage_s < 2.0, (health_s, stage_s)
+    mailbox.close()  # the polls still waiting (the flooder's own share) are told the run is over
     for t in threads:
         t.join(30)
     if flooder == AUDITOR:  # no business polling: refused outright, holding nothing
         assert set(codes) == {403}, codes
     else:  # a couple of polls wait their turn; the rest are told at once to come back later
-        assert codes.count(429) >= 90 and set(codes) <= {204, 429}, codes
+        assert codes.count(429) >= 90 and set(codes) <= {204, 410, 429}, codes
 
 
 def _site_client(kits, url: str, site: str = "site-2") -> httpx.Client:
