@@ -38,8 +38,10 @@ from consortium.deploy.serve import ServedRun
 from consortium.deploy.service import HttpsServer, create_app
 from consortium.errors import ConfigError
 from consortium.learning.training import EvalStats
+from consortium.privacy.ledger import BudgetLedger
 from consortium.protocol import messages as m
 from consortium.protocol.coordinator import COORDINATOR
+from consortium.protocol.site import EvaluationJournal
 from consortium.protocol.sealed import seal
 from consortium.runs import write_atomic
 from consortium.transport.mailbox import MailboxTransport
@@ -280,3 +282,16 @@ def test_a_second_run_on_the_same_kits_starts_and_each_ledger_carries_over(local
     for site in sites:
         assert site.ledger.spent() > spent[site.name] > 0  # both runs' rounds, in the one ledger
         assert len(site.ledger.history()) == 2
+
+
+def test_the_ledger_and_the_journal_are_created_private_wherever_they_are(tmp_path):
+    """Not only under ``join``: a ledger and an evaluation journal are created 0600 under umask 022."""
+    old_umask = os.umask(0o022)
+    try:
+        ledger = BudgetLedger(tmp_path / "a" / "budget.sqlite", site="site-1", epsilon_cap=8.0, delta=1e-5)
+        assert ledger.spent() == 0.0
+        EvaluationJournal(tmp_path / "b" / "evaluation.jsonl").append(1, EvalStats(n=2, correct=1, loss_sum=0.5, score_hist=None))
+    finally:
+        os.umask(old_umask)
+    for path in (tmp_path / "a" / "budget.sqlite", tmp_path / "b" / "evaluation.jsonl"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path

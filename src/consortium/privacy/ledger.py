@@ -11,6 +11,7 @@ on refusing what would exceed its cap.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,7 @@ class BudgetLedger:
             raise ConfigError(f"a site's epsilon cap must be positive, found {epsilon_cap}")
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))  # the site's own: 0600, and SQLite's WAL files after it
         self._engine = open_engine(f"sqlite:///{path}")
         _Base.metadata.create_all(self._engine)
         if "run" not in {c["name"] for c in inspect(self._engine).get_columns("spent")}:  # a ledger from before runs had ids

@@ -87,7 +87,7 @@ class EvaluationJournal:
     def append(self, rnd: int, stats: EvalStats) -> None:
         metrics = {k: (float(v) if math.isfinite(v) else None) for k, v in stats.metrics().items()}
         line = json.dumps({"round": rnd, "n": stats.n, **metrics}, allow_nan=False)
-        with self.path.open("a") as f:
+        with open(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a") as f:  # the site's own: 0600
             f.write(line + "\n")
             f.flush()
             os.fsync(f.fileno())
