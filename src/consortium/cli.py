@@ -666,7 +666,7 @@ def serve(
 def dashboard_link(
     kit_dir: Annotated[Path, typer.Argument(metavar="KIT", help="your kit folder: the link is signed with its identity key")],
     port: Annotated[int, typer.Option(help="the dashboard's port (serve --dashboard-port)")],
-    hours: Annotated[float, typer.Option(min=0.01, max=168, help="how long the link works")] = 8.0,
+    hours: Annotated[float, typer.Option(min=0.01, max=24, help="how long the link works (the dashboard accepts at most 24 h)")] = 8.0,
 ) -> None:
     """Print a link to the coordinator's dashboard, signed by you; it shows what your role may see."""
     from consortium.crypto.keyfile import load_identity_key
