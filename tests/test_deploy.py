@@ -201,9 +201,12 @@ def _ledger(path) -> tuple[list[int], float, float]:
     engine = create_engine(f"sqlite:///{path}")
     with engine.connect() as c:
         rows = list(c.execute(text("SELECT round, event FROM spent ORDER BY id")))
-        cap, delta, accountant, interval = next(iter(c.execute(text("SELECT epsilon_cap, delta, accountant, pld_interval FROM policy"))))
+        cap, delta, accountant, interval = next(iter(c.execute(text(
+            "SELECT epsilon_cap, delta, accountant, pld_interval FROM policy"
+        ))))
     engine.dispose()
-    return [r[0] for r in rows], epsilon([EVENT.validate_json(r[1]) for r in rows], delta, accountant, pld_interval=interval), cap
+    events = [EVENT.validate_json(r[1]) for r in rows]
+    return [r[0] for r in rows], epsilon(events, delta, accountant, pld_interval=interval), cap
 
 
 def test_a_coordinator_killed_mid_round_restarts_and_finishes_the_run(local, tmp_path):

@@ -25,7 +25,7 @@ import numpy as np
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from consortium import crashpoints, recovery
+from consortium import recovery
 from consortium.config import SimulationConfig
 from consortium.data import Table
 from consortium.errors import ConfigError, ConsortiumError, ProtocolError, VerificationError
@@ -315,49 +315,17 @@ class CoordinatorRun:
                 write_atomic(signatures_path(run.path / AGREEMENT_FILE), signatures_path(config.agreement.file).read_bytes())
             transcript.start(*self._endorsed_manifest(config_text))
 
-        def commit(rnd: int, record: RoundRecord | None) -> None:
-            """Round ``rnd``'s entries (0: setup's) and the state after it, as one step (``consortium.recovery``)."""
-            drained = coordinator.drain_log()
-            coordinator.requeue([r for r in drained if r.round > rnd])  # the next round's plan: logged as it goes out
-            pending = transcript.prepare([r for r in drained if r.round <= rnd])
-            if self.state is not None:  # the write-ahead record: committed before the transcript holds it
-                recovery.commit(self.state, coordinator, rnd, None if record is None else finite_metrics(record.to_json()),
-                                pending, transcript.writer.size)
-                crashpoints.reached("setup_committed" if record is None else "round_committed")
-            transcript.commit(pending, crash_point="round_appending")
-
-        def record_round(record: RoundRecord) -> None:
-            transcript.archive(coordinator.drain_archives())  # the evidence the round's entries refer to
-            crashpoints.reached("round_archived")
-            commit(record.round, record)
-            crashpoints.reached("round_appended")
-            run.append_metrics(finite_metrics(record.to_json()))  # type: ignore[arg-type]
-            transcript.close_round()
-            crashpoints.reached("round_cosigned")
-            if on_round is not None:
-                on_round(record)
-
-        setup_saved = self._resume
-
-        def before_stage(c: Coordinator) -> None:
-            nonlocal setup_saved
-            if not setup_saved and c.stage == "fit:request":  # setup is over: its state is what a restart needs first
-                setup_saved = True
-                commit(0, None)
-            transcript.prove_plan(c)
-
-        def after_stage(c: Coordinator, closed: str) -> None:
-            if closed == "fit:request":  # what each site signed that it paid, on record before the round goes on
-                transcript.record(c.drain_decisions())
-                crashpoints.reached("decisions_appended")
+        journal = recovery.Journal(
+            self.state, coordinator, transcript, run, metrics=finite_metrics, on_round=on_round, setup_saved=self._resume,
+        )
 
         halted: Incident | None = None
         try:
             if self._resume:  # every site picks up from the last head it co-signed
                 self._resume_sites(transcript.writer.heads)
-                self._restart(run, transcript, record_round)
-            loop = RoundLoop(before_stage=before_stage, after_stage=after_stage)
-            history = loop.run(coordinator, self.transport, on_round=record_round)
+                self._restart(run, transcript, journal.record_round)
+            loop = RoundLoop(before_stage=journal.before_stage, after_stage=journal.after_stage)
+            history = loop.run(coordinator, self.transport, on_round=journal.record_round)
         except RunHalted as exc:  # recorded with its cause, and no final model: nothing more happens until resumed
             halted = exc.incident
             history = coordinator.history

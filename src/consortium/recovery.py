@@ -49,6 +49,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from consortium import crashpoints
 from consortium.errors import ConfigError
 from consortium.privacy.accountant import epsilon
 from consortium.privacy.events import EVENT
@@ -68,14 +69,55 @@ class StateStore(Protocol):
     def latest(self) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None: ...
 
 
-def commit(
-    state: StateStore, coordinator: Coordinator, rnd: int, record: dict[str, Any] | None, pending: list[Entry], size: int
-) -> None:
-    """One transaction: the checkpoint after round ``rnd`` and the entries that record it (not yet appended)."""
-    meta, arrays = coordinator.checkpoint()
-    # The coordinator may have planned the next round already; the checkpoint is of round ``rnd``.
-    meta = {**meta, "round": rnd, WAL: [e.model_dump(mode="json") for e in pending], COVERS: size + len(pending)}
-    state.save_round(record, meta, arrays)
+class Journal:
+    """How a driver records the rounds so that no crash splits the transcript from the state (steps 1 and 2
+    above): the round loop's ``before_stage`` and ``after_stage``, and ``record_round`` as each round ends.
+    Without a state store (``state`` None: a simulation) the same entries are written in the same order."""
+
+    def __init__(
+        self, state: StateStore | None, coordinator: Coordinator, transcript: TranscriptRecorder, run: RunFolder, *,
+        metrics: Callable[[dict[str, Any]], dict[str, Any]], on_round: Callable[[RoundRecord], None] | None = None,
+        setup_saved: bool = False,
+    ) -> None:
+        self.state, self.coordinator, self.transcript, self.run = state, coordinator, transcript, run
+        self._metrics, self._on_round, self._setup_saved = metrics, on_round, setup_saved
+
+    def commit(self, rnd: int, record: RoundRecord | None) -> None:
+        """Round ``rnd``'s entries (0: setup's) and the state after it, as one step."""
+        coordinator, transcript = self.coordinator, self.transcript
+        drained = coordinator.drain_log()
+        coordinator.requeue([r for r in drained if r.round > rnd])  # the next round's plan: logged as it goes out
+        pending = transcript.prepare([r for r in drained if r.round <= rnd])
+        if self.state is not None:  # the write-ahead record: committed before the transcript holds it
+            meta, arrays = coordinator.checkpoint()
+            # The coordinator may have planned the next round already; the checkpoint is of round ``rnd``.
+            meta = {**meta, "round": rnd, WAL: [e.model_dump(mode="json") for e in pending],
+                    COVERS: transcript.writer.size + len(pending)}
+            self.state.save_round(None if record is None else self._metrics(record.to_json()), meta, arrays)
+            crashpoints.reached("setup_committed" if record is None else "round_committed")
+        transcript.commit(pending, crash_point="round_appending")
+
+    def record_round(self, record: RoundRecord) -> None:
+        self.transcript.archive(self.coordinator.drain_archives())  # the evidence the round's entries refer to
+        crashpoints.reached("round_archived")
+        self.commit(record.round, record)
+        crashpoints.reached("round_appended")
+        self.run.append_metrics(self._metrics(record.to_json()))
+        self.transcript.close_round()
+        crashpoints.reached("round_cosigned")
+        if self._on_round is not None:
+            self._on_round(record)
+
+    def before_stage(self, coordinator: Coordinator) -> None:
+        if not self._setup_saved and coordinator.stage == "fit:request":  # setup is over: what a restart needs first
+            self._setup_saved = True
+            self.commit(0, None)
+        self.transcript.prove_plan(coordinator)
+
+    def after_stage(self, coordinator: Coordinator, closed: str) -> None:
+        if closed == "fit:request":  # what each site signed that it paid, on record before the round goes on
+            self.transcript.record(coordinator.drain_decisions())
+            crashpoints.reached("decisions_appended")
 
 
 def recover(
