@@ -82,14 +82,14 @@ def _ledgers(run_dir) -> dict[str, list[int]]:
 
 
 # Where in the run each point is hit: the round-level points in round 2, once round 1 is complete and paid.
-WHEN = {"setup_committed": 1, "final_appended": 1}
+WHEN = {"setup_committed": 1, "model_written": 1, "final_appended": 1}
 # What recovery makes of round 2 at each point: completed from the committed record, or aborted (skipped);
 # and whether the skipped round lists decisions the crash lost (its plan was out, under a co-signed head).
 OUTCOME = {
     "setup_committed": ("ok", False), "plan_appended": ("skipped", False), "plan_cosigned": ("skipped", True),
     "decisions_appended": ("skipped", False), "round_archived": ("skipped", False), "round_committed": ("ok", False),
     "round_appending": ("ok", False), "round_appended": ("ok", False), "round_cosigned": ("ok", False),
-    "final_appended": ("ok", False),
+    "model_written": ("ok", False), "final_appended": ("ok", False),
 }
 
 

@@ -27,6 +27,7 @@ CRASH_POINTS: dict[str, str] = {
     "round_appending": "the first of the round's entries is appended, the others not",
     "round_appended": "every entry of the round is appended; no head covers them",
     "round_cosigned": "the round's head is co-signed; the next round's plan is not in the transcript",
+    "model_written": "the final model's file is written; the transcript does not name it yet",
     "final_appended": "the final model's entry is appended, under no head, and no summary is written",
 }
 

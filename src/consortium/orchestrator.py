@@ -25,7 +25,7 @@ import numpy as np
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from consortium import recovery
+from consortium import crashpoints, recovery
 from consortium.config import SimulationConfig
 from consortium.data import Table
 from consortium.errors import ConfigError, ConsortiumError, ProtocolError, VerificationError
@@ -350,6 +350,7 @@ class CoordinatorRun:
             run.write_model(
                 tensors, {"layout_hash": adapter.layout_hash, "rounds": str(config.rounds), "dataset": config.data.dataset},
             )
+            crashpoints.reached("model_written")
             registered = self._register_final(run.path, tensors, history, transcript)
             head = transcript.finish(
                 run.path / "model.safetensors", vector_sha256(coordinator.params), coordinator.round,

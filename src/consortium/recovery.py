@@ -36,6 +36,7 @@ request stage closes, the decisions the sites signed (what each paid).
   lost is listed in that entry's ``unaccounted`` with the planned event, so
   the run's epsilon bound counts what it may have paid. A plan under no
   head reached no site, so it leaves nothing unaccounted.
+- ``model_written``: the last round stands; the model is written again, and named;
 - ``final_appended``: the head is closed and the summary written.
 
 Anything else after the committed state (an outcome the state does not
