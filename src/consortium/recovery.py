@@ -153,7 +153,7 @@ def recover(
                 f"transcript entry {e.index} ({e.kind}, round {e.round}) follows the last state the coordinator "
                 f"committed (round {rnd}), which knows nothing of it: the run cannot be recovered"
             )
-    run.reset_metrics([{k: v for k, v in r.items()} for r in meta["history"]])  # the rounds the checkpoint holds
+    run.reset_metrics(list(meta["history"]))  # the rounds the checkpoint holds, no more
     coordinator.restore(meta, arrays, open_next=False)
     plan = next((e for e in after if e.kind == "round_plan"), None)
     if plan is not None:
@@ -169,8 +169,9 @@ def recover(
 
 
 def epsilon_bound(entries: list[Entry], spent: dict[str, float]) -> dict[str, float]:
-    """Each site's epsilon counting, besides the events it signed, those of rounds a crash cut off whose
-    decision the crash lost (the skipped round's ``unaccounted``): never below what its ledger may hold."""
+    """Each site's epsilon counting, besides the events it signed, the planned events of rounds it was asked
+    to join and whose answer never arrived (an aggregate's ``unaccounted``: a crash of the coordinator, or a
+    site lost after it paid): never below what its ledger may hold."""
     manifest = entries[0].body
     privacy = manifest.get("privacy") or {}
     lost: dict[str, list[Any]] = {}
