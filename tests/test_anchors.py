@@ -124,6 +124,7 @@ def _forge_with_fresh_keys(run: Path, *, own_agreement: bool = False) -> None:
     from consortium.transcript.verify import read_entries
 
     summary["privacy"]["epsilon_per_site"] = signed_epsilon(read_entries(run), manifest)
+    summary["privacy"]["epsilon_bound_per_site"] = summary["privacy"]["epsilon_per_site"]
     summary["privacy"]["noise_multiplier"] = 50.0
     summary["transcript"]["tree_head"]["root"] = heads[-1]["root"]
     (run / "summary.json").write_text(json.dumps(summary))
@@ -244,6 +245,7 @@ def test_another_runs_summary_beside_this_transcript_is_caught(run, consortium):
     (lambda s: s["federated"].update(accuracy=0.99), "reports accuracy 0.99"),
     (lambda s: s["transcript"]["tree_head"].update(root="ab" * 32), "not among the heads"),
     (lambda s: s["privacy"]["epsilon_per_site"].update({"site-1": 0.5}), "site 'site-1'"),
+    (lambda s: s["privacy"]["epsilon_bound_per_site"].update({"site-2": 0.5}), "reported a bound of 0.5"),
 ])
 def test_a_summary_claim_the_signed_record_contradicts_is_caught(run, edit, message):
     summary = json.loads((run / "summary.json").read_text())

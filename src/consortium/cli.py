@@ -429,6 +429,10 @@ def verify(
         eps = ", ".join(f"{s} {e:.3f}" for s, e in report.epsilon_per_site.items())
         said = "matching the run's report" if report.summary == "bound" else "(no report to compare with)"
         out_console.print(f"epsilon recomputed from the events each site signed, {said}: {eps}")
+        higher = {s: b for s, b in report.epsilon_bound_per_site.items() if b > report.epsilon_per_site.get(s, 0.0) + 1e-12}
+        if higher:  # rounds a site was asked to join whose answer was lost: it may have paid them
+            bound = ", ".join(f"{s} {b:.3f}" for s, b in higher.items())
+            out_console.print(f"[yellow]at most[/], counting rounds whose answer was lost (the site may have paid them): {bound}")
     if report.final_model_sha256:
         out_console.print(f"final model file matches the transcript: sha256 {report.final_model_sha256[:16]}...")
     if report.lineage is not None:

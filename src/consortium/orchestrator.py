@@ -59,7 +59,7 @@ from consortium.secagg.graph import plan_graph
 from consortium.transcript.log import TreeHead, cosign_quorum, vector_sha256
 from consortium.transcript.recorder import TranscriptRecorder, code_sha256, library_versions, over_transport
 from consortium.transcript.records import LogRecord
-from consortium.transcript.verify import AGREEMENT_FILE, signed_epsilon, verify_run
+from consortium.transcript.verify import AGREEMENT_FILE, epsilon_bound, signed_epsilon, verify_run
 from consortium.transport import Answer, Transport, ask_all
 
 #: Said loudly in every run whose protections are weaker than the defaults.
@@ -518,8 +518,8 @@ class CoordinatorRun:
             "target_epsilon": pc.epsilon,
             "epsilon_per_site": spent,
             # At least what any site's ledger holds: with the events of rounds a coordinator crash cut off whose
-            # decision was lost, which the site may have paid (``consortium.recovery``).
-            "epsilon_bound_per_site": recovery.epsilon_bound(transcript.writer.entries, spent),
+            # decision was lost, which the site may have paid (``transcript.verify.epsilon_bound``).
+            "epsilon_bound_per_site": epsilon_bound(transcript.writer.entries, spent),
             "epsilon_cap_per_site": caps,
             "refusals": refusals,
             "test_mode": pc.test_seed is not None,

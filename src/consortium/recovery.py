@@ -52,13 +52,10 @@ import numpy as np
 
 from consortium import crashpoints
 from consortium.errors import ConfigError
-from consortium.privacy.accountant import epsilon
-from consortium.privacy.events import EVENT
 from consortium.protocol.coordinator import Coordinator, RoundRecord
 from consortium.runs import RunFolder
 from consortium.transcript.log import Entry
 from consortium.transcript.recorder import TranscriptRecorder
-from consortium.transcript.verify import signed_events
 
 WAL = "write_ahead"  # the checkpoint's key for the entries it commits
 COVERS = "transcript_size"  # and for the transcript's size once they are appended
@@ -168,22 +165,3 @@ def recover(
     coordinator.open_next()
 
 
-def epsilon_bound(entries: list[Entry], spent: dict[str, float]) -> dict[str, float]:
-    """Each site's epsilon counting, besides the events it signed, the planned events of rounds it was asked
-    to join and whose answer never arrived (an aggregate's ``unaccounted``: a crash of the coordinator, or a
-    site lost after it paid): never below what its ledger may hold."""
-    manifest = entries[0].body
-    privacy = manifest.get("privacy") or {}
-    lost: dict[str, list[Any]] = {}
-    for e in entries:
-        if e.kind == "aggregate":
-            for site, event in (e.body.get("unaccounted") or {}).items():
-                lost.setdefault(site, []).append(EVENT.validate_python(event))
-    if not lost:
-        return dict(spent)
-    signed = signed_events(entries, manifest)
-    out = dict(spent)
-    for site, events in lost.items():
-        everything = [ev for _, ev in signed.get(site, [])] + events
-        out[site] = max(spent.get(site, 0.0), epsilon(everything, privacy["delta"], privacy["accountant"]))
-    return out

@@ -6,6 +6,7 @@ transcript can vouch for is checked against it: the run's identity (the
 manifest's ``run_id``, endorsed by every member), its tree head (one of the
 heads the coordinator signed and the sites co-signed), the target epsilon
 (the manifest's), each site's epsilon (recomputed from the events it signed)
+and its bound (with the rounds it was asked to join whose answer was lost)
 and the final metrics (the last round's ``evaluation`` entry). A summary
 placed beside another run's transcript, or edited after the run, fails one
 of these. What the transcript cannot vouch for (elapsed time, traffic,
@@ -24,8 +25,6 @@ from consortium.errors import VerificationError
 from consortium.transcript.log import Entry, TreeHead
 
 SUMMARY_FILE = "summary.json"
-#: What ``check_summary`` compares; the rest of the summary is outside what the transcript records.
-BOUND_FIELDS = ("run_id", "tree_head", "target_epsilon", "epsilon_per_site", "federated metrics")
 
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
@@ -56,7 +55,8 @@ def _same(a: object, b: object) -> bool:
 
 
 def check_summary(
-    summary: dict[str, Any], entries: list[Entry], heads: list[TreeHead], epsilon_per_site: dict[str, float]
+    summary: dict[str, Any], entries: list[Entry], heads: list[TreeHead], epsilon_per_site: dict[str, float],
+    epsilon_bound_per_site: dict[str, float],
 ) -> None:
     """Raise ``VerificationError`` naming the first claim of ``summary`` that the signed record contradicts."""
     manifest = entries[0].body
@@ -92,6 +92,14 @@ def check_summary(
             said = reported.get(site)
             if not isinstance(said, (int, float)) or not _same(said, eps):
                 raise VerificationError(f"site '{site}': the events it signed add up to epsilon {eps:.6g}, the run reported {said}")
+        bound = privacy.get("epsilon_bound_per_site")
+        for site, eps in epsilon_bound_per_site.items():
+            said = bound.get(site) if isinstance(bound, dict) else None
+            if not isinstance(said, (int, float)) or not _same(said, eps):
+                raise VerificationError(
+                    f"site '{site}': with the rounds it was asked to join and whose answer was lost, its epsilon is at "
+                    f"most {eps:.6g}, the run reported a bound of {said}"
+                )
     _check_metrics(_section(summary, "federated"), entries)
 
 

@@ -61,7 +61,8 @@ class Verified:
     tree_head: dict[str, Any]
     rounds: int
     members: list[str]
-    epsilon_per_site: dict[str, float] = field(default_factory=dict)
+    epsilon_per_site: dict[str, float] = field(default_factory=dict)  # from the events each site signed
+    epsilon_bound_per_site: dict[str, float] = field(default_factory=dict)  # with rounds whose answer was lost
     final_model_sha256: str | None = None
     refusals: list[dict[str, Any]] = field(default_factory=list)  # each signed refusal: round, site, rule, reason
     halts: list[dict[str, Any]] = field(default_factory=list)  # each halt: its entry, round, cause and author
@@ -90,6 +91,7 @@ class Verified:
             "rounds": self.rounds,
             "members": self.members,
             "epsilon_per_site": self.epsilon_per_site,
+            "epsilon_bound_per_site": self.epsilon_bound_per_site,
             "final_model_sha256": self.final_model_sha256,
         }
 
@@ -215,9 +217,10 @@ def verify_run(run_dir: Path, *, anchors: Sequence[Anchor] = ()) -> Verified:
             if entry.kind == "aggregate":
                 _entry_check(entry, lambda e: _recompute_aggregate(e, entries, run_dir))
     report.epsilon_per_site = signed_epsilon(entries, entries[0].body)
+    report.epsilon_bound_per_site = epsilon_bound(entries, report.epsilon_per_site)
     summary = read_summary(run_dir)
     if summary is not None:
-        check_summary(summary, entries, heads, report.epsilon_per_site)
+        check_summary(summary, entries, heads, report.epsilon_per_site, report.epsilon_bound_per_site)
     report.summary = "missing" if summary is None else "bound"
     signatures = run_signatures(run_dir, AGREEMENT_FILE)
     held = {name: key for anchor in anchors for name, key in anchor.keys.items()}
@@ -495,6 +498,27 @@ def signed_epsilon(entries: list[Entry], manifest: dict[str, Any]) -> dict[str, 
         site: epsilon([ev for _, ev in paid], privacy["delta"], privacy["accountant"]) if paid else 0.0
         for site, paid in signed_events(entries, manifest).items()
     }
+
+
+def epsilon_bound(entries: list[Entry], spent: dict[str, float]) -> dict[str, float]:
+    """Each site's epsilon counting, besides the events it signed, the planned events of rounds it was asked
+    to join and whose answer never arrived (an aggregate's ``unaccounted``: a crash of the coordinator, or a
+    site lost after it paid): never below what its ledger may hold."""
+    manifest = entries[0].body
+    privacy = manifest.get("privacy") or {}
+    lost: dict[str, list[Any]] = {}
+    for e in entries:
+        if e.kind == "aggregate":
+            for site, event in (e.body.get("unaccounted") or {}).items():
+                lost.setdefault(site, []).append(EVENT.validate_python(event))
+    if not lost:
+        return dict(spent)
+    signed = signed_events(entries, manifest)
+    out = dict(spent)
+    for site, events in lost.items():
+        everything = [ev for _, ev in signed.get(site, [])] + events
+        out[site] = max(spent.get(site, 0.0), epsilon(everything, privacy["delta"], privacy["accountant"]))
+    return out
 
 
 def _check_model(final: Entry, entries: list[Entry], run_dir: Path) -> str:
