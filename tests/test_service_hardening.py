@@ -295,3 +295,24 @@ def test_the_ledger_and_the_journal_are_created_private_wherever_they_are(tmp_pa
         os.umask(old_umask)
     for path in (tmp_path / "a" / "budget.sqlite", tmp_path / "b" / "evaluation.jsonl"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+def test_a_request_taken_by_a_poll_whose_agent_died_waits_for_its_next_poll(kits, service):
+    """An agent killed mid-poll leaves its long poll waiting on the coordinator; the stage's request must not
+    be spent on that dead connection, or the restarted agent never gets it and the round goes on without it."""
+    mailbox, url = service
+    context = load_kit(kits / "site-2").client_context()
+    dead = context.wrap_socket(socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))), server_hostname=COORDINATOR)
+    dead.sendall(b"POST /v1/poll HTTP/1.1\r\nHost: coordinator\r\nContent-Length: 0\r\n\r\n")
+    time.sleep(0.5)
+    dead.close()  # the agent dies while its poll waits
+    time.sleep(0.5)
+    replies: dict = {}
+    stage = threading.Thread(target=lambda: replies.update(mailbox.run_stage({"site-2": b"the request"}, timeout_s=8)))
+    stage.start()
+    time.sleep(1.0)  # the dead poll has taken the request by now
+    with httpx.Client(base_url=url, verify=context, timeout=15) as restarted:
+        answer = restarted.post("/v1/poll")
+    mailbox.close()
+    stage.join()
+    assert answer.status_code == 200 and answer.content == b"the request"

@@ -34,6 +34,7 @@ class Mailbox:
         self._closed = False
         self._seen: dict[str, float] = {}  # member -> when it last polled (monotonic)
         self._alive: dict[str, float] = {}  # member -> when it last took a request or sent a heartbeat
+        self._given: dict[str, tuple[int, bytes]] = {}  # member -> (stage, request) it last took
 
     def run_stage(
         self, requests: dict[str, bytes], timeout_s: float, pickup_s: float | None = None, *, accept: Accept | None = None,
@@ -81,7 +82,19 @@ class Mailbox:
             raw = self._outbox.pop(member, None)
             if raw is not None:
                 self._alive[member] = time.monotonic()  # it has its request, and works on it
+                self._given[member] = (self._stage, raw)
             return raw
+
+    def give_back(self, member: str, raw: bytes) -> bool:
+        """A request taken by a poll whose connection was gone (an agent that died mid-poll) goes back to
+        the outbox for ``member``'s next poll, if its stage is still open and unanswered; whether it did."""
+        with self._cond:
+            if self._given.get(member) != (self._stage, raw) or not self._open_for(member):
+                return False
+            self._outbox[member] = raw
+            self._alive.pop(member, None)  # taking it did not make the member alive
+            self._cond.notify_all()
+            return True
 
     def heartbeat(self, member: str) -> None:
         """``member`` is alive and working on its request (a mere poll is not: a restarted agent polls

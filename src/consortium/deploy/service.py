@@ -203,6 +203,9 @@ def create_app(mailbox: Mailbox, members: Mapping[str, str], *, poll_wait_s: flo
                                                  limiter=limiter("poll", MAX_POLLS_PER_MEMBER))
         if raw is None:
             return Response(status_code=410 if mailbox.closed else 204)
+        if await request.is_disconnected() and mailbox.give_back(member, raw):
+            log.warning("a poll of %s ended before its request could be sent: kept for its next poll", printable(member))
+            return Response(status_code=204)
         return Response(content=raw, media_type="application/octet-stream")
 
     @app.post("/v1/heartbeat", status_code=204, responses={204: {}})
