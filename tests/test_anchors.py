@@ -33,7 +33,7 @@ from consortium.simulation import Simulation
 from consortium.transcript import merkle
 from consortium.transcript.anchor import agreement_anchor, kit_anchor, state_anchor
 from consortium.transcript.log import canonical, head_bytes, manifest_bytes, signed_entry_bytes
-from consortium.transcript.record import RECORD_FILE, SignedRecord
+from consortium.transcript.site_record import RECORD_FILE, SignedRecord
 from consortium.transcript.verify import signed_epsilon, verify_run
 from tests.conftest import signed_agreement
 

@@ -328,7 +328,7 @@ def _reconciled(run_dir: Path, state: Path | None) -> tuple[dict[str, Any], str 
     the run's transcript, when the transcript verifies; otherwise the ledgers alone and why."""
     from consortium.errors import VerificationError
     from consortium.privacy.ledger import read_ledgers
-    from consortium.transcript.record import transcript_payments
+    from consortium.transcript.site_record import transcript_payments
     from consortium.transcript.verify import read_entries, verify_run
 
     paths = None if state is None else [state / "budget.sqlite"]

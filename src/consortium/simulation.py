@@ -49,7 +49,7 @@ from consortium.protocol.coordinator import COORDINATOR, RoundRecord
 from consortium.protocol.site import Site
 from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.transcript.log import TreeHead, last_cosigned
-from consortium.transcript.record import RECORD_FILE
+from consortium.transcript.site_record import RECORD_FILE
 from consortium.transcript.recorder import TranscriptRecorder
 from consortium.transcript.verify import AGREEMENT_FILE
 from consortium.transport import InProcessTransport

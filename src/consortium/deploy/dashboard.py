@@ -255,7 +255,7 @@ def render(view: Mapping[str, Any]) -> str:
     if "epsilon_per_site" in view:
         cap = view["epsilon_cap"]
         parts.append("<h2>Privacy budget spent</h2><table id='epsilon'><tr><th>site</th><th>epsilon</th>"
-                     f"<th>cap</th><th></th></tr>")
+                     "<th>cap</th><th></th></tr>")
         for site, eps in view["epsilon_per_site"].items():
             share = 0.0 if not cap else min(1.0, eps / cap)
             cls = "bar over" if cap and eps > cap else "bar"

@@ -33,7 +33,7 @@ from consortium.privacy.ledger import BudgetLedger
 from consortium.protocol import messages as m
 from consortium.protocol.site import Site
 from consortium.simulation import noise_test_seed, site_randomness
-from consortium.transcript.record import RECORD_FILE
+from consortium.transcript.site_record import RECORD_FILE
 
 LEDGER_FILE = "budget.sqlite"
 MEMORY_FILE = "transcript-memory.json"  # the last head this site co-signed: a restarted agent picks up from it

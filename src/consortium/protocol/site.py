@@ -43,7 +43,7 @@ from consortium.runs import write_atomic
 from consortium.secagg import SecAggClient
 from consortium.secagg.encoding import DiscreteGaussianEncoding
 from consortium.transcript import merkle
-from consortium.transcript.record import SignedRecord, payments
+from consortium.transcript.site_record import SignedRecord, payments
 from consortium.transcript.log import (
     Entry,
     HeadWitness,

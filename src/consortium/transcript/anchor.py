@@ -15,7 +15,7 @@ against its trusted root, RFC 9162 monitors against heads they gossiped):
   above), the provisioning manifest's keys (which must agree with it), and
   the member's own identity key, which must be the one the run names.
 - ``state_anchor(DIR)``: a site's own record of the heads it co-signed
-  (``transcript.record``): at each of those sizes, the transcript's root must
+  (``transcript.site_record``): at each of those sizes, the transcript's root must
   be the root the site co-signed.
 
 What an anchor does not prove: that the members behaved (the transcript's
@@ -38,7 +38,7 @@ from consortium.errors import ConfigError, VerificationError
 from consortium.governance.agreement import Agreement, agreement_hash, approval, load_agreement, read_signatures, signatures_path
 from consortium.transcript import merkle
 from consortium.transcript.log import Entry
-from consortium.transcript.record import RECORD_FILE, SignedRecord
+from consortium.transcript.site_record import RECORD_FILE, SignedRecord
 
 CONSISTENCY_ONLY = (
     "checked for consistency only: every key came from the run folder itself, so whoever can write this folder "
