@@ -141,7 +141,8 @@ def _print_table(s: dict[str, Any]) -> None:
         out_console.print("[bold red]secure aggregation: OFF[/] (the coordinator saw every site's update)")
     pv = s["privacy"]
     if pv["enabled"]:
-        spent = max(pv["epsilon_per_site"].values(), default=0.0)
+        # What a site may have spent, rounds whose answer was lost included: never below any ledger.
+        spent = max((pv.get("epsilon_bound_per_site") or pv["epsilon_per_site"]).values(), default=0.0)
         if pv["level"] == "record":
             how = (
                 f"record level, DP-SGD (noise multiplier {pv['noise_multiplier']:.3f}, clip {pv['clip']:g}, "
