@@ -7,6 +7,7 @@ import pathlib
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -22,7 +23,7 @@ def main() -> None:
         for col in ("measure", "value", "ratio to baseline"):
             table.add_column(col, justify="left" if col == "measure" else "right")
         for name, value, ratio in module.main():
-            table.add_row(name, f"{value:.4g}" if isinstance(value, float) else str(value), ratio)
+            table.add_row(escape(name), f"{value:.4g}" if isinstance(value, float) else escape(str(value)), escape(ratio))
         console.print(table)
     sys.stdout.flush()
 
