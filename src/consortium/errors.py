@@ -53,7 +53,7 @@ class ModelError(ConsortiumError, ValueError):
 
 
 class ProtocolError(ConsortiumError):
-    """A message broke the protocol."""
+    """A message broke the protocol: malformed, unsealed, replayed, or not the stage's; it is refused."""
 
 
 class MessageRejected(ProtocolError):

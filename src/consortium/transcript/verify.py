@@ -56,6 +56,10 @@ _ENCODING: TypeAdapter[Any] = TypeAdapter(SessionEncoding)
 
 @dataclass
 class Verified:
+    """What ``verify_run`` checked and found: counts, the last head, each site's epsilon (signed, and its
+    bound), the final model's hash, refusals, halts, resumes, the lineage, whether the summary was there
+    to bind, and ``anchored_by``: what each anchor proved (empty: consistency only)."""
+
     entries: int
     heads: int
     tree_head: dict[str, Any]
