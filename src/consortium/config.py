@@ -16,6 +16,7 @@ from consortium.data import BUILTIN_DATASETS
 from consortium.errors import ConfigError
 from consortium.learning.robust import AGGREGATORS, CONDITIONS, Aggregator, min_updates, needs_updates
 from consortium.learning.specs import ModelSpec, TrainSettings
+from consortium.learning.strategies import check_strategy_name
 from consortium.yamlfile import parse_yaml, read_text, validate
 
 SiteName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
@@ -91,13 +92,21 @@ class DataConfig(_Strict):
 
 
 class StrategyConfig(_Strict):
-    name: Literal["fedavg", "fedprox", "fedadam", "fedyogi"] = "fedavg"
+    name: str = "fedavg"  # a registered strategy (consortium.learning.strategies.register_strategy)
     weighting: Literal["examples", "uniform"] = "examples"
     mu: float = Field(0.01, ge=0, le=1e3)  # fedprox only
     server_lr: float | None = Field(None, gt=0, le=100)  # default 1.0 for fedavg/fedprox, 0.01 for fedadam/fedyogi
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.99, ge=0, lt=1)
     tau: float = Field(1e-3, gt=0, le=10)
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        try:
+            return check_strategy_name(v)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
 
 
 class ParticipationConfig(_Strict):

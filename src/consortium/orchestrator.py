@@ -42,7 +42,7 @@ from consortium.governance.incident import Incident, NormMonitor, RunHalted
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.models import build_model
 from consortium.learning.robust import RobustAggregation
-from consortium.learning.strategies import STRATEGIES, FedAvg
+from consortium.learning.strategies import Strategy, strategy_from_config
 from consortium.lifecycle.lineage import version_body
 from consortium.lifecycle.registry import Change, ModelRegistry, Version, now
 from consortium.privacy import ddg
@@ -86,17 +86,9 @@ def finite_metrics(metrics: dict[str, float]) -> dict[str, float | None]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
 
 
-def make_strategy(config: SimulationConfig) -> FedAvg:
-    s, part = config.strategy, config.participation
-    common: dict[str, Any] = {"fraction": part.fraction, "min_sites": part.min_sites, "weighting": s.weighting}
-    if s.server_lr is not None:
-        common["server_lr"] = s.server_lr
-    cls = STRATEGIES[s.name]
-    if s.name == "fedprox":
-        return cls(mu=s.mu, **common)  # type: ignore[call-arg]
-    if s.name in ("fedadam", "fedyogi"):
-        return cls(beta1=s.beta1, beta2=s.beta2, tau=s.tau, **common)  # type: ignore[call-arg]
-    return cls(**common)
+def make_strategy(config: SimulationConfig) -> Strategy:
+    """The run's strategy, from the registry (see ``consortium.learning.strategies.register_strategy``)."""
+    return strategy_from_config(config)
 
 
 def evaluation_spec(config: SimulationConfig, sample: Table) -> m.EvaluationSpec:

@@ -1,15 +1,19 @@
-"""Federated strategies: small hooks around one aggregate.
+"""Federated strategies: the server step, one small class behind a registry.
 
 A strategy sees only *sums*: the coordinator hands it the weighted mean of
 the sites' updates (``sum(w_k * delta_k) / sum(w_k)``), never one site's
-update. That keeps every strategy here usable under secure aggregation.
+update. That keeps every strategy here usable under secure aggregation, and
+leaves the privacy of a round (clipping, noise, secure sum, norm bound) to
+the coordinator's update pipeline, which runs before the strategy and which
+no strategy can switch off.
 
-Hooks (override what you need):
+A user's strategy subclasses :class:`Strategy` (or a built-in such as
+:class:`FedAvg`) and registers a factory by name::
 
-- ``select(round, sites, rng)``: which sites train this round;
-- ``weighting``: how a site weights its update (``examples`` or ``uniform``);
-- ``proximal_mu``: FedProx's proximal term, sent to the sites;
-- ``apply(round, params, mean_update)``: the server step that makes the next model.
+    register_strategy("fedmedianlr", lambda options: MyStrategy(min_sites=options.min_sites))
+
+A config then names it (``strategy: {name: fedmedianlr}``); the name is
+checked against the registry when the config is validated.
 
 References: FedAvg (McMahan et al., AISTATS 2017); FedProx (Li et al.,
 MLSys 2020); FedAdam and FedYogi (Reddi et al., "Adaptive Federated
@@ -19,17 +23,156 @@ Optimization", ICLR 2021, Algorithm 2).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
 
 from consortium.errors import ConfigError
 
+if TYPE_CHECKING:
+    from consortium.config import SimulationConfig
+
 Weighting = Literal["examples", "uniform"]
 
 
-class FedAvg:
+class Strategy:
+    """The server side of federated learning: whom to ask, and what the next model is.
+
+    The coordinator owns the round loop and everything privacy depends on; a
+    strategy only answers its hooks. Override ``select`` and ``apply``; the
+    other hooks have defaults that suit a stateless strategy.
+
+    Attributes:
+        name: the registry name, written into every round plan of the transcript.
+        min_sites: a round with fewer answering sites is skipped (the model is
+            unchanged); the coordinator also checks robust aggregators against it.
+        weighting: how a site weights its update in the mean, ``"examples"``
+            (by its number of training rows) or ``"uniform"``. Site-level DP
+            always uses ``"uniform"``, whatever this says.
+    """
+
+    name: ClassVar[str] = "strategy"
+    min_sites: int = 1
+    weighting: Weighting = "examples"
+
+    @property
+    def proximal_mu(self) -> float:
+        """FedProx's proximal coefficient sent to the sites with each fit request (0.0: none)."""
+        return 0.0
+
+    def select(self, rnd: int, sites: Sequence[str], rng: np.random.Generator) -> list[str]:
+        """Choose the cohort of round ``rnd``.
+
+        Args:
+            rnd: the round number, from 1.
+            sites: the members that passed setup, sorted.
+            rng: the coordinator's seeded generator; use it for any sampling,
+                never a global one, so that a run is reproducible.
+
+        Returns:
+            The sites asked to train this round: a subset of ``sites``, without
+            repeats. It is signed into the round plan before any request goes out.
+        """
+        raise NotImplementedError
+
+    def apply(self, rnd: int, params: np.ndarray, mean_update: np.ndarray) -> np.ndarray:
+        """The server step: the next global model.
+
+        Args:
+            rnd: the round number, from 1.
+            params: the current global parameters (flat float32 vector).
+            mean_update: the weighted mean of the included sites' updates, after
+                the norm bound, the site-level DP release or the robust rule
+                (float32, the same length as ``params``).
+
+        Returns:
+            The next global parameters: a new float32 vector of the same length.
+            It must not modify ``params`` in place.
+        """
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, object]:
+        """The strategy's settings as plain JSON, signed into every round plan and the run's summary."""
+        return {"name": self.name}
+
+    def state(self) -> dict[str, np.ndarray]:
+        """What the server step carries from round to round (named arrays), for a checkpoint; ``{}`` if nothing."""
+        return {}
+
+    def load_state(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restore ``state()`` from a checkpoint (``{}`` when the checkpoint was taken before any round)."""
+
+
+@dataclass(frozen=True)
+class StrategyOptions:
+    """What a config says about the strategy, handed to a registered factory.
+
+    ``server_lr`` is None where the config left it out: the strategy's own default applies.
+    """
+
+    fraction: float = 1.0
+    min_sites: int = 1
+    weighting: Weighting = "examples"
+    server_lr: float | None = None
+    mu: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+
+StrategyFactory = Callable[[StrategyOptions], Strategy]
+_REGISTRY: dict[str, StrategyFactory] = {}
+
+
+def register_strategy(name: str, factory: StrategyFactory) -> None:
+    """Make ``name`` a strategy a config can choose.
+
+    Args:
+        name: the name the config's ``strategy.name`` gives.
+        factory: called once per run with the config's :class:`StrategyOptions`;
+            returns a fresh :class:`Strategy` (strategies may carry state).
+
+    Raises:
+        ConfigError: ``name`` is empty or already registered (a built-in is never replaced silently).
+    """
+    if not name or not isinstance(name, str):
+        raise ConfigError(f"a strategy needs a non-empty name, found {name!r}")
+    if name in _REGISTRY:
+        raise ConfigError(f"strategy '{name}' is already registered: choose another name")
+    if not callable(factory):
+        raise ConfigError(f"strategy '{name}' needs a callable factory, found {factory!r}")
+    _REGISTRY[name] = factory
+
+
+def known_strategies() -> list[str]:
+    """The registered names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def check_strategy_name(name: str) -> str:
+    """``name`` if it is registered; otherwise a ConfigError naming the known strategies."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown strategy '{name}': choose one of {', '.join(known_strategies())}, or register_strategy it first")
+    return name
+
+
+def strategy_from_config(config: SimulationConfig) -> Strategy:
+    """The run's strategy, built by the factory registered under ``config.strategy.name``.
+
+    Raises:
+        ConfigError: the name is not registered, or the factory refused its options.
+    """
+    s, part = config.strategy, config.participation
+    factory = _REGISTRY[check_strategy_name(s.name)]
+    return factory(StrategyOptions(
+        fraction=part.fraction, min_sites=part.min_sites, weighting=s.weighting, server_lr=s.server_lr,
+        mu=s.mu, beta1=s.beta1, beta2=s.beta2, tau=s.tau,
+    ))
+
+
+class FedAvg(Strategy):
     """Sample-weighted federated averaging: ``x <- x + server_lr * mean_update``."""
 
     name = "fedavg"
@@ -155,3 +298,16 @@ class FedYogi(FedAdam):
 
 
 STRATEGIES: dict[str, type[FedAvg]] = {cls.name: cls for cls in (FedAvg, FedProx, FedAdam, FedYogi)}
+
+
+def _common(o: StrategyOptions) -> dict[str, object]:
+    common: dict[str, object] = {"fraction": o.fraction, "min_sites": o.min_sites, "weighting": o.weighting}
+    if o.server_lr is not None:
+        common["server_lr"] = o.server_lr
+    return common
+
+
+register_strategy("fedavg", lambda o: FedAvg(**_common(o)))  # type: ignore[arg-type]
+register_strategy("fedprox", lambda o: FedProx(mu=o.mu, **_common(o)))
+register_strategy("fedadam", lambda o: FedAdam(beta1=o.beta1, beta2=o.beta2, tau=o.tau, **_common(o)))  # type: ignore[arg-type]
+register_strategy("fedyogi", lambda o: FedYogi(beta1=o.beta1, beta2=o.beta2, tau=o.tau, **_common(o)))  # type: ignore[arg-type]
