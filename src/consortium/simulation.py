@@ -47,6 +47,7 @@ from consortium.orchestrator import CoordinatorRun, RunResult, finite_metrics
 from consortium.privacy.ledger import BudgetLedger
 from consortium.protocol.coordinator import COORDINATOR, RoundRecord
 from consortium.protocol.site import Site
+from consortium.protocol.trainer import LocalTrainer
 from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.transcript.log import TreeHead, last_cosigned
 from consortium.transcript.site_record import RECORD_FILE
@@ -182,6 +183,7 @@ class Simulation(CoordinatorRun):
         runs_root: Path = Path("runs"),
         model_builder: ModelBuilder = build_task_model,
         resume: bool = False,
+        trainer: LocalTrainer | None = None,
     ) -> None:
         config = config.resolved()
         drop_seq, self._base_seq = np.random.SeedSequence(config.seed).spawn(2)
@@ -210,6 +212,7 @@ class Simulation(CoordinatorRun):
                 policy=self.policies.get(name),
                 journal=self.run_dir / "sites" / name / "evaluation.jsonl",  # the site's own, beside its ledger
                 record=self.run_dir / "sites" / name / RECORD_FILE,  # the heads and decisions it signed
+                trainer=trainer,  # each site's local training (None: plain; record-level DP is always DP-SGD)
             )
             for name in names
         }
@@ -286,9 +289,12 @@ def run_simulation(
     runs_root: Path = Path("runs"),
     on_round: Callable[[RoundRecord], None] | None = None,
     model_builder: ModelBuilder = build_task_model,
+    trainer: LocalTrainer | None = None,
 ) -> RunResult:
-    """Check, run and record a whole simulation in one call."""
-    return Simulation(config, out=out, runs_root=runs_root, model_builder=model_builder).run(on_round=on_round)
+    """Check, run and record a whole simulation in one call (``trainer``: every site's local training)."""
+    return Simulation(
+        config, out=out, runs_root=runs_root, model_builder=model_builder, trainer=trainer
+    ).run(on_round=on_round)
 
 
 def continue_run(run_dir: Path, keys_dir: Path, *, on_round: Callable[[RoundRecord], None] | None = None) -> RunResult:

@@ -30,15 +30,16 @@ from consortium.governance.policy import SitePolicy
 from consortium.governance.roles import PermissionDenied, Roles
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.robust import bound_norm
-from consortium.learning.training import EvalStats, Groups, evaluate, train_local
+from consortium.learning.training import EvalStats, Groups, evaluate
 from consortium.lifecycle.drift import DriftReport, check_drift
-from consortium.privacy.dpsgd import secure_generator, secure_numpy_generator, train_dp_sgd
-from consortium.privacy.events import RecordLevelEvent, SiteLevelEvent
+from consortium.privacy.dpsgd import secure_generator, secure_numpy_generator
+from consortium.privacy.events import SiteLevelEvent
 from consortium.privacy.ledger import BudgetLedger, Discrepancy
 from consortium.protocol import contributions as c
 from consortium.protocol import messages as m
 from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.protocol.sealed import EnvelopeGuard, seal
+from consortium.protocol.trainer import LocalTrainer, PlainTrainer, trainer_for
 from consortium.runs import write_atomic
 from consortium.secagg import SecAggClient
 from consortium.secagg.encoding import DiscreteGaussianEncoding
@@ -147,6 +148,8 @@ class Site:
     order) and every reply is sealed by this site; a fit request must carry
     the round's plan, proven to be in the last transcript head this site
     co-signed, naming the model it sends.
+    ``trainer`` does the local training of a fit request (default: plain local training); a
+    record-level round always trains with DP-SGD instead (see ``consortium.protocol.trainer``).
     """
 
     def __init__(
@@ -168,6 +171,7 @@ class Site:
         journal: Path | None = None,
         lifecycle: Path | None = None,
         record: Path | None = None,
+        trainer: LocalTrainer | None = None,
     ) -> None:
         self.name = name
         self.__data = data
@@ -183,6 +187,7 @@ class Site:
         self._identity = identity
         self._directory = dict(directory or {})
         self._build = model_builder
+        self._trainer: LocalTrainer = PlainTrainer() if trainer is None else trainer
         # With a ledger the site trains only under DP, within its own cap.
         self.ledger = ledger
         self.guard = SiteGuard(name, agreement=agreement, policy=policy, ledger=ledger, clock=clock)
@@ -502,20 +507,22 @@ class Site:
     def _local_update(
         self, rnd: int, msg: m.FitRequest, module: torch.nn.Module, adapter: ModelAdapter, global_params: np.ndarray
     ) -> tuple[np.ndarray, float]:
-        """Train on this site's split from the global model: (the model delta, the training loss)."""
-        center = [p.detach().clone() for p in module.parameters()] if msg.proximal_mu > 0 else None
+        """Train on this site's split from the global model: (the model delta, the training loss).
+
+        The site's trainer does the training, except in a record-level round: that one is always DP-SGD.
+        """
         X, y = self.__train
-        if isinstance(msg.privacy, RecordLevelEvent):
-            ev = msg.privacy
-            loss = train_dp_sgd(
-                module, X, y, msg.train,
-                sampling_rate=ev.sampling_rate, noise_multiplier=ev.noise_multiplier, clip=ev.clip, steps=ev.steps,
-                generator=self._noise, proximal_mu=msg.proximal_mu, proximal_center=center,
+        seed = int(np.random.SeedSequence([self._seed, rnd]).generate_state(1)[0])
+        delta, loss = trainer_for(msg.privacy, self._trainer).train(
+            adapter, X, y, msg.train, privacy=msg.privacy, proximal_mu=msg.proximal_mu, seed=seed, noise=self._noise
+        )
+        delta = np.asarray(delta)
+        if delta.shape != (adapter.size,):
+            raise ModelError(
+                f"the trainer returned a delta of shape {delta.shape}, and the model has {adapter.size} parameters: "
+                "return model.get_vector() after training minus before"
             )
-        else:
-            seed = int(np.random.SeedSequence([self._seed, rnd]).generate_state(1)[0])
-            loss = train_local(module, X, y, msg.train, seed=seed, proximal_mu=msg.proximal_mu, proximal_center=center)
-        return adapter.get_vector() - global_params, loss
+        return delta, float(loss)
 
     def _fit_site_level(self, rnd: int, msg: m.FitRequest, event: SiteLevelEvent, delta: np.ndarray) -> m.FitReply:
         """DP-FedAvg: the update clipped to L2 norm ``event.clip``; distributed noise joins it in the ring."""
