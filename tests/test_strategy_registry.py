@@ -2,6 +2,8 @@
 
 from collections.abc import Sequence
 
+import json
+
 import numpy as np
 import pytest
 
@@ -78,6 +80,28 @@ def test_an_unknown_name_is_refused_at_config_time_naming_the_known_ones():
 def test_a_name_is_registered_once():
     with pytest.raises(ConfigError, match="already registered"):
         register_strategy("fedavg", _factory)
+
+
+@pytest.mark.parametrize("name", sorted(set(known_strategies()) | {NAME}))
+def test_every_registered_strategy_keeps_the_contract(name):
+    # The contract every strategy keeps, whoever wrote it: a cohort drawn from the members without
+    # repeats, a new float32 model of the same length with the current one untouched, a JSON description
+    # that names it, and a state that a checkpoint carries over.
+    config = SimulationConfig.model_validate({"strategy": {"name": name}, "participation": {"min_sites": 2}})
+    strategy, twin = strategy_from_config(config), strategy_from_config(config)
+    assert isinstance(strategy, Strategy) and strategy is not twin and strategy.min_sites == 2
+    sites = [f"s{i}" for i in range(5)]
+    cohort = strategy.select(1, sites, np.random.default_rng(0))
+    assert set(cohort) <= set(sites) and len(set(cohort)) == len(cohort) >= strategy.min_sites
+    assert strategy.weighting in ("examples", "uniform") and strategy.proximal_mu >= 0
+    params = np.linspace(-1, 1, 7, dtype=np.float32)
+    before = params.copy()
+    update = np.full(7, 0.1, dtype=np.float32)
+    new = strategy.apply(1, params, update)
+    assert new.dtype == np.float32 and new.shape == params.shape and np.array_equal(params, before)
+    assert json.loads(json.dumps(strategy.describe()))["name"] == name
+    twin.load_state({k: v.copy() for k, v in strategy.state().items()})
+    assert np.array_equal(strategy.apply(2, new, update), twin.apply(2, new, update))
 
 
 def test_a_registered_strategy_runs_a_secure_private_simulation_that_verifies(tmp_path):

@@ -154,7 +154,8 @@ def known_strategies() -> list[str]:
 def check_strategy_name(name: str) -> str:
     """``name`` if it is registered; otherwise a ConfigError naming the known strategies."""
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown strategy '{name}': choose one of {', '.join(known_strategies())}, or register_strategy it first")
+        known = ", ".join(known_strategies())
+        raise ConfigError(f"unknown strategy '{name}': choose one of {known}, or register_strategy it first")
     return name
 
 

@@ -12,17 +12,20 @@ whose replies carry the vectors. Under secure aggregation the replies only
 say "ready", and the phase continues through the SecAgg+ stages
 (``advertise_keys``, ``share_keys``, ``collect_masked``,
 ``consistency_check``, ``unmask``) until the sum alone is unmasked.
+
+The parts live beside it: the round records and the phase state in
+``coordinator_rounds``, the SecAgg+ sessions in ``coordinator_sessions``,
+and the ordered steps that turn a fit sum into the next model (norm bound,
+site-level DP release, secure sum, robust rule, monitor, strategy) in
+``coordinator_pipeline``. Their names stay importable from here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from consortium.errors import (
     ConfigError,
@@ -35,107 +38,21 @@ from consortium.governance.incident import Incident, NormMonitor, RunHalted
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.robust import RobustAggregation
 from consortium.learning.specs import ModelSpec, TrainSettings
-from consortium.learning.strategies import FedAvg
-from consortium.privacy.events import RecordLevelEvent, SiteLevelEvent
+from consortium.learning.strategies import Strategy
+from consortium.privacy.events import RecordLevelEvent
 from consortium.privacy.sitedp import SiteLevelDP
 from consortium.protocol import contributions as c
 from consortium.protocol import messages as m
+from consortium.protocol import coordinator_sessions as sessions
+from consortium.protocol.coordinator_pipeline import UpdatePipeline
+from consortium.protocol.coordinator_rounds import Phase, PhaseResult, PhaseState, RoundRecord, SecureAggregation
 from consortium.protocol.task import ModelBuilder, build_task_model
-from consortium.secagg import SecAggServer, make_session
-from consortium.secagg.encoding import DiscreteGaussianEncoding, RingEncoding
-from consortium.secagg.graph import plan_graph
-from consortium.secagg.messages import STAGES
 from consortium.transcript.log import vector_sha256
 from consortium.transcript.records import LogRecord, SessionArchive
 
+__all__ = ["COORDINATOR", "Coordinator", "Phase", "RoundRecord", "SecureAggregation", "UpdatePipeline"]
+
 COORDINATOR = m.COORDINATOR
-
-Phase = Literal["setup", "fit", "evaluate"]
-
-
-@dataclass(frozen=True)
-class SecureAggregation:
-    """Settings of secure aggregation; ``None`` in its place means plain sums (insecure)."""
-
-    identity: Ed25519PrivateKey  # the coordinator's signing key
-    directory: dict[str, bytes]  # every member's Ed25519 public key
-    update_clip: float = 1.0  # model-update coordinates are clipped to [-clip, clip]
-    bits: int = 32  # ring Z_{2^bits} for model updates
-    dropout_rate: float = 0.1  # expected, for choosing the graph
-    corruption_rate: float = 0.1  # sites assumed to collude with the coordinator
-
-    def __post_init__(self) -> None:
-        if not (math.isfinite(self.update_clip) and self.update_clip > 0):
-            raise ConfigError(f"update_clip must be a positive number, found {self.update_clip}")
-
-
-@dataclass
-class RoundRecord:
-    """What happened in one round, as the coordinator saw it."""
-
-    round: int
-    selected: list[str]
-    answered: list[str] = field(default_factory=list)
-    dropped: list[str] = field(default_factory=list)
-    refused: dict[str, str] = field(default_factory=dict)
-    status: Literal["ok", "skipped", "halted"] = "ok"
-    reason: str = ""
-    train_loss: float | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    evaluated_sites: int = 0
-    evaluation_note: str = ""
-    secure: dict[str, object] | None = None
-    privacy: dict[str, object] | None = None  # site level: the clip used, and the noisy share of sites under it
-    robust: dict[str, object] | None = None  # in the clear: whose updates the norm bound cut, whom Krum selected
-    evaluation: dict[str, object] | None = None  # the summed reliability diagram and the groups' counts
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "round": self.round,
-            "status": self.status,
-            "reason": self.reason,
-            "selected": self.selected,
-            "answered": self.answered,
-            "dropped": self.dropped,
-            "refused": self.refused,
-            "train_loss": self.train_loss,
-            "evaluated_sites": self.evaluated_sites,
-            "evaluation_note": self.evaluation_note,
-            "secure_aggregation": self.secure,
-            "privacy": self.privacy,
-            "robust": self.robust,
-            "evaluation": self.evaluation,
-            **self.metrics,
-        }
-
-    @classmethod
-    def from_json(cls, d: dict[str, object]) -> RoundRecord:
-        fields = {"secure_aggregation": "secure", **{f.name: f.name for f in dataclasses.fields(cls) if f.name not in ("secure", "metrics")}}
-        kwargs = {attr: d[key] for key, attr in fields.items() if key in d}
-        metrics = {k: float("nan") if v is None else v for k, v in d.items() if k not in fields}
-        return cls(**kwargs, metrics=metrics)  # type: ignore[arg-type]
-
-
-@dataclass
-class _PhaseState:
-    phase: Phase
-    targets: list[str]
-    stage: str = "request"
-    ready: list[str] = field(default_factory=list)  # answered the request
-    refused: dict[str, str] = field(default_factory=dict)
-    plain: dict[str, np.ndarray] = field(default_factory=dict)
-    server: SecAggServer | None = None
-    event: RecordLevelEvent | SiteLevelEvent | None = None  # fit: this round's privacy event, as planned
-    encoding: RingEncoding | DiscreteGaussianEncoding | None = None
-    outgoing: dict[str, m.BaseModel] = field(default_factory=dict)
-    commitments: dict[str, str] = field(default_factory=dict)  # site -> SHA-256 of its masked input
-
-
-@dataclass(frozen=True)
-class _PhaseResult:
-    total: np.ndarray | None  # the float sum, None when the phase failed
-    included: list[str]
-    reason: str = ""
 
 
 class Coordinator:
@@ -147,7 +64,7 @@ class Coordinator:
         *,
         model: ModelSpec,
         train: TrainSettings,
-        strategy: FedAvg,
+        strategy: Strategy,
         rounds: int,
         seed: int,
         secure: SecureAggregation | None = None,
@@ -179,8 +96,9 @@ class Coordinator:
             raise ConfigError("distributed noise is added inside secure aggregation: turn it on, or choose central noise")
         self.evaluation = evaluation
         self.robust = robust
-        if robust is not None:
-            self._check_robust(robust)
+        # Incident response: anomalous updates (``monitor``) and sites' integrity refusals halt the run.
+        self.monitor = monitor
+        self.update_pipeline().check(len(self.sites))  # the robust rule's tolerance, before any state
         self._rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC00D]))
         self._init_seed = seed
         self._build = model_builder
@@ -194,39 +112,21 @@ class Coordinator:
         self.secure_plans: list[dict[str, object]] = []
         self._outstanding: set[str] = set()
         self._record: RoundRecord | None = None
-        self._state: _PhaseState | None = _PhaseState("setup", list(self.sites))
+        self._state: PhaseState | None = PhaseState("setup", list(self.sites))
         self._setup_replies: dict[str, m.SetupReply] = {}
         self._log: list[LogRecord] = []
         self._plan_proof: m.PlanProof | None = None
         self._tensor_cache: tuple[np.ndarray, m.Tensor] | None = None
         self._archives: list[SessionArchive] = []
         self._holds: dict[str, str] = {}  # site -> hash of the model it last received and answered
-        # Incident response: anomalous updates (``monitor``) and sites' integrity refusals halt the run.
-        self.monitor = monitor
         self.incident: Incident | None = None
         self._purpose: Literal["round", "canary", "monitor"] = "round"
 
-    def _check_robust(self, robust: RobustAggregation) -> None:
-        """The defence's tolerance condition holds in every round that aggregates, or the run is refused."""
-        if not robust.needs_updates:
-            return
-        if self.secure is not None:
-            raise ConfigError(
-                f"robust aggregator {robust.aggregator} needs each site's update, which secure aggregation hides: "
-                "turn secure_aggregation off, or use norm bounding"
-            )
-        if self.site_dp is not None:
-            raise ConfigError(
-                f"robust aggregator {robust.aggregator} does not compute the sum that site-level DP adds its noise to: "
-                "use the mean with a norm bound, or record-level privacy"
-            )
-        need = robust.min_updates
-        if self.strategy.min_sites < need or len(self.sites) < need:
-            raise ConfigError(
-                f"robust aggregator {robust.aggregator} tolerates f={robust.byzantine} Byzantine updates only in rounds "
-                f"of at least {need} updates; min_sites is {self.strategy.min_sites} and there are {len(self.sites)} "
-                f"sites: set min_sites to at least {need} (with as many sites), or lower byzantine"
-            )
+    def update_pipeline(self) -> UpdatePipeline:
+        """The ordered steps that make a fit sum the next model, over this coordinator's settings."""
+        return UpdatePipeline(
+            strategy=self.strategy, secure=self.secure, privacy=self.privacy, robust=self.robust, monitor=self.monitor
+        )
 
     @property
     def done(self) -> bool:
@@ -298,7 +198,7 @@ class Coordinator:
             if st.stage == "request":
                 self._take_phase_reply(st, sender, msg)
             else:
-                self._take_secagg_reply(st, sender, msg)
+                sessions.take_reply(st, sender, msg)
         except ProtocolError as exc:
             st.refused[sender] = str(exc)
 
@@ -324,7 +224,7 @@ class Coordinator:
 
     # -- phases -------------------------------------------------------------------
 
-    def _phase_request(self, st: _PhaseState) -> m.BaseModel:
+    def _phase_request(self, st: PhaseState) -> m.BaseModel:
         secure = self.secure is not None
         if st.phase == "setup":
             return m.SetupRequest(secure_aggregation=secure)
@@ -367,7 +267,7 @@ class Coordinator:
             return c.EVAL_LENGTH
         return None  # setup: known from the schema, checked in _finish_setup
 
-    def _take_phase_reply(self, st: _PhaseState, sender: str, msg: m.BaseModel) -> None:
+    def _take_phase_reply(self, st: PhaseState, sender: str, msg: m.BaseModel) -> None:
         expected = {"setup": m.SetupReply, "fit": m.FitReply, "evaluate": m.EvaluateReply}[st.phase]
         if not isinstance(msg, expected):
             raise ProtocolError(f"sent '{msg.kind}' where '{expected.__name__}' was expected")
@@ -388,100 +288,31 @@ class Coordinator:
             st.plain[sender] = vector
         st.ready.append(sender)
 
-    def _take_secagg_reply(self, st: _PhaseState, sender: str, msg: m.BaseModel) -> None:
-        server = st.server
-        assert server is not None
-        if st.stage == "advertise_keys" and isinstance(msg, m.SecAggAdvert):
-            server.add_advert(sender, msg.advert)
-        elif st.stage == "share_keys" and isinstance(msg, m.SecAggShares):
-            server.add_shares(sender, msg.bundle)
-        elif st.stage == "collect_masked" and isinstance(msg, m.SecAggMasked):
-            server.add_masked(sender, msg.masked)
-            st.commitments[sender] = msg.masked.vector.sha256
-        elif st.stage == "consistency_check" and isinstance(msg, m.SecAggAck):
-            server.add_ack(sender, msg.ack)
-        elif st.stage == "unmask" and isinstance(msg, m.SecAggReveal):
-            server.add_unmask(sender, msg.reply)
-        else:
-            raise ProtocolError(f"sent '{msg.kind}' at stage {st.stage}")
-
-    def _advance(self, st: _PhaseState) -> _PhaseResult | None:
+    def _advance(self, st: PhaseState) -> PhaseResult | None:
         """Close one stage; a result when the phase's sum is known (or the phase failed)."""
         if self.secure is None:
             if not st.plain:
-                return _PhaseResult(None, [], "no site answered")
+                return PhaseResult(None, [], "no site answered")
             if len({v.shape for v in st.plain.values()}) > 1:
-                return _PhaseResult(None, [], "the sites' vectors differ in length")
-            return _PhaseResult(sum(st.plain.values()), list(st.plain))
-        try:
-            if st.stage == "request":
-                return self._open_session(st)
-            server = st.server
-            assert server is not None
-            sid = server.params.session_id
-            if st.stage == "advertise_keys":
-                st.outgoing = {u: m.SecAggRoster(session_id=sid, roster=r) for u, r in server.close_advertise().items()}
-            elif st.stage == "share_keys":
-                st.outgoing = {u: m.SecAggDeliver(session_id=sid, delivery=d) for u, d in server.close_share_keys().items()}
-            elif st.stage == "collect_masked":
-                survivors = server.close_collect_masked()
-                st.outgoing = {u: m.SecAggSurvivors(session_id=sid, survivors=survivors) for u in survivors.survivors}
-                self._log.append(LogRecord("masked_inputs", self.round, COORDINATOR, {
-                    "phase": st.phase,
-                    "session_id": sid,
-                    "survivors": list(survivors.survivors),
-                    "commitments": {u: st.commitments[u] for u in survivors.survivors},
-                }))
-            elif st.stage == "consistency_check":
-                st.outgoing = {u: m.SecAggUnmask(session_id=sid, request=r) for u, r in server.close_consistency().items()}
-            else:
-                outcome = server.finish()
-                assert st.encoding is not None
-                if st.phase == "fit":
-                    self._archives.append(SessionArchive(self.round, server.evidence(), server.masked_inputs(), st.encoding))
-                return _PhaseResult(st.encoding.decode_sum(outcome.total, len(outcome.included)), list(outcome.included))
-        except (ProtocolError, ConfigError) as exc:  # aborted: too few sites, or no safe plan for those left
-            return _PhaseResult(None, [], f"secure aggregation aborted at {st.stage}: {exc}")
-        st.stage = STAGES[STAGES.index(st.stage) + 1]
-        return None
+                return PhaseResult(None, [], "the sites' vectors differ in length")
+            return PhaseResult(sum(st.plain.values()), list(st.plain))
+        return sessions.close_stage(
+            st, self.secure, rnd=self.round, site_dp=self.site_dp, length=lambda: self._session_length(st),
+            log=self._log, archives=self._archives, plans=self.secure_plans,
+        )
 
-    def _open_session(self, st: _PhaseState) -> _PhaseResult | None:
-        sec = self.secure
-        assert sec is not None
-        ready = sorted(st.ready)
-        if len(ready) < 2:
-            return _PhaseResult(None, [], f"only {len(ready)} site(s) ready: secure aggregation needs at least 2")
-        plan = plan_graph(len(ready), dropout_rate=sec.dropout_rate, corruption_rate=sec.corruption_rate)
+    def _session_length(self, st: PhaseState) -> int:
+        """The length of the vectors a phase's secure session sums (setup: from the first ready site's schema)."""
         if st.phase == "fit":
             length = self._expected_length("fit")
             assert length is not None
-            if self.site_dp is not None:
-                event = self.site_dp.event()
-                st.encoding = self.site_dp.encoding(event, len(ready), sec.bits)
-                if isinstance(st.encoding, DiscreteGaussianEncoding):  # every sum unmasked must carry enough noise
-                    st.encoding.check_capacity(len(ready), length)
-                    need = st.encoding.min_sum
-                    if len(ready) < need:
-                        return _PhaseResult(None, [], f"only {len(ready)} site(s) ready: the distributed noise needs {need}")
-                    plan = dataclasses.replace(plan, threshold=max(plan.threshold, need))
-            else:
-                st.encoding = c.fit_encoding(sec.update_clip, len(ready), sec.bits)
-        elif st.phase == "evaluate":
-            length, st.encoding = c.EVAL_LENGTH, c.eval_encoding()
-        else:
-            first = self._setup_replies[ready[0]]
-            length, st.encoding = 1 + 2 * len(first.feature_names), c.setup_encoding()
-        params = make_session(ready, length, bits=st.encoding.bits, plan=plan)
-        st.server = SecAggServer(params, sec.identity, sec.directory)
-        start = m.SecAggStart(phase=st.phase, params=params, encoding=st.encoding)
-        st.outgoing = {u: start for u in ready}
-        st.stage = "advertise_keys"
-        self.secure_plans.append(
-            {"phase": st.phase, "round": self.round, "graph": plan.kind, "degree": plan.degree, "threshold": plan.threshold}
-        )
-        return None
+            return length
+        if st.phase == "evaluate":
+            return c.EVAL_LENGTH
+        first = self._setup_replies[sorted(st.ready)[0]]
+        return 1 + 2 * len(first.feature_names)
 
-    def _finish_phase(self, st: _PhaseState, result: _PhaseResult) -> RoundRecord | None:
+    def _finish_phase(self, st: PhaseState, result: PhaseResult) -> RoundRecord | None:
         if st.phase == "setup":
             self._finish_setup(st, result)
             self._open_fit(1)
@@ -495,7 +326,7 @@ class Coordinator:
             self._finish_fit(st, result, record)
             if self.incident is not None:
                 self._halt(st)
-            self._state = _PhaseState("evaluate", list(self.members))
+            self._state = PhaseState("evaluate", list(self.members))
             return None
         self._finish_evaluate(result, record)
         self.history.append(record)
@@ -514,9 +345,9 @@ class Coordinator:
         self.task, self.params, self.members, self.round = task, params, sorted(sites), rnd
         self._purpose = purpose
         self._record = RoundRecord(round=rnd, selected=sorted(sites))
-        self._state = _PhaseState("evaluate", sorted(sites))
+        self._state = PhaseState("evaluate", sorted(sites))
 
-    def _halt(self, st: _PhaseState) -> None:
+    def _halt(self, st: PhaseState) -> None:
         """Stop on the incident: end the run here and raise it for the driver."""
         assert self.incident is not None
         if st.phase == "fit" and self._record is not None and self._record not in self.history:
@@ -529,7 +360,7 @@ class Coordinator:
     def _open_fit(self, rnd: int) -> None:
         """Plan round ``rnd``: its cohort and privacy event, logged before any request goes out."""
         self.round = rnd
-        st = _PhaseState("fit", self.strategy.select(rnd, self.members, self._rng))
+        st = PhaseState("fit", self.strategy.select(rnd, self.members, self._rng))
         st.event = self.site_dp.event() if self.site_dp else self._record_event(len(st.targets))
         self._state, self._plan_proof = st, None
         self._record = RoundRecord(round=rnd, selected=list(st.targets))
@@ -633,7 +464,7 @@ class Coordinator:
             raise ProtocolError(f"a plan proof for round {proof.entry.round} does not fit {self.stage} of round {self.round}")
         self._plan_proof = proof
 
-    def _finish_setup(self, st: _PhaseState, result: _PhaseResult) -> None:
+    def _finish_setup(self, st: PhaseState, result: PhaseResult) -> None:
         for site in self.sites:
             if site not in result.included:
                 self.excluded[site] = st.refused.get(site, "did not answer setup")
@@ -668,9 +499,13 @@ class Coordinator:
         self.task = provisional.model_copy(update={"layout_hash": adapter.layout_hash})
         self.params = adapter.get_vector()
 
-    def _finish_fit(self, st: _PhaseState, result: _PhaseResult, record: RoundRecord) -> None:
+    def _finish_fit(self, st: PhaseState, result: PhaseResult, record: RoundRecord) -> None:
         parent = self._model_sha256()
-        self._apply_fit(st, result, record)
+        outcome = self.update_pipeline().run(st, result, record, self._params(), self.round)
+        if outcome.params is not None:
+            self.params = outcome.params
+        if outcome.incident is not None:
+            self.incident = outcome.incident
         self._log.append(LogRecord("aggregate", self.round, COORDINATOR, {
             "status": record.status,
             "reason": record.reason,
@@ -686,7 +521,7 @@ class Coordinator:
         }))
 
     @staticmethod
-    def _unaccounted(st: _PhaseState, record: RoundRecord) -> dict[str, object]:
+    def _unaccounted(st: PhaseState, record: RoundRecord) -> dict[str, object]:
         """The planned event of each site asked that never answered the request: it may have paid it (a site
         pays before it trains) with its signed decision lost on the way, so the run's epsilon bound counts it."""
         silent = sorted(set(record.selected) - set(st.ready) - set(st.refused))
@@ -694,88 +529,7 @@ class Coordinator:
             return {}
         return {"unaccounted": {s: st.event.model_dump(mode="json") for s in silent}}
 
-    def _apply_fit(self, st: _PhaseState, result: _PhaseResult, record: RoundRecord) -> None:
-        record.answered = sorted(result.included)
-        record.refused = dict(st.refused)
-        record.dropped = sorted(set(record.selected) - set(result.included) - set(st.refused))
-        if result.total is None or len(result.included) < self.strategy.min_sites:
-            record.status = "skipped"
-            record.reason = result.reason or (
-                f"only {len(result.included)} of {len(record.selected)} sites returned an update "
-                f"(min_sites={self.strategy.min_sites})"
-            )
-            record.reason += ": the model is unchanged this round"
-            return
-        n_params = self._params().shape[0]
-        total = result.total
-        if self.secure is None and self.robust is not None and self.robust.norm_bound is not None:
-            total = self._bounded_plain_sum(st, record, n_params)  # in the clear the coordinator enforces the bound
-        if self.site_dp is not None:
-            clip = self.site_dp.clip
-            mean, fraction = self.site_dp.release(total, n_params, len(result.included))
-            record.privacy = {"clip": clip, "fraction_under_clip": fraction}
-            self.params = self.strategy.apply(self.round, self._params(), mean.astype(np.float32))
-            return
-        s = c.read_fit_sum(total, n_params, self.secure.update_clip if self.secure else None)
-        if s.weight <= 0:
-            record.status, record.reason = "skipped", "the updates carry no weight: the model is unchanged"
-            return
-        if self.privacy is None:  # a training loss is not covered by any DP guarantee: not read under DP
-            record.train_loss = s.weighted_loss / s.weight
-        mean_update = (s.weighted_update / s.weight).astype(np.float32)
-        if self.robust is not None and self.robust.needs_updates:
-            robust_update = self._robust_update(st, record, n_params)
-            if robust_update is None:
-                record.status = "skipped"
-                record.reason = (
-                    f"fewer than {self.robust.min_updates} updates carry weight, which {self.robust.aggregator} needs "
-                    f"to tolerate {self.robust.byzantine} Byzantine: the model is unchanged"
-                )
-                return
-            mean_update = robust_update
-        if self._anomalous(st, mean_update, n_params):
-            record.status, record.reason = "halted", f"halted: {self.incident.detail}: the model is unchanged"  # type: ignore[union-attr]
-            return
-        self.params = self.strategy.apply(self.round, self._params(), mean_update)
-
-    def _bounded_plain_sum(self, st: _PhaseState, record: RoundRecord, n_params: int) -> np.ndarray:
-        """The plain round's sum with each site's update scaled into the norm bound (as its runtime should have).
-
-        Each vector carries ``w * delta`` (site level: ``delta``), so the bound applies to ``delta``."""
-        assert self.robust is not None and self.robust.norm_bound is not None
-        bound, cut, vectors = self.robust.norm_bound, [], []
-        for site in record.answered:
-            v = st.plain[site].copy()
-            w = 1.0 if self.site_dp is not None else float(v[n_params])
-            norm = float(np.linalg.norm(v[:n_params]))
-            if w <= 0:  # no weight, no update: a weightless vector would otherwise slip past the bound
-                if norm > 0:
-                    v[:n_params] = 0.0
-                    cut.append(site)
-            elif norm / w > bound * (1 + 1e-6):  # float32 transport: a site's own bounding may round just above
-                v[:n_params] *= bound * w / norm
-                cut.append(site)
-            vectors.append(v)
-        record.robust = {**(record.robust or {}), "bounded": cut}
-        return np.sum(vectors, axis=0)
-
-    def _robust_update(self, st: _PhaseState, record: RoundRecord, n_params: int) -> np.ndarray | None:
-        """Median, trimmed mean or (Multi-)Krum over the plain round's updates, each bounded first if asked;
-        None when fewer updates carry weight than the aggregator's tolerance condition needs."""
-        assert self.robust is not None
-        sites = [u for u in record.answered if st.plain[u][n_params] > 0]
-        if len(sites) < self.robust.min_updates:
-            return None
-        weights = np.array([st.plain[u][n_params] for u in sites])
-        updates = np.stack([st.plain[u][:n_params] / st.plain[u][n_params] for u in sites])
-        agg = self.robust.aggregate(updates, weights)
-        info: dict[str, object] = {**(record.robust or {}), "bounded": [sites[i] for i in agg.bounded]}
-        if agg.selected is not None:
-            info["selected"] = [sites[i] for i in agg.selected]
-        record.robust = info
-        return agg.update.astype(np.float32)
-
-    def _finish_evaluate(self, result: _PhaseResult, record: RoundRecord) -> None:
+    def _finish_evaluate(self, result: PhaseResult, record: RoundRecord) -> None:
         record.evaluated_sites = len(result.included)
         if result.total is None:
             record.evaluation_note = result.reason
@@ -796,18 +550,6 @@ class Coordinator:
             "metrics": {k: (v if math.isfinite(v) else None) for k, v in record.metrics.items()},
             **({"purpose": self._purpose, "sites": sorted(result.included)} if self._purpose != "round" else {}),
         }))
-
-    def _anomalous(self, st: _PhaseState, mean_update: np.ndarray, n_params: int) -> bool:
-        """Check the round's updates against the monitor; an anomaly becomes the run's incident."""
-        if self.monitor is None:
-            return False
-        site_norms = None
-        if self.secure is None:  # in the clear each site's update is seen anyway: name the largest
-            site_norms = {u: float(np.linalg.norm(v[:n_params]) / v[n_params]) for u, v in st.plain.items() if v[n_params] > 0}
-        found = self.monitor.check(float(np.linalg.norm(mean_update)), site_norms)
-        if found is not None:
-            self.incident = Incident("update_norm", found[0], self.round, raised_by=COORDINATOR, site=found[1])
-        return found is not None
 
     # -- helpers ------------------------------------------------------------------
 
