@@ -1,7 +1,6 @@
 """The ``LocalTrainer`` seam: a trainer written here runs a whole simulated round under secure
 aggregation and site-level DP, and the run verifies; a record-level round never reaches it."""
 
-import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
