@@ -14,7 +14,8 @@ say "ready", and the phase continues through the SecAgg+ stages
 ``consistency_check``, ``unmask``) until the sum alone is unmasked.
 
 The parts live beside it: the round records and the phase state in
-``coordinator_rounds``, the SecAgg+ sessions in ``coordinator_sessions``,
+``coordinator_rounds``, the setup phase's schema check and task in
+``coordinator_setup``, the SecAgg+ sessions in ``coordinator_sessions``,
 and the ordered steps that turn a fit sum into the next model (norm bound,
 site-level DP release, secure sum, robust rule, monitor, strategy) in
 ``coordinator_pipeline``. Their names stay importable from here.
@@ -27,25 +28,20 @@ from typing import Literal
 
 import numpy as np
 
-from consortium.errors import (
-    ConfigError,
-    ProtocolError,
-    RoundFailed,
-    SchemaMismatchError,
-)
+from consortium.errors import ConfigError, ProtocolError
 from consortium.governance.guard import INTEGRITY_RULES
 from consortium.governance.incident import Incident, NormMonitor, RunHalted
-from consortium.learning.adapter import ModelAdapter
 from consortium.learning.robust import RobustAggregation
 from consortium.learning.specs import ModelSpec, TrainSettings
 from consortium.learning.strategies import Strategy
 from consortium.privacy.events import RecordLevelEvent
 from consortium.privacy.sitedp import SiteLevelDP
 from consortium.protocol import contributions as c
-from consortium.protocol import messages as m
 from consortium.protocol import coordinator_sessions as sessions
+from consortium.protocol import messages as m
 from consortium.protocol.coordinator_pipeline import UpdatePipeline
 from consortium.protocol.coordinator_rounds import Phase, PhaseResult, PhaseState, RoundRecord, SecureAggregation
+from consortium.protocol.coordinator_setup import initial_task, read_setup
 from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.transcript.log import vector_sha256
 from consortium.transcript.records import LogRecord, SessionArchive
@@ -123,7 +119,10 @@ class Coordinator:
         self._purpose: Literal["round", "canary", "monitor"] = "round"
 
     def update_pipeline(self) -> UpdatePipeline:
-        """The ordered steps that make a fit sum the next model, over this coordinator's settings."""
+        """The ordered steps that make a fit sum the next model, over this coordinator's settings.
+
+        Built from the attributes each time, so that the settings have one home (the drivers read
+        ``strategy``, ``monitor`` and the others here) and the pipeline never holds a stale copy."""
         return UpdatePipeline(
             strategy=self.strategy, secure=self.secure, privacy=self.privacy, robust=self.robust, monitor=self.monitor
         )
@@ -468,36 +467,9 @@ class Coordinator:
         for site in self.sites:
             if site not in result.included:
                 self.excluded[site] = st.refused.get(site, "did not answer setup")
-        replies = {s: self._setup_replies[s] for s in st.ready}
-        if not replies:
-            raise RoundFailed("no site answered setup: check that the sites are running and reachable")
-        first_site, first = next(iter(replies.items()))
-        for site, r in replies.items():
-            if r.schema_fingerprint != first.schema_fingerprint:
-                diff = sorted(set(r.feature_names) ^ set(first.feature_names)) or ["classes"]
-                raise SchemaMismatchError(
-                    f"site '{site}' disagrees with '{first_site}' on its data schema (first difference: "
-                    f"'{diff[0]}'): every site must declare the same schema"
-                )
-        if result.total is None:
-            raise RoundFailed(f"setup failed: {result.reason}")
-        d = len(first.feature_names)
-        if result.total.shape != (1 + 2 * d,):
-            raise RoundFailed(f"setup sum has {result.total.shape[0]} values where {1 + 2 * d} were expected")
-        self.members = sorted(result.included)
-        self.total_rows, mean, scale = c.read_setup_sum(result.total, d)
-        provisional = m.TaskSpec(
-            model=self.model_spec,
-            n_features=d,
-            n_classes=len(first.classes),
-            image_shape=first.image_shape,
-            mean=m.Tensor.from_numpy(mean.astype(np.float32)),
-            scale=m.Tensor.from_numpy(scale.astype(np.float32)),
-            layout_hash="0" * 64,
-        )
-        adapter = ModelAdapter(self._build(provisional, self._init_seed))
-        self.task = provisional.model_copy(update={"layout_hash": adapter.layout_hash})
-        self.params = adapter.get_vector()
+        sums = read_setup({s: self._setup_replies[s] for s in st.ready}, result)
+        self.members, self.total_rows = sums.members, sums.total_rows
+        self.task, self.params = initial_task(sums, self.model_spec, self._build, self._init_seed)
 
     def _finish_fit(self, st: PhaseState, result: PhaseResult, record: RoundRecord) -> None:
         parent = self._model_sha256()
