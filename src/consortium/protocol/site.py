@@ -163,6 +163,15 @@ class Site:
         """The task this site last built a model for, the module and its adapter (None before any)."""
         return self._training.model
 
+    @property
+    def _held(self) -> tuple[str, Tensor] | None:
+        """The last model this site received, by its hash (a fit request may name it instead of sending it)."""
+        return self._training.held
+
+    @_held.setter
+    def _held(self, value: tuple[str, Tensor] | None) -> None:
+        self._training.held = value  # None: forgotten, as after a restart
+
     # -- transport entry points ------------------------------------------------
 
     def handle_bytes(self, raw: bytes) -> bytes:
