@@ -298,9 +298,6 @@ class FedYogi(FedAdam):
         return v - (1.0 - self.beta2) * d2 * np.sign(v - d2)
 
 
-STRATEGIES: dict[str, type[FedAvg]] = {cls.name: cls for cls in (FedAvg, FedProx, FedAdam, FedYogi)}
-
-
 def _common(o: StrategyOptions) -> dict[str, object]:
     common: dict[str, object] = {"fraction": o.fraction, "min_sites": o.min_sites, "weighting": o.weighting}
     if o.server_lr is not None:
