@@ -37,11 +37,11 @@ from consortium.deploy.service import HttpsServer, create_app
 from consortium.learning.specs import ModelSpec, TrainSettings
 from consortium.learning.strategies import FedAvg
 from consortium.protocol.coordinator import COORDINATOR, Coordinator, SecureAggregation
-from consortium.protocol.loop import RoundLoop
+from consortium.run.loop import RoundLoop
 from consortium.protocol.site import Site
-from consortium.transcript.recorder import TranscriptRecorder, over_transport
+from consortium.run.recorder import TranscriptRecorder, over_transport
 from consortium.transport import InProcessTransport
-from consortium.transport.mailbox import MailboxTransport
+from consortium.deploy.mailbox_transport import MailboxTransport
 
 from bench_round_overhead import HIDDEN, N_SITES, _table  # the same model and data as that round
 

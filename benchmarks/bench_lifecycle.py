@@ -27,9 +27,9 @@ from consortium.data import load_builtin, partition_iid
 from consortium.deploy.local import provision_local, start_site
 from consortium.deploy.provision import load_kit
 from consortium.deploy.serve import serve_lifecycle
-from consortium.lifecycle.manager import simulated
+from consortium.run.lifecycle import simulated
 from consortium.protocol.coordinator import COORDINATOR
-from consortium.simulation import run_simulation
+from consortium.run.simulation import run_simulation
 
 SITES = ["site-1", "site-2", "site-3"]
 

@@ -38,10 +38,10 @@ from consortium.learning.strategies import FedAvg
 from consortium.protocol import coordinator as coordinator_module
 from consortium.protocol import site as site_module
 from consortium.protocol.coordinator import COORDINATOR, Coordinator
-from consortium.protocol.loop import RoundLoop
+from consortium.run.loop import RoundLoop
 from consortium.protocol.site import Site
 from consortium.runs import write_atomic
-from consortium.transcript.recorder import TranscriptRecorder, direct
+from consortium.run.recorder import TranscriptRecorder, direct
 from consortium.transport import InProcessTransport
 
 N_SITES = 10

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from consortium.config import DataConfig, PrivacyConfig, SimulationConfig
-from consortium.simulation import run_simulation
+from consortium.run.simulation import run_simulation
 
 SETTINGS = [("epsilon 1", 1.0), ("epsilon 3", 3.0), ("epsilon 8", 8.0), ("no DP", None)]
 DATASETS = {

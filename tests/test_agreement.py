@@ -158,7 +158,7 @@ def _config(tmp_path, path, **over):
 
 
 def test_a_run_does_not_start_until_every_approver_has_signed(tmp_path):
-    from consortium.simulation import Simulation
+    from consortium.run.simulation import Simulation
 
     path = _consortium_agreement(tmp_path, ["coordinator", "site-1", "site-2"])
     with pytest.raises(ConfigError, match="'site-3' has not signed it"):
@@ -168,7 +168,7 @@ def test_a_run_does_not_start_until_every_approver_has_signed(tmp_path):
 
 def test_a_signed_agreement_is_kept_and_recorded(tmp_path):
     from consortium.governance.agreement import agreement_hash, load_agreement
-    from consortium.simulation import Simulation, run_simulation
+    from consortium.run.simulation import Simulation, run_simulation
 
     path = _consortium_agreement(tmp_path, ["coordinator", "site-1", "site-2", "site-3"])
     with pytest.raises(ConfigError, match="at most epsilon 8"):

@@ -29,12 +29,12 @@ from consortium.privacy.events import RecordLevelEvent
 from consortium.privacy.ledger import BudgetLedger
 from consortium.protocol.coordinator import COORDINATOR
 from consortium.protocol.site import Site
-from consortium.simulation import Simulation
+from consortium.run.simulation import Simulation
 from consortium.transcript import merkle
-from consortium.transcript.anchor import agreement_anchor, kit_anchor, state_anchor
+from consortium.audit.anchor import agreement_anchor, kit_anchor, state_anchor
 from consortium.transcript.log import canonical, head_bytes, manifest_bytes, signed_entry_bytes
 from consortium.transcript.site_record import RECORD_FILE, SignedRecord
-from consortium.transcript.verify import signed_epsilon, verify_run
+from consortium.audit.verify import signed_epsilon, verify_run
 from tests.conftest import signed_agreement
 
 SITES = ["site-1", "site-2", "site-3"]
@@ -121,7 +121,7 @@ def _forge_with_fresh_keys(run: Path, *, own_agreement: bool = False) -> None:
         h["cosignatures"] = {s: _b64(keys.sign(fresh[s], signed)) for s in h["cosignatures"]}
     _write(run / "heads.jsonl", heads)
     summary = json.loads((run / "summary.json").read_text())
-    from consortium.transcript.verify import read_entries
+    from consortium.audit.verify import read_entries
 
     summary["privacy"]["epsilon_per_site"] = signed_epsilon(read_entries(run), manifest)
     summary["privacy"]["epsilon_bound_per_site"] = summary["privacy"]["epsilon_per_site"]

@@ -223,10 +223,10 @@ def test_reading_configs_agreements_and_transcripts_does_not_load_torch():
         "consortium.cli",
         "consortium.config",
         "consortium.protocol.messages",
-        "consortium.transcript.verify",
+        "consortium.audit.verify",
         "consortium.governance.agreement",
         "consortium.governance.policy",
-        "consortium.governance.control",
+        "consortium.run.control",
         "consortium.privacy.accountant",
     )
     code = f"import sys\nfor m in {light!r}: __import__(m)\nprint('torch' in sys.modules)"

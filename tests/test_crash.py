@@ -24,9 +24,9 @@ from consortium.config import SimulationConfig
 from consortium.crypto import keys
 from consortium.deploy.state import CoordinatorState
 from consortium.protocol.coordinator import COORDINATOR
-from consortium.orchestrator import CoordinatorRun
-from consortium.simulation import Simulation
-from consortium.transcript.verify import verify_run
+from consortium.run.orchestrator import CoordinatorRun
+from consortium.run.simulation import Simulation
+from consortium.audit.verify import verify_run
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -23,7 +23,7 @@ from safetensors.numpy import load_file
 from consortium.data import load_builtin, partition_iid
 from consortium.deploy.local import launch, provision_local, start_site
 from consortium.protocol.coordinator import COORDINATOR
-from consortium.simulation import run_simulation
+from consortium.run.simulation import run_simulation
 from consortium.config import SimulationConfig
 from tests.conftest import cli_side_by_side
 

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from consortium.errors import DataError
-from consortium.lifecycle.drift import SHARE_FLOOR, check_drift, label_shift, psi
+from consortium.learning.drift import SHARE_FLOOR, check_drift, label_shift, psi
 
 
 def test_psi_known_answer_on_a_binary_feature():

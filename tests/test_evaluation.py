@@ -20,7 +20,7 @@ from consortium.learning.training import (
 )
 from consortium.protocol.contributions import eval_vector, read_eval_sum
 from consortium.redteam.membership import load_target
-from consortium.simulation import Simulation
+from consortium.run.simulation import Simulation
 
 
 def test_histogram_auc_matches_exact_auc_when_no_bin_holds_both_classes():

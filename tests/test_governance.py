@@ -25,7 +25,7 @@ from consortium.governance.agreement import (
     parse_agreement,
     template,
 )
-from consortium.governance.control import approve_resume, open_run
+from consortium.run.control import approve_resume, open_run
 from consortium.governance.guard import Refused, SiteGuard
 from consortium.governance.policy import parse_policy
 from consortium.governance.roles import PermissionDenied, Roles
@@ -35,8 +35,8 @@ from consortium.protocol import messages as m
 from consortium.protocol.coordinator import COORDINATOR
 from consortium.transcript.records import LogRecord
 from consortium.protocol.site import Site
-from consortium.simulation import Simulation, run_simulation
-from consortium.transcript.verify import verify_run
+from consortium.run.simulation import Simulation, run_simulation
+from consortium.audit.verify import verify_run
 from tests.conftest import signed_agreement
 
 SITES = ["site-1", "site-2", "site-3", "site-4"]

@@ -28,9 +28,9 @@ from consortium.deploy.provision import Kit, load_kit, provision
 from consortium.deploy.service import HttpsServer, create_app
 from consortium.governance.agreement import load_agreement, sign_agreement, signatures_path
 from consortium.protocol.coordinator import COORDINATOR
-from consortium.simulation import Simulation
-from consortium.transport.mailbox import MailboxTransport
-from consortium.transcript.verify import verify_run
+from consortium.run.simulation import Simulation
+from consortium.deploy.mailbox_transport import MailboxTransport
+from consortium.audit.verify import verify_run
 
 SITES = ["site-1", "site-2", "site-3"]
 AUDITOR = "auditor-1"

@@ -18,14 +18,14 @@ import pytest
 from consortium.config import SimulationConfig
 from consortium.errors import ConfigError, VerificationError
 from consortium.governance.agreement import parse_agreement, template
-from consortium.governance.control import open_run
-from consortium.lifecycle.manager import Lifecycle, LifecycleError, simulated
+from consortium.run.control import open_run
+from consortium.run.lifecycle import Lifecycle, LifecycleError, simulated
 from consortium.protocol.coordinator import COORDINATOR
 from consortium.transcript.records import LogRecord
-from consortium.simulation import run_simulation, site_splits
+from consortium.run.simulation import run_simulation, site_splits
 from consortium.data import Table
 from consortium.data.schema import write_csv
-from consortium.transcript.verify import read_entries, verify_run
+from consortium.audit.verify import read_entries, verify_run
 from tests.conftest import signed_agreement
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

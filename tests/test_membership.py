@@ -28,7 +28,7 @@ from consortium.redteam.membership import (
     loss_attack,
     verdicts,
 )
-from consortium.simulation import Simulation
+from consortium.run.simulation import Simulation
 from tests.conftest import cli_side_by_side
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]

@@ -19,7 +19,7 @@ from consortium.privacy.dpsgd import (
 )
 from consortium.privacy.events import RecordLevelEvent
 from consortium.privacy.ledger import BudgetExceeded, BudgetLedger
-from consortium.simulation import run_simulation
+from consortium.run.simulation import run_simulation
 
 # -- accounting -------------------------------------------------------------------
 

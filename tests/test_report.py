@@ -15,7 +15,7 @@ from PIL import Image
 
 from consortium.config import SimulationConfig
 from consortium.redteam.audit import AuditOptions, run_audit
-from consortium.simulation import Simulation
+from consortium.run.simulation import Simulation
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 CHROMIUM = shutil.which("chromium")

@@ -309,7 +309,7 @@ def test_an_attack_must_name_a_site_of_the_run(tmp_path):
 
 
 def test_the_run_records_its_defence(tmp_path):
-    from consortium.simulation import run_simulation
+    from consortium.run.simulation import run_simulation
 
     result = run_simulation(_config(rounds=1, robust={"norm_bound": 0.5}), out=tmp_path / "run")
     recorded = (Path(result.summary["run_dir"]) / "config.yaml").read_text()
@@ -320,7 +320,7 @@ def test_the_run_records_its_defence(tmp_path):
 def test_a_site_refuses_a_norm_bound_other_than_the_one_the_transcript_plans(tmp_path):
     # A coordinator that loosens the bound for some site (to favour it) is caught: the bound is in the
     # signed round plan, and every site checks its request against that plan before training.
-    from consortium.simulation import Simulation
+    from consortium.run.simulation import Simulation
 
     sim = Simulation(_config(rounds=1, robust={"norm_bound": 1.0}), out=tmp_path / "run")
     honest_request = sim.coordinator._phase_request

@@ -111,7 +111,7 @@ def test_a_strict_site_refuses_unsealed_replayed_and_out_of_order_requests(membe
 
 def test_a_simulation_runs_sealed_end_to_end(tmp_path):
     from consortium.config import SimulationConfig
-    from consortium.simulation import Simulation
+    from consortium.run.simulation import Simulation
 
     cfg = SimulationConfig.model_validate({"rounds": 1, "baselines": {"local_only": False, "pooled": False}})
     s = Simulation(cfg, out=tmp_path / "run")

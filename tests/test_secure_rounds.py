@@ -9,9 +9,9 @@ from consortium.learning.specs import ModelSpec, TrainSettings
 from consortium.learning.strategies import FedAvg
 from consortium.protocol import messages as m
 from consortium.protocol.coordinator import COORDINATOR, Coordinator, SecureAggregation
-from consortium.protocol.loop import RoundLoop
+from consortium.run.loop import RoundLoop
 from consortium.protocol.site import Site
-from consortium.simulation import run_simulation
+from consortium.run.simulation import run_simulation
 from consortium.transport import InProcessTransport
 from tests.conftest import make_splits
 

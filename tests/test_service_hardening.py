@@ -44,7 +44,7 @@ from consortium.protocol.coordinator import COORDINATOR
 from consortium.protocol.site import EvaluationJournal
 from consortium.protocol.sealed import seal
 from consortium.runs import write_atomic
-from consortium.transport.mailbox import MailboxTransport
+from consortium.deploy.mailbox_transport import MailboxTransport
 
 SITES = ["site-1", "site-2", "site-3"]
 AUDITOR = "auditor-1"

@@ -19,13 +19,13 @@ from consortium.privacy import ddg
 from consortium.privacy.accountant import PLD_INTERVAL, calibrate_site_noise, epsilon
 from consortium.privacy.events import DiscreteGaussianNoise, RecordLevelEvent, SiteLevelEvent, parse_event
 from consortium.privacy.ledger import BudgetExceeded, BudgetLedger
-from consortium.privacy.sitedp import AdaptiveClipping, SiteLevelDP
+from consortium.protocol.sitedp import AdaptiveClipping, SiteLevelDP
 from consortium.protocol import contributions as c
 from consortium.protocol.coordinator import COORDINATOR, Coordinator, SecureAggregation
-from consortium.protocol.loop import RoundLoop
+from consortium.run.loop import RoundLoop
 from consortium.protocol.site import Site
 from consortium.secagg.encoding import DiscreteGaussianEncoding
-from consortium.simulation import run_simulation
+from consortium.run.simulation import run_simulation
 from consortium.transport import InProcessTransport
 from tests.conftest import make_splits
 

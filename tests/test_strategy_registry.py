@@ -17,8 +17,8 @@ from consortium.learning.strategies import (
     register_strategy,
     strategy_from_config,
 )
-from consortium.simulation import run_simulation
-from consortium.transcript.verify import verify_run
+from consortium.run.simulation import run_simulation
+from consortium.audit.verify import verify_run
 
 NAME = "test-halfstep"
 

@@ -10,8 +10,8 @@ from consortium.errors import ProtocolError
 from consortium.learning.adapter import ModelAdapter
 from consortium.privacy.events import RecordLevelEvent
 from consortium.protocol.trainer import DP_SGD, DPSGDTrainer, LocalTrainer, PlainTrainer, trainer_for
-from consortium.simulation import run_simulation
-from consortium.transcript.verify import verify_run
+from consortium.run.simulation import run_simulation
+from consortium.audit.verify import verify_run
 
 
 class FullBatchGD:

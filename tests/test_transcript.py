@@ -17,7 +17,7 @@ from consortium.crypto import keys
 from consortium.errors import VerificationError
 from consortium.protocol import messages as m
 from consortium.protocol.coordinator import COORDINATOR
-from consortium.simulation import Simulation
+from consortium.run.simulation import Simulation
 from consortium.transcript import merkle
 from consortium.transcript.log import (
     HEADS_FILE,
@@ -29,7 +29,7 @@ from consortium.transcript.log import (
     head_bytes,
     signed_entry_bytes,
 )
-from consortium.transcript.verify import verify_run
+from consortium.audit.verify import verify_run
 from consortium.transport import InProcessTransport
 
 

@@ -30,7 +30,7 @@ _EXPORTS: dict[str, str] = {
     "simulate": "consortium.api",
     "SimulationResult": "consortium.api",
     "verify": "consortium.api",
-    "Verified": "consortium.transcript.verify",
+    "Verified": "consortium.audit.verify",
     "SimulationConfig": "consortium.config",
     "load_config": "consortium.config",
     "parse_config": "consortium.config",
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from consortium.api import SimulationResult, simulate, verify
     from consortium.config import SimulationConfig, load_config, parse_config
     from consortium.errors import ConfigError, ConsortiumError, ProtocolError, VerificationError
-    from consortium.transcript.verify import Verified
+    from consortium.audit.verify import Verified
 
 
 def __getattr__(name: str) -> Any:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # torch stays unloaded until a run needs it
 
     from consortium.protocol.coordinator import RoundRecord
     from consortium.protocol.task import ModelBuilder
-    from consortium.transcript.verify import Verified
+    from consortium.audit.verify import Verified
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def simulate(
     """
     from consortium.learning.adapter import ModelAdapter
     from consortium.protocol.task import build_task_model
-    from consortium.simulation import Simulation
+    from consortium.run.simulation import Simulation
 
     sim = Simulation(
         _config(config, overrides), out=None if out is None else Path(out), runs_root=Path(runs_root),
@@ -154,8 +154,8 @@ def verify(
         VerificationError: the first violation, in one line naming the entry and what differs.
         ConfigError: a missing run folder, or an anchor that is incomplete or not approved.
     """
-    from consortium.transcript.anchor import agreement_anchor, kit_anchor, state_anchor
-    from consortium.transcript.verify import verify_run
+    from consortium.audit.anchor import agreement_anchor, kit_anchor, state_anchor
+    from consortium.audit.verify import verify_run
 
     anchors = [
         *([agreement_anchor(Path(agreement))] if agreement is not None else []),

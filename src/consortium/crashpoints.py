@@ -4,7 +4,7 @@ Test-only and harmless in production: unless that variable names a point,
 ``reached`` does nothing. When it does, the process ends at once with
 ``os._exit(CRASH_EXIT)``, as a SIGKILL or a power cut would end it: no
 ``finally``, no flush, no goodbye to the sites. In-process tests replace
-``reached`` (``monkeypatch``) to raise instead. ``consortium.recovery``
+``reached`` (``monkeypatch``) to raise instead. ``consortium.run.recovery``
 says what a restarted coordinator (``serve --recover``) does at each point.
 """
 

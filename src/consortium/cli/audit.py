@@ -27,7 +27,7 @@ def _reconciled(run_dir: Path, state: Path | None) -> tuple[dict[str, Any], str 
     from consortium.errors import VerificationError
     from consortium.privacy.ledger import read_ledgers
     from consortium.transcript.site_record import transcript_payments
-    from consortium.transcript.verify import read_entries, verify_run
+    from consortium.audit.verify import read_entries, verify_run
 
     paths = None if state is None else [state / "budget.sqlite"]
     try:
@@ -87,8 +87,8 @@ def verify(
     violation.
     """
     from consortium.errors import VerificationError
-    from consortium.transcript.anchor import CONSISTENCY_ONLY, agreement_anchor, kit_anchor, state_anchor
-    from consortium.transcript.verify import verify_run
+    from consortium.audit.anchor import CONSISTENCY_ONLY, agreement_anchor, kit_anchor, state_anchor
+    from consortium.audit.verify import verify_run
 
     anchors = [
         *([agreement_anchor(agreement)] if agreement is not None else []),

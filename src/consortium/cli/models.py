@@ -26,7 +26,7 @@ RunArg = Annotated[Path, typer.Argument(metavar="RUN_DIR", help="a completed run
 def _lineage(run_dir: Path) -> Any:
     """The run's model lineage as its transcript has it (verified); the registry index is brought up to date."""
     from consortium.lifecycle.registry import ModelRegistry
-    from consortium.transcript.verify import verify_run
+    from consortium.audit.verify import verify_run
 
     report = verify_run(run_dir)
     if report.lineage is None:
@@ -50,7 +50,7 @@ WaitOpt = Annotated[float, typer.Option("--wait-for-sites", min=1, help="with --
 def _reopened(run_dir: Path, keys: Path | None, kit: Path | None, schema: Path | None, wait: float,
               incoming: list[str] | None = None) -> Iterator[Any]:
     """The run reopened for the lifecycle: simulated (every member's key at hand) or by its deployed coordinator."""
-    from consortium.lifecycle.manager import open_lifecycle, read_incoming
+    from consortium.run.lifecycle import open_lifecycle, read_incoming
 
     if (keys is None) == (kit is None):
         raise ConfigError(
@@ -100,7 +100,7 @@ def models_show(run_dir: RunArg, version: VersionArg, as_json: JsonOpt = False) 
     """One version: its hash, lineage, every state change with its reason, its evaluations and deployments."""
     from dataclasses import asdict
 
-    from consortium.transcript.verify import read_entries
+    from consortium.audit.verify import read_entries
 
     lineage = _lineage(run_dir)
     v = lineage.registry.get(version)
@@ -136,7 +136,7 @@ def models_register(
     keys: SimKeysOpt = None, kit: KitOpt = None, schema: SchemaOpt = None, wait: WaitOpt = 120.0,
 ) -> None:
     """Register a model trained from a version (fine-tuned, say) as a new candidate."""
-    from consortium.lifecycle.manager import read_model_file
+    from consortium.run.lifecycle import read_model_file
 
     tensors = read_model_file(model)
     with _reopened(run_dir, keys, kit, schema, wait) as lc:

@@ -25,7 +25,7 @@ from consortium.errors import UnknownDatasetError
 
 
 def _run(config: SimulationConfig, out: Path | None, as_json: bool) -> None:
-    from consortium.simulation import (
+    from consortium.run.simulation import (
         Simulation,  # heavy imports only once arguments are valid
     )
 
@@ -112,7 +112,7 @@ def show(
     member: Annotated[str, typer.Option(help="the member asking: what it sees is what its role may see")],
 ) -> None:
     """A run's summary as one member may see it: the agreement's exposure matrix decides (JSON)."""
-    from consortium.governance.control import member_view
+    from consortium.run.control import member_view
 
     sys.stdout.write(json.dumps(member_view(run_dir, member), indent=1) + "\n")
 
@@ -127,7 +127,7 @@ def halt(
     keys: KeysOpt,
 ) -> None:
     """Halt a run: a signed halt entry in its transcript; only a quorum of approvers can resume it."""
-    from consortium.governance.control import halt_run
+    from consortium.run.control import halt_run
 
     entry = halt_run(run_dir, keys, member, reason)
     out_console.print(
@@ -143,7 +143,7 @@ def resume(
     as_json: JsonOpt = False,
 ) -> None:
     """Resume a halted run with a quorum of approvers' signatures, then train its remaining rounds."""
-    from consortium.governance.control import resume_run
+    from consortium.run.control import resume_run
     from consortium.runs import CHECKPOINT
 
     entry, report = resume_run(run_dir, keys, approver)
@@ -155,7 +155,7 @@ def resume(
         else:
             out_console.print("nothing left to train: the run had finished before it was halted")
         return
-    from consortium.simulation import continue_run
+    from consortium.run.simulation import continue_run
 
     remaining = load_config(run_dir / "config.yaml").rounds - report.rounds
     train(lambda on_round: continue_run(run_dir, keys, on_round=on_round), remaining, as_json)

@@ -10,7 +10,7 @@ folder also keeps the last transcript head the site co-signed, so an agent
 restarted mid-run checks the next head against it and carries on.
 
 Reproducibility: the site's splits and training seed come from ``seed`` and
-its name (``consortium.simulation.site_randomness``), exactly as in
+its name (``consortium.run.simulation.site_randomness``), exactly as in
 simulation; ``test_seed`` makes its privacy noise reproducible too, and is
 for tests only: a site in test mode is not private, and says so.
 """
@@ -32,7 +32,7 @@ from consortium.governance.policy import load_policy
 from consortium.privacy.ledger import BudgetLedger
 from consortium.protocol import messages as m
 from consortium.protocol.site import Site
-from consortium.simulation import noise_test_seed, site_randomness
+from consortium.run.simulation import noise_test_seed, site_randomness
 from consortium.transcript.site_record import RECORD_FILE
 
 LEDGER_FILE = "budget.sqlite"

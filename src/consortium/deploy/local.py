@@ -178,7 +178,7 @@ def deploy_demo(config: SimulationConfig, run_dir: Path, *, as_json: bool = Fals
     template, with the demo's terms (rounds, privacy level and budget, secure aggregation).
     Kits, CA and data go beside the run folder, in ``<run_dir>-consortium``.
     """
-    from consortium.simulation import site_datasets  # the simulation's partition, nothing else of it
+    from consortium.run.simulation import site_datasets  # the simulation's partition, nothing else of it
 
     if not config.privacy.enabled:
         raise ConfigError(

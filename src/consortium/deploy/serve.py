@@ -30,15 +30,15 @@ from consortium.deploy.service import HttpsServer, create_app
 from consortium.errors import ConfigError
 from consortium.governance.agreement import Agreement, load_agreement, load_member_key
 from consortium.deploy.state import CoordinatorState
-from consortium.orchestrator import CoordinatorRun, RunResult, finite_metrics
+from consortium.run.orchestrator import CoordinatorRun, RunResult, finite_metrics
 from consortium.protocol.coordinator import COORDINATOR, RoundRecord
 from consortium.runs import new_run_dir
 from consortium.transcript.log import TranscriptWriter
-from consortium.transcript.verify import signed_epsilon
-from consortium.transport.mailbox import MailboxTransport
+from consortium.audit.verify import signed_epsilon
+from consortium.deploy.mailbox_transport import MailboxTransport
 
 if TYPE_CHECKING:
-    from consortium.lifecycle.manager import Lifecycle
+    from consortium.run.lifecycle import Lifecycle
 
 
 STATE_FILE = "coordinator.sqlite"
@@ -193,7 +193,7 @@ def serve_lifecycle(
     --kit``): it listens, waits for every site's agent (``consortium join``), and canary, rollout, monitoring
     and rollback go over the same sealed mailbox as the rounds did. When the operation is over every site is
     told so (410), as at the end of a run."""
-    from consortium.lifecycle.manager import Lifecycle
+    from consortium.run.lifecycle import Lifecycle
 
     if kit.role != "coordinator":
         raise ConfigError(f"{kit.folder} is the kit of {kit.role} '{kit.member}': the coordinator's kit drives the lifecycle")

@@ -17,7 +17,7 @@ The transcript stays in its append-only files in the run folder, which any
 member verifies from the folder alone. State and transcript change as one
 step: a restart appends whatever entries of the last committed record the
 transcript lacks, then reads there whether the round after the checkpoint
-had begun (its plan went out); see ``consortium.recovery``. Nothing is
+had begun (its plan went out); see ``consortium.run.recovery``. Nothing is
 pickled: JSON text, and tensors through safetensors.
 """
 

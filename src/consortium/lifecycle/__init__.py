@@ -1,9 +1,10 @@
-"""The model lifecycle (issue 9): versions, their states, canary evaluation, staged rollout, rollback, drift.
+"""The model lifecycle's rules: versions, their states, and the moves allowed between them.
 
 ``registry``: every model version with its hash, parent, round, sites,
 privacy cost, evaluation and state, and the moves allowed between states.
 ``lineage``: the transcript's lifecycle entries replayed under those rules
-(what ``consortium verify`` checks). ``manager``: the operations on a run
-folder, through the protocol and into the transcript. ``drift``: each site's
-own check of its incoming data against its training data.
+(what ``consortium verify`` checks). The operations on a run folder
+(canary, staged rollout, rollback, drift monitoring) are a driver,
+``consortium.run.lifecycle``; each site's own drift check is
+``consortium.learning.drift``.
 """

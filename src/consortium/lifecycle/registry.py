@@ -21,7 +21,7 @@ previous, rolling back restores the named earlier version. Every change
 keeps its reason, who made it and when, in the version's history.
 
 The transcript is the record: every registration and every state change is
-an entry there first (``consortium.lifecycle.manager``), and ``registry.json``
+an entry there first (``consortium.run.lifecycle``), and ``registry.json``
 is the index rebuilt from it (``consortium.lifecycle.lineage``), which
 ``consortium verify`` checks against it. The same class, kept in memory
 (``folder=None``), is how ``verify`` replays the entries: one set of rules.

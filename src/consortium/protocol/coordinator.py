@@ -35,7 +35,7 @@ from consortium.learning.robust import RobustAggregation
 from consortium.learning.specs import ModelSpec, TrainSettings
 from consortium.learning.strategies import Strategy
 from consortium.privacy.events import RecordLevelEvent
-from consortium.privacy.sitedp import SiteLevelDP
+from consortium.protocol.sitedp import SiteLevelDP
 from consortium.protocol import contributions as c
 from consortium.protocol import coordinator_sessions as sessions
 from consortium.protocol import messages as m

@@ -27,7 +27,7 @@ from consortium.governance.incident import Incident, NormMonitor
 from consortium.learning.robust import RobustAggregation
 from consortium.learning.strategies import Strategy
 from consortium.privacy.events import RecordLevelEvent
-from consortium.privacy.sitedp import SiteLevelDP
+from consortium.protocol.sitedp import SiteLevelDP
 from consortium.protocol import contributions as c
 from consortium.protocol import messages as m
 from consortium.protocol.coordinator_rounds import PhaseResult, PhaseState, RoundRecord, SecureAggregation

@@ -15,7 +15,7 @@ import dataclasses
 from collections.abc import Callable
 
 from consortium.errors import ConfigError, ProtocolError
-from consortium.privacy.sitedp import SiteLevelDP
+from consortium.protocol.sitedp import SiteLevelDP
 from consortium.protocol import contributions as c
 from consortium.protocol import messages as m
 from consortium.protocol.coordinator_rounds import PhaseResult, PhaseState, SecureAggregation

@@ -18,7 +18,7 @@ from consortium.governance.agreement import Agreement
 from consortium.governance.guard import Refused
 from consortium.governance.policy import SitePolicy
 from consortium.learning.adapter import ModelAdapter
-from consortium.lifecycle.drift import DriftReport, check_drift
+from consortium.learning.drift import DriftReport, check_drift
 from consortium.protocol import messages as m
 from consortium.protocol.site_training import model_sha256
 from consortium.protocol.site_witness import Witness

@@ -44,12 +44,12 @@ from consortium.errors import ConsortiumError
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.models import build_model
 from consortium.learning.training import train_local
-from consortium.orchestrator import make_strategy
+from consortium.run.orchestrator import make_strategy
 from consortium.privacy.dpsgd import train_dp_sgd
 from consortium.protocol.contributions import read_setup_sum, setup_vector
 from consortium.redteam.metrics import AttackResult, dp_tpr_bound, evaluate_attack
-from consortium.simulation import site_splits
-from consortium.transcript.verify import verify_run
+from consortium.run.simulation import site_splits
+from consortium.audit.verify import verify_run
 
 ATTACKS = ("loss", "lira")
 

@@ -39,10 +39,10 @@ from consortium.errors import ConfigError
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.robust import min_updates
 from consortium.learning.training import evaluate
-from consortium.orchestrator import RunResult
+from consortium.run.orchestrator import RunResult
 from consortium.protocol import messages as m
 from consortium.protocol.site import Site
-from consortium.simulation import Simulation
+from consortium.run.simulation import Simulation
 
 AttackKind = Literal["sign_flip", "scale", "backdoor"]
 

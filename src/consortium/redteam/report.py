@@ -35,7 +35,7 @@ from consortium.redteam.audit import AUDIT_FILE
 from consortium.redteam.membership import AuditError, read_run_json
 from consortium.redteam.metrics import dp_tpr_bound
 from consortium.runs import write_atomic
-from consortium.transcript.verify import read_entries, signed_events, verify_run
+from consortium.audit.verify import read_entries, signed_events, verify_run
 
 REPORT_FILE = "report.html"
 

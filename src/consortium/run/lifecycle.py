@@ -20,7 +20,7 @@ order a privacy officer would want to read it:
   it back at once, automatically, and the previous version is restored
   everywhere.
 - **Monitoring** (``monitor``): each site checks its incoming records against
-  its training records (``consortium.lifecycle.drift``) and, where the
+  its training records (``consortium.learning.drift``) and, where the
   agreement lets a ``drift_incident`` out, files a signed incident naming
   itself and the drifting features; no promotion happens while one is open.
 - **Rollback** by hand (``rollback``): a coordinator, site or auditor signs
@@ -59,17 +59,17 @@ from consortium.learning.adapter import ModelAdapter
 from consortium.learning.models import Standardize
 from consortium.lifecycle.lineage import Lineage, describe_failures, regressions, replay, rollback_statement, version_body
 from consortium.lifecycle.registry import Change, ModelRegistry, RegistryError, Version, now
-from consortium.orchestrator import evaluation_spec, make_strategy, secure_aggregation
+from consortium.run.orchestrator import evaluation_spec, make_strategy, secure_aggregation
 from consortium.protocol import messages as m
 from consortium.protocol.coordinator import COORDINATOR, Coordinator
-from consortium.protocol.loop import RoundLoop
+from consortium.run.loop import RoundLoop
 from consortium.protocol.site import Site
 from consortium.protocol.task import build_task_model
-from consortium.simulation import site_ledgers, site_policies, site_randomness, site_splits
+from consortium.run.simulation import site_ledgers, site_policies, site_randomness, site_splits
 from consortium.transcript.log import Entry, TranscriptWriter, cosign_quorum, last_cosigned, signed_entry_bytes, vector_sha256
-from consortium.transcript.recorder import TranscriptRecorder, over_transport
+from consortium.run.recorder import TranscriptRecorder, over_transport
 from consortium.transcript.records import LogRecord
-from consortium.transcript.verify import read_entries, run_agreement, verify_run
+from consortium.audit.verify import read_entries, run_agreement, verify_run
 from consortium.transport import InProcessTransport, Transport, ask_all, ask_each
 from consortium.wire import Tensor
 

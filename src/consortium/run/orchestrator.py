@@ -5,7 +5,7 @@ the run against the signed agreement, drives the rounds through whatever
 transport reaches the sites, keeps the signed, co-signed transcript, halts
 on an incident, and writes the final model and the summary. It holds no
 site's data or key: sites are reached only through ``transport``, which the
-simulation fills with in-process sites (``consortium.simulation``) and
+simulation fills with in-process sites (``consortium.run.simulation``) and
 ``consortium serve`` with sites polling over mutual TLS
 (``consortium.deploy.serve``).
 """
@@ -25,7 +25,8 @@ import numpy as np
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from consortium import crashpoints, recovery
+from consortium import crashpoints
+from consortium.run import recovery
 from consortium.config import SimulationConfig
 from consortium.data import Table
 from consortium.errors import ConfigError, ConsortiumError, ProtocolError, VerificationError
@@ -49,17 +50,17 @@ from consortium.privacy import ddg
 from consortium.privacy.accountant import accountant_used, calibrate_noise, calibrate_site_noise
 from consortium.privacy.dpsgd import secure_numpy_generator
 from consortium.privacy.events import RecordLevelEvent, SiteLevelEvent
-from consortium.privacy.sitedp import AdaptiveClipping, SiteLevelDP
+from consortium.protocol.sitedp import AdaptiveClipping, SiteLevelDP
 from consortium.protocol import messages as m
 from consortium.protocol.coordinator import COORDINATOR, Coordinator, RoundRecord, SecureAggregation
-from consortium.protocol.loop import RoundLoop
+from consortium.run.loop import RoundLoop
 from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.runs import RunFolder, new_run_dir, write_atomic
 from consortium.secagg.graph import plan_graph
 from consortium.transcript.log import TreeHead, cosign_quorum, vector_sha256
-from consortium.transcript.recorder import TranscriptRecorder, code_sha256, library_versions, over_transport
+from consortium.run.recorder import TranscriptRecorder, code_sha256, library_versions, over_transport
 from consortium.transcript.records import LogRecord
-from consortium.transcript.verify import AGREEMENT_FILE, epsilon_bound, signed_epsilon, verify_run
+from consortium.audit.verify import AGREEMENT_FILE, epsilon_bound, signed_epsilon, verify_run
 from consortium.transport import Answer, Transport, ask_all
 
 #: Said loudly in every run whose protections are weaker than the defaults.
@@ -148,7 +149,7 @@ class CoordinatorRun:
     transport: Transport
     recorder: TranscriptRecorder | None = None  # the run's transcript, once ``run`` has opened it
     # Where the coordinator commits its state with each round's entries; a run with one survives a crash
-    # of its coordinator (``consortium.recovery``). Set by whoever builds the run (``serve`` does).
+    # of its coordinator (``consortium.run.recovery``). Set by whoever builds the run (``serve`` does).
     state: recovery.StateStore | None = None
 
     def __init__(
@@ -415,7 +416,7 @@ class CoordinatorRun:
 
     def _restart(self, run: RunFolder, transcript: TranscriptRecorder, record_round: Callable[[RoundRecord], None]) -> None:
         """Where a resumed run picks up: after a quorum's resume entry, from the model it halted at; after a
-        crash (a run with a state store), from its last committed state (``consortium.recovery``)."""
+        crash (a run with a state store), from its last committed state (``consortium.run.recovery``)."""
         if transcript.writer.entries[-1].kind != "resume" and self.state is not None:
             recovery.recover(self.state, self.coordinator, run, transcript, record_round)
             return

@@ -55,7 +55,7 @@ from consortium.errors import ConfigError
 from consortium.protocol.coordinator import Coordinator, RoundRecord
 from consortium.runs import RunFolder
 from consortium.transcript.log import Entry
-from consortium.transcript.recorder import TranscriptRecorder
+from consortium.run.recorder import TranscriptRecorder
 
 WAL = "write_ahead"  # the checkpoint's key for the entries it commits
 COVERS = "transcript_size"  # and for the transcript's size once they are appended

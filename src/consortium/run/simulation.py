@@ -43,7 +43,7 @@ from consortium.governance.policy import SitePolicy, load_policy
 from consortium.learning.models import build_model, standardisation
 from consortium.learning.specs import TrainSettings
 from consortium.learning.training import EvalStats, evaluate, train_local
-from consortium.orchestrator import CoordinatorRun, RunResult, finite_metrics
+from consortium.run.orchestrator import CoordinatorRun, RunResult, finite_metrics
 from consortium.privacy.ledger import BudgetLedger
 from consortium.protocol.coordinator import COORDINATOR, RoundRecord
 from consortium.protocol.site import Site
@@ -51,8 +51,8 @@ from consortium.protocol.trainer import LocalTrainer
 from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.transcript.log import TreeHead, last_cosigned
 from consortium.transcript.site_record import RECORD_FILE
-from consortium.transcript.recorder import TranscriptRecorder
-from consortium.transcript.verify import AGREEMENT_FILE
+from consortium.run.recorder import TranscriptRecorder
+from consortium.audit.verify import AGREEMENT_FILE
 from consortium.transport import InProcessTransport
 
 

@@ -27,7 +27,7 @@ from consortium.protocol.messages import COORDINATOR, CosignRequest, Cosignature
 from consortium.runs import write_atomic
 from consortium.transcript.log import Entry, TranscriptWriter, TreeHead, canonical, last_cosigned, manifest_bytes, sha256_hex
 from consortium.transcript.records import LogRecord, SessionArchive
-from consortium.transcript.verify import EVIDENCE_DIR
+from consortium.audit.verify import EVIDENCE_DIR
 from consortium.transport import NoAnswer, Transport, ask_each
 
 if TYPE_CHECKING:  # the protocol engine (and torch) only where a run is driven, not to append a halt

@@ -24,9 +24,9 @@ from consortium.governance.incident import Incident
 from consortium.governance.roles import Roles
 from consortium.protocol.messages import COORDINATOR
 from consortium.transcript.log import TRANSCRIPT_FILE, Entry, HeadWitness, last_cosigned, parse_entry, signed_entry_bytes
-from consortium.transcript.recorder import TranscriptRecorder, direct
+from consortium.run.recorder import TranscriptRecorder, direct
 from consortium.transcript.records import LogRecord
-from consortium.transcript.verify import Verified, resume_statement, run_agreement, verify_run
+from consortium.audit.verify import Verified, resume_statement, run_agreement, verify_run
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,8 @@ from consortium.transcript import merkle
 from consortium.secagg.encoding import SessionEncoding
 from consortium.secagg.protocol import SessionEvidence, unmask_sum
 from consortium.transcript.log import cosign_quorum, vector_sha256
-from consortium.transcript.anchor import Anchor, check_anchor, run_signatures
-from consortium.transcript.summary import check_summary, read_summary
+from consortium.audit.anchor import Anchor, check_anchor, run_signatures
+from consortium.audit.summary import check_summary, read_summary
 from consortium.transcript.log import (
     HEADS_FILE,
     TRANSCRIPT_FILE,

@@ -1,0 +1,1 @@
+"""Verify a run offline, anchored in what the verifier holds: the auditor of the transcript."""
