@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: The public surface. Adding a name is a decision: change it here on purpose.
 EXPORTED = [
-    "ConfigError", "ConsortiumError", "ProtocolError", "SimulationConfig", "SimulationResult", "VerificationError",
-    "Verified", "load_config", "parse_config", "simulate", "verify",
+    "ConfigError", "ConsortiumError", "LocalTrainer", "ProtocolError", "SimulationConfig", "SimulationResult", "Strategy",
+    "StrategyOptions", "VerificationError", "Verified", "load_config", "parse_config", "register_strategy", "simulate", "verify",
 ]
 
 
@@ -76,3 +76,14 @@ def test_bad_input_is_one_config_error(tmp_path):
         consortium.simulate(tmp_path / "not-a-file.yaml")
     with pytest.raises(consortium.ConfigError, match="does not exist"):
         consortium.verify(tmp_path / "nowhere")
+
+
+def test_simulate_hands_the_studys_trainer_to_every_site(tmp_path):
+    from tests.test_trainer_seam import FullBatchGD
+
+    trainer = FullBatchGD()
+    result = consortium.simulate(
+        {"rounds": 1, "data": {"dataset": "breast-cancer", "sites": 3}}, trainer=trainer, out=tmp_path / "run",
+        privacy={"level": "site", "epsilon": 8.0, "test_seed": 1}, baselines={"local_only": False, "pooled": False},
+    )
+    assert len(trainer.calls) >= 2 and result.verify().status == "completed"

@@ -13,6 +13,9 @@ Names:
 - ``simulate``, ``SimulationResult``: run a consortium on this machine.
 - ``verify``, ``Verified``: check a run folder, anchored in what you hold.
 - ``SimulationConfig``, ``load_config``, ``parse_config``: the run's configuration.
+- The seams a study extends: ``LocalTrainer`` (what a site does with a fit request; record-level
+  rounds always run the framework's DP-SGD), ``Strategy``, ``StrategyOptions`` and
+  ``register_strategy`` (a server strategy, chosen by name in the config).
 - ``ConsortiumError`` and its branches ``ConfigError`` (bad input: one line with the fix),
   ``VerificationError`` (a check failed), ``ProtocolError`` (a message was refused).
 
@@ -34,6 +37,10 @@ _EXPORTS: dict[str, str] = {
     "SimulationConfig": "consortium.config",
     "load_config": "consortium.config",
     "parse_config": "consortium.config",
+    "LocalTrainer": "consortium.protocol.trainer",
+    "Strategy": "consortium.learning.strategies",
+    "StrategyOptions": "consortium.learning.strategies",
+    "register_strategy": "consortium.learning.strategies",
     "ConsortiumError": "consortium.errors",
     "ConfigError": "consortium.errors",
     "VerificationError": "consortium.errors",
@@ -45,6 +52,8 @@ if TYPE_CHECKING:
     from consortium.api import SimulationResult, simulate, verify
     from consortium.config import SimulationConfig, load_config, parse_config
     from consortium.errors import ConfigError, ConsortiumError, ProtocolError, VerificationError
+    from consortium.learning.strategies import Strategy, StrategyOptions, register_strategy
+    from consortium.protocol.trainer import LocalTrainer
     from consortium.audit.verify import Verified
 
 

@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # torch stays unloaded until a run needs it
 
     from consortium.protocol.coordinator import RoundRecord
     from consortium.protocol.task import ModelBuilder
+    from consortium.protocol.trainer import LocalTrainer
     from consortium.audit.verify import Verified
 
 
@@ -88,6 +89,7 @@ def simulate(
     runs_root: str | Path = "runs",
     model_builder: ModelBuilder | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
+    trainer: LocalTrainer | None = None,
     **overrides: Any,
 ) -> SimulationResult:
     """Simulate a consortium on this machine, with every protection the config asks for (all by default).
@@ -99,6 +101,8 @@ def simulate(
         runs_root: where new run folders go.
         model_builder: builds the ``torch.nn.Module`` of a task (default: the built-in models).
         on_round: called with each round's record as it ends (progress bars, early looks).
+        trainer: every site's local training (a ``LocalTrainer``) for rounds without record-level
+            DP; record-level rounds always run the framework's DP-SGD (default: plain local training).
         **overrides: top-level config keys that replace the config's (``rounds=5``,
             ``privacy={"epsilon": 3}``); a nested mapping replaces that whole section.
 
@@ -115,7 +119,7 @@ def simulate(
 
     sim = Simulation(
         _config(config, overrides), out=None if out is None else Path(out), runs_root=Path(runs_root),
-        model_builder=model_builder or build_task_model,
+        model_builder=model_builder or build_task_model, trainer=trainer,
     )
     run = sim.run(on_round=on_round)
     assert sim.coordinator.task is not None
