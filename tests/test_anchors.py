@@ -346,3 +346,4 @@ def test_a_site_whose_ledger_lost_rows_cannot_spend_its_cap_a_second_time(tmp_pa
     assert [(d.kind, d.round) for d in site.restored] == [("deleted", 1), ("deleted", 2)]
     assert not site.ledger.check(event).accepted
     assert site.ledger.spent() > 7.5
+    assert [row["epsilon_after"] for row in site.ledger.history()] == [site.ledger.spent()] * 2  # restored rows say so

@@ -119,16 +119,22 @@ class BudgetLedger:
         as signed, in one transaction, so a lost or edited ledger never lets a cap be spent twice."""
         with Session(self._engine) as s, s.begin():
             found = _discrepancies(s.scalars(select(_Spent).order_by(_Spent.id)).all(), signed)
-            if restore:
+            if restore and any(d.kind != "unsigned" for d in found):
                 by_key = {(p.run, p.round): p for p in signed}
+                restored = []
                 for d in found:
                     if d.kind == "unsigned":
                         continue
                     paid = by_key[(d.run, d.round)]
                     for row in s.scalars(select(_Spent).where(_Spent.run == d.run, _Spent.round == d.round)).all():
                         s.delete(row)
-                    s.add(_Spent(run=d.run, round=d.round, label=f"round {d.round} (restored from the signed record)",
-                                 event=paid.event.model_dump_json(), epsilon_after=0.0))
+                    restored.append(_Spent(run=d.run, round=d.round, label=f"round {d.round} (restored from the signed record)",
+                                           event=paid.event.model_dump_json(), epsilon_after=0.0))
+                s.add_all(restored)
+                s.flush()
+                total = _epsilon_under(self._policy(s), [parse_event(r.event) for r in s.scalars(select(_Spent)).all()])
+                for row in restored:  # appended last: each stands at the whole ledger's epsilon
+                    row.epsilon_after = total
         return found
 
     def _policy(self, s: Session) -> _Policy:
