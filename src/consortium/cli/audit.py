@@ -86,17 +86,12 @@ def verify(
     site's ledger is also reconciled with what it signed. Exits 0 when every check passes, 1 naming the first
     violation.
     """
+    from consortium.api import verify as verify_anchored
+    from consortium.audit.anchor import CONSISTENCY_ONLY
     from consortium.errors import VerificationError
-    from consortium.audit.anchor import CONSISTENCY_ONLY, agreement_anchor, kit_anchor, state_anchor
-    from consortium.audit.verify import verify_run
 
-    anchors = [
-        *([agreement_anchor(agreement)] if agreement is not None else []),
-        *([kit_anchor(kit)] if kit is not None else []),
-        *([state_anchor(state)] if state is not None else []),
-    ]
     try:
-        report = verify_run(run_dir, anchors=anchors)
+        report = verify_anchored(run_dir, agreement=agreement, kit=kit, state=state)
         rows = _reconciled(run_dir, state)[0] if state is not None and (state / "budget.sqlite").exists() else {}
         deleted = [d for r in rows.values() for d in r.get("discrepancies", []) if d["kind"] != "unsigned"]
         if deleted:
