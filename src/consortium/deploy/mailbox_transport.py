@@ -3,11 +3,14 @@
 Sites poll (``consortium.deploy.agent``) over the HTTPS service
 (``consortium.deploy.service``); a stage ends when every addressee has
 answered or ``stage_timeout_s`` has passed, and whoever has not answered has
-dropped out of the stage. Requests leave sealed by the coordinator and a
-reply counts only if its seal checks out, from the site asked, for the round
-asked: the same checks as the in-process transport. They run as the reply
-arrives, before it takes the site's place in the stage, so a replayed reply
-is refused there and never displaces the genuine one.
+dropped out of the stage (or sooner, for a site not heard from, neither
+taking its request nor sending heartbeats, for ``pickup_timeout_s``).
+``MailboxChannel`` carries the bytes; ``MailboxTransport`` is the one
+``SealedTransport`` over it, so requests leave sealed by the coordinator and
+a reply counts only if its seal checks out, from the site asked, for the
+round asked: the same checks as the in-process transport. They run as the
+reply arrives, before it takes the site's place in the stage, so a replayed
+reply is refused there and never displaces the genuine one.
 """
 
 from __future__ import annotations
@@ -20,51 +23,51 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from consortium.deploy.mailbox import Mailbox
 from consortium.errors import ProtocolError
 from consortium.protocol import messages as m
-from consortium.protocol.sealed import EnvelopeGuard, seal
+from consortium.transport.channel import Accept, SealedTransport
 
 
 log = logging.getLogger("consortium.service")
 
 
-class MailboxTransport:
-    """The protocol's transport over the coordinator's mailbox (see the module's docstring)."""
+class MailboxChannel:
+    """A ``Channel`` over the coordinator's mailbox: a whole stage posted at once, replies collected until it ends.
+
+    Args:
+        mailbox: the mailbox the HTTPS service serves to the sites.
+        stage_timeout_s: how long a stage waits for its replies.
+        pickup_timeout_s: how long a stage waits for a site to take its request (or, once taken, between its
+            heartbeats) before it counts the site gone (see ``Mailbox.run_stage``); None: the whole stage timeout.
+    """
+
+    def __init__(self, mailbox: Mailbox, *, stage_timeout_s: float = 120.0, pickup_timeout_s: float | None = None) -> None:
+        self.mailbox = mailbox
+        self.stage_timeout_s = stage_timeout_s
+        self.pickup_timeout_s = pickup_timeout_s
+
+    def handle_stage(self, requests: Mapping[str, bytes], accept: Accept) -> dict[str, m.Envelope]:
+        """Post the stage and wait for it to end (see ``Channel``). ``accept`` runs in the service's thread as
+        each reply arrives; a refusal is logged and answered to the site (400), and its place stays open."""
+
+        def checked(member: str, raw: bytes) -> m.Envelope:
+            try:
+                return accept(member, raw)
+            except ProtocolError as exc:
+                log.warning("rejected a reply from %s: %s", member, exc)
+                raise
+
+        return self.mailbox.run_stage(dict(requests), self.stage_timeout_s, self.pickup_timeout_s, accept=checked)
+
+
+class MailboxTransport(SealedTransport):
+    """The protocol's transport over the coordinator's mailbox: ``SealedTransport`` over a ``MailboxChannel``.
+
+    ``identity``: the coordinator's key; ``directory``: members' public keys (see ``SealedTransport``);
+    ``stage_timeout_s``, ``pickup_timeout_s``: as for ``MailboxChannel``.
+    """
 
     def __init__(
         self, mailbox: Mailbox, *, identity: Ed25519PrivateKey, directory: Mapping[str, bytes], stage_timeout_s: float = 120.0,
         pickup_timeout_s: float | None = None,
     ) -> None:
-        """``pickup_timeout_s``: how long a stage waits for a site to take its request before it counts it gone
-        (see ``Mailbox.run_stage``); None: the whole stage timeout."""
-        self.mailbox = mailbox
-        self.pickup_timeout_s = pickup_timeout_s
-        self._identity = identity
-        self._guard = EnvelopeGuard(m.COORDINATOR, directory)
-        self.stage_timeout_s = stage_timeout_s
-        self.bytes_sent = 0
-        self.bytes_received = 0
-        self.rejected: list[str] = []
-
-    def exchange_many(self, requests: list[m.Envelope]) -> list[m.Envelope | None]:
-        """Post one stage's requests; each site's reply, None for one that did not answer or was rejected."""
-        if len({r.recipient for r in requests}) != len(requests):
-            raise ProtocolError("one stage asks each site once")
-        sealed = {r.recipient: seal(r, self._identity) for r in requests}
-        rounds = {r.recipient: r.round for r in requests}
-        self.bytes_sent += sum(len(raw) for raw in sealed.values())
-
-        def accept(member: str, raw: bytes) -> m.Envelope:
-            """A reply takes its site's place in the stage only once its seal checks out (sender, round,
-            freshness, nonce): a replayed or forged one is refused and leaves the place to the genuine one."""
-            self.bytes_received += len(raw)
-            try:
-                return self._guard.open(raw, sender=member, rnd=rounds[member])
-            except ProtocolError as exc:
-                self.rejected.append(f"{member}: {exc}")
-                log.warning("rejected a reply from %s: %s", member, exc)
-                raise
-
-        replies = self.mailbox.run_stage(sealed, self.stage_timeout_s, self.pickup_timeout_s, accept=accept)
-        return [replies.get(request.recipient) for request in requests]
-
-    def exchange(self, request: m.Envelope) -> m.Envelope | None:
-        return self.exchange_many([request])[0]
+        channel = MailboxChannel(mailbox, stage_timeout_s=stage_timeout_s, pickup_timeout_s=pickup_timeout_s)
+        super().__init__(channel, identity, directory)

@@ -4,6 +4,11 @@ A transport answers ``exchange_many(requests) -> [reply | None]`` for one
 stage (``None``: that site did not answer: dropped out, unreachable), and
 ``exchange(request)`` for one request. The protocol code never does I/O
 itself, so simulation and deployment share it.
+
+There is one transport, ``SealedTransport`` (``transport.channel``): it seals,
+checks and counts every message, over a byte-level ``Channel`` that moves the
+sealed bytes: ``InProcessChannel`` in simulation (``InProcessTransport``),
+the HTTPS mailbox in deployment (``deploy.mailbox_transport``).
 """
 
 from __future__ import annotations
@@ -15,14 +20,21 @@ from pydantic import BaseModel
 
 from consortium.errors import ConsortiumError, ProtocolError, VerificationError
 from consortium.protocol.messages import COORDINATOR, Envelope, Refusal, make_envelope
+from consortium.transport.channel import Accept, Channel, SealedTransport
 
 Answer = TypeVar("Answer", bound=BaseModel)
 
 
 class Transport(Protocol):
-    def exchange(self, request: Envelope) -> Envelope | None: ...
+    """What the coordinator's drivers ask members through (``SealedTransport`` over a ``Channel``)."""
 
-    def exchange_many(self, requests: list[Envelope]) -> list[Envelope | None]: ...
+    def exchange(self, request: Envelope) -> Envelope | None:
+        """The recipient's reply to ``request``; None if it did not answer (or its reply was refused)."""
+        ...
+
+    def exchange_many(self, requests: list[Envelope]) -> list[Envelope | None]:
+        """One stage: each recipient's reply, in the requests' order; None for one that did not answer."""
+        ...
 
 
 class NoAnswer(ProtocolError):
@@ -55,13 +67,16 @@ def ask_all(transport: Transport, sites: list[str], rnd: int, request: BaseModel
 
 
 def __getattr__(name: str) -> object:
-    """``InProcessTransport`` on first use: it runs whole sites (and so loads torch), which the commands that
-    only append to a transcript (halt, resume) never need."""
-    if name == "InProcessTransport":
-        from consortium.transport.inprocess import InProcessTransport
+    """``InProcessTransport`` and ``InProcessChannel`` on first use: they run whole sites (and so load torch),
+    which the commands that only append to a transcript (halt, resume) never need."""
+    if name in ("InProcessTransport", "InProcessChannel"):
+        from consortium.transport import inprocess
 
-        return InProcessTransport
+        return getattr(inprocess, name)
     raise AttributeError(f"module 'consortium.transport' has no attribute '{name}'")
 
 
-__all__ = ["Answer", "InProcessTransport", "NoAnswer", "Transport", "ask_all", "ask_each"]
+__all__ = [
+    "Accept", "Answer", "Channel", "InProcessChannel", "InProcessTransport", "NoAnswer", "SealedTransport", "Transport",
+    "ask_all", "ask_each",
+]

@@ -1,12 +1,14 @@
-"""The in-process transport used by simulation.
+"""The in-process channel and transport used by simulation.
 
-Every request and reply is encoded to bytes and parsed back, exactly as over
-the network, so simulation exercises the same schema checks as deployment.
-Given the coordinator's ``identity`` and the ``directory`` of members' keys,
-requests leave sealed by the coordinator (``protocol.sealed``) and a reply
-counts only if its seal checks out: from the site asked, for the round asked.
-Site dropout is injected here: with probability ``dropout`` a site asked to
-train in a round never answers.
+Sites are called directly, but every request and reply is still encoded to
+bytes and parsed back, exactly as over the network, so simulation exercises
+the same schema checks as deployment. ``InProcessTransport`` is the one
+``SealedTransport`` over an ``InProcessChannel``: given the coordinator's
+``identity`` and the ``directory`` of members' keys, requests leave sealed by
+the coordinator (``protocol.sealed``) and a reply counts only if its seal
+checks out: from the site asked, for the round asked. Site dropout is
+injected here: with probability ``dropout`` a site asked to train in a round
+never answers.
 """
 
 from __future__ import annotations
@@ -19,11 +21,52 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from consortium.errors import ConfigError, ProtocolError
 from consortium.protocol import messages as m
-from consortium.protocol.sealed import EnvelopeGuard, seal
 from consortium.protocol.site import Site
+from consortium.transport.channel import Accept, SealedTransport
 
 
-class InProcessTransport:
+class InProcessChannel:
+    """A ``Channel`` that hands each sealed request to its ``Site`` in this process, one member at a time.
+
+    ``sites``: member name -> its site (the mapping is kept, not copied). A member with no site here does not
+    answer; a reply ``accept`` refuses leaves its member silent (nothing else can come from it in process).
+    """
+
+    def __init__(self, sites: Mapping[str, Site]) -> None:
+        self.sites = sites
+
+    def handle_stage(self, requests: Mapping[str, bytes], accept: Accept) -> dict[str, m.Envelope]:
+        """Ask each member in order (``site.handle_bytes``); its accepted reply by name (see ``Channel``)."""
+        replies: dict[str, m.Envelope] = {}
+        for member, raw in requests.items():
+            site = self.sites.get(member)
+            if site is None:
+                continue
+            reply = site.handle_bytes(raw)
+            try:
+                replies[member] = accept(member, reply)
+            except ProtocolError:
+                continue  # refused: recorded by the transport, counted as no answer
+        return replies
+
+
+class InProcessTransport(SealedTransport):
+    """Simulation's transport: ``SealedTransport`` over an ``InProcessChannel``, with simulated dropout.
+
+    Args:
+        sites: member name -> its site.
+        dropout: the chance, in [0, 1), that a site asked to train in a round never answers.
+        rng: the random generator that draws dropout; required when ``dropout`` > 0.
+        identity, directory: as for ``SealedTransport`` (no ``identity``: unsealed; no ``directory``: replies
+            unchecked).
+
+    Raises:
+        ConfigError: ``dropout`` out of range, or dropout without ``rng``.
+
+    Each request is its own stage (``exchange_many`` asks through ``exchange``, one request at a time), so a
+    subclass that overrides ``exchange`` sees every request.
+    """
+
     def __init__(
         self,
         sites: Mapping[str, Site],
@@ -40,31 +83,18 @@ class InProcessTransport:
         self._sites = dict(sites)
         self._dropout = dropout
         self._rng = rng
-        self.bytes_sent = 0
-        self.bytes_received = 0
-        self._identity = identity
-        self._guard = EnvelopeGuard(m.COORDINATOR, directory) if identity is not None and directory else None
-        self.rejected: list[str] = []  # replies whose seal did not check out: counted as no answer
+        super().__init__(InProcessChannel(self._sites), identity, directory or None)
 
     def exchange(self, request: m.Envelope) -> m.Envelope | None:
-        site = self._sites.get(request.recipient)
-        if site is None:
+        """The site's checked reply; None if there is no such site, it dropped out, or its reply was refused."""
+        if request.recipient not in self._sites:
             return None
         if self._dropout > 0 and isinstance(request.message, m.FitRequest):
             assert self._rng is not None
             if self._rng.random() < self._dropout:
                 return None
-        raw = m.encode(request) if self._identity is None else seal(request, self._identity)
-        self.bytes_sent += len(raw)
-        reply = site.handle_bytes(raw)
-        self.bytes_received += len(reply)
-        if self._guard is None:
-            return m.decode(reply)
-        try:
-            return self._guard.open(reply, sender=request.recipient, rnd=request.round)
-        except ProtocolError as exc:
-            self.rejected.append(f"{request.recipient}: {exc}")
-            return None
+        return super().exchange(request)
 
     def exchange_many(self, requests: list[m.Envelope]) -> list[m.Envelope | None]:
+        """Each request through ``exchange``, in order."""
         return [self.exchange(r) for r in requests]
