@@ -1,22 +1,23 @@
 """``consortium join KIT --data CSV --schema SCHEMA``: a site's agent, next to its data.
 
 The site is the simulation's own ``Site`` (guard, budget ledger, transcript
-checks and all), built here from the site's kit and its CSV: its identity key
-and the agreement from the kit, its stricter policy from the kit's
-``policy.yaml``, and its privacy ledger in its own state folder, where it
-persists across runs (the budget is for the whole collaboration). The agent
+checks and all), built by the same factory (``consortium.run.sites.build_site``)
+from the site's kit and its CSV: its identity key and the agreement from the
+kit, its stricter policy from the kit's ``policy.yaml``, and its privacy
+ledger in its own state folder, where it persists across runs (the budget is for the whole collaboration). The agent
 only ever connects out, to the coordinator's address in the kit. The state
 folder also keeps the last transcript head the site co-signed, so an agent
 restarted mid-run checks the next head against it and carries on.
 
 Reproducibility: the site's splits and training seed come from ``seed`` and
-its name (``consortium.run.simulation.site_randomness``), exactly as in
+its name (``consortium.run.sites.site_randomness``), exactly as in
 simulation; ``test_seed`` makes its privacy noise reproducible too, and is
 for tests only: a site in test mode is not private, and says so.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -29,37 +30,19 @@ from consortium.errors import ConfigError
 from consortium.governance.agreement import load_agreement, load_member_key, read_signatures, require_approval
 from consortium.governance.guard import epsilon_cap
 from consortium.governance.policy import load_policy
-from consortium.privacy.ledger import BudgetLedger
 from consortium.protocol import messages as m
 from consortium.protocol.site import Site
-from consortium.run.simulation import noise_test_seed, site_randomness
-from consortium.transcript.site_record import RECORD_FILE
-
-LEDGER_FILE = "budget.sqlite"
-MEMORY_FILE = "transcript-memory.json"  # the last head this site co-signed: a restarted agent picks up from it
-
-
-JOURNAL_FILE = "evaluation.jsonl"
-LIFECYCLE_FILE = "lifecycle.json"
-PRIVATE_FILES = (LEDGER_FILE, JOURNAL_FILE)  # created here, before their writers open them; the others are written atomically
-
-
-def private_state(state: Path) -> None:
-    """The site's state folder and its files, for the site's eyes only: the folder 0700, the files 0600.
-
-    Its ledger (what the site spent), its evaluation journal (how each model did on its own test split)
-    and its transcript memory are site-only. The ledger and the journal are created here, 0600, before
-    SQLite and the journal append to them (SQLite gives its WAL files the database's mode); files written
-    atomically (the memory, the lifecycle state) start as 0600 temporary files. Existing ones are
-    tightened; nothing else in the folder is touched."""
-    state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(state, 0o700)
-    for name in PRIVATE_FILES:
-        os.close(os.open(state / name, os.O_WRONLY | os.O_CREAT, 0o600))
-    for name in (*PRIVATE_FILES, f"{LEDGER_FILE}-wal", f"{LEDGER_FILE}-shm", MEMORY_FILE, LIFECYCLE_FILE):
-        path = state / name
-        if path.is_file() and not path.is_symlink():
-            os.chmod(path, 0o600)
+from consortium.run.sites import (  # the state folder's file names and its privacy, kept importable from here
+    JOURNAL_FILE as JOURNAL_FILE,
+    LEDGER_FILE as LEDGER_FILE,
+    LIFECYCLE_FILE as LIFECYCLE_FILE,
+    MEMORY_FILE as MEMORY_FILE,
+    PRIVATE_FILES as PRIVATE_FILES,
+    Budget,
+    private_state as private_state,
+    site_randomness,
+)
+from consortium.run.sites import build_site as build_site_from
 
 
 class CrashingSite(Site):
@@ -88,7 +71,30 @@ def build_site(
     crash_at: tuple[str, int] | None = None,
     incoming: Path | None = None,
 ) -> Site:
-    """The site runtime this kit's member runs on its own CSV; every input is checked first."""
+    """The site runtime this kit's member runs on its own CSV; every input is checked first.
+
+    The kit-and-CSV front end of ``consortium.run.sites.build_site``: the site keeps its ledger, evaluation
+    journal, lifecycle state, signed record and transcript memory in ``state``, private to it.
+
+    Args:
+        kit: the site's kit (its identity key, the signed agreement, its own ``policy.yaml`` if any).
+        data: the site's CSV.
+        schema: the CSV's schema file.
+        state: the site's state folder (default: ``state/`` in the kit's folder).
+        seed: the run's seed: the site's splits and training seed are drawn from it and its name.
+        test_seed: test mode only (not private): makes the site's privacy noise reproducible.
+        split: the validation and test shares of the site's data.
+        crash_at: fault injection for tests: die on the first request of this (kind, round).
+        incoming: a CSV of the records that reached the site since training (its drift check's input).
+
+    Returns:
+        The site, ready for its agent to connect out to the coordinator.
+
+    Raises:
+        ConfigError: the kit is not a site's, the agreement is unsigned, the policy is another site's, or the
+            data, schema, key or budget is not usable.
+        OSError: the state folder cannot be created.
+    """
     if kit.role != "site":
         raise ConfigError(f"{kit.folder} is the kit of {kit.role} '{kit.member}': only a site's kit joins with data")
     agreement_file = kit.folder / "agreement.yaml"
@@ -100,29 +106,23 @@ def build_site(
         raise ConfigError(f"{policy_file}: the policy is for site '{policy.site}', not '{kit.member}': fix its site field")
     data_schema = load_schema(schema)
     table = read_csv(data, data_schema)
-    split_rng, train_seed = site_randomness(seed, kit.member)
+    split_rng, _ = site_randomness(seed, kit.member)
     splits = split_table(table, split_rng, validation=split.validation, test=split.test)
     identity = load_member_key(agreement, None, kit.member, file=kit.folder / "identity.key")
-    state = state if state is not None else kit.folder / "state"
-    private_state(state)
-    ledger = BudgetLedger(state / LEDGER_FILE, site=kit.member, epsilon_cap=epsilon_cap(agreement, policy), delta=agreement.privacy.delta)
-    extra: dict[str, Any] = {} if crash_at is None else {"crash_at": crash_at}
-    site = (Site if crash_at is None else CrashingSite)(
+    site = build_site_from(
         kit.member,
         splits,
-        seed=train_seed,
         identity=identity,
         directory=directory_of(agreement),
-        ledger=ledger,
-        noise_test_seed=None if test_seed is None else noise_test_seed(test_seed, kit.member),
-        strict=True,
+        state=state if state is not None else kit.folder / "state",
+        seed=seed,
+        budget=Budget(epsilon_cap(agreement, policy), agreement.privacy.delta),
         agreement=agreement,
         policy=policy,
-        memory=state / MEMORY_FILE,
-        journal=state / JOURNAL_FILE,  # how each round's model did on this site's own test split
-        lifecycle=state / LIFECYCLE_FILE,  # the model version this site runs, and its drift checks
-        record=state / RECORD_FILE,  # every head it co-signed and decision it signed: its anchor and its ledger's
-        **extra,
+        test_seed=test_seed,
+        memory=True,  # the last head it co-signed: a restarted agent picks up from it
+        private=True,  # its state folder and files are its own: 0700 / 0600
+        make=Site if crash_at is None else functools.partial(CrashingSite, crash_at=crash_at),
     )
     if incoming is not None:  # the records that reached the site since training: its drift check's input
         site.observe(read_csv(incoming, data_schema))

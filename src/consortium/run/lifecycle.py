@@ -63,9 +63,9 @@ from consortium.run.orchestrator import evaluation_spec, make_strategy, secure_a
 from consortium.protocol import messages as m
 from consortium.protocol.coordinator import COORDINATOR, Coordinator
 from consortium.run.loop import RoundLoop
-from consortium.protocol.site import Site
 from consortium.protocol.task import build_task_model
-from consortium.run.simulation import site_ledgers, site_policies, site_randomness, site_splits
+from consortium.run.simulation import site_budget, site_policies, site_splits
+from consortium.run.sites import build_site, site_state
 from consortium.transcript.log import Entry, TranscriptWriter, cosign_quorum, last_cosigned, signed_entry_bytes, vector_sha256
 from consortium.run.recorder import TranscriptRecorder, over_transport
 from consortium.transcript.records import LogRecord
@@ -524,14 +524,14 @@ def simulated(run_dir: Path, keys_dir: Path, *, incoming: Mapping[str, Table] | 
     directory = {n: keys.ed25519_public_bytes(k.public_key()) for n, k in identities.items()}
     splits = site_splits(config)
     policies = site_policies(config, agreement, names)
-    ledgers = site_ledgers(run_dir, config, names, policies)  # a site under DP keeps its ledger
     heads = TranscriptWriter(run_dir).heads
     sites = {}
     for n in names:
-        sites[n] = Site(
-            n, splits[n], seed=site_randomness(config.seed, n)[1], identity=identities[n], directory=directory,
-            strict=True, agreement=agreement, policy=policies.get(n), ledger=ledgers[n],
-            lifecycle=run_dir / "sites" / n / "lifecycle.json",
+        sites[n] = build_site(
+            n, splits[n], identity=identities[n], directory=directory, state=site_state(run_dir, n), seed=config.seed,
+            budget=site_budget(config, n, policies.get(n)),  # a site under DP keeps its ledger
+            agreement=agreement, policy=policies.get(n),
+            journal=False, record=False,  # its lifecycle state only, beside the ledger its run left
         )
         head = last_cosigned(heads, n)
         if head is not None:

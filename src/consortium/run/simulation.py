@@ -10,7 +10,6 @@ scored on the consortium's population (every site's test split).
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -44,33 +43,16 @@ from consortium.learning.models import build_model, standardisation
 from consortium.learning.specs import TrainSettings
 from consortium.learning.training import EvalStats, evaluate, train_local
 from consortium.run.orchestrator import CoordinatorRun, RunResult, finite_metrics
-from consortium.privacy.ledger import BudgetLedger
 from consortium.protocol.coordinator import COORDINATOR, RoundRecord
 from consortium.protocol.site import Site
 from consortium.protocol.trainer import LocalTrainer
 from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.transcript.log import TreeHead, last_cosigned
-from consortium.transcript.site_record import RECORD_FILE
 from consortium.run.recorder import TranscriptRecorder
+from consortium.run.sites import Budget, build_site, site_randomness, site_state
+from consortium.run.sites import noise_test_seed as noise_test_seed  # a site's randomness, still importable from here
 from consortium.audit.verify import AGREEMENT_FILE
 from consortium.transport import InProcessTransport
-
-
-def _name_tag(site: str) -> int:
-    return int.from_bytes(hashlib.sha256(site.encode()).digest()[:8], "big")
-
-
-def site_randomness(seed: int, site: str) -> tuple[np.random.Generator, int]:
-    """A site's own randomness in a run with ``seed``: the generator that splits its data, and its
-    training seed. From the seed and the site's name alone, so a site process (``consortium join
-    --seed``) draws what the same site draws in simulation, whoever else takes part."""
-    split_seq, train_seq = np.random.SeedSequence([seed, _name_tag(site)]).spawn(2)
-    return np.random.default_rng(split_seq), int(train_seq.generate_state(1)[0])
-
-
-def noise_test_seed(test_seed: int, site: str) -> int:
-    """A site's privacy-noise seed in test mode (reproducible and NOT private), from its name."""
-    return int(np.random.SeedSequence([test_seed, _name_tag(site), 0xD9]).generate_state(1)[0])
 
 
 def site_splits(config: SimulationConfig) -> dict[str, Splits]:
@@ -124,21 +106,23 @@ def site_policies(config: SimulationConfig, agreement: Agreement | None, names: 
     return policies
 
 
-def site_ledgers(
-    run_dir: Path, config: SimulationConfig, names: list[str], policies: dict[str, SitePolicy]
-) -> dict[str, BudgetLedger | None]:
-    """Each simulated site's privacy budget ledger, beside its other state in the run folder (None without DP).
-    Its cap: the run's epsilon, or the site's own stricter cap (the config's, or its policy's)."""
+def site_budget(config: SimulationConfig, name: str, policy: SitePolicy | None) -> Budget | None:
+    """A simulated site's privacy budget (None without DP): the run's epsilon, or the site's own stricter cap
+    (the config's, or its policy's), at the run's delta and under its accountant.
+
+    Args:
+        config: the run's (resolved) configuration.
+        name: the site's name.
+        policy: the site's own policy, if it has one.
+
+    Returns:
+        The budget its ledger keeps, or None when the run is not under differential privacy.
+    """
     pc = config.privacy
-    out: dict[str, BudgetLedger | None] = {}
-    for name in names:
-        policy = policies.get(name)
-        own = policy.max_epsilon if policy is not None and policy.max_epsilon is not None else math.inf
-        out[name] = BudgetLedger(
-            run_dir / "sites" / name / "budget.sqlite", site=name,
-            epsilon_cap=min(pc.site_epsilon_caps.get(name, pc.epsilon), own), delta=pc.delta, accountant=pc.accountant,
-        ) if pc.enabled else None
-    return out
+    if not pc.enabled:
+        return None
+    own = policy.max_epsilon if policy is not None and policy.max_epsilon is not None else math.inf
+    return Budget(min(pc.site_epsilon_caps.get(name, pc.epsilon), own), pc.delta, pc.accountant)
 
 
 def _train_alone(
@@ -190,33 +174,31 @@ class Simulation(CoordinatorRun):
         # Held by the harness only for the simulation-only baselines; each Site gets its own.
         self._splits = site_splits(config)
         names = list(self._splits)
-        randomness = {name: site_randomness(config.seed, name) for name in names}
         super().__init__(
             config, names=names, sample=self._splits[names[0]].train, out=out, runs_root=runs_root,
             model_builder=model_builder, resume=resume,
         )
         pc = self.config.privacy
-        ledgers = site_ledgers(self.run_dir, self.config, names, self.policies)
         sites = {
-            name: self._make_site(
+            name: build_site(
                 name,
                 self._splits[name],
-                seed=randomness[name][1],
                 identity=self._identities[name],
                 directory=self._directory,
-                ledger=ledgers[name],
-                noise_test_seed=None if pc.test_seed is None else noise_test_seed(pc.test_seed, name),
-                strict=True,  # sealed messages, and each round's plan proven by the transcript before training
-                model_builder=model_builder,
+                state=site_state(self.run_dir, name),  # its ledger, evaluation journal and signed record
+                seed=config.seed,
+                budget=site_budget(self.config, name, self.policies.get(name)),
                 agreement=self.agreement,
                 policy=self.policies.get(name),
-                journal=self.run_dir / "sites" / name / "evaluation.jsonl",  # the site's own, beside its ledger
-                record=self.run_dir / "sites" / name / RECORD_FILE,  # the heads and decisions it signed
+                test_seed=pc.test_seed,
+                model_builder=model_builder,
                 trainer=trainer,  # each site's local training (None: plain; record-level DP is always DP-SGD)
+                lifecycle=False,  # a simulated site's lifecycle state is the lifecycle manager's (consortium models)
+                make=self._make_site,
             )
             for name in names
         }
-        self._ledgers = ledgers
+        self._ledgers = {name: site.ledger for name, site in sites.items()}
         self._sites = sites
         self.transport = InProcessTransport(
             sites, dropout=config.participation.dropout, rng=np.random.default_rng(drop_seq),
