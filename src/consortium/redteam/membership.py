@@ -44,7 +44,7 @@ from consortium.errors import ConsortiumError
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.models import build_model
 from consortium.learning.training import train_local
-from consortium.run.orchestrator import make_strategy
+from consortium.run.plan import make_strategy
 from consortium.privacy.dpsgd import train_dp_sgd
 from consortium.protocol.contributions import read_setup_sum, setup_vector
 from consortium.redteam.metrics import AttackResult, dp_tpr_bound, evaluate_attack

@@ -1,7 +1,8 @@
 """The coordinator's side of a run, the same in simulation and in deployment.
 
-It plans the run's privacy (the noise that meets the target epsilon), checks
-the run against the signed agreement, drives the rounds through whatever
+It reads the run's plan (``consortium.run.plan``: the config resolved once,
+the privacy plan, the strategy, the model's layout, checked against the
+signed agreement), drives the rounds through whatever
 transport reaches the sites, keeps the signed, co-signed transcript, halts
 on an incident, and writes the final model and the summary. It holds no
 site's data or key: sites are reached only through ``transport``, which the
@@ -33,30 +34,26 @@ from consortium.errors import ConfigError, ConsortiumError, ProtocolError, Verif
 from consortium.governance.agreement import (
     Agreement,
     agreement_hash,
-    check_run,
     load_agreement,
     read_signatures,
     require_approval,
     signatures_path,
 )
+from consortium.governance.policy import SitePolicy
 from consortium.governance.incident import Incident, NormMonitor, RunHalted
 from consortium.learning.adapter import ModelAdapter
-from consortium.learning.models import build_model
 from consortium.learning.robust import RobustAggregation
-from consortium.learning.strategies import Strategy, strategy_from_config
 from consortium.lifecycle.lineage import version_body
 from consortium.lifecycle.registry import Change, ModelRegistry, Version, now
-from consortium.privacy import ddg
-from consortium.privacy.accountant import accountant_used, calibrate_noise, calibrate_site_noise
-from consortium.privacy.dpsgd import secure_numpy_generator
-from consortium.privacy.events import RecordLevelEvent, SiteLevelEvent
-from consortium.protocol.sitedp import AdaptiveClipping, SiteLevelDP
+from consortium.privacy.accountant import accountant_used
+from consortium.privacy.events import RecordLevelEvent
+from consortium.protocol.sitedp import SiteLevelDP
 from consortium.protocol import messages as m
-from consortium.protocol.coordinator import COORDINATOR, Coordinator, RoundRecord, SecureAggregation
+from consortium.protocol.coordinator import COORDINATOR, Coordinator, RoundRecord
 from consortium.run.loop import RoundLoop
+from consortium.run.plan import RunPlan, model_adapter, plan_run
 from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.runs import RunFolder, new_run_dir, write_atomic
-from consortium.secagg.graph import plan_graph
 from consortium.transcript.log import TreeHead, cosign_quorum, vector_sha256
 from consortium.run.recorder import TranscriptRecorder, code_sha256, library_versions, over_transport
 from consortium.transcript.records import LogRecord
@@ -87,45 +84,6 @@ def finite_metrics(metrics: dict[str, float]) -> dict[str, float | None]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
 
 
-def make_strategy(config: SimulationConfig) -> Strategy:
-    """The run's strategy, from the registry (see ``consortium.learning.strategies.register_strategy``)."""
-    return strategy_from_config(config)
-
-
-def evaluation_spec(config: SimulationConfig, sample: Table) -> m.EvaluationSpec:
-    """What the sites measure beyond accuracy, the sensitive attribute named by its column in the schema."""
-    ev = config.evaluation
-    n_classes = len(sample.classes)
-    if ev.positive_class >= n_classes:
-        raise ConfigError(
-            f"evaluation.positive_class is {ev.positive_class}, but the data has {n_classes} classes: "
-            f"choose a class index from 0 to {n_classes - 1}"
-        )
-    feature = None
-    if ev.sensitive_feature is not None:
-        if ev.sensitive_feature not in sample.feature_names:
-            raise ConfigError(
-                f"evaluation.sensitive_feature '{ev.sensitive_feature}' is not a feature of the data: choose one of "
-                f"{', '.join(sample.feature_names[:8])}{', ...' if len(sample.feature_names) > 8 else ''}"
-            )
-        feature = sample.feature_names.index(ev.sensitive_feature)
-    return m.EvaluationSpec(
-        sensitive_feature=feature, sensitive_threshold=ev.sensitive_threshold,
-        positive_class=ev.positive_class, shift_noise=ev.shift_noise,
-    )
-
-
-def secure_aggregation(config: SimulationConfig, identity: Ed25519PrivateKey, directory: dict[str, bytes]) -> SecureAggregation | None:
-    """The run's secure-aggregation settings for the coordinator, or None where the config turned it off."""
-    sa = config.secure_aggregation
-    if not sa.enabled:
-        return None
-    return SecureAggregation(
-        identity=identity, directory=directory, update_clip=sa.update_clip, bits=sa.bits,
-        dropout_rate=sa.dropout_rate, corruption_rate=sa.corruption_rate,
-    )
-
-
 def _head_json(head: TreeHead) -> dict[str, Any]:
     return {"size": head.size, "root": head.root, "cosigners": sorted(head.cosignatures)}
 
@@ -147,6 +105,7 @@ class CoordinatorRun:
     """
 
     transport: Transport
+    plan: RunPlan  # the run, resolved once (``consortium.run.plan``)
     recorder: TranscriptRecorder | None = None  # the run's transcript, once ``run`` has opened it
     # Where the coordinator commits its state with each round's entries; a run with one survives a crash
     # of its coordinator (``consortium.run.recovery``). Set by whoever builds the run (``serve`` does).
@@ -163,20 +122,23 @@ class CoordinatorRun:
         model_builder: ModelBuilder = build_task_model,
         resume: bool = False,
     ) -> None:
-        config = config.resolved()
-        assert config.model is not None and config.training is not None
-        self.config = config
         self.names = list(names)
-        self._build = model_builder
         self._resume = resume  # continue the halted run in ``out`` from its checkpoint
         self.n_classes = len(sample.classes)
-        self.privacy_plan = self._plan_privacy(sample)
-        self.agreement = self._check_agreement(config, sample)
+        self.agreement = agreement = self._load_agreement(config)
+        # Resolved once, here: the strategy, the privacy plan and the model's layout, from the builder given;
+        # checked against the agreement, then the sites' policies (checked before the run gets its folder).
+        plan = plan_run(config, sample=sample, names=self.names, agreement=agreement, model_builder=model_builder)
+        self.policies = self._load_policies(plan.config, agreement)
+        self.plan = plan = plan.with_policies(self.policies)
+        self.config = config = plan.config
+        self._build = plan.model_builder
+        self.privacy_plan = plan.privacy.coordinator_privacy()
         self._identity, self._directory = self._member_keys()
         # Every input is checked: only now does the run get its folder.
         self.run_dir = out if out is not None else new_run_dir(runs_root, f"{config.data.dataset}-seed{config.seed}")
-        secure = secure_aggregation(config, self._identity, self._directory)
-        self.strategy = make_strategy(config)
+        secure = plan.secure_aggregation(self._identity, self._directory)
+        self.strategy = plan.strategy
         rc = config.robust
         self.robust = RobustAggregation(rc.aggregator, rc.byzantine, rc.norm_bound)
         self.coordinator = Coordinator(
@@ -188,105 +150,32 @@ class CoordinatorRun:
             seed=config.seed,
             secure=secure,
             privacy=self.privacy_plan,
-            model_builder=model_builder,
+            model_builder=plan.model_builder,
             monitor=NormMonitor(factor) if (factor := config.incidents.update_norm_factor) is not None else None,
             robust=self.robust if (rc.aggregator != "mean" or rc.norm_bound is not None) else None,
-            evaluation=evaluation_spec(config, sample),
+            evaluation=plan.evaluation,
         )
 
     def _member_keys(self) -> tuple[Ed25519PrivateKey, dict[str, bytes]]:
         """The coordinator's signing key and every member's public key, by name."""
         raise NotImplementedError
 
-    def _check_agreement(self, config: SimulationConfig, sample: Table) -> Agreement | None:
-        """No run starts unless every approver signed this agreement and the config keeps it."""
+    def _load_agreement(self, config: SimulationConfig) -> Agreement | None:
+        """The run's agreement, once every approver signed it; None for a run under none (the plan
+        then checks that the config and the model keep it)."""
         if config.agreement is None:
             return None
         agreement = load_agreement(config.agreement.file)
         require_approval(agreement, read_signatures(config.agreement.file))
-        check_run(agreement, config, self.names, self._adapter(sample).layout_hash)
         return agreement
 
+    def _load_policies(self, config: SimulationConfig, agreement: Agreement | None) -> dict[str, SitePolicy]:
+        """The sites' own policies the coordinator holds (none: a deployed site keeps its own)."""
+        return {}
+
     def _adapter(self, sample: Table) -> ModelAdapter:
-        """The configured model's layout (its parameters' names and shapes), as every site will build it."""
-        assert self.config.model is not None
-        return ModelAdapter(
-            build_model(
-                self.config.model,
-                n_features=sample.n_features,
-                n_classes=self.n_classes,
-                mean=np.zeros(sample.n_features),
-                scale=np.ones(sample.n_features),
-                image_shape=sample.image_shape,
-                seed=0,
-            )
-        )
-
-    def _plan_privacy(self, sample: Table) -> RecordLevelEvent | SiteLevelDP | None:
-        """Each round's privacy, with the noise calibrated so the whole run meets the target epsilon."""
-        pc, training = self.config.privacy, self.config.training
-        if not pc.enabled:
-            return None
-        if pc.level == "site":
-            return self._plan_site_level(sample)
-        assert training is not None
-        steps = max(1, math.ceil(training.epochs / pc.sampling_rate))  # `epochs` expected passes per round
-        sigma = pc.noise_multiplier
-        if sigma is None:
-            sigma = calibrate_noise(
-                target_epsilon=pc.epsilon,
-                delta=pc.delta,
-                sampling_rate=pc.sampling_rate,
-                steps=steps * self.config.rounds,
-                accountant=pc.accountant,
-            )
-        return RecordLevelEvent(noise_multiplier=sigma, clip=pc.clip, sampling_rate=pc.sampling_rate, steps=steps)
-
-    def _plan_site_level(self, sample: Table) -> SiteLevelDP:
-        """DP-FedAvg over the run's rounds: every round a site joins is paid in full (no sampling amplification)."""
-        config = self.config
-        pc, sa, part = config.privacy, config.secure_aggregation, config.participation
-        adaptive = pc.adaptive_clipping
-        share = adaptive.count_share if adaptive.enabled else 0.0
-        n_sites = len(self.names)
-        cohort = max(part.min_sites, math.ceil(part.fraction * n_sites))
-        if pc.noise == "distributed":
-            if pc.noise_multiplier is not None:
-                raise ConfigError("distributed noise is calibrated from privacy.epsilon: remove privacy.noise_multiplier")
-            # Calibrated for the smallest sum secure aggregation will unmask (its threshold), less the
-            # sites assumed to collude with the coordinator: they can take their own noise back out.
-            graph = plan_graph(cohort, dropout_rate=sa.dropout_rate, corruption_rate=sa.corruption_rate)
-            colluders = min(math.ceil(round(sa.corruption_rate * cohort, 9)), graph.threshold - 1)
-            cohort = graph.threshold - colluders
-            dim = self._adapter(sample).size
-            noise = ddg.plan_ddg(
-                target_epsilon=pc.epsilon, delta=pc.delta, rounds=config.rounds, dim=dim,
-                cohort=cohort, max_sites=n_sites, bits=sa.bits, count_share=share,
-            )
-            summed_sd = math.sqrt(cohort * noise.site_variance)
-            count_z = 2 * summed_sd / noise.count_scale if noise.count_scale else None
-            event = SiteLevelEvent(
-                mechanism="dp-fedavg-distributed-discrete-gaussian", noise_multiplier=ddg.noise_multiplier_of(noise, cohort),
-                clip=pc.update_clip, cohort=cohort, colluders=colluders, count_noise_multiplier=count_z, ddg=noise,
-            )
-        else:
-            if pc.noise_multiplier is not None:
-                z = pc.noise_multiplier
-                z_update, count_z = (z / math.sqrt(1 - share), z / math.sqrt(share)) if share else (z, None)
-            else:
-                z_update, count_z = calibrate_site_noise(
-                    target_epsilon=pc.epsilon, delta=pc.delta, rounds=config.rounds, count_share=share,
-                    accountant=pc.accountant,
-                )
-            event = SiteLevelEvent(
-                mechanism="dp-fedavg-gaussian", noise_multiplier=z_update, clip=pc.update_clip, cohort=cohort,
-                count_noise_multiplier=count_z,
-            )
-        return SiteLevelDP(
-            template=event,
-            noise_rng=secure_numpy_generator(None if pc.test_seed is None else pc.test_seed + 0xC0),
-            adaptive=AdaptiveClipping(adaptive.target_quantile, adaptive.learning_rate) if adaptive.enabled else None,
-        )
+        """The layout (its parameters' names and shapes) of the model every site will build."""
+        return model_adapter(self.config, sample, self._build)
 
     def run(self, *, on_round: Callable[[RoundRecord], None] | None = None) -> RunResult:
         config, coordinator, names = self.config, self.coordinator, self.names
@@ -556,10 +445,9 @@ class CoordinatorRun:
 
     def _epsilon(self, transcript: TranscriptRecorder) -> tuple[dict[str, float], dict[str, float]]:
         """Each site's epsilon spent, from the privacy events it signed in the transcript, and its cap
-        under the run's config (a site may hold a stricter one in its own policy, which it keeps)."""
+        under the run's plan (a deployed site may hold a stricter one in its own policy, which it keeps)."""
         entries = transcript.writer.entries
-        pc = self.config.privacy
-        return signed_epsilon(entries, entries[0].body), {n: pc.site_epsilon_caps.get(n, pc.epsilon) for n in self.names}
+        return signed_epsilon(entries, entries[0].body), dict(self.plan.privacy.epsilon_caps)
 
     def _baselines(self) -> dict[str, Any]:
         """Yardsticks that need every site's data in one place: the simulation's only."""

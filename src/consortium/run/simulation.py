@@ -10,7 +10,6 @@ scored on the consortium's population (every site's test split).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,7 @@ from consortium.protocol.trainer import LocalTrainer
 from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.transcript.log import TreeHead, last_cosigned
 from consortium.run.recorder import TranscriptRecorder
-from consortium.run.sites import Budget, build_site, site_randomness, site_state
+from consortium.run.sites import build_site, site_randomness, site_state
 from consortium.run.sites import noise_test_seed as noise_test_seed  # a site's randomness, still importable from here
 from consortium.audit.verify import AGREEMENT_FILE
 from consortium.transport import InProcessTransport
@@ -106,25 +105,6 @@ def site_policies(config: SimulationConfig, agreement: Agreement | None, names: 
     return policies
 
 
-def site_budget(config: SimulationConfig, name: str, policy: SitePolicy | None) -> Budget | None:
-    """A simulated site's privacy budget (None without DP): the run's epsilon, or the site's own stricter cap
-    (the config's, or its policy's), at the run's delta and under its accountant.
-
-    Args:
-        config: the run's (resolved) configuration.
-        name: the site's name.
-        policy: the site's own policy, if it has one.
-
-    Returns:
-        The budget its ledger keeps, or None when the run is not under differential privacy.
-    """
-    pc = config.privacy
-    if not pc.enabled:
-        return None
-    own = policy.max_epsilon if policy is not None and policy.max_epsilon is not None else math.inf
-    return Budget(min(pc.site_epsilon_caps.get(name, pc.epsilon), own), pc.delta, pc.accountant)
-
-
 def _train_alone(
     train: Table, config: SimulationConfig, n_classes: int, seed: int
 ) -> torch.nn.Module:
@@ -169,7 +149,6 @@ class Simulation(CoordinatorRun):
         resume: bool = False,
         trainer: LocalTrainer | None = None,
     ) -> None:
-        config = config.resolved()
         drop_seq, self._base_seq = np.random.SeedSequence(config.seed).spawn(2)
         # Held by the harness only for the simulation-only baselines; each Site gets its own.
         self._splits = site_splits(config)
@@ -178,7 +157,7 @@ class Simulation(CoordinatorRun):
             config, names=names, sample=self._splits[names[0]].train, out=out, runs_root=runs_root,
             model_builder=model_builder, resume=resume,
         )
-        pc = self.config.privacy
+        config = self.config  # resolved once, by the run's plan
         sites = {
             name: build_site(
                 name,
@@ -187,10 +166,10 @@ class Simulation(CoordinatorRun):
                 directory=self._directory,
                 state=site_state(self.run_dir, name),  # its ledger, evaluation journal and signed record
                 seed=config.seed,
-                budget=site_budget(self.config, name, self.policies.get(name)),
+                budget=self.plan.privacy.budget(name),  # the least of the config's, agreement's and policy's caps
                 agreement=self.agreement,
                 policy=self.policies.get(name),
-                test_seed=pc.test_seed,
+                test_seed=config.privacy.test_seed,
                 model_builder=model_builder,
                 trainer=trainer,  # each site's local training (None: plain; record-level DP is always DP-SGD)
                 lifecycle=False,  # a simulated site's lifecycle state is the lifecycle manager's (consortium models)
@@ -209,11 +188,6 @@ class Simulation(CoordinatorRun):
         """One simulated institution's agent. The red team overrides this to play a malicious site
         (``consortium.redteam.poisoning``); everyone else gets the honest runtime."""
         return Site(name, splits, **kwargs)
-
-    def _check_agreement(self, config: SimulationConfig, sample: Table) -> Agreement | None:
-        agreement = super()._check_agreement(config, sample)
-        self.policies = self._load_policies(config, agreement)  # checked before the run gets its folder
-        return agreement
 
     def _load_policies(self, config: SimulationConfig, agreement: Agreement | None) -> dict[str, SitePolicy]:
         return site_policies(config, agreement, self.names)
