@@ -59,13 +59,13 @@ from consortium.learning.adapter import ModelAdapter
 from consortium.learning.models import Standardize
 from consortium.lifecycle.lineage import Lineage, describe_failures, regressions, replay, rollback_statement, version_body
 from consortium.lifecycle.registry import Change, ModelRegistry, RegistryError, Version, now
-from consortium.run.plan import evaluation_spec, make_strategy, plan_run, secure_aggregation
+from consortium.run.plan import epsilon_caps, evaluation_spec, make_strategy, secure_aggregation
 from consortium.protocol import messages as m
 from consortium.protocol.coordinator import COORDINATOR, Coordinator
 from consortium.run.loop import RoundLoop
 from consortium.protocol.task import build_task_model
 from consortium.run.simulation import site_policies, site_splits
-from consortium.run.sites import build_site, site_state
+from consortium.run.sites import Budget, build_site, site_state
 from consortium.transcript.log import Entry, TranscriptWriter, cosign_quorum, last_cosigned, signed_entry_bytes, vector_sha256
 from consortium.run.recorder import TranscriptRecorder, over_transport
 from consortium.transcript.records import LogRecord
@@ -518,21 +518,23 @@ def simulated(run_dir: Path, keys_dir: Path, *, incoming: Mapping[str, Table] | 
     run_dir = Path(run_dir)
     entries = read_entries(run_dir)
     agreement = lifecycle_agreement(run_dir, entries[0].body)
-    config = load_config(run_dir / "config.yaml")  # resolved by the plan below
+    config = load_config(run_dir / "config.yaml")
     names = [n for n, mm in entries[0].body["members"].items() if mm["role"] == "site"]
     identities = {n: load_member_key(agreement, Path(keys_dir), n) for n in [*names, COORDINATOR]}
     directory = {n: keys.ed25519_public_bytes(k.public_key()) for n, k in identities.items()}
     splits = site_splits(config)
     policies = site_policies(config, agreement, names)
-    # The sites' budgets as the run planned them: the least of the config's, the agreement's and each policy's cap.
-    plan = plan_run(config, sample=splits[names[0]].train, names=names, agreement=agreement, policies=policies)
-    config = plan.config
+    # The sites' budgets as the run planned them: the least of the config's, the agreement's and each policy's
+    # cap (the plan's own rule). The rest of the plan, the noise calibration, is the run's: a reopened run
+    # has no round to calibrate, and redoing it cost seconds each time.
+    config = config.resolved()
+    caps, pc = epsilon_caps(config, names, agreement, policies), config.privacy
     heads = TranscriptWriter(run_dir).heads
     sites = {}
     for n in names:
         sites[n] = build_site(
             n, splits[n], identity=identities[n], directory=directory, state=site_state(run_dir, n), seed=config.seed,
-            budget=plan.privacy.budget(n),  # a site under DP keeps its ledger
+            budget=Budget(caps[n], pc.delta, pc.accountant) if pc.enabled else None,  # a site under DP keeps its ledger
             agreement=agreement, policy=policies.get(n),
             journal=False, record=False,  # its lifecycle state only, beside the ledger its run left
         )
