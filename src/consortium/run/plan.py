@@ -25,6 +25,7 @@ from consortium.config import SecureAggregationConfig, SimulationConfig
 from consortium.data import Table
 from consortium.errors import ConfigError
 from consortium.governance.agreement import Agreement, check_run
+from consortium.governance.guard import epsilon_cap
 from consortium.governance.policy import SitePolicy
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.strategies import Strategy, strategy_from_config
@@ -212,13 +213,11 @@ def epsilon_caps(
     """Each site's effective epsilon cap: the least of the config's (its own cap, or the run's epsilon),
     the agreement's ``max_epsilon`` and the site's own policy's."""
     pc = config.privacy
-    caps = {}
-    for name in names:
-        policy = policies.get(name)
-        own = policy.max_epsilon if policy is not None and policy.max_epsilon is not None else math.inf
-        most = agreement.privacy.max_epsilon if agreement is not None else math.inf
-        caps[name] = min(pc.site_epsilon_caps.get(name, pc.epsilon), most, own)
-    return caps
+    return {  # the agreement and policy part is the site guard's own rule (a policy exists only under an agreement)
+        name: min(pc.site_epsilon_caps.get(name, pc.epsilon),
+                  epsilon_cap(agreement, policies.get(name)) if agreement is not None else math.inf)
+        for name in names
+    }
 
 
 def _plan_privacy(config: SimulationConfig, names: list[str], dim: int) -> PrivacyPlan:
