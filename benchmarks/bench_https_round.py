@@ -37,9 +37,8 @@ from consortium.deploy.service import HttpsServer, create_app
 from consortium.learning.specs import ModelSpec, TrainSettings
 from consortium.learning.strategies import FedAvg
 from consortium.protocol.coordinator import COORDINATOR, Coordinator, SecureAggregation
-from consortium.run.loop import RoundLoop
+from consortium.run.session import Session
 from consortium.protocol.site import Site
-from consortium.run.recorder import TranscriptRecorder, over_transport
 from consortium.transport import InProcessTransport
 from consortium.deploy.mailbox_transport import MailboxTransport
 
@@ -68,20 +67,17 @@ class _Deployment:
             secure=SecureAggregation(identity=ids[COORDINATOR], directory=self.directory),
         )
         self.transport = transport_factory(self)
-        self.recorder = TranscriptRecorder(folder, coordinator_key=ids[COORDINATOR],
-                                           cosign=over_transport(self.transport, names, lambda: self.coordinator.round))
-        self.loop = RoundLoop(before_stage=self.recorder.prove_plan)
+        self.session = Session(self.transport, folder, coordinator_key=ids[COORDINATOR], sites=names, coordinator=self.coordinator)
         self._names = names
 
     def start(self) -> None:
-        self.recorder.start({"members": {u: {"role": "site"} for u in self._names}}, {})
+        self.session.recorder.start({"members": {u: {"role": "site"} for u in self._names}}, {})
 
     def round(self) -> float:
         t0 = time.perf_counter()
-        while self.loop.step(self.coordinator, self.transport) is None:
+        while (record := self.session.loop.step(self.coordinator, self.transport)) is None:
             pass
-        self.recorder.record(self.coordinator.drain_log())
-        self.recorder.close_round()
+        self.session.record_round(record)
         return time.perf_counter() - t0
 
 

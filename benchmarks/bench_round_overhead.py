@@ -36,12 +36,13 @@ from consortium.data import Splits, Table
 from consortium.learning.specs import ModelSpec, TrainSettings
 from consortium.learning.strategies import FedAvg
 from consortium.protocol import coordinator as coordinator_module
-from consortium.protocol import site as site_module
+from consortium.protocol import site_training as training_module
+from consortium.protocol import trainer as trainer_module
 from consortium.protocol.coordinator import COORDINATOR, Coordinator
-from consortium.run.loop import RoundLoop
+from consortium.run.session import Session
 from consortium.protocol.site import Site
+from consortium.protocol.site_witness import Witness
 from consortium.runs import write_atomic
-from consortium.run.recorder import TranscriptRecorder, direct
 from consortium.transport import InProcessTransport
 
 N_SITES = 10
@@ -70,15 +71,15 @@ def main() -> list[tuple[str, float, str]]:
 
         return wrapper
 
-    original = (
-        site_module.train_local, site_module.evaluate, coordinator_module.vector_sha256,
-        site_module.vector_sha256, Site._sign_decision,
-    )
-    site_module.train_local = timed("train", original[0])
-    site_module.evaluate = timed("evaluate", original[1])
-    coordinator_module.vector_sha256 = timed("transcript", original[2])
-    site_module.vector_sha256 = timed("transcript", original[3])
-    Site._sign_decision = timed("transcript", original[4])  # type: ignore[method-assign]
+    # Where the site and the coordinator call them: the site's trainer and training part, its witness.
+    patches = [
+        (trainer_module, "train_local", "train"), (training_module, "evaluate", "evaluate"),
+        (coordinator_module, "vector_sha256", "transcript"), (training_module, "vector_sha256", "transcript"),
+        (Witness, "sign_decision", "transcript"),
+    ]
+    original = [getattr(owner, attr) for owner, attr, _ in patches]
+    for (owner, attr, timer), fn in zip(patches, original):
+        setattr(owner, attr, timed(timer, fn))
     tmp = tempfile.TemporaryDirectory()
     try:
         rng = np.random.default_rng(0)
@@ -92,10 +93,6 @@ def main() -> list[tuple[str, float, str]]:
             )
             for i, u in enumerate(names)
         }
-        recorder = TranscriptRecorder(
-            Path(tmp.name), coordinator_key=ids[COORDINATOR], cosign=direct({u: s.cosign_head for u, s in sites.items()})
-        )
-        recorder.start({"members": {u: {"role": "site"} for u in names}}, {})
         coordinator = Coordinator(
             list(sites),
             model=ModelSpec(kind="mlp", hidden=HIDDEN),
@@ -105,28 +102,30 @@ def main() -> list[tuple[str, float, str]]:
             seed=0,
         )
         transport = InProcessTransport(sites, identity=ids[COORDINATOR], directory=directory)
-        loop = RoundLoop(before_stage=timed("transcript", recorder.prove_plan))
-        while loop.step(coordinator, transport) is None:  # setup and a warm-up round: not measured
+        # The run's own session: plans proven, decisions and rounds recorded, heads co-signed over the transport.
+        session = Session(transport, Path(tmp.name), coordinator_key=ids[COORDINATOR], sites=names, coordinator=coordinator)
+        session.recorder.start({"members": {u: {"role": "site"} for u in names}}, {})
+        loop = session.loop
+        loop.before_stage = timed("transcript", loop.before_stage)
+        while (record := loop.step(coordinator, transport)) is None:  # setup and a warm-up round: not measured
             pass
-        recorder.record(coordinator.drain_log())
-        recorder.close_round()
+        session.record_round(record)
         params = coordinator.params.size
         walls = []
         sent_before = transport.bytes_sent
         for _ in range(REPEATS):
             timers.update(train=0.0, evaluate=0.0, transcript=0.0)
             t0 = time.perf_counter()
-            while loop.step(coordinator, transport) is None:  # fit, then evaluate
+            while (record := loop.step(coordinator, transport)) is None:  # fit, then evaluate
                 pass
             t1 = time.perf_counter()
-            recorder.record(coordinator.drain_log())
-            recorder.close_round()
+            session.record_round(record)
             t2 = time.perf_counter()
             walls.append((t2 - t0, timers["train"], timers["evaluate"], timers["transcript"] + (t2 - t1)))
         mb = (transport.bytes_sent - sent_before) / 1e6 / REPEATS
     finally:
-        (site_module.train_local, site_module.evaluate, coordinator_module.vector_sha256,
-         site_module.vector_sha256, Site._sign_decision) = original  # type: ignore[method-assign]
+        for (owner, attr, _), fn in zip(patches, original):
+            setattr(owner, attr, fn)
         tmp.cleanup()
 
     with tempfile.TemporaryDirectory() as folder:

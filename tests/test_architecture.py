@@ -106,3 +106,22 @@ def test_the_check_sees_an_import_inside_a_function(tmp_path, name):
     path.write_text("def f():\n    from consortium.cli import main\n" if name == "higher" else "import os\n")
     found = _imports(path)
     assert found == ([(2, "cli")] if name == "higher" else [])
+
+
+#: What the coordinator state machine hands over; a driver takes it only through its session.
+HAND_OVER = {"drain_log", "drain_archives"}
+
+
+def _hand_over_calls(path: Path) -> list[int]:
+    tree = ast.parse(path.read_text())
+    return [n.lineno for n in ast.walk(tree)
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in HAND_OVER]
+
+
+def test_only_the_session_takes_the_coordinators_log():
+    """One place hands the coordinator's log and evidence to the transcript (``consortium.run.session``):
+    a driver that drained them itself would have to remember the order that keeps a crash consistent."""
+    elsewhere = [f"{p.relative_to(SRC.parent)}:{line}" for p in _modules() if p != SRC / "run" / "session.py"
+                 for line in _hand_over_calls(p)]
+    assert elsewhere == []
+    assert _hand_over_calls(SRC / "run" / "session.py"), "the session is where the log is taken"

@@ -98,6 +98,19 @@ def test_partial_participation_and_dropout_complete_with_those_who_answered(rng)
     assert dropped_any
 
 
+def test_the_log_is_taken_by_round_and_kind_and_what_is_left_keeps_its_order(rng):
+    """The session takes a round's entries while the next round's plan waits (the write-ahead record
+    commits round by round), and the sites' decisions ahead of the round's outcome."""
+    sites, coord, transport = _setup(rng, rounds=3)
+    loop = RoundLoop()
+    while loop.step(coord, transport) is None:  # setup and round 1; round 2 is planned
+        pass
+    assert [(r.kind, r.round) for r in coord.drain_log(only="evaluation")] == [("evaluation", 1)]
+    assert [(r.kind, r.round) for r in coord.drain_log(through=1)] == [("round_plan", 1), ("aggregate", 1)]
+    assert [(r.kind, r.round) for r in coord.drain_log()] == [("round_plan", 2)]
+    assert coord.drain_log() == []
+
+
 def test_round_with_too_few_answers_is_skipped_and_keeps_the_model(rng):
     sites, coord, transport = _setup(rng, n_sites=4, rounds=4, strategy=FedAvg(min_sites=4), dropout=0.5)
     loop = RoundLoop()

@@ -368,9 +368,9 @@ def test_masked_inputs_are_committed_and_the_sum_must_be_over_the_committed_surv
     s = Simulation(cfg, out=tmp_path / "run")
     drain = s.coordinator.drain_log
 
-    def hide_a_survivor():  # a coordinator that sums one more site than it committed masked inputs for
+    def hide_a_survivor(**taken):  # a coordinator that sums one more site than it committed masked inputs for
         out = []
-        for r in drain():
+        for r in drain(**taken):
             if r.kind == "masked_inputs" and r.body["phase"] == "fit" and r.round == 2:
                 r = dataclasses.replace(r, body={**r.body, "survivors": r.body["survivors"][:-1]})
             out.append(r)
@@ -414,11 +414,11 @@ def test_a_recorded_sum_that_the_archive_does_not_reproduce_is_caught(tmp_path):
     s = Simulation(cfg, out=tmp_path / "run")
     drain = s.coordinator.drain_log
 
-    def misreport_the_sum():  # a coordinator that records another aggregate than the one it unmasked
+    def misreport_the_sum(**taken):  # a coordinator that records another aggregate than the one it unmasked
         return [
             dataclasses.replace(r, body={**r.body, "sum_sha256": "0" * 64})
             if r.kind == "aggregate" and r.round == 2 else r
-            for r in drain()
+            for r in drain(**taken)
         ]
 
     s.coordinator.drain_log = misreport_the_sum

@@ -135,20 +135,16 @@ class Coordinator:
     def stage(self) -> str:
         return "done" if self._state is None else f"{self._state.phase}:{self._state.stage}"
 
-    def drain_log(self) -> list[LogRecord]:
-        """The transcript entries produced since the last call, in order (the driver writes them)."""
-        out, self._log = self._log, []
-        return out
+    def drain_log(self, *, through: int | None = None, only: str | None = None) -> list[LogRecord]:
+        """The transcript entries produced since they were last taken, in order (the driver writes them).
 
-    def drain_decisions(self) -> list[LogRecord]:
-        """The sites' signed decisions logged since the last drain, ahead of the round's other entries."""
-        out = [r for r in self._log if r.kind == "site_decision"]
-        self._log = [r for r in self._log if r.kind != "site_decision"]
+        ``through``: only those of rounds up to this one (a round's plan for the next round stays for
+        later); ``only``: only those of this kind. What is not taken stays, in its order, for the next call.
+        """
+        take = [(through is None or r.round <= through) and (only is None or r.kind == only) for r in self._log]
+        out = [r for r, t in zip(self._log, take) if t]
+        self._log = [r for r, t in zip(self._log, take) if not t]
         return out
-
-    def requeue(self, records: list[LogRecord]) -> None:
-        """Give back entries drained too early (the driver writes them later, first in line)."""
-        self._log[:0] = records
 
     def drain_archives(self) -> list[SessionArchive]:
         """The fit sessions finished since the last call, for the run's evidence folder."""

@@ -54,20 +54,20 @@ from consortium.data import Table, load_schema, read_csv
 from consortium.data.schema import schema_of
 from consortium.errors import ConfigError, ConsortiumError
 from consortium.governance.agreement import Agreement, load_member_key
+from consortium.governance.policy import SitePolicy
 from consortium.governance.roles import Roles
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.models import Standardize
 from consortium.lifecycle.lineage import Lineage, describe_failures, regressions, replay, rollback_statement, version_body
 from consortium.lifecycle.registry import Change, ModelRegistry, RegistryError, Version, now
-from consortium.run.plan import epsilon_caps, evaluation_spec, make_strategy, secure_aggregation
+from consortium.run.plan import RunPlan, plan_run
 from consortium.protocol import messages as m
 from consortium.protocol.coordinator import COORDINATOR, Coordinator
-from consortium.run.loop import RoundLoop
 from consortium.protocol.task import build_task_model
 from consortium.run.simulation import site_policies, site_splits
-from consortium.run.sites import Budget, build_site, site_state
+from consortium.run.sites import build_site, site_state
 from consortium.transcript.log import Entry, TranscriptWriter, cosign_quorum, last_cosigned, signed_entry_bytes, vector_sha256
-from consortium.run.recorder import TranscriptRecorder, over_transport
+from consortium.run.session import Session
 from consortium.transcript.records import LogRecord
 from consortium.audit.verify import read_entries, run_agreement, verify_run
 from consortium.transport import InProcessTransport, Transport, ask_all, ask_each
@@ -159,12 +159,14 @@ class Lifecycle:
 
     The sites are reached over ``transport``: in-process simulated sites (``simulated``), or the sites'
     own agents polling the coordinator's service (``consortium.deploy.serve.serve_lifecycle``).
-    ``sample``: a table with the data's layout (its rows are never read).
+    ``sample``: a table with the data's layout (its rows are never read). ``plan``: the run's plan
+    (``reopen_plan``; default: from its recorded config and agreement, without the sites' own policies,
+    which a deployed site keeps to itself).
     """
 
     def __init__(
         self, run_dir: Path, *, coordinator_key: Ed25519PrivateKey, directory: dict[str, bytes], transport: Transport,
-        sample: Table,
+        sample: Table, plan: RunPlan | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         report = verify_run(self.run_dir)  # a disputed transcript gets no lifecycle operation: it is investigated
@@ -174,18 +176,21 @@ class Lifecycle:
         manifest = entries[0].body
         self.agreement: Agreement = lifecycle_agreement(self.run_dir, manifest)
         self.terms = self.agreement.lifecycle
-        self.config = load_config(self.run_dir / "config.yaml").resolved()
         self.names = [n for n, mm in manifest["members"].items() if mm["role"] == "site"]
+        self.plan = plan or reopen_plan(self.run_dir, sample=sample, names=self.names, agreement=self.agreement)
+        self.config = self.plan.config
         self._coordinator_key = coordinator_key
         self._directory = directory
         self._sample = sample
         self.round = entries[-1].round
         self.transport = transport
-        self.recorder = TranscriptRecorder(
-            self.run_dir, coordinator_key=coordinator_key,
-            cosign=over_transport(transport, self.names, lambda: self.round),
+        # The sites are reached, and the transcript extended, through one session; each evaluation is a
+        # coordinator it drives.
+        self.session = Session(
+            transport, self.run_dir, coordinator_key=coordinator_key, sites=self.names, round_of=lambda: self.round,
             quorum=cosign_quorum(int(manifest.get("min_sites", 1)), len(self.names)),
         )
+        self.recorder = self.session.recorder
         self.registry = ModelRegistry(self.run_dir)
         self.task = self._task()
         self.lineage = self._sync()
@@ -284,17 +289,15 @@ class Lifecycle:
 
     def _evaluate(self, version: str, sites: list[str], purpose: Literal["canary", "monitor"]) -> Entry:
         """``sites`` evaluate ``version`` (canary: validation splits; monitor: test splits), summed securely."""
-        config = self.config
+        plan, config = self.plan, self.config
         assert config.model is not None and config.training is not None
         coordinator = Coordinator(
-            self.names, model=config.model, train=config.training, strategy=make_strategy(config), rounds=config.rounds,
-            seed=config.seed, secure=secure_aggregation(config, self._coordinator_key, self._directory),
-            evaluation=evaluation_spec(config, self._sample),
+            self.names, model=config.model, train=config.training, strategy=plan.strategy, rounds=config.rounds,
+            seed=config.seed, secure=plan.secure_aggregation(self._coordinator_key, self._directory),
+            evaluation=plan.evaluation,
         )
         coordinator.open_evaluation(self.task, self.params(version), sites, rnd=self.round, purpose=purpose)
-        RoundLoop().run(coordinator, self.transport)
-        self.recorder.record(coordinator.drain_log())
-        record = coordinator.history[-1]
+        record = self.session.evaluate(coordinator)
         if record.evaluated_sites < len(sites):
             raise LifecycleError(
                 f"the {purpose} evaluation of {version} was summed over {record.evaluated_sites} of the "
@@ -499,6 +502,21 @@ class Lifecycle:
             )
 
 
+def reopen_plan(
+    run_dir: Path, *, sample: Table, names: list[str], agreement: Agreement,
+    policies: Mapping[str, SitePolicy] | None = None,
+) -> RunPlan:
+    """A finished run's plan, from the config it recorded, for its model lifecycle: the strategy, secure
+    aggregation, evaluation and each site's budget (``policies``: the sites' own, where they are at hand)
+    as the run had them; no round's noise is calibrated again (the run trains no more).
+
+    Raises:
+        ConfigError: the recorded config no longer loads, or no longer keeps the agreement.
+    """
+    config = load_config(Path(run_dir) / "config.yaml")
+    return plan_run(config, sample=sample, names=names, agreement=agreement, policies=policies, calibrate=False)
+
+
 def lifecycle_agreement(run_dir: Path, manifest: dict[str, Any]) -> Agreement:
     """The run's agreement, which must set lifecycle terms: no version moves without them."""
     agreement = run_agreement(run_dir, manifest)
@@ -523,19 +541,16 @@ def simulated(run_dir: Path, keys_dir: Path, *, incoming: Mapping[str, Table] | 
     identities = {n: load_member_key(agreement, Path(keys_dir), n) for n in [*names, COORDINATOR]}
     directory = {n: keys.ed25519_public_bytes(k.public_key()) for n, k in identities.items()}
     splits = site_splits(config)
-    policies = site_policies(config, agreement, names)
-    # The sites' budgets as the run planned them: the least of the config's, the agreement's and each policy's
-    # cap (the plan's own rule). The rest of the plan, the noise calibration, is the run's: a reopened run
-    # has no round to calibrate, and redoing it cost seconds each time.
-    config = config.resolved()
-    caps, pc = epsilon_caps(config, names, agreement, policies), config.privacy
+    # The sites' budgets as the run planned them (the least of the config's, the agreement's and each policy's cap).
+    plan = reopen_plan(run_dir, sample=splits[names[0]].train, names=names, agreement=agreement,
+                       policies=site_policies(config, agreement, names))
     heads = TranscriptWriter(run_dir).heads
     sites = {}
     for n in names:
         sites[n] = build_site(
             n, splits[n], identity=identities[n], directory=directory, state=site_state(run_dir, n), seed=config.seed,
-            budget=Budget(caps[n], pc.delta, pc.accountant) if pc.enabled else None,  # a site under DP keeps its ledger
-            agreement=agreement, policy=policies.get(n),
+            budget=plan.privacy.budget(n),  # a site under DP keeps its ledger
+            agreement=agreement, policy=plan.policies.get(n),
             journal=False, record=False,  # its lifecycle state only, beside the ledger its run left
         )
         head = last_cosigned(heads, n)
@@ -545,7 +560,7 @@ def simulated(run_dir: Path, keys_dir: Path, *, incoming: Mapping[str, Table] | 
             sites[n].observe(incoming[n])
     transport = InProcessTransport(sites, identity=identities[COORDINATOR], directory=directory)
     return Lifecycle(run_dir, coordinator_key=identities[COORDINATOR], directory=directory, transport=transport,
-                     sample=splits[names[0]].train)
+                     sample=splits[names[0]].train, plan=plan)
 
 
 def open_lifecycle(run_dir: Path, keys_dir: Path, *, incoming: Mapping[str, Table] | None = None) -> Lifecycle:

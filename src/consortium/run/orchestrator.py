@@ -14,7 +14,6 @@ simulation fills with in-process sites (``consortium.run.simulation``) and
 from __future__ import annotations
 
 import hashlib
-import math
 import secrets
 import time
 from collections.abc import Callable
@@ -50,12 +49,12 @@ from consortium.privacy.events import RecordLevelEvent
 from consortium.protocol.sitedp import SiteLevelDP
 from consortium.protocol import messages as m
 from consortium.protocol.coordinator import COORDINATOR, Coordinator, RoundRecord
-from consortium.run.loop import RoundLoop
+from consortium.run.session import Session, finite_metrics
 from consortium.run.plan import RunPlan, model_adapter, plan_run
 from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.runs import RunFolder, new_run_dir, write_atomic
 from consortium.transcript.log import TreeHead, cosign_quorum, vector_sha256
-from consortium.run.recorder import TranscriptRecorder, code_sha256, library_versions, over_transport
+from consortium.run.recorder import TranscriptRecorder, code_sha256, library_versions
 from consortium.transcript.records import LogRecord
 from consortium.audit.verify import AGREEMENT_FILE, epsilon_bound, signed_epsilon, verify_run
 from consortium.transport import Answer, Transport, ask_all
@@ -77,11 +76,6 @@ def _answer(answer: Answer | ConsortiumError) -> Answer:
     if isinstance(answer, ConsortiumError):
         raise ProtocolError(f"the run cannot start: {answer}")
     return answer
-
-
-def finite_metrics(metrics: dict[str, float]) -> dict[str, float | None]:
-    """Metrics as JSON can hold them: NaN and infinities become None."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
 
 
 def _head_json(head: TreeHead) -> dict[str, Any]:
@@ -182,13 +176,14 @@ class CoordinatorRun:
         assert config.model is not None
         started = time.perf_counter()
         run = RunFolder(self.run_dir, resume=self._resume)
-        # Sites co-sign each head through the transport, like any other request.
-        cosign = over_transport(self.transport, self.names, lambda: coordinator.round)
-        transcript = TranscriptRecorder(
-            self.run_dir, coordinator_key=self._identity, cosign=cosign,
-            quorum=cosign_quorum(config.participation.min_sites, len(names)),
+        # One session: the rounds, the transcript (each head co-signed through the transport, like any
+        # other request) and the coordinator's state, committed with each round's entries.
+        session = Session(
+            self.transport, self.run_dir, coordinator_key=self._identity, sites=names,
+            quorum=cosign_quorum(config.participation.min_sites, len(names)), coordinator=coordinator,
+            run=run, state=self.state, setup_saved=self._resume,
         )
-        self.recorder = transcript
+        transcript = self.recorder = session.recorder
         if not self._resume:
             config_text = yaml.safe_dump(config.model_dump(mode="json", by_alias=True), sort_keys=False)
             run.write_config(config_text)
@@ -197,27 +192,16 @@ class CoordinatorRun:
                 write_atomic(signatures_path(run.path / AGREEMENT_FILE), signatures_path(config.agreement.file).read_bytes())
             transcript.start(*self._endorsed_manifest(config_text))
 
-        journal = recovery.Journal(
-            self.state, coordinator, transcript, run, metrics=finite_metrics, on_round=on_round, setup_saved=self._resume,
-        )
-
         halted: Incident | None = None
         try:
             if self._resume:  # every site picks up from the last head it co-signed
                 self._resume_sites(transcript.writer.heads)
-                self._restart(run, transcript, journal.record_round)
-            loop = RoundLoop(before_stage=journal.before_stage, after_stage=journal.after_stage)
-            history = loop.run(coordinator, self.transport, on_round=journal.record_round)
+                self._restart(session)
+            history = session.run_rounds(on_round)
         except RunHalted as exc:  # recorded with its cause, and no final model: nothing more happens until resumed
             halted = exc.incident
             history = coordinator.history
-            if history and history[-1].status == "halted":
-                run.append_metrics(finite_metrics(history[-1].to_json()))  # type: ignore[arg-type]
-            transcript.record(coordinator.drain_log())
-            transcript.archive(coordinator.drain_archives())
-            if coordinator.task is not None:  # what a quorum's resume continues from
-                run.write_checkpoint(*coordinator.checkpoint())
-            head = transcript.halt(halted, vector_sha256(coordinator.params) if coordinator.params is not None else None)
+            head = session.halt(halted)
         assert coordinator.params is not None and coordinator.task is not None
 
         # The final model, parameters by name, with the standardisation it was trained under.
@@ -303,13 +287,14 @@ class CoordinatorRun:
         body = version_body(version, vector_sha256(self.coordinator.params), "run")
         return version, LogRecord("model_version", self.coordinator.round, COORDINATOR, body)
 
-    def _restart(self, run: RunFolder, transcript: TranscriptRecorder, record_round: Callable[[RoundRecord], None]) -> None:
+    def _restart(self, session: Session) -> None:
         """Where a resumed run picks up: after a quorum's resume entry, from the model it halted at; after a
         crash (a run with a state store), from its last committed state (``consortium.run.recovery``)."""
-        if transcript.writer.entries[-1].kind != "resume" and self.state is not None:
-            recovery.recover(self.state, self.coordinator, run, transcript, record_round)
+        assert session.run is not None
+        if session.recorder.writer.entries[-1].kind != "resume" and self.state is not None:
+            recovery.recover(self.state, session)
             return
-        self.coordinator.restore(*self._checkpoint(run, transcript))
+        self.coordinator.restore(*self._checkpoint(session.run, session.recorder))
 
     @staticmethod
     def _checkpoint(run: RunFolder, transcript: TranscriptRecorder) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -94,9 +94,10 @@ def model_adapter(config: SimulationConfig, sample: Table, model_builder: ModelB
 
 @dataclass(frozen=True)
 class PrivacyPlan:
-    """The run's differential privacy, planned: ``event`` is each round's (the site-level one a template
-    the coordinator's release fills in), None when the run is not private; ``epsilon_caps`` holds each
-    site's effective cap (the config's, the agreement's and the site's own policy's, whichever is least)."""
+    """The run's differential privacy, planned: ``level`` None when the run is not private; ``event`` is
+    each round's (the site-level one a template the coordinator's release fills in), None too in a plan
+    that trains no more (``plan_run(..., calibrate=False)``); ``epsilon_caps`` holds each site's effective
+    cap (the config's, the agreement's and the site's own policy's, whichever is least)."""
 
     level: Literal["record", "site"] | None
     event: RecordLevelEvent | SiteLevelEvent | None
@@ -108,17 +109,19 @@ class PrivacyPlan:
 
     @property
     def enabled(self) -> bool:
-        return self.event is not None
+        return self.level is not None
 
     def budget(self, site: str) -> Budget | None:
         """The budget ``site``'s ledger keeps, or None when the run is not under differential privacy."""
-        if self.event is None:
+        if self.level is None:
             return None
         return Budget(self.epsilon_caps[site], self.delta, self.accountant)  # type: ignore[arg-type]
 
     def coordinator_privacy(self) -> RecordLevelEvent | SiteLevelDP | None:
         """What the coordinator is given: the record-level event, or a fresh site-level release (its noise
         generator and clipping state are the run's own)."""
+        if self.level is not None and self.event is None:
+            raise ValueError("this privacy plan was made for a run that trains no more: no round's noise is calibrated")
         if not isinstance(self.event, SiteLevelEvent):
             return self.event
         return SiteLevelDP(
@@ -166,6 +169,7 @@ def plan_run(
     agreement: Agreement | None = None,
     policies: Mapping[str, SitePolicy] | None = None,
     model_builder: ModelBuilder = build_task_model,
+    calibrate: bool = True,
 ) -> RunPlan:
     """Resolve ``config`` once and derive the run's plan.
 
@@ -176,6 +180,8 @@ def plan_run(
         agreement: the signed agreement the run is held to, if any (its ``max_epsilon`` caps every site).
         policies: each site's own policy, by name, where it has one (its ``max_epsilon`` caps that site).
         model_builder: builds the task's model; the plan's layout hash and noise dimension are its model's.
+        calibrate: False for a run that trains no more (a finished run reopened for its model lifecycle):
+            each site's budget is planned, no round's noise is calibrated (seconds saved, nothing lost).
 
     Returns:
         The frozen ``RunPlan``.
@@ -189,7 +195,7 @@ def plan_run(
     if names is None:
         names = agreement.sites() if agreement is not None else sorted(config.privacy.site_epsilon_caps)
     adapter = model_adapter(config, sample, model_builder)
-    privacy = _plan_privacy(config, list(names), adapter.size)
+    privacy = _plan_privacy(config, list(names), adapter.size, calibrate=calibrate)
     if agreement is not None:  # no run starts unless the config and the model keep the agreement
         check_run(agreement, config, list(names), adapter.layout_hash)
     plan = RunPlan(
@@ -220,13 +226,15 @@ def epsilon_caps(
     }
 
 
-def _plan_privacy(config: SimulationConfig, names: list[str], dim: int) -> PrivacyPlan:
+def _plan_privacy(config: SimulationConfig, names: list[str], dim: int, *, calibrate: bool = True) -> PrivacyPlan:
     """Each round's privacy, with the noise calibrated so the whole run meets the target epsilon (each
     site's cap the config's here: ``RunPlan.with_policies`` lowers it to the agreement's and the policy's)."""
     pc, training = config.privacy, config.training
     caps = MappingProxyType(epsilon_caps(config, names, None, {}))
-    if not pc.enabled:
-        return PrivacyPlan(level=None, event=None, epsilon_caps=caps, delta=pc.delta, accountant=pc.accountant)
+    if not pc.enabled or not calibrate:
+        return PrivacyPlan(
+            level=pc.level if pc.enabled else None, event=None, epsilon_caps=caps, delta=pc.delta, accountant=pc.accountant,
+        )
     if pc.level == "site":
         adaptive = pc.adaptive_clipping
         return PrivacyPlan(

@@ -1,6 +1,6 @@
 """The driver's side of the transcript: the manifest, each round's entries, signed and co-signed heads.
 
-The coordinator state machine hands over what happened (``drain_log``); the
+A session (``consortium.run.session``) hands it what the coordinator logged; the
 recorder signs the coordinator's entries, appends the sites' own signed
 decisions as they are, and after each round has the coordinator sign a tree
 head that every site co-signs only once a consistency proof shows it extends
@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors.numpy import save as safetensors_save
@@ -23,15 +23,12 @@ from consortium import crashpoints
 from consortium.crypto import keys
 from consortium.errors import ConfigError, ConsortiumError
 from consortium.governance.incident import Incident, RunHalted
-from consortium.protocol.messages import COORDINATOR, CosignRequest, Cosignature, PlanProof
+from consortium.protocol.messages import COORDINATOR, CosignRequest, Cosignature
 from consortium.runs import write_atomic
 from consortium.transcript.log import Entry, TranscriptWriter, TreeHead, canonical, last_cosigned, manifest_bytes, sha256_hex
 from consortium.transcript.records import LogRecord, SessionArchive
 from consortium.audit.verify import EVIDENCE_DIR
 from consortium.transport import NoAnswer, Transport, ask_each
-
-if TYPE_CHECKING:  # the protocol engine (and torch) only where a run is driven, not to append a halt
-    from consortium.protocol.coordinator import Coordinator
 
 LIBRARIES = ("numpy", "torch", "cryptography", "dp-accounting", "pydantic", "rfc8785")
 Cosigner = Callable[[TreeHead, list[bytes]], bytes]
@@ -173,17 +170,6 @@ class TranscriptRecorder:
         """Record why the run stopped, and the model it stopped at, under a head of its own."""
         self.writer.append("halt", incident.round, COORDINATOR, {**incident.to_json(), "model_sha256": model_sha256}, key=self._key)
         return self.close_round(halting=True)
-
-    def prove_plan(self, coordinator: Coordinator) -> None:
-        """Before a round's requests go out: log its plan, have every site co-sign it, hand the proof over."""
-        if coordinator.stage != "fit:request" or coordinator.plan_proven:
-            return
-        self.record(coordinator.drain_log())
-        crashpoints.reached("plan_appended")
-        head = self.close_round()
-        crashpoints.reached("plan_cosigned")
-        plan = next(e for e in reversed(self.writer.entries) if e.kind == "round_plan")
-        coordinator.attach_plan_proof(PlanProof(entry=plan, head=head, path=self.writer.inclusion(plan.index, head.size)))
 
     def archive(self, sessions: list[SessionArchive]) -> None:
         """Each fit session's masked inputs and unmasking evidence, for ``verify`` to recompute its sum."""

@@ -45,17 +45,15 @@ know) means the folder was changed: recovery refuses rather than guesses.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from consortium import crashpoints
 from consortium.errors import ConfigError
-from consortium.protocol.coordinator import Coordinator, RoundRecord
-from consortium.runs import RunFolder
 from consortium.transcript.log import Entry
-from consortium.run.recorder import TranscriptRecorder
+
+if TYPE_CHECKING:  # the session records through this module's write-ahead keys
+    from consortium.run.session import Session
 
 WAL = "write_ahead"  # the checkpoint's key for the entries it commits
 COVERS = "transcript_size"  # and for the transcript's size once they are appended
@@ -67,63 +65,15 @@ class StateStore(Protocol):
     def latest(self) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None: ...
 
 
-class Journal:
-    """How a driver records the rounds so that no crash splits the transcript from the state (steps 1 and 2
-    above): the round loop's ``before_stage`` and ``after_stage``, and ``record_round`` as each round ends.
-    Without a state store (``state`` None: a simulation) the same entries are written in the same order."""
+def recover(state: StateStore, session: Session) -> None:
+    """Bring the session's transcript and coordinator back to one consistent point (see the module's
+    docstring); the coordinator is then ready for the next round, or done.
 
-    def __init__(
-        self, state: StateStore | None, coordinator: Coordinator, transcript: TranscriptRecorder, run: RunFolder, *,
-        metrics: Callable[[dict[str, Any]], dict[str, Any]], on_round: Callable[[RoundRecord], None] | None = None,
-        setup_saved: bool = False,
-    ) -> None:
-        self.state, self.coordinator, self.transcript, self.run = state, coordinator, transcript, run
-        self._metrics, self._on_round, self._setup_saved = metrics, on_round, setup_saved
-
-    def commit(self, rnd: int, record: RoundRecord | None) -> None:
-        """Round ``rnd``'s entries (0: setup's) and the state after it, as one step."""
-        coordinator, transcript = self.coordinator, self.transcript
-        drained = coordinator.drain_log()
-        coordinator.requeue([r for r in drained if r.round > rnd])  # the next round's plan: logged as it goes out
-        pending = transcript.prepare([r for r in drained if r.round <= rnd])
-        if self.state is not None:  # the write-ahead record: committed before the transcript holds it
-            meta, arrays = coordinator.checkpoint()
-            # The coordinator may have planned the next round already; the checkpoint is of round ``rnd``.
-            meta = {**meta, "round": rnd, WAL: [e.model_dump(mode="json") for e in pending],
-                    COVERS: transcript.writer.size + len(pending)}
-            self.state.save_round(None if record is None else self._metrics(record.to_json()), meta, arrays)
-            crashpoints.reached("setup_committed" if record is None else "round_committed")
-        transcript.commit(pending, crash_point="round_appending")
-
-    def record_round(self, record: RoundRecord) -> None:
-        self.transcript.archive(self.coordinator.drain_archives())  # the evidence the round's entries refer to
-        crashpoints.reached("round_archived")
-        self.commit(record.round, record)
-        crashpoints.reached("round_appended")
-        self.run.append_metrics(self._metrics(record.to_json()))
-        self.transcript.close_round()
-        crashpoints.reached("round_cosigned")
-        if self._on_round is not None:
-            self._on_round(record)
-
-    def before_stage(self, coordinator: Coordinator) -> None:
-        if not self._setup_saved and coordinator.stage == "fit:request":  # setup is over: what a restart needs first
-            self._setup_saved = True
-            self.commit(0, None)
-        self.transcript.prove_plan(coordinator)
-
-    def after_stage(self, coordinator: Coordinator, closed: str) -> None:
-        if closed == "fit:request":  # what each site signed that it paid, on record before the round goes on
-            self.transcript.record(coordinator.drain_decisions())
-            crashpoints.reached("decisions_appended")
-
-
-def recover(
-    state: StateStore, coordinator: Coordinator, run: RunFolder, transcript: TranscriptRecorder,
-    record_round: Callable[[RoundRecord], None],
-) -> None:
-    """Bring transcript and coordinator back to one consistent point (see the module's docstring); the
-    coordinator is then ready for the next round, or done."""
+    Raises:
+        ConfigError: nothing was committed yet, or the folder was changed after the coordinator stopped.
+    """
+    coordinator, transcript, run = session.coordinator, session.recorder, session.run
+    assert run is not None
     latest = state.latest()
     if latest is None:
         raise ConfigError(
@@ -159,7 +109,7 @@ def recover(
         seen = any(h.size > plan.index for h in transcript.writer.heads)  # under no head, no site was asked
         decided = {e.author for e in after if e.kind == "site_decision"}
         unaccounted = {s: event for s in plan.body["cohort"] if s not in decided} if event is not None and seen else {}
-        record_round(coordinator.skip_interrupted(reason, list(plan.body["cohort"]), unaccounted))
+        session.record_round(coordinator.skip_interrupted(reason, list(plan.body["cohort"]), unaccounted))
     elif transcript.writer.heads[-1].size < len(entries):
         transcript.close_round()  # the round's entries, complete, under a head of their own
     coordinator.open_next()
