@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/consortium demo
 
+# Both cores: one worker per core, each test file whole on one worker (its module fixtures built once).
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
