@@ -53,10 +53,8 @@ class Recoverable(Simulation):
         super().__init__(*a, **kw)
         self.state = CoordinatorState(f"sqlite:///{self.run_dir / 'coordinator.sqlite'}")
 
-    def _member_keys(self):
-        self._identities = {n: _KEYS.setdefault(n, keys.generate_ed25519()[0]) for n in [*self.names, COORDINATOR]}
-        directory = {n: keys.ed25519_public_bytes(k.public_key()) for n, k in self._identities.items()}
-        return self._identities[COORDINATOR], directory
+    def _member_keys(self, plan):
+        return {n: _KEYS.setdefault(n, keys.generate_ed25519()[0]) for n in [*plan.names, COORDINATOR]}
 
 
 def _crash_at(monkeypatch, point: str, nth: int) -> list[int]:

@@ -248,7 +248,7 @@ def _run_with_policy(tmp_path: Path, site: str, **policy: object):
 def _layout_of_the_configured_model(tmp_path: Path) -> str:
     (tmp_path / "probe" / "policies").mkdir(parents=True)
     probe = Simulation(_config(tmp_path / "probe", _consortium(tmp_path / "probe")), out=tmp_path / "probe" / "run")
-    return probe._adapter(next(iter(probe._splits.values())).train).layout_hash
+    return probe.plan.layout_hash
 
 
 def test_a_policy_refusal_is_signed_recorded_and_reported_by_verify(tmp_path):

@@ -75,7 +75,7 @@ class Deployment:
         for t in self.threads:
             t.start()
         sim.transport = MailboxTransport(
-            self.mailbox, identity=sim._identities[COORDINATOR], directory=sim._directory, stage_timeout_s=60
+            self.mailbox, identity=sim._identity, directory=sim._directory, stage_timeout_s=60
         )
 
     def close(self) -> None:

@@ -18,8 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
 from consortium.config import AgreementConfig, SimulationConfig, load_config
 from consortium.crypto import keys
 from consortium.data import DataSchema, layout_table, load_schema
@@ -30,7 +28,9 @@ from consortium.deploy.service import HttpsServer, create_app
 from consortium.errors import ConfigError
 from consortium.governance.agreement import Agreement, load_agreement, load_member_key
 from consortium.deploy.state import CoordinatorState
-from consortium.run.orchestrator import CoordinatorRun, RunResult, finite_metrics
+from consortium.run.orchestrator import CoordinatorRun, RunResult, signed_agreement
+from consortium.run.plan import plan_run
+from consortium.run.session import finite_metrics
 from consortium.protocol.coordinator import COORDINATOR, RoundRecord
 from consortium.runs import new_run_dir
 from consortium.transcript.log import TranscriptWriter
@@ -96,21 +96,29 @@ class ServedRun(CoordinatorRun):
         agreement_file = kit.folder / "agreement.yaml"
         # The run is held to the kit's agreement, whatever the config's agreement section says.
         config = config.model_copy(update={"agreement": AgreementConfig(file=agreement_file, keys=kit.folder)})
-        names = load_agreement(agreement_file).sites()
-        if out is None:
+        agreement = signed_agreement(config)
+        assert agreement is not None
+        plan = plan_run(config, sample=layout_table(schema), names=agreement.sites(), agreement=agreement)
+        identity = load_member_key(agreement, None, COORDINATOR, file=kit.folder / "identity.key")
+        directory = directory_of(agreement)
+        assert directory[COORDINATOR] == keys.ed25519_public_bytes(identity.public_key())
+        if out is None:  # every input is checked: only now does the run get its folder
             out = new_run_dir(Path("runs"), f"{kit.member}-served-seed{config.seed}")
-        super().__init__(config, names=names, sample=layout_table(schema), out=out, resume=recover)
-        assert self.agreement is not None
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.state = CoordinatorState(state_url or f"sqlite:///{self.run_dir / STATE_FILE}")  # recovers a crash
+        out.mkdir(parents=True, exist_ok=True)
         self.mailbox = Mailbox()
-        roles = {m.name: m.role for m in self.agreement.members}
+        roles = {m.name: m.role for m in agreement.members}
         app = create_app(self.mailbox, roles, poll_wait_s=poll_wait_s)
         self.server = HttpsServer(app, kit, host=host, port=port)
-        self.transport = MailboxTransport(
-            self.mailbox, identity=self._identity, directory=self._directory, stage_timeout_s=stage_timeout_s,
+        transport = MailboxTransport(
+            self.mailbox, identity=identity, directory=directory, stage_timeout_s=stage_timeout_s,
             pickup_timeout_s=pickup_timeout_s,
         )
+        super().__init__(
+            plan, transport=transport, identity=identity, directory=directory, run_dir=out,
+            state=CoordinatorState(state_url or f"sqlite:///{out / STATE_FILE}"),  # recovers a crash
+            resume=recover,
+        )
+        assert self.agreement is not None
         self.port: int | None = None
         self.board: Board | None = None
         self.dashboard: HttpsServer | None = None
@@ -149,13 +157,6 @@ class ServedRun(CoordinatorRun):
             rounds=[finite_metrics(r.to_json()) for r in self.coordinator.history], epsilon=epsilon,
             epsilon_cap=self.agreement.privacy.max_epsilon, head=head,
         ))
-
-    def _member_keys(self) -> tuple[Ed25519PrivateKey, dict[str, bytes]]:
-        assert self.agreement is not None
-        identity = load_member_key(self.agreement, None, COORDINATOR, file=self.kit.folder / "identity.key")
-        directory = directory_of(self.agreement)
-        assert directory[COORDINATOR] == keys.ed25519_public_bytes(identity.public_key())
-        return identity, directory
 
     def start(self, *, wait_for_sites_s: float) -> None:
         """Listen, then wait until every site has connected; the error names those that did not."""

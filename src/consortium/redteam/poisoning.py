@@ -139,6 +139,7 @@ class AttackedSimulation(Simulation):
     def __init__(self, config: SimulationConfig, attack: Attack, **kwargs: Any) -> None:
         self.attack = attack
         self.trigger: Trigger | None = None
+        self._seed = config.seed  # the sites are made while the run is built: before it holds its config
         super().__init__(config, **kwargs)
         unknown = sorted(set(attack.sites) - set(self.names))
         if unknown:
@@ -155,7 +156,7 @@ class AttackedSimulation(Simulation):
                 raise ConfigError(f"the trigger names feature {max(attack.trigger_features)}; the data has {splits.train.X.shape[1]}")
             if self.trigger is None:  # one trigger for every attacker, from the first one's own data
                 self.trigger = attack_trigger(attack, splits)
-            rng = np.random.default_rng(np.random.SeedSequence([self.config.seed, 0xBAD, *name.encode()]))
+            rng = np.random.default_rng(np.random.SeedSequence([self._seed, 0xBAD, *name.encode()]))
             splits = dataclasses.replace(splits, train=_stamp(splits.train, self.trigger, attack.poison_fraction, rng))
         return MaliciousSite(name, splits, attack=attack, **kwargs)
 

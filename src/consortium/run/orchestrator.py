@@ -2,13 +2,12 @@
 
 It reads the run's plan (``consortium.run.plan``: the config resolved once,
 the privacy plan, the strategy, the model's layout, checked against the
-signed agreement), drives the rounds through whatever
-transport reaches the sites, keeps the signed, co-signed transcript, halts
-on an incident, and writes the final model and the summary. It holds no
-site's data or key: sites are reached only through ``transport``, which the
-simulation fills with in-process sites (``consortium.run.simulation``) and
-``consortium serve`` with sites polling over mutual TLS
-(``consortium.deploy.serve``).
+signed agreement), drives the rounds through the transport it is given (one
+``Session``), keeps the signed, co-signed transcript, halts on an incident,
+and writes the final model and the summary. It holds no site's data or key:
+sites are reached only through the transport, in-process sites for the
+simulation (``consortium.run.simulation``), sites polling over mutual TLS for
+``consortium serve`` (``consortium.deploy.serve``).
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from consortium import crashpoints
 from consortium.run import recovery
 from consortium.config import SimulationConfig
-from consortium.data import Table
 from consortium.errors import ConfigError, ConsortiumError, ProtocolError, VerificationError
 from consortium.governance.agreement import (
     Agreement,
@@ -38,7 +36,6 @@ from consortium.governance.agreement import (
     require_approval,
     signatures_path,
 )
-from consortium.governance.policy import SitePolicy
 from consortium.governance.incident import Incident, NormMonitor, RunHalted
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.robust import RobustAggregation
@@ -50,8 +47,7 @@ from consortium.protocol.sitedp import SiteLevelDP
 from consortium.protocol import messages as m
 from consortium.protocol.coordinator import COORDINATOR, Coordinator, RoundRecord
 from consortium.run.session import Session, finite_metrics
-from consortium.run.plan import RunPlan, model_adapter, plan_run
-from consortium.protocol.task import ModelBuilder, build_task_model
+from consortium.run.plan import RunPlan
 from consortium.runs import RunFolder, new_run_dir, write_atomic
 from consortium.transcript.log import TreeHead, cosign_quorum, vector_sha256
 from consortium.run.recorder import TranscriptRecorder, code_sha256, library_versions
@@ -89,49 +85,58 @@ class RunResult:
     params: np.ndarray
 
 
-class CoordinatorRun:
-    """One run, from the coordinator's side. Building one checks everything the coordinator can
-    (config, agreement, privacy plan) before the run gets its folder; ``run`` then trains through
-    ``self.transport`` (set by whoever builds the run), writes the run folder and returns the summary.
+def signed_agreement(config: SimulationConfig) -> Agreement | None:
+    """The agreement ``config`` names, once every approver signed it; None for a run under none.
 
-    ``sample``: a table with the data's layout (feature names, classes, image shape); its rows are
-    never read. ``identity``: the coordinator's signing key; ``directory``: every member's public key.
+    Raises:
+        ConfigError: the agreement does not load, or an approver has not signed it.
+    """
+    if config.agreement is None:
+        return None
+    agreement = load_agreement(config.agreement.file)
+    require_approval(agreement, read_signatures(config.agreement.file))
+    return agreement
+
+
+def run_folder(plan: RunPlan, out: Path | None, runs_root: Path) -> Path:
+    """The run's folder: ``out``, or a fresh one under ``runs_root`` named after the data and the seed.
+    Called once every input is checked, so that a refused run leaves no folder behind."""
+    return out if out is not None else new_run_dir(runs_root, f"{plan.config.data.dataset}-seed{plan.config.seed}")
+
+
+class CoordinatorRun:
+    """One run, from the coordinator's side: ``run`` trains through the transport it was given, writes
+    the run folder and returns the summary. It holds no site's data or key.
+
+    Args:
+        plan: the run, resolved once (``consortium.run.plan.plan_run``), with the agreement and whatever
+            site policies the coordinator holds.
+        transport: how the coordinator reaches the sites (in-process sites, or their agents over HTTPS).
+        identity: the coordinator's signing key. ``directory``: every member's public key, by name.
+        run_dir: the run's folder (``run_folder``); with ``resume``, the halted or crashed run it holds.
+        state: where the coordinator commits its state with each round's entries; a run with one
+            survives a crash of its coordinator (``consortium.run.recovery``; ``serve`` keeps one).
+        resume: continue the run in ``run_dir`` (after a quorum's resume, or from its committed state).
     """
 
-    transport: Transport
     plan: RunPlan  # the run, resolved once (``consortium.run.plan``)
     recorder: TranscriptRecorder | None = None  # the run's transcript, once ``run`` has opened it
-    # Where the coordinator commits its state with each round's entries; a run with one survives a crash
-    # of its coordinator (``consortium.run.recovery``). Set by whoever builds the run (``serve`` does).
-    state: recovery.StateStore | None = None
 
     def __init__(
-        self,
-        config: SimulationConfig,
-        *,
-        names: list[str],
-        sample: Table,
-        out: Path | None = None,
-        runs_root: Path = Path("runs"),
-        model_builder: ModelBuilder = build_task_model,
-        resume: bool = False,
+        self, plan: RunPlan, *, transport: Transport, identity: Ed25519PrivateKey, directory: dict[str, bytes],
+        run_dir: Path, state: recovery.StateStore | None = None, resume: bool = False,
     ) -> None:
-        self.names = list(names)
-        self._resume = resume  # continue the halted run in ``out`` from its checkpoint
-        self.n_classes = len(sample.classes)
-        self.agreement = agreement = self._load_agreement(config)
-        # Resolved once, here: the strategy, the privacy plan and the model's layout, from the builder given;
-        # checked against the agreement, then the sites' policies (checked before the run gets its folder).
-        plan = plan_run(config, sample=sample, names=self.names, agreement=agreement, model_builder=model_builder)
-        self.policies = self._load_policies(plan.config, agreement)
-        self.plan = plan = plan.with_policies(self.policies)
+        self.plan = plan
         self.config = config = plan.config
+        self.names = list(plan.names)
+        self.agreement = plan.agreement
+        self.transport = transport
+        self._identity, self._directory = identity, directory
+        self.run_dir = run_dir
+        self.state = state
+        self._resume = resume
         self._build = plan.model_builder
         self.privacy_plan = plan.privacy.coordinator_privacy()
-        self._identity, self._directory = self._member_keys()
-        # Every input is checked: only now does the run get its folder.
-        self.run_dir = out if out is not None else new_run_dir(runs_root, f"{config.data.dataset}-seed{config.seed}")
-        secure = plan.secure_aggregation(self._identity, self._directory)
         self.strategy = plan.strategy
         rc = config.robust
         self.robust = RobustAggregation(rc.aggregator, rc.byzantine, rc.norm_bound)
@@ -142,34 +147,13 @@ class CoordinatorRun:
             strategy=self.strategy,
             rounds=config.rounds,
             seed=config.seed,
-            secure=secure,
+            secure=plan.secure_aggregation(identity, directory),
             privacy=self.privacy_plan,
             model_builder=plan.model_builder,
             monitor=NormMonitor(factor) if (factor := config.incidents.update_norm_factor) is not None else None,
             robust=self.robust if (rc.aggregator != "mean" or rc.norm_bound is not None) else None,
             evaluation=plan.evaluation,
         )
-
-    def _member_keys(self) -> tuple[Ed25519PrivateKey, dict[str, bytes]]:
-        """The coordinator's signing key and every member's public key, by name."""
-        raise NotImplementedError
-
-    def _load_agreement(self, config: SimulationConfig) -> Agreement | None:
-        """The run's agreement, once every approver signed it; None for a run under none (the plan
-        then checks that the config and the model keep it)."""
-        if config.agreement is None:
-            return None
-        agreement = load_agreement(config.agreement.file)
-        require_approval(agreement, read_signatures(config.agreement.file))
-        return agreement
-
-    def _load_policies(self, config: SimulationConfig, agreement: Agreement | None) -> dict[str, SitePolicy]:
-        """The sites' own policies the coordinator holds (none: a deployed site keeps its own)."""
-        return {}
-
-    def _adapter(self, sample: Table) -> ModelAdapter:
-        """The layout (its parameters' names and shapes) of the model every site will build."""
-        return model_adapter(self.config, sample, self._build)
 
     def run(self, *, on_round: Callable[[RoundRecord], None] | None = None) -> RunResult:
         config, coordinator, names = self.config, self.coordinator, self.names

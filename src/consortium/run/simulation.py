@@ -41,7 +41,9 @@ from consortium.governance.policy import SitePolicy, load_policy
 from consortium.learning.models import build_model, standardisation
 from consortium.learning.specs import TrainSettings
 from consortium.learning.training import EvalStats, evaluate, train_local
-from consortium.run.orchestrator import CoordinatorRun, RunResult, finite_metrics
+from consortium.run.orchestrator import CoordinatorRun, RunResult, run_folder, signed_agreement
+from consortium.run.plan import RunPlan, plan_run
+from consortium.run.session import finite_metrics
 from consortium.protocol.coordinator import COORDINATOR, RoundRecord
 from consortium.protocol.site import Site
 from consortium.protocol.trainer import LocalTrainer
@@ -49,7 +51,6 @@ from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.transcript.log import TreeHead, last_cosigned
 from consortium.run.recorder import TranscriptRecorder
 from consortium.run.sites import build_site, site_randomness, site_state
-from consortium.run.sites import noise_test_seed as noise_test_seed  # a site's randomness, still importable from here
 from consortium.audit.verify import AGREEMENT_FILE
 from consortium.transport import InProcessTransport
 
@@ -153,22 +154,28 @@ class Simulation(CoordinatorRun):
         # Held by the harness only for the simulation-only baselines; each Site gets its own.
         self._splits = site_splits(config)
         names = list(self._splits)
-        super().__init__(
-            config, names=names, sample=self._splits[names[0]].train, out=out, runs_root=runs_root,
-            model_builder=model_builder, resume=resume,
-        )
-        config = self.config  # resolved once, by the run's plan
+        sample = self._splits[names[0]].train
+        self.n_classes = len(sample.classes)
+        # Resolved once: the strategy, the privacy plan and the model's layout, from the builder given,
+        # checked against the agreement, then the sites' policies; then every member's key.
+        agreement = signed_agreement(config)
+        plan = plan_run(config, sample=sample, names=names, agreement=agreement, model_builder=model_builder)
+        plan = plan.with_policies(site_policies(plan.config, agreement, names))
+        identities = self._member_keys(plan)
+        directory = {name: keys.ed25519_public_bytes(k.public_key()) for name, k in identities.items()}
+        run_dir = run_folder(plan, out, runs_root)  # every input is checked: only now does the run get its folder
+        config = plan.config
         sites = {
             name: build_site(
                 name,
                 self._splits[name],
-                identity=self._identities[name],
-                directory=self._directory,
-                state=site_state(self.run_dir, name),  # its ledger, evaluation journal and signed record
+                identity=identities[name],
+                directory=directory,
+                state=site_state(run_dir, name),  # its ledger, evaluation journal and signed record
                 seed=config.seed,
-                budget=self.plan.privacy.budget(name),  # the least of the config's, agreement's and policy's caps
-                agreement=self.agreement,
-                policy=self.policies.get(name),
+                budget=plan.privacy.budget(name),  # the least of the config's, agreement's and policy's caps
+                agreement=agreement,
+                policy=plan.policies.get(name),
                 test_seed=config.privacy.test_seed,
                 model_builder=model_builder,
                 trainer=trainer,  # each site's local training (None: plain; record-level DP is always DP-SGD)
@@ -179,29 +186,28 @@ class Simulation(CoordinatorRun):
         }
         self._ledgers = {name: site.ledger for name, site in sites.items()}
         self._sites = sites
-        self.transport = InProcessTransport(
+        transport = InProcessTransport(
             sites, dropout=config.participation.dropout, rng=np.random.default_rng(drop_seq),
-            identity=self._identity, directory=self._directory,
+            identity=identities[COORDINATOR], directory=directory,
         )
+        super().__init__(
+            plan, transport=transport, identity=identities[COORDINATOR], directory=directory, run_dir=run_dir, resume=resume,
+        )
+        self._identities = identities  # the harness holds every member's key (tests play a member with it)
 
     def _make_site(self, name: str, splits: Splits, **kwargs: Any) -> Site:
         """One simulated institution's agent. The red team overrides this to play a malicious site
-        (``consortium.redteam.poisoning``); everyone else gets the honest runtime."""
+        (``consortium.redteam.poisoning``); everyone else gets the honest runtime. Called while the run is
+        being built, before ``CoordinatorRun.__init__``: it may read only what the subclass set first."""
         return Site(name, splits, **kwargs)
 
-    def _load_policies(self, config: SimulationConfig, agreement: Agreement | None) -> dict[str, SitePolicy]:
-        return site_policies(config, agreement, self.names)
-
-    def _member_keys(self) -> tuple[Ed25519PrivateKey, dict[str, bytes]]:
+    def _member_keys(self, plan: RunPlan) -> dict[str, Ed25519PrivateKey]:
         """Every member's identity key: the agreement's members' own key files, or fresh ones."""
-        names = [*self.names, COORDINATOR]
-        if self.agreement is None:
-            self._identities = {name: keys.generate_ed25519()[0] for name in names}
-        else:
-            assert self.config.agreement is not None
-            self._identities = {name: load_member_key(self.agreement, self.config.agreement.keys, name) for name in names}
-        directory = {name: keys.ed25519_public_bytes(k.public_key()) for name, k in self._identities.items()}
-        return self._identities[COORDINATOR], directory
+        names = [*plan.names, COORDINATOR]
+        if plan.agreement is None:
+            return {name: keys.generate_ed25519()[0] for name in names}
+        assert plan.config.agreement is not None
+        return {name: load_member_key(plan.agreement, plan.config.agreement.keys, name) for name in names}
 
     def _resume_sites(self, heads: list[TreeHead]) -> None:
         for name, site in self._sites.items():
