@@ -78,6 +78,21 @@ def test_bad_input_is_one_config_error(tmp_path):
         consortium.verify(tmp_path / "nowhere")
 
 
+def test_a_model_that_mixes_the_examples_of_a_batch_is_refused_before_the_run_starts(tmp_path):
+    """Under record-level DP a BatchNorm model is refused in one line naming the module and the fix,
+    before the run gets a folder and before any site trains."""
+    import torch
+
+    def with_batchnorm(task, seed):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(task.n_features, 8), torch.nn.BatchNorm1d(8),
+                                   torch.nn.Linear(8, task.n_classes))
+
+    with pytest.raises(consortium.ConfigError, match=r"module '1' \(BatchNorm1d\) mixes the examples .* GroupNorm"):
+        consortium.simulate(rounds=1, out=tmp_path / "run", model_builder=with_batchnorm)
+    assert not (tmp_path / "run").exists()
+
+
 def test_simulate_hands_the_studys_trainer_to_every_site(tmp_path):
     from tests.test_trainer_seam import FullBatchGD
 

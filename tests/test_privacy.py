@@ -117,11 +117,85 @@ def test_measured_noise_is_within_15_percent_of_theory():
     assert abs(float(diff.mean())) < 0.1 * expected
 
 
-def test_batchnorm_is_refused_under_dp_sgd():
+def test_batchnorm_is_refused_under_dp_sgd_naming_the_module_and_the_fix():
     m = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
-    with pytest.raises(ConfigError, match="BatchNorm"):
+    with pytest.raises(ConfigError, match=r"module '1' \(BatchNorm1d\) mixes the examples .* GroupNorm or LayerNorm"):
         train_dp_sgd(m, torch.randn(8, 6), torch.zeros(8, dtype=torch.long), TrainSettings(),
                      sampling_rate=0.5, noise_multiplier=1.0, clip=1.0, steps=1, generator=secure_generator(0))
+
+
+# -- a task's own model and loss ---------------------------------------------------
+
+#: Class weights and label smoothing: a study's loss, one value per example.
+def _weighted_smoothed(outputs, targets):
+    weight = torch.tensor([0.2, 1.0, 3.0])
+    return torch.nn.functional.cross_entropy(outputs, targets, weight=weight, label_smoothing=0.1, reduction="none")
+
+
+class _Normed(torch.nn.Module):
+    """A user's module the fast path does not cover: GroupNorm after a convolution, LayerNorm, GELU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 4, 3, padding=1)
+        self.norm = torch.nn.GroupNorm(2, 4)
+        self.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4 * 5 * 5, 8), torch.nn.LayerNorm(8),
+                                        torch.nn.GELU(), torch.nn.Linear(8, 3))
+
+    def forward(self, x):
+        return self.head(torch.relu(self.norm(self.conv(x))))
+
+
+def _oracle(model, loss, X, y, clip):
+    """One example at a time through autograd: each gradient clipped to ``clip``, then summed."""
+    total = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+    for i in range(X.shape[0]):
+        model.zero_grad()
+        loss(model(X[i : i + 1]), y[i : i + 1]).sum().backward()
+        grads = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+        norm = torch.sqrt(sum(g.pow(2).sum() for g in grads.values()))
+        for k, g in grads.items():
+            total[k] += g * min(1.0, clip / float(norm))
+    return total
+
+
+@pytest.mark.parametrize("make,shape", [(_Normed, (2, 5, 5)), (_mlp, (6,))], ids=["groupnorm-cnn", "mlp"])
+def test_per_example_gradients_of_a_user_module_and_loss_equal_a_microbatch_oracle(make, shape):
+    from consortium.privacy.dpsgd import clipped_sum_fast, fast_path_supported
+
+    torch.manual_seed(3)
+    m = make()
+    X, y = torch.randn(9, *shape) * 2, torch.randint(0, 3, (9,))
+    expected = _oracle(m, _weighted_smoothed, X, y, clip=0.3)
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    summed = clip_and_sum(per_example_gradients(m, _weighted_smoothed)(params, X, y), 0.3)
+    if fast_path_supported(m):  # and the fast path, for the modules it covers
+        fast, _ = clipped_sum_fast(m, X, y, 0.3, _weighted_smoothed)
+        for k in expected:
+            torch.testing.assert_close(fast[k], expected[k], rtol=1e-4, atol=1e-5)
+    for k in expected:
+        torch.testing.assert_close(summed[k], expected[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [_Normed, lambda: _mlp()], ids=["vmap path", "fast path"])
+def test_dp_sgd_trains_on_the_tasks_loss(make):
+    """A loss that gives class 0 no weight: on records all of class 0 nothing moves; cross-entropy moves."""
+    X = torch.randn(16, 2, 5, 5) if make is _Normed else torch.randn(16, 6)
+    y = torch.zeros(16, dtype=torch.long)
+    ignore_class_0 = lambda out, t: torch.nn.functional.cross_entropy(  # noqa: E731
+        out, t, weight=torch.tensor([0.0, 1.0, 1.0]), reduction="none")
+
+    def step(loss):
+        torch.manual_seed(0)
+        m = make()
+        before = [p.detach().clone() for p in m.parameters()]
+        kw = {} if loss is None else {"loss": loss}
+        train_dp_sgd(m, X, y, TrainSettings(lr=0.5, momentum=0.0), sampling_rate=1.0, noise_multiplier=0.0, clip=1.0,
+                     steps=2, generator=secure_generator(0), **kw)
+        return max(float((a - b.detach()).abs().max()) for a, b in zip(before, m.parameters()))
+
+    assert step(ignore_class_0) == 0.0
+    assert step(None) > 1e-3
 
 
 def test_noise_comes_from_the_os_unless_a_test_seed_is_given():

@@ -7,6 +7,15 @@ each sampled example's gradient with ``vmap(grad(...))``, clips it to L2 norm
 the *expected* batch size q * n (a data-independent denominator, as the
 analysis requires). The sampling and the noise come from a generator seeded
 by the operating system's CSPRNG unless a test seed is given on purpose.
+
+The loss is the task's: any ``PerExampleLoss``, a function from the model's
+outputs and the targets to one loss per example (class weights, label
+smoothing, a regression loss), summed over the examples. The framework keeps
+what the guarantee rests on (the sampling, the clipping, the noise and the
+denominator), so a task's loss changes what is learned, never what is paid.
+A module that mixes examples within a batch is refused before training
+(``require_per_example``): one example's gradient would then depend on the
+others, and clipping it would not bound that example's influence.
 """
 
 from __future__ import annotations
@@ -37,12 +46,42 @@ def secure_numpy_generator(test_seed: int | None = None) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(entropy))
 
 
-def per_example_gradients(model: nn.Module) -> Callable[[dict, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
-    """A function (params, X, y) -> {name: [batch, *shape]} of per-example loss gradients."""
+#: (outputs, targets) -> one loss per example, shape [batch]: what a task trains on.
+PerExampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The built-in classifiers' loss: cross-entropy of the logits, one value per example."""
+    return F.cross_entropy(outputs, targets, reduction="none")
+
+
+#: Modules that compute across the examples of a batch in training (their statistics are the batch's).
+BATCH_MIXING = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
+
+
+def require_per_example(model: nn.Module) -> None:
+    """Refuse a model in which one example's output depends on the others in its batch.
+
+    Raises:
+        ConfigError: naming the first such module and the fix.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, BATCH_MIXING):
+            raise ConfigError(
+                f"module '{name or type(model).__name__}' ({type(module).__name__}) mixes the examples of a batch, "
+                "so clipping one example's gradient cannot bound its influence under DP-SGD: replace it with "
+                "GroupNorm or LayerNorm (or train without record-level DP)"
+            )
+
+
+def per_example_gradients(
+    model: nn.Module, loss: PerExampleLoss = cross_entropy,
+) -> Callable[[dict, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
+    """A function (params, X, y) -> {name: [batch, *shape]} of each example's gradient of ``loss``."""
 
     def loss_one(params: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         out = functional_call(model, params, (x.unsqueeze(0),))
-        return F.cross_entropy(out, y.unsqueeze(0))
+        return loss(out, y.unsqueeze(0)).sum()
 
     return vmap(grad(loss_one), in_dims=(None, 0, 0))
 
@@ -86,7 +125,9 @@ def _per_example_conv_weight_grads(m: nn.Conv2d, a: torch.Tensor, g: torch.Tenso
     return corr.reshape(c_in, batch, out, kh * kw).permute(1, 2, 0, 3).reshape(batch, out, c_in * kh * kw)
 
 
-def clipped_sum_fast(model: nn.Module, X: torch.Tensor, y: torch.Tensor, clip: float) -> tuple[dict[str, torch.Tensor], float]:
+def clipped_sum_fast(
+    model: nn.Module, X: torch.Tensor, y: torch.Tensor, clip: float, loss: PerExampleLoss = cross_entropy,
+) -> tuple[dict[str, torch.Tensor], float]:
     """Per-example clipping from one forward and one backward pass, for Linear and Conv2d models.
 
     A layer's per-example gradient is a product of its input and its output
@@ -107,11 +148,11 @@ def clipped_sum_fast(model: nn.Module, X: torch.Tensor, y: torch.Tensor, clip: f
             outputs[name] = out
         hooks.append(m.register_forward_hook(hook))
     try:
-        loss = F.cross_entropy(model(X), y, reduction="sum")
+        total = loss(model(X), y).sum()
     finally:
         for h in hooks:
             h.remove()
-    out_grads = dict(zip((n for n, _ in layers), torch.autograd.grad(loss, [outputs[n] for n, _ in layers])))
+    out_grads = dict(zip((n for n, _ in layers), torch.autograd.grad(total, [outputs[n] for n, _ in layers])))
     batch = X.shape[0]
     sq = torch.zeros(batch)
     conv_grads: dict[str, torch.Tensor] = {}
@@ -143,7 +184,7 @@ def clipped_sum_fast(model: nn.Module, X: torch.Tensor, y: torch.Tensor, clip: f
             bias = torch.einsum("b,bo->o", factor, g.sum(dim=(2, 3)))
         if m.bias is not None:
             summed[prefix + "bias"] = bias
-    return summed, float(loss.detach())
+    return summed, float(total.detach())
 
 
 def train_dp_sgd(
@@ -159,23 +200,25 @@ def train_dp_sgd(
     generator: torch.Generator,
     proximal_mu: float = 0.0,
     proximal_center: list[torch.Tensor] | None = None,
+    loss: PerExampleLoss = cross_entropy,
 ) -> float:
-    """Run ``steps`` DP-SGD steps in place; returns the mean loss over the sampled examples."""
+    """Run ``steps`` DP-SGD steps in place; returns the mean loss over the sampled examples.
+
+    ``loss``: the task's per-example loss (default: cross-entropy).
+
+    Raises:
+        ConfigError: the settings are out of range, or the model mixes the examples of a batch.
+    """
     if not (0 < sampling_rate <= 1) or clip <= 0 or noise_multiplier < 0 or steps < 1:
         raise ConfigError(
             f"DP-SGD needs 0 < sampling_rate <= 1, clip > 0, noise_multiplier >= 0 and steps >= 1; found "
             f"{sampling_rate}, {clip}, {noise_multiplier}, {steps}"
         )
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            raise ConfigError(
-                "BatchNorm mixes examples within a batch, so per-example clipping cannot bound one record's "
-                "influence: use GroupNorm or LayerNorm instead"
-            )
+    require_per_example(model)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = make_optimizer(list(named.values()), settings)
     fast = fast_path_supported(model)
-    per_example = None if fast else per_example_gradients(model)
+    per_example = None if fast else per_example_gradients(model, loss)
     n = X.shape[0]
     expected_batch = sampling_rate * n
     model.train()
@@ -184,14 +227,14 @@ def train_dp_sgd(
         idx = (torch.rand(n, generator=generator) < sampling_rate).nonzero().squeeze(1)
         params = {k: v.detach() for k, v in named.items()}
         if len(idx) and fast:
-            summed, batch_loss = clipped_sum_fast(model, X[idx], y[idx], clip)
+            summed, batch_loss = clipped_sum_fast(model, X[idx], y[idx], clip, loss)
             loss_total += batch_loss
             seen += len(idx)
         elif len(idx):
             assert per_example is not None
             summed = clip_and_sum(per_example(params, X[idx], y[idx]), clip)
             with torch.no_grad():
-                loss_total += float(F.cross_entropy(functional_call(model, params, (X[idx],)), y[idx], reduction="sum"))
+                loss_total += float(loss(functional_call(model, params, (X[idx],)), y[idx]).sum())
             seen += len(idx)
         else:
             summed = {k: torch.zeros_like(v) for k, v in named.items()}

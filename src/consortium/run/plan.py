@@ -31,7 +31,7 @@ from consortium.learning.adapter import ModelAdapter
 from consortium.learning.strategies import Strategy, strategy_from_config
 from consortium.privacy import ddg
 from consortium.privacy.accountant import calibrate_noise, calibrate_site_noise
-from consortium.privacy.dpsgd import secure_numpy_generator
+from consortium.privacy.dpsgd import require_per_example, secure_numpy_generator
 from consortium.privacy.events import RecordLevelEvent, SiteLevelEvent
 from consortium.protocol import messages as m
 from consortium.protocol.coordinator import SecureAggregation
@@ -187,14 +187,17 @@ def plan_run(
         The frozen ``RunPlan``.
 
     Raises:
-        ConfigError: the privacy plan or the evaluation spec cannot be met by this config and data, or the
-            agreement does not allow this config or this model's layout.
+        ConfigError: the privacy plan or the evaluation spec cannot be met by this config and data, the
+            model mixes the examples of a batch under record-level DP (BatchNorm), or the agreement does
+            not allow this config or this model's layout.
     """
     config = config.resolved()
     assert config.model is not None and config.training is not None
     if names is None:
         names = agreement.sites() if agreement is not None else sorted(config.privacy.site_epsilon_caps)
     adapter = model_adapter(config, sample, model_builder)
+    if config.privacy.enabled and config.privacy.level == "record":  # refused before any site trains, with the fix
+        require_per_example(adapter.module)
     privacy = _plan_privacy(config, list(names), adapter.size, calibrate=calibrate)
     if agreement is not None:  # no run starts unless the config and the model keep the agreement
         check_run(agreement, config, list(names), adapter.layout_hash)

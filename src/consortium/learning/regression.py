@@ -1,0 +1,53 @@
+"""Regression's evaluation as sums: what a site measures, and the metrics of the summed vector.
+
+A site evaluates on its own records and releases only a fixed-length vector
+of sums; the sites' vectors add up (under secure aggregation, only their sum
+is ever decoded) to the pooled population's, from which the metrics follow
+exactly, as if every prediction had been pooled:
+
+    MSE = sum (y - yhat)^2 / n        MAE = sum |y - yhat| / n
+    R^2 = 1 - sum (y - yhat)^2 / (sum y^2 - (sum y)^2 / n)
+
+and the mean predictor's MSE (the yardstick a useless model does no better
+than) is the pooled variance of y, from the same sums.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+#: The vector a site releases, in order.
+FIELDS = ("n", "sum_y", "sum_y2", "sum_squared_residual", "sum_absolute_residual")
+
+
+def statistics(predictions: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """One site's sums over its records (``FIELDS``), float64.
+
+    Raises:
+        ValueError: the two arrays do not hold one prediction per target.
+    """
+    p = np.asarray(predictions, dtype=np.float64).reshape(-1)
+    y = np.asarray(targets, dtype=np.float64).reshape(-1)
+    if p.shape != y.shape:
+        raise ValueError(f"{p.size} predictions for {y.size} targets: one prediction per record")
+    r = y - p
+    return np.array([y.size, y.sum(), (y * y).sum(), (r * r).sum(), np.abs(r).sum()])
+
+
+def metrics(total: np.ndarray) -> dict[str, float]:
+    """MSE, RMSE, MAE and R^2 of the summed vector, and the MSE of predicting the mean (``mean_mse``);
+    NaN where no record was evaluated (R^2 also where every target is the same)."""
+    n, sy, syy, ssr, sar = (float(v) for v in total)
+    if n < 1:
+        return {"mse": math.nan, "rmse": math.nan, "mae": math.nan, "r2": math.nan, "mean_mse": math.nan}
+    sst = max(syy - sy * sy / n, 0.0)  # the total sum of squares about the pooled mean
+    mse = ssr / n
+    return {
+        "mse": mse,
+        "rmse": math.sqrt(mse),
+        "mae": sar / n,
+        "r2": 1.0 - ssr / sst if sst > 0 else math.nan,
+        "mean_mse": sst / n,
+    }
