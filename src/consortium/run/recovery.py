@@ -5,8 +5,8 @@ coordinator's state store (``consortium.deploy.state``) holds what the
 transcript cannot: the model, the strategy's state, the history. They are
 kept consistent by a write-ahead record, as a database keeps its journal:
 
-1. at the end of each round (and once after setup, as "round 0") the driver
-   signs the round's transcript entries without writing them, and commits
+1. at the end of each round (and once after setup, as "round 0") the
+   session (``consortium.run.session``) signs the round's transcript entries without writing them, and commits
    them in ONE transaction with the checkpoint taken after the round;
 2. only then are they appended to the transcript, and their head co-signed.
 
@@ -14,7 +14,7 @@ So an outcome (an ``aggregate`` or ``evaluation`` entry) is never in the
 transcript unless the state it leads to is committed, and a committed state
 whose entries did not all reach the transcript carries them itself. Between
 rounds only two things are appended outside the record, both before any
-outcome: the next round's plan (``prove_plan``) and, as soon as that round's
+outcome: the next round's plan (co-signed before it goes out) and, as soon as that round's
 request stage closes, the decisions the sites signed (what each paid).
 
 ``recover`` (``serve --recover``) then does, for each crash point of
