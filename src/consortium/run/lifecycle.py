@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from safetensors import SafetensorError
 from safetensors.numpy import load as safetensors_load
 
-from consortium.config import load_config
+from consortium.config import SimulationConfig, load_config
 from consortium.crypto import keys
 from consortium.data import Table, load_schema, read_csv
 from consortium.data.schema import schema_of
@@ -177,7 +177,9 @@ class Lifecycle:
         self.agreement: Agreement = lifecycle_agreement(self.run_dir, manifest)
         self.terms = self.agreement.lifecycle
         self.names = [n for n, mm in manifest["members"].items() if mm["role"] == "site"]
-        self.plan = plan or reopen_plan(self.run_dir, sample=sample, names=self.names, agreement=self.agreement)
+        self.plan = plan or reopen_plan(
+            load_config(self.run_dir / "config.yaml"), sample=sample, names=self.names, agreement=self.agreement,
+        )
         self.config = self.plan.config
         self._coordinator_key = coordinator_key
         self._directory = directory
@@ -503,17 +505,16 @@ class Lifecycle:
 
 
 def reopen_plan(
-    run_dir: Path, *, sample: Table, names: list[str], agreement: Agreement,
+    config: SimulationConfig, *, sample: Table, names: list[str], agreement: Agreement,
     policies: Mapping[str, SitePolicy] | None = None,
 ) -> RunPlan:
-    """A finished run's plan, from the config it recorded, for its model lifecycle: the strategy, secure
-    aggregation, evaluation and each site's budget (``policies``: the sites' own, where they are at hand)
-    as the run had them; no round's noise is calibrated again (the run trains no more).
+    """A finished run's plan, from the config it recorded (its ``config.yaml``), for its model lifecycle:
+    the strategy, secure aggregation, evaluation and each site's budget (``policies``: the sites' own,
+    where they are at hand) as the run had them; no round's noise is calibrated again (it trains no more).
 
     Raises:
-        ConfigError: the recorded config no longer loads, or no longer keeps the agreement.
+        ConfigError: the recorded config no longer keeps the agreement.
     """
-    config = load_config(Path(run_dir) / "config.yaml")
     return plan_run(config, sample=sample, names=names, agreement=agreement, policies=policies, calibrate=False)
 
 
@@ -542,7 +543,7 @@ def simulated(run_dir: Path, keys_dir: Path, *, incoming: Mapping[str, Table] | 
     directory = {n: keys.ed25519_public_bytes(k.public_key()) for n, k in identities.items()}
     splits = site_splits(config)
     # The sites' budgets as the run planned them (the least of the config's, the agreement's and each policy's cap).
-    plan = reopen_plan(run_dir, sample=splits[names[0]].train, names=names, agreement=agreement,
+    plan = reopen_plan(config, sample=splits[names[0]].train, names=names, agreement=agreement,
                        policies=site_policies(config, agreement, names))
     heads = TranscriptWriter(run_dir).heads
     sites = {}
