@@ -529,7 +529,11 @@ def test_malformed_yaml_names_the_line(tmp_path: Path) -> None:
     [
         (SCHEMA.replace("type: float", "type: double"), "line 4: columns.0.type"),
         (SCHEMA.replace("label: outcome", "label: death"), "line 2: label: label 'death' is not one of the columns"),
-        (SCHEMA.replace("label: outcome", "label: age"), "must be a category column"),
+        (SCHEMA.replace("values: [no-event, event]}", "values: [no-event, event], missing: impute}"),
+         "line 2: label: label column 'outcome' cannot be missing: remove `missing: impute`"),
+        (SCHEMA.replace("values: [no-event, event]}", "values: [event]}"), "must declare at least 2 values"),
+        (SCHEMA.replace("values: [F, M]}", "values: [F, missing], missing: indicator}"), "clashes with its missing-indicator"),
+        (SCHEMA.replace("type: int, min: 0", "type: int, missing: drop"), "line 6: columns.2.missing"),
         (SCHEMA.replace("name: visits", "name: age"), "must be unique"),
         (SCHEMA.replace("{name: sex, type: category, values: [F, M]}", "{name: sex, type: category}"), "needs a non-empty list"),
         (SCHEMA.replace("type: int, min: 0", "type: int, values: [a]"), "cannot have values"),

@@ -2,10 +2,13 @@
 
 A :class:`Table` is the one in-memory form of a site's data that the rest of
 Consortium trains on: a float32 feature matrix, int64 class indices and the
-names that give them meaning. It checks itself on construction, so a shape or
-dtype mistake surfaces where the table is made rather than deep inside training.
+names that give them meaning. The target is either int64 class indices
+(classification) or, when the table names no classes, float32 values
+(regression). It checks itself on construction, so a shape or dtype mistake, or
+a missing value where none was declared, surfaces where the table is made
+rather than deep inside training.
 
-Two real datasets ship inside scikit-learn and need no network, which makes them
+Three real datasets ship inside scikit-learn and need no network, which makes them
 good for demonstrations; :func:`synthetic_hospitals` builds a consortium whose
 heterogeneity is set by explicit knobs, which makes it good for experiments on
 *when* federation helps.
@@ -25,9 +28,16 @@ from consortium.errors import ConfigError, DataError, UnknownDatasetError
 class Table:
     """Rows of examples with their labels and the names that give them meaning.
 
-    ``X`` is float32 of shape (n, d) and C-contiguous; ``y`` is int64 of shape
-    (n,) holding indices into ``classes``. ``image_shape`` is (channels, height,
-    width) when each row is a flattened image, so an image model can unflatten it.
+    ``X`` is float32 of shape (n, d) and C-contiguous. For classification ``y``
+    is int64 of shape (n,) holding indices into ``classes``; for regression
+    ``classes`` is ``()`` and ``y`` is float32 of shape (n,), every value finite
+    (:attr:`is_regression`). ``image_shape`` is (channels, height, width) when
+    each row is a flattened image, so an image model can unflatten it.
+
+    ``imputed`` names the feature columns that may hold NaN: a missing value,
+    declared in the schema (``missing: impute`` or ``indicator``), which the
+    model's standardisation replaces with the consortium-wide mean. NaN in any
+    other column is an error, and so is an infinity anywhere.
     """
 
     X: np.ndarray
@@ -35,11 +45,13 @@ class Table:
     feature_names: tuple[str, ...]
     classes: tuple[str, ...]
     image_shape: tuple[int, int, int] | None = None
+    imputed: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # Names are stored as tuples so that tables compare and hash their metadata reliably.
         object.__setattr__(self, "feature_names", tuple(self.feature_names))
         object.__setattr__(self, "classes", tuple(self.classes))
+        object.__setattr__(self, "imputed", tuple(self.imputed))
         X, y = self.X, self.y
         if not isinstance(X, np.ndarray) or X.ndim != 2:
             raise DataError(f"Table.X must be a 2-D numpy array (rows, features), got {_describe(X)}")
@@ -47,10 +59,21 @@ class Table:
             raise DataError(f"Table.X must be float32, got {X.dtype}: convert with X.astype(np.float32)")
         if not X.flags.c_contiguous:
             raise DataError("Table.X must be C-contiguous: wrap it in np.ascontiguousarray(X)")
-        if not isinstance(y, np.ndarray) or y.ndim != 1:
-            raise DataError(f"Table.y must be a 1-D numpy array of class indices, got {_describe(y)}")
-        if y.dtype != np.int64:
-            raise DataError(f"Table.y must be int64, got {y.dtype}: convert with y.astype(np.int64)")
+        if not all(isinstance(c, str) for c in self.classes):
+            raise DataError("Table.classes must be a tuple of strings (the class labels; () for a regression table)")
+        if self.classes:
+            if not isinstance(y, np.ndarray) or y.ndim != 1:
+                raise DataError(f"Table.y must be a 1-D numpy array of class indices, got {_describe(y)}")
+            if y.dtype != np.int64:
+                raise DataError(f"Table.y must be int64, got {y.dtype}: convert with y.astype(np.int64)")
+        else:
+            if not isinstance(y, np.ndarray) or y.ndim != 1:
+                raise DataError(f"Table.y of a regression table must be a 1-D numpy array of targets, got {_describe(y)}")
+            if y.dtype != np.float32:
+                raise DataError(
+                    f"Table.y of a regression table (classes=()) must be float32, got {y.dtype}: convert with "
+                    "y.astype(np.float32), or name the classes for a classification table"
+                )
         if len(y) != len(X):
             raise DataError(f"Table has {len(X)} rows in X but {len(y)} labels in y: they must match")
         if not all(isinstance(n, str) for n in self.feature_names):
@@ -59,16 +82,26 @@ class Table:
             raise DataError(
                 f"Table has {X.shape[1]} feature columns but {len(self.feature_names)} feature names: they must match"
             )
-        if not self.classes or not all(isinstance(c, str) for c in self.classes):
-            raise DataError("Table.classes must be a non-empty tuple of strings (the class labels)")
-        if len(y) and (y.min() < 0 or y.max() >= len(self.classes)):
-            raise DataError(
-                f"Table.y holds values in [{y.min()}, {y.max()}] but there are {len(self.classes)} classes: "
-                f"labels must lie in 0..{len(self.classes) - 1}"
-            )
-        bad = _first_non_finite_row(X)
+        if self.classes:
+            if len(y) and (y.min() < 0 or y.max() >= len(self.classes)):
+                raise DataError(
+                    f"Table.y holds values in [{y.min()}, {y.max()}] but there are {len(self.classes)} classes: "
+                    f"labels must lie in 0..{len(self.classes) - 1}"
+                )
+        elif len(y) and not np.isfinite(y).all():
+            row = int(np.flatnonzero(~np.isfinite(y))[0])
+            raise DataError(f"Table.y has a NaN or infinite target (first in row {row}): a label can never be missing")
+        columns = self._imputed_columns()
+        bad = _first_non_finite(X, columns)
         if bad is not None:
-            raise DataError(f"Table.X has a NaN or infinite value (first in row {bad}): clean or drop those rows")
+            row, col = bad
+            value, name = X[row, col], self.feature_names[col]
+            if np.isnan(value):
+                raise DataError(
+                    f"Table.X has a NaN in row {row}, feature '{name}', which is not declared imputed: clean or drop "
+                    "those rows, or declare the column `missing: impute` in the schema"
+                )
+            raise DataError(f"Table.X has an infinite value in row {row}, feature '{name}': clean or drop those rows")
         if self.image_shape is not None:
             shape = tuple(self.image_shape)
             if len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
@@ -78,6 +111,20 @@ class Table:
                     f"Table.image_shape {shape} holds {math.prod(shape)} values but rows have {X.shape[1]} features"
                 )
             object.__setattr__(self, "image_shape", shape)
+
+    def _imputed_columns(self) -> np.ndarray:
+        """The column indices of ``imputed``, each checked to name a feature once."""
+        if not all(isinstance(n, str) for n in self.imputed):
+            raise DataError("Table.imputed must be a tuple of feature names (strings)")
+        index = {n: i for i, n in enumerate(self.feature_names)}
+        seen: set[str] = set()
+        for name in self.imputed:
+            if name not in index:
+                raise DataError(f"Table.imputed names '{name}', which is not a feature: list only feature names")
+            if name in seen:
+                raise DataError(f"Table.imputed names '{name}' twice: list each feature once")
+            seen.add(name)
+        return np.array([index[n] for n in self.imputed], dtype=np.int64)
 
     @property
     def n_rows(self) -> int:
@@ -89,7 +136,13 @@ class Table:
 
     @property
     def n_classes(self) -> int:
+        """The number of classes; 0 for a regression table."""
         return len(self.classes)
+
+    @property
+    def is_regression(self) -> bool:
+        """True when the target is a float32 value rather than a class index (the table names no classes)."""
+        return not self.classes
 
     def take(self, idx: np.ndarray) -> Table:
         """The rows at ``idx`` (integer indices or a boolean mask), with the same metadata."""
@@ -102,6 +155,7 @@ class Table:
             feature_names=self.feature_names,
             classes=self.classes,
             image_shape=self.image_shape,
+            imputed=self.imputed,
         )
 
 
@@ -114,17 +168,23 @@ def concat_tables(tables: list[Table]) -> Table:
         feature_names=first.feature_names,
         classes=first.classes,
         image_shape=first.image_shape,
+        imputed=first.imputed,
     )
 
 
-def _first_non_finite_row(X: np.ndarray) -> int | None:
-    """The first row holding a NaN or an infinity, or None; checked in blocks of about 4M values, so that
-    a large table is not shadowed by a boolean copy of itself."""
+def _first_non_finite(X: np.ndarray, nan_ok: np.ndarray) -> tuple[int, int] | None:
+    """(row, column) of the first NaN or infinity, or None; a NaN in a column of ``nan_ok`` is allowed (an
+    infinity never is). Checked in blocks of about 4M values, so that a large table is not shadowed by a
+    boolean copy of itself."""
     step = max(1, (1 << 22) // max(1, X.shape[1]))
     for start in range(0, len(X), step):
-        bad = ~np.isfinite(X[start : start + step])
+        block = X[start : start + step]
+        bad = ~np.isfinite(block)
+        if len(nan_ok):
+            bad[:, nan_ok] = np.isinf(block[:, nan_ok])
         if bad.any():
-            return start + int(np.argwhere(bad)[0][0])
+            row, col = np.argwhere(bad)[0]
+            return start + int(row), int(col)
     return None
 
 
@@ -137,7 +197,7 @@ def _describe(a: object) -> str:
 # ---------------------------------------------------------------------------
 # Built-in datasets
 
-BUILTIN_DATASETS: tuple[str, ...] = ("breast-cancer", "digits", "synthetic-hospitals")
+BUILTIN_DATASETS: tuple[str, ...] = ("breast-cancer", "diabetes", "digits", "synthetic-hospitals")
 
 
 def load_builtin(name: str) -> Table:
@@ -145,7 +205,10 @@ def load_builtin(name: str) -> Table:
 
     ``"breast-cancer"``: Wisconsin diagnostic, 569 rows, 30 features, classes
     ("malignant", "benign"). ``"digits"``: 1797 8x8 images of handwritten digits,
-    raw pixel values 0..16, classes "0".."9". ``"synthetic-hospitals"`` is a
+    raw pixel values 0..16, classes "0".."9". ``"diabetes"``: a regression table
+    (no classes), 442 rows, 10 raw features (age, sex, bmi, bp, s1..s6) and a
+    float32 target, a measure of disease progression one year later (25..346).
+    ``"synthetic-hospitals"`` is a
     whole consortium rather than one table: use :func:`synthetic_hospitals`.
     """
     if name == "breast-cancer":
@@ -157,6 +220,16 @@ def load_builtin(name: str) -> Table:
             y=np.asarray(bunch.target, dtype=np.int64),
             feature_names=tuple(str(n) for n in bunch.feature_names),
             classes=tuple(str(c) for c in bunch.target_names),
+        )
+    if name == "diabetes":
+        from sklearn.datasets import load_diabetes
+
+        bunch = load_diabetes(scaled=False)  # raw units: the model standardises its inputs itself
+        return Table(
+            X=np.ascontiguousarray(bunch.data, dtype=np.float32),
+            y=np.asarray(bunch.target, dtype=np.float32),
+            feature_names=tuple(str(n) for n in bunch.feature_names),
+            classes=(),
         )
     if name == "digits":
         from sklearn.datasets import load_digits

@@ -7,6 +7,9 @@ Yurochkin et al. 2019) and quantity skew (Dirichlet site sizes). Each returns
 sorted, disjoint int64 index arrays that together use every row exactly once,
 and each guarantees a minimum number of rows per site or says why it cannot.
 All randomness comes from the ``rng`` passed in, so a seed reproduces a split.
+
+A regression table (a continuous target) has no classes to skew: label skew
+refuses it, and :func:`split_table` stratifies it by quantile bins of the target.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from consortium.errors import ConfigError, DataError, PartitionError
 
 #: How many Dirichlet draws :func:`partition_dirichlet` tries before giving up.
 MAX_ATTEMPTS = 1000
+
+#: How many quantile bins of the target :func:`split_table` stratifies a regression table by.
+REGRESSION_STRATA = 10
 
 
 def _check_sites(n_sites: int) -> None:
@@ -76,6 +82,11 @@ def partition_dirichlet(
     ``min_rows`` rows; otherwise :class:`PartitionError` says what to change.
     """
     y = np.asarray(y)
+    if y.ndim == 1 and np.issubdtype(y.dtype, np.floating):
+        raise DataError(
+            "label skew (partition kind 'dirichlet') needs class labels, but this target is continuous "
+            "(a regression table): use partition kind 'iid' or 'quantity'"
+        )
     if y.ndim != 1 or (y.size and not np.issubdtype(y.dtype, np.integer)):
         raise DataError(f"y must be a 1-D array of integer class labels, got dtype {y.dtype} and shape {y.shape}")
     _check_sites(n_sites)
@@ -155,6 +166,10 @@ def split_table(table: Table, rng: np.random.Generator, *, validation: float = 0
     proportion, to within one row. A class too small to reach every split simply
     lands in a random split, which is the plain random split the small case calls
     for. A split with a fraction > 0 keeps at least one row, and train always does.
+
+    A regression table is stratified the same way by ``REGRESSION_STRATA``
+    quantile bins of its target (rows ranked by target, ties in row order, cut
+    into near-equal bins), so every split spans the target's range.
     """
     _check_fraction("validation", validation)
     _check_fraction("test", test)
@@ -178,9 +193,10 @@ def split_table(table: Table, rng: np.random.Generator, *, validation: float = 0
             n_test -= 1
 
     # Position of each row along the stratified ordering: (rank within its class + U(0,1)) / class size.
+    strata = _target_bins(table.y) if table.is_regression else table.y
     key = np.empty(n, dtype=np.float64)
-    for c in np.unique(table.y):
-        rows = np.flatnonzero(table.y == c)
+    for c in np.unique(strata):
+        rows = np.flatnonzero(strata == c)
         rank = rng.permutation(len(rows))
         key[rows] = (rank + rng.random(len(rows))) / len(rows)
     order = np.argsort(key, kind="stable")
@@ -190,3 +206,11 @@ def split_table(table: Table, rng: np.random.Generator, *, validation: float = 0
         validation=table.take(np.sort(val_idx)),
         test=table.take(np.sort(test_idx)),
     )
+
+
+def _target_bins(y: np.ndarray) -> np.ndarray:
+    """The quantile bin (0..REGRESSION_STRATA - 1) of each continuous target: rank by value, ties in row order."""
+    n = len(y)
+    rank = np.empty(n, dtype=np.int64)
+    rank[np.argsort(y, kind="stable")] = np.arange(n)
+    return rank * min(REGRESSION_STRATA, max(1, n)) // max(1, n)

@@ -6,7 +6,11 @@ train one model: the same columns, the same types, the same category values in
 the same order, hence the same feature vector. Sites compare schemas before
 training (:func:`check_schemas`, :meth:`DataSchema.fingerprint`), and every row
 is checked against the schema on load, so a bad cell is reported by file, line
-and column instead of silently becoming a wrong number.
+and column instead of silently becoming a wrong number. A missing value is an
+error unless its column declares what to do with it (``missing: impute`` or
+``missing: indicator``); a row is never dropped silently. A category label makes
+a classification table, a float or int label a regression table.
+``docs/schema.md`` documents the format; ``consortium schema infer`` drafts one.
 
 Example schema file::
 
@@ -14,8 +18,13 @@ Example schema file::
     label: outcome
     columns:
       - {name: age, type: float, min: 0, max: 120}
-      - {name: sex, type: category, values: [F, M]}
-      - {name: outcome, type: category, values: [no-event, event]}
+      - {name: sex, type: category, values: ["F", "M"]}
+      - {name: bmi, type: float, missing: impute}
+      - {name: smoker, type: category, values: ["no", "yes"], missing: indicator}
+      - {name: outcome, type: category, values: ["no-event", "event"]}
+
+It reads into the features ``age, sex=F, sex=M, bmi, smoker=no, smoker=yes,
+smoker=missing``; ``bmi``, ``smoker=no`` and ``smoker=yes`` may hold NaN.
 """
 
 from __future__ import annotations
@@ -39,8 +48,16 @@ from consortium.errors import ConfigError, DataError, SchemaError, SchemaMismatc
 from consortium.yamlfile import duplicates, parse_yaml, read_text, validate
 
 
+#: The cells that mean "missing" in a column that declares ``missing: impute`` or ``indicator`` (after
+#: stripping spaces; case-sensitive). A category value declared in the schema is always that value.
+MISSING_SPELLINGS: frozenset[str] = frozenset({"", "NA", "N/A", "NaN", "nan", "NULL", "null"})
+
+#: The suffix of a ``missing: indicator`` column's extra feature: ``smoker=missing``.
+INDICATOR_SUFFIX = "=missing"
+
+
 class ColumnSpec(BaseModel):
-    """One column: its name, its type, and its allowed values or bounds."""
+    """One column: its name, its type, its allowed values or bounds, and what a missing cell means."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -49,6 +66,8 @@ class ColumnSpec(BaseModel):
     values: list[str] | None = None  # required for category columns, in the order used for encoding
     min: float | None = None  # optional bounds, float and int columns only
     max: float | None = None
+    # error: a missing cell is an error; impute: NaN in the column's features; indicator: that, and a 0/1 feature
+    missing: Literal["error", "impute", "indicator"] = "error"
 
     @model_validator(mode="after")
     def _consistent(self) -> ColumnSpec:
@@ -57,6 +76,11 @@ class ColumnSpec(BaseModel):
                 raise ValueError(f"category column '{self.name}' needs a non-empty list of values")
             if len(set(self.values)) != len(self.values):
                 raise ValueError(f"category column '{self.name}' lists a value twice: {self.values}")
+            if self.missing == "indicator" and "missing" in self.values:
+                raise ValueError(
+                    f"category column '{self.name}' has a value 'missing', which clashes with its missing-indicator "
+                    f"feature '{self.name}{INDICATOR_SUFFIX}': rename the value or use missing: impute"
+                )
             if self.min is not None or self.max is not None:
                 raise ValueError(f"category column '{self.name}' cannot have min or max; remove them")
         else:
@@ -96,28 +120,67 @@ class DataSchema(BaseModel):
         label = next((c for c in self.columns if c.name == self.label), None)
         if label is None:
             raise ValueError(f"label '{self.label}' is not one of the columns {names}")
-        if label.type != "category":
-            raise ValueError(f"label column '{self.label}' must be a category column, not {label.type}")
-        if len(label.values or ()) < 2:
+        if label.missing != "error":
+            raise ValueError(
+                f"label column '{self.label}' cannot be missing: remove `missing: {label.missing}` from it "
+                "(leave rows without a label out of the export)"
+            )
+        if label.type == "category" and len(label.values or ()) < 2:
             raise ValueError(f"label column '{self.label}' must declare at least 2 values (the classes)")
         return self
 
+    @property
+    def label_column(self) -> ColumnSpec:
+        return next(c for c in self.columns if c.name == self.label)
+
+    @property
+    def is_regression(self) -> bool:
+        """True when the label is a float or int column: the table's target is a value, not a class."""
+        return self.label_column.type != "category"
+
+    def classes(self) -> tuple[str, ...]:
+        """The label's values (the classes); () for a regression label."""
+        return tuple(self.label_column.values or ()) if not self.is_regression else ()
+
+    def _features_of(self, col: ColumnSpec) -> list[str]:
+        """The features column ``col`` encodes into, without its missing indicator."""
+        if col.type == "category":
+            return [f"{col.name}={v}" for v in col.values or ()]
+        return [col.name]
+
     def feature_names(self) -> tuple[str, ...]:
-        """Names of the encoded features, in schema order: ``sex=F, sex=M`` for categories, else the column name."""
+        """Names of the encoded features, in schema order: ``sex=F, sex=M`` for categories, else the column name;
+        a ``missing: indicator`` column's 0/1 feature ``name=missing`` follows its own features."""
         out: list[str] = []
         for col in self.columns:
             if col.name == self.label:
                 continue
-            if col.type == "category":
-                out.extend(f"{col.name}={v}" for v in col.values or ())
-            else:
-                out.append(col.name)
+            out.extend(self._features_of(col))
+            if col.missing == "indicator":
+                out.append(col.name + INDICATOR_SUFFIX)
         return tuple(out)
 
+    def imputed_features(self) -> tuple[str, ...]:
+        """The features that may hold NaN: every feature of a ``missing: impute`` or ``indicator`` column
+        (not the indicator itself, which is always 0 or 1)."""
+        return tuple(f for c in self.columns if c.name != self.label and c.missing != "error" for f in self._features_of(c))
+
     def fingerprint(self) -> str:
-        """SHA-256 (hex) of the schema's canonical JSON: identical schemas, identical fingerprints."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """SHA-256 (hex) of the schema's canonical JSON: identical schemas, identical fingerprints.
+
+        ``missing`` enters only where it is not the default ``error``, so a schema that declares no
+        missing values keeps the fingerprint it had before the key existed."""
+        canonical = json.dumps(_plain(self), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _plain(schema: DataSchema, *, exclude_none: bool = False) -> dict:
+    """The schema as plain data, leaving out each column's ``missing`` where it is the default ``error``."""
+    data = schema.model_dump(mode="json", exclude_none=exclude_none)
+    for col in data["columns"]:
+        if col.get("missing") == "error":
+            del col["missing"]
+    return data
 
 
 # ---------------------------------------------------------------------------
@@ -221,8 +284,13 @@ def read_csv(path: str | Path, schema: DataSchema) -> Table:
     """Read a site's CSV into a :class:`Table`, checking every cell against ``schema``.
 
     The header must hold exactly the schema's columns, in any order. Category
-    features are one-hot encoded in the order of their declared values; the
-    label becomes class indices into its values, which become the table's classes.
+    features are one-hot encoded in the order of their declared values; a
+    category label becomes class indices into its values, which become the
+    table's classes, and a float or int label a float32 regression target
+    (classes ``()``). A missing cell (one of :data:`MISSING_SPELLINGS`) is an
+    error naming the fix unless its column declares ``missing: impute`` (NaN in
+    all of the column's features, which the table lists in ``imputed``) or
+    ``missing: indicator`` (the same, and 1 in its ``name=missing`` feature).
     The file is streamed row by row into arrays allocated once from its line count,
     so reading it holds little more than the table itself.
     """
@@ -237,7 +305,7 @@ def read_csv(path: str | Path, schema: DataSchema) -> Table:
 
     n_features = len(schema.feature_names())
     X = np.empty((bound, n_features), dtype=np.float32)
-    y = np.empty(bound, dtype=np.int64)
+    y = np.empty(bound, dtype=np.float32 if schema.is_regression else np.int64)
     n = 0
     with handle:
         reader = csv.reader(handle)
@@ -258,14 +326,7 @@ def read_csv(path: str | Path, schema: DataSchema) -> Table:
                     raise SchemaError(
                         f"{p} line 1: column '{name}' is not in the schema; remove it from the file or declare it"
                     )
-            # Per column: its name, position in the row, parser, and where its value goes (None: the label).
-            plan: list[tuple[str, int, Callable[[str], float | int], int | None, bool]] = []
-            j = 0
-            for col in schema.columns:
-                at = None if col.name == schema.label else j
-                plan.append((col.name, header.index(col.name), _cell_parser(col), at, col.type == "category"))
-                if at is not None:
-                    j += len(col.values or ()) if col.type == "category" else 1
+            plan = _read_plan(schema, header)
             zeros = [0.0] * n_features
 
             for row in reader:
@@ -277,19 +338,22 @@ def read_csv(path: str | Path, schema: DataSchema) -> Table:
                         f"{p} line {line}: expected {len(header)} cells but found {len(row)}; fix the row"
                     )
                 x = zeros.copy()
-                label = 0
-                for name, pos, parse, at, one_hot in plan:
+                label: float | int = 0
+                for name, pos, parse, at, one_hot, na, missing in plan:
                     text = row[pos].strip()
+                    if text in na:
+                        if missing is None:
+                            raise SchemaError(f"{p} line {line}, column '{name}': {_missing_problem(text, name, at)}")
+                        x[at : at + len(missing)] = missing  # NaN in the column's features, then its indicator
+                        continue
                     try:
-                        if not text:
-                            raise _BadCell("the cell is empty")
                         value = parse(text)
                     except _BadCell as exc:
                         raise SchemaError(
                             f"{p} line {line}, column '{name}': {exc}; fix the row or the schema"
                         ) from None
                     if at is None:
-                        label = int(value)
+                        label = value
                     elif one_hot:
                         x[at + int(value)] = 1.0
                     else:
@@ -306,51 +370,87 @@ def read_csv(path: str | Path, schema: DataSchema) -> Table:
 
     if n == 0:
         raise SchemaError(f"{p} has a header but no data rows: a site needs at least one row")
-    label_col = next(c for c in schema.columns if c.name == schema.label)
     return Table(
         X=X[:n],  # the leading rows: contiguous, no copy; rows never written were never touched
         y=y[:n],
         feature_names=schema.feature_names(),
-        classes=tuple(label_col.values or ()),
+        classes=schema.classes(),
+        imputed=schema.imputed_features(),
     )
+
+
+#: Per column of a read: its name, position in the row, parser, where its value goes (None: the label),
+#: whether it is one-hot, the cells that mean missing, and what a missing cell writes (None: an error).
+_Step = tuple[str, int, Callable[[str], float | int], int | None, bool, frozenset[str], list[float] | None]
+
+
+def _read_plan(schema: DataSchema, header: list[str]) -> list[_Step]:
+    plan: list[_Step] = []
+    j = 0
+    for col in schema.columns:
+        at = None if col.name == schema.label else j
+        width = len(col.values or ()) if col.type == "category" else 1
+        declared = set(col.values or ()) - {""}  # a declared category value is that value, never "missing"
+        fill = None if col.missing == "error" else [math.nan] * width + [1.0] * (col.missing == "indicator")
+        plan.append((col.name, header.index(col.name), _cell_parser(col), at, col.type == "category",
+                     MISSING_SPELLINGS - declared, fill))
+        if at is not None:
+            j += width + (col.missing == "indicator")
+    return plan
+
+
+def _missing_problem(text: str, name: str, at: int | None) -> str:
+    """What is wrong with a missing cell in a column that allows none, and the fix."""
+    what = "the cell is empty" if not text else f"'{text}' marks a missing value"
+    if at is None:
+        return f"{what}; a label can never be missing: fill it, or leave the row out of the export"
+    return (f"{what}; fill it, or declare `missing: impute` or `missing: indicator` for column '{name}' "
+            "in the schema")
 
 
 def layout_table(schema: DataSchema) -> Table:
     """A table with no rows and the layout ``read_csv`` gives under ``schema``: what a coordinator,
-    which holds no data, needs to know of it (feature names and classes)."""
-    label = next(c for c in schema.columns if c.name == schema.label)
+    which holds no data, needs to know of it (feature names, classes or a regression target, imputed features)."""
     names = schema.feature_names()
     return Table(
-        X=np.zeros((0, len(names)), dtype=np.float32), y=np.zeros(0, dtype=np.int64),
-        feature_names=names, classes=tuple(label.values or ()),
+        X=np.zeros((0, len(names)), dtype=np.float32),
+        y=np.zeros(0, dtype=np.float32 if schema.is_regression else np.int64),
+        feature_names=names, classes=schema.classes(), imputed=schema.imputed_features(),
     )
 
 
 def schema_of(table: Table, *, label: str = "label") -> DataSchema:
-    """The schema of ``table`` written by ``write_csv``: one float column per feature, then the label."""
+    """The schema of ``table`` written by ``write_csv``: one float column per feature (``missing: impute``
+    for the table's imputed features), then the label (a category of its classes, or float for regression)."""
     if label in table.feature_names:
         raise SchemaError(f"'{label}' names a feature already: choose another label column name")
+    imputed = set(table.imputed)
+    target = (ColumnSpec(name=label, type="float") if table.is_regression
+              else ColumnSpec(name=label, type="category", values=list(table.classes)))
     return DataSchema(
         label=label,
-        columns=[*(ColumnSpec(name=f, type="float") for f in table.feature_names),
-                 ColumnSpec(name=label, type="category", values=list(table.classes))],
+        columns=[*(ColumnSpec(name=f, type="float", missing="impute" if f in imputed else "error")
+                   for f in table.feature_names), target],
     )
 
 
 def write_csv(table: Table, path: Path, *, label: str = "label") -> None:
     """Write ``table`` as the CSV ``read_csv(path, schema_of(table, label=label))`` reads back exactly
-    (floats in shortest round-trip form); atomically, like every file a run writes."""
+    (floats in shortest round-trip form, a NaN of an imputed feature as an empty cell); atomically, like
+    every file a run writes."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow([*table.feature_names, label])
+    regression = table.is_regression
     for x, y in zip(table.X.tolist(), table.y.tolist()):
-        writer.writerow([*map(repr, x), table.classes[y]])
+        cells = ["" if v != v else repr(v) for v in x]  # v != v: NaN, which only imputed features hold
+        writer.writerow([*cells, repr(y) if regression else table.classes[y]])
     write_atomic(Path(path), buf.getvalue().encode("utf-8"))
 
 
 def write_schema(schema: DataSchema, path: Path) -> None:
-    """Write ``schema`` as the YAML ``load_schema`` reads."""
-    text = yaml.safe_dump(schema.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    """Write ``schema`` as the YAML ``load_schema`` reads (``missing`` only where it is not ``error``)."""
+    text = yaml.safe_dump(_plain(schema, exclude_none=True), sort_keys=False)
     write_atomic(Path(path), text.encode("utf-8"))
 
 
@@ -359,7 +459,7 @@ def write_schema(schema: DataSchema, path: Path) -> None:
 
 
 def _column_difference(a: ColumnSpec, b: ColumnSpec) -> str:
-    for field in ("type", "values", "min", "max"):
+    for field in ("type", "values", "min", "max", "missing"):
         va, vb = getattr(a, field), getattr(b, field)
         if va != vb:
             return f"{field} {va!r} vs {vb!r}"
