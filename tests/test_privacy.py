@@ -295,3 +295,128 @@ def test_the_fast_path_equals_per_example_gradients(make, shape):
         torch.testing.assert_close(fast[k], ref[k], rtol=1e-4, atol=1e-5)
     grouped = torch.nn.Sequential(torch.nn.Conv2d(2, 2, 3, groups=2), torch.nn.Flatten(), torch.nn.Linear(32, 2))
     assert not fast_path_supported(grouped)  # falls back to vmap per-example gradients
+
+
+# -- the one-pass path's layers: every branch against the one-example-at-a-time oracle ----------
+
+
+class _Wide(torch.nn.Module):
+    """Convolutions through each per-example branch (shifted windows, grouped), norms over 2-, 3- and 4-D inputs,
+    Linear layers on 3-D inputs and without a bias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(2, 8, 3, padding=1)  # few input channels: the grouped convolution
+        self.gn = torch.nn.GroupNorm(4, 8)
+        self.dilated = torch.nn.Conv2d(8, 8, (3, 2), padding=(2, 0), dilation=(2, 1))  # shifted windows
+        self.strided = torch.nn.Conv2d(8, 8, 3, stride=2, padding=1, bias=False)  # strided: grouped
+        self.tokens = torch.nn.Linear(8, 6)  # on [batch, positions, 8]
+        self.ln = torch.nn.LayerNorm(6, bias=False)
+        self.gn2 = torch.nn.GroupNorm(2, 6)  # on [batch, 6]
+        self.head = torch.nn.Linear(6, 3, bias=False)
+
+    def forward(self, x):
+        x = torch.relu(self.dilated(torch.relu(self.gn(self.stem(x)))))
+        x = torch.tanh(self.strided(x)).flatten(2).transpose(1, 2)  # [batch, positions, channels]
+        x = self.ln(torch.tanh(self.tokens(x))).mean(dim=1)
+        return self.head(torch.relu(self.gn2(x)))
+
+
+def _cnn32():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("cnn32", Path(__file__).parents[1] / "examples" / "cnn32.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.group_norm_cnn(in_channels=3, n_classes=3, width=8)
+
+
+@pytest.mark.parametrize("make,shape", [(_Wide, (2, 7, 6)), (_cnn32, (3, 12, 12))], ids=["every-branch", "cnn32"])
+def test_the_fast_path_covers_norms_and_every_convolution_branch_exactly(make, shape):
+    from consortium.privacy.dpsgd import clipped_sum_fast, fast_path_supported
+
+    torch.manual_seed(5)
+    m = make()
+    assert fast_path_supported(m)
+    X, y = torch.randn(10, *shape) * 2, torch.randint(0, 3, (10,))
+    for clip in (0.05, 1e6):  # every example clipped; none clipped (the plain gradient sum)
+        expected = _oracle(m, _weighted_smoothed, X, y, clip=clip)
+        fast, total = clipped_sum_fast(m, X, y, clip, _weighted_smoothed)
+        assert list(fast) == list(expected)  # named and ordered as model.named_parameters()
+        for k in expected:
+            torch.testing.assert_close(fast[k], expected[k], rtol=1e-4, atol=1e-5)
+        with torch.no_grad():
+            assert total == pytest.approx(float(_weighted_smoothed(m(X), y).sum()), rel=1e-5)
+
+
+class _Shared(torch.nn.Module):
+    """A Linear run twice, and a convolution whose output a ReLU overwrites in place: hooks alone would be wrong."""
+
+    def __init__(self, inplace: bool) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 3, 3)
+        self.act = torch.nn.ReLU(inplace=inplace)
+        self.mid = torch.nn.Linear(12, 12)
+        self.head = torch.nn.Linear(12, 3)
+        self.twice = not inplace
+
+    def forward(self, x):
+        x = self.act(self.conv(x)).flatten(1)
+        x = torch.tanh(self.mid(x))
+        return self.head(torch.tanh(self.mid(x)) if self.twice else x)
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["layer-run-twice", "output-changed-in-place"])
+def test_the_fast_path_falls_back_to_exact_per_example_gradients_when_hooks_cannot_see_everything(inplace):
+    from consortium.privacy.dpsgd import clipped_sum_fast, fast_path_supported
+
+    torch.manual_seed(2)
+    m = _Shared(inplace)
+    assert fast_path_supported(m)
+    X, y = torch.randn(6, 2, 4, 4), torch.randint(0, 3, (6,))
+    expected = _oracle(m, _weighted_smoothed, X, y, clip=0.2)
+    fast, _ = clipped_sum_fast(m, X, y, 0.2, _weighted_smoothed)
+    for k in expected:
+        torch.testing.assert_close(fast[k], expected[k], rtol=1e-4, atol=1e-5)
+
+
+def test_frozen_parameters_are_neither_clipped_over_nor_returned_on_either_path():
+    from consortium.privacy.dpsgd import clipped_sum_fast
+
+    torch.manual_seed(4)
+    m = _Normed()
+    for p in (*m.conv.parameters(), m.head[2].weight):  # a frozen layer, and one frozen weight of a trained LayerNorm
+        p.requires_grad_(False)
+    X, y = torch.randn(8, 2, 5, 5), torch.randint(0, 3, (8,))
+    trainable = {k: v.detach() for k, v in m.named_parameters() if v.requires_grad}
+    expected = clip_and_sum(per_example_gradients(m, _weighted_smoothed)(trainable, X, y), 0.3)
+    fast, _ = clipped_sum_fast(m, X, y, 0.3, _weighted_smoothed)
+    assert list(fast) == list(trainable)
+    for k in expected:
+        torch.testing.assert_close(fast[k], expected[k], rtol=1e-4, atol=1e-5)
+
+
+def test_dp_sgd_trains_on_the_tasks_loss_on_the_vmap_path():
+    """A grouped convolution is outside the one-pass path: training goes through vmap and still honours the loss."""
+    from consortium.privacy.dpsgd import fast_path_supported
+
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3, groups=2), torch.nn.GroupNorm(2, 4), torch.nn.Flatten(),
+                                   torch.nn.Linear(4 * 3 * 3, 3))
+
+    assert not fast_path_supported(make())
+    X, y = torch.randn(16, 2, 5, 5), torch.zeros(16, dtype=torch.long)
+    ignore_class_0 = lambda out, t: torch.nn.functional.cross_entropy(  # noqa: E731
+        out, t, weight=torch.tensor([0.0, 1.0, 1.0]), reduction="none")
+
+    def moved(**kw):
+        m = make()
+        before = [p.detach().clone() for p in m.parameters()]
+        train_dp_sgd(m, X, y, TrainSettings(lr=0.5, momentum=0.0), sampling_rate=1.0, noise_multiplier=0.0, clip=1.0,
+                     steps=2, generator=secure_generator(0), **kw)
+        return max(float((a - b.detach()).abs().max()) for a, b in zip(before, m.parameters()))
+
+    assert moved(loss=ignore_class_0) == 0.0
+    assert moved() > 1e-3

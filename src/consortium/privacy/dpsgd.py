@@ -96,95 +96,144 @@ def clip_and_sum(grads: dict[str, torch.Tensor], clip: float) -> dict[str, torch
     return {n: torch.einsum("b,b...->...", factor, g) for n, g in grads.items()}
 
 
+#: Layers the one-pass path covers; any other trainable parameter sends a model to the vmap path.
+_NORMS = (nn.GroupNorm, nn.LayerNorm)
+
+
 def _fast_layer(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or (
+    return isinstance(m, (nn.Linear, *_NORMS)) or (
         isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
     )
 
 
 def fast_path_supported(model: nn.Module) -> bool:
-    """True when every trainable parameter belongs to a Linear or (ungrouped) Conv2d layer."""
-    owned = {id(p) for m in model.modules() if _fast_layer(m) for p in m.parameters()}
+    """True when every trainable parameter belongs to a Linear, (ungrouped) Conv2d, GroupNorm or LayerNorm layer."""
+    owned = {id(p) for m in model.modules() if _fast_layer(m) for p in m.parameters(recurse=False)}
     return all(id(p) in owned for p in model.parameters() if p.requires_grad)
 
 
 def _per_example_conv_weight_grads(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Each example's Conv2d weight gradient, as one grouped convolution over the whole batch.
+    """Each example's Conv2d weight gradient, [batch, out, in * kh * kw].
 
     The weight gradient of a convolution is the correlation of its (padded)
-    input with its output gradient (dilated by the stride); putting the batch
-    in the group dimension computes every example's at once.
+    input with its output gradient. With stride 1 and enough input channels,
+    each kernel offset's share is one batched matrix product of the output
+    gradient with a shifted window of the flattened padded input (a view: no
+    unfolded copy of the input is made). Otherwise the batch goes in the group
+    dimension of one grouped convolution, which computes every example's at once.
     """
     batch, c_in = a.shape[:2]
     out = g.shape[1]
     kh, kw = m.kernel_size
     ph, pw = m.padding  # a tuple: string paddings take the vmap path
-    padded = F.pad(a, (pw, pw, ph, ph)).transpose(0, 1)  # [in, batch, H, W]
+    padded = F.pad(a, (pw, pw, ph, ph))
+    if m.stride == (1, 1) and c_in >= 8:
+        (dh, dw), (hp, wp), (ho, wo) = m.dilation, padded.shape[2:], g.shape[2:]
+        flat = padded.reshape(batch, c_in, hp * wp)
+        span = ho * wp - dw * (kw - 1)  # the last output gradient that is not padding, + 1 (windows stay in bounds)
+        g_wide = F.pad(g, (0, wp - wo)).reshape(batch, out, ho * wp)[:, :, :span]
+        per = torch.empty(kh * kw, batch, out, c_in, dtype=g.dtype, device=g.device)
+        for i in range(kh):
+            for j in range(kw):
+                off = i * dh * wp + j * dw
+                torch.bmm(g_wide, flat[:, :, off : off + span].transpose(1, 2), out=per[i * kw + j])
+        return per.permute(1, 2, 3, 0).reshape(batch, out, c_in * kh * kw)
     kernels = g.reshape(batch * out, 1, *g.shape[2:])
-    corr = F.conv2d(padded, kernels, groups=batch, stride=m.dilation, dilation=m.stride)[:, :, :kh, :kw]
+    corr = F.conv2d(padded.transpose(0, 1), kernels, groups=batch, stride=m.dilation, dilation=m.stride)[:, :, :kh, :kw]
     return corr.reshape(c_in, batch, out, kh * kw).permute(1, 2, 0, 3).reshape(batch, out, c_in * kh * kw)
+
+
+def _layer_pieces(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[str, tuple[str, torch.Tensor]]:
+    """One layer's per-example gradients, by parameter name: ("per", [batch, *shape]) or, for a Linear
+    weight on 2-D inputs, ("ghost", output gradient), whose per-example gradient g_i a_i^T is never formed."""
+    batch = a.shape[0]
+    if isinstance(m, nn.Linear):
+        if a.dim() == 2:
+            return {"weight": ("ghost", g), "bias": ("per", g)}
+        g3, a3 = g.reshape(batch, -1, g.shape[-1]), a.reshape(batch, -1, a.shape[-1])  # [batch, positions, features]
+        return {"weight": ("per", torch.bmm(g3.transpose(1, 2), a3)), "bias": ("per", g3.sum(dim=1))}
+    if isinstance(m, nn.Conv2d):
+        return {"weight": ("per", _per_example_conv_weight_grads(m, a, g)), "bias": ("per", g.sum(dim=(2, 3)))}
+    # The norms: y = x_hat * w + b, so dL/dw = the sum over positions of g * x_hat, and dL/db that of g.
+    if isinstance(m, nn.GroupNorm):  # per channel (dim 1); positions: the dims after it
+        normed, dims = F.group_norm(a, m.num_groups, eps=m.eps), tuple(range(2, a.dim()))
+    else:  # LayerNorm: per element of the trailing normalized_shape; positions: the dims between it and the batch
+        normed, dims = F.layer_norm(a, m.normalized_shape, eps=m.eps), tuple(range(1, a.dim() - len(m.normalized_shape)))
+    over = (lambda t: t.sum(dim=dims)) if dims else (lambda t: t)  # sum(dim=()) would sum over everything
+    return {"weight": ("per", over(g * normed)), "bias": ("per", over(g))}
 
 
 def clipped_sum_fast(
     model: nn.Module, X: torch.Tensor, y: torch.Tensor, clip: float, loss: PerExampleLoss = cross_entropy,
 ) -> tuple[dict[str, torch.Tensor], float]:
-    """Per-example clipping from one forward and one backward pass, for Linear and Conv2d models.
+    """Per-example clipping from one forward and one backward pass, for Linear, Conv2d and norm-layer models.
 
-    A layer's per-example gradient is a product of its input and its output
+    A layer's per-example gradient is a function of its input and its output
     gradient, both captured by hooks. For a linear layer z = a W^T + b it is
     g_i a_i^T, whose squared norm is |g_i|^2 |a_i|^2, so no per-example
     gradient is ever formed and the clipped sum is one matrix product
     (f * G)^T A (Goodfellow 2015; the trick behind ghost clipping). A
     convolution's per-example gradient is small (kernel-sized) and is formed
-    from the unfolded input (mixed ghost clipping, Bu et al. 2022).
+    from the input and the output gradient (mixed ghost clipping, Bu et al.
+    2022); a GroupNorm's or LayerNorm's is a sum over positions of the output
+    gradient (times the normalised input, for the weight).
+
+    Returns the clipped sums of the trainable parameters (named as in
+    ``model.named_parameters()``, in its order) and the summed loss. A model
+    whose hooks cannot see every use of a layer (one layer run twice, or an
+    output changed in place) gets the exact vmap per-example path instead.
     """
-    layers = [(name, m) for name, m in model.named_modules() if _fast_layer(m)]
-    inputs: dict[str, torch.Tensor] = {}
-    outputs: dict[str, torch.Tensor] = {}
+    layers = [(name, m) for name, m in model.named_modules()
+              if _fast_layer(m) and any(p.requires_grad for p in m.parameters(recurse=False))]
+    seen: dict[str, list] = {}
     hooks = []
     for name, m in layers:
         def hook(mod, inp, out, name=name):
-            inputs[name] = inp[0].detach()
-            outputs[name] = out
+            seen.setdefault(name, []).append((inp[0].detach(), out, inp[0]._version, out._version))
         hooks.append(m.register_forward_hook(hook))
     try:
         total = loss(model(X), y).sum()
     finally:
         for h in hooks:
             h.remove()
-    out_grads = dict(zip((n for n, _ in layers), torch.autograd.grad(total, [outputs[n] for n, _ in layers])))
+    if any(len(calls) != 1 or calls[0][0]._version != calls[0][2] or calls[0][1]._version != calls[0][3]
+           for calls in seen.values()) or len(seen) != len(layers):
+        return _clipped_sum_vmap(model, X, y, clip, loss)
+    outs = [seen[n][0][1] for n, _ in layers]
+    out_grads = torch.autograd.grad(total, outs, allow_unused=True, materialize_grads=True)
     batch = X.shape[0]
-    sq = torch.zeros(batch)
-    conv_grads: dict[str, torch.Tensor] = {}
-    for name, m in layers:
-        g = out_grads[name]
-        if isinstance(m, nn.Linear):
-            if g.dim() != 2:
-                raise ConfigError("the fast per-example path needs 2-D inputs to every Linear layer")
-            gn = g.pow(2).sum(dim=1)
-            sq += gn * inputs[name].pow(2).sum(dim=1)
-        else:
-            per = _per_example_conv_weight_grads(m, inputs[name], g)  # [batch, out, in * kh * kw]
-            conv_grads[name] = per
-            sq += per.flatten(1).pow(2).sum(dim=1)
-            gn = g.sum(dim=(2, 3)).pow(2).sum(dim=1)
-        if m.bias is not None:
-            sq += gn
+    sq = torch.zeros(batch, dtype=total.dtype, device=X.device)
+    pieces: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = {}  # parameter -> (kind, per-example, layer input)
+    for (name, m), g in zip(layers, out_grads):
+        a = seen[name][0][0]
+        prefix = f"{name}." if name else ""
+        for pname, (kind, t) in _layer_pieces(m, a, g).items():
+            p = getattr(m, pname, None)
+            if p is None or not p.requires_grad:
+                continue
+            sq += t.pow(2).sum(dim=1) * a.pow(2).sum(dim=1) if kind == "ghost" else t.flatten(1).pow(2).sum(dim=1)
+            pieces[prefix + pname] = (kind, t, a)
     factor = (clip / (sq.sqrt() + 1e-12)).clamp(max=1.0)
     summed: dict[str, torch.Tensor] = {}
-    for name, m in layers:
-        prefix = f"{name}." if name else ""
-        g = out_grads[name]
-        if isinstance(m, nn.Linear):
-            fg = g * factor.unsqueeze(1)
-            summed[prefix + "weight"] = fg.T @ inputs[name]
-            bias = fg.sum(dim=0)
-        else:
-            summed[prefix + "weight"] = torch.einsum("b,bok->ok", factor, conv_grads[name]).view_as(m.weight)
-            bias = torch.einsum("b,bo->o", factor, g.sum(dim=(2, 3)))
-        if m.bias is not None:
-            summed[prefix + "bias"] = bias
+    for k, p in model.named_parameters():
+        if k in pieces:
+            kind, t, a = pieces[k]
+            if kind == "ghost":
+                summed[k] = (t * factor.unsqueeze(1)).T @ a
+            else:
+                summed[k] = (factor @ t.flatten(1)).view_as(p)
     return summed, float(total.detach())
+
+
+def _clipped_sum_vmap(
+    model: nn.Module, X: torch.Tensor, y: torch.Tensor, clip: float, loss: PerExampleLoss,
+) -> tuple[dict[str, torch.Tensor], float]:
+    """The clipped sum of the trainable parameters' per-example gradients through vmap, and the summed loss."""
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+    summed = clip_and_sum(per_example_gradients(model, loss)(params, X, y), clip)
+    with torch.no_grad():
+        total = float(loss(functional_call(model, params, (X,)), y).sum())
+    return summed, total
 
 
 def train_dp_sgd(
