@@ -610,3 +610,200 @@ def test_schema_is_loadable_from_textwrap(tmp_path: Path) -> None:
     )
     s = load_schema(write(tmp_path, "s.yaml", text))
     assert s.version == 1 and s.feature_names() == ("x",)
+
+
+# ---------------------------------------------------------------------------
+# Regression tables, missing values
+
+
+def test_regression_table_is_accepted_and_classification_checks_stay(rng: np.random.Generator) -> None:
+    X = rng.standard_normal((6, 2)).astype(np.float32)
+    y = rng.standard_normal(6).astype(np.float32)
+    t = Table(X=X, y=y, feature_names=("a", "b"), classes=())
+    assert t.is_regression and t.n_classes == 0 and t.y.dtype == np.float32
+    sub = t.take(np.array([5, 1]))
+    assert sub.is_regression and np.array_equal(sub.y, y[[5, 1]])
+    from consortium.data.datasets import concat_tables
+
+    both = concat_tables([t, sub])
+    assert both.is_regression and both.n_rows == 8
+    with pytest.raises(DataError, match="must be float32, got int64"):
+        Table(X=X, y=np.zeros(6, dtype=np.int64), feature_names=("a", "b"), classes=())
+    with pytest.raises(DataError, match="must be float32, got float64"):
+        Table(X=X, y=y.astype(np.float64), feature_names=("a", "b"), classes=())
+    bad = y.copy()
+    bad[3] = np.nan
+    with pytest.raises(DataError, match=r"row 3\): a label can never be missing"):
+        Table(X=X, y=bad, feature_names=("a", "b"), classes=())
+    # Classification: a float target is still refused, and so are indices outside the classes.
+    assert not Table(X=X, y=np.zeros(6, dtype=np.int64), feature_names=("a", "b"), classes=("x", "y")).is_regression
+    with pytest.raises(DataError, match="must be int64"):
+        Table(X=X, y=y, feature_names=("a", "b"), classes=("x", "y"))
+    with pytest.raises(DataError, match="labels must lie in 0..1"):
+        Table(X=X, y=np.full(6, 2, dtype=np.int64), feature_names=("a", "b"), classes=("x", "y"))
+
+
+def test_nan_only_in_imputed_columns(rng: np.random.Generator) -> None:
+    X = rng.standard_normal((4, 3)).astype(np.float32)
+    X[1, 2] = np.nan
+    y = np.array([0, 1, 0, 1])
+    names = ("a", "b", "c")
+    with pytest.raises(DataError, match="NaN in row 1, feature 'c', which is not declared imputed"):
+        Table(X=X, y=y, feature_names=names, classes=("n", "p"))
+    with pytest.raises(DataError, match="NaN in row 1, feature 'c'"):
+        Table(X=X, y=y, feature_names=names, classes=("n", "p"), imputed=("a",))
+    t = Table(X=X, y=y, feature_names=names, classes=("n", "p"), imputed=["c"])
+    assert t.imputed == ("c",)
+    assert t.take(np.array([1, 2])).imputed == ("c",) and np.isnan(t.take(np.array([1])).X[0, 2])
+    from consortium.data.datasets import concat_tables
+
+    assert concat_tables([t, t]).imputed == ("c",)
+    X[3, 2] = np.inf  # an infinity is never a missing value
+    with pytest.raises(DataError, match="infinite value in row 3, feature 'c'"):
+        Table(X=X, y=y, feature_names=names, classes=("n", "p"), imputed=("c",))
+    X[3, 2] = 0
+    with pytest.raises(DataError, match="'z', which is not a feature"):
+        Table(X=X, y=y, feature_names=names, classes=("n", "p"), imputed=("c", "z"))
+    with pytest.raises(DataError, match="twice"):
+        Table(X=X, y=y, feature_names=names, classes=("n", "p"), imputed=("c", "c"))
+
+
+def test_diabetes_is_a_builtin_regression_table() -> None:
+    assert "diabetes" in BUILTIN_DATASETS
+    t = load_builtin("diabetes")
+    assert (t.n_rows, t.n_features) == (442, 10) and t.is_regression and t.classes == ()
+    assert t.y.dtype == np.float32 and t.y.min() == 25 and t.y.max() == 346
+    assert t.feature_names[:4] == ("age", "sex", "bmi", "bp") and t.X[:, 0].max() > 1  # raw units, not scaled
+
+
+def test_label_skew_is_refused_on_a_regression_target() -> None:
+    y = load_builtin("diabetes").y
+    with pytest.raises(DataError, match="continuous .*use partition kind 'iid' or 'quantity'") as info:
+        partition_dirichlet(y, 3, 0.5, np.random.default_rng(0))
+    assert "\n" not in str(info.value)
+    assert_partition(partition_quantity(len(y), 3, 1.0, np.random.default_rng(0)), len(y), 3)
+
+
+def test_split_table_on_regression_is_deterministic_and_stratified() -> None:
+    n = 203
+    y = np.random.default_rng(9).gamma(2.0, 10.0, n).astype(np.float32)
+    t = Table(X=np.arange(n, dtype=np.float32).reshape(n, 1), y=y, feature_names=("row",), classes=())
+    s = split_table(t, np.random.default_rng(5), validation=0.1, test=0.2)
+    ids = [part.X[:, 0].astype(int) for part in (s.train, s.validation, s.test)]
+    assert sorted(np.concatenate(ids).tolist()) == list(range(n))
+    assert (len(ids[1]), len(ids[2])) == (20, 41) and all(p.is_regression for p in (s.train, s.validation, s.test))
+    again = split_table(t, np.random.default_rng(5), validation=0.1, test=0.2)
+    assert np.array_equal(again.test.X, s.test.X) and np.array_equal(again.validation.X, s.validation.X)
+    other = split_table(t, np.random.default_rng(6), validation=0.1, test=0.2)
+    assert not np.array_equal(other.test.X, s.test.X)
+    # Stratified by deciles of the target: each decile gives the test split 4 or 5 of its ~20 rows.
+    rank = np.empty(n, dtype=np.int64)
+    rank[np.argsort(y, kind="stable")] = np.arange(n)
+    deciles = rank * 10 // n
+    per_decile = np.bincount(deciles[ids[2]], minlength=10)
+    assert per_decile.min() >= 3 and per_decile.max() <= 5, per_decile
+
+
+MISSING_SCHEMA = """\
+version: 1
+label: outcome
+columns:
+  - {name: age, type: float}
+  - {name: smoker, type: category, values: ["no", "yes"], missing: MODE}
+  - {name: bmi, type: float, missing: impute}
+  - {name: outcome, type: category, values: ["no-event", "event"]}
+"""
+
+MISSING_CSV = """\
+age,smoker,bmi,outcome
+54,yes,31.5,event
+61,,NA,no-event
+33,no, NaN ,event
+40,null,22,no-event
+"""
+
+
+def test_missing_impute_and_indicator(tmp_path: Path) -> None:
+    csv_path = write(tmp_path, "site.csv", MISSING_CSV)
+    nan = np.nan
+    t = read_csv(csv_path, load_schema(write(tmp_path, "i.yaml", MISSING_SCHEMA.replace("MODE", "impute"))))
+    assert t.feature_names == ("age", "smoker=no", "smoker=yes", "bmi")
+    assert t.imputed == ("smoker=no", "smoker=yes", "bmi")
+    expected = [[54, 0, 1, 31.5], [61, nan, nan, nan], [33, 1, 0, nan], [40, nan, nan, 22]]
+    assert np.array_equal(t.X, np.array(expected, dtype=np.float32), equal_nan=True)
+    assert np.array_equal(t.y, [1, 0, 1, 0])
+
+    schema = load_schema(write(tmp_path, "d.yaml", MISSING_SCHEMA.replace("MODE", "indicator")))
+    t = read_csv(csv_path, schema)
+    assert t.feature_names == ("age", "smoker=no", "smoker=yes", "smoker=missing", "bmi")
+    assert t.imputed == ("smoker=no", "smoker=yes", "bmi")  # the indicator itself is never missing
+    expected = [[54, 0, 1, 0, 31.5], [61, nan, nan, 1, nan], [33, 1, 0, 0, nan], [40, nan, nan, 1, 22]]
+    assert np.array_equal(t.X, np.array(expected, dtype=np.float32), equal_nan=True)
+    from consortium.data import layout_table
+
+    layout = layout_table(schema)
+    assert (layout.feature_names, layout.imputed, layout.classes) == (t.feature_names, t.imputed, t.classes)
+
+
+def test_missing_error_names_the_fix_and_a_label_is_never_missing(tmp_path: Path) -> None:
+    schema = load_schema(write(tmp_path, "e.yaml", MISSING_SCHEMA.replace("MODE", "error")))
+    csv_path = write(tmp_path, "site.csv", MISSING_CSV)
+    with pytest.raises(SchemaError) as info:
+        read_csv(csv_path, schema)
+    assert str(info.value) == (
+        f"{csv_path} line 3, column 'smoker': the cell is empty; fill it, or declare `missing: impute` or "
+        "`missing: indicator` for column 'smoker' in the schema"
+    )
+    with pytest.raises(SchemaError, match="line 2, column 'age': 'NA' marks a missing value; fill it, or declare"):
+        read_csv(write(tmp_path, "na.csv", "age,smoker,bmi,outcome\nNA,no,1,event\n"), schema)
+    impute = load_schema(write(tmp_path, "i.yaml", MISSING_SCHEMA.replace("MODE", "impute")))
+    for cell, what in (("", "the cell is empty"), ("NA", "'NA' marks a missing value")):
+        path = write(tmp_path, "nolabel.csv", f"age,smoker,bmi,outcome\n1,no,1,event\n2,no,1,{cell}\n")
+        with pytest.raises(SchemaError) as info:
+            read_csv(path, impute)
+        assert f"line 3, column 'outcome': {what}; a label can never be missing" in str(info.value)
+    # A declared category value is that value, never "missing"; anything else is still checked.
+    na_value = MISSING_SCHEMA.replace('["no", "yes"], missing: MODE', '["no", "yes", "NA"], missing: impute')
+    t = read_csv(write(tmp_path, "v.csv", "age,smoker,bmi,outcome\n1,NA,2,event\n"), load_schema(write(tmp_path, "v.yaml", na_value)))
+    assert t.X.tolist() == [[1, 0, 0, 1, 2]]
+    with pytest.raises(SchemaError, match="'maybe' is not one of"):
+        read_csv(write(tmp_path, "m.csv", "age,smoker,bmi,outcome\n1,maybe,2,event\n"), impute)
+
+
+def test_regression_label_from_csv_round_trips(tmp_path: Path) -> None:
+    text = SCHEMA.replace("{name: outcome, type: category, values: [no-event, event]}", "{name: outcome, type: float, min: 0}")
+    schema = load_schema(write(tmp_path, "r.yaml", text))
+    assert schema.is_regression and schema.classes() == ()
+    t = read_csv(write(tmp_path, "r.csv", "sex,age,outcome,visits\nF,54.5,0.125,3\nM,61,17,0\n"), schema)
+    assert t.is_regression and t.classes == () and t.y.dtype == np.float32 and t.y.tolist() == [0.125, 17.0]
+    with pytest.raises(SchemaError, match="line 2, column 'outcome': -1 is outside the allowed range"):
+        read_csv(write(tmp_path, "neg.csv", "sex,age,outcome,visits\nF,54.5,-1,3\n"), schema)
+    as_int = load_schema(write(tmp_path, "n.yaml", text.replace("type: float, min: 0", "type: int")))
+    assert read_csv(write(tmp_path, "n.csv", "sex,age,outcome,visits\nF,1,4,3\n"), as_int).y.tolist() == [4.0]
+    from consortium.data import layout_table, schema_of, write_csv, write_schema
+
+    assert layout_table(schema).is_regression and layout_table(schema).y.dtype == np.float32
+    # write_csv / schema_of / write_schema: a regression table with an imputed feature reads back exactly.
+    X = np.array([[1.5, np.nan], [0.1, 2.0]], dtype=np.float32)
+    table = Table(X=X, y=np.array([3.25, 0.1], dtype=np.float32), feature_names=("a", "b"), classes=(), imputed=("b",))
+    write_csv(table, tmp_path / "t.csv")
+    assert (tmp_path / "t.csv").read_text().splitlines()[1] == "1.5,,3.25"
+    write_schema(schema_of(table), tmp_path / "t.yaml")
+    assert "missing: impute" in (tmp_path / "t.yaml").read_text()
+    back = read_csv(tmp_path / "t.csv", load_schema(tmp_path / "t.yaml"))
+    assert np.array_equal(back.X, X, equal_nan=True) and np.array_equal(back.y, table.y)
+    assert (back.imputed, back.classes) == (("b",), ())
+
+
+def test_missing_declarations_change_the_fingerprint(schema: DataSchema, tmp_path: Path) -> None:
+    before = "abb05136c7c3ae89"  # a schema declaring no missing values keeps its fingerprint from before the key
+    assert schema.fingerprint().startswith(before), schema.fingerprint()
+    explicit = load_schema(write(tmp_path, "x.yaml", SCHEMA.replace("min: 0}", "min: 0, missing: error}")))
+    assert explicit.fingerprint() == schema.fingerprint()
+    prints = {schema.fingerprint()}
+    for mode in ("impute", "indicator"):
+        other = load_schema(write(tmp_path, f"{mode}.yaml", SCHEMA.replace("type: int, min: 0", f"type: int, min: 0, missing: {mode}")))
+        prints.add(other.fingerprint())
+        with pytest.raises(SchemaMismatchError, match=f"on column 'visits': missing 'error' vs '{mode}'"):
+            check_schemas({"hospital-a": schema, "hospital-b": other})
+    assert len(prints) == 3

@@ -13,6 +13,7 @@ One module per command group; this one builds the app from them, in the order
 - ``agreement``: agreement, key, policy
 - ``deploy``: init, serve, dashboard-link, join
 - ``models``: models, and rollback at the top level
+- ``schema``: schema infer (draft a site's data schema from its CSV)
 - ``common``: the consoles, shared options and the error handler
 
 Commands import heavy modules (torch and the like) inside the function, so
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import typer
 
-from consortium.cli import agreement, audit, deploy, models, privacy, run
+from consortium.cli import agreement, audit, deploy, models, privacy, run, schema
 from consortium.cli.common import HALTED_EXIT, err_console, out_console, run_app
 
 __all__ = ["HALTED_EXIT", "app", "err_console", "main", "out_console"]
@@ -54,6 +55,7 @@ app.command()(audit.audit)
 app.command()(audit.report)
 app.add_typer(models.models_app, name="models")
 app.command("rollback")(models.models_rollback)  # consortium rollback: the same command, at the top level
+app.add_typer(schema.schema_app, name="schema")
 
 
 def main(argv: list[str] | None = None) -> None:

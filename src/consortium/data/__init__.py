@@ -4,8 +4,10 @@
   built-in datasets and the synthetic hospitals with heterogeneity knobs.
 - :mod:`consortium.data.partition`: split one table across simulated sites
   (IID, label skew, quantity skew) and a site's table into train/validation/test.
-- :mod:`consortium.data.schema`: read a real site's CSV against a declared schema,
-  and check that all sites declare the same one.
+- :mod:`consortium.data.schema`: read a real site's CSV against a declared schema
+  (category columns, missing values, a class or regression label), and check that
+  all sites declare the same one; ``docs/schema.md`` documents the format.
+- :mod:`consortium.data.infer`: draft a schema from a CSV (``consortium schema infer``).
 """
 
 from consortium.data.datasets import (
@@ -15,6 +17,7 @@ from consortium.data.datasets import (
     load_builtin,
     synthetic_hospitals,
 )
+from consortium.data.infer import infer_schema
 from consortium.data.partition import (
     Splits,
     partition_dirichlet,
@@ -42,6 +45,7 @@ __all__ = [
     "SyntheticHospitals",
     "Table",
     "check_schemas",
+    "infer_schema",
     "layout_table",
     "load_builtin",
     "load_schema",
