@@ -107,7 +107,7 @@ def test_the_rules_for_awkward_columns(tmp_path: Path) -> None:
     assert cols["code"].type == "category"  # 1e39 does not fit float32, so it cannot be a number here
     assert (cols["score"].type, cols["flag"].type) == ("float", "int")
     assert cols["label"].values == ["no", "yes"]
-    read_csv(path, load_schema(_saved(tmp_path, draft.text)))
+    read_csv(path, load_schema(_saved_as(tmp_path, "drafted.yaml", draft.text)))
     # A label of many whole numbers is a regression target; one of a single text value is refused.
     assert infer_schema(path, label="score").schema.is_regression
     with pytest.raises(SchemaError, match="holds one value only \\('1e39'\\)"):
@@ -123,7 +123,24 @@ def test_the_rules_for_awkward_columns(tmp_path: Path) -> None:
         infer_schema(path)
 
 
-def _saved(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "drafted.yaml"
+def test_the_documented_example_reads_as_documented(tmp_path: Path) -> None:
+    import re
+
+    doc = (REPO / "docs" / "schema.md").read_text()
+    schema_text, csv_text = re.findall(r"```(?:yaml|text)\n(.*?)```", doc, re.S)[:2]
+    csv_path = _saved_as(tmp_path, "site.csv", csv_text)
+    table = read_csv(csv_path, load_schema(_saved_as(tmp_path, "schema.yaml", schema_text)))
+    header = re.search(r"\n\| (age .*) \|\n", doc).group(1).split(" | ")
+    assert list(table.feature_names) == header
+    assert table.imputed == ("bmi", "smoker=no", "smoker=yes") and table.y.tolist() == [1, 0, 1]
+    nan = np.nan
+    expected = [[54.5, 1, 0, 3, 31.2, 1, 0, 0], [61, 0, 1, 0, nan, 0, 1, 0], [33.25, 0, 1, 12, nan, nan, nan, 1]]
+    assert np.array_equal(table.X, np.array(expected, dtype=np.float32), equal_nan=True)
+    drafted = infer_schema(csv_path)  # the draft reads it too: bmi and smoker with missing: impute
+    assert read_csv(csv_path, drafted.schema).imputed == ("bmi", "smoker=no", "smoker=yes")
+
+
+def _saved_as(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
     path.write_text(text)
     return path

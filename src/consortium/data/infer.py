@@ -110,7 +110,9 @@ def _header(path: Path, rows: Iterator[tuple[int, list[str]]]) -> list[str]:
         if header.count(name) > 1:
             raise SchemaError(f"{path} line 1: column '{name}' appears more than once in the header; rename one")
     if len(header) < 2:
-        raise SchemaError(f"{path} line 1: the header names one column; a schema needs a label and a feature")
+        raise SchemaError(
+            f"{path} line 1: the header names {len(header)} column(s); a schema needs a label and at least one feature"
+        )
     return header
 
 
