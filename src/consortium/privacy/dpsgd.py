@@ -112,15 +112,16 @@ def fast_path_supported(model: nn.Module) -> bool:
     return all(id(p) in owned for p in model.parameters() if p.requires_grad)
 
 
-def _per_example_conv_weight_grads(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Each example's Conv2d weight gradient, [batch, out, in * kh * kw].
+def _per_example_conv_weight_grads(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """Each example's Conv2d weight gradient: ("offsets", [kh * kw, batch, out, in]) or ("per", [batch, out, in * kh * kw]).
 
     The weight gradient of a convolution is the correlation of its (padded)
     input with its output gradient. With stride 1 and enough input channels,
     each kernel offset's share is one batched matrix product of the output
     gradient with a shifted window of the flattened padded input (a view: no
-    unfolded copy of the input is made). Otherwise the batch goes in the group
-    dimension of one grouped convolution, which computes every example's at once.
+    unfolded copy of the input is made), and the result stays by offset.
+    Otherwise the batch goes in the group dimension of one grouped
+    convolution, which computes every example's at once.
     """
     batch, c_in = a.shape[:2]
     out = g.shape[1]
@@ -137,15 +138,16 @@ def _per_example_conv_weight_grads(m: nn.Conv2d, a: torch.Tensor, g: torch.Tenso
             for j in range(kw):
                 off = i * dh * wp + j * dw
                 torch.bmm(g_wide, flat[:, :, off : off + span].transpose(1, 2), out=per[i * kw + j])
-        return per.permute(1, 2, 3, 0).reshape(batch, out, c_in * kh * kw)
+        return "offsets", per
     kernels = g.reshape(batch * out, 1, *g.shape[2:])
     corr = F.conv2d(padded.transpose(0, 1), kernels, groups=batch, stride=m.dilation, dilation=m.stride)[:, :, :kh, :kw]
-    return corr.reshape(c_in, batch, out, kh * kw).permute(1, 2, 0, 3).reshape(batch, out, c_in * kh * kw)
+    return "per", corr.reshape(c_in, batch, out, kh * kw).permute(1, 2, 0, 3).reshape(batch, out, c_in * kh * kw)
 
 
 def _layer_pieces(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[str, tuple[str, torch.Tensor]]:
-    """One layer's per-example gradients, by parameter name: ("per", [batch, *shape]) or, for a Linear
-    weight on 2-D inputs, ("ghost", output gradient), whose per-example gradient g_i a_i^T is never formed."""
+    """One layer's per-example gradients, by parameter name, as (kind, tensor): "per" [batch, *shape];
+    "offsets" [kh * kw, batch, out, in] (a convolution's weight); or "ghost", the output gradient of a Linear
+    weight on 2-D inputs, whose per-example gradient g_i a_i^T is never formed."""
     batch = a.shape[0]
     if isinstance(m, nn.Linear):
         if a.dim() == 2:
@@ -153,14 +155,16 @@ def _layer_pieces(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[str, t
         g3, a3 = g.reshape(batch, -1, g.shape[-1]), a.reshape(batch, -1, a.shape[-1])  # [batch, positions, features]
         return {"weight": ("per", torch.bmm(g3.transpose(1, 2), a3)), "bias": ("per", g3.sum(dim=1))}
     if isinstance(m, nn.Conv2d):
-        return {"weight": ("per", _per_example_conv_weight_grads(m, a, g)), "bias": ("per", g.sum(dim=(2, 3)))}
+        return {"weight": _per_example_conv_weight_grads(m, a, g), "bias": ("per", g.sum(dim=(2, 3)))}
     # The norms: y = x_hat * w + b, so dL/dw = the sum over positions of g * x_hat, and dL/db that of g.
     if isinstance(m, nn.GroupNorm):  # per channel (dim 1); positions: the dims after it
         normed, dims = F.group_norm(a, m.num_groups, eps=m.eps), tuple(range(2, a.dim()))
     else:  # LayerNorm: per element of the trailing normalized_shape; positions: the dims between it and the batch
         normed, dims = F.layer_norm(a, m.normalized_shape, eps=m.eps), tuple(range(1, a.dim() - len(m.normalized_shape)))
-    over = (lambda t: t.sum(dim=dims)) if dims else (lambda t: t)  # sum(dim=()) would sum over everything
-    return {"weight": ("per", over(g * normed)), "bias": ("per", over(g))}
+    if not dims:  # nothing to sum over (and sum(dim=()) would sum over everything)
+        return {"weight": ("per", g * normed), "bias": ("per", g)}
+    # (a product then a sum, not a batched dot product: the sum's pairwise accumulation keeps float32 exact)
+    return {"weight": ("per", (g * normed).sum(dim=dims)), "bias": ("per", g.sum(dim=dims))}
 
 
 def clipped_sum_fast(
@@ -211,7 +215,12 @@ def clipped_sum_fast(
             p = getattr(m, pname, None)
             if p is None or not p.requires_grad:
                 continue
-            sq += t.pow(2).sum(dim=1) * a.pow(2).sum(dim=1) if kind == "ghost" else t.flatten(1).pow(2).sum(dim=1)
+            if kind == "ghost":  # |g_i a_i^T|^2 = |g_i|^2 |a_i|^2
+                sq += torch.linalg.vector_norm(t, dim=1).square() * torch.linalg.vector_norm(a, dim=1).square()
+            elif kind == "offsets":  # (one offset at a time: a norm over several strided dims loses float32 digits)
+                sq += torch.linalg.vector_norm(t.flatten(2), dim=2).square().sum(dim=0)
+            else:
+                sq += torch.linalg.vector_norm(t.flatten(1), dim=1).square()
             pieces[prefix + pname] = (kind, t, a)
     factor = (clip / (sq.sqrt() + 1e-12)).clamp(max=1.0)
     summed: dict[str, torch.Tensor] = {}
@@ -220,6 +229,9 @@ def clipped_sum_fast(
             kind, t, a = pieces[k]
             if kind == "ghost":
                 summed[k] = (t * factor.unsqueeze(1)).T @ a
+            elif kind == "offsets":  # [offset, batch, out, in] -> the weight's [out, in, kh, kw]
+                per_offset = torch.matmul(factor, t.flatten(2))  # [offset, out * in]: no copy of t
+                summed[k] = per_offset.view(t.shape[0], *t.shape[2:]).permute(1, 2, 0).reshape(p.shape)
             else:
                 summed[k] = (factor @ t.flatten(1)).view_as(p)
     return summed, float(total.detach())
