@@ -420,3 +420,46 @@ def test_dp_sgd_trains_on_the_tasks_loss_on_the_vmap_path():
 
     assert moved(loss=ignore_class_0) == 0.0
     assert moved() > 1e-3
+
+
+class _Scaled(torch.nn.Linear):
+    """A Linear subclass whose forward is not z = a W^T + b: the one-pass formula would be wrong for it."""
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight * 2.0, self.bias)
+
+
+class _Tricky(torch.nn.Module):
+    def __init__(self, case: str) -> None:
+        super().__init__()
+        self.case = case
+        self.first = _Scaled(4, 5) if case == "subclass" else torch.nn.Linear(4, 5)
+        self.second = torch.nn.Linear(5, 5)
+        self.head = torch.nn.Linear(5, 3)
+        if case == "tied":
+            self.head.weight = torch.nn.Parameter(torch.randn(3, 5))
+            self.second.weight = torch.nn.Parameter(torch.randn(5, 5))
+            self.first.weight = torch.nn.Parameter(torch.randn(5, 4))
+            self.extra = torch.nn.Linear(5, 5)
+            self.extra.weight = self.second.weight  # one parameter in two layers
+
+    def forward(self, x):
+        x = torch.tanh(self.first(x))
+        x = torch.tanh(self.second(input=x) if self.case == "keyword" else self.second(x))
+        if self.case == "tied":
+            x = torch.tanh(self.extra(x))
+        return self.head(x)
+
+
+@pytest.mark.parametrize("case", ["subclass", "tied", "keyword"])
+def test_layers_the_hooks_would_misread_take_the_exact_path(case):
+    from consortium.privacy.dpsgd import clipped_sum_fast
+
+    torch.manual_seed(6)
+    m = _Tricky(case)
+    X, y = torch.randn(7, 4), torch.randint(0, 3, (7,))
+    expected = _oracle(m, _weighted_smoothed, X, y, clip=0.4)
+    fast, _ = clipped_sum_fast(m, X, y, 0.4, _weighted_smoothed)
+    assert list(fast) == list(expected)
+    for k in expected:
+        torch.testing.assert_close(fast[k], expected[k], rtol=1e-4, atol=1e-5)

@@ -2,7 +2,9 @@
 
 Each step samples every training record independently with the declared
 probability (Poisson sampling: the sampling the accountant assumes), computes
-each sampled example's gradient with ``vmap(grad(...))``, clips it to L2 norm
+each sampled example's gradient (in one forward and one backward pass for
+models of Linear, Conv2d, GroupNorm and LayerNorm layers, with
+``vmap(grad(...))`` for any other module), clips it to L2 norm
 ``clip``, sums, adds N(0, (noise_multiplier * clip)^2) noise and divides by
 the *expected* batch size q * n (a data-independent denominator, as the
 analysis requires). The sampling and the noise come from a generator seeded
@@ -101,9 +103,13 @@ _NORMS = (nn.GroupNorm, nn.LayerNorm)
 
 
 def _fast_layer(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Linear, *_NORMS)) or (
-        isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
-    )
+    """A layer whose per-example gradients the one-pass path forms: the stock forward of one of its types
+    (a subclass that computes something else must not be taken for what it derives from)."""
+    kind = type(m)
+    if isinstance(m, nn.Conv2d):
+        return (kind.forward is nn.Conv2d.forward and kind._conv_forward is nn.Conv2d._conv_forward
+                and m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str))
+    return any(isinstance(m, base) and kind.forward is base.forward for base in (nn.Linear, *_NORMS))
 
 
 def fast_path_supported(model: nn.Module) -> bool:
@@ -184,24 +190,35 @@ def clipped_sum_fast(
 
     Returns the clipped sums of the trainable parameters (named as in
     ``model.named_parameters()``, in its order) and the summed loss. A model
-    whose hooks cannot see every use of a layer (one layer run twice, or an
-    output changed in place) gets the exact vmap per-example path instead.
+    whose hooks cannot see every use of a layer (a layer run twice or not at
+    all, an output changed in place, a parameter shared by two layers), or
+    with a trainable parameter outside these layers (:func:`fast_path_supported`),
+    gets the exact vmap per-example path instead. The path assumes that the
+    layers' parameters are used only through the layers' own forward.
     """
     layers = [(name, m) for name, m in model.named_modules()
               if _fast_layer(m) and any(p.requires_grad for p in m.parameters(recurse=False))]
+    owned = [id(p) for _, m in layers for p in m.parameters(recurse=False)]
+    if len(owned) != len(set(owned)) or not fast_path_supported(model):  # a parameter shared by two layers
+        return _clipped_sum_vmap(model, X, y, clip, loss)  # (its gradient is the sum of both), or one outside them
     seen: dict[str, list] = {}
     hooks = []
     for name, m in layers:
-        def hook(mod, inp, out, name=name):
-            seen.setdefault(name, []).append((inp[0].detach(), out, inp[0]._version, out._version))
-        hooks.append(m.register_forward_hook(hook))
+        def hook(mod, args, kwargs, out, name=name):
+            ok = len(args) == 1 and not kwargs and isinstance(out, torch.Tensor)
+            seen.setdefault(name, []).append((args[0].detach(), out, args[0]._version, out._version) if ok else None)
+        hooks.append(m.register_forward_hook(hook, with_kwargs=True))
     try:
         total = loss(model(X), y).sum()
     finally:
         for h in hooks:
             h.remove()
-    if any(len(calls) != 1 or calls[0][0]._version != calls[0][2] or calls[0][1]._version != calls[0][3]
-           for calls in seen.values()) or len(seen) != len(layers):
+    # Each layer must have run exactly once, on one positional input, and neither its input nor its output may
+    # have been changed in place since: otherwise what the hooks hold is not what the gradient flowed through.
+    if len(seen) != len(layers) or any(
+        len(calls) != 1 or calls[0] is None or calls[0][0]._version != calls[0][2] or calls[0][1]._version != calls[0][3]
+        for calls in seen.values()
+    ):
         return _clipped_sum_vmap(model, X, y, clip, loss)
     outs = [seen[n][0][1] for n, _ in layers]
     out_grads = torch.autograd.grad(total, outs, allow_unused=True, materialize_grads=True)
