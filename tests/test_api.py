@@ -16,8 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 #: The public surface. Adding a name is a decision: change it here on purpose.
 EXPORTED = [
-    "ConfigError", "ConsortiumError", "LocalTrainer", "ProtocolError", "SimulationConfig", "SimulationResult", "Strategy",
-    "StrategyOptions", "VerificationError", "Verified", "load_config", "parse_config", "register_strategy", "simulate", "verify",
+    "ClassificationTask", "ConfigError", "ConsortiumError", "DataShape", "LocalTrainer", "ProtocolError", "RegressionTask",
+    "SimulationConfig", "SimulationResult", "Strategy", "StrategyOptions", "Task", "VerificationError", "Verified",
+    "load_config", "load_task", "parse_config", "register_strategy", "simulate", "verify",
 ]
 
 
@@ -83,13 +84,13 @@ def test_a_model_that_mixes_the_examples_of_a_batch_is_refused_before_the_run_st
     before the run gets a folder and before any site trains."""
     import torch
 
-    def with_batchnorm(task, seed):
-        torch.manual_seed(seed)
-        return torch.nn.Sequential(torch.nn.Linear(task.n_features, 8), torch.nn.BatchNorm1d(8),
-                                   torch.nn.Linear(8, task.n_classes))
+    class WithBatchNorm(consortium.ClassificationTask):
+        def model(self, shape):
+            return torch.nn.Sequential(torch.nn.Linear(shape.n_features, 8), torch.nn.BatchNorm1d(8),
+                                       torch.nn.Linear(8, shape.n_classes))
 
     with pytest.raises(consortium.ConfigError, match=r"module '1' \(BatchNorm1d\) mixes the examples .* GroupNorm"):
-        consortium.simulate(rounds=1, out=tmp_path / "run", model_builder=with_batchnorm)
+        consortium.simulate(rounds=1, out=tmp_path / "run", task=WithBatchNorm())
     assert not (tmp_path / "run").exists()
 
 

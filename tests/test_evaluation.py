@@ -18,7 +18,7 @@ from consortium.learning.training import (
     evaluate,
     fairness_gaps,
 )
-from consortium.protocol.contributions import eval_vector, read_eval_sum
+from consortium.learning.classification import eval_vector, read_eval_sum
 from consortium.redteam.membership import load_target
 from consortium.run.simulation import Simulation
 

@@ -1,5 +1,5 @@
 """The run plan: resolved once, frozen, each site's epsilon cap the least of config, agreement and policy,
-and the layout hash of the model the given builder builds."""
+and the layout hash of the task's model."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ from consortium.config import SimulationConfig
 from consortium.data import load_builtin
 from consortium.governance.agreement import parse_agreement, template
 from consortium.governance.policy import parse_policy
-from consortium.learning.adapter import ModelAdapter
+from consortium.errors import ConfigError
+from consortium.learning.classification import ClassificationTask
+from consortium.learning.task import load_task
 from consortium.run.plan import epsilon_caps, model_adapter, plan_run
 
 SITES = ["site-1", "site-2", "site-3", "site-4"]
@@ -64,29 +66,25 @@ def test_no_budget_without_privacy():
     assert plan.privacy.budget("site-1") is None and plan.privacy.coordinator_privacy() is None
 
 
-def test_the_layout_hash_is_the_custom_builders_model():
-    def builder(task, seed):
-        torch.manual_seed(seed)
-        return torch.nn.Sequential(torch.nn.Linear(task.n_features, 7), torch.nn.ReLU(), torch.nn.Linear(7, task.n_classes))
+class Narrow(ClassificationTask):
+    """A study's own model: one hidden layer of 7."""
 
+    def model(self, shape):
+        return torch.nn.Sequential(torch.nn.Linear(shape.n_features, 7), torch.nn.ReLU(), torch.nn.Linear(7, shape.n_classes))
+
+
+def test_the_layout_hash_is_the_tasks_model_and_the_config_records_the_task():
     config = _config(enabled=False)
-    plan = plan_run(config, sample=SAMPLE, names=SITES, model_builder=builder)
-    built_in = model_adapter(plan.config, SAMPLE)
-    custom = ModelAdapter(builder(_task(plan.config), 0))
+    task = Narrow()
+    plan = plan_run(config, sample=SAMPLE, names=SITES, task=task)
+    built_in = model_adapter(plan.config, SAMPLE, load_task("classification", plan.config.model))
+    custom = model_adapter(plan.config, SAMPLE, task)
     assert plan.layout_hash == custom.layout_hash != built_in.layout_hash
     assert plan.model_size == custom.size == SAMPLE.n_features * 7 + 7 + 7 * 2 + 2
-    assert plan.model_builder is builder
+    assert plan.task is task and plan.config.task == f"{Narrow.__module__}:Narrow"
+    assert plan_run(config, sample=SAMPLE, names=SITES).config.task == "classification"  # the data's built-in
 
 
-def _task(config: SimulationConfig):
-    import numpy as np
-
-    from consortium.protocol import messages as m
-    from consortium.wire import Tensor
-
-    assert config.model is not None
-    return m.TaskSpec(
-        model=config.model, n_features=SAMPLE.n_features, n_classes=len(SAMPLE.classes),
-        mean=Tensor.from_numpy(np.zeros(SAMPLE.n_features, np.float32)),
-        scale=Tensor.from_numpy(np.ones(SAMPLE.n_features, np.float32)), layout_hash="0" * 64,
-    )
+def test_a_task_whose_target_is_not_the_datas_is_refused():
+    with pytest.raises(ConfigError, match="is a regression, and the data's labels are classes"):
+        plan_run(_config(enabled=False), sample=SAMPLE, names=SITES, task=load_task("regression"))

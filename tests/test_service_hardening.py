@@ -37,7 +37,6 @@ from consortium.deploy.provision import load_kit, provision
 from consortium.deploy.serve import ServedRun
 from consortium.deploy.service import HttpsServer, create_app
 from consortium.errors import ConfigError
-from consortium.learning.training import EvalStats
 from consortium.privacy.ledger import BudgetLedger
 from consortium.protocol import messages as m
 from consortium.protocol.coordinator import COORDINATOR
@@ -221,7 +220,7 @@ def test_a_sites_state_files_are_its_own(local, tmp_path):
         (state / "evaluation.jsonl").write_text("")  # an older agent's journal, world-readable
         os.chmod(state / "evaluation.jsonl", 0o644)
         site = build_site(load_kit(local.kit("site-1")), local.data("site-1"), local.schema, state=state, test_seed=1)
-        site._journal.append(1, EvalStats(n=2, correct=1, loss_sum=0.5, score_hist=None))
+        site._journal.append(1, 2, {"accuracy": 0.5, "loss": 0.25})
         write_atomic(state / "transcript-memory.json", b"{}")  # the memory's writer
         assert site.ledger.spent() == 0.0
     finally:
@@ -290,7 +289,7 @@ def test_the_ledger_and_the_journal_are_created_private_wherever_they_are(tmp_pa
     try:
         ledger = BudgetLedger(tmp_path / "a" / "budget.sqlite", site="site-1", epsilon_cap=8.0, delta=1e-5)
         assert ledger.spent() == 0.0
-        EvaluationJournal(tmp_path / "b" / "evaluation.jsonl").append(1, EvalStats(n=2, correct=1, loss_sum=0.5, score_hist=None))
+        EvaluationJournal(tmp_path / "b" / "evaluation.jsonl").append(1, 2, {"accuracy": 0.5, "loss": 0.25})
     finally:
         os.umask(old_umask)
     for path in (tmp_path / "a" / "budget.sqlite", tmp_path / "b" / "evaluation.jsonl"):

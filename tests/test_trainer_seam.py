@@ -9,7 +9,8 @@ from consortium.config import SimulationConfig
 from consortium.errors import ProtocolError
 from consortium.learning.adapter import ModelAdapter
 from consortium.privacy.events import RecordLevelEvent
-from consortium.protocol.trainer import DP_SGD, DPSGDTrainer, LocalTrainer, PlainTrainer, trainer_for
+from consortium.learning.task import load_task
+from consortium.protocol.trainer import DPSGDTrainer, LocalTrainer, PlainTrainer, trainer_for
 from consortium.run.simulation import run_simulation
 from consortium.audit.verify import verify_run
 
@@ -44,20 +45,24 @@ def _config(level: str, rounds: int = 2) -> SimulationConfig:
     })
 
 
+TASK = load_task("classification")
+
+
 def test_the_shipped_trainers_are_local_trainers():
-    assert isinstance(PlainTrainer(), LocalTrainer) and isinstance(DPSGDTrainer(), LocalTrainer)
+    assert isinstance(PlainTrainer(TASK), LocalTrainer) and isinstance(DPSGDTrainer(TASK), LocalTrainer)
     assert isinstance(FullBatchGD(), LocalTrainer)
 
 
 def test_a_record_level_round_always_trains_with_dp_sgd():
     event = RecordLevelEvent(sampling_rate=0.1, noise_multiplier=1.0, clip=1.0, steps=2)
     own = FullBatchGD()
-    assert trainer_for(event, own) is DP_SGD
-    assert trainer_for(None, own) is own
+    dp = trainer_for(event, own, TASK)
+    assert isinstance(dp, DPSGDTrainer) and dp.task is TASK  # DP-SGD, on the task's loss
+    assert trainer_for(None, own, TASK) is own
     model = ModelAdapter(torch.nn.Linear(3, 2))
     X, y = torch.zeros(4, 3), torch.zeros(4, dtype=torch.int64)
     with pytest.raises(ProtocolError, match="DP-SGD"):  # plain training refuses a record-level event
-        PlainTrainer().train(model, X, y, None, privacy=event, proximal_mu=0.0, seed=0, noise=torch.Generator())
+        PlainTrainer(TASK).train(model, X, y, None, privacy=event, proximal_mu=0.0, seed=0, noise=torch.Generator())
 
 
 def test_a_trainer_from_the_study_runs_a_secure_site_level_dp_round_that_verifies(tmp_path):

@@ -13,6 +13,9 @@ Names:
 - ``simulate``, ``SimulationResult``: run a consortium on this machine.
 - ``verify``, ``Verified``: check a run folder, anchored in what you hold.
 - ``SimulationConfig``, ``load_config``, ``parse_config``: the run's configuration.
+- A study's own task: ``ClassificationTask`` and ``RegressionTask`` (subclass one: the model, the
+  per-example loss, optionally the training loop; evaluation stays sums), ``Task``, ``DataShape``,
+  ``load_task`` (a task by name: a built-in, ``module:Class`` or ``file.py:Class``).
 - The seams a study extends: ``LocalTrainer`` (what a site does with a fit request; record-level
   rounds always run the framework's DP-SGD), ``Strategy``, ``StrategyOptions`` and
   ``register_strategy`` (a server strategy, chosen by name in the config).
@@ -37,6 +40,11 @@ _EXPORTS: dict[str, str] = {
     "SimulationConfig": "consortium.config",
     "load_config": "consortium.config",
     "parse_config": "consortium.config",
+    "Task": "consortium.learning.task",
+    "DataShape": "consortium.learning.task",
+    "load_task": "consortium.learning.task",
+    "ClassificationTask": "consortium.learning.classification",
+    "RegressionTask": "consortium.learning.regression",
     "LocalTrainer": "consortium.protocol.trainer",
     "Strategy": "consortium.learning.strategies",
     "StrategyOptions": "consortium.learning.strategies",
@@ -52,7 +60,10 @@ if TYPE_CHECKING:
     from consortium.api import SimulationResult, simulate, verify
     from consortium.config import SimulationConfig, load_config, parse_config
     from consortium.errors import ConfigError, ConsortiumError, ProtocolError, VerificationError
+    from consortium.learning.classification import ClassificationTask
+    from consortium.learning.regression import RegressionTask
     from consortium.learning.strategies import Strategy, StrategyOptions, register_strategy
+    from consortium.learning.task import DataShape, Task, load_task
     from consortium.protocol.trainer import LocalTrainer
     from consortium.audit.verify import Verified
 

@@ -8,6 +8,10 @@ is ``verify(RUN, agreement=FILE)``.
 
     result = consortium.simulate("examples/simulate.yaml", rounds=5)
     print(result.metrics["accuracy"], result.epsilon)
+
+    class Chest(consortium.ClassificationTask):        # a study's own model and loss
+        def model(self, shape): ...
+    consortium.simulate("study.yaml", task=Chest())
     consortium.verify(result.run_dir)          # raises VerificationError on any violation
 """
 
@@ -28,7 +32,7 @@ if TYPE_CHECKING:  # torch stays unloaded until a run needs it
     import torch
 
     from consortium.protocol.coordinator import RoundRecord
-    from consortium.protocol.task import ModelBuilder
+    from consortium.learning.task import Task
     from consortium.protocol.trainer import LocalTrainer
     from consortium.audit.verify import Verified
 
@@ -46,7 +50,7 @@ class SimulationResult:
         summary: the whole ``summary.json`` object.
         history: one record per round (who was asked, who answered, the round's metrics).
         params: the final model as one flat float vector, in the layout of ``model``.
-        model: the final model as a ``torch.nn.Module`` (built by the run's model builder).
+        model: the final model as a ``torch.nn.Module`` (the task's model, holding ``params``).
     """
 
     run_dir: Path
@@ -85,9 +89,9 @@ def _config(config: SimulationConfig | str | Path | Mapping[str, Any] | None, ov
 def simulate(
     config: SimulationConfig | str | Path | Mapping[str, Any] | None = None,
     *,
+    task: Task | str | None = None,
     out: str | Path | None = None,
     runs_root: str | Path = "runs",
-    model_builder: ModelBuilder | None = None,
     on_round: Callable[[RoundRecord], None] | None = None,
     trainer: LocalTrainer | None = None,
     **overrides: Any,
@@ -97,12 +101,16 @@ def simulate(
     Args:
         config: a ``SimulationConfig``, the path of a YAML config (``examples/simulate.yaml``
             documents every key), a mapping of the same keys, or ``None`` for the defaults.
+        task: the study's task: a ``Task`` (a subclass of ``ClassificationTask`` or ``RegressionTask``:
+            its model, loss, training step and evaluation), or its name as a config gives it
+            (``"regression"``, ``"my_study.tasks:Chest"``, ``"path/to/tasks.py:Chest"``); default: the
+            config's ``task``, else the built-in task for the data's labels.
         out: the run folder (default: a new one under ``runs_root``).
         runs_root: where new run folders go.
-        model_builder: builds the ``torch.nn.Module`` of a task (default: the built-in models).
         on_round: called with each round's record as it ends (progress bars, early looks).
         trainer: every site's local training (a ``LocalTrainer``) for rounds without record-level
-            DP; record-level rounds always run the framework's DP-SGD (default: plain local training).
+            DP; record-level rounds always run the framework's DP-SGD on the task's loss (default: the
+            task's own ``train``).
         **overrides: top-level config keys that replace the config's (``rounds=5``,
             ``privacy={"epsilon": 3}``); a nested mapping replaces that whole section.
 
@@ -110,20 +118,24 @@ def simulate(
         A ``SimulationResult``; the run also verified itself (``summary["transcript"]["verified"]``).
 
     Raises:
-        ConfigError: a bad config, data or agreement, in one line naming the problem and the fix.
+        ConfigError: a bad config, data, task or agreement, in one line naming the problem and the fix
+            (a model that mixes the examples of a batch, such as BatchNorm, under record-level DP).
         ConsortiumError: anything else the run refuses (the base of every Consortium error).
     """
     from consortium.learning.adapter import ModelAdapter
-    from consortium.protocol.task import build_task_model
+    from consortium.protocol.task import build_model
     from consortium.run.simulation import Simulation
 
+    if isinstance(task, str):
+        overrides = {**overrides, "task": task}
+        task = None
     sim = Simulation(
         _config(config, overrides), out=None if out is None else Path(out), runs_root=Path(runs_root),
-        model_builder=model_builder or build_task_model, trainer=trainer,
+        task=task, trainer=trainer,
     )
     run = sim.run(on_round=on_round)
     assert sim.coordinator.task is not None
-    model = (model_builder or build_task_model)(sim.coordinator.task, 0)
+    model = build_model(sim.plan.task, sim.coordinator.task, 0)
     ModelAdapter(model).set_vector(run.params)
     privacy = run.summary.get("privacy") or {}
     return SimulationResult(

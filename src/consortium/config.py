@@ -26,6 +26,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: The built-in datasets whose label is a number (their task is a regression).
+REGRESSION_DATASETS = ("diabetes",)
+
+
 class PartitionConfig(_Strict):
     """How a built-in dataset is split across simulated sites."""
 
@@ -82,6 +86,9 @@ class DataConfig(_Strict):
                 raise ValueError(f"csv_sites names must be unique, found {names}")
         elif self.csv_sites:
             raise ValueError("csv_sites is only read when dataset is 'csv'")
+        if self.dataset in REGRESSION_DATASETS and "partition" not in self.model_fields_set:
+            # label skew needs classes: a built-in regression dataset is split IID unless the config says how
+            object.__setattr__(self, "partition", PartitionConfig(kind="iid"))
         return self
 
     @property
@@ -220,7 +227,10 @@ class SimulationConfig(_Strict):
     seed: int = Field(0, ge=0, le=2**63 - 1)
     rounds: int = Field(20, ge=1, le=100_000)
     data: DataConfig = DataConfig()
-    model: ModelSpec | None = None  # None: the dataset's default (see DATASET_DEFAULTS)
+    #: The study's task: a built-in (classification, regression), ``package.module:Class`` or
+    #: ``path/to/file.py:Class`` (see ``consortium.learning.task``). None: the built-in one for the data's labels.
+    task: str | None = Field(None, pattern=r"^(?:[a-z][a-z0-9-]*|[A-Za-z0-9_./\\-]+:[A-Za-z_]\w*)$")
+    model: ModelSpec | None = None  # the built-in tasks' model; None: the dataset's default (see DATASET_DEFAULTS)
     training: TrainSettings | None = None
     strategy: StrategyConfig = StrategyConfig()
     participation: ParticipationConfig = ParticipationConfig()
@@ -289,6 +299,7 @@ DATASET_DEFAULTS: dict[str, tuple[ModelSpec, TrainSettings]] = {
     "digits": (ModelSpec(kind="mlp", hidden=(128,)), TrainSettings(epochs=1, batch_size=16, lr=0.05)),
     "synthetic-hospitals": (ModelSpec(kind="mlp", hidden=(32,)), TrainSettings(epochs=1, batch_size=32, lr=0.05)),
     "csv": (ModelSpec(kind="mlp", hidden=(32,)), TrainSettings(epochs=1, batch_size=32, lr=0.05)),
+    "diabetes": (ModelSpec(kind="mlp", hidden=(16,)), TrainSettings(epochs=1, batch_size=16, lr=0.05)),
 }
 
 

@@ -114,6 +114,9 @@ def join(
     incoming: Annotated[
         Path | None, typer.Option(help="records that reached this site since training (same schema): what its drift check reads")
     ] = None,
+    task: Annotated[
+        str | None, typer.Option(help="the study's task as the run's config names it (module:Class or file.py:Class), run from this machine's copy")
+    ] = None,
 ) -> None:
     """Take part in a run (or a model-lifecycle session) as a site: poll the coordinator over mutual TLS and
     answer with this site's runtime."""
@@ -128,7 +131,7 @@ def join(
         if not rnd.isdigit():
             raise ConfigError(f"--crash-at '{crash_at}' is not KIND:ROUND, for example secagg_deliver:2")
         fault = (kind, int(rnd))
-    site = build_site(kit, data, schema, state=state, seed=seed, test_seed=test_seed, crash_at=fault, incoming=incoming)
+    site = build_site(kit, data, schema, state=state, seed=seed, test_seed=test_seed, crash_at=fault, incoming=incoming, task=task)
     if test_seed is not None:
         err_console.print("[bold red]WARNING[/]: privacy noise is in TEST MODE (fixed seed): reproducible, and NOT private")
     for d in site.restored:  # its ledger had lost or changed rows this site signed as paid: put back before anything runs

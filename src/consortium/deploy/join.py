@@ -30,6 +30,7 @@ from consortium.errors import ConfigError
 from consortium.governance.agreement import load_agreement, load_member_key, read_signatures, require_approval
 from consortium.governance.guard import epsilon_cap
 from consortium.governance.policy import load_policy
+from consortium.learning.task import load_task
 from consortium.protocol import messages as m
 from consortium.protocol.site import Site
 from consortium.run.sites import (  # the state folder's file names and its privacy, kept importable from here
@@ -70,6 +71,7 @@ def build_site(
     split: SplitConfig = SplitConfig(),
     crash_at: tuple[str, int] | None = None,
     incoming: Path | None = None,
+    task: str | None = None,
 ) -> Site:
     """The site runtime this kit's member runs on its own CSV; every input is checked first.
 
@@ -86,6 +88,8 @@ def build_site(
         split: the validation and test shares of the site's data.
         crash_at: fault injection for tests: die on the first request of this (kind, round).
         incoming: a CSV of the records that reached the site since training (its drift check's input).
+        task: the study's task as the run's config names it (loaded from this machine's own copy of its
+            code); default: the built-in task for the data's labels.
 
     Returns:
         The site, ready for its agent to connect out to the coordinator.
@@ -106,6 +110,7 @@ def build_site(
         raise ConfigError(f"{policy_file}: the policy is for site '{policy.site}', not '{kit.member}': fix its site field")
     data_schema = load_schema(schema)
     table = read_csv(data, data_schema)
+    study = load_task(task if task is not None else ("classification" if table.classes else "regression"))
     split_rng, _ = site_randomness(seed, kit.member)
     splits = split_table(table, split_rng, validation=split.validation, test=split.test)
     identity = load_member_key(agreement, None, kit.member, file=kit.folder / "identity.key")
@@ -120,6 +125,7 @@ def build_site(
         agreement=agreement,
         policy=policy,
         test_seed=test_seed,
+        task=study,  # this site's own copy of the task: it refuses a request or a manifest for another
         memory=True,  # the last head it co-signed: a restarted agent picks up from it
         private=True,  # its state folder and files are its own: 0700 / 0600
         make=Site if crash_at is None else functools.partial(CrashingSite, crash_at=crash_at),

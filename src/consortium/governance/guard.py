@@ -26,7 +26,7 @@ from consortium.privacy.ledger import BudgetExceeded, BudgetLedger
 Clock = Callable[[], dt.datetime]
 
 #: Refusals that mean an integrity check failed (not a policy choice): each halts the run.
-INTEGRITY_RULES = frozenset({"plan_proof", "model_hash", "plan_mismatch"})
+INTEGRITY_RULES = frozenset({"plan_proof", "model_hash", "plan_mismatch", "task"})
 
 
 class Refused(ProtocolError):

@@ -17,14 +17,24 @@ from consortium.learning.specs import ModelSpec
 
 
 def standardisation(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, scale) of each column of ``X``, for ``Standardize``; a constant feature gets scale 1 (passes unscaled)."""
+    """(mean, scale) of each column of ``X`` over its present values (NaN: missing), for ``Standardize``;
+    a constant (or wholly missing) feature gets scale 1 (passes unscaled) and a wholly missing one mean 0."""
     X64 = np.asarray(X, dtype=np.float64)
-    mean, scale = X64.mean(axis=0), X64.std(axis=0)
+    present = ~np.isnan(X64)
+    count = np.maximum(present.sum(axis=0), 1)
+    filled = np.where(present, X64, 0.0)
+    mean = filled.sum(axis=0) / count
+    var = np.maximum((filled * filled).sum(axis=0) / count - mean * mean, 0.0)
+    scale = np.sqrt(var)
     return mean, np.where(scale < 1e-6, 1.0, scale)
 
 
 class Standardize(nn.Module):
-    """x -> (x - mean) / scale with constant (non-trainable) buffers."""
+    """x -> (x - mean) / scale with constant (non-trainable) buffers; a missing value (NaN) becomes 0, the mean.
+
+    The mean and scale are the consortium's (from secure sums over every site's present values), so a
+    column declared ``missing: impute`` is imputed with the consortium-wide mean, never a site's own.
+    """
 
     def __init__(self, mean: np.ndarray, scale: np.ndarray) -> None:
         super().__init__()
@@ -32,7 +42,7 @@ class Standardize(nn.Module):
         self.register_buffer("scale", torch.as_tensor(np.asarray(scale, dtype=np.float32)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.scale
+        return torch.nan_to_num((x - self.mean) / self.scale, nan=0.0)
 
 
 class _SmallCNN(nn.Module):
@@ -65,15 +75,18 @@ def build_model(
     mean: np.ndarray,
     scale: np.ndarray,
     image_shape: tuple[int, int, int] | None = None,
-    seed: int = 0,
+    seed: int | None = 0,
 ) -> nn.Module:
-    """Build the model ``spec`` names, its weights initialised from ``seed``."""
-    if n_features < 1 or n_classes < 2:
-        raise ModelError(f"a model needs at least 1 feature and 2 classes, got {n_features} and {n_classes}")
+    """Build the model ``spec`` names, its weights initialised from ``seed``, with ``n_classes`` outputs
+    (a classifier's logits; 1 for a regression)."""
+    if n_features < 1 or n_classes < 1:
+        raise ModelError(f"a model needs at least 1 feature and 1 output, got {n_features} and {n_classes}")
     # Initialisation draws from torch's default generator: fork it so the seed
-    # decides the weights without leaving the caller's random state changed.
+    # decides the weights without leaving the caller's random state changed
+    # (seed None: the caller seeded the generator and the weights are drawn from it).
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        if seed is not None:
+            torch.manual_seed(seed)
         if spec.kind == "logistic":
             body: nn.Module = nn.Linear(n_features, n_classes)
         elif spec.kind == "mlp":

@@ -17,6 +17,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
+from torch import nn
+
+from consortium.learning.task import DataShape, EvalOptions, Evaluation, Task
 
 #: The vector a site releases, in order.
 FIELDS = ("n", "sum_y", "sum_y2", "sum_squared_residual", "sum_absolute_residual")
@@ -51,3 +55,38 @@ def metrics(total: np.ndarray) -> dict[str, float]:
         "r2": 1.0 - ssr / sst if sst > 0 else math.nan,
         "mean_mse": sst / n,
     }
+
+
+class RegressionTask(Task):
+    """Regression of one number per record: subclass it and define ``model`` (one output per example).
+
+    The model predicts the target standardised by the consortium's mean and deviation
+    (``shape.target_mean``, ``shape.target_scale``, from the setup stage's secure sums), so that one
+    learning rate and one DP clip suit any target's units; predictions are mapped back before they are
+    scored. The loss is the squared error on that scale (override ``loss`` for another, e.g. Huber,
+    keeping one value per example); the metrics are MSE, RMSE, MAE and R^2 in the target's units from
+    the summed ``FIELDS``, and ``mean_mse``, the MSE of predicting the consortium's mean (what a model
+    must beat to be of any use).
+    """
+
+    target = "regression"
+    headline = "mse"
+    higher_is_better = False
+
+    def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (outputs.reshape(-1) - targets.reshape(-1).to(outputs.dtype)) ** 2
+
+    def training_targets(self, y: torch.Tensor, shape: DataShape) -> torch.Tensor:
+        return (y - shape.target_mean) / shape.target_scale
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, X: torch.Tensor, y: torch.Tensor, shape: DataShape, options: EvalOptions) -> np.ndarray:
+        model.eval()
+        out = model(X).reshape(-1).numpy().astype(np.float64) if len(X) else np.zeros(0)
+        return statistics(out * shape.target_scale + shape.target_mean, y.numpy())
+
+    def statistics_length(self, shape: DataShape) -> int:
+        return len(FIELDS)
+
+    def summarise(self, total: np.ndarray, shape: DataShape, *, groups: bool = False, shift: bool = False) -> Evaluation:
+        return Evaluation(metrics(total), {})

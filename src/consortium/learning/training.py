@@ -8,6 +8,7 @@ consortium's metrics are sums that secure aggregation can compute.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,8 +41,12 @@ def train_local(
     seed: int,
     proximal_mu: float = 0.0,
     proximal_center: list[torch.Tensor] | None = None,
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
     """Train ``model`` in place; returns the mean training loss of the last epoch.
+
+    ``loss``: a per-example loss (one value per example), averaged over each
+    batch; default: cross-entropy of the logits.
 
     With ``proximal_mu > 0`` the objective gains FedProx's term
     ``mu/2 * ||w - w_center||^2`` (Li et al., MLSys 2020). Shuffling uses its
@@ -61,14 +66,15 @@ def train_local(
         for start in range(0, n, settings.batch_size):
             idx = order[start : start + settings.batch_size]
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(X[idx]), y[idx])
+            out = model(X[idx])
+            value = F.cross_entropy(out, y[idx]) if loss is None else loss(out, y[idx]).mean()
             if proximal_mu > 0:
                 prox = sum(((p - c) ** 2).sum() for p, c in zip(params, proximal_center))  # type: ignore[arg-type]
-                (loss + 0.5 * proximal_mu * prox).backward()
+                (value + 0.5 * proximal_mu * prox).backward()
             else:
-                loss.backward()
+                value.backward()
             opt.step()
-            total += float(loss.detach()) * len(idx)
+            total += float(value.detach()) * len(idx)
             seen += len(idx)
         last = total / max(seen, 1)
     return last
@@ -185,7 +191,9 @@ def evaluate(
 
     ``groups``: also count, per group of that sensitive attribute, what the
     fairness gaps need. ``shifted``: the same records under a distribution
-    shift (same labels), whose accuracy is counted too.
+    shift (same labels), whose accuracy is counted too. The loss is the
+    log-loss (cross-entropy), whatever loss the task trained with, so that
+    runs and the constant predictor compare on one scale.
     """
     model.eval()
     n = X.shape[0]

@@ -5,7 +5,10 @@ vectors travel as they are and are added up; under secure aggregation they
 are encoded into the ring (``consortium.secagg.encoding``) and only their
 sum is ever decoded. Either way the coordinator reads nothing but sums.
 
-- setup:    [n_train, sum of x (d), sum of x^2 (d)]
+- setup:    [n_train, sum of x (d), sum of x^2 (d), present values (d)]: a missing
+            value (NaN) counts in none of the sums, so each feature's mean and
+            deviation are over the values the sites hold; a regression adds
+            [sum of y, sum of y^2], whence the target's mean and deviation
 - fit:      [w * delta (P), w, w * loss]; delta is first scaled into the L2 ball of
             radius norm_bound when the round has one (robust aggregation); under
             secure aggregation delta is then clipped to [-clip, clip] coordinate-wise, w is scaled to (0, 1]
@@ -15,21 +18,18 @@ sum is ever decoded. Either way the coordinator reads nothing but sums.
             adaptive clipping, [1/2 if the update was within the clip else -1/2];
             no weight (every site counts once) and no loss (the guarantee does
             not cover it)
-- evaluate: [n, correct, loss sum, negatives per score bin, positives per score bin,
-            calibration (records, confidence sum, correct per confidence bin),
-            per group of the sensitive attribute (GROUP_FIELDS), the site's
-            [1, accuracy, accuracy^2] (so the spread across sites is a sum),
-            and [n, correct] under the declared shift]; zeros where not measured
+- evaluate: the task's own fixed-length vector of sums (``Task.evaluate``; a
+            classification's is laid out in ``consortium.learning.classification``)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from consortium.learning.robust import bound_norm
-from consortium.learning.training import AUC_BINS, CAL_BINS, GROUP_FIELDS, EvalStats
 from consortium.secagg.encoding import RingEncoding
 from consortium.secagg.quantize import plan_quantization
 
@@ -37,26 +37,52 @@ from consortium.secagg.quantize import plan_quantization
 MAX_REPORTED_LOSS = 100.0
 SETUP_FRAC_BITS = 8
 EVAL_FRAC_BITS = 16
-#: The evaluation vector's parts, in order, and their lengths.
-EVAL_PARTS = {
-    "counts": 3, "score_hist": 2 * AUC_BINS, "calibration": 3 * CAL_BINS, "groups": 2 * len(GROUP_FIELDS),
-    "sites": 3, "shift": 2,
-}
-EVAL_LENGTH = sum(EVAL_PARTS.values())
 
 
-def setup_vector(X: np.ndarray) -> np.ndarray:
+def setup_vector(X: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
+    """A site's setup sums over its training rows ``X``; ``y``: a regression's targets (None: classes)."""
     X = X.astype(np.float64)
-    return np.concatenate([[X.shape[0]], X.sum(axis=0), (X * X).sum(axis=0)])
+    present = ~np.isnan(X)
+    filled = np.where(present, X, 0.0)
+    parts = [[X.shape[0]], filled.sum(axis=0), (filled * filled).sum(axis=0), present.sum(axis=0)]
+    if y is not None:
+        y64 = y.astype(np.float64)
+        parts.append([y64.sum(), (y64 * y64).sum()])
+    return np.concatenate(parts)
 
 
-def read_setup_sum(total: np.ndarray, n_features: int) -> tuple[float, np.ndarray, np.ndarray]:
-    """(rows, per-feature mean, per-feature standard deviation) of the pooled training data; a constant
-    feature's deviation is given as 1, so that it passes ``Standardize`` unscaled."""
+def setup_length(n_features: int, regression: bool = False) -> int:
+    """The length of a setup vector over ``n_features`` features (and a regression's target)."""
+    return 1 + 3 * n_features + (2 if regression else 0)
+
+
+@dataclass(frozen=True)
+class SetupSum:
+    """The pooled training data's rows, each feature's mean and deviation over the values present (a
+    constant feature's deviation 1, so that it passes ``Standardize`` unscaled; a feature no site holds a
+    value of, mean 0), and a regression target's mean and deviation (0 and 1 for classes)."""
+
+    rows: float
+    mean: np.ndarray
+    scale: np.ndarray
+    target_mean: float = 0.0
+    target_scale: float = 1.0
+
+
+def read_setup_sum(total: np.ndarray, n_features: int, regression: bool = False) -> SetupSum:
+    """The summed setup vectors, read (see ``SetupSum``)."""
+    d = n_features
     n = float(round(total[0]))
-    mean = total[1 : 1 + n_features] / n
-    std = np.sqrt(np.maximum(total[1 + n_features : 1 + 2 * n_features] / n - mean * mean, 0.0))
-    return n, mean, np.where(std < 1e-6, 1.0, std)
+    count = np.maximum(np.rint(total[1 + 2 * d : 1 + 3 * d]), 1.0)
+    mean = total[1 : 1 + d] / count
+    std = np.sqrt(np.maximum(total[1 + d : 1 + 2 * d] / count - mean * mean, 0.0))
+    out = SetupSum(n, mean, np.where(std < 1e-6, 1.0, std))
+    if regression and n > 0:
+        sy, syy = float(total[1 + 3 * d]), float(total[2 + 3 * d])
+        y_mean = sy / n
+        y_std = math.sqrt(max(syy / n - y_mean * y_mean, 0.0))
+        out = SetupSum(n, out.mean, out.scale, y_mean, y_std if y_std > 1e-6 else 1.0)
+    return out
 
 
 def fit_vector(
@@ -96,40 +122,6 @@ def read_fit_sum(total: np.ndarray, n_params: int, clip: float | None) -> FitSum
     weight = float(total[n_params]) / scale
     loss = float(total[n_params + 1]) / scale * (1.0 if clip is None else MAX_REPORTED_LOSS)
     return FitSum(total[:n_params], weight, loss)
-
-
-def eval_vector(stats: EvalStats) -> np.ndarray:
-    """One site's evaluation as the vector that is summed (see the module docstring)."""
-    site = [1.0, stats.correct / stats.n, (stats.correct / stats.n) ** 2] if stats.n else [0.0, 0.0, 0.0]
-    parts = {
-        "counts": [stats.n, stats.correct, stats.loss_sum],
-        "score_hist": stats.score_hist,
-        "calibration": stats.calibration,
-        "groups": stats.groups,
-        "sites": site,
-        "shift": stats.shift,
-    }
-    return np.concatenate([
-        np.zeros(size) if parts[name] is None else np.asarray(parts[name], dtype=np.float64).ravel()
-        for name, size in EVAL_PARTS.items()
-    ])
-
-
-def read_eval_sum(total: np.ndarray, n_classes: int, *, groups: bool = False, shift: bool = False) -> EvalStats:
-    """The summed evaluation; ``groups`` / ``shift``: whether the round asked for them."""
-    offsets = np.cumsum([0, *EVAL_PARTS.values()])
-    part = {name: total[offsets[i] : offsets[i + 1]] for i, name in enumerate(EVAL_PARTS)}
-    counts = np.rint(part["counts"]).astype(np.int64)
-    return EvalStats(
-        int(counts[0]),
-        int(counts[1]),
-        float(part["counts"][2]),
-        np.rint(part["score_hist"]).astype(np.int64).reshape(2, AUC_BINS) if n_classes == 2 else None,
-        part["calibration"].reshape(3, CAL_BINS),
-        np.rint(part["groups"]).reshape(2, len(GROUP_FIELDS)) if groups else None,
-        part["sites"].copy(),
-        np.rint(part["shift"]) if shift else None,
-    )
 
 
 def setup_encoding() -> RingEncoding:

@@ -34,6 +34,7 @@ from consortium.governance.incident import Incident, NormMonitor, RunHalted
 from consortium.learning.robust import RobustAggregation
 from consortium.learning.specs import ModelSpec, TrainSettings
 from consortium.learning.strategies import Strategy
+from consortium.learning.task import Task, load_task
 from consortium.privacy.events import RecordLevelEvent
 from consortium.protocol.sitedp import SiteLevelDP
 from consortium.protocol import contributions as c
@@ -42,7 +43,7 @@ from consortium.protocol import messages as m
 from consortium.protocol.coordinator_pipeline import UpdatePipeline
 from consortium.protocol.coordinator_rounds import Phase, PhaseResult, PhaseState, RoundRecord, SecureAggregation
 from consortium.protocol.coordinator_setup import initial_task, read_setup
-from consortium.protocol.task import ModelBuilder, build_task_model
+from consortium.protocol.task import data_shape
 from consortium.transcript.log import vector_sha256
 from consortium.transcript.records import LogRecord, SessionArchive
 
@@ -65,7 +66,7 @@ class Coordinator:
         seed: int,
         secure: SecureAggregation | None = None,
         privacy: RecordLevelEvent | SiteLevelDP | None = None,
-        model_builder: ModelBuilder = build_task_model,
+        task: Task | None = None,
         monitor: NormMonitor | None = None,
         robust: RobustAggregation | None = None,
         evaluation: m.EvaluationSpec = m.EvaluationSpec(),
@@ -97,7 +98,7 @@ class Coordinator:
         self.update_pipeline().check(len(self.sites))  # the robust rule's tolerance, before any state
         self._rng = np.random.default_rng(np.random.SeedSequence([seed, 0xC00D]))
         self._init_seed = seed
-        self._build = model_builder
+        self.task_def = task if task is not None else load_task("classification", model)
         self.round = 0
         self.members: list[str] = []  # sites that passed setup
         self.excluded: dict[str, str] = {}
@@ -259,7 +260,7 @@ class Coordinator:
             n_params = self._params().shape[0]
             return self.site_dp.vector_length(n_params) if self.site_dp else n_params + 2
         if phase == "evaluate":
-            return c.EVAL_LENGTH
+            return self.task_def.statistics_length(data_shape(self._task()))
         return None  # setup: known from the schema, checked in _finish_setup
 
     def _take_phase_reply(self, st: PhaseState, sender: str, msg: m.BaseModel) -> None:
@@ -303,9 +304,9 @@ class Coordinator:
             assert length is not None
             return length
         if st.phase == "evaluate":
-            return c.EVAL_LENGTH
+            return self.task_def.statistics_length(data_shape(self._task()))
         first = self._setup_replies[sorted(st.ready)[0]]
-        return 1 + 2 * len(first.feature_names)
+        return c.setup_length(len(first.feature_names), regression=not first.classes)
 
     def _finish_phase(self, st: PhaseState, result: PhaseResult) -> RoundRecord | None:
         if st.phase == "setup":
@@ -465,7 +466,7 @@ class Coordinator:
                 self.excluded[site] = st.refused.get(site, "did not answer setup")
         sums = read_setup({s: self._setup_replies[s] for s in st.ready}, result)
         self.members, self.total_rows = sums.members, sums.total_rows
-        self.task, self.params = initial_task(sums, self.model_spec, self._build, self._init_seed)
+        self.task, self.params = initial_task(sums, self.model_spec, self.task_def, self._init_seed)
 
     def _finish_fit(self, st: PhaseState, result: PhaseResult, record: RoundRecord) -> None:
         parent = self._model_sha256()
@@ -503,14 +504,12 @@ class Coordinator:
             record.evaluation_note = result.reason
         else:
             ev = self.evaluation
-            stats = c.read_eval_sum(
-                result.total, self._task().n_classes,
+            summed = self.task_def.summarise(
+                result.total, data_shape(self._task()),
                 groups=ev.sensitive_feature is not None, shift=ev.shift_noise is not None,
             )
-            record.metrics = stats.metrics()
-            record.evaluation = {"reliability": stats.reliability()}
-            if stats.groups is not None:
-                record.evaluation["groups"] = stats.groups.tolist()
+            record.metrics = summed.metrics
+            record.evaluation = dict(summed.details)
         self._log.append(LogRecord("evaluation", self.round, COORDINATOR, {
             "model_sha256": self._model_sha256(),
             "evaluated_sites": record.evaluated_sites,

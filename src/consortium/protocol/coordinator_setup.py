@@ -17,7 +17,8 @@ from consortium.learning.specs import ModelSpec
 from consortium.protocol import contributions as c
 from consortium.protocol import messages as m
 from consortium.protocol.coordinator_rounds import PhaseResult
-from consortium.protocol.task import ModelBuilder
+from consortium.learning.task import Task
+from consortium.protocol.task import build_model
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,8 @@ class SetupSums:
     mean: np.ndarray
     scale: np.ndarray
     schema: m.SetupReply  # the first member's reply: every member declared the same schema
+    target_mean: float = 0.0  # a regression target's mean and deviation over every site's training rows
+    target_scale: float = 1.0
 
 
 def read_setup(replies: dict[str, m.SetupReply], result: PhaseResult) -> SetupSums:
@@ -51,23 +54,30 @@ def read_setup(replies: dict[str, m.SetupReply], result: PhaseResult) -> SetupSu
     if result.total is None:
         raise RoundFailed(f"setup failed: {result.reason}")
     d = len(first.feature_names)
-    if result.total.shape != (1 + 2 * d,):
-        raise RoundFailed(f"setup sum has {result.total.shape[0]} values where {1 + 2 * d} were expected")
-    total_rows, mean, scale = c.read_setup_sum(result.total, d)
-    return SetupSums(sorted(result.included), total_rows, mean, scale, first)
+    regression = not first.classes
+    length = c.setup_length(d, regression)
+    if result.total.shape != (length,):
+        raise RoundFailed(f"setup sum has {result.total.shape[0]} values where {length} were expected")
+    summed = c.read_setup_sum(result.total, d, regression)
+    return SetupSums(sorted(result.included), summed.rows, summed.mean, summed.scale, first,
+                     summed.target_mean, summed.target_scale)
 
 
-def initial_task(sums: SetupSums, model: ModelSpec, build: ModelBuilder, seed: int) -> tuple[m.TaskSpec, np.ndarray]:
-    """The task every round trains, with the layout hash of the model ``build`` makes, and that model's parameters."""
+def initial_task(sums: SetupSums, model: ModelSpec, task: Task, seed: int) -> tuple[m.TaskSpec, np.ndarray]:
+    """The task spec every round carries, with the layout hash of ``task``'s model, and that model's parameters."""
     first = sums.schema
     provisional = m.TaskSpec(
+        task=task.name,
         model=model,
         n_features=len(first.feature_names),
         n_classes=len(first.classes),
+        classes=first.classes,
         image_shape=first.image_shape,
+        target_mean=sums.target_mean,
+        target_scale=sums.target_scale,
         mean=m.Tensor.from_numpy(sums.mean.astype(np.float32)),
         scale=m.Tensor.from_numpy(sums.scale.astype(np.float32)),
         layout_hash="0" * 64,
     )
-    adapter = ModelAdapter(build(provisional, seed))
+    adapter = ModelAdapter(build_model(task, provisional, seed))
     return provisional.model_copy(update={"layout_hash": adapter.layout_hash}), adapter.get_vector()

@@ -78,11 +78,19 @@ class SetupReply(_Contribution):
 
 
 class TaskSpec(_Frozen):
-    """What every site must build: the model and its input standardisation."""
+    """What every site must build: the task (by name: each site runs its own copy), the model and its
+    input standardisation."""
 
-    model: ModelSpec
+    #: The task's name (``classification``, ``regression`` or a study's ``module:Class``).
+    task: str = Field("classification", min_length=1, max_length=300)
+    model: ModelSpec  # the built-in tasks' architecture
     n_features: int = Field(ge=1)
-    n_classes: int = Field(ge=2)
+    n_classes: int = Field(ge=0)  # 0: regression
+    classes: tuple[str, ...] = ()
+    #: A regression target's mean and deviation over every site's training rows: the model predicts the
+    #: standardised target; metrics are in the target's units.
+    target_mean: float = 0.0
+    target_scale: float = Field(1.0, gt=0)
     image_shape: tuple[int, int, int] | None = None
     mean: Tensor
     scale: Tensor

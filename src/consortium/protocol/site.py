@@ -35,6 +35,7 @@ from consortium.governance.guard import Clock, Refused, SiteGuard, utc_now
 from consortium.governance.policy import SitePolicy
 from consortium.governance.roles import PermissionDenied, Roles
 from consortium.learning.adapter import ModelAdapter
+from consortium.learning.task import Task, load_task, task_identity
 from consortium.privacy.dpsgd import secure_generator, secure_numpy_generator
 from consortium.privacy.ledger import BudgetLedger, Discrepancy
 from consortium.protocol import messages as m
@@ -43,7 +44,7 @@ from consortium.protocol.site_agent import LifecycleAgent, SiteLifecycle
 from consortium.protocol.site_sessions import SecAggSessions
 from consortium.protocol.site_training import EvaluationJournal, Training, model_sha256, table_fingerprint
 from consortium.protocol.site_witness import Witness
-from consortium.protocol.task import ModelBuilder, build_task_model
+from consortium.protocol.task import data_shape
 from consortium.protocol.trainer import LocalTrainer, PlainTrainer, trainer_for
 from consortium.transcript.log import TreeHead
 from consortium.transcript.site_record import payments
@@ -75,8 +76,11 @@ class Site:
     order) and every reply is sealed by this site; a fit request must carry
     the round's plan, proven to be in the last transcript head this site
     co-signed, naming the model it sends.
-    ``trainer`` does the local training of a fit request (default: plain local training); a
-    record-level round always trains with DP-SGD instead (see ``consortium.protocol.trainer``).
+    ``task`` is the study's task, from this site's own copy of its code (default: the built-in
+    classifier); the site refuses a request for any other task.
+    ``trainer`` does the local training of a fit request (default: the task's ``train``); a
+    record-level round always trains with DP-SGD on the task's loss instead (see
+    ``consortium.protocol.trainer``).
     """
 
     def __init__(
@@ -90,7 +94,7 @@ class Site:
         ledger: BudgetLedger | None = None,
         noise_test_seed: int | None = None,
         strict: bool = False,
-        model_builder: ModelBuilder = build_task_model,
+        task: Task | None = None,
         agreement: Agreement | None = None,
         policy: SitePolicy | None = None,
         clock: Clock = utc_now,
@@ -108,7 +112,8 @@ class Site:
         self._journal = None if journal is None else EvaluationJournal(journal)
         self._identity = identity
         self._directory = dict(directory or {})
-        self._trainer: LocalTrainer = PlainTrainer() if trainer is None else trainer
+        self.task = task if task is not None else load_task("classification")
+        self._trainer: LocalTrainer = PlainTrainer(self.task) if trainer is None else trainer
         # With a ledger the site trains only under DP, within its own cap.
         self.ledger = ledger
         self.guard = SiteGuard(name, agreement=agreement, policy=policy, ledger=ledger, clock=clock)
@@ -116,7 +121,7 @@ class Site:
         self._noise = secure_generator(noise_test_seed)
         self._witness = Witness(
             name, identity=identity, directory=self._directory, guard=self.guard, fingerprint=lambda: self.fingerprint(),
-            memory=memory, record=record,
+            memory=memory, record=record, task=lambda: task_identity(self.task),
         )
         if strict and self._witness.head is None:
             raise ProtocolError("strict checks need this site's identity key and the directory of members' keys")
@@ -127,7 +132,7 @@ class Site:
             int_noise=secure_numpy_generator(noise_test_seed),
         )
         self._training = Training(
-            data, build=model_builder, guard=self.guard, witness=self._witness, sessions=self._sessions,
+            data, task=self.task, guard=self.guard, witness=self._witness, sessions=self._sessions,
             journal=self._journal, strict=strict, local_update=lambda *a: self._local_update(*a),
             contribute=lambda *a: self._contribute(*a), rng=lambda *a: self._rng(*a),
         )
@@ -227,8 +232,9 @@ class Site:
         The site's trainer does the training, except in a record-level round: that one is always DP-SGD.
         """
         X, y = self.__train
+        y = self.task.training_targets(y, data_shape(msg.task))
         seed = int(np.random.SeedSequence([self._seed, rnd]).generate_state(1)[0])
-        delta, loss = trainer_for(msg.privacy, self._trainer).train(
+        delta, loss = trainer_for(msg.privacy, self._trainer, self.task).train(
             adapter, X, y, msg.train, privacy=msg.privacy, proximal_mu=msg.proximal_mu, seed=seed, noise=self._noise
         )
         delta = np.asarray(delta)

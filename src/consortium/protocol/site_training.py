@@ -23,11 +23,12 @@ from consortium.errors import ModelError, ProtocolError
 from consortium.governance.guard import Refused, SiteGuard
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.robust import bound_norm
-from consortium.learning.training import EvalStats, Groups, evaluate
+from consortium.learning.task import EvalOptions, Task
+from consortium.learning.training import Groups
 from consortium.privacy.events import SiteLevelEvent
 from consortium.protocol import contributions as c
 from consortium.protocol import messages as m
-from consortium.protocol.task import ModelBuilder
+from consortium.protocol.task import build_model, data_shape
 from consortium.transcript.log import vector_sha256
 from consortium.wire import Tensor
 
@@ -42,9 +43,16 @@ LocalUpdate = Callable[[int, m.FitRequest, torch.nn.Module, ModelAdapter, np.nda
 
 
 def table_fingerprint(table: Table) -> str:
-    """SHA-256 of what must agree across sites: feature names, classes, image shape."""
+    """SHA-256 of what must agree across sites: feature names, classes, image shape, the features that may
+    be missing (a regression's classes are empty)."""
+    layout: dict[str, object] = {
+        "features": list(table.feature_names), "classes": list(table.classes), "image_shape": table.image_shape,
+    }
+    imputed = getattr(table, "imputed", ())
+    if imputed:  # only where declared, so that a table without missing values keeps its fingerprint
+        layout["imputed"] = list(imputed)
     canonical = json.dumps(
-        {"features": list(table.feature_names), "classes": list(table.classes), "image_shape": table.image_shape},
+        layout,
         sort_keys=True,
         separators=(",", ":"),
     )
@@ -67,9 +75,9 @@ class EvaluationJournal:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
 
-    def append(self, rnd: int, stats: EvalStats) -> None:
-        metrics = {k: (float(v) if math.isfinite(v) else None) for k, v in stats.metrics().items()}
-        line = json.dumps({"round": rnd, "n": stats.n, **metrics}, allow_nan=False)
+    def append(self, rnd: int, n: int, metrics: dict[str, float]) -> None:
+        finite = {k: (float(v) if math.isfinite(v) else None) for k, v in metrics.items()}
+        line = json.dumps({"round": rnd, "n": n, **finite}, allow_nan=False)
         with open(os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a") as f:  # the site's own: 0600
             f.write(line + "\n")
             f.flush()
@@ -87,7 +95,7 @@ class Training:
         self,
         data: Splits,
         *,
-        build: ModelBuilder,
+        task: Task,
         guard: SiteGuard,
         witness: Witness,
         sessions: SecAggSessions,
@@ -100,7 +108,7 @@ class Training:
         self.__train = data.train
         self.__valid = (torch.from_numpy(data.validation.X), torch.from_numpy(data.validation.y))
         self.__test = (torch.from_numpy(data.test.X), torch.from_numpy(data.test.y))
-        self._build = build
+        self._task = task
         self._guard = guard
         self._witness = witness
         self._sessions = sessions
@@ -119,13 +127,18 @@ class Training:
             feature_names=train.feature_names,
             classes=train.classes,
             image_shape=train.image_shape,
-            contribution=self._contribute(rnd, "setup", c.setup_vector(train.X), msg.secure_aggregation),
+            contribution=self._contribute(rnd, "setup", c.setup_vector(train.X, train.y if not train.classes else None), msg.secure_aggregation),
         )
 
     def model_for(self, task: m.TaskSpec, params: Tensor) -> tuple[torch.nn.Module, ModelAdapter, np.ndarray]:
         """The task's model, built once (its layout checked against the task's), loaded with ``params``."""
+        if task.task != self._task.name:
+            raise Refused(
+                "task", f"the request is for task '{task.task}', and this site runs '{self._task.name}': "
+                "a site runs only the task it holds and approved"
+            )
         if self.model is None or self.model[0] != task:
-            module = self._build(task, 0)
+            module = build_model(self._task, task, 0)
             adapter = ModelAdapter(module)
             if adapter.layout_hash != task.layout_hash:
                 raise ModelError(
@@ -201,9 +214,16 @@ class Training:
         if spec.shift_noise is not None:  # the site's own draw: deterministic per round, never sent
             noise = self._rng(rnd, "evaluate").standard_normal(X.shape) * spec.shift_noise * msg.task.scale.to_numpy()
             shifted = X + torch.from_numpy(noise.astype(np.float32))
-        stats = evaluate(module, X, y, msg.task.n_classes, groups=groups, shifted=shifted)
-        if self._journal is not None and stats.n and msg.purpose == "round":
-            self._journal.append(rnd, stats)
+        shape = data_shape(msg.task)
+        vector = self._task.evaluate(module, X, y, shape, EvalOptions(groups=groups, shifted=shifted))
+        if vector.shape != (self._task.statistics_length(shape),):
+            raise ModelError(
+                f"{self._task.name}.evaluate returned {vector.shape} values where statistics_length gives "
+                f"{self._task.statistics_length(shape)}: return one fixed-length vector of sums"
+            )
+        n = int(X.shape[0])
+        if self._journal is not None and n and msg.purpose == "round":
+            self._journal.append(rnd, n, self._task.summarise(vector, shape).metrics)
         return m.EvaluateReply(
-            contribution=self._contribute(rnd, "evaluate", c.eval_vector(stats), msg.secure_aggregation)
+            contribution=self._contribute(rnd, "evaluate", np.asarray(vector, dtype=np.float64), msg.secure_aggregation)
         )

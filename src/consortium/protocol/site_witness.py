@@ -44,12 +44,14 @@ class Witness:
         fingerprint: Callable[[], dict[str, object]],
         memory: Path | None,
         record: Path | None,
+        task: Callable[[], dict[str, str]] | None = None,
     ) -> None:
         self.name = name
         self._identity = identity
         self._directory = directory
         self._guard = guard
         self._fingerprint = fingerprint
+        self._task = task
         coordinator_key = directory.get(COORDINATOR)
         self.head = HeadWitness(name, identity, coordinator_key) if identity and coordinator_key else None
         self.round_seen = 0
@@ -168,6 +170,11 @@ class Witness:
         datasets = provenance.get("datasets") if isinstance(provenance, dict) else None
         if not isinstance(datasets, dict) or datasets.get(self.name) != self._fingerprint():
             raise Refused("manifest", "the manifest misstates this site's data")
+        if self._task is not None and manifest.get("task") != (own_task := self._task()):
+            raise Refused(
+                "manifest", f"the manifest names task {manifest.get('task')!r}, and this site runs {own_task!r}: "
+                "a site endorses only the task code it holds"
+            )
         run_id = str(manifest.get("run_id") or "")
         if self.head is not None and (not run_id or run_id != self.run_id):
             # A new run on the same kits: a new transcript, its own rounds from 1 (the ledger carries over).

@@ -1,7 +1,8 @@
 """What a site does with a fit request's local training: the ``LocalTrainer`` seam, and the two it ships.
 
 A ``Site`` is given one trainer (``Site(..., trainer=...)``; by default
-``PlainTrainer``, plain local training). The site owns everything around
+``PlainTrainer``, the task's own ``train``: plain local training on the
+task's loss unless the task brings its own loop). The site owns everything around
 it: it checks the round plan, loads the global model, picks the trainer,
 then bounds, clips, weighs and (under secure aggregation) masks the delta
 the trainer returns. The trainer only trains.
@@ -20,7 +21,8 @@ What a user trainer may replace, and what it may not::
                                 which only the framework's DP-SGD bounds
 
 So user code can never bend a record-level privacy claim: with a
-record-level event the site ignores its own trainer (``trainer_for``).
+record-level event the site ignores its own trainer (``trainer_for``), and
+DP-SGD takes only the task's per-example loss from the task.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 from consortium.errors import ProtocolError
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.specs import TrainSettings
-from consortium.learning.training import train_local
+from consortium.learning.task import Task
 from consortium.privacy.dpsgd import train_dp_sgd
 from consortium.privacy.events import RecordLevelEvent, SiteLevelEvent
 
@@ -91,7 +93,11 @@ class LocalTrainer(Protocol):
 
 
 class PlainTrainer:
-    """Plain local training (mini-batch SGD or Adam, ``learning.training.train_local``), with FedProx's term."""
+    """The task's own local training (``Task.train``: by default mini-batch SGD or Adam on the task's
+    loss, with FedProx's term)."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
 
     def train(
         self,
@@ -109,13 +115,17 @@ class PlainTrainer:
             raise ProtocolError("a record-level round trains only with DP-SGD, never with plain training")
         start = model.get_vector()
         center = [p.detach().clone() for p in model.module.parameters()] if proximal_mu > 0 else None
-        loss = train_local(model.module, X, y, settings, seed=seed, proximal_mu=proximal_mu, proximal_center=center)
-        return model.get_vector() - start, loss
+        loss = self.task.train(model.module, X, y, settings, seed=seed, proximal_mu=proximal_mu, proximal_center=center)
+        return model.get_vector() - start, float(loss)
 
 
 class DPSGDTrainer:
     """DP-SGD (``privacy.dpsgd.train_dp_sgd``) as the round's record-level event declares it: Poisson
-    sampling at its rate, per-example clipping at its clip, Gaussian noise at its multiplier, its steps."""
+    sampling at its rate, per-example clipping at its clip, Gaussian noise at its multiplier, its steps,
+    on the task's per-example loss (the only thing it takes from the task)."""
+
+    def __init__(self, task: Task) -> None:
+        self.task = task
 
     def train(
         self,
@@ -136,15 +146,12 @@ class DPSGDTrainer:
         loss = train_dp_sgd(
             model.module, X, y, settings,
             sampling_rate=privacy.sampling_rate, noise_multiplier=privacy.noise_multiplier, clip=privacy.clip,
-            steps=privacy.steps, generator=noise, proximal_mu=proximal_mu, proximal_center=center,
+            steps=privacy.steps, generator=noise, proximal_mu=proximal_mu, proximal_center=center, loss=self.task.loss,
         )
         return model.get_vector() - start, loss
 
 
-#: The trainer every record-level round uses, whatever trainer the site was given.
-DP_SGD = DPSGDTrainer()
-
-
-def trainer_for(privacy: RecordLevelEvent | SiteLevelEvent | None, trainer: LocalTrainer) -> LocalTrainer:
-    """The trainer a round runs: DP-SGD whenever its privacy event is record level, else the site's own."""
-    return DP_SGD if isinstance(privacy, RecordLevelEvent) else trainer
+def trainer_for(privacy: RecordLevelEvent | SiteLevelEvent | None, trainer: LocalTrainer, task: Task) -> LocalTrainer:
+    """The trainer a round runs: DP-SGD on ``task``'s loss whenever its privacy event is record level,
+    else the site's own."""
+    return DPSGDTrainer(task) if isinstance(privacy, RecordLevelEvent) else trainer

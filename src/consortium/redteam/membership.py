@@ -155,7 +155,8 @@ def replay_training(target: Target, tables: dict[str, Table], seed: int) -> nn.M
     assert config.model is not None and config.training is not None
     sample = next(iter(tables.values()))
     total = sum(setup_vector(t.X) for t in tables.values())
-    _, mean, scale = read_setup_sum(total, sample.n_features)
+    summed = read_setup_sum(total, sample.n_features)
+    mean, scale = summed.mean, summed.scale
     model = build_model(
         config.model, n_features=sample.n_features, n_classes=target.n_classes, mean=mean, scale=scale,
         image_shape=sample.image_shape, seed=seed,

@@ -42,6 +42,7 @@ from consortium.learning.training import evaluate
 from consortium.run.orchestrator import RunResult
 from consortium.protocol import messages as m
 from consortium.protocol.site import Site
+from consortium.protocol.task import build_model
 from consortium.run.simulation import Simulation
 
 AttackKind = Literal["sign_flip", "scale", "backdoor"]
@@ -190,7 +191,7 @@ def backdoor_success(sim: Simulation, params: np.ndarray, trigger: Trigger) -> f
     X = trigger.apply(X[y != trigger.target])
     if X.shape[0] == 0:
         return None
-    model = sim._build(task, 0)
+    model = build_model(sim.plan.task, task, 0)
     ModelAdapter(model).set_vector(params)
     target = torch.full((X.shape[0],), trigger.target, dtype=torch.int64)
     with torch.no_grad():

@@ -45,7 +45,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load as safetensors_load
 
 from consortium.config import SimulationConfig, load_config
@@ -57,13 +57,12 @@ from consortium.governance.agreement import Agreement, load_member_key
 from consortium.governance.policy import SitePolicy
 from consortium.governance.roles import Roles
 from consortium.learning.adapter import ModelAdapter
-from consortium.learning.models import Standardize
 from consortium.lifecycle.lineage import Lineage, describe_failures, regressions, replay, rollback_statement, version_body
 from consortium.lifecycle.registry import Change, ModelRegistry, RegistryError, Version, now
 from consortium.run.plan import RunPlan, plan_run
 from consortium.protocol import messages as m
 from consortium.protocol.coordinator import COORDINATOR, Coordinator
-from consortium.protocol.task import build_task_model
+from consortium.protocol.task import build_model, spec_from_json
 from consortium.run.simulation import site_policies, site_splits
 from consortium.run.sites import build_site, site_state
 from consortium.transcript.log import Entry, TranscriptWriter, cosign_quorum, last_cosigned, signed_entry_bytes, vector_sha256
@@ -115,9 +114,21 @@ def run_model(run_dir: Path) -> dict[str, np.ndarray]:
         raise LifecycleError(f"{path} is not a safetensors file ({exc})") from None
 
 
-def _standardize(model: torch.nn.Module) -> Standardize:
-    """The model's input standardisation (its mean and scale buffers)."""
-    return next(mod for mod in model.modules() if isinstance(mod, Standardize))
+def run_task_spec(run_dir: Path) -> m.TaskSpec:
+    """The task spec the run trained (its task, layout and the consortium's feature statistics), as the
+    final model file records it; parsed by the message schema."""
+    path = Path(run_dir) / "model.safetensors"
+    try:
+        with safe_open(path, framework="np") as f:
+            text = (f.metadata() or {}).get("task_spec")
+    except (OSError, SafetensorError) as exc:
+        raise LifecycleError(f"{path} cannot be read ({exc}): the run has no final model to register") from None
+    if text is None:
+        raise LifecycleError(f"{path} records no task spec: it was written before tasks; run the study again")
+    try:
+        return spec_from_json(text)
+    except ValueError as exc:
+        raise LifecycleError(f"{path}: its task spec does not parse ({str(exc).splitlines()[0]})") from None
 
 
 def read_model_file(path: Path) -> dict[str, np.ndarray]:
@@ -212,27 +223,12 @@ class Lifecycle:
         return lineage
 
     def _task(self) -> m.TaskSpec:
-        """The run's task (model, input standardisation, layout), from its final model."""
-        assert self.config.model is not None
-        sample = self._sample
-        model = self._module(run_model(self.run_dir))
-        standardize = _standardize(model)
-        return m.TaskSpec(
-            model=self.config.model, n_features=sample.n_features, n_classes=len(sample.classes),
-            image_shape=sample.image_shape, mean=Tensor.from_numpy(standardize.mean.numpy().copy()),
-            scale=Tensor.from_numpy(standardize.scale.numpy().copy()), layout_hash=ModelAdapter(model).layout_hash,
-        )
+        """The run's task spec (task, model, input standardisation, layout), as its final model file records it."""
+        return run_task_spec(self.run_dir)
 
     def _module(self, tensors: dict[str, np.ndarray]) -> torch.nn.Module:
         """The run's architecture holding ``tensors``; a file of another layout is refused."""
-        sample = self._sample
-        assert self.config.model is not None
-        placeholder = m.TaskSpec(
-            model=self.config.model, n_features=sample.n_features, n_classes=len(sample.classes),
-            image_shape=sample.image_shape, mean=Tensor.from_numpy(np.zeros(sample.n_features, np.float32)),
-            scale=Tensor.from_numpy(np.ones(sample.n_features, np.float32)), layout_hash="0" * 64,
-        )
-        model = build_task_model(placeholder, 0)
+        model = build_model(self.plan.task, self._task(), 0)
         try:
             model.load_state_dict({k: torch.from_numpy(np.array(v, copy=True)) for k, v in tensors.items()})
         except RuntimeError as exc:
@@ -264,10 +260,12 @@ class Lifecycle:
         ``by``: its tensor file, then the signed entry naming it by hash. (The run's own final model is
         registered as v1 when the run ends.)"""
         module = self._module(tensors)
-        standardize = _standardize(module)
-        if not (np.array_equal(standardize.mean.numpy(), self.task.mean.to_numpy())
-                and np.array_equal(standardize.scale.numpy(), self.task.scale.to_numpy())):
-            raise LifecycleError("the model standardises its inputs otherwise than the run does: keep the run's mean and scale buffers")
+        # Buffers are no parameters: the protocol never sends them, so a version must keep the run's (the
+        # input standardisation the task built from the consortium's statistics, for one).
+        run_buffers = dict(build_model(self.plan.task, self.task, 0).named_buffers())
+        for name, buffer in module.named_buffers():
+            if not torch.equal(buffer, run_buffers[name]):
+                raise LifecycleError(f"the model's buffer '{name}' differs from the run's (its input standardisation): keep the run's buffers")
         if parent is not None:
             self.registry.get(parent)
         vid = self.registry.next_id
@@ -296,7 +294,7 @@ class Lifecycle:
         coordinator = Coordinator(
             self.names, model=config.model, train=config.training, strategy=plan.strategy, rounds=config.rounds,
             seed=config.seed, secure=plan.secure_aggregation(self._coordinator_key, self._directory),
-            evaluation=plan.evaluation,
+            evaluation=plan.evaluation, task=plan.task,
         )
         coordinator.open_evaluation(self.task, self.params(version), sites, rnd=self.round, purpose=purpose)
         record = self.session.evaluate(coordinator)
@@ -551,7 +549,7 @@ def simulated(run_dir: Path, keys_dir: Path, *, incoming: Mapping[str, Table] | 
         sites[n] = build_site(
             n, splits[n], identity=identities[n], directory=directory, state=site_state(run_dir, n), seed=config.seed,
             budget=plan.privacy.budget(n),  # a site under DP keeps its ledger
-            agreement=agreement, policy=plan.policies.get(n),
+            agreement=agreement, policy=plan.policies.get(n), task=plan.task,
             journal=False, record=False,  # its lifecycle state only, beside the ledger its run left
         )
         head = last_cosigned(heads, n)

@@ -39,6 +39,7 @@ from consortium.governance.agreement import (
 from consortium.governance.incident import Incident, NormMonitor, RunHalted
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.robust import RobustAggregation
+from consortium.learning.task import task_identity
 from consortium.lifecycle.lineage import version_body
 from consortium.lifecycle.registry import Change, ModelRegistry, Version, now
 from consortium.privacy.accountant import accountant_used
@@ -46,6 +47,7 @@ from consortium.privacy.events import RecordLevelEvent
 from consortium.protocol.sitedp import SiteLevelDP
 from consortium.protocol import messages as m
 from consortium.protocol.coordinator import COORDINATOR, Coordinator, RoundRecord
+from consortium.protocol.task import build_model, spec_to_json
 from consortium.run.session import Session, finite_metrics
 from consortium.run.plan import RunPlan
 from consortium.runs import RunFolder, new_run_dir, write_atomic
@@ -135,7 +137,6 @@ class CoordinatorRun:
         self.run_dir = run_dir
         self.state = state
         self._resume = resume
-        self._build = plan.model_builder
         self.privacy_plan = plan.privacy.coordinator_privacy()
         self.strategy = plan.strategy
         rc = config.robust
@@ -149,7 +150,7 @@ class CoordinatorRun:
             seed=config.seed,
             secure=plan.secure_aggregation(identity, directory),
             privacy=self.privacy_plan,
-            model_builder=plan.model_builder,
+            task=plan.task,
             monitor=NormMonitor(factor) if (factor := config.incidents.update_norm_factor) is not None else None,
             robust=self.robust if (rc.aggregator != "mean" or rc.norm_bound is not None) else None,
             evaluation=plan.evaluation,
@@ -189,7 +190,7 @@ class CoordinatorRun:
         assert coordinator.params is not None and coordinator.task is not None
 
         # The final model, parameters by name, with the standardisation it was trained under.
-        final = self._build(coordinator.task, 0)
+        final = build_model(self.plan.task, coordinator.task, 0)
         adapter = ModelAdapter(final)
         adapter.set_vector(coordinator.params)
         finished = next((e for e in transcript.writer.entries if e.kind == "final_model"), None)
@@ -197,9 +198,10 @@ class CoordinatorRun:
             head = transcript.writer.heads[-1]
         elif halted is None:
             tensors = {k: v.detach().numpy().copy() for k, v in final.state_dict().items()}
-            run.write_model(
-                tensors, {"layout_hash": adapter.layout_hash, "rounds": str(config.rounds), "dataset": config.data.dataset},
-            )
+            run.write_model(tensors, {  # the task spec: what the lifecycle rebuilds the model and evaluates with
+                "layout_hash": adapter.layout_hash, "rounds": str(config.rounds), "dataset": config.data.dataset,
+                "task_spec": spec_to_json(coordinator.task),
+            })
             crashpoints.reached("model_written")
             registered = self._register_final(run.path, tensors, history, transcript)
             head = transcript.finish(
@@ -225,7 +227,11 @@ class CoordinatorRun:
                 "rounds_completed": sum(r.status == "ok" for r in history),
                 "rounds_skipped": sum(r.status == "skipped" for r in history),
             },
-            "model": {"kind": config.model.kind, "parameters": adapter.size, "layout_hash": adapter.layout_hash},
+            "task": {**task_identity(self.plan.task), "target": self.plan.task.target, "headline": self.plan.task.headline},
+            "model": {  # a study's own model is its task's: its kind is the task's class
+                "kind": config.model.kind if ":" not in self.plan.task.name else type(self.plan.task).__name__,
+                "parameters": adapter.size, "layout_hash": adapter.layout_hash,
+            },
             "strategy": {**self.strategy.describe(), "robust": self.robust.describe()},
             "partition": config.data.partition.model_dump() if config.data.dataset in ("breast-cancer", "digits") else None,
             "secure_aggregation": self._secure_summary(history),
@@ -320,6 +326,7 @@ class CoordinatorRun:
             "min_sites": self.config.participation.min_sites,
             "agreement_sha256": agreement_hash(self.agreement) if self.agreement is not None else None,
             "secure_aggregation": self.config.secure_aggregation.enabled,
+            "task": task_identity(self.plan.task),  # each site endorses only the task code it holds
             "privacy": {
                 "enabled": pc.enabled, "level": pc.level, "delta": pc.delta, "accountant": pc.accountant,
                 "target_epsilon": pc.epsilon if pc.enabled else None,

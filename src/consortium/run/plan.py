@@ -5,8 +5,8 @@ derives from it, and from the agreement and the sites' policies where there
 are any, what every driver needs: the strategy (from the registry), the
 secure-aggregation settings, the privacy plan (its level, the noise
 calibrated to meet the target epsilon, and each site's effective epsilon
-cap), the evaluation spec, and the model builder with the layout of the
-model it builds. The simulation, ``consortium serve`` and the lifecycle
+cap), the evaluation spec, and the task (its own code, loaded once) with
+the layout of the model it builds. The simulation, ``consortium serve`` and the lifecycle
 manager read the one ``RunPlan`` instead of each deriving their own.
 """
 
@@ -29,6 +29,7 @@ from consortium.governance.guard import epsilon_cap
 from consortium.governance.policy import SitePolicy
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.strategies import Strategy, strategy_from_config
+from consortium.learning.task import DataShape, Task, build_task_model, load_task
 from consortium.privacy import ddg
 from consortium.privacy.accountant import calibrate_noise, calibrate_site_noise
 from consortium.privacy.dpsgd import require_per_example, secure_numpy_generator
@@ -36,10 +37,8 @@ from consortium.privacy.events import RecordLevelEvent, SiteLevelEvent
 from consortium.protocol import messages as m
 from consortium.protocol.coordinator import SecureAggregation
 from consortium.protocol.sitedp import AdaptiveClipping, SiteLevelDP
-from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.run.sites import Budget
 from consortium.secagg.graph import plan_graph
-from consortium.wire import Tensor
 
 
 def make_strategy(config: SimulationConfig) -> Strategy:
@@ -51,6 +50,13 @@ def evaluation_spec(config: SimulationConfig, sample: Table) -> m.EvaluationSpec
     """What the sites measure beyond accuracy, the sensitive attribute named by its column in the schema."""
     ev = config.evaluation
     n_classes = len(sample.classes)
+    if not n_classes:
+        if ev.sensitive_feature is not None or ev.shift_noise is not None:
+            raise ConfigError(
+                "evaluation.sensitive_feature and evaluation.shift_noise are measured on classifications, and this "
+                "task is a regression: remove them from the evaluation section"
+            )
+        return m.EvaluationSpec()
     if ev.positive_class >= n_classes:
         raise ConfigError(
             f"evaluation.positive_class is {ev.positive_class}, but the data has {n_classes} classes: "
@@ -81,15 +87,37 @@ def secure_aggregation(config: SimulationConfig, identity: Ed25519PrivateKey, di
     )
 
 
-def model_adapter(config: SimulationConfig, sample: Table, model_builder: ModelBuilder = build_task_model) -> ModelAdapter:
-    """The layout (parameters' names and shapes) of the model ``model_builder`` builds for ``sample``'s data."""
-    assert config.model is not None
-    task = m.TaskSpec(
-        model=config.model, n_features=sample.n_features, n_classes=len(sample.classes), image_shape=sample.image_shape,
-        mean=Tensor.from_numpy(np.zeros(sample.n_features, np.float32)),
-        scale=Tensor.from_numpy(np.ones(sample.n_features, np.float32)), layout_hash="0" * 64,
+def sample_shape(sample: Table) -> DataShape:
+    """The shape of ``sample``'s data, with placeholder statistics (mean 0, scale 1): what a layout needs."""
+    return DataShape(
+        n_features=sample.n_features, classes=sample.classes, image_shape=sample.image_shape,
+        mean=np.zeros(sample.n_features), scale=np.ones(sample.n_features),
     )
-    return ModelAdapter(model_builder(task, 0))
+
+
+def run_task(config: SimulationConfig, sample: Table, task: Task | None = None) -> Task:
+    """The run's task: ``task`` if given, else the one the config names (its model spec for a built-in),
+    checked against the data: a classification's labels are classes, a regression's are numbers.
+
+    Raises:
+        ConfigError: the task cannot be loaded, or its target is not the data's.
+    """
+    if task is None:
+        assert config.task is not None
+        task = load_task(config.task, config.model)
+    regression = not sample.classes
+    if (task.target == "regression") != regression:
+        label = "numbers" if regression else "classes"
+        raise ConfigError(
+            f"the task {task.name} is a {task.target}, and the data's labels are {label}: choose a "
+            f"{'regression' if regression else 'classification'} task, or declare the label column's type to match"
+        )
+    return task
+
+
+def model_adapter(config: SimulationConfig, sample: Table, task: Task) -> ModelAdapter:
+    """The layout (parameters' names and shapes) of ``task``'s model for ``sample``'s data."""
+    return ModelAdapter(build_task_model(task, sample_shape(sample), 0))
 
 
 @dataclass(frozen=True)
@@ -141,8 +169,8 @@ class RunPlan:
     secure: SecureAggregationConfig | None  # None where secure aggregation is off
     privacy: PrivacyPlan
     evaluation: m.EvaluationSpec
-    model_builder: ModelBuilder
-    layout_hash: str  # of the model ``model_builder`` builds
+    task: Task  # the study's task (this machine's own copy of its code)
+    layout_hash: str  # of the task's model
     model_size: int
     agreement: Agreement | None = None
     policies: Mapping[str, SitePolicy] = field(default_factory=lambda: MappingProxyType({}))
@@ -168,7 +196,7 @@ def plan_run(
     names: list[str] | None = None,
     agreement: Agreement | None = None,
     policies: Mapping[str, SitePolicy] | None = None,
-    model_builder: ModelBuilder = build_task_model,
+    task: Task | None = None,
     calibrate: bool = True,
 ) -> RunPlan:
     """Resolve ``config`` once and derive the run's plan.
@@ -179,7 +207,8 @@ def plan_run(
         names: the sites, in order (default: the agreement's, or the config's capped sites).
         agreement: the signed agreement the run is held to, if any (its ``max_epsilon`` caps every site).
         policies: each site's own policy, by name, where it has one (its ``max_epsilon`` caps that site).
-        model_builder: builds the task's model; the plan's layout hash and noise dimension are its model's.
+        task: the study's task (default: the one the config names, or the built-in task for the data's
+            labels); the plan's layout hash and noise dimension are its model's.
         calibrate: False for a run that trains no more (a finished run reopened for its model lifecycle):
             each site's budget is planned, no round's noise is calibrated (seconds saved, nothing lost).
 
@@ -193,9 +222,14 @@ def plan_run(
     """
     config = config.resolved()
     assert config.model is not None and config.training is not None
+    if task is not None:
+        config = config.model_copy(update={"task": task.name})
+    elif config.task is None:  # the built-in task for the data's labels: what the run records
+        config = config.model_copy(update={"task": "classification" if sample.classes else "regression"})
+    task = run_task(config, sample, task)
     if names is None:
         names = agreement.sites() if agreement is not None else sorted(config.privacy.site_epsilon_caps)
-    adapter = model_adapter(config, sample, model_builder)
+    adapter = model_adapter(config, sample, task)
     if config.privacy.enabled and config.privacy.level == "record":  # refused before any site trains, with the fix
         require_per_example(adapter.module)
     privacy = _plan_privacy(config, list(names), adapter.size, calibrate=calibrate)
@@ -208,7 +242,7 @@ def plan_run(
         secure=config.secure_aggregation if config.secure_aggregation.enabled else None,
         privacy=privacy,
         evaluation=evaluation_spec(config, sample),
-        model_builder=model_builder,
+        task=task,
         layout_hash=adapter.layout_hash,
         model_size=adapter.size,
         agreement=agreement,

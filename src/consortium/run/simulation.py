@@ -38,16 +38,15 @@ from consortium.data.datasets import concat_tables
 from consortium.errors import ConfigError
 from consortium.governance.agreement import Agreement, load_member_key
 from consortium.governance.policy import SitePolicy, load_policy
-from consortium.learning.models import build_model, standardisation
+from consortium.learning.models import standardisation
 from consortium.learning.specs import TrainSettings
-from consortium.learning.training import EvalStats, evaluate, train_local
+from consortium.learning.task import DataShape, EvalOptions, Task, build_task_model
 from consortium.run.orchestrator import CoordinatorRun, RunResult, run_folder, signed_agreement
 from consortium.run.plan import RunPlan, plan_run
 from consortium.run.session import finite_metrics
 from consortium.protocol.coordinator import COORDINATOR, RoundRecord
 from consortium.protocol.site import Site
 from consortium.protocol.trainer import LocalTrainer
-from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.transcript.log import TreeHead, last_cosigned
 from consortium.run.recorder import TranscriptRecorder
 from consortium.run.sites import build_site, site_randomness, site_state
@@ -106,28 +105,33 @@ def site_policies(config: SimulationConfig, agreement: Agreement | None, names: 
     return policies
 
 
+def _shape(table: Table, classes: tuple[str, ...]) -> DataShape:
+    """``table``'s own layout and statistics (a baseline sees only its own rows)."""
+    mean, scale = standardisation(table.X)
+    if classes:
+        return DataShape(table.n_features, classes, table.image_shape, mean, scale)
+    y = table.y.astype(np.float64)
+    return DataShape(table.n_features, classes, table.image_shape, mean, scale, float(y.mean()), float(y.std()) or 1.0)
+
+
 def _train_alone(
-    train: Table, config: SimulationConfig, n_classes: int, seed: int
-) -> torch.nn.Module:
-    """Train on one table with no one else: the baselines' procedure, same model and budget."""
-    mean, scale = standardisation(train.X)
-    assert config.model is not None and config.training is not None
-    model = build_model(
-        config.model,
-        n_features=train.n_features,
-        n_classes=n_classes,
-        mean=mean,
-        scale=scale,
-        image_shape=train.image_shape,
-        seed=config.seed,
-    )
+    train: Table, config: SimulationConfig, task: Task, classes: tuple[str, ...], seed: int
+) -> tuple[torch.nn.Module, DataShape]:
+    """Train on one table with no one else: the baselines' procedure, the task's own model, loss and
+    training step, the same initial weights and the same number of epochs as the federated run."""
+    assert config.training is not None
+    shape = _shape(train, classes)
+    model = build_task_model(task, shape, config.seed)
     budget = TrainSettings(**{**config.training.model_dump(), "epochs": config.training.epochs * config.rounds})
-    train_local(model, torch.from_numpy(train.X), torch.from_numpy(train.y), budget, seed=seed)
-    return model
+    y = task.training_targets(torch.from_numpy(train.y), shape)
+    task.train(model, torch.from_numpy(train.X), y, budget, seed=seed)
+    return model, shape
 
 
-def _score(model: torch.nn.Module, table: Table, n_classes: int) -> EvalStats:
-    return evaluate(model, torch.from_numpy(table.X), torch.from_numpy(table.y), n_classes)
+def _score(model: torch.nn.Module, shape: DataShape, table: Table, task: Task) -> dict[str, float]:
+    """The task's metrics of ``model`` (trained under ``shape``) on ``table``, through the same sums a site releases."""
+    vector = task.evaluate(model, torch.from_numpy(table.X), torch.from_numpy(table.y), shape, EvalOptions())
+    return task.summarise(vector, shape).metrics
 
 
 class Simulation(CoordinatorRun):
@@ -146,7 +150,7 @@ class Simulation(CoordinatorRun):
         *,
         out: Path | None = None,
         runs_root: Path = Path("runs"),
-        model_builder: ModelBuilder = build_task_model,
+        task: Task | None = None,
         resume: bool = False,
         trainer: LocalTrainer | None = None,
     ) -> None:
@@ -156,10 +160,11 @@ class Simulation(CoordinatorRun):
         names = list(self._splits)
         sample = self._splits[names[0]].train
         self.n_classes = len(sample.classes)
-        # Resolved once: the strategy, the privacy plan and the model's layout, from the builder given,
-        # checked against the agreement, then the sites' policies; then every member's key.
+        self.classes = sample.classes
+        # Resolved once: the strategy, the privacy plan, the task and its model's layout, checked against
+        # the agreement, then the sites' policies; then every member's key.
         agreement = signed_agreement(config)
-        plan = plan_run(config, sample=sample, names=names, agreement=agreement, model_builder=model_builder)
+        plan = plan_run(config, sample=sample, names=names, agreement=agreement, task=task)
         plan = plan.with_policies(site_policies(plan.config, agreement, names))
         identities = self._member_keys(plan)
         directory = {name: keys.ed25519_public_bytes(k.public_key()) for name, k in identities.items()}
@@ -177,7 +182,7 @@ class Simulation(CoordinatorRun):
                 agreement=agreement,
                 policy=plan.policies.get(name),
                 test_seed=config.privacy.test_seed,
-                model_builder=model_builder,
+                task=plan.task,  # every simulated site runs this machine's copy of the task
                 trainer=trainer,  # each site's local training (None: plain; record-level DP is always DP-SGD)
                 lifecycle=False,  # a simulated site's lifecycle state is the lifecycle manager's (consortium models)
                 make=self._make_site,
@@ -221,26 +226,27 @@ class Simulation(CoordinatorRun):
         return {n: lg.spent() for n, lg in ledgers.items()}, {n: lg.epsilon_cap for n, lg in ledgers.items()}
 
     def _baselines(self) -> dict[str, Any]:
-        """Local-only and pooled (simulation only): same model, seed and number of epochs,
-        scored on the consortium's population (every site's test split)."""
-        config, names, splits, k = self.config, self.names, self._splits, self.n_classes
+        """Local-only and pooled (simulation only): the task's model, loss and training, the same seed and
+        number of epochs, scored on the consortium's population (every site's test split)."""
+        config, names, splits, task, classes = self.config, self.names, self._splits, self.plan.task, self.classes
         population = concat_tables([splits[n].test for n in names])
         seeds = [int(s.generate_state(1)[0]) for s in self._base_seq.spawn(len(names) + 1)]
+        headline = task.headline  # accuracy, or a regression's mse
         out: dict[str, Any] = {}
         if config.baselines.local_only:
             per_site, own = {}, {}
             for name, seed in zip(names, seeds):
-                model = _train_alone(splits[name].train, config, k, seed)
-                per_site[name] = _score(model, population, k).metrics()["accuracy"]
-                own[name] = finite_metrics(_score(model, splits[name].test, k).metrics())["accuracy"]
+                model, shape = _train_alone(splits[name].train, config, task, classes, seed)
+                per_site[name] = finite_metrics(_score(model, shape, population, task))[headline]
+                own[name] = finite_metrics(_score(model, shape, splits[name].test, task))[headline]
             out["local_only"] = {
-                "accuracy_mean": float(np.mean(list(per_site.values()))),
-                "accuracy_per_site": per_site,
-                "own_split_accuracy_per_site": own,
+                f"{headline}_mean": float(np.mean(list(per_site.values()))),
+                f"{headline}_per_site": per_site,
+                f"own_split_{headline}_per_site": own,
             }
         if config.baselines.pooled:
-            model = _train_alone(concat_tables([splits[n].train for n in names]), config, k, seeds[-1])
-            out["pooled"] = finite_metrics(_score(model, population, k).metrics())
+            model, shape = _train_alone(concat_tables([splits[n].train for n in names]), config, task, classes, seeds[-1])
+            out["pooled"] = finite_metrics(_score(model, shape, population, task))
         return out
 
 
@@ -250,13 +256,12 @@ def run_simulation(
     out: Path | None = None,
     runs_root: Path = Path("runs"),
     on_round: Callable[[RoundRecord], None] | None = None,
-    model_builder: ModelBuilder = build_task_model,
+    task: Task | None = None,
     trainer: LocalTrainer | None = None,
 ) -> RunResult:
-    """Check, run and record a whole simulation in one call (``trainer``: every site's local training)."""
-    return Simulation(
-        config, out=out, runs_root=runs_root, model_builder=model_builder, trainer=trainer
-    ).run(on_round=on_round)
+    """Check, run and record a whole simulation in one call (``task``: the study's task, default the one
+    the config names; ``trainer``: every site's local training)."""
+    return Simulation(config, out=out, runs_root=runs_root, task=task, trainer=trainer).run(on_round=on_round)
 
 
 def continue_run(run_dir: Path, keys_dir: Path, *, on_round: Callable[[RoundRecord], None] | None = None) -> RunResult:

@@ -32,10 +32,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from consortium.data import Splits
 from consortium.governance.agreement import Agreement
 from consortium.governance.policy import SitePolicy
+from consortium.learning.task import Task
 from consortium.privacy.accountant import Accountant
 from consortium.privacy.ledger import BudgetLedger
 from consortium.protocol.site import Site
-from consortium.protocol.task import ModelBuilder, build_task_model
 from consortium.protocol.trainer import LocalTrainer
 from consortium.transcript.site_record import RECORD_FILE
 
@@ -151,7 +151,7 @@ def build_site(
     agreement: Agreement | None = None,
     policy: SitePolicy | None = None,
     test_seed: int | None = None,
-    model_builder: ModelBuilder = build_task_model,
+    task: Task | None = None,
     trainer: LocalTrainer | None = None,
     journal: bool = True,
     record: bool = True,
@@ -177,7 +177,7 @@ def build_site(
         agreement: the agreement the site takes part under, if any.
         policy: the site's own, stricter policy, if any.
         test_seed: test mode only (not private): the run's noise seed, from which the site's is drawn.
-        model_builder: builds the task's model.
+        task: the study's task, from this machine's own copy of its code (None: the built-in classifier).
         trainer: the site's local training (None: plain; record-level DP is always DP-SGD).
         journal: keep the evaluation journal ``evaluation.jsonl``.
         record: keep the signed record ``signed-record.jsonl``.
@@ -209,7 +209,7 @@ def build_site(
         ledger=ledger,
         noise_test_seed=None if test_seed is None else noise_test_seed(test_seed, name),
         strict=True,
-        model_builder=model_builder,
+        task=task,
         agreement=agreement,
         policy=policy,
         memory=state / MEMORY_FILE if memory else None,
