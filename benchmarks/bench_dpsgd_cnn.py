@@ -116,9 +116,7 @@ def main() -> list[tuple[str, float, str]]:
         "non-private SGD": lambda: plain(X, y),
         "consortium DP-SGD": lambda: ours(X, y),
     }
-    try:
-        import opacus  # noqa: F401  (only whether it is installed)
-    except ImportError:
+    if importlib.util.find_spec("opacus") is None:
         print("opacus not installed: the Opacus peer is skipped")
     else:
         makers.update({f"opacus 1.6 {mode}": (lambda mode=mode: opacus_peer(X, y, mode)) for mode in OPACUS_MODES})
@@ -146,8 +144,8 @@ def main() -> list[tuple[str, float, str]]:
     rate = {name: BATCH * STEPS / statistics.median(t) for name, t in times.items()}
     base, mine = rate["non-private SGD"], rate["consortium DP-SGD"]
     rows: list[tuple[str, float, str]] = [(
-        f"setting: CPU, {torch.get_num_threads()} torch threads, batch {BATCH} of 3x32x32, "
-        f"median of {ROUNDS} runs of {STEPS} steps", float("nan"), "",
+        f"torch threads (CPU; batch {BATCH} of 3x32x32; median of {ROUNDS} runs of {STEPS} steps)",
+        float(torch.get_num_threads()), "",
     )]
     for name, r in rate.items():
         tag = "  [baseline]" if name == "non-private SGD" else ""

@@ -463,3 +463,20 @@ def test_layers_the_hooks_would_misread_take_the_exact_path(case):
     assert list(fast) == list(expected)
     for k in expected:
         torch.testing.assert_close(fast[k], expected[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("route", [True, False], ids=["gram-norms", "formed-gradients"])
+@pytest.mark.parametrize("make,shape", [(_Wide, (2, 7, 6)), (_cnn32, (3, 12, 12))], ids=["every-branch", "cnn32"])
+def test_both_convolution_norm_routes_equal_the_oracle(make, shape, route, monkeypatch):
+    """Whichever way a convolution's per-example norms are found (Gram matrices, or the gradients formed), padding,
+    stride, dilation and non-square kernels included, the clipped sum is the oracle's."""
+    from consortium.privacy import dpsgd
+
+    monkeypatch.setattr(dpsgd, "_conv_by_gram", lambda m, a, g: route)
+    torch.manual_seed(8)
+    m = make()
+    X, y = torch.randn(10, *shape) * 2, torch.randint(0, 3, (10,))
+    expected = _oracle(m, _weighted_smoothed, X, y, clip=0.05)
+    fast, _ = dpsgd.clipped_sum_fast(m, X, y, 0.05, _weighted_smoothed)
+    for k in expected:
+        torch.testing.assert_close(fast[k], expected[k], rtol=1e-4, atol=1e-5)

@@ -150,10 +150,53 @@ def _per_example_conv_weight_grads(m: nn.Conv2d, a: torch.Tensor, g: torch.Tenso
     return "per", corr.reshape(c_in, batch, out, kh * kw).permute(1, 2, 0, 3).reshape(batch, out, c_in * kh * kw)
 
 
+def _conv_by_gram(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> bool:
+    """Whether a convolution's per-example norms cost less through Gram matrices than through its gradients.
+
+    Forming each example's weight gradient costs about L * out * in * k
+    multiply-adds (L output positions, k kernel offsets); the Gram route costs
+    about P^2 * in + L^2 * out (P padded input positions), plus one batched
+    weight gradient for the sum. Small feature maps with many channels (the
+    late layers of a CNN) favour the Gram route (mixed ghost clipping).
+    """
+    ph, pw = m.padding
+    c_in, out, k = a.shape[1], g.shape[1], m.kernel_size[0] * m.kernel_size[1]
+    positions = g.shape[2] * g.shape[3]
+    padded = (a.shape[2] + 2 * ph) * (a.shape[3] + 2 * pw)
+    return 2 * (padded**2 * c_in + positions**2 * (out + k)) < positions * out * c_in * k
+
+
+def _conv_gram_norms(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Each example's squared Conv2d weight-gradient norm without forming the gradient (ghost norm).
+
+    The weight gradient is sum_t g_t p_t^T over output positions t (g_t: the
+    output gradient there, p_t: the input patch it saw), so its squared norm
+    is sum_{t,s} (g_t . g_s)(p_t . p_s). The patch products are sums, over
+    kernel offsets, of strided blocks of one Gram matrix of the padded input's
+    positions, so no patch is ever copied out.
+    """
+    batch = a.shape[0]
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = m.kernel_size, m.stride, m.dilation, m.padding
+    padded = F.pad(a, (pw, pw, ph, ph))
+    (hp, wp), (ho, wo) = padded.shape[2:], g.shape[2:]
+    flat = padded.flatten(2)
+    inputs = torch.bmm(flat.transpose(1, 2), flat).view(batch, hp, wp, hp, wp)
+    grads = g.flatten(2)
+    outputs = torch.bmm(grads.transpose(1, 2), grads).view(batch, ho, wo, ho, wo)
+    patches = torch.zeros_like(outputs)
+    for i in range(kh):
+        for j in range(kw):
+            rows = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
+            cols = slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
+            patches += inputs[:, rows, cols, rows, cols]
+    return (outputs * patches).flatten(1).sum(dim=1)
+
+
 def _layer_pieces(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[str, tuple[str, torch.Tensor]]:
     """One layer's per-example gradients, by parameter name, as (kind, tensor): "per" [batch, *shape];
     "offsets" [kh * kw, batch, out, in] (a convolution's weight); or "ghost", the output gradient of a Linear
-    weight on 2-D inputs, whose per-example gradient g_i a_i^T is never formed."""
+    weight on 2-D inputs, whose per-example gradient g_i a_i^T is never formed; or "gram", the output gradient
+    of a convolution whose per-example norms come from Gram matrices (:func:`_conv_gram_norms`)."""
     batch = a.shape[0]
     if isinstance(m, nn.Linear):
         if a.dim() == 2:
@@ -161,7 +204,8 @@ def _layer_pieces(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[str, t
         g3, a3 = g.reshape(batch, -1, g.shape[-1]), a.reshape(batch, -1, a.shape[-1])  # [batch, positions, features]
         return {"weight": ("per", torch.bmm(g3.transpose(1, 2), a3)), "bias": ("per", g3.sum(dim=1))}
     if isinstance(m, nn.Conv2d):
-        return {"weight": _per_example_conv_weight_grads(m, a, g), "bias": ("per", g.sum(dim=(2, 3)))}
+        weight = ("gram", g) if _conv_by_gram(m, a, g) else _per_example_conv_weight_grads(m, a, g)
+        return {"weight": weight, "bias": ("per", g.sum(dim=(2, 3)))}
     # The norms: y = x_hat * w + b, so dL/dw = the sum over positions of g * x_hat, and dL/db that of g.
     if isinstance(m, nn.GroupNorm):  # per channel (dim 1); positions: the dims after it
         normed, dims = F.group_norm(a, m.num_groups, eps=m.eps), tuple(range(2, a.dim()))
@@ -224,7 +268,7 @@ def clipped_sum_fast(
     out_grads = torch.autograd.grad(total, outs, allow_unused=True, materialize_grads=True)
     batch = X.shape[0]
     sq = torch.zeros(batch, dtype=total.dtype, device=X.device)
-    pieces: dict[str, tuple[str, torch.Tensor, torch.Tensor]] = {}  # parameter -> (kind, per-example, layer input)
+    pieces: dict[str, tuple[str, torch.Tensor, torch.Tensor, nn.Module]] = {}  # name -> (kind, tensor, input, layer)
     for (name, m), g in zip(layers, out_grads):
         a = seen[name][0][0]
         prefix = f"{name}." if name else ""
@@ -234,18 +278,23 @@ def clipped_sum_fast(
                 continue
             if kind == "ghost":  # |g_i a_i^T|^2 = |g_i|^2 |a_i|^2
                 sq += torch.linalg.vector_norm(t, dim=1).square() * torch.linalg.vector_norm(a, dim=1).square()
+            elif kind == "gram":
+                sq += _conv_gram_norms(m, a, t)
             elif kind == "offsets":  # (one offset at a time: a norm over several strided dims loses float32 digits)
                 sq += torch.linalg.vector_norm(t.flatten(2), dim=2).square().sum(dim=0)
             else:
                 sq += torch.linalg.vector_norm(t.flatten(1), dim=1).square()
-            pieces[prefix + pname] = (kind, t, a)
+            pieces[prefix + pname] = (kind, t, a, m)
     factor = (clip / (sq.sqrt() + 1e-12)).clamp(max=1.0)
     summed: dict[str, torch.Tensor] = {}
     for k, p in model.named_parameters():
         if k in pieces:
-            kind, t, a = pieces[k]
+            kind, t, a, m = pieces[k]
             if kind == "ghost":
                 summed[k] = (t * factor.unsqueeze(1)).T @ a
+            elif kind == "gram":  # one batched weight gradient of the clipped output gradients
+                scaled = t * factor.view(-1, *([1] * (t.dim() - 1)))
+                summed[k] = torch.nn.grad.conv2d_weight(a, p.shape, scaled, m.stride, m.padding, m.dilation, m.groups)
             elif kind == "offsets":  # [offset, batch, out, in] -> the weight's [out, in, kh, kw]
                 per_offset = torch.matmul(factor, t.flatten(2))  # [offset, out * in]: no copy of t
                 summed[k] = per_offset.view(t.shape[0], *t.shape[2:]).permute(1, 2, 0).reshape(p.shape)
