@@ -27,17 +27,18 @@ def train(run: Any, rounds: int, as_json: bool) -> None:
         TextColumn("[bold]training[/]"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("rounds  acc {task.fields[acc]}"),
+        TextColumn("rounds  {task.fields[metric]}"),
         TimeElapsedColumn(),
         console=err_console,
         disable=not show_progress,
         transient=False,
     ) as progress:
-        task = progress.add_task("rounds", total=rounds, acc="-")
+        task = progress.add_task("rounds", total=rounds, metric="")
 
-        def on_round(record: Any) -> None:
-            acc = record.metrics.get("accuracy")
-            progress.update(task, advance=1, acc="-" if acc is None else f"{acc:.3f}")
+        def on_round(record: Any) -> None:  # the task's headline metric: accuracy, or a regression's MSE
+            name = "accuracy" if "accuracy" in record.metrics else "mse"
+            value = record.metrics.get(name)
+            progress.update(task, advance=1, metric=f"{name} {'-' if value is None else f'{value:.4g}'}")
 
         result = run(on_round=on_round)
     summary = result.summary
@@ -59,22 +60,32 @@ def train(run: Any, rounds: int, as_json: bool) -> None:
         raise Exit(HALTED_EXIT)
 
 
+#: The columns of the results table, by the task's target.
+COLUMNS = {"classification": ("accuracy", "loss", "auc"), "regression": ("mse", "mae", "r2")}
+
+
 def print_summary(s: dict[str, Any]) -> None:
-    t = RichTable(title=f"{s['dataset']}: {s['sites']} sites, {s['rounds']} rounds (scored on every site's test split)")
+    task = s.get("task") or {"name": "classification", "target": "classification", "headline": "accuracy"}
+    columns, headline = COLUMNS[task["target"]], task["headline"]
+    t = RichTable(title=f"{s['dataset']} ({task['name']}): {s['sites']} sites, {s['rounds']} rounds (scored on every site's test split)")
     t.add_column("training")
-    for col in ("accuracy", "loss", "auc"):
+    for col in columns:
         t.add_column(col, justify="right")
     fed = s["federated"]
-    t.add_row("[bold]federated (consortium)[/]", fmt(fed.get("accuracy")), fmt(fed.get("loss")), fmt(fed.get("auc")))
+    t.add_row("[bold]federated (consortium)[/]", *(fmt(fed.get(c)) for c in columns))
     if "local_only" in s:
         lo = s["local_only"]
-        t.add_row("local-only, mean of sites", fmt(lo["accuracy_mean"]), "", "")
-        for name, acc in lo["accuracy_per_site"].items():
-            own = lo["own_split_accuracy_per_site"][name]
-            t.add_row(f"  {name} alone (own split {fmt(own)})", fmt(acc), "", "")
+        t.add_row("local-only, mean of sites", fmt(lo[f"{headline}_mean"]), "", "")
+        for name, value in lo[f"{headline}_per_site"].items():
+            own = lo[f"own_split_{headline}_per_site"][name]
+            t.add_row(f"  {name} alone (own split {fmt(own)})", fmt(value), "", "")
     if "pooled" in s:
         p = s["pooled"]
-        t.add_row("pooled (simulation-only upper bound)", fmt(p.get("accuracy")), fmt(p.get("loss")), fmt(p.get("auc")))
+        t.add_row("pooled (simulation-only upper bound)", *(fmt(p.get(c)) for c in columns))
+    if task["target"] == "classification" and fed.get("majority_accuracy") is not None:
+        t.add_row("[dim]constant: the majority class[/]", fmt(fed["majority_accuracy"]), fmt(fed.get("constant_loss")), "0.5")
+    elif fed.get("mean_mse") is not None:
+        t.add_row("[dim]constant: the mean[/]", fmt(fed["mean_mse"]), "", "0")
     out_console.print(t)
     quality = [f"expected calibration error {fed['ece']:.3f}"] if fed.get("ece") is not None else []
     if fed.get("site_accuracy_std") is not None:

@@ -6,7 +6,8 @@ The vector a site releases (its parts in order, ``EVAL_PARTS``)::
      calibration (records, confidence sum, correct per confidence bin),
      per group of the sensitive attribute (GROUP_FIELDS), the site's
      [1, accuracy, accuracy^2] (so the spread across sites is a sum),
-     and [n, correct] under the declared shift]; zeros where not measured
+     and [n, correct] under the declared shift, then the records per class];
+    zeros where not measured
 
 Accuracy, mean loss, ROC AUC (binary), expected calibration error, the
 spread across sites, fairness gaps and accuracy under shift all follow from
@@ -29,7 +30,12 @@ EVAL_PARTS = {
     "counts": 3, "score_hist": 2 * AUC_BINS, "calibration": 3 * CAL_BINS, "groups": 2 * len(GROUP_FIELDS),
     "sites": 3, "shift": 2,
 }
-EVAL_LENGTH = sum(EVAL_PARTS.values())
+EVAL_LENGTH = sum(EVAL_PARTS.values())  # then one count per class
+
+
+def eval_length(n_classes: int) -> int:
+    """The length of a classification's evaluation vector over ``n_classes`` classes."""
+    return EVAL_LENGTH + n_classes
 
 
 def eval_vector(stats: EvalStats) -> np.ndarray:
@@ -44,8 +50,9 @@ def eval_vector(stats: EvalStats) -> np.ndarray:
         "shift": stats.shift,
     }
     return np.concatenate([
-        np.zeros(size) if parts[name] is None else np.asarray(parts[name], dtype=np.float64).ravel()
-        for name, size in EVAL_PARTS.items()
+        *(np.zeros(size) if parts[name] is None else np.asarray(parts[name], dtype=np.float64).ravel()
+          for name, size in EVAL_PARTS.items()),
+        np.zeros(0) if stats.labels is None else np.asarray(stats.labels, dtype=np.float64),
     ])
 
 
@@ -63,6 +70,7 @@ def read_eval_sum(total: np.ndarray, n_classes: int, *, groups: bool = False, sh
         np.rint(part["groups"]).reshape(2, len(GROUP_FIELDS)) if groups else None,
         part["sites"].copy(),
         np.rint(part["shift"]) if shift else None,
+        np.rint(total[offsets[-1] : offsets[-1] + n_classes]) if total.shape[0] >= offsets[-1] + n_classes else None,
     )
 
 
@@ -88,7 +96,20 @@ class ClassificationTask(Task):
         return eval_vector(stats)
 
     def statistics_length(self, shape: DataShape) -> int:
-        return EVAL_LENGTH
+        return eval_length(shape.n_classes)
+
+    def no_better_than_constant(self, metrics: dict[str, float]) -> str | None:
+        majority, constant = metrics.get("majority_accuracy"), metrics.get("constant_loss")
+        accuracy, loss = metrics.get("accuracy"), metrics.get("loss")
+        if majority is None or constant is None or accuracy is None or loss is None:
+            return None
+        if accuracy > majority + 1e-9 and loss < constant:
+            return None
+        return (
+            f"the model is no better than predicting the majority class: accuracy {accuracy:.3f} against the "
+            f"majority class's {majority:.3f}, log-loss {loss:.3f} against a constant prediction's {constant:.3f}; "
+            "train longer, raise the learning rate or lower the noise (a larger epsilon, more records per site)"
+        )
 
     def summarise(self, total: np.ndarray, shape: DataShape, *, groups: bool = False, shift: bool = False) -> Evaluation:
         stats = read_eval_sum(total, shape.n_classes, groups=groups, shift=shift)

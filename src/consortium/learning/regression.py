@@ -90,3 +90,12 @@ class RegressionTask(Task):
 
     def summarise(self, total: np.ndarray, shape: DataShape, *, groups: bool = False, shift: bool = False) -> Evaluation:
         return Evaluation(metrics(total), {})
+
+    def no_better_than_constant(self, metrics: dict[str, float]) -> str | None:
+        mse, mean_mse = metrics.get("mse"), metrics.get("mean_mse")
+        if mse is None or mean_mse is None or not math.isfinite(mse) or mse < mean_mse:
+            return None
+        return (
+            f"the model is no better than predicting the mean: MSE {mse:.4g} against the mean's {mean_mse:.4g}; "
+            "train longer, raise the learning rate or lower the noise (a larger epsilon, more records per site)"
+        )

@@ -175,6 +175,11 @@ class Task:
         nothing else). ``groups``/``shift``: whether the round asked for the fairness groups and the shift."""
         raise NotImplementedError
 
+    def no_better_than_constant(self, metrics: dict[str, float]) -> str | None:
+        """A warning when ``metrics`` (a summed evaluation's) are no better than a constant prediction's
+        (the majority class, the mean), else None."""
+        return None
+
     def with_model(self, spec: ModelSpec) -> Task:
         """This task with the built-in architecture ``spec`` names: a built-in task builds what a round's
         closed model spec says; a study's own task has its own model and ignores it (the default)."""

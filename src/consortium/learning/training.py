@@ -107,6 +107,8 @@ class EvalStats:
     sites: np.ndarray | None = None
     #: [n, correct] on the test records under the declared distribution shift; None: none declared.
     shift: np.ndarray | None = None
+    #: Records per class (the labels' counts): what the constant predictors' yardsticks come from.
+    labels: np.ndarray | None = None
 
     def metrics(self) -> dict[str, float]:
         """Accuracy and mean loss, ROC AUC for binary tasks, and what else was measured: expected calibration
@@ -126,6 +128,10 @@ class EvalStats:
         out.update(fairness_gaps(self.groups))
         if self.shift is not None and self.shift[0] > 0:
             out["shift_accuracy"] = float(self.shift[1] / self.shift[0])
+        if self.labels is not None and self.labels.sum() > 0:  # what predicting the label distribution scores
+            p = self.labels.astype(np.float64) / self.labels.sum()
+            out["majority_accuracy"] = float(p.max())
+            out["constant_loss"] = float(-(p[p > 0] * np.log(p[p > 0])).sum())
         return out
 
     def reliability(self) -> list[dict[str, float]]:
@@ -202,7 +208,7 @@ def evaluate(
     shift = None if shifted is None else np.zeros(2)
     if n == 0:
         hist = np.zeros((2, AUC_BINS), dtype=np.int64) if n_classes == 2 else None
-        return EvalStats(0, 0, 0.0, hist, calibration, group_counts, None, shift)
+        return EvalStats(0, 0, 0.0, hist, calibration, group_counts, None, shift, np.zeros(n_classes))
     logits = model(X)
     loss_sum = float(F.cross_entropy(logits, y, reduction="sum"))
     probs = torch.softmax(logits, dim=1).numpy().astype(np.float64)
@@ -222,4 +228,5 @@ def evaluate(
         group_counts = _group_counts(pred, labels, X[:, groups.feature].numpy() > groups.threshold, groups.positive)
     if shifted is not None:
         shift = np.array([n, float((model(shifted).argmax(dim=1) == y).sum())])
-    return EvalStats(n, correct, loss_sum, hist, calibration, group_counts, None, shift)
+    labels_count = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    return EvalStats(n, correct, loss_sum, hist, calibration, group_counts, None, shift, labels_count)

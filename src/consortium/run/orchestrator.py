@@ -236,7 +236,7 @@ class CoordinatorRun:
             "partition": config.data.partition.model_dump() if config.data.dataset in ("breast-cancer", "digits") else None,
             "secure_aggregation": self._secure_summary(history),
             "privacy": self._privacy_summary(history, transcript),
-            "warnings": self._warnings(),
+            "warnings": self._warnings(history),
             "traffic_bytes": {"to_sites": self.transport.bytes_sent, "to_coordinator": self.transport.bytes_received},
         }
         if halted is None:
@@ -338,8 +338,12 @@ class CoordinatorRun:
             },
         }
 
-    def _warnings(self) -> list[str]:
+    def _warnings(self, history: list[RoundRecord]) -> list[str]:
         out = []
+        final = history[-1].metrics if history else {}
+        useless = self.plan.task.no_better_than_constant(final) if final else None
+        if useless is not None:  # a private run that learned nothing is a result to state, not to hide
+            out.append(useless)
         if not self.config.secure_aggregation.enabled:
             out.append(SECURE_AGGREGATION_OFF)
         pc = self.config.privacy
