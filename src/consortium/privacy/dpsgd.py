@@ -189,7 +189,7 @@ def _conv_gram_norms(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Te
             rows = slice(i * dh, i * dh + sh * (ho - 1) + 1, sh)
             cols = slice(j * dw, j * dw + sw * (wo - 1) + 1, sw)
             patches += inputs[:, rows, cols, rows, cols]
-    return (outputs * patches).flatten(1).sum(dim=1)
+    return patches.mul_(outputs).flatten(1).sum(dim=1)
 
 
 def _layer_pieces(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[str, tuple[str, torch.Tensor]]:
@@ -212,9 +212,10 @@ def _layer_pieces(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[str, t
     else:  # LayerNorm: per element of the trailing normalized_shape; positions: the dims between it and the batch
         normed, dims = F.layer_norm(a, m.normalized_shape, eps=m.eps), tuple(range(1, a.dim() - len(m.normalized_shape)))
     if not dims:  # nothing to sum over (and sum(dim=()) would sum over everything)
-        return {"weight": ("per", g * normed), "bias": ("per", g)}
-    # (a product then a sum, not a batched dot product: the sum's pairwise accumulation keeps float32 exact)
-    return {"weight": ("per", (g * normed).sum(dim=dims)), "bias": ("per", g.sum(dim=dims))}
+        return {"weight": ("per", normed.mul_(g)), "bias": ("per", g)}
+    # A product (in place: x_hat is ours, and a fresh buffer of its size costs more than the product) then a
+    # sum, not a batched dot product: the sum's pairwise accumulation keeps float32 exact.
+    return {"weight": ("per", normed.mul_(g).sum(dim=dims)), "bias": ("per", g.sum(dim=dims))}
 
 
 def clipped_sum_fast(
