@@ -19,13 +19,15 @@ from typing import Any
 import numpy as np
 
 from consortium.config import BaselineConfig, IncidentConfig
-from consortium.data import BUILTIN_DATASETS
 from consortium.data.datasets import concat_tables
 from consortium.privacy.dpsgd import secure_generator
+from consortium.protocol.task import data_shape
 from consortium.redteam.canary import (
     CanaryAuditSettings,
     epsilon_lower_bound,
     run_canary_audit,
+    task_training,
+    trainable_parameters,
 )
 from consortium.redteam.inversion import run_inversion
 from consortium.redteam.membership import (
@@ -59,7 +61,12 @@ def _curve(fpr: np.ndarray, tpr: np.ndarray, points: int = 400) -> dict[str, lis
 
 def membership_section(target: Target, options: AuditOptions) -> dict[str, Any]:
     """Loss-threshold and LiRA attacks, per site and pooled, each against the run's DP ceiling."""
-    section: dict[str, Any] = {"shadows": options.shadows}
+    # What the shadows replay: the run's task, its model of the run's layout (each shadow's is checked).
+    section: dict[str, Any] = {
+        "shadows": options.shadows, "task": target.run_task.name,
+        "layout_hash": target.spec.layout_hash if target.spec is not None else None,
+        "statistic": "true-class logit" if target.run_task.target == "classification" else "signed residual",
+    }
     runs: dict[str, Callable[[], Any]] = {
         "loss": lambda: loss_attack(target),
         "lira": lambda: lira_attack(target, shadows=options.shadows, seed=options.seed),
@@ -96,9 +103,14 @@ def inversion_section(target: Target, options: AuditOptions) -> dict[str, Any]:
     guesses``: aiming at every record behind the sum instead (secure
     aggregation hides who holds a record, not the records of a small sum).
     ``one site, run's DP``: one site's update under the run's DP-SGD noise.
+
+    The model is the run's task's, built from the run's task spec (its layout, the consortium's
+    standardisation), trained and matched with the task's loss; a regression's labels are not recovered
+    (there are none), its targets are optimised with the inputs.
     """
-    assert target.config.model is not None
+    assert target.spec is not None
     table, noise = concat_tables([s.train for s in target.splits.values()]), _record_noise(target)
+    task, shape = target.run_task, data_shape(target.spec)
     rows = []
     for batch in options.batch_sizes:
         cases: list[tuple[str, dict[str, Any]]] = [
@@ -109,38 +121,53 @@ def inversion_section(target: Target, options: AuditOptions) -> dict[str, Any]:
         if noise is not None:
             cases.append(("one site, run's DP", {"sites": 1, "noise_multiplier": noise[0], "clip": noise[1]}))
         for observer, kwargs in cases:
-            r = run_inversion(table, target.config.model, batch_size=batch, seed=options.seed, **kwargs)
+            r = run_inversion(table, task, shape=shape, batch_size=batch, seed=options.seed, **kwargs)
             rows.append({
                 "observer": observer, "batch_size": batch, "metric": r.metric, "quality": r.mean_quality,
                 "baseline": r.baseline, "random_baseline": r.random_baseline, "gain": r.gain,
                 "labels_exact": r.labels_exact, "seconds": round(r.seconds, 2),
             })
-    return {
+    out: dict[str, Any] = {
+        "task": task.name,
         "metric": rows[0]["metric"],
         "note": "one local SGD step from the initial model: the attacker's best case",
         "rows": rows,
     }
+    if task.target == "regression":
+        out["labels_skipped"] = "a regression has no labels to recover: its targets were optimised with the inputs"
+    return out
 
 
 def canary_section(target: Target, options: AuditOptions) -> dict[str, Any]:
-    """Steinke et al.'s one-run audit of the run's DP-SGD (its noise, clip, sampling rate and step count),
-    with the deliberately broken mechanism (noise divided by 10) beside it as the audit's own control."""
+    """Steinke et al.'s one-run audit of the run's DP-SGD (its noise, clip, sampling rate, step count and
+    optimiser) on what the run trained: its sites' pooled training rows (a built-in dataset, synthetic sites,
+    CSV files: any data) and its task's model and per-example loss, with the deliberately broken mechanism
+    (noise divided by 10) beside it as the audit's own control.
+
+    The canaries are gradient canaries (one coordinate each), so they need no label and the audit applies to
+    a regression as to a classification. A model with fewer trainable parameters than ``options.canaries``
+    gets one canary per parameter (a weaker audit, still valid: the statistics hold for any m)."""
     noise = _record_noise(target)
     if noise is None:
         return {"skipped": "the run has no record-level DP-SGD to audit"}
-    dataset = target.config.data.dataset
-    if dataset not in BUILTIN_DATASETS:
-        return {"skipped": f"the canary audit trains on a built-in dataset; this run's data is '{dataset}'"}
+    assert target.spec is not None and target.config.training is not None
+    table = concat_tables([s.train for s in target.splits.values()])
+    training = task_training(target.run_task, target.spec, table, source=f"{target.run_task.name} on {target.config.data.dataset}")
+    coordinates = trainable_parameters(training.model(0))
+    m = min(options.canaries, coordinates)
+    if m < 10:
+        return {"skipped": f"the task's model has {coordinates} trainable parameters: too few coordinates for canaries"}
     p = target.privacy
     base = CanaryAuditSettings(
-        dataset=dataset, canaries=options.canaries, guess_in=options.canaries // 10, guess_out=options.canaries // 10,
+        dataset=target.config.data.dataset, train=target.config.training,
+        canaries=m, guess_in=m // 10, guess_out=m // 10,
         sampling_rate=float(p["sampling_rate"]), noise_multiplier=noise[0], clip=noise[1],
         steps=int(p["steps_per_round"]) * target.config.rounds, delta=float(p["delta"]),
     )
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"task": target.run_task.name, "data": target.config.data.dataset, "rows": table.n_rows}
     for name, divisor in (("as_run", 1.0), ("noise_divided_by_10", 10.0)):
         settings = dataclasses.replace(base, noise_divisor=divisor)
-        r = run_canary_audit(settings, generator=secure_generator(options.seed))
+        r = run_canary_audit(settings, generator=secure_generator(options.seed), training=training)
         out[name] = {
             "canaries": r.canaries, "guesses": r.guesses, "correct": r.correct, "lower_bound": r.lower_bound,
             "accounted_epsilon": r.accounted_epsilon, "delta": r.delta, "caught": r.caught,
@@ -214,6 +241,7 @@ def run_audit(run_dir: Path, attacks: list[str], options: AuditOptions = AuditOp
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seed": options.seed,
         "model_sha256": target.model_sha256,  # what was attacked: the verified transcript's final model
+        "task": {"name": target.run_task.name, "target": target.run_task.target},
         "privacy": {
             "enabled": bool(target.privacy.get("enabled")),
             "level": target.privacy.get("level"),

@@ -16,8 +16,11 @@ never be caught above its accounted epsilon (except with probability
 Two layers, pure maths apart from the experiment:
 
 - :func:`p_value` and :func:`epsilon_lower_bound`: the paper's statistics.
-- :func:`run_canary_audit`: DP-SGD on a built-in dataset with the paper's
-  white-box "gradient canaries". A canary is a record whose gradient is
+- :func:`run_canary_audit`: DP-SGD with the paper's white-box "gradient
+  canaries", on a built-in dataset and model, or on what a run trained
+  (:func:`task_training`: the run's pooled training rows, its task's model
+  built from the run's task spec and its per-example loss on the task's
+  training targets). A canary is a record whose gradient is
   ``clip`` times a unit vector on one coordinate of the model (a Dirac
   canary). It is Poisson-sampled like every record, its gradient goes
   through the project's own clipping (:func:`~consortium.privacy.dpsgd.clip_and_sum`)
@@ -33,6 +36,12 @@ an MLP of width 512 that leaves 1536 coordinates on which the audit faces
 the noise alone, the setting in which the paper's white-box audit is tightest.
 The choice depends on the data and the initial model, never on which
 canaries are in, which is all the statistics need.
+
+Gradient canaries need no label, so the method is the same for any task:
+a classification's or a regression's (or a study's own loss) enters only
+through the data's clipped gradients, which the canaries' coordinates are
+chosen to avoid. What the audit tests is the mechanism (sampling, clipping,
+noise, accounting), which the framework runs whatever the task.
 """
 
 from __future__ import annotations
@@ -48,18 +57,25 @@ from scipy.special import expit
 from scipy.stats import binom
 from torch import nn
 
-from consortium.data.datasets import load_builtin
+from consortium.data.datasets import Table, load_builtin
 from consortium.errors import ConfigError
 from consortium.learning.models import build_model, standardisation
 from consortium.learning.specs import ModelSpec, TrainSettings
+from consortium.learning.task import Task
 from consortium.learning.training import make_optimizer
 from consortium.privacy.accountant import dp_sgd_epsilon
 from consortium.privacy.dpsgd import (
+    PerExampleLoss,
     clip_and_sum,
     clipped_sum_fast,
+    cross_entropy,
     fast_path_supported,
     per_example_gradients,
+    require_per_example,
 )
+from consortium.protocol import messages as m
+from consortium.protocol.task import build_model as build_task_model
+from consortium.protocol.task import data_shape
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +175,7 @@ class CanaryAuditSettings:
     after looking at the scores would spend the confidence twice.
     """
 
-    dataset: str = "digits"
+    dataset: str = "digits"  # the built-in data and model (``model``), where no ``AuditedTraining`` is given
     model: ModelSpec = field(default_factory=lambda: ModelSpec(kind="mlp", hidden=(512,)))
     train: TrainSettings = field(default_factory=lambda: TrainSettings(optimizer="sgd", lr=0.5, momentum=0.0))
     canaries: int = 1000
@@ -210,22 +226,56 @@ class CanaryAuditResult:
         return self.lower_bound > self.accounted_epsilon
 
 
-def _standardised_model(
-    settings: CanaryAuditSettings, X: np.ndarray, n_classes: int, image_shape: tuple[int, int, int] | None, seed: int
-) -> nn.Module:
-    mean, scale = standardisation(X)
-    return build_model(settings.model, n_features=X.shape[1], n_classes=n_classes, mean=mean, scale=scale,
-                       image_shape=image_shape, seed=seed)
+@dataclass(frozen=True)
+class AuditedTraining:
+    """What the audited DP-SGD trains on: the rows, their training targets, a fresh model per seed and the
+    per-example loss. ``source`` names it in the report (the dataset, or the run's task and data)."""
+
+    X: torch.Tensor
+    y: torch.Tensor
+    model: Callable[[int], nn.Module]
+    loss: PerExampleLoss = cross_entropy
+    source: str = ""
+
+
+def builtin_training(settings: CanaryAuditSettings) -> AuditedTraining:
+    """The built-in dataset ``settings.dataset`` and the built-in model ``settings.model``, standardised by the
+    whole dataset, trained with cross-entropy."""
+    table = load_builtin(settings.dataset)
+    mean, scale = standardisation(table.X)
+
+    def model(seed: int) -> nn.Module:
+        return build_model(settings.model, n_features=table.n_features, n_classes=table.n_classes, mean=mean,
+                           scale=scale, image_shape=table.image_shape, seed=seed)
+
+    return AuditedTraining(torch.from_numpy(table.X), torch.from_numpy(table.y), model, cross_entropy, settings.dataset)
+
+
+def task_training(task: Task, spec: m.TaskSpec, table: Table, source: str = "") -> AuditedTraining:
+    """A run's training as DP-SGD saw it: ``table`` (the run's pooled training rows, CSV or any data), the
+    task's model built from the run's task spec (its layout and consortium-wide standardisation), and the
+    task's per-example loss on its training targets (a regression's standardised target)."""
+    task = task.with_model(spec.model)
+    y = torch.from_numpy(table.y)
+    y = y.long() if task.target == "classification" else task.training_targets(y, data_shape(spec))
+    return AuditedTraining(
+        torch.from_numpy(table.X), y, lambda seed: build_task_model(task, spec, seed), task.loss, source or task.name,
+    )
 
 
 def _clipped_data_sum(
     model: nn.Module, named: dict[str, torch.Tensor], X: torch.Tensor, y: torch.Tensor, clip: float,
-    per_example: Callable[[dict, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None,
+    per_example: Callable[[dict, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None, loss: PerExampleLoss,
 ) -> dict[str, torch.Tensor]:
     """The data's clipped gradient sum, by the project's fast path where the model allows it."""
     if per_example is None:
-        return clipped_sum_fast(model, X, y, clip)[0]
+        return clipped_sum_fast(model, X, y, clip, loss)[0]
     return clip_and_sum(per_example({k: v.detach() for k, v in named.items()}, X, y), clip)
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """How many coordinates a model offers canaries: its trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def _quietest_coordinates(gradient: dict[str, torch.Tensor], m: int, generator: torch.Generator) -> torch.Tensor:
@@ -238,8 +288,13 @@ def _quietest_coordinates(gradient: dict[str, torch.Tensor], m: int, generator: 
     return shuffle[order[:m]]
 
 
-def run_canary_audit(settings: CanaryAuditSettings, *, generator: torch.Generator) -> CanaryAuditResult:
+def run_canary_audit(
+    settings: CanaryAuditSettings, *, generator: torch.Generator, training: AuditedTraining | None = None,
+) -> CanaryAuditResult:
     """Train once with DP-SGD and canaries, guess which canaries were in, and bound epsilon from below.
+
+    ``training``: the data, model and loss to audit (:func:`task_training` for a run's); None, the built-in
+    ``settings.dataset`` and ``settings.model``.
 
     Everything random (the model's initial weights, the coin flips, the
     Poisson sampling of records and canaries, the noise) comes from
@@ -252,17 +307,19 @@ def run_canary_audit(settings: CanaryAuditSettings, *, generator: torch.Generato
     s = settings
     if s.noise_divisor != 1:
         log.warning("canary audit: noise divided by %s, a deliberately non-private mechanism", s.noise_divisor)
-    table = load_builtin(s.dataset)
-    X = torch.from_numpy(table.X)
-    y = torch.from_numpy(table.y)
+    data = training or builtin_training(s)
+    X, y, loss = data.X, data.y, data.loss
     n = X.shape[0]
     seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-    model = _standardised_model(s, table.X, table.n_classes, table.image_shape, seed)
+    model = data.model(seed)
+    require_per_example(model)
     named = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    per_example = None if fast_path_supported(model) else per_example_gradients(model)
+    per_example = None if fast_path_supported(model) else per_example_gradients(model, loss)
 
     # Where the canaries live, and which are in: both fixed before training starts.
-    coords = _quietest_coordinates(_clipped_data_sum(model, named, X, y, s.clip, per_example), s.canaries, generator)
+    coords = _quietest_coordinates(
+        _clipped_data_sum(model, named, X, y, s.clip, per_example, loss), s.canaries, generator
+    )
     included = torch.rand(s.canaries, generator=generator) < 0.5
     sizes = [p.numel() for p in named.values()]
     offsets = np.cumsum([0, *sizes])
@@ -277,7 +334,7 @@ def run_canary_audit(settings: CanaryAuditSettings, *, generator: torch.Generato
         rows = (torch.rand(n, generator=generator) < s.sampling_rate).nonzero().squeeze(1)
         hit = (torch.rand(s.canaries, generator=generator) < s.sampling_rate) & included
         summed = (
-            _clipped_data_sum(model, named, X[rows], y[rows], s.clip, per_example) if len(rows)
+            _clipped_data_sum(model, named, X[rows], y[rows], s.clip, per_example, loss) if len(rows)
             else {k: torch.zeros_like(v) for k, v in named.items()}
         )
         picked = hit.nonzero().squeeze(1)

@@ -29,8 +29,12 @@ the records themselves. The attack here inverts it:
   (``random_baseline``).
 
 :func:`run_inversion` runs the whole experiment the way a round would: it
-builds the model, lets each site compute its update with the project's own
-training (``train_local``, or ``train_dp_sgd`` with DP on), gives the attacker
+builds the task's model (a built-in architecture, or a run's task built from
+its task spec, with the consortium's standardisation: the attacker's mean
+guess and error scale are the task spec's, so a study's model need not start
+with a ``Standardize`` layer), lets each site compute its update with the
+task's own training (``Task.train``, or ``train_dp_sgd`` on the task's
+per-example loss with DP on), matches gradients of that same loss, gives the attacker
 either one site's update or the example-weighted mean of several sites' (what
 secure aggregation reveals; its quantisation, below 1e-6 of the clip per
 coordinate, is left out) and scores the reconstruction of the first site's
@@ -44,6 +48,11 @@ an attacker who reconstructs only B records gets blends. An attacker who asks
 for all k * B records (``reconstruct=k * B``) can still recover small unions:
 secure aggregation alone does not protect tiny single-step batches, only DP
 (or many local steps over many records) does.
+
+A regression has no labels to recover: label recovery is skipped (the
+result's ``labels_exact`` and ``label_accuracy`` are None, ``note`` says
+why) and the targets are optimised with the inputs instead, as DLG
+originally did for labels.
 """
 
 from __future__ import annotations
@@ -57,15 +66,14 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
-from torch.nn import functional as F
 
 from consortium.data.datasets import Table
 from consortium.errors import ConfigError, ModelError
 from consortium.learning.adapter import ModelAdapter
-from consortium.learning.models import build_model, standardisation
+from consortium.learning.models import standardisation
 from consortium.learning.specs import ModelSpec, TrainSettings
-from consortium.learning.training import train_local
-from consortium.privacy.dpsgd import secure_generator, train_dp_sgd
+from consortium.learning.task import DataShape, Task, build_task_model, load_task
+from consortium.privacy.dpsgd import PerExampleLoss, cross_entropy, secure_generator, train_dp_sgd
 
 __all__ = [
     "InversionResult",
@@ -244,18 +252,23 @@ def _total_variation(images: torch.Tensor) -> torch.Tensor:
 def invert_update(
     model: nn.Module,
     update: np.ndarray,
-    labels: np.ndarray,
+    labels: np.ndarray | None,
     *,
     low: np.ndarray,
     high: np.ndarray,
     image_shape: tuple[int, int, int] | None = None,
     settings: InversionSettings = InversionSettings(),
     seed: int = 0,
+    loss: PerExampleLoss = cross_entropy,
+    count: int | None = None,
 ) -> Reconstruction:
     """Records whose gradient at the model's current parameters points the way ``update`` does.
 
     One record is reconstructed per entry of ``labels`` (use
-    :func:`recover_labels`). Each feature is boxed to ``[low, high]`` (the
+    :func:`recover_labels`); ``labels`` None (a regression: there are none to
+    recover) reconstructs ``count`` records and optimises their targets (on
+    the scale the model trains on) with the inputs. ``loss``: the per-example
+    loss the sites trained on (the task's), whose mean gradient is matched. Each feature is boxed to ``[low, high]`` (the
     data's range, which the attacker is assumed to know: a schema usually
     declares it). ``image_shape`` switches on the total-variation prior. The
     model's parameters are read, never changed. Deterministic for a ``seed``.
@@ -266,9 +279,15 @@ def invert_update(
     if not norm > 0:
         raise ModelError("the update is zero: there is no gradient to invert")
     target = target / norm
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
+    if labels is None:
+        if count is None or count < 1:
+            raise ConfigError("invert_update without labels needs count >= 1: how many records to reconstruct")
+        y = torch.zeros(count, requires_grad=True)  # the targets, optimised with the inputs
+    else:
+        y = torch.as_tensor(np.asarray(labels), dtype=torch.long).reshape(-1)
     if y.numel() < 1:
         raise ConfigError("invert_update needs at least one label: one record is reconstructed per label")
+    free_targets = labels is None
     lo = torch.as_tensor(np.asarray(low, dtype=np.float32)).reshape(-1)
     hi = torch.as_tensor(np.asarray(high, dtype=np.float32)).reshape(-1)
     d = lo.numel()
@@ -286,35 +305,42 @@ def invert_update(
     try:
         for _ in range(settings.restarts):
             u = torch.rand(n, d, generator=gen).requires_grad_(True)
-            opt = torch.optim.Adam([u], lr=settings.lr)
+            if free_targets:
+                y = torch.randn(n, generator=gen).requires_grad_(True)
+            opt = torch.optim.Adam([u, y] if free_targets else [u], lr=settings.lr)
             schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.steps)
             for _ in range(settings.steps):
                 x = lo + span * u
-                grads = torch.autograd.grad(F.cross_entropy(model(x), y), params, create_graph=True)
+                grads = torch.autograd.grad(loss(model(x), y).mean(), params, create_graph=True)
                 flat = torch.cat([g.reshape(-1) for g in grads])
                 distance = 1 - flat @ target / (flat.norm() + 1e-12)
                 objective = distance
                 if image_shape is not None and settings.tv_weight > 0:
                     objective = objective + settings.tv_weight * _total_variation(((x - lo.min()) / peak).view(n, *image_shape))
-                (step,) = torch.autograd.grad(objective, [u])
-                u.grad = step
+                steps = torch.autograd.grad(objective, [u, y] if free_targets else [u])
+                u.grad = steps[0]
+                if free_targets:
+                    y.grad = steps[1]
                 opt.step()
                 schedule.step()
                 with torch.no_grad():
                     u.clamp_(0.0, 1.0)
             with torch.no_grad():
                 x = lo + span * u
-            final = _distance(model, params, x, y, target)
+            final = _distance(model, params, x, y.detach(), target, loss)
             if best is None or final < best[0]:
-                best = (final, x.detach().clone())
+                best = (final, x.detach().clone(), y.detach().clone())
     finally:
         model.train(was_training)
     assert best is not None
-    return Reconstruction(best[1].numpy(), y.numpy().copy(), best[0])
+    return Reconstruction(best[1].numpy(), best[2].numpy().copy(), best[0])
 
 
-def _distance(model: nn.Module, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> float:
-    grads = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+def _distance(
+    model: nn.Module, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
+    loss: PerExampleLoss = cross_entropy,
+) -> float:
+    grads = torch.autograd.grad(loss(model(x), y).mean(), params)
     flat = torch.cat([g.reshape(-1) for g in grads])
     return float(1 - flat @ target / (flat.norm() + 1e-12))
 
@@ -382,8 +408,8 @@ class InversionResult:
     mean_quality: float
     baseline: float
     random_baseline: float
-    label_accuracy: float
-    labels_exact: bool  # the recovered labels equal those of the records aimed at (all behind the update, or site 0's)
+    label_accuracy: float | None  # None: a regression (no labels)
+    labels_exact: bool | None  # the recovered labels equal those of the records aimed at (all behind the update, or site 0's)
     gradient_distance: float
     batch_size: int
     sites: int
@@ -391,6 +417,7 @@ class InversionResult:
     noise_multiplier: float | None
     clip: float | None
     seconds: float  # the attack's time (labels and inputs), not the sites' training
+    note: str | None = None  # what was skipped, and why (a regression's labels)
 
     @property
     def gain(self) -> float:
@@ -399,30 +426,41 @@ class InversionResult:
 
 
 def _site_update(
-    model: nn.Module, start: np.ndarray, X: np.ndarray, y: np.ndarray, *, lr: float,
+    task: Task, model: nn.Module, start: np.ndarray, X: np.ndarray, y: torch.Tensor, *, lr: float,
     noise_multiplier: float | None, clip: float | None, seed: int,
 ) -> np.ndarray:
-    """What one site sends: one local step from ``start`` on its whole batch, as ``w_local - w``."""
+    """What one site sends: one local step from ``start`` on its whole batch, as ``w_local - w``: the task's
+    own training (``y``: its training targets), or DP-SGD on its per-example loss."""
     adapter = ModelAdapter(model)
     adapter.set_vector(start)
     settings = TrainSettings(epochs=1, batch_size=len(y), optimizer="sgd", lr=lr, momentum=0.0)
-    Xt, yt = torch.from_numpy(np.ascontiguousarray(X)), torch.from_numpy(np.ascontiguousarray(y))
+    Xt = torch.from_numpy(np.ascontiguousarray(X))
     if noise_multiplier is None:
-        train_local(model, Xt, yt, settings, seed=seed)
+        task.train(model, Xt, y, settings, seed=seed)
     else:
         assert clip is not None
         # A test seed on purpose: this is a red-team simulation, and its results must be reproducible.
         train_dp_sgd(
-            model, Xt, yt, settings, sampling_rate=1.0, noise_multiplier=noise_multiplier, clip=clip, steps=1,
-            generator=secure_generator(test_seed=seed),
+            model, Xt, y, settings, sampling_rate=1.0, noise_multiplier=noise_multiplier, clip=clip, steps=1,
+            generator=secure_generator(test_seed=seed), loss=task.loss,
         )
     return adapter.get_vector() - start
 
 
+def table_shape(table: Table) -> DataShape:
+    """``table``'s own layout and statistics (its pooled mean and deviation, a regression target's too)."""
+    mean, scale = standardisation(table.X)
+    if table.classes:
+        return DataShape(table.n_features, table.classes, table.image_shape, mean, scale)
+    y = table.y.astype(np.float64)
+    return DataShape(table.n_features, (), table.image_shape, mean, scale, float(y.mean()), float(y.std()) or 1.0)
+
+
 def run_inversion(
     table: Table,
-    spec: ModelSpec,
+    spec: ModelSpec | Task,
     *,
+    shape: DataShape | None = None,
     batch_size: int,
     sites: int = 1,
     reconstruct: int | None = None,
@@ -433,6 +471,11 @@ def run_inversion(
     seed: int = 0,
 ) -> InversionResult:
     """Invert what a coordinator sees in one round and score the reconstruction of site 0's records.
+
+    ``spec``: a built-in architecture (the built-in classifier's), or a task (a run's, with its architecture
+    chosen: ``task.with_model``) whose model, loss and training the sites use. ``shape``: the data layout and
+    standardisation the model is built with (a run's: ``protocol.task.data_shape(spec)``); default ``table``'s
+    own. The attacker's mean guess and error scale are ``shape``'s.
 
     ``sites`` sites each hold ``batch_size`` distinct records drawn from
     ``table`` and take one local step of plain SGD (learning rate ``lr``, no
@@ -466,27 +509,31 @@ def run_inversion(
     if not (math.isfinite(lr) and 0 < lr <= 10):
         raise ConfigError(f"lr = {lr!r} is invalid: it must lie in (0, 10]")
 
-    mean, scale = standardisation(table.X)
-    model = build_model(
-        spec, n_features=table.n_features, n_classes=table.n_classes, mean=mean, scale=scale,
-        image_shape=table.image_shape, seed=seed,
-    )
+    task = load_task("classification", spec) if isinstance(spec, ModelSpec) else spec
+    shape = shape or table_shape(table)
+    regression = task.target == "regression"
+    mean, scale = np.asarray(shape.mean, dtype=np.float64), np.asarray(shape.scale, dtype=np.float64)
+    model = build_task_model(task, shape, seed)
+    y_all = torch.from_numpy(table.y)
+    targets = task.training_targets(y_all, shape) if regression else y_all.long()
     start = ModelAdapter(model).get_vector()
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x1F]))
     rows = rng.choice(table.n_rows, size=sites * batch_size, replace=False).reshape(sites, batch_size)
     updates = [
-        _site_update(model, start, table.X[r], table.y[r], lr=lr, noise_multiplier=noise_multiplier, clip=clip, seed=seed + 1 + i)
+        _site_update(task, model, start, table.X[r], targets[torch.from_numpy(r)], lr=lr,
+                     noise_multiplier=noise_multiplier, clip=clip, seed=seed + 1 + i)
         for i, r in enumerate(rows)
     ]
     weights = np.full(sites, float(batch_size))  # example weights: every site holds batch_size records
     seen = np.average(np.stack(updates), axis=0, weights=weights).astype(np.float32)
     ModelAdapter(model).set_vector(start)  # the attacker holds the global model the sites started from
 
-    low, high = table.X.min(axis=0), table.X.max(axis=0)
+    low, high = np.nanmin(table.X, axis=0), np.nanmax(table.X, axis=0)
     began = time.perf_counter()
-    labels = recover_labels(model, seen, n_guess, lr=lr)
+    labels = None if regression else recover_labels(model, seen, n_guess, lr=lr, probe=mean)
     guess = invert_update(
-        model, seen, labels, low=low, high=high, image_shape=table.image_shape, settings=settings, seed=seed
+        model, seen, labels, low=low, high=high, image_shape=table.image_shape, settings=settings, seed=seed,
+        loss=task.loss, count=n_guess,
     )
     seconds = time.perf_counter() - began
 
@@ -506,14 +553,15 @@ def run_inversion(
         baseline = float(feature_error(mean_guess, truth_X, scale).mean())
         random_baseline = float(feature_error(random_guess[match(random_guess, truth_X, scale)], truth_X, scale).mean())
     everything = np.sort(table.y[rows.reshape(-1)]) if n_guess == sites * batch_size else np.sort(truth_y)
+    exact = None if labels is None else bool(len(labels) == len(everything) and np.array_equal(np.sort(labels), everything))
     return InversionResult(
         metric="psnr" if is_image else "feature_error",
         quality=tuple(float(q) for q in quality),
         mean_quality=float(np.mean(quality)),
         baseline=baseline,
         random_baseline=random_baseline,
-        label_accuracy=float(np.mean(guess.labels[pairing] == truth_y)),
-        labels_exact=bool(len(labels) == len(everything) and np.array_equal(np.sort(labels), everything)),
+        label_accuracy=None if regression else float(np.mean(guess.labels[pairing] == truth_y)),
+        labels_exact=exact,
         gradient_distance=guess.gradient_distance,
         batch_size=batch_size,
         sites=sites,
@@ -521,4 +569,5 @@ def run_inversion(
         noise_multiplier=noise_multiplier,
         clip=clip,
         seconds=seconds,
+        note="a regression has no labels to recover: its targets were optimised with the inputs" if regression else None,
     )

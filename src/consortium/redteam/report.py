@@ -73,15 +73,18 @@ def _series(rounds: list[dict[str, Any]], key: str) -> tuple[list[int], list[flo
     return [r["round"] for r in done], [r[key] for r in done]
 
 
-def _accuracy_plot(rounds: list[dict[str, Any]], sites: dict[str, list[dict[str, Any]]]) -> str:
+def _accuracy_plot(rounds: list[dict[str, Any]], sites: dict[str, list[dict[str, Any]]], headline: str = "accuracy") -> str:
+    """The task's headline metric per round (accuracy; a regression's MSE)."""
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    ax.plot(*_series(rounds, "accuracy"), "o-", color="black", lw=2, label="consortium (secure sum)")
+    ax.plot(*_series(rounds, headline), "o-", color="black", lw=2, label="consortium (secure sum)")
+    if headline == "mse" and any(r.get("mean_mse") is not None for r in rounds):
+        ax.plot(*_series(rounds, "mean_mse"), ":", color="grey", lw=1.5, label="predicting the mean")
     if any(r.get("shift_accuracy") is not None for r in rounds):
         ax.plot(*_series(rounds, "shift_accuracy"), "s:", color="grey", lw=1.5, label="consortium, under the declared shift")
     for site, points in sites.items():
-        ax.plot(*_series(points, "accuracy"), ".--", lw=1, label=f"{site} (its own record)")
+        ax.plot(*_series(points, headline), ".--", lw=1, label=f"{site} (its own record)")
     ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel(f"test {headline}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _svg(fig, "accuracy")
@@ -207,11 +210,13 @@ def _inversion(section: dict[str, Any]) -> str:
     rows = [
         [html.escape(r["observer"]), str(r["batch_size"]), f"{r['quality']:.2f}", f"{r['baseline']:.2f}",
          "<span class=bad>yes</span>" if r["gain"] > 3 * (1 if r["metric"] == "psnr" else 0.1) else "no",
-         "yes" if r["labels_exact"] else "no"]
+         {None: "n/a", True: "yes", False: "no"}[r.get("labels_exact")]]
         for r in section["rows"]
     ]
     header = ["observer", "batch", f"reconstruction ({unit})", "mean-image guess", "recovers inputs", "labels exact"]
-    return f"<p class=muted>{html.escape(section['note'])}</p>" + _table(header, rows)
+    skipped = section.get("labels_skipped")
+    note = f"<p class=muted>labels not recovered: {html.escape(skipped)}</p>" if skipped else ""
+    return f"<p class=muted>{html.escape(section['note'])}</p>" + _table(header, rows) + note
 
 
 def _canary(section: dict[str, Any]) -> str:
@@ -267,7 +272,12 @@ def _run_column(run_dir: Path) -> str:
     summary = read_run_json(run_dir / "summary.json")
     privacy = summary.get("privacy") or {}
     sa = summary.get("secure_aggregation") or {}
+    task = summary.get("task") or {}
+    headline = str(task.get("headline") or "accuracy")
     out = [f"<section class=run><h2>{html.escape(run_dir.name)}</h2>"]
+    if task.get("name"):
+        out.append(f"<p class=task>task <b>{html.escape(str(task['name']))}</b> "
+                   f"({html.escape(str(task.get('target', '')))}; headline metric {html.escape(headline)})</p>")
     dp = (f"{privacy.get('level', 'record')}-level DP, target epsilon {privacy.get('target_epsilon')}, "
           f"delta {privacy.get('delta')}") if privacy.get("enabled") else "<span class=bad>no differential privacy</span>"
     secure = "secure aggregation" if sa.get("enabled") else "<span class=bad>no secure aggregation</span>"
@@ -289,14 +299,14 @@ def _run_column(run_dir: Path) -> str:
     if verified and v.lineage is not None:
         out.append("<h2>Model versions</h2>" + _lineage(v.lineage))
 
-    out.append("<h2>Accuracy per round</h2>")
+    out.append(f"<h2>{html.escape(headline.upper() if headline == 'mse' else headline.capitalize())} per round</h2>")
     rounds = _lines(run_dir / "metrics.jsonl")
     sites_dir = run_dir / "sites"
     site_curves = {p.parent.name: _lines(p) for p in sorted(sites_dir.glob("*/evaluation.jsonl"))}
-    out.append(_accuracy_plot(rounds, {k: v for k, v in site_curves.items() if v}))
+    out.append(_accuracy_plot(rounds, {k: v for k, v in site_curves.items() if v}, headline))
     if not any(site_curves.values()):
-        out.append("<p class=muted>Each site's own accuracy stays with the site; none was found beside this run.</p>")
-    last = next((r for r in reversed(rounds) if r.get("accuracy") is not None), None)
+        out.append(f"<p class=muted>Each site's own {html.escape(headline)} stays with the site; none was found beside this run.</p>")
+    last = next((r for r in reversed(rounds) if r.get(headline) is not None), None)
     if last is not None and last.get("site_accuracy_std") is not None:
         out.append(f"<p>Across sites, last round (from sums only): mean accuracy {_pct(last['site_accuracy_mean'])}, "
                    f"standard deviation {_pct(last['site_accuracy_std'])}.</p>")
