@@ -10,6 +10,9 @@ and its report rendered.
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -60,6 +63,7 @@ class Study(ClassificationTask):
         return F.cross_entropy(outputs, targets, weight=torch.tensor([2.0, 1.0]), reduction="none")
 '''
 
+CHROMIUM = shutil.which("chromium")
 OPTIONS = AuditOptions(shadows=2, canaries=100, batch_sizes=(1,), seed=0)
 
 
@@ -145,7 +149,7 @@ def regression_run(tmp_path_factory) -> Path:
 
 
 def test_a_regression_run_is_audited_and_its_report_renders(regression_run):
-    audit = run_audit(regression_run, ["mia", "canary", "inversion"], OPTIONS)
+    audit = run_audit(regression_run, ["mia", "canary", "inversion", "poisoning"], OPTIONS)
     assert audit["task"] == {"name": "regression", "target": "regression"}
     mia = audit["attacks"]["mia"]
     assert mia["statistic"] == "signed residual"
@@ -161,3 +165,17 @@ def test_a_regression_run_is_audited_and_its_report_renders(regression_run):
     assert "task <b>regression</b>" in page and "MSE per round" in page
     assert 'data-plot="accuracy"' in page and 'data-plot="roc"' in page
     assert "labels not recovered" in page
+    assert "a regression has neither" in audit["attacks"]["poisoning"]["skipped"] and "not run: the poisoning" in page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it: apt-get install chromium)")
+def test_a_regression_report_renders_every_plot_in_headless_chromium(regression_run, tmp_path):
+    run_audit(regression_run, ["mia"], OPTIONS)
+    page = write_report([regression_run], tmp_path / "report.html")
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], check=False, capture_output=True, text=True, timeout=120).stdout
+    plots, rendered = re.search(r'data-plots="(\d+)"', dom), re.search(r'data-rendered="(\d+)"', dom)
+    assert plots and rendered, dom[:500]
+    # the MSE per round, epsilon per site and the ROC curves, each laid out with a real size
+    assert int(plots.group(1)) == 3 and int(rendered.group(1)) == 3

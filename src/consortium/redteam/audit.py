@@ -185,7 +185,11 @@ def poisoning_section(target: Target, options: AuditOptions) -> dict[str, Any]:
 
     The comparison runs turn the norm monitor off, so that accuracy, not a halt, shows what an attack did;
     one run per attack keeps it on to show that it halts.
+
+    A regression run is skipped, with the reason: the experiment scores accuracy and a backdoor's target class.
     """
+    if target.run_task.target != "classification":
+        return {"skipped": "the poisoning experiment scores accuracy and a backdoor's target class: a regression has neither"}
     config = target.config.model_copy(update={
         "incidents": IncidentConfig(update_norm_factor=None),
         "baselines": BaselineConfig(local_only=False, pooled=False),

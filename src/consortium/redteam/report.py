@@ -233,6 +233,8 @@ def _canary(section: dict[str, Any]) -> str:
 
 
 def _poisoning(section: dict[str, Any]) -> str:
+    if "skipped" in section:
+        return f"<p class=muted>not run: {html.escape(section['skipped'])}</p>"
     parts = [f"<p>Site <b>{html.escape(section['attacker'])}</b> plays the attacker from round 2.</p>"]
 
     def acc(x: float | None) -> str:
