@@ -233,12 +233,22 @@ def test_synthetic_shapes_defeat_a_linear_model_but_not_a_small_cnn():
     torch.manual_seed(0)
     model = module.group_norm_cnn(in_channels=3, n_classes=4, width=16)
     X, y = torch.from_numpy(train.X).view(-1, 3, 16, 16), torch.from_numpy(train.y)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(12):
-        for idx in torch.randperm(len(X)).split(64):
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    for _ in range(6):
+        for idx in torch.randperm(len(X)).split(32):
             opt.zero_grad()
             torch.nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
             opt.step()
     with torch.no_grad():
         cnn = float((model(torch.from_numpy(test.X).view(-1, 3, 16, 16)).argmax(1) == torch.from_numpy(test.y)).float().mean())
     assert linear < 0.4 and cnn > 0.65, (linear, cnn)  # chance: 0.25
+
+
+def test_a_16_bit_grayscale_png_keeps_its_depth_instead_of_saturating(tmp_path):
+    deep = np.array([[0, 1000, 30000, 65535]] * 2, dtype=np.uint16)  # as "L" everything above 255 would be white
+    (tmp_path / "r" / "scan").mkdir(parents=True)
+    Image.fromarray(deep).save(tmp_path / "r" / "scan" / "x.png")  # mode I;16
+    gray = load_image_folder(tmp_path / "r", size=(2, 4), mode="L")
+    np.testing.assert_allclose(gray.X.reshape(2, 4), deep / 65535, rtol=1e-6)
+    rgb = load_image_folder(tmp_path / "r", size=(2, 4))
+    np.testing.assert_allclose(rgb.X.reshape(3, 2, 4), np.stack([deep / 65535] * 3), rtol=1e-6)

@@ -52,7 +52,10 @@ def load_image_folder(
     are its files ending in .png, .jpg or .jpeg (any case), read in name
     order. Other files in a class folder are ignored. Each image is turned
     upright by its EXIF orientation, converted to ``mode``, resized to
-    ``size`` with bilinear interpolation and scaled from 0..255 to [0, 1].
+    ``size`` with bilinear interpolation and scaled from 0..255 to [0, 1]; a
+    16-bit grayscale PNG keeps its depth (scaled from 0..65535, resized in
+    floating point, repeated over 3 channels for RGB) instead of being clipped
+    to 8 bits.
 
     Args:
         root: the folder holding one sub-folder per class.
@@ -313,10 +316,21 @@ def _read_image(path: Path, mode: str, height: int, width: int) -> np.ndarray:
 
     try:
         with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened).convert(mode)
-            image = image.resize((width, height), Image.Resampling.BILINEAR)
+            image = ImageOps.exif_transpose(opened)
+            if image.mode.startswith("I"):  # 16-bit grayscale (a scan, an X-ray): "L" would clip it at 255
+                deep = np.asarray(image, dtype=np.float32)
+                if deep.min() < 0 or deep.max() > 65535:
+                    raise DataError(
+                        f"image {path} holds values outside 0..65535 ({image.mode}): save it as 8- or 16-bit PNG"
+                    )
+                fine = Image.fromarray(deep / np.float32(65535.0)).resize((width, height), Image.Resampling.BILINEAR)
+                gray = np.asarray(fine, dtype=np.float32)[None]
+                return gray if mode == "L" else np.repeat(gray, MODES[mode], axis=0)
+            image = image.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
             pixels = np.asarray(image, dtype=np.float32)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        if isinstance(exc, DataError):
+            raise
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(f"cannot read image {path} ({reason}): replace the file with a valid PNG or JPEG, or remove it") from exc
     pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
