@@ -480,3 +480,19 @@ def test_both_convolution_norm_routes_equal_the_oracle(make, shape, route, monke
     fast, _ = dpsgd.clipped_sum_fast(m, X, y, 0.05, _weighted_smoothed)
     for k in expected:
         torch.testing.assert_close(fast[k], expected[k], rtol=1e-4, atol=1e-5)
+
+
+def test_linear_layers_on_sequences_take_gram_norms_exactly():
+    """Wide Linear layers on [batch, positions, features] (a transformer's shape): norms from position Gram matrices."""
+    from consortium.privacy.dpsgd import _layer_pieces, clipped_sum_fast
+
+    torch.manual_seed(9)
+    m = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.LayerNorm(16), torch.nn.Tanh(), torch.nn.Linear(16, 16),
+                            torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(48, 3))
+    X, y = torch.randn(9, 3, 16), torch.randint(0, 3, (9,))
+    assert _layer_pieces(m[0], X, torch.randn(9, 3, 16))["weight"][0] == "sequence"
+    for clip in (0.05, 1e6):
+        expected = _oracle(m, _weighted_smoothed, X, y, clip=clip)
+        fast, _ = clipped_sum_fast(m, X, y, clip, _weighted_smoothed)
+        for k in expected:
+            torch.testing.assert_close(fast[k], expected[k], rtol=1e-4, atol=1e-5)

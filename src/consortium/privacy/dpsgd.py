@@ -195,13 +195,17 @@ def _conv_gram_norms(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Te
 def _layer_pieces(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[str, tuple[str, torch.Tensor]]:
     """One layer's per-example gradients, by parameter name, as (kind, tensor): "per" [batch, *shape];
     "offsets" [kh * kw, batch, out, in] (a convolution's weight); or "ghost", the output gradient of a Linear
-    weight on 2-D inputs, whose per-example gradient g_i a_i^T is never formed; or "gram", the output gradient
+    weight on 2-D inputs, whose per-example gradient g_i a_i^T is never formed; "sequence", the same on
+    [batch, positions, features] inputs (norm: sum_{t,s} (g_t . g_s)(a_t . a_s)); or "gram", the output gradient
     of a convolution whose per-example norms come from Gram matrices (:func:`_conv_gram_norms`)."""
     batch = a.shape[0]
     if isinstance(m, nn.Linear):
         if a.dim() == 2:
             return {"weight": ("ghost", g), "bias": ("per", g)}
         g3, a3 = g.reshape(batch, -1, g.shape[-1]), a.reshape(batch, -1, a.shape[-1])  # [batch, positions, features]
+        positions, (n_out, n_in) = g3.shape[1], m.weight.shape
+        if positions * (n_in + n_out) < n_in * n_out:  # long rows of wide layers: Gram norms, as for a convolution
+            return {"weight": ("sequence", g3), "bias": ("per", g3.sum(dim=1))}
         return {"weight": ("per", torch.bmm(g3.transpose(1, 2), a3)), "bias": ("per", g3.sum(dim=1))}
     if isinstance(m, nn.Conv2d):
         weight = ("gram", g) if _conv_by_gram(m, a, g) else _per_example_conv_weight_grads(m, a, g)
@@ -281,6 +285,9 @@ def clipped_sum_fast(
                 sq += torch.linalg.vector_norm(t, dim=1).square() * torch.linalg.vector_norm(a, dim=1).square()
             elif kind == "gram":
                 sq += _conv_gram_norms(m, a, t)
+            elif kind == "sequence":
+                a3 = a.reshape(batch, -1, a.shape[-1])
+                sq += torch.bmm(t, t.transpose(1, 2)).mul_(torch.bmm(a3, a3.transpose(1, 2))).flatten(1).sum(dim=1)
             elif kind == "offsets":  # (one offset at a time: a norm over several strided dims loses float32 digits)
                 sq += torch.linalg.vector_norm(t.flatten(2), dim=2).square().sum(dim=0)
             else:
@@ -293,6 +300,8 @@ def clipped_sum_fast(
             kind, t, a, m = pieces[k]
             if kind == "ghost":
                 summed[k] = (t * factor.unsqueeze(1)).T @ a
+            elif kind == "sequence":
+                summed[k] = (t * factor.view(-1, 1, 1)).flatten(0, 1).T @ a.reshape(-1, a.shape[-1])
             elif kind == "gram":  # one batched weight gradient of the clipped output gradients
                 scaled = t * factor.view(-1, *([1] * (t.dim() - 1)))
                 summed[k] = torch.nn.grad.conv2d_weight(a, p.shape, scaled, m.stride, m.padding, m.dilation, m.groups)
