@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from consortium.config import BaselineConfig, IncidentConfig
 from consortium.data.datasets import concat_tables
@@ -59,13 +60,23 @@ def _curve(fpr: np.ndarray, tpr: np.ndarray, points: int = 400) -> dict[str, lis
     return {"fpr": [round(float(x), 6) for x in fpr[idx]], "tpr": [round(float(x), 6) for x in tpr[idx]]}
 
 
+def _lira_statistic_name(target: Target) -> str:
+    """What LiRA's per-record statistic is for this run's task (``membership.lira_statistic``)."""
+    if target.run_task.target == "classification":
+        return "true-class logit"
+    sample = next(iter(target.splits.values())).train
+    with torch.no_grad():
+        out = target.model(torch.from_numpy(sample.X[:1]))
+    return "signed residual" if out.dim() == 1 or out[0].numel() == 1 else "minus the task's loss"
+
+
 def membership_section(target: Target, options: AuditOptions) -> dict[str, Any]:
     """Loss-threshold and LiRA attacks, per site and pooled, each against the run's DP ceiling."""
     # What the shadows replay: the run's task, its model of the run's layout (each shadow's is checked).
     section: dict[str, Any] = {
         "shadows": options.shadows, "task": target.run_task.name,
         "layout_hash": target.spec.layout_hash if target.spec is not None else None,
-        "statistic": "true-class logit" if target.run_task.target == "classification" else "signed residual",
+        "statistic": _lira_statistic_name(target),
     }
     runs: dict[str, Callable[[], Any]] = {
         "loss": lambda: loss_attack(target),

@@ -25,13 +25,14 @@ DP-SGD on its per-example loss. The statistics:
 - LiRA's ``phi`` for classification is the paper's logit-scaled confidence
   in the true class, ``log(p_y / (1 - p_y))`` from the logits; for
   regression it is the signed residual ``y - prediction`` when the model
-  gives one output per record: under the shadows' randomness it is close to Gaussian, as LiRA's
-  fits assume, where the squared error is skewed (chi-square), and a member's
-  mean residual is pulled towards 0 from either side, which the per-record
-  means capture. It is taken in the target's units (each model's prediction
-  mapped back with the target mean and deviation it trained under: a shadow's
-  are its own rows'). A regression model with several outputs per record (its
-  own loss reads them) gets minus its per-example loss instead.
+  gives one output per record: under the shadows' randomness it is close to
+  Gaussian, as LiRA's fits assume, where the squared error is skewed
+  (chi-square), and a member's mean residual is pulled towards 0 from
+  either side, which the per-record means capture. It is taken in the
+  target's units (each model's prediction mapped back with the target mean
+  and deviation it trained under: a shadow's are its own rows'). A
+  regression model with several outputs per record (its own loss reads
+  them) gets minus its per-example loss instead.
 
 What the red team needs is what a site has, together: the run folder (its
 configuration, final model and privacy plan) and the sites' data. A

@@ -1,9 +1,10 @@
 """``consortium report RUN_DIR [--compare RUN_DIR ...]``: one self-contained HTML file a partner can read.
 
 For each run, side by side when several are given: what the run was (data,
-protections, warnings), whether its transcript verifies, accuracy per round
-(the consortium's, from the secure sums, and each site's own where the site
-kept it), epsilon spent per site per round (recomputed from the privacy
+protections, warnings, the task), whether its transcript verifies, the
+task's headline metric per round (accuracy, or a regression's MSE: the
+consortium's, from the secure sums, and each site's own where the site kept
+it), epsilon spent per site per round (recomputed from the privacy
 events the sites signed), and the red team's findings from ``audit.json``:
 ROC curves of the membership attacks on log axes against the ceiling the
 run's epsilon sets, and the other attacks' tables.
