@@ -179,3 +179,17 @@ def test_a_regression_report_renders_every_plot_in_headless_chromium(regression_
     assert plots and rendered, dom[:500]
     # the MSE per round, epsilon per site and the ROC curves, each laid out with a real size
     assert int(plots.group(1)) == 3 and int(rendered.group(1)) == 3
+
+
+def test_inversion_scores_a_record_with_missing_values_against_what_the_model_read():
+    from consortium.data import Table
+    from consortium.redteam.inversion import InversionSettings, run_inversion
+
+    table = load_builtin("breast-cancer")
+    X = table.X.copy()
+    X[np.random.default_rng(0).random(len(X)) < 0.3, 0] = np.nan  # a third of the records miss their first feature
+    X[:, 1] = np.nan  # and every record its second: the model reads the consortium's mean there
+    holey = Table(X, table.y, table.feature_names, table.classes, imputed=tuple(table.feature_names[:2]))
+    r = run_inversion(holey, consortium.load_task("classification"), batch_size=1, seed=0,
+                      settings=InversionSettings(steps=50, restarts=1))
+    assert np.isfinite(r.mean_quality) and np.isfinite(r.baseline) and r.labels_exact is True

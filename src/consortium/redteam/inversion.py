@@ -528,7 +528,10 @@ def run_inversion(
     seen = np.average(np.stack(updates), axis=0, weights=weights).astype(np.float32)
     ModelAdapter(model).set_vector(start)  # the attacker holds the global model the sites started from
 
-    low, high = np.nanmin(table.X, axis=0), np.nanmax(table.X, axis=0)
+    with np.errstate(all="ignore"):  # a wholly missing feature: its box is the mean the model reads
+        present = ~np.isnan(table.X)
+        low = np.where(present.any(axis=0), np.where(present, table.X, np.inf).min(axis=0), mean).astype(np.float32)
+        high = np.where(present.any(axis=0), np.where(present, table.X, -np.inf).max(axis=0), mean).astype(np.float32)
     began = time.perf_counter()
     labels = None if regression else recover_labels(model, seen, n_guess, lr=lr, probe=mean)
     guess = invert_update(
@@ -538,6 +541,8 @@ def run_inversion(
     seconds = time.perf_counter() - began
 
     truth_X, truth_y = table.X[rows[0]], table.y[rows[0]]
+    # A missing value is what the model read in its place, the consortium's mean (``DataShape.standardize``).
+    truth_X = np.where(np.isnan(truth_X), mean.astype(truth_X.dtype), truth_X)
     random_guess = low + (high - low) * rng.random((n_guess, table.n_features))
     mean_guess = np.broadcast_to(mean, (batch_size, table.n_features))
     is_image = table.image_shape is not None
