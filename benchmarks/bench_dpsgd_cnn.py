@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from consortium.learning.specs import TrainSettings
 from consortium.privacy.dpsgd import secure_generator, train_dp_sgd
 
-BATCH, WARMUP, ROUNDS, STEPS = 256, 2, 5, 4
+BATCH, WARMUP, ROUNDS, STEPS = 256, 1, 5, 3
 OPACUS_MODES = ("hooks", "functorch", "ew", "ghost")
 
 
