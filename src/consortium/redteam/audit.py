@@ -21,6 +21,7 @@ import torch
 
 from consortium.config import BaselineConfig, IncidentConfig
 from consortium.data.datasets import concat_tables
+from consortium.errors import ModelError
 from consortium.privacy.dpsgd import secure_generator
 from consortium.protocol.task import data_shape
 from consortium.redteam.canary import (
@@ -132,7 +133,10 @@ def inversion_section(target: Target, options: AuditOptions) -> dict[str, Any]:
         if noise is not None:
             cases.append(("one site, run's DP", {"sites": 1, "noise_multiplier": noise[0], "clip": noise[1]}))
         for observer, kwargs in cases:
-            r = run_inversion(table, task, shape=shape, batch_size=batch, seed=options.seed, **kwargs)
+            try:
+                r = run_inversion(table, task, shape=shape, batch_size=batch, seed=options.seed, **kwargs)
+            except ModelError as exc:  # e.g. label recovery on a study's model with no final linear bias
+                return {"task": task.name, "skipped": f"the attack cannot read this task's model: {exc}"}
             rows.append({
                 "observer": observer, "batch_size": batch, "metric": r.metric, "quality": r.mean_quality,
                 "baseline": r.baseline, "random_baseline": r.random_baseline, "gain": r.gain,

@@ -207,6 +207,8 @@ def _membership(mia: dict[str, Any], privacy: dict[str, Any]) -> str:
 
 
 def _inversion(section: dict[str, Any]) -> str:
+    if "skipped" in section:
+        return f"<p class=muted>not run: {html.escape(section['skipped'])}</p>"
     unit = "dB PSNR" if section["metric"] == "psnr" else "mean error (sd), lower is better"
     rows = [
         [html.escape(r["observer"]), str(r["batch_size"]), f"{r['quality']:.2f}", f"{r['baseline']:.2f}",
