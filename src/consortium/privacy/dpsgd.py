@@ -118,36 +118,24 @@ def fast_path_supported(model: nn.Module) -> bool:
     return all(id(p) in owned for p in model.parameters() if p.requires_grad)
 
 
-def _per_example_conv_weight_grads(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> tuple[str, torch.Tensor]:
-    """Each example's Conv2d weight gradient: ("offsets", [kh * kw, batch, out, in]) or ("per", [batch, out, in * kh * kw]).
+def _per_example_conv_weight_grads(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Each example's Conv2d weight gradient, [batch, out, in * kh * kw], from one convolution backward.
 
-    The weight gradient of a convolution is the correlation of its (padded)
-    input with its output gradient. With stride 1 and enough input channels,
-    each kernel offset's share is one batched matrix product of the output
-    gradient with a shifted window of the flattened padded input (a view: no
-    unfolded copy of the input is made), and the result stays by offset.
-    Otherwise the batch goes in the group dimension of one grouped
-    convolution, which computes every example's at once.
+    The batch is read as one image whose channels are every example's
+    channels side by side (a view: nothing is copied), convolved with
+    ``groups=batch``: group b sees only example b's input channels and output
+    gradient, so the weight gradient of group b, which a grouped convolution
+    keeps apart, is example b's. The oneDNN kernel computes all of them in one
+    call, several times faster than batched matrix products or unfolded
+    patches on a CPU.
     """
     batch, c_in = a.shape[:2]
     out = g.shape[1]
-    kh, kw = m.kernel_size
-    ph, pw = m.padding  # a tuple: string paddings take the vmap path
-    padded = F.pad(a, (pw, pw, ph, ph))
-    if m.stride == (1, 1) and c_in >= 8:
-        (dh, dw), (hp, wp), (ho, wo) = m.dilation, padded.shape[2:], g.shape[2:]
-        flat = padded.reshape(batch, c_in, hp * wp)
-        span = ho * wp - dw * (kw - 1)  # the last output gradient that is not padding, + 1 (windows stay in bounds)
-        g_wide = F.pad(g, (0, wp - wo)).reshape(batch, out, ho * wp)[:, :, :span]
-        per = torch.empty(kh * kw, batch, out, c_in, dtype=g.dtype, device=g.device)
-        for i in range(kh):
-            for j in range(kw):
-                off = i * dh * wp + j * dw
-                torch.bmm(g_wide, flat[:, :, off : off + span].transpose(1, 2), out=per[i * kw + j])
-        return "offsets", per
-    kernels = g.reshape(batch * out, 1, *g.shape[2:])
-    corr = F.conv2d(padded.transpose(0, 1), kernels, groups=batch, stride=m.dilation, dilation=m.stride)[:, :, :kh, :kw]
-    return "per", corr.reshape(c_in, batch, out, kh * kw).permute(1, 2, 0, 3).reshape(batch, out, c_in * kh * kw)
+    grads = torch.nn.grad.conv2d_weight(
+        a.reshape(1, batch * c_in, *a.shape[2:]), (batch * out, c_in, *m.kernel_size),
+        g.reshape(1, batch * out, *g.shape[2:]), m.stride, m.padding, m.dilation, groups=batch,
+    )
+    return grads.view(batch, out, -1)
 
 
 def _conv_by_gram(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> bool:
@@ -194,7 +182,7 @@ def _conv_gram_norms(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Te
 
 def _layer_pieces(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[str, tuple[str, torch.Tensor]]:
     """One layer's per-example gradients, by parameter name, as (kind, tensor): "per" [batch, *shape];
-    "offsets" [kh * kw, batch, out, in] (a convolution's weight); or "ghost", the output gradient of a Linear
+    "ghost", the output gradient of a Linear
     weight on 2-D inputs, whose per-example gradient g_i a_i^T is never formed; "sequence", the same on
     [batch, positions, features] inputs (norm: sum_{t,s} (g_t . g_s)(a_t . a_s)); or "gram", the output gradient
     of a convolution whose per-example norms come from Gram matrices (:func:`_conv_gram_norms`)."""
@@ -208,7 +196,7 @@ def _layer_pieces(m: nn.Module, a: torch.Tensor, g: torch.Tensor) -> dict[str, t
             return {"weight": ("sequence", g3), "bias": ("per", g3.sum(dim=1))}
         return {"weight": ("per", torch.bmm(g3.transpose(1, 2), a3)), "bias": ("per", g3.sum(dim=1))}
     if isinstance(m, nn.Conv2d):
-        weight = ("gram", g) if _conv_by_gram(m, a, g) else _per_example_conv_weight_grads(m, a, g)
+        weight = ("gram", g) if _conv_by_gram(m, a, g) else ("per", _per_example_conv_weight_grads(m, a, g))
         return {"weight": weight, "bias": ("per", g.sum(dim=(2, 3)))}
     # The norms: y = x_hat * w + b, so dL/dw = the sum over positions of g * x_hat, and dL/db that of g.
     if isinstance(m, nn.GroupNorm):  # per channel (dim 1); positions: the dims after it
@@ -288,8 +276,6 @@ def clipped_sum_fast(
             elif kind == "sequence":
                 a3 = a.reshape(batch, -1, a.shape[-1])
                 sq += torch.bmm(t, t.transpose(1, 2)).mul_(torch.bmm(a3, a3.transpose(1, 2))).flatten(1).sum(dim=1)
-            elif kind == "offsets":  # (one offset at a time: a norm over several strided dims loses float32 digits)
-                sq += torch.linalg.vector_norm(t.flatten(2), dim=2).square().sum(dim=0)
             else:
                 sq += torch.linalg.vector_norm(t.flatten(1), dim=1).square()
             pieces[prefix + pname] = (kind, t, a, m)
@@ -305,9 +291,6 @@ def clipped_sum_fast(
             elif kind == "gram":  # one batched weight gradient of the clipped output gradients
                 scaled = t * factor.view(-1, *([1] * (t.dim() - 1)))
                 summed[k] = torch.nn.grad.conv2d_weight(a, p.shape, scaled, m.stride, m.padding, m.dilation, m.groups)
-            elif kind == "offsets":  # [offset, batch, out, in] -> the weight's [out, in, kh, kw]
-                per_offset = torch.matmul(factor, t.flatten(2))  # [offset, out * in]: no copy of t
-                summed[k] = per_offset.view(t.shape[0], *t.shape[2:]).permute(1, 2, 0).reshape(p.shape)
             else:
                 summed[k] = (factor @ t.flatten(1)).view_as(p)
     return summed, float(total.detach())
