@@ -61,6 +61,14 @@ class CsvSiteConfig(_Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+class TaskSiteConfig(_Strict):
+    """A simulated site whose data the task loads itself (``Task.load``) from ``path``: a folder of images,
+    an array, anything the task reads."""
+
+    name: SiteName
+    path: Path
+
+
 class DataConfig(_Strict):
     dataset: str = "breast-cancer"
     sites: int | None = Field(None, ge=1, le=10_000)
@@ -68,12 +76,16 @@ class DataConfig(_Strict):
     split: SplitConfig = SplitConfig()
     synthetic: SyntheticConfig = SyntheticConfig()
     csv_sites: list[CsvSiteConfig] | None = None
+    task_sites: list[TaskSiteConfig] | None = None  # dataset 'task': each site's path, read by the task's load
 
     @field_validator("dataset")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v != "csv" and v not in BUILTIN_DATASETS:
-            raise ValueError(f"unknown dataset '{v}': choose one of {', '.join(BUILTIN_DATASETS)}, or 'csv' with csv_sites")
+        if v not in ("csv", "task") and v not in BUILTIN_DATASETS:
+            raise ValueError(
+                f"unknown dataset '{v}': choose one of {', '.join(BUILTIN_DATASETS)}, 'csv' with csv_sites, "
+                "or 'task' with task_sites (the task loads each site's data)"
+            )
         return v
 
     @model_validator(mode="after")
@@ -86,6 +98,14 @@ class DataConfig(_Strict):
                 raise ValueError(f"csv_sites names must be unique, found {names}")
         elif self.csv_sites:
             raise ValueError("csv_sites is only read when dataset is 'csv'")
+        if self.dataset == "task":
+            if not self.task_sites:
+                raise ValueError("dataset 'task' needs task_sites: a list of {name, path} per site, read by the task's load")
+            names = [s.name for s in self.task_sites]
+            if len(set(names)) != len(names):
+                raise ValueError(f"task_sites names must be unique, found {names}")
+        elif self.task_sites:
+            raise ValueError("task_sites is only read when dataset is 'task'")
         if self.dataset in REGRESSION_DATASETS and "partition" not in self.model_fields_set:
             # label skew needs classes: a built-in regression dataset is split IID unless the config says how
             object.__setattr__(self, "partition", PartitionConfig(kind="iid"))
@@ -95,6 +115,8 @@ class DataConfig(_Strict):
     def n_sites(self) -> int:
         if self.csv_sites:
             return len(self.csv_sites)
+        if self.task_sites:
+            return len(self.task_sites)
         return self.sites if self.sites is not None else 3
 
 
@@ -299,6 +321,7 @@ DATASET_DEFAULTS: dict[str, tuple[ModelSpec, TrainSettings]] = {
     "digits": (ModelSpec(kind="mlp", hidden=(128,)), TrainSettings(epochs=1, batch_size=16, lr=0.05)),
     "synthetic-hospitals": (ModelSpec(kind="mlp", hidden=(32,)), TrainSettings(epochs=1, batch_size=32, lr=0.05)),
     "csv": (ModelSpec(kind="mlp", hidden=(32,)), TrainSettings(epochs=1, batch_size=32, lr=0.05)),
+    "task": (ModelSpec(kind="mlp", hidden=(32,)), TrainSettings(epochs=1, batch_size=32, lr=0.05)),
     "diabetes": (ModelSpec(kind="mlp", hidden=(16,)), TrainSettings(epochs=1, batch_size=16, lr=0.05)),
 }
 

@@ -102,8 +102,8 @@ def dashboard_link(
 
 def join(
     kit_dir: Annotated[Path, typer.Argument(metavar="KIT", help="this site's kit folder (from consortium init)")],
-    data: Annotated[Path, typer.Option(help="this site's CSV; it never leaves this machine")],
-    schema: Annotated[Path, typer.Option(help="the agreed data schema the CSV follows")],
+    data: Annotated[Path, typer.Option(help="this site's CSV (or what its task's load reads); it never leaves this machine")],
+    schema: Annotated[Path | None, typer.Option(help="the agreed data schema the CSV follows (not for a task that loads its data)")] = None,
     state: Annotated[Path | None, typer.Option(help="this site's state folder, its privacy ledger (default: KIT/state)")] = None,
     seed: Annotated[int, typer.Option(min=0, help="seed of this site's splits and training (the run's seed reproduces a simulation)")] = 0,
     test_seed: Annotated[

@@ -63,7 +63,7 @@ class CrashingSite(Site):
 def build_site(
     kit: Kit,
     data: Path,
-    schema: Path,
+    schema: Path | None,
     *,
     state: Path | None = None,
     seed: int = 0,
@@ -80,8 +80,8 @@ def build_site(
 
     Args:
         kit: the site's kit (its identity key, the signed agreement, its own ``policy.yaml`` if any).
-        data: the site's CSV.
-        schema: the CSV's schema file.
+        data: the site's CSV, or what its task's ``load`` reads (a folder of images, an array file).
+        schema: the CSV's schema file (None only for a task that loads its data itself).
         state: the site's state folder (default: ``state/`` in the kit's folder).
         seed: the run's seed: the site's splits and training seed are drawn from it and its name.
         test_seed: test mode only (not private): makes the site's privacy noise reproducible.
@@ -108,9 +108,17 @@ def build_site(
     policy = load_policy(policy_file, agreement) if policy_file.exists() else None
     if policy is not None and policy.site != kit.member:
         raise ConfigError(f"{policy_file}: the policy is for site '{policy.site}', not '{kit.member}': fix its site field")
-    data_schema = load_schema(schema)
-    table = read_csv(data, data_schema)
-    study = load_task(task if task is not None else ("classification" if table.classes else "regression"))
+    study = load_task(task) if task is not None else None
+    if study is not None and study.loads_data:  # the study's own reader, on this machine's own files
+        if incoming is not None:
+            raise ConfigError("--incoming is read against a schema: a task that loads its own data has none")
+        table = study.load(data)
+    elif schema is None:
+        raise ConfigError("give --schema, the agreed schema the CSV follows (only a task that loads its data needs none)")
+    else:
+        table = read_csv(data, load_schema(schema))
+    if study is None:
+        study = load_task("classification" if table.classes else "regression")
     split_rng, _ = site_randomness(seed, kit.member)
     splits = split_table(table, split_rng, validation=split.validation, test=split.test)
     identity = load_member_key(agreement, None, kit.member, file=kit.folder / "identity.key")
@@ -131,5 +139,6 @@ def build_site(
         make=Site if crash_at is None else functools.partial(CrashingSite, crash_at=crash_at),
     )
     if incoming is not None:  # the records that reached the site since training: its drift check's input
-        site.observe(read_csv(incoming, data_schema))
+        assert schema is not None
+        site.observe(read_csv(incoming, load_schema(schema)))
     return site

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from consortium.data import Table
 from consortium.errors import ConfigError
 from consortium.learning.models import Standardize
 from consortium.learning.specs import ModelSpec, TrainSettings
@@ -143,6 +144,25 @@ class Task:
     def training_targets(self, y: torch.Tensor, shape: DataShape) -> torch.Tensor:
         """The targets the model trains on, from a site's labels (default: as they are)."""
         return y
+
+    def load(self, path: Path) -> Table:
+        """Read one site's data from ``path`` (a folder of images, an array file, anything the study keeps),
+        at the site, from the path in the site's own configuration; never from the coordinator.
+
+        Optional: a task without it reads a CSV against the agreed schema. Return a ``Table`` (float32
+        features, one row per record, ``image_shape`` set for images; int64 class indices with ``classes``,
+        or float32 targets with no classes for a regression): ``consortium.data.load_image_folder`` and
+        ``load_image_array`` read images of any size.
+
+        Raises:
+            DataError: the data cannot be read (one line naming the file and the fix).
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not load data itself: give each site a CSV and a schema")
+
+    @property
+    def loads_data(self) -> bool:
+        """Whether this task reads its sites' data itself (it defines ``load``)."""
+        return type(self).load is not Task.load
 
     def train(
         self, model: nn.Module, X: torch.Tensor, y: torch.Tensor, settings: TrainSettings, *,
@@ -253,11 +273,14 @@ def _import(where: str) -> object:
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
+        sys.path.insert(0, str(path.parent))  # as for a script: the file may import the modules beside it
         try:
             spec.loader.exec_module(module)
         except Exception as exc:
             del sys.modules[name]
             raise ConfigError(f"task file '{where}' failed to import ({type(exc).__name__}: {exc}): fix that file") from None
+        finally:
+            sys.path.remove(str(path.parent))
         return module
     try:
         return importlib.import_module(where)

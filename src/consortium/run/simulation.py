@@ -40,7 +40,7 @@ from consortium.governance.agreement import Agreement, load_member_key
 from consortium.governance.policy import SitePolicy, load_policy
 from consortium.learning.models import standardisation
 from consortium.learning.specs import TrainSettings
-from consortium.learning.task import DataShape, EvalOptions, Task, build_task_model
+from consortium.learning.task import DataShape, EvalOptions, Task, build_task_model, load_task
 from consortium.run.orchestrator import CoordinatorRun, RunResult, run_folder, signed_agreement
 from consortium.run.plan import RunPlan, plan_run
 from consortium.run.session import finite_metrics
@@ -54,16 +54,17 @@ from consortium.audit.verify import AGREEMENT_FILE
 from consortium.transport import InProcessTransport
 
 
-def site_splits(config: SimulationConfig) -> dict[str, Splits]:
-    """Each simulated site's train / validation / test split: the ones its ``Site`` trains and tests on."""
+def site_splits(config: SimulationConfig, task: Task | None = None) -> dict[str, Splits]:
+    """Each simulated site's train / validation / test split: the ones its ``Site`` trains and tests on
+    (``task``: the study's task, which reads the data of a ``dataset: task`` config; default: the config's)."""
     split = config.data.split
     return {
         name: split_table(table, site_randomness(config.seed, name)[0], validation=split.validation, test=split.test)
-        for name, table in site_datasets(config).items()
+        for name, table in site_datasets(config, task).items()
     }
 
 
-def site_datasets(config: SimulationConfig) -> dict[str, Table]:
+def site_datasets(config: SimulationConfig, task: Task | None = None) -> dict[str, Table]:
     """Each simulated site's full table, keyed by site name: the same for the same config."""
     data = config.data
     rng = np.random.default_rng(np.random.SeedSequence([config.seed, 0xDA7A]))
@@ -72,6 +73,15 @@ def site_datasets(config: SimulationConfig) -> dict[str, Table]:
         schemas = {s.name: load_schema(s.schema_file) for s in data.csv_sites}
         common = check_schemas(schemas)
         return {s.name: read_csv(s.csv, common) for s in data.csv_sites}
+    if data.dataset == "task":  # each site's data as the study's task reads it
+        assert data.task_sites is not None
+        if task is None and config.task is None:
+            raise ConfigError("dataset 'task' has each site's data read by the task's load: name the task (task: module:Class)")
+        task = task or load_task(config.task, config.model)  # type: ignore[arg-type]
+        if not task.loads_data:
+            raise ConfigError(f"dataset 'task' needs a task that loads data, and {task.name} defines no load(path): "
+                              "define it, or give csv_sites")
+        return {s.name: task.load(s.path) for s in data.task_sites}
     k = data.n_sites
     if data.dataset == "synthetic-hospitals":
         spec = SyntheticHospitals(**data.synthetic.model_dump())
@@ -156,7 +166,7 @@ class Simulation(CoordinatorRun):
     ) -> None:
         drop_seq, self._base_seq = np.random.SeedSequence(config.seed).spawn(2)
         # Held by the harness only for the simulation-only baselines; each Site gets its own.
-        self._splits = site_splits(config)
+        self._splits = site_splits(config, task)
         names = list(self._splits)
         sample = self._splits[names[0]].train
         self.n_classes = len(sample.classes)
