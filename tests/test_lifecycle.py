@@ -500,3 +500,28 @@ def test_a_deployed_consortium_promotes_and_reports_drift_through_the_sites_own_
     incidents = _kinds(run, "drift_incident")
     assert [e.author for e in incidents] == ["site-3"] and incidents[0].body["features"] == [train.feature_names[1]]
     assert verify_run(run).lineage.open_incidents.keys() == {"site-3"}
+
+
+def test_a_regressions_lifecycle_judges_its_own_metrics(tmp_path):
+    """A regression run's canary and rollout read the task's metrics (MSE, R^2) from secure sums; tolerances
+    that name a classification's metric are refused before anything is evaluated."""
+    text = _agreement_text(**{"tolerances: {accuracy: 0.02, ece: 0.05}": "tolerances: {mse: 200.0, r2: 0.05}"})
+    agreement = signed_agreement(tmp_path, text, [COORDINATOR, *SITES, "watcher"])
+    config = SimulationConfig.model_validate({
+        "rounds": 4, "data": {"dataset": "diabetes", "sites": 4}, "participation": {"min_sites": 2},
+        "baselines": {"local_only": False, "pooled": False}, "privacy": {"test_seed": 1},
+        "agreement": {"file": str(agreement), "keys": str(tmp_path / "keys")},
+    })
+    run = tmp_path / "run"
+    assert run_simulation(config, out=run).summary["status"] == "completed"
+    lc = simulated(run, tmp_path / "keys")
+    assert lc.promote("v1").outcome == "production"
+    v2 = lc.register(_perturbed(lc.registry.tensors("v1"), 0.5), parent="v1", by="site-3")
+    promotion = lc.promote(v2.id)
+    assert promotion.outcome == "rejected"
+    verdict = [e for e in _kinds(run, "model_evaluation") if e.body["version"] == v2.id][-1]
+    assert {"mse", "r2"} <= set(verdict.body["candidate_metrics"]) and "mse" in {f["metric"] for f in verdict.body["failed"]}
+    assert verify_run(run).status == "completed"
+    lc.terms = lc.terms.model_copy(update={"tolerances": {"accuracy": 0.02}})
+    with pytest.raises(LifecycleError, match="tolerances name accuracy, which a regression does not measure"):
+        lc._check_measured()

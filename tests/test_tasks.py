@@ -207,6 +207,13 @@ class Linear(RegressionTask):
 
     def model(self, shape):
         return torch.nn.Sequential(shape.standardize(), torch.nn.Linear(shape.n_features, 1))
+
+
+class Normed(RegressionTask):
+    """BatchNorm: one record's output depends on the others in its batch."""
+
+    def model(self, shape):
+        return torch.nn.Sequential(torch.nn.Linear(shape.n_features, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
 '''
 
 
@@ -228,6 +235,13 @@ def test_a_task_named_by_file_in_the_config_runs_from_the_command_line(tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "task file 'nowhere/study.py' does not exist" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "bad-run").exists()
+    # A study model that mixes the examples of a batch is refused under record-level DP: exit 2, one line, the fix.
+    normed = tmp_path / "normed.yaml"
+    normed.write_text(config.read_text().replace(":Linear", ":Normed"))
+    proc = _cli("simulate", str(normed), "--out", str(tmp_path / "normed-run"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "module '1' (BatchNorm1d) mixes the examples of a batch" in proc.stderr and "GroupNorm" in proc.stderr
+    assert not (tmp_path / "normed-run").exists()
 
 
 # -- helpers -------------------------------------------------------------------------

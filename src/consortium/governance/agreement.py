@@ -96,8 +96,16 @@ LIFECYCLE_METRICS: dict[str, str] = {
     "demographic_parity_gap": "lower",
     "equalized_odds_gap": "lower",
     "shift_accuracy": "higher",
+    "mse": "lower",  # a regression's
+    "rmse": "lower",
+    "mae": "lower",
+    "r2": "higher",
 }
-LifecycleMetric = Literal["accuracy", "auc", "loss", "ece", "demographic_parity_gap", "equalized_odds_gap", "shift_accuracy"]
+#: The metrics only a regression measures (the rest only a classification).
+REGRESSION_METRICS = frozenset({"mse", "rmse", "mae", "r2"})
+LifecycleMetric = Literal[
+    "accuracy", "auc", "loss", "ece", "demographic_parity_gap", "equalized_odds_gap", "shift_accuracy", "mse", "rmse", "mae", "r2",
+]
 
 
 class DriftTerms(_Strict):

@@ -53,7 +53,7 @@ from consortium.crypto import keys
 from consortium.data import Table, load_schema, read_csv
 from consortium.data.schema import schema_of
 from consortium.errors import ConfigError, ConsortiumError
-from consortium.governance.agreement import Agreement, load_member_key
+from consortium.governance.agreement import REGRESSION_METRICS, Agreement, load_member_key
 from consortium.governance.policy import SitePolicy
 from consortium.governance.roles import Roles
 from consortium.learning.adapter import ModelAdapter
@@ -320,8 +320,13 @@ class Lifecycle:
         })
 
     def _check_measured(self) -> None:
-        ev = self.config.evaluation
+        ev, target = self.config.evaluation, self.plan.task.target
         for metric in self.terms.tolerances:
+            if (metric in REGRESSION_METRICS) != (target == "regression"):
+                raise LifecycleError(
+                    f"the agreement's tolerances name {metric}, which a {target} does not measure: "
+                    f"name the task's metrics ({'mse, mae, r2' if target == 'regression' else 'accuracy, auc, loss, ece'})"
+                )
             if metric.endswith("_gap") and ev.sensitive_feature is None:
                 raise LifecycleError(
                     f"the agreement's tolerances name {metric}, which this run does not measure: "
