@@ -15,8 +15,9 @@ default thread count. One step is timed end to end, exactly 256 examples:
 
 Every contender runs WARMUP untimed steps, then ROUNDS timed runs of STEPS
 steps each (one ``train_dp_sgd(steps=STEPS)`` call for ours), the contenders
-taking turns (so a slow spell of a shared machine hits them all alike); the
-median run is reported as examples per second.
+taking turns, each round starting one contender later than the last (so a
+slow spell of a shared machine hits them all alike, and none always runs
+after the same neighbour); the median run is reported as examples per second.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from torch.nn import functional as F
 from consortium.learning.specs import TrainSettings
 from consortium.privacy.dpsgd import secure_generator, train_dp_sgd
 
-BATCH, WARMUP, ROUNDS, STEPS = 256, 1, 5, 3
+BATCH, WARMUP, ROUNDS, STEPS = 256, 1, 12, 1
 OPACUS_MODES = ("hooks", "functorch", "ew", "ghost")
 
 
@@ -132,8 +133,9 @@ def main() -> list[tuple[str, float, str]]:
                 failed[name] = _why(exc)
                 runs.pop(name, None)
         times: dict[str, list[float]] = {name: [] for name in runs}
-        for _ in range(ROUNDS):
-            for name, run in list(runs.items()):
+        for turn in range(ROUNDS):
+            order = list(runs.items())
+            for name, run in order[turn % len(order):] + order[: turn % len(order)]:
                 try:
                     t0 = time.perf_counter()
                     run(STEPS)
@@ -144,7 +146,7 @@ def main() -> list[tuple[str, float, str]]:
     rate = {name: BATCH * STEPS / statistics.median(t) for name, t in times.items()}
     base, mine = rate["non-private SGD"], rate["consortium DP-SGD"]
     rows: list[tuple[str, float, str]] = [(
-        f"torch threads (CPU; batch {BATCH} of 3x32x32; median of {ROUNDS} runs of {STEPS} steps)",
+        f"torch threads (CPU; batch {BATCH} of 3x32x32; median of {ROUNDS} runs of {STEPS} step{'s' * (STEPS > 1)})",
         float(torch.get_num_threads()), "",
     )]
     for name, r in rate.items():
