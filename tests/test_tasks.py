@@ -272,3 +272,12 @@ def _params(spec):
     from consortium.wire import Tensor
 
     return Tensor.from_numpy(ModelAdapter(build_model(load_task(spec.task), spec)).get_vector())
+
+
+def test_simulate_takes_the_task_first_and_refuses_one_whose_source_no_site_could_check(tmp_path):
+    namespace: dict = {"__name__": "__main__"}
+    exec(compile("import consortium, torch\nclass Typed(consortium.RegressionTask):\n"  # as at an interactive prompt
+                 "    def model(self, shape):\n        return torch.nn.Linear(shape.n_features, 1)\n", "<stdin>", "exec"), namespace)
+    with pytest.raises(ConfigError, match="source of task .*Typed cannot be read"):
+        consortium.simulate(namespace["Typed"](), rounds=1, data={"dataset": "diabetes", "sites": 3}, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -87,7 +87,7 @@ def _config(config: SimulationConfig | str | Path | Mapping[str, Any] | None, ov
 
 
 def simulate(
-    config: SimulationConfig | str | Path | Mapping[str, Any] | None = None,
+    config: SimulationConfig | str | Path | Mapping[str, Any] | Task | None = None,
     *,
     task: Task | str | None = None,
     out: str | Path | None = None,
@@ -100,7 +100,8 @@ def simulate(
 
     Args:
         config: a ``SimulationConfig``, the path of a YAML config (``examples/simulate.yaml``
-            documents every key), a mapping of the same keys, or ``None`` for the defaults.
+            documents every key), a mapping of the same keys, or ``None`` for the defaults; or the
+            task itself (``simulate(MyTask(), data=...)``: the defaults and the overrides).
         task: the study's task: a ``Task`` (a subclass of ``ClassificationTask`` or ``RegressionTask``:
             its model, loss, training step and evaluation), or its name as a config gives it
             (``"regression"``, ``"my_study.tasks:Chest"``, ``"path/to/tasks.py:Chest"``); default: the
@@ -126,6 +127,12 @@ def simulate(
     from consortium.protocol.task import build_model
     from consortium.run.simulation import Simulation
 
+    from consortium.learning.task import Task
+
+    if isinstance(config, Task):
+        if task is not None:
+            raise ConfigError("simulate was given two tasks: pass the task either first or as task=, not both")
+        config, task = None, config
     if isinstance(task, str):
         overrides = {**overrides, "task": task}
         task = None

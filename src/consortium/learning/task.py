@@ -292,11 +292,24 @@ def _import(where: str) -> object:
 
 def task_identity(task: Task) -> dict[str, str]:
     """What the manifest names of a task and each site endorses: its name and the SHA-256 of the exact bytes
-    of the source file that defines its class, read now (a changed byte is another task)."""
-    path = inspect.getsourcefile(type(task))
-    if path is None:
-        raise ConfigError(f"the task {task.name} has no source file on this machine: define it in a .py file")
-    return {"name": task.name, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+    of the source file that defines its class, read now (a changed byte is another task); for a class
+    defined in a notebook cell, which has no file, of the class's source text.
+
+    Raises:
+        ConfigError: the class's source cannot be read (defined at an interactive prompt).
+    """
+    cls = type(task)
+    try:  # the class's own text, found where its module says it is (a file, or a notebook cell)
+        source = inspect.getsource(cls)
+        path = inspect.getsourcefile(cls)
+    except (OSError, TypeError):
+        raise ConfigError(
+            f"the source of task {task.name} cannot be read, so no site could check it: define the task in a .py file "
+            "or a notebook cell"
+        ) from None
+    if path is not None and Path(path).is_file():
+        return {"name": task.name, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+    return {"name": task.name, "sha256": hashlib.sha256(source.encode()).hexdigest(), "source": "class"}
 
 
 def build_task_model(task: Task, shape: DataShape, seed: int = 0) -> nn.Module:

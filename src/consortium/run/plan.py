@@ -29,7 +29,7 @@ from consortium.governance.guard import epsilon_cap
 from consortium.governance.policy import SitePolicy
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.strategies import Strategy, strategy_from_config
-from consortium.learning.task import DataShape, Task, build_task_model, load_task
+from consortium.learning.task import DataShape, Task, build_task_model, load_task, task_identity
 from consortium.privacy import ddg
 from consortium.privacy.accountant import calibrate_noise, calibrate_site_noise
 from consortium.privacy.dpsgd import require_per_example, secure_numpy_generator
@@ -100,11 +100,13 @@ def run_task(config: SimulationConfig, sample: Table, task: Task | None = None) 
     checked against the data: a classification's labels are classes, a regression's are numbers.
 
     Raises:
-        ConfigError: the task cannot be loaded, or its target is not the data's.
+        ConfigError: the task cannot be loaded, its source cannot be read (no site could check it), or its
+            target is not the data's.
     """
     if task is None:
         assert config.task is not None
         task = load_task(config.task, config.model)
+    task_identity(task)  # what the manifest will name: refused now, before the run has a folder
     regression = not sample.classes
     if (task.target == "regression") != regression:
         label = "numbers" if regression else "classes"
