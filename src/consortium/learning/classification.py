@@ -86,7 +86,6 @@ class ClassificationTask(Task):
 
     target = "classification"
     headline = "accuracy"
-    higher_is_better = True
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(outputs, targets, reduction="none")

@@ -71,7 +71,6 @@ class RegressionTask(Task):
 
     target = "regression"
     headline = "mse"
-    higher_is_better = False
 
     def loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return (outputs.reshape(-1) - targets.reshape(-1).to(outputs.dtype)) ** 2
@@ -81,15 +80,19 @@ class RegressionTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, X: torch.Tensor, y: torch.Tensor, shape: DataShape, options: EvalOptions) -> np.ndarray:
+        """The sums over the standardised target and prediction: every entry stays within the secure
+        sum's fixed-point range whatever the target's units (``summarise`` scales the metrics back)."""
         model.eval()
         out = model(X).reshape(-1).numpy().astype(np.float64) if len(X) else np.zeros(0)
-        return statistics(out * shape.target_scale + shape.target_mean, y.numpy())
+        return statistics(out, self.training_targets(y, shape).numpy().astype(np.float64))
 
     def statistics_length(self, shape: DataShape) -> int:
         return len(FIELDS)
 
     def summarise(self, total: np.ndarray, shape: DataShape, *, groups: bool = False, shift: bool = False) -> Evaluation:
-        return Evaluation(metrics(total), {})
+        s = shape.target_scale
+        unit = {"mse": s * s, "rmse": s, "mae": s, "r2": 1.0, "mean_mse": s * s}  # back to the target's units
+        return Evaluation({k: v * unit[k] for k, v in metrics(total).items()}, {})
 
     def no_better_than_constant(self, metrics: dict[str, float]) -> str | None:
         mse, mean_mse = metrics.get("mse"), metrics.get("mean_mse")

@@ -49,8 +49,6 @@ from consortium.learning.training import Groups, train_local
 
 #: What a task's ``target`` may be: class indices (int64) or values (float32).
 Target = Literal["classification", "regression"]
-#: A task named in a config: a built-in name, ``package.module:Class`` or ``path/to/file.py:Class``.
-TASK_REF = re.compile(r"^(?:[a-z][a-z0-9-]*|[A-Za-z0-9_./\\-]+(?:\.py)?:[A-Za-z_]\w*)$")
 
 
 @dataclass(frozen=True)
@@ -113,9 +111,8 @@ class Task:
 
     #: What the labels are: class indices (classification) or numbers (regression).
     target: ClassVar[Target]
-    #: The metric the output leads with, and whether higher is better.
+    #: The metric the output leads with (and the baselines are compared on).
     headline: ClassVar[str]
-    higher_is_better: ClassVar[bool]
 
     @property
     def name(self) -> str:
@@ -204,11 +201,6 @@ class Task:
         """This task with the built-in architecture ``spec`` names: a built-in task builds what a round's
         closed model spec says; a study's own task has its own model and ignores it (the default)."""
         return self
-
-    def describe(self, shape: DataShape) -> str:
-        """One line for the console and the report."""
-        return f"{self.name} ({self.target})"
-
 
 # ---------------------------------------------------------------------------
 # Naming and loading tasks
