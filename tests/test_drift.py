@@ -66,3 +66,15 @@ def test_check_drift_names_the_drifting_features_most_drifted_first():
         check_drift(train, y_train, incoming[:, :3], y_in, feature_names=("age", "bp", "sex", "bmi"), n_classes=2)
     with pytest.raises(DataError, match="empty"):
         psi(np.array([]), np.array([1.0]))
+
+
+def test_missing_values_and_a_regression_target_have_a_drift_of_their_own():
+    from consortium.learning.drift import label_shift, psi
+
+    rng = np.random.default_rng(0)
+    train = rng.normal(0, 1, 2000)
+    holey = train.copy()
+    holey[:600] = np.nan  # 30% missing where training had none: the values present are the same
+    assert psi(train, train) < 1e-9 and psi(train, holey) > 0.25
+    y = rng.normal(150, 50, 2000)
+    assert label_shift(y, rng.normal(150, 50, 2000), 0) < 0.05 < 0.3 < label_shift(y, rng.normal(250, 50, 2000), 0)

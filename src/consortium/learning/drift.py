@@ -33,8 +33,12 @@ DEFAULT_BINS = 10
 
 
 def bin_edges(expected: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray:
-    """Inner bin edges from the training values: their quantiles, or their distinct values when fewer."""
+    """Inner bin edges from the training values present (NaN: missing): their quantiles, or their distinct
+    values when fewer."""
     values = np.asarray(expected, dtype=np.float64)
+    values = values[~np.isnan(values)]
+    if values.size == 0:
+        return np.zeros(0)
     distinct = np.unique(values)
     if distinct.size <= bins:  # a categorical or coarse feature: one bin per value seen in training
         return (distinct[:-1] + distinct[1:]) / 2
@@ -42,9 +46,12 @@ def bin_edges(expected: np.ndarray, bins: int = DEFAULT_BINS) -> np.ndarray:
 
 
 def shares(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """The share of ``values`` in each bin that ``edges`` delimit (len(edges) + 1 bins)."""
-    counts = np.bincount(np.searchsorted(edges, np.asarray(values, dtype=np.float64), side="right"),
-                         minlength=edges.size + 1)
+    """The share of ``values`` in each bin that ``edges`` delimit (len(edges) + 1 bins), then the share
+    missing (NaN): a change in how often a value is missing is a drift too."""
+    v = np.asarray(values, dtype=np.float64)
+    missing = np.isnan(v)
+    counts = np.bincount(np.searchsorted(edges, v[~missing], side="right"), minlength=edges.size + 1)
+    counts = np.append(counts, missing.sum())
     return counts / max(counts.sum(), 1)
 
 
@@ -59,11 +66,16 @@ def psi(expected: np.ndarray, actual: np.ndarray, bins: int = DEFAULT_BINS) -> f
 
 
 def label_shift(expected: np.ndarray, actual: np.ndarray, n_classes: int) -> float:
-    """Total variation distance between the two label distributions."""
+    """Total variation distance between the two label distributions; for a regression (``n_classes`` 0),
+    between the targets' shares in the bins of the training targets' deciles."""
     if np.asarray(expected).size == 0 or np.asarray(actual).size == 0:
         raise DataError("a label-rate shift needs training and incoming labels: one side is empty")
-    p = np.bincount(expected, minlength=n_classes) / len(expected)
-    q = np.bincount(actual, minlength=n_classes) / len(actual)
+    if n_classes == 0:
+        edges = bin_edges(expected)
+        p, q = shares(expected, edges), shares(actual, edges)
+    else:
+        p = np.bincount(expected, minlength=n_classes) / len(expected)
+        q = np.bincount(actual, minlength=n_classes) / len(actual)
     return float(0.5 * np.abs(p - q).sum())
 
 
