@@ -23,6 +23,7 @@ after the same neighbour); the median run is reported as examples per second.
 from __future__ import annotations
 
 import importlib.util
+import os
 import pathlib
 import statistics
 import time
@@ -112,6 +113,7 @@ def _why(exc: Exception) -> str:
 
 
 def main() -> list[tuple[str, float, str]]:
+    load_before = os.getloadavg()[0]
     X, y = _data()
     makers: dict[str, Callable[[], Callable[[int], None]]] = {
         "non-private SGD": lambda: plain(X, y),
@@ -135,6 +137,8 @@ def main() -> list[tuple[str, float, str]]:
         times: dict[str, list[float]] = {name: [] for name in runs}
         for turn in range(ROUNDS):
             order = list(runs.items())
+            if not order:
+                break
             for name, run in order[turn % len(order):] + order[: turn % len(order)]:
                 try:
                     t0 = time.perf_counter()
@@ -143,11 +147,16 @@ def main() -> list[tuple[str, float, str]]:
                 except Exception as exc:
                     failed[name] = _why(exc)
                     del runs[name], times[name]
-    rate = {name: BATCH * STEPS / statistics.median(t) for name, t in times.items()}
+    rate = {name: BATCH * STEPS / statistics.median(t) for name, t in times.items() if t}
+    if "non-private SGD" not in rate or "consortium DP-SGD" not in rate:
+        return [(f"{name} (failed: {why})", float("nan"), "") for name, why in failed.items()]
     base, mine = rate["non-private SGD"], rate["consortium DP-SGD"]
     rows: list[tuple[str, float, str]] = [(
         f"torch threads (CPU; batch {BATCH} of 3x32x32; median of {ROUNDS} runs of {STEPS} step{'s' * (STEPS > 1)})",
         float(torch.get_num_threads()), "",
+    ), (  # the figures are only comparable on a quiet machine: say how busy it was
+        f"machine load average (1 min) before the run, then after it ({os.cpu_count()} CPUs)", load_before,
+        f"{os.getloadavg()[0]:.2f}",
     )]
     for name, r in rate.items():
         tag = "  [baseline]" if name == "non-private SGD" else ""

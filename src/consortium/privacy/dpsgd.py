@@ -119,23 +119,32 @@ def fast_path_supported(model: nn.Module) -> bool:
 
 
 def _per_example_conv_weight_grads(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Each example's Conv2d weight gradient, [batch, out, in * kh * kw], from one convolution backward.
+    """Each example's Conv2d weight gradient, [batch, out, in * kh * kw], in one convolution call.
 
-    The batch is read as one image whose channels are every example's
-    channels side by side (a view: nothing is copied), convolved with
-    ``groups=batch``: group b sees only example b's input channels and output
-    gradient, so the weight gradient of group b, which a grouped convolution
-    keeps apart, is example b's. The oneDNN kernel computes all of them in one
-    call, several times faster than batched matrix products or unfolded
-    patches on a CPU.
+    With several input channels, the batch is read as one image whose
+    channels are every example's channels side by side (a view: nothing is
+    copied), and the weight gradient of a convolution with ``groups=batch`` is
+    taken: group b sees only example b's input channels and output gradient,
+    so its weight gradient is example b's. oneDNN computes them all in one
+    call, about twice as fast as batched matrix products on a CPU. With few
+    input channels (an image's first layer) that kernel can stall for seconds
+    on a busy machine, so the roles are swapped instead: each example's
+    output gradient becomes a group's kernel, correlated with its padded input.
     """
     batch, c_in = a.shape[:2]
     out = g.shape[1]
-    grads = torch.nn.grad.conv2d_weight(
-        a.reshape(1, batch * c_in, *a.shape[2:]), (batch * out, c_in, *m.kernel_size),
-        g.reshape(1, batch * out, *g.shape[2:]), m.stride, m.padding, m.dilation, groups=batch,
-    )
-    return grads.view(batch, out, -1)
+    kh, kw = m.kernel_size
+    if c_in >= 8:
+        grads = torch.nn.grad.conv2d_weight(
+            a.reshape(1, batch * c_in, *a.shape[2:]), (batch * out, c_in, kh, kw),
+            g.reshape(1, batch * out, *g.shape[2:]), m.stride, m.padding, m.dilation, groups=batch,
+        )
+        return grads.view(batch, out, -1)
+    ph, pw = m.padding  # a tuple: string paddings take the vmap path
+    padded = F.pad(a, (pw, pw, ph, ph)).transpose(0, 1)  # [in, batch, H, W]
+    kernels = g.reshape(batch * out, 1, *g.shape[2:])
+    corr = F.conv2d(padded, kernels, groups=batch, stride=m.dilation, dilation=m.stride)[:, :, :kh, :kw]
+    return corr.reshape(c_in, batch, out, kh * kw).permute(1, 2, 0, 3).reshape(batch, out, c_in * kh * kw)
 
 
 def _conv_by_gram(m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> bool:
