@@ -1,6 +1,6 @@
 """DP-SGD throughput on the image example's GroupNorm CNN (32x32x3, batch 256) against non-private training and Opacus.
 
-Model: ``examples/cnn32.py``'s ``group_norm_cnn()`` (3 convolutions with
+Model: ``examples/images/cnn32.py``'s ``group_norm_cnn()`` (3 convolutions with
 GroupNorm, 10 classes), on random 3x32x32 inputs, on the CPU with torch's
 default thread count. One step is timed end to end, exactly 256 examples:
 
@@ -41,7 +41,7 @@ OPACUS_MODES = ("hooks", "functorch", "ew", "ghost")
 
 
 def _cnn() -> torch.nn.Module:
-    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "cnn32.py"
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "images" / "cnn32.py"
     spec = importlib.util.spec_from_file_location("cnn32", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

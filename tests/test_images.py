@@ -227,7 +227,7 @@ def test_synthetic_shapes_defeat_a_linear_model_but_not_a_small_cnn():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # lbfgs stops early: it has no signal to converge to
         linear = LogisticRegression(max_iter=100, tol=1e-3).fit(train.X, train.y).score(test.X, test.y)
-    spec = importlib.util.spec_from_file_location("cnn32", Path(__file__).parents[1] / "examples" / "cnn32.py")
+    spec = importlib.util.spec_from_file_location("cnn32", Path(__file__).parents[1] / "examples" / "images" / "cnn32.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     torch.manual_seed(0)

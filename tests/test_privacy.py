@@ -326,7 +326,7 @@ def _cnn32():
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("cnn32", Path(__file__).parents[1] / "examples" / "cnn32.py")
+    spec = importlib.util.spec_from_file_location("cnn32", Path(__file__).parents[1] / "examples" / "images" / "cnn32.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.group_norm_cnn(in_channels=3, n_classes=3, width=8)

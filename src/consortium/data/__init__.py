@@ -8,6 +8,8 @@
   (category columns, missing values, a class or regression label), and check that
   all sites declare the same one; ``docs/schema.md`` documents the format.
 - :mod:`consortium.data.infer`: draft a schema from a CSV (``consortium schema infer``).
+- :mod:`consortium.data.images`: images of any size from a folder of PNG/JPEG files or a ``.npy`` array
+  (Pillow is loaded only when an image is read).
 """
 
 from consortium.data.datasets import (
@@ -17,6 +19,7 @@ from consortium.data.datasets import (
     load_builtin,
     synthetic_hospitals,
 )
+from consortium.data.images import load_image_array, load_image_folder, synthetic_images, write_image_folder
 from consortium.data.infer import infer_schema
 from consortium.data.partition import (
     Splits,
@@ -48,6 +51,8 @@ __all__ = [
     "infer_schema",
     "layout_table",
     "load_builtin",
+    "load_image_array",
+    "load_image_folder",
     "load_schema",
     "partition_dirichlet",
     "partition_iid",
@@ -55,7 +60,9 @@ __all__ = [
     "read_csv",
     "schema_of",
     "split_table",
+    "synthetic_images",
     "synthetic_hospitals",
     "write_csv",
+    "write_image_folder",
     "write_schema",
 ]
