@@ -48,9 +48,8 @@ def table_fingerprint(table: Table) -> str:
     layout: dict[str, object] = {
         "features": list(table.feature_names), "classes": list(table.classes), "image_shape": table.image_shape,
     }
-    imputed = getattr(table, "imputed", ())
-    if imputed:  # only where declared, so that a table without missing values keeps its fingerprint
-        layout["imputed"] = list(imputed)
+    if table.imputed:  # only where declared, so that a table without missing values keeps its fingerprint
+        layout["imputed"] = list(table.imputed)
     canonical = json.dumps(
         layout,
         sort_keys=True,

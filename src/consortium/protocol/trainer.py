@@ -68,7 +68,8 @@ class LocalTrainer(Protocol):
             model: the site's model; ``model.module`` is the ``torch.nn.Module``
                 holding the global parameters, ``model.get_vector()`` its flat
                 float32 parameters (take it before training to form the delta).
-            X, y: this site's training split (features, integer labels).
+            X, y: this site's training split: its features, and the task's training targets
+                (``Task.training_targets``: class indices, or a regression's standardised target).
             settings: the round's training settings (epochs, batch size, optimiser, learning rate).
             privacy: the round's privacy event, as the site will pay for it in its ledger:
                 ``None`` (no DP), a ``SiteLevelEvent`` (the site clips what you return) or a
