@@ -317,3 +317,44 @@ def test_a_site_refuses_to_join_under_an_agreement_not_everyone_signed(local, tm
     (kit / "agreement.yaml.signatures.json").write_text(json.dumps(signatures))
     _one_line_error(_cli("join", str(kit), "--data", str(local.data("site-2")), "--schema", str(local.schema)),
                     "'site-3' has not signed it")
+
+
+STUDY = '''
+import torch
+from torch.nn import functional as F
+from consortium import ClassificationTask
+
+
+class Weighted(ClassificationTask):
+    """A study's own model and class-weighted loss."""
+
+    def model(self, shape):
+        return torch.nn.Sequential(shape.standardize(), torch.nn.Linear(shape.n_features, 6), torch.nn.Tanh(),
+                                   torch.nn.Linear(6, shape.n_classes))
+
+    def loss(self, outputs, targets):
+        return F.cross_entropy(outputs, targets, weight=torch.tensor([1.5, 1.0]), reduction="none")
+'''
+
+
+def test_a_deployed_run_trains_the_studys_task_from_each_sites_own_copy(local, tmp_path):
+    """The config names a study's task file; the coordinator and every site process load their own copy of it
+    (``consortium join --task``), the manifest names its hash, and the run ends with the task's model."""
+    (tmp_path / "study.py").write_text(STUDY)
+    ref = f"{tmp_path / 'study.py'}:Weighted"
+    raw, config_file = _config(local, tmp_path, task=ref, rounds=2)
+    run_dir = tmp_path / "served"
+    with open(tmp_path / "coordinator.err", "wb") as coordinator_err:
+        procs = launch(local, config_file, run_dir, seed=0, test_seed=7, serve_args=("--json",),
+                       join_args={s: ("--task", ref) for s in SITES}, stdout=subprocess.PIPE, stderr=coordinator_err,
+                       logs=tmp_path / "logs", state=tmp_path / "state")
+    try:
+        out = _summary_line(procs.coordinator)
+        twin = run_simulation(SimulationConfig.model_validate(raw), out=tmp_path / "twin")
+    finally:
+        procs.stop()
+    summary = json.loads(out)
+    assert summary["status"] == "completed", (tmp_path / "coordinator.err").read_text()[-2000:]
+    assert summary["task"]["name"] == ref and summary["model"]["kind"] == "Weighted"
+    served, simulated = _model(run_dir), _model(tmp_path / "twin")
+    assert all(np.array_equal(served[k], simulated[k]) for k in served)  # the same model as the simulated twin
