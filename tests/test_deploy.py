@@ -296,17 +296,21 @@ def _one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
 def test_wrong_kits_and_absent_sites_are_one_line_errors(local, tmp_path):
     _, config_file = _config(local, tmp_path)
     schema = str(local.schema)
-    site_kit, kit_joins, no_data, absent = _cli_side_by_side(
+    site_kit, kit_joins, no_data, absent, no_layout, no_schema = _cli_side_by_side(
         ("serve", str(local.kit("site-1")), "--config", str(config_file), "--schema", schema),
         ("join", str(local.kit(COORDINATOR)), "--data", str(local.data("site-1")), "--schema", schema),
         ("join", str(local.kit("site-1")), "--data", str(tmp_path / "nowhere.csv"), "--schema", schema),
         ("serve", str(local.kit(COORDINATOR)), "--config", str(config_file), "--schema", schema,
          "--port", "0", "--wait-for-sites", "1", "--out", str(tmp_path / "never")),
+        ("serve", str(local.kit(COORDINATOR)), "--config", str(config_file), "--out", str(tmp_path / "never-2")),
+        ("join", str(local.kit("site-1")), "--data", str(local.data("site-1"))),
     )
     _one_line_error(site_kit, "kit of site 'site-1'", "serve with the coordinator's kit")
     _one_line_error(kit_joins, "kit of coordinator", "only a site's kit joins")
     _one_line_error(no_data, "nowhere.csv' does not exist")
     _one_line_error(absent, "site-1, site-2, site-3 did not connect within 1 s", "consortium join")
+    _one_line_error(no_layout, "give the data's layout: --schema", "--sample PATH")
+    _one_line_error(no_schema, "give --schema, the agreed schema the CSV follows")
 
 
 def test_a_site_refuses_to_join_under_an_agreement_not_everyone_signed(local, tmp_path):
@@ -358,3 +362,48 @@ def test_a_deployed_run_trains_the_studys_task_from_each_sites_own_copy(local, t
     assert summary["task"]["name"] == ref and summary["model"]["kind"] == "Weighted"
     served, simulated = _model(run_dir), _model(tmp_path / "twin")
     assert all(np.array_equal(served[k], simulated[k]) for k in served)  # the same model as the simulated twin
+
+
+def test_a_deployed_image_study_plans_from_a_sample_and_each_site_reads_its_own_folder(tmp_path):
+    """The image example deployed: the coordinator plans from a sample of generated images in the sites'
+    layout (--sample, read by the task's load: it keeps no record), each site process reads its own PNG
+    folder through its own copy of the task, and the run completes under secure aggregation and DP."""
+    from consortium.data import synthetic_images, write_image_folder
+    from consortium.deploy.local import free_port
+
+    repo = __import__("pathlib").Path(__file__).resolve().parents[1]
+    ref = f"{repo / 'examples' / 'images' / 'task.py'}:Shapes"
+    pool = synthetic_images(120, size=32, n_classes=2, seed=1)
+    folders = {}
+    for i, site in enumerate(SITES):  # each site's own images, in its own folder
+        folders[site] = tmp_path / "images" / site
+        write_image_folder(pool.take(np.arange(i * 30, (i + 1) * 30)), folders[site])
+    write_image_folder(pool.take(np.arange(90, 100)), tmp_path / "sample")  # the coordinator's layout sample
+    # Kits and a signed agreement (provision_local also writes CSVs, which this study does not read).
+    local = provision_local(tmp_path / "c", {s: load_builtin("breast-cancer").take(np.arange(20)) for s in SITES},
+                            consortium="images", port=free_port(), terms={"min_cohort": 2})
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "task": ref, "rounds": 1, "seed": 0, "data": {"dataset": "task"}, "participation": {"min_sites": 3},
+        "training": {"epochs": 1, "batch_size": 32, "optimizer": "sgd", "lr": 0.5, "momentum": 0.0},
+        "privacy": {"test_seed": 7, "epsilon": 8.0, "sampling_rate": 0.5},
+    }))
+    cli = [sys.executable, "-m", "consortium.cli"]
+    with open(tmp_path / "coordinator.err", "wb") as err:
+        coordinator = subprocess.Popen(
+            [*cli, "serve", str(local.kit(COORDINATOR)), "--config", str(config), "--sample", str(tmp_path / "sample"),
+             "--out", str(tmp_path / "served"), "--port", str(local.port), "--json"], stdout=subprocess.PIPE, stderr=err)
+    sites = [subprocess.Popen([*cli, "join", str(local.kit(s)), "--data", str(folders[s]), "--task", ref, "--test-seed", "7",
+                               "--state", str(tmp_path / "state" / s)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for s in SITES]
+    try:
+        line = _summary_line(coordinator)
+    finally:
+        for proc in [coordinator, *sites]:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert line, (tmp_path / "coordinator.err").read_text()[-2000:]
+    summary = json.loads(line)
+    assert summary["status"] == "completed" and summary["transcript"]["verified"]
+    assert summary["task"]["name"] == ref and summary["secure_aggregation"]["enabled"] and summary["privacy"]["level"] == "record"

@@ -98,10 +98,8 @@ class DataConfig(_Strict):
                 raise ValueError(f"csv_sites names must be unique, found {names}")
         elif self.csv_sites:
             raise ValueError("csv_sites is only read when dataset is 'csv'")
-        if self.dataset == "task":
-            if not self.task_sites:
-                raise ValueError("dataset 'task' needs task_sites: a list of {name, path} per site, read by the task's load")
-            names = [s.name for s in self.task_sites]
+        if self.dataset == "task":  # deployed, each site names its own path (join --data): no task_sites
+            names = [s.name for s in self.task_sites or []]
             if len(set(names)) != len(names):
                 raise ValueError(f"task_sites names must be unique, found {names}")
         elif self.task_sites:

@@ -40,7 +40,10 @@ def init(
 
 def serve(
     kit_dir: Annotated[Path, typer.Argument(metavar="KIT", help="the coordinator's kit folder (from consortium init)")],
-    schema: Annotated[Path, typer.Option(help="the agreed data schema every site's CSV follows")],
+    schema: Annotated[Path | None, typer.Option(help="the agreed data schema every site's CSV follows")] = None,
+    sample: Annotated[
+        Path | None, typer.Option(help="instead of --schema, for a task that loads its sites' data: examples in their layout (public or generated) its load reads; only the layout is kept")
+    ] = None,
     config_file: Annotated[
         Path | None, typer.Option("--config", help="the run's config: model, training, privacy, rounds")
     ] = None,
@@ -71,9 +74,10 @@ def serve(
     if recover is not None and (config_file is not None or out is not None):
         raise ConfigError("--recover continues a run under the config it recorded, in its folder: drop --config and --out")
     served = ServedRun(
-        load_kit(kit_dir), None if config_file is None else load_config(config_file), load_schema(schema),
-        out=recover if recover is not None else out, recover=recover is not None, state_url=state_url,
-        host=host, port=port, stage_timeout_s=stage_timeout, pickup_timeout_s=pickup_timeout, dashboard_port=dashboard_port,
+        load_kit(kit_dir), None if config_file is None else load_config(config_file),
+        None if schema is None else load_schema(schema), sample=sample,
+        out=recover if recover is not None else out, recover=recover is not None, state_url=state_url, host=host, port=port,
+        stage_timeout_s=stage_timeout, pickup_timeout_s=pickup_timeout, dashboard_port=dashboard_port,
     )
     err_console.print(f"coordinator listening on https://{host}:{port or served.kit.port}, waiting for {', '.join(served.names)}")
     served.start(wait_for_sites_s=wait_for_sites)

@@ -18,15 +18,18 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from consortium.config import AgreementConfig, SimulationConfig, load_config
 from consortium.crypto import keys
-from consortium.data import DataSchema, layout_table, load_schema
+from consortium.data import DataSchema, Table, layout_table, load_schema
 from consortium.deploy.dashboard import Board, Snapshot, create_dashboard_app, head_status
 from consortium.deploy.mailbox import Mailbox
 from consortium.deploy.provision import Kit
 from consortium.deploy.service import HttpsServer, create_app
 from consortium.errors import ConfigError
 from consortium.governance.agreement import Agreement, load_agreement, load_member_key
+from consortium.learning.task import load_task
 from consortium.deploy.state import CoordinatorState
 from consortium.run.orchestrator import CoordinatorRun, RunResult, signed_agreement
 from consortium.run.plan import plan_run
@@ -56,6 +59,25 @@ def directory_of(agreement: Agreement) -> dict[str, bytes]:
     return out
 
 
+def served_layout(config: SimulationConfig, schema: DataSchema | None, sample: Path | None) -> Table:
+    """The data's layout (no rows) the coordinator plans from: the agreed schema's, or that of a sample the
+    config's task reads (a task that loads its sites' data itself: images, arrays).
+
+    Raises:
+        ConfigError: neither or both are given, or the task does not read data itself.
+    """
+    if (schema is None) == (sample is None):
+        raise ConfigError("give the data's layout: --schema (the agreed CSV schema) or --sample PATH (what the task's load reads)")
+    if schema is not None:
+        return layout_table(schema)
+    task = load_task(config.task or "classification", config.model)
+    if not task.loads_data:
+        raise ConfigError(f"--sample is read by the task's load, and {task.name} defines none: give --schema")
+    assert sample is not None
+    table = task.load(sample)
+    return table.take(np.zeros(0, dtype=np.int64))  # the layout only: the coordinator keeps no record
+
+
 class ServedRun(CoordinatorRun):
     """A run whose sites are separate processes, polling this coordinator's HTTPS service."""
 
@@ -63,8 +85,9 @@ class ServedRun(CoordinatorRun):
         self,
         kit: Kit,
         config: SimulationConfig | None,
-        schema: DataSchema,
+        schema: DataSchema | None,
         *,
+        sample: Path | None = None,
         out: Path | None = None,
         recover: bool = False,
         state_url: str | None = None,
@@ -76,7 +99,10 @@ class ServedRun(CoordinatorRun):
         dashboard_port: int | None = None,
     ) -> None:
         """A new run in ``out`` (default: a fresh folder under runs/), or with ``recover`` the run in
-        ``out`` that a stopped coordinator left, under the config it recorded."""
+        ``out`` that a stopped coordinator left, under the config it recorded. The data's layout comes
+        from the agreed ``schema`` (CSV sites), or, for a task that reads its sites' data itself, from
+        ``sample``: data in the sites' layout (public or generated examples) that the task's ``load``
+        reads, of which only the layout is kept."""
         if kit.role != "coordinator":
             raise ConfigError(f"{kit.folder} is the kit of {kit.role} '{kit.member}': serve with the coordinator's kit")
         self.kit = kit
@@ -98,7 +124,7 @@ class ServedRun(CoordinatorRun):
         config = config.model_copy(update={"agreement": AgreementConfig(file=agreement_file, keys=kit.folder)})
         agreement = signed_agreement(config)
         assert agreement is not None
-        plan = plan_run(config, sample=layout_table(schema), names=agreement.sites(), agreement=agreement)
+        plan = plan_run(config, sample=served_layout(config, schema, sample), names=agreement.sites(), agreement=agreement)
         identity = load_member_key(agreement, None, COORDINATOR, file=kit.folder / "identity.key")
         directory = directory_of(agreement)
         assert directory[COORDINATOR] == keys.ed25519_public_bytes(identity.public_key())

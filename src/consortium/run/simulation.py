@@ -74,7 +74,8 @@ def site_datasets(config: SimulationConfig, task: Task | None = None) -> dict[st
         common = check_schemas(schemas)
         return {s.name: read_csv(s.csv, common) for s in data.csv_sites}
     if data.dataset == "task":  # each site's data as the study's task reads it
-        assert data.task_sites is not None
+        if not data.task_sites:
+            raise ConfigError("dataset 'task' needs task_sites to simulate: a list of {name, path} per site, read by the task's load")
         if task is None and config.task is None:
             raise ConfigError("dataset 'task' has each site's data read by the task's load: name the task (task: module:Class)")
         task = task or load_task(config.task, config.model)  # type: ignore[arg-type]
