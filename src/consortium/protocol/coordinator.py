@@ -299,12 +299,9 @@ class Coordinator:
 
     def _session_length(self, st: PhaseState) -> int:
         """The length of the vectors a phase's secure session sums (setup: from the first ready site's schema)."""
-        if st.phase == "fit":
-            length = self._expected_length("fit")
-            assert length is not None
+        length = self._expected_length(st.phase)
+        if length is not None:  # fit and evaluate
             return length
-        if st.phase == "evaluate":
-            return self.task_def.statistics_length(data_shape(self._task()))
         first = self._setup_replies[sorted(st.ready)[0]]
         return c.setup_length(len(first.feature_names), regression=not first.classes)
 

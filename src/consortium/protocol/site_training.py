@@ -215,10 +215,11 @@ class Training:
             shifted = X + torch.from_numpy(noise.astype(np.float32))
         shape = data_shape(msg.task)
         vector = self._task.evaluate(module, X, y, shape, EvalOptions(groups=groups, shifted=shifted))
-        if vector.shape != (self._task.statistics_length(shape),):
+        length = self._task.statistics_length(shape)
+        if vector.shape != (length,):
             raise ModelError(
                 f"{self._task.name}.evaluate returned {vector.shape} values where statistics_length gives "
-                f"{self._task.statistics_length(shape)}: return one fixed-length vector of sums"
+                f"{length}: return one fixed-length vector of sums"
             )
         n = int(X.shape[0])
         if self._journal is not None and n and msg.purpose == "round":

@@ -227,7 +227,10 @@ class CoordinatorRun:
                 "rounds_completed": sum(r.status == "ok" for r in history),
                 "rounds_skipped": sum(r.status == "skipped" for r in history),
             },
-            "task": {**task_identity(self.plan.task), "target": self.plan.task.target, "headline": self.plan.task.headline},
+            # the task as the manifest named it and every site endorsed it (not read again: its file may have changed)
+            "task": {
+                **transcript.writer.entries[0].body["task"], "target": self.plan.task.target, "headline": self.plan.task.headline,
+            },
             "model": {  # a study's own model is its task's: its kind is the task's class
                 "kind": config.model.kind if ":" not in self.plan.task.name else type(self.plan.task).__name__,
                 "parameters": adapter.size, "layout_hash": adapter.layout_hash,
