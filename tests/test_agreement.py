@@ -41,8 +41,8 @@ def test_the_hash_changes_with_any_change():
     ("{artefact: masked_update, to: [coordinator]}", "{artefact: raw_rows, to: [coordinator]}", 15, "exposure.0.artefact"),
     ("{artefact: masked_update, to: [coordinator]}", "{artefact: masked_update, to: [coordinator, observer]}", 15, "coordinator only"),
     ("{name: a, role: site}", "{name: b, role: site}", 8, "'b' appears twice"),
-    ("resume_quorum: 3", "resume_quorum: 9", 31, "exceeds the 4 approvers"),
-    ("rounds: 20", "rounds: 20\nsurprise: true", 31, "surprise"),
+    ("resume_quorum: 3", "resume_quorum: 9", 32, "exceeds the 4 approvers"),
+    ("rounds: 20", "rounds: 20\nsurprise: true", 32, "surprise"),
 ])
 def test_a_malformed_agreement_names_the_file_line_and_problem(old, new, line, message):
     with pytest.raises(ConfigError) as exc:

@@ -172,8 +172,9 @@ def test_the_fresh_key_forgery_is_caught_by_a_sites_own_record_of_the_heads_it_c
 def test_the_genuine_run_verifies_against_every_anchor(consortium):
     anchors = [agreement_anchor(consortium["agreement"]), *(state_anchor(consortium["states"] / s) for s in SITES)]
     report = verify_run(consortium["run"], anchors=anchors)
-    assert len(report.anchored_by) == 2 + len(SITES)
-    assert all("extends all" in line for line in report.anchored_by[2:])
+    assert len(report.anchored_by) == 3 + len(SITES)  # the agreement, its task, the keys, each site's record
+    assert "the task is the built-in classification" in report.anchored_by[1]
+    assert all("extends all" in line for line in report.anchored_by[3:])
 
 
 def test_another_runs_heads_do_not_anchor_this_run(consortium):

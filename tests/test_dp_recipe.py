@@ -44,9 +44,13 @@ def _final(seed: int, tmp_path, **keys) -> dict[str, float]:
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_a_dp_run_on_small_hospitals_ends_better_than_the_constant_predictor(seed, tmp_path):
-    """Five hospitals of 100 patients, epsilon 8: the default recipe beats the label frequencies' log-loss,
-    and the old one (clip 1, momentum 0.9) on the same data and noise does not: the test can fail."""
+    """Five hospitals of 100 patients, epsilon 8: the default recipe beats the label frequencies' log-loss."""
     ours = _final(seed, tmp_path)
     assert ours["loss"] < ours["constant_loss"]
-    old = _final(seed, tmp_path, training={"momentum": 0.9}, privacy={"clip": 1.0})
+
+
+def test_the_old_recipe_on_the_same_data_and_noise_does_not(tmp_path):
+    """Clip 1 and momentum 0.9 (the defaults before) on seed 0's data and noise: worse than the constant, so
+    the test above can fail."""
+    old = _final(0, tmp_path, training={"momentum": 0.9}, privacy={"clip": 1.0})
     assert old["loss"] > old["constant_loss"]

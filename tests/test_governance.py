@@ -99,7 +99,7 @@ def test_policy_commands_write_check_and_refuse_with_exit_2(tmp_path):
     out.write_text(out.read_text().replace("max_epsilon: 8.0", "max_epsilon: 12.0"))
     bad = cli("policy", "check", str(out), "--agreement", str(ag))
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert len(bad.stderr.strip().splitlines()) == 1 and "site-1.yaml line 7: max_epsilon: 12 is looser" in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and "site-1.yaml line 9: max_epsilon: 12 is looser" in bad.stderr
 
 
 # -- the guard: each rule allows and refuses --------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 from torch.nn import functional as F
 
 import consortium
+from consortium.learning.identity import task_code
 from consortium.audit.verify import read_entries, verify_run
 from consortium.config import SimulationConfig
 from consortium.data import load_builtin, schema_of, write_csv, write_schema
@@ -109,9 +110,9 @@ def test_a_studys_loss_reaches_dp_sgd_and_the_manifest_names_its_code(tmp_path):
     )
     assert result.summary["privacy"]["level"] == "record" and Weighted.calls > 0
     manifest = read_entries(tmp_path / "run")[0].body
-    assert manifest["task"] == {
-        "name": f"{Weighted.__module__}:Weighted", "sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
-    }
+    code = task_code(f"{__file__}:Weighted")  # this file, the modules beside it it imports, their distributions
+    assert manifest["task"] == {"name": f"{Weighted.__module__}:Weighted", "sha256": code.sha256, "code": "package"}
+    assert "test_tasks.py" in code.files and "conftest.py" in code.files and "torch" in code.dependencies
     assert result.verify().status == "completed"
     assert result.metrics["accuracy"] > 0.8 and "majority_accuracy" in result.metrics
 

@@ -135,6 +135,7 @@ def check_anchor(
         if unsigned:
             raise VerificationError(f"{anchor.holder} is not approved: {', '.join(unsigned)} did not sign it, so it anchors nothing")
         proved.append(f"the run is held to {anchor.holder}, signed by its approvers ({', '.join(signed)})")
+        proved.append(_check_task(manifest.get("task"), anchor))
     if anchor.keys:
         for name, member in members.items():
             if anchor.keys.get(name) != member.get("public_key"):
@@ -164,6 +165,25 @@ def check_anchor(
         else:
             proved.append(f"{anchor.holder} holds no head of this run: it did not co-sign it")
     return proved
+
+
+def _check_task(task: dict[str, str] | None, anchor: Anchor) -> str:
+    """The task the manifest names (and every member endorsed) must be one the anchored agreement accepts:
+    a study's by its code's hash, or a built-in (the framework's own code, pinned by ``code_sha256``)."""
+    assert anchor.agreement is not None
+    if not task:
+        return "the run names no task: it trained the built-in classifier"
+    name, sha = str(task.get("name")), str(task.get("sha256"))
+    if task.get("code") == "framework":
+        if ":" in name:  # a built-in's name is a bare word; a study's names its module or file
+            raise VerificationError(f"the manifest passes off task {name} as a built-in: it is a study's code")
+        return f"the task is the built-in {name}: the framework's own code"
+    if sha not in {t.sha256 for t in anchor.agreement.tasks}:
+        raise VerificationError(
+            f"the manifest names task {name} with code {sha[:16]}..., which {anchor.holder} does not accept: "
+            "the sites were made to run, or the transcript claims, code the consortium never agreed to"
+        )
+    return f"the task every member endorsed ({name}, code {sha[:16]}...) is one {anchor.holder} accepts"
 
 
 def run_signatures(run_dir: Path, agreement_file: str) -> dict[str, str]:

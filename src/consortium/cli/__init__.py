@@ -14,6 +14,7 @@ One module per command group; this one builds the app from them, in the order
 - ``deploy``: init, serve, dashboard-link, join
 - ``models``: models, and rollback at the top level
 - ``schema``: schema infer (draft a site's data schema from its CSV)
+- ``task``: task hash, approve, list (a study's code, pinned by hash, approved by each site)
 - ``common``: the consoles, shared options and the error handler
 
 Commands import heavy modules (torch and the like) inside the function, so
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import typer
 
-from consortium.cli import agreement, audit, deploy, models, privacy, run, schema
+from consortium.cli import agreement, audit, deploy, models, privacy, run, schema, task
 from consortium.cli.common import HALTED_EXIT, err_console, out_console, run_app
 
 __all__ = ["HALTED_EXIT", "app", "err_console", "main", "out_console"]
@@ -56,6 +57,7 @@ app.command()(audit.report)
 app.add_typer(models.models_app, name="models")
 app.command("rollback")(models.models_rollback)  # consortium rollback: the same command, at the top level
 app.add_typer(schema.schema_app, name="schema")
+app.add_typer(task.task_app, name="task")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -43,11 +43,13 @@ KitOpt = Annotated[
     Path | None, typer.Option("--kit", help="a deployed run: the coordinator's kit; it serves, and the sites' agents join")
 ]
 SchemaOpt = Annotated[Path | None, typer.Option("--schema", help="with --kit: the agreed data schema")]
+SampleOpt = Annotated[Path | None, typer.Option(
+    "--sample", help="with --kit, instead of --schema: examples in the sites' layout, read by the task's load")]
 WaitOpt = Annotated[float, typer.Option("--wait-for-sites", min=1, help="with --kit: seconds to wait for every site's agent")]
 
 
 @contextmanager
-def _reopened(run_dir: Path, keys: Path | None, kit: Path | None, schema: Path | None, wait: float,
+def _reopened(run_dir: Path, keys: Path | None, kit: Path | None, layout: tuple[Path | None, Path | None], wait: float,
               incoming: list[str] | None = None) -> Iterator[Any]:
     """The run reopened for the lifecycle: simulated (every member's key at hand) or by its deployed coordinator."""
     from consortium.run.lifecycle import open_lifecycle, read_incoming
@@ -64,11 +66,10 @@ def _reopened(run_dir: Path, keys: Path | None, kit: Path | None, schema: Path |
     from consortium.deploy.provision import load_kit
     from consortium.deploy.serve import serve_lifecycle
 
-    if schema is None:
-        raise ConfigError("--kit needs --schema: the agreed data schema the sites' data follows")
     if incoming:
         raise ConfigError("--incoming names a simulated site's records: a deployed site reads its own (consortium join --incoming CSV)")
-    with serve_lifecycle(load_kit(kit), run_dir, schema, wait_for_sites_s=wait) as lc:
+    schema, sample = layout
+    with serve_lifecycle(load_kit(kit), run_dir, schema, sample=sample, wait_for_sites_s=wait) as lc:
         err_console.print(f"every site joined: {', '.join(lc.names)}")
         yield lc
 
@@ -133,13 +134,13 @@ def models_register(
     model: Annotated[Path, typer.Option("--model", help="a .safetensors file with the run's layout and standardisation")],
     parent: Annotated[str, typer.Option("--parent", help="the version it was trained from")],
     by: Annotated[str, typer.Option("--by", help="the member who brings it in")] = "coordinator",
-    keys: SimKeysOpt = None, kit: KitOpt = None, schema: SchemaOpt = None, wait: WaitOpt = 120.0,
+    keys: SimKeysOpt = None, kit: KitOpt = None, schema: SchemaOpt = None, sample: SampleOpt = None, wait: WaitOpt = 120.0,
 ) -> None:
     """Register a model trained from a version (fine-tuned, say) as a new candidate."""
     from consortium.run.lifecycle import read_model_file
 
     tensors = read_model_file(model)
-    with _reopened(run_dir, keys, kit, schema, wait) as lc:
+    with _reopened(run_dir, keys, kit, (schema, sample), wait) as lc:
         if lc.agreement.role_of(by) is None:
             raise ConfigError(f"'{by}' is not a member of the agreement: name the member who brings the model in")
         v = lc.register(tensors, parent=parent, by=by)
@@ -152,13 +153,13 @@ StagesOpt = Annotated[int | None, typer.Option("--stages", min=1, help="run only
 @models_app.command("promote")
 def models_promote(
     run_dir: RunArg, version: VersionArg, stages: StagesOpt = None, as_json: JsonOpt = False,
-    keys: SimKeysOpt = None, kit: KitOpt = None, schema: SchemaOpt = None, wait: WaitOpt = 120.0,
+    keys: SimKeysOpt = None, kit: KitOpt = None, schema: SchemaOpt = None, sample: SampleOpt = None, wait: WaitOpt = 120.0,
 ) -> None:
     """Canary evaluation, then production in the agreement's stages with monitoring after each.
 
     Exits 0 when the version ends in production, 1 when the canary rejects it or monitoring rolls it back.
     """
-    with _reopened(run_dir, keys, kit, schema, wait) as lc, err_console.status(f"promoting {version}: canary evaluation"):
+    with _reopened(run_dir, keys, kit, (schema, sample), wait) as lc, err_console.status(f"promoting {version}: canary evaluation"):
         promotion = lc.promote(version, stages=stages)
     _print_promotion(promotion, as_json)
 
@@ -166,10 +167,10 @@ def models_promote(
 @models_app.command("advance")
 def models_advance(
     run_dir: RunArg, stages: StagesOpt = None, as_json: JsonOpt = False,
-    keys: SimKeysOpt = None, kit: KitOpt = None, schema: SchemaOpt = None, wait: WaitOpt = 120.0,
+    keys: SimKeysOpt = None, kit: KitOpt = None, schema: SchemaOpt = None, sample: SampleOpt = None, wait: WaitOpt = 120.0,
 ) -> None:
     """Take the production version's rollout on from the stage it reached, with monitoring after each stage."""
-    with _reopened(run_dir, keys, kit, schema, wait) as lc, err_console.status("advancing the rollout"):
+    with _reopened(run_dir, keys, kit, (schema, sample), wait) as lc, err_console.status("advancing the rollout"):
         promotion = lc.advance(stages=stages)
     _print_promotion(promotion, as_json)
 
@@ -210,14 +211,14 @@ MemberOpt = Annotated[str, typer.Option("--member", help="who demands it: a coor
 @models_app.command("rollback")
 def models_rollback(
     run_dir: RunArg, to: ToOpt, reason: ReasonOpt, member: MemberOpt = "coordinator",
-    keys: SimKeysOpt = None, kit: KitOpt = None, schema: SchemaOpt = None, wait: WaitOpt = 120.0,
+    keys: SimKeysOpt = None, kit: KitOpt = None, schema: SchemaOpt = None, sample: SampleOpt = None, wait: WaitOpt = 120.0,
 ) -> None:
     """Restore an earlier production version everywhere, signed by the member who demands it."""
     from consortium.governance.agreement import load_member_key
 
     if kit is not None and member != "coordinator":
         raise ConfigError("the deployed coordinator signs only its own demands: a site or auditor halts the run (consortium halt)")
-    with _reopened(run_dir, keys, kit, schema, wait) as lc:
+    with _reopened(run_dir, keys, kit, (schema, sample), wait) as lc:
         if lc.agreement.role_of(member) is None:
             raise ConfigError(f"'{member}' is not a member of the agreement: name the member who demands the rollback")
         key = load_member_key(lc.agreement, keys, member) if keys is not None else None
@@ -235,10 +236,10 @@ def models_monitor(
     incoming: Annotated[
         list[str] | None, typer.Option("--incoming", help="SITE=FILE.csv: the records that reached a simulated site since training (repeatable)")
     ] = None,
-    keys: SimKeysOpt = None, kit: KitOpt = None, schema: SchemaOpt = None, wait: WaitOpt = 120.0,
+    keys: SimKeysOpt = None, kit: KitOpt = None, schema: SchemaOpt = None, sample: SampleOpt = None, wait: WaitOpt = 120.0,
 ) -> None:
     """Each site checks its incoming records for drift against its training records; breaches become signed incidents."""
-    with _reopened(run_dir, keys, kit, schema, wait, incoming) as lc:
+    with _reopened(run_dir, keys, kit, (schema, sample), wait, incoming) as lc:
         reports = lc.monitor()
     for e in reports:
         if e.kind == "drift_incident":

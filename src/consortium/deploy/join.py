@@ -28,6 +28,7 @@ from consortium.deploy.provision import Kit
 from consortium.deploy.serve import directory_of
 from consortium.errors import ConfigError
 from consortium.governance.agreement import load_agreement, load_member_key, read_signatures, require_approval
+from consortium.governance.approval import require_reference_approved
 from consortium.governance.guard import epsilon_cap
 from consortium.governance.policy import load_policy
 from consortium.learning.task import load_task
@@ -95,8 +96,9 @@ def build_site(
         The site, ready for its agent to connect out to the coordinator.
 
     Raises:
-        ConfigError: the kit is not a site's, the agreement is unsigned, the policy is another site's, or the
-            data, schema, key or budget is not usable.
+        ConfigError: the kit is not a site's, the agreement is unsigned, the policy is another site's, the
+            task's code is not one the agreement accepts and the site approved (or changed since: the file
+            that differs is named), or the data, schema, key or budget is not usable.
         OSError: the state folder cannot be created.
     """
     if kit.role != "site":
@@ -108,6 +110,8 @@ def build_site(
     policy = load_policy(policy_file, agreement) if policy_file.exists() else None
     if policy is not None and policy.site != kit.member:
         raise ConfigError(f"{policy_file}: the policy is for site '{policy.site}', not '{kit.member}': fix its site field")
+    if task is not None and ":" in task:  # a study's code: hashed and checked against the approvals before any of it runs
+        require_reference_approved(task, kit.member, agreement, policy)
     study = load_task(task) if task is not None else None
     if study is not None and study.loads_data:  # the study's own reader, on this machine's own files
         if incoming is not None:

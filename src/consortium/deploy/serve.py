@@ -213,13 +213,14 @@ class ServedRun(CoordinatorRun):
 
 @contextmanager
 def serve_lifecycle(
-    kit: Kit, run_dir: Path, schema: Path, *, host: str = "127.0.0.1", port: int | None = None,
+    kit: Kit, run_dir: Path, schema: Path | None, *, sample: Path | None = None, host: str = "127.0.0.1", port: int | None = None,
     wait_for_sites_s: float = 120.0, stage_timeout_s: float = 120.0, pickup_timeout_s: float = 15.0, poll_wait_s: float = 20.0,
 ) -> Iterator[Lifecycle]:
     """The deployed coordinator reopens its finished run for the model lifecycle (``consortium models ...
     --kit``): it listens, waits for every site's agent (``consortium join``), and canary, rollout, monitoring
     and rollback go over the same sealed mailbox as the rounds did. When the operation is over every site is
-    told so (410), as at the end of a run."""
+    told so (410), as at the end of a run. The data's layout comes from ``schema`` (the agreed CSV schema) or,
+    for a task that loads its own data, from ``sample`` (read by the run's task, as ``serve --sample``)."""
     from consortium.run.lifecycle import Lifecycle
 
     if kit.role != "coordinator":
@@ -227,7 +228,7 @@ def serve_lifecycle(
     agreement = load_agreement(kit.folder / "agreement.yaml")
     identity = load_member_key(agreement, None, COORDINATOR, file=kit.folder / "identity.key")
     directory = directory_of(agreement)
-    sample = layout_table(load_schema(schema))
+    layout = served_layout(load_config(run_dir / "config.yaml"), load_schema(schema) if schema is not None else None, sample)
     mailbox = Mailbox()
     server = HttpsServer(create_app(mailbox, {m.name: m.role for m in agreement.members}, poll_wait_s=poll_wait_s), kit,
                          host=host, port=port)
@@ -235,16 +236,19 @@ def serve_lifecycle(
                                  pickup_timeout_s=pickup_timeout_s)
     started = time.monotonic()
     server.start()
+    joined: list[str] = []  # the agents that connected: only they wait to be told the operation is over
     try:
         missing = mailbox.wait_seen(agreement.sites(), since=started, timeout_s=wait_for_sites_s)
+        joined = [s for s in agreement.sites() if s not in missing]
         if missing:
             raise ConfigError(
                 f"{', '.join(missing)} did not connect within {wait_for_sites_s:g} s: start each site's agent "
                 "(consortium join KIT --data CSV --schema SCHEMA), or give them longer (--wait-for-sites)"
             )
-        yield Lifecycle(run_dir, coordinator_key=identity, directory=directory, transport=transport, sample=sample)
+        yield Lifecycle(run_dir, coordinator_key=identity, directory=directory, transport=transport, sample=layout)
     finally:
         closed = time.monotonic()
         mailbox.close()
-        mailbox.wait_seen(agreement.sites(), since=closed, timeout_s=30.0)
+        if joined:
+            mailbox.wait_seen(joined, since=closed, timeout_s=30.0)
         server.stop()

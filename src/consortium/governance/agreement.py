@@ -132,6 +132,13 @@ class LifecycleTerms(_Strict):
         return stages
 
 
+class AcceptedTask(_Strict):
+    """A study's task the consortium accepts: its code, by the hash ``consortium task hash`` prints."""
+
+    name: str = Field(min_length=1, max_length=1000)  # how the config names it (for people: the hash is what counts)
+    sha256: LayoutHash  # its package's files and imported distributions (consortium.learning.identity)
+
+
 class Agreement(_Strict):
     version: Literal[1] = 1
     consortium: Name
@@ -141,6 +148,7 @@ class Agreement(_Strict):
     privacy: PrivacyRequirement
     secure_aggregation_required: bool = True
     allowed_layouts: list[LayoutHash] = []  # empty: any architecture the sites' policies accept
+    tasks: list[AcceptedTask] = []  # study tasks accepted, by code hash; empty: the built-in tasks only
     data_schema: SchemaContract | None = None
     rounds: int = Field(ge=1, le=100_000)
     resume_quorum: int = Field(ge=1)  # approvers' signatures needed to resume a halted run
@@ -288,8 +296,11 @@ def require_approval(agreement: Agreement, signatures: dict[str, str]) -> list[s
     return signed
 
 
-def check_run(agreement: Agreement, config: SimulationConfig, sites: list[str], layout_hash: str) -> None:
-    """Refuse a run whose configuration the agreement does not allow; the error names the rule and the fix."""
+def check_run(
+    agreement: Agreement, config: SimulationConfig, sites: list[str], layout_hash: str, task: dict[str, str] | None = None,
+) -> None:
+    """Refuse a run whose configuration (and ``task``, its identity as the manifest will name it) the
+    agreement does not allow; the error names the rule and the fix."""
     agreed_sites = sorted(agreement.sites())
     if sorted(sites) != agreed_sites:
         raise ConfigError(f"the run's sites {sorted(sites)} are not the agreement's {agreed_sites}")
@@ -314,6 +325,11 @@ def check_run(agreement: Agreement, config: SimulationConfig, sites: list[str], 
         raise ConfigError(
             f"the configured model (layout hash {layout_hash}) is not among the agreement's allowed_layouts: "
             "choose an allowed model, or amend the agreement (and have it signed again)"
+        )
+    if task is not None and task.get("code") != "framework" and task["sha256"] not in {t.sha256 for t in agreement.tasks}:
+        raise ConfigError(
+            f"the agreement does not accept task {task['name']} (sha256 {task['sha256'][:16]}...): add it to the "
+            "agreement's tasks (consortium task hash prints the entry), and have the agreement signed again"
         )
 
 
@@ -370,6 +386,7 @@ privacy:
   delta: 1.0e-5
 secure_aggregation_required: true
 allowed_layouts: []   # model layout hashes allowed; empty: any the sites' policies accept
+tasks: []             # study tasks accepted, by code hash (consortium task hash PATH); empty: built-in tasks only
 rounds: 20
 resume_quorum: {max(1, (len(sites) + 1) // 2 + 1)}
 {_lifecycle_template(sites)}"""
@@ -427,6 +444,14 @@ def explain(agreement: Agreement) -> str:
     lines.append(f"- No round runs with fewer than **{agreement.min_cohort}** of the {len(sites)} sites.")
     if agreement.allowed_layouts:
         lines.append(f"- Only {len(agreement.allowed_layouts)} model architecture(s), named by layout hash, may be trained.")
+    if agreement.tasks:
+        lines.append(
+            f"- Only {len(agreement.tasks)} study task(s) may run, each named by the hash of its exact code and of the "
+            "libraries it imports: " + ", ".join(f"{t.name} (`{t.sha256[:16]}…`)" for t in agreement.tasks)
+            + ". Each site runs only those it approved itself, from its own copy, and refuses any changed byte."
+        )
+    else:
+        lines.append("- Only the framework's built-in tasks may run: no study code.")
     lines.append(
         f"- At most {agreement.rounds} rounds. A halted run resumes only with {agreement.resume_quorum} approvers' signatures."
     )

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from consortium.errors import ConfigError
 from consortium.governance.agreement import Agreement, LayoutHash, Name
+from consortium.governance.approval import TaskApproval
 from consortium.yamlfile import line_of, parse_yaml, read_text, validate
 
 _HOURS = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
@@ -37,6 +38,9 @@ class SitePolicy(BaseModel):
     quiet_hours: list[HourRange] = []  # local times at which this site does not train
     timezone: str = "UTC"
     pin_model: str | None = Field(None, pattern=r"^v[1-9][0-9]*$")  # run only this model version: refuse any other
+    #: The study tasks this site runs, each its own signed approval of exact code (``consortium task approve``);
+    #: empty: none (the built-in tasks only). Only tasks the agreement accepts may be approved.
+    approved_tasks: list[TaskApproval] = []
 
     @field_validator("timezone")
     @classmethod
@@ -84,6 +88,19 @@ def _stricter(policy: SitePolicy, agreement: Agreement) -> tuple[str, str] | Non
         )
     if policy.min_cohort is not None and policy.min_cohort > len(sites):
         return "min_cohort", f"{policy.min_cohort} exceeds the agreement's {len(sites)} sites: this site could never train"
+    accepted = {t.sha256 for t in agreement.tasks}
+    key = next(m.public_key for m in agreement.members if m.name == policy.site)
+    for approval in policy.approved_tasks:
+        if approval.site != policy.site:
+            return "approved_tasks", f"the approval of {approval.task} is {approval.site}'s, not {policy.site}'s: remove it"
+        if approval.sha256 not in accepted:
+            return "approved_tasks", (
+                f"{approval.task} (sha256 {approval.sha256[:16]}...) is not among the agreement's tasks: a site may "
+                "approve only tasks the consortium accepts; remove it, or have the agreement amended"
+            )
+        problem = approval.check(key) if key is not None else "the agreement names no public key for this site"
+        if problem is not None:
+            return "approved_tasks", f"the approval of {approval.task}: {problem}; approve it again"
     return None
 
 
@@ -103,6 +120,29 @@ def load_policy(path: str | Path, agreement: Agreement) -> SitePolicy:
     return parse_policy(read_text(path, ConfigError, "site policy"), agreement, source=str(path))
 
 
+def add_approval(path: Path, approval: TaskApproval, agreement: Agreement) -> SitePolicy:
+    """Write ``approval`` into the site policy at ``path`` (a new one from ``template`` if there is none),
+    replacing any earlier approval of the same code; the file's leading comments are kept, and the new
+    policy is checked against the agreement before it replaces the old one (atomically).
+
+    Raises:
+        ConfigError: the policy or the approval does not hold against the agreement (the line and the fix).
+    """
+    from consortium.runs import write_atomic
+
+    text = read_text(path, ConfigError, "site policy") if path.exists() else template(approval.site, agreement)
+    _, raw = parse_yaml(text, str(path), ConfigError)
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a site policy is a mapping of settings: start from 'consortium policy init'")
+    kept = [a for a in raw.get("approved_tasks") or [] if not (isinstance(a, dict) and a.get("sha256") == approval.sha256)]
+    raw["approved_tasks"] = [*kept, approval.model_dump(mode="json")]
+    header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
+    new = header + yaml.safe_dump(raw, sort_keys=False, width=1000)
+    policy = parse_policy(new, agreement, source=str(path))
+    write_atomic(path, new.encode())
+    return policy
+
+
 def template(site: str, agreement: Agreement) -> str:
     """A starting policy for ``site``: the agreement's own terms, to be tightened."""
     body = {
@@ -114,11 +154,14 @@ def template(site: str, agreement: Agreement) -> str:
         "quiet_hours": [],
         "timezone": "UTC",
         "pin_model": None,
+        "approved_tasks": [],
     }
     return (
         f"# {site}'s own policy: kept at the site, never shared. It may only be stricter than the\n"
         f"# {agreement.consortium} agreement: a lower max_epsilon, a larger min_cohort, layouts refused,\n"
         "# quiet_hours (local times, e.g. 07:00-19:00 or 22:00-06:00) in which this site does not train,\n"
         "# pin_model (a version, e.g. v3): the only model version this site runs; it refuses any rollout of another.\n"
+        "# approved_tasks: the study tasks this site runs, each approved by exact code (consortium task approve);\n"
+        "# none: the built-in tasks only.\n"
         + yaml.safe_dump(body, sort_keys=False)
     )

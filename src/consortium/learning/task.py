@@ -282,14 +282,41 @@ def _import(where: str) -> object:
         ) from None
 
 
+def task_reference(task: Task) -> str | None:
+    """How ``task``'s code is found here: the reference it was loaded by, else its class's file
+    (``path/to/file.py:Class``); None for a built-in task (the framework's own code) or a class with no
+    file (a notebook cell)."""
+    ref = getattr(task, "_registered_name", None)
+    if ref is not None:
+        return ref if ":" in ref else None
+    cls = type(task)
+    try:
+        inspect.getsource(cls)  # the class is really in the file its module names (not one typed at a prompt)
+        path = inspect.getsourcefile(cls)
+    except (OSError, TypeError):
+        return None
+    if path is None or not Path(path).is_file() or cls.__module__.startswith("consortium."):
+        return None
+    return f"{path}:{cls.__qualname__}"
+
+
 def task_identity(task: Task) -> dict[str, str]:
-    """What the manifest names of a task and each site endorses: its name and the SHA-256 of the exact bytes
-    of the source file that defines its class, read now (a changed byte is another task); for a class
-    defined in a notebook cell, which has no file, of the class's source text.
+    """What the manifest names of a task and each site endorses: its name and its code's SHA-256.
+
+    A study's task: ``consortium.learning.identity.task_code`` (every file of its package and the
+    distributions it imports), read now: a changed byte or dependency is another task. A built-in task:
+    its source file in the framework (which the manifest's code hash also pins) and its name. A class defined in a
+    notebook cell, which has no file: its source text. ``"code"`` says which: ``"package"``,
+    ``"framework"`` or ``"class"``.
 
     Raises:
-        ConfigError: the class's source cannot be read (defined at an interactive prompt).
+        ConfigError: the code cannot be read or pinned (defined at an interactive prompt, a dependency missing).
     """
+    from consortium.learning.identity import task_code
+
+    ref = task_reference(task)
+    if ref is not None:
+        return {"name": task.name, "sha256": task_code(ref).sha256, "code": "package"}
     cls = type(task)
     try:  # the class's own text, found where its module says it is (a file, or a notebook cell)
         source = inspect.getsource(cls)
@@ -300,8 +327,10 @@ def task_identity(task: Task) -> dict[str, str]:
             "or a notebook cell"
         ) from None
     if path is not None and Path(path).is_file():
-        return {"name": task.name, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
-    return {"name": task.name, "sha256": hashlib.sha256(source.encode()).hexdigest(), "source": "class"}
+        # Two built-ins share a file: the name (the registered one) tells them apart.
+        source_bytes = Path(path).read_bytes() + b"\0" + task.name.encode()
+        return {"name": task.name, "sha256": hashlib.sha256(source_bytes).hexdigest(), "code": "framework"}
+    return {"name": task.name, "sha256": hashlib.sha256(source.encode()).hexdigest(), "code": "class"}
 
 
 def build_task_model(task: Task, shape: DataShape, seed: int = 0) -> nn.Module:

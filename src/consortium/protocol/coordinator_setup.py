@@ -17,7 +17,7 @@ from consortium.learning.specs import ModelSpec
 from consortium.protocol import contributions as c
 from consortium.protocol import messages as m
 from consortium.protocol.coordinator_rounds import PhaseResult
-from consortium.learning.task import Task
+from consortium.learning.task import Task, task_identity
 from consortium.protocol.task import build_model
 
 
@@ -68,6 +68,7 @@ def initial_task(sums: SetupSums, model: ModelSpec, task: Task, seed: int) -> tu
     first = sums.schema
     provisional = m.TaskSpec(
         task=task.name,
+        task_sha256=task_identity(task)["sha256"],
         model=model,
         n_features=len(first.feature_names),
         n_classes=len(first.classes),

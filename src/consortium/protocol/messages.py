@@ -83,6 +83,9 @@ class TaskSpec(_Frozen):
 
     #: The task's name (``classification``, ``regression`` or a study's ``module:Class``).
     task: str = Field("classification", min_length=1, max_length=300)
+    #: The SHA-256 of the task's code the manifest names (``learning.task.task_identity``): a site refuses
+    #: a request for any code but the one it holds, approved.
+    task_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")] | None = None
     model: ModelSpec  # the built-in tasks' architecture
     n_features: int = Field(ge=1)
     n_classes: int = Field(ge=0)  # 0: regression

@@ -31,6 +31,7 @@ from consortium.crypto import keys
 from consortium.data import Splits, Table
 from consortium.errors import ModelError, ProtocolError, VerificationError
 from consortium.governance.agreement import Agreement
+from consortium.governance.approval import require_task_approval
 from consortium.governance.guard import Clock, Refused, SiteGuard, utc_now
 from consortium.governance.policy import SitePolicy
 from consortium.governance.roles import PermissionDenied, Roles
@@ -113,6 +114,11 @@ class Site:
         self._identity = identity
         self._directory = dict(directory or {})
         self.task = task if task is not None else load_task("classification")
+        #: The identity of the code loaded above, hashed once: what this site endorses in a manifest and
+        #: checks each request against (the bytes on disk may change later; the code running does not).
+        self.task_identity = task_identity(self.task)
+        if agreement is not None:  # default-deny: a study's code runs only if the agreement and this site approved it
+            require_task_approval(self.task_identity, self.task, name, agreement, policy)
         self._trainer: LocalTrainer = PlainTrainer(self.task) if trainer is None else trainer
         # With a ledger the site trains only under DP, within its own cap.
         self.ledger = ledger
@@ -121,7 +127,7 @@ class Site:
         self._noise = secure_generator(noise_test_seed)
         self._witness = Witness(
             name, identity=identity, directory=self._directory, guard=self.guard, fingerprint=lambda: self.fingerprint(),
-            memory=memory, record=record, task=lambda: task_identity(self.task),
+            memory=memory, record=record, task=lambda: self.task_identity,
         )
         if strict and self._witness.head is None:
             raise ProtocolError("strict checks need this site's identity key and the directory of members' keys")
@@ -132,7 +138,7 @@ class Site:
             int_noise=secure_numpy_generator(noise_test_seed),
         )
         self._training = Training(
-            data, task=self.task, guard=self.guard, witness=self._witness, sessions=self._sessions,
+            data, task=self.task, task_sha256=self.task_identity["sha256"], guard=self.guard, witness=self._witness, sessions=self._sessions,
             journal=self._journal, strict=strict, local_update=lambda *a: self._local_update(*a),
             contribute=lambda *a: self._contribute(*a), rng=lambda *a: self._rng(*a),
         )

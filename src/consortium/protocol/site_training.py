@@ -95,6 +95,7 @@ class Training:
         data: Splits,
         *,
         task: Task,
+        task_sha256: str,
         guard: SiteGuard,
         witness: Witness,
         sessions: SecAggSessions,
@@ -108,6 +109,7 @@ class Training:
         self.__valid = (torch.from_numpy(data.validation.X), torch.from_numpy(data.validation.y))
         self.__test = (torch.from_numpy(data.test.X), torch.from_numpy(data.test.y))
         self._task = task
+        self._task_sha256 = task_sha256
         self._guard = guard
         self._witness = witness
         self._sessions = sessions
@@ -131,10 +133,15 @@ class Training:
 
     def model_for(self, task: m.TaskSpec, params: Tensor) -> tuple[torch.nn.Module, ModelAdapter, np.ndarray]:
         """The task's model, built once (its layout checked against the task's), loaded with ``params``."""
-        if task.task != self._task.name:
+        if task.task_sha256 is None and task.task != self._task.name:  # by name only when no hash is given
             raise Refused(
                 "task", f"the request is for task '{task.task}', and this site runs '{self._task.name}': "
                 "a site runs only the task it holds and approved"
+            )
+        if task.task_sha256 is not None and task.task_sha256 != self._task_sha256:
+            raise Refused(
+                "task", f"the request is for task code {task.task_sha256[:16]}..., and this site runs "
+                f"{self._task_sha256[:16]}...: a site runs only the code it holds and approved"
             )
         if self.model is None or self.model[0] != task:
             module = build_model(self._task, task, 0)

@@ -170,9 +170,12 @@ class Witness:
         datasets = provenance.get("datasets") if isinstance(provenance, dict) else None
         if not isinstance(datasets, dict) or datasets.get(self.name) != self._fingerprint():
             raise Refused("manifest", "the manifest misstates this site's data")
-        if self._task is not None and manifest.get("task") != (own_task := self._task()):
+        named, own_task = manifest.get("task"), self._task() if self._task is not None else None
+        # The code is what counts, not how each machine names its copy (a path differs from one to the next).
+        if own_task is not None and (not isinstance(named, dict) or (named.get("sha256"), named.get("code")) != (
+                own_task["sha256"], own_task.get("code"))):
             raise Refused(
-                "manifest", f"the manifest names task {manifest.get('task')!r}, and this site runs {own_task!r}: "
+                "manifest", f"the manifest names task {named!r}, and this site runs {own_task!r}: "
                 "a site endorses only the task code it holds"
             )
         run_id = str(manifest.get("run_id") or "")

@@ -36,7 +36,7 @@ from consortium.redteam.audit import AUDIT_FILE
 from consortium.redteam.membership import AuditError, read_run_json
 from consortium.redteam.metrics import dp_tpr_bound
 from consortium.runs import write_atomic
-from consortium.audit.verify import read_entries, signed_events, verify_run
+from consortium.audit.verify import read_entries, run_agreement, signed_events, verify_run
 
 REPORT_FILE = "report.html"
 
@@ -273,6 +273,24 @@ def _lineage(lineage: Lineage) -> str:
     return out
 
 
+def _task_code(run_dir: Path, task: dict[str, Any]) -> str:
+    """What code the task was, as the manifest every member endorsed names it, and whether the run's
+    agreement accepts it (``verify --agreement`` proves that against the agreement you hold)."""
+    sha = html.escape(str(task.get("sha256", ""))[:16])
+    if task.get("code") == "framework":
+        return f"the framework's built-in code <code>{sha}...</code>"
+    what = f"a study's code <code>{sha}...</code>, endorsed by every member"
+    try:
+        agreement = run_agreement(run_dir, read_entries(run_dir)[0].body)
+    except ConsortiumError:
+        return what + " (<span class=bad>the run's copy of its agreement does not check</span>)"
+    if agreement is None:
+        return what + " (<span class=bad>no agreement: no site approval was required</span>)"
+    if task.get("sha256") in {t.sha256 for t in agreement.tasks}:
+        return what + ", accepted by the run's agreement and approved by each site"
+    return what + " (<span class=bad>not among the run's agreement's tasks</span>)"
+
+
 def _run_column(run_dir: Path) -> str:
     summary = read_run_json(run_dir / "summary.json")
     privacy = summary.get("privacy") or {}
@@ -282,7 +300,8 @@ def _run_column(run_dir: Path) -> str:
     out = [f"<section class=run><h2>{html.escape(run_dir.name)}</h2>"]
     if task.get("name"):
         out.append(f"<p class=task>task <b>{html.escape(str(task['name']))}</b> "
-                   f"({html.escape(str(task.get('target', '')))}; headline metric {html.escape(headline)})</p>")
+                   f"({html.escape(str(task.get('target', '')))}; headline metric {html.escape(headline)}); "
+                   f"{_task_code(run_dir, task)}</p>")
     dp = (f"{privacy.get('level', 'record')}-level DP, target epsilon {privacy.get('target_epsilon')}, "
           f"delta {privacy.get('delta')}") if privacy.get("enabled") else "<span class=bad>no differential privacy</span>"
     secure = "secure aggregation" if sa.get("enabled") else "<span class=bad>no secure aggregation</span>"

@@ -236,7 +236,7 @@ def plan_run(
         require_per_example(adapter.module)
     privacy = _plan_privacy(config, list(names), adapter.size, calibrate=calibrate)
     if agreement is not None:  # no run starts unless the config and the model keep the agreement
-        check_run(agreement, config, list(names), adapter.layout_hash)
+        check_run(agreement, config, list(names), adapter.layout_hash, task_identity(task))
     plan = RunPlan(
         config=config,
         names=tuple(names),
