@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+
+from consortium.config import SimulationConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,10 +117,31 @@ def test_demo_table_and_warnings(tmp_path):
 
 def test_simulate_example_config(tmp_path):
     s = run_json("simulate", str(REPO / "examples" / "simulate.yaml"), "--out", str(tmp_path / "run"))
-    assert s["dataset"] == "synthetic-hospitals" and s["sites"] == 5
-    assert s["federated"]["accuracy"] > 0.6
-    # The example declares a shift (noise of 0.5 feature standard deviations): measured, and it costs accuracy.
-    assert 0 < s["federated"]["shift_accuracy"] <= s["federated"]["accuracy"] + 0.02
+    assert s["dataset"] == "breast-cancer" and s["sites"] == 3
+    assert s["federated"]["accuracy"] > 0.9 and s["warnings"] == []
+
+
+def _leaves(tree: dict, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], object]]:
+    out = []
+    for key, value in tree.items():
+        out += _leaves(value, (*path, key)) if isinstance(value, dict) else [((*path, key), value)]
+    return out
+
+
+def test_the_documented_config_shows_the_defaults():
+    """``examples/simulate.yaml`` says that omitted keys take the values it shows: every value it sets is the
+    value a config without that key gets."""
+    documented = yaml.safe_load((REPO / "examples" / "simulate.yaml").read_text())
+    defaults = SimulationConfig().resolved().model_dump(mode="json")
+    defaults["data"]["sites"] = SimulationConfig().data.n_sites  # omitted: 3
+    differ = []
+    for path, value in _leaves(documented):
+        default = defaults
+        for key in path:
+            default = default[key]
+        if (list(value) if isinstance(value, (list, tuple)) else value) != default:
+            differ.append(f"{'.'.join(path)}: shows {value!r}, default {default!r}")
+    assert not differ, differ
 
 
 def test_simulate_csv_sites(tmp_path):
@@ -233,3 +257,14 @@ def test_reading_configs_agreements_and_transcripts_does_not_load_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
+
+
+def test_verify_and_budget_say_what_a_path_is_when_it_is_not_a_run(tmp_path):
+    (tmp_path / "summary.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    for command in ("verify", "budget"):
+        for path, says in ((tmp_path / "summary.json", "is a file, not a run folder"),
+                           (tmp_path / "empty", "is a folder but not a run's: it holds no transcript.jsonl"),
+                           (tmp_path / "nowhere", "does not exist")):
+            done = run_cli(command, str(path))
+            assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr, (command, done.stderr)

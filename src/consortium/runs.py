@@ -118,3 +118,17 @@ class RunFolder:
             return body["state"], safetensors_load(blob)
         except (ValueError, KeyError, TypeError, SafetensorError) as exc:
             raise ConfigError(f"{meta_path}: the checkpoint is damaged ({exc}): the run cannot continue from it") from None
+
+
+def require_run_folder(run_dir: Path) -> Path:
+    """``run_dir`` if it is a run's folder (it holds ``transcript.jsonl``); else a ``ConfigError`` saying what
+    it is instead: missing, a file, or a folder that holds no run."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise ConfigError(f"run folder '{run_dir}' does not exist: pass the folder a run printed")
+    if not run_dir.is_dir():
+        raise ConfigError(f"'{run_dir}' is a file, not a run folder: pass the folder a run printed (it holds transcript.jsonl)")
+    if not (run_dir / "transcript.jsonl").is_file():
+        raise ConfigError(f"'{run_dir}' is a folder but not a run's: it holds no transcript.jsonl; pass the folder a run printed")
+    return run_dir
+

@@ -39,6 +39,7 @@ from consortium.secagg.protocol import SessionEvidence, unmask_sum
 from consortium.transcript.log import cosign_quorum, vector_sha256
 from consortium.audit.anchor import Anchor, check_anchor, run_signatures
 from consortium.audit.summary import check_summary, read_summary
+from consortium.runs import require_run_folder
 from consortium.transcript.log import (
     HEADS_FILE,
     TRANSCRIPT_FILE,
@@ -167,8 +168,7 @@ def verify_run(run_dir: Path, *, anchors: Sequence[Anchor] = ()) -> Verified:
     itself. Raises ``VerificationError`` naming the first violation, ``ConfigError`` for a missing folder.
     """
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ConfigError(f"run folder '{run_dir}' does not exist: pass the folder a run printed")
+    require_run_folder(run_dir)
     entries = read_entries(run_dir)
     heads = [parse_head(line, i) for i, line in enumerate(_lines(run_dir / HEADS_FILE, "tree heads"))]
     if not entries:

@@ -23,6 +23,7 @@ from consortium.db import open_engine
 from consortium.errors import ConfigError, ConsortiumError
 from consortium.privacy.accountant import PLD_INTERVAL, Accountant, epsilon
 from consortium.privacy.events import PrivacyEvent, parse_event
+from consortium.runs import require_run_folder
 
 
 class BudgetExceeded(ConsortiumError):
@@ -233,8 +234,7 @@ def read_ledgers(
 ) -> dict[str, dict[str, object]]:
     """Every site ledger under ``run_dir/sites/*/budget.sqlite`` (or at ``paths``), read only; with ``signed``
     (each site's payments as it signed them), each ledger's ``discrepancies`` with them, by run and round."""
-    if not Path(run_dir).is_dir():
-        raise ConfigError(f"run folder '{run_dir}' does not exist: pass the folder a run printed")
+    require_run_folder(run_dir)
     paths = paths if paths is not None else sorted(Path(run_dir).glob("sites/*/budget.sqlite"))
     if not paths:
         raise ConfigError(f"no site ledgers under '{run_dir}/sites/': the run had differential privacy off")
