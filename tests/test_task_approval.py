@@ -97,6 +97,14 @@ def test_a_tasks_hash_covers_its_files_and_the_distributions_it_imports_and_noth
     assert task_code(ref).sha256 != code.sha256
 
 
+def test_a_sibling_package_is_hashed_whole_with_what_its_own_modules_import_beside_it(tmp_path):
+    ref = _study(tmp_path / "study", TASKS.replace("from layers import WIDTH", "from nets.widths import WIDTH"))
+    (tmp_path / "study" / "nets").mkdir()
+    (tmp_path / "study" / "nets" / "__init__.py").write_text("")
+    (tmp_path / "study" / "nets" / "widths.py").write_text("from layers import WIDTH\n")
+    assert sorted(task_code(ref).files) == ["layers.py", "nets/__init__.py", "nets/widths.py", "tasks.py"]
+
+
 def test_a_package_is_hashed_whole_and_a_module_outside_any_distribution_is_refused(tmp_path, monkeypatch):
     package = tmp_path / "pkg" / "mystudy"
     package.mkdir(parents=True)

@@ -166,7 +166,9 @@ def _closure(start: Path) -> list[Path]:
                     todo.append(candidate)
                 elif candidate.is_dir() and (candidate / "__init__.py").is_file() and candidate not in seen:
                     seen.add(candidate)
-                    seen.update(_tree(candidate))
+                    inside = [f for f in _tree(candidate) if f not in seen]
+                    seen.update(inside)
+                    todo.extend(inside)  # what the package's own modules import beside it, too
     return sorted(p for p in seen if p.is_file())
 
 
