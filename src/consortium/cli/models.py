@@ -56,7 +56,7 @@ def _reopened(run_dir: Path, keys: Path | None, kit: Path | None, layout: tuple[
 
     if (keys is None) == (kit is None):
         raise ConfigError(
-            "pass --keys DIR (a simulated run: every member's key) or --kit KIT --schema SCHEMA (a deployed run: "
+            "pass --keys DIR (a simulated run: every member's key) or --kit KIT with --schema SCHEMA or --sample DIR (a deployed run: "
             "its coordinator serves, and each site joins with consortium join)"
         )
     if kit is None:
