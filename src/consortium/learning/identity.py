@@ -108,13 +108,14 @@ def task_code(ref: str) -> TaskCode:
     return TaskCode(ref=ref, root=root, files=dict(sorted(files.items())), dependencies=_lock(paths, local, ref))
 
 
-def _is_file_ref(where: str) -> bool:
+def is_file_ref(where: str) -> bool:
+    """Whether a task reference's module part names a file (``path/to/tasks.py``) rather than a module."""
     return where.endswith(".py") or "/" in where or "\\" in where
 
 
 def _package(where: str) -> tuple[Path, list[Path]]:
     """(the folder paths are relative to, the files of the task's code)."""
-    if _is_file_ref(where):
+    if is_file_ref(where):
         path = Path(where).resolve()
         if not path.is_file():
             raise ConfigError(f"task file '{where}' does not exist: give the path of the .py file that defines the task")

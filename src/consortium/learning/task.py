@@ -43,6 +43,7 @@ from torch import nn
 
 from consortium.data import Table
 from consortium.errors import ConfigError
+from consortium.learning.identity import is_file_ref, task_code
 from consortium.learning.models import Standardize
 from consortium.learning.specs import ModelSpec, TrainSettings
 from consortium.learning.training import Groups, train_local
@@ -253,7 +254,7 @@ def load_task(ref: str, model: ModelSpec | None = None) -> Task:
 
 
 def _import(where: str) -> object:
-    if where.endswith(".py") or "/" in where or "\\" in where:
+    if is_file_ref(where):
         path = Path(where).resolve()
         if not path.is_file():
             raise ConfigError(f"task file '{where}' does not exist: give the path of the .py file that defines the task")
@@ -312,8 +313,6 @@ def task_identity(task: Task) -> dict[str, str]:
     Raises:
         ConfigError: the code cannot be read or pinned (defined at an interactive prompt, a dependency missing).
     """
-    from consortium.learning.identity import task_code
-
     ref = task_reference(task)
     if ref is not None:
         return {"name": task.name, "sha256": task_code(ref).sha256, "code": "package"}

@@ -127,7 +127,7 @@ class Site:
         self._noise = secure_generator(noise_test_seed)
         self._witness = Witness(
             name, identity=identity, directory=self._directory, guard=self.guard, fingerprint=lambda: self.fingerprint(),
-            memory=memory, record=record, task=lambda: self.task_identity,
+            memory=memory, record=record, task=self.task_identity,
         )
         if strict and self._witness.head is None:
             raise ProtocolError("strict checks need this site's identity key and the directory of members' keys")

@@ -44,7 +44,7 @@ class Witness:
         fingerprint: Callable[[], dict[str, object]],
         memory: Path | None,
         record: Path | None,
-        task: Callable[[], dict[str, str]] | None = None,
+        task: dict[str, str] | None = None,
     ) -> None:
         self.name = name
         self._identity = identity
@@ -170,7 +170,7 @@ class Witness:
         datasets = provenance.get("datasets") if isinstance(provenance, dict) else None
         if not isinstance(datasets, dict) or datasets.get(self.name) != self._fingerprint():
             raise Refused("manifest", "the manifest misstates this site's data")
-        named, own_task = manifest.get("task"), self._task() if self._task is not None else None
+        named, own_task = manifest.get("task"), self._task
         # The code is what counts, not how each machine names its copy (a path differs from one to the next).
         if own_task is not None and (not isinstance(named, dict) or (named.get("sha256"), named.get("code")) != (
                 own_task["sha256"], own_task.get("code"))):
