@@ -22,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from consortium.learning.specs import TrainSettings
-from consortium.learning.training import train_local
+from consortium.learning.training import TrainingData, train_local
 from consortium.privacy import dpsgd
 from consortium.privacy.dpsgd import secure_generator, train_dp_sgd
 
@@ -52,9 +52,9 @@ def data(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
 def plain(make, X, y) -> float:
     settings = TrainSettings(epochs=1, batch_size=BATCH, lr=0.05)
     model = make()
-    train_local(model, X[:BATCH], y[:BATCH], settings, seed=0)  # warm-up
+    train_local(model, TrainingData.of(X[:BATCH], y[:BATCH]), settings, seed=0)  # warm-up
     t0 = time.perf_counter()
-    train_local(model, X[: BATCH * STEPS], y[: BATCH * STEPS], settings, seed=0)
+    train_local(model, TrainingData.of(X[: BATCH * STEPS], y[: BATCH * STEPS]), settings, seed=0)
     return BATCH * STEPS / (time.perf_counter() - t0)
 
 
@@ -68,9 +68,9 @@ def ours(make, X, y, *, vmap: bool = False) -> float:
     settings = TrainSettings(epochs=1, batch_size=BATCH, lr=0.05)
     model, q = make(), BATCH / N
     kw = dict(sampling_rate=q, noise_multiplier=1.0, clip=1.0, generator=secure_generator(0))
-    train_dp_sgd(model, X, y, settings, steps=1, **kw)
+    train_dp_sgd(model, TrainingData.of(X, y), settings, steps=1, **kw)
     t0 = time.perf_counter()
-    train_dp_sgd(model, X, y, settings, steps=STEPS, **kw)
+    train_dp_sgd(model, TrainingData.of(X, y), settings, steps=STEPS, **kw)
     return BATCH * STEPS / (time.perf_counter() - t0)
 
 

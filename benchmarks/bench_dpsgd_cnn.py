@@ -34,6 +34,7 @@ import torch
 from torch.nn import functional as F
 
 from consortium.learning.specs import TrainSettings
+from consortium.learning.training import TrainingData
 from consortium.privacy.dpsgd import secure_generator, train_dp_sgd
 
 BATCH, WARMUP, ROUNDS, STEPS = 256, 1, 12, 1
@@ -74,7 +75,7 @@ def ours(X: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     generator = secure_generator(0)
 
     def run(steps: int) -> None:
-        train_dp_sgd(model, X, y, settings, sampling_rate=1.0, noise_multiplier=1.0, clip=1.0, steps=steps,
+        train_dp_sgd(model, TrainingData.of(X, y), settings, sampling_rate=1.0, noise_multiplier=1.0, clip=1.0, steps=steps,
                      generator=generator)
 
     return run

@@ -18,7 +18,7 @@ from consortium.errors import ConfigError, ModelError
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.models import build_model
 from consortium.learning.specs import ModelSpec, TrainSettings
-from consortium.learning.training import train_local
+from consortium.learning.training import TrainingData, train_local
 from consortium.redteam.inversion import (
     InversionSettings,
     feature_error,
@@ -53,7 +53,7 @@ def _one_step_update(model, X, y, lr=0.1):
     """One plain SGD step on the whole batch, as w_local - w; the model is put back at w."""
     adapter = ModelAdapter(model)
     start = adapter.get_vector()
-    train_local(model, torch.from_numpy(X), torch.from_numpy(y), TrainSettings(batch_size=len(y), lr=lr, momentum=0.0), seed=0)
+    train_local(model, TrainingData.of(torch.from_numpy(X), torch.from_numpy(y)), TrainSettings(batch_size=len(y), lr=lr, momentum=0.0), seed=0)
     delta = adapter.get_vector() - start
     adapter.set_vector(start)
     return delta

@@ -9,7 +9,7 @@ from dp_accounting import pld, rdp
 from consortium.config import SimulationConfig
 from consortium.errors import ConfigError
 from consortium.learning.specs import TrainSettings
-from consortium.learning.training import train_local
+from consortium.learning.training import TrainingData, train_local
 from consortium.privacy.accountant import calibrate_noise, dp_sgd_epsilon, epsilon
 from consortium.privacy.dpsgd import (
     clip_and_sum,
@@ -91,8 +91,8 @@ def test_zero_noise_and_no_clipping_reproduce_plain_training():
     X, y = torch.randn(40, 6), torch.randint(0, 3, (40,))
     settings = TrainSettings(epochs=5, batch_size=40, lr=0.1, momentum=0.9)
     plain, private = _mlp(), _mlp()
-    train_local(plain, X, y, settings, seed=0)  # full batch: shuffling does not matter
-    train_dp_sgd(private, X, y, settings, sampling_rate=1.0, noise_multiplier=0.0, clip=1e9, steps=5, generator=secure_generator(0))
+    train_local(plain, TrainingData.of(X, y), settings, seed=0)  # full batch: shuffling does not matter
+    train_dp_sgd(private, TrainingData.of(X, y), settings, sampling_rate=1.0, noise_multiplier=0.0, clip=1e9, steps=5, generator=secure_generator(0))
     for a, b in zip(plain.parameters(), private.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -107,7 +107,7 @@ def test_measured_noise_is_within_15_percent_of_theory():
 
     def one_step(noise):
         model.load_state_dict(start)
-        train_dp_sgd(model, X, y, settings, sampling_rate=q, noise_multiplier=noise, clip=clip, steps=1, generator=secure_generator(7))
+        train_dp_sgd(model, TrainingData.of(X, y), settings, sampling_rate=q, noise_multiplier=noise, clip=clip, steps=1, generator=secure_generator(7))
         return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
     # Same sampling draws (same seed), with and without noise: the difference is the noise term alone.
@@ -120,7 +120,7 @@ def test_measured_noise_is_within_15_percent_of_theory():
 def test_batchnorm_is_refused_under_dp_sgd_naming_the_module_and_the_fix():
     m = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
     with pytest.raises(ConfigError, match=r"module '1' \(BatchNorm1d\) mixes the examples .* GroupNorm or LayerNorm"):
-        train_dp_sgd(m, torch.randn(8, 6), torch.zeros(8, dtype=torch.long), TrainSettings(),
+        train_dp_sgd(m, TrainingData.of(torch.randn(8, 6), torch.zeros(8, dtype=torch.long)), TrainSettings(),
                      sampling_rate=0.5, noise_multiplier=1.0, clip=1.0, steps=1, generator=secure_generator(0))
 
 
@@ -190,7 +190,7 @@ def test_dp_sgd_trains_on_the_tasks_loss(make):
         m = make()
         before = [p.detach().clone() for p in m.parameters()]
         kw = {} if loss is None else {"loss": loss}
-        train_dp_sgd(m, X, y, TrainSettings(lr=0.5, momentum=0.0), sampling_rate=1.0, noise_multiplier=0.0, clip=1.0,
+        train_dp_sgd(m, TrainingData.of(X, y), TrainSettings(lr=0.5, momentum=0.0), sampling_rate=1.0, noise_multiplier=0.0, clip=1.0,
                      steps=2, generator=secure_generator(0), **kw)
         return max(float((a - b.detach()).abs().max()) for a, b in zip(before, m.parameters()))
 
@@ -414,7 +414,7 @@ def test_dp_sgd_trains_on_the_tasks_loss_on_the_vmap_path():
     def moved(**kw):
         m = make()
         before = [p.detach().clone() for p in m.parameters()]
-        train_dp_sgd(m, X, y, TrainSettings(lr=0.5, momentum=0.0), sampling_rate=1.0, noise_multiplier=0.0, clip=1.0,
+        train_dp_sgd(m, TrainingData.of(X, y), TrainSettings(lr=0.5, momentum=0.0), sampling_rate=1.0, noise_multiplier=0.0, clip=1.0,
                      steps=2, generator=secure_generator(0), **kw)
         return max(float((a - b.detach()).abs().max()) for a, b in zip(before, m.parameters()))
 

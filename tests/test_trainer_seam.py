@@ -10,6 +10,7 @@ from consortium.errors import ProtocolError
 from consortium.learning.adapter import ModelAdapter
 from consortium.privacy.events import RecordLevelEvent
 from consortium.learning.task import load_task
+from consortium.learning.training import TrainingData
 from consortium.protocol.trainer import DPSGDTrainer, LocalTrainer, PlainTrainer, trainer_for
 from consortium.run.simulation import run_simulation
 from consortium.audit.verify import verify_run
@@ -22,7 +23,8 @@ class FullBatchGD:
         self.lr, self.steps = lr, steps
         self.calls: list[tuple[int, str | None]] = []
 
-    def train(self, model, X, y, settings, *, privacy, proximal_mu, seed, noise):
+    def train(self, model, data, settings, *, privacy, proximal_mu, seed, noise):
+        X, y = data.tensors()
         self.calls.append((int(X.shape[0]), None if privacy is None else privacy.level))
         start = model.get_vector()
         params = [p for p in model.module.parameters() if p.requires_grad]
@@ -62,7 +64,7 @@ def test_a_record_level_round_always_trains_with_dp_sgd():
     model = ModelAdapter(torch.nn.Linear(3, 2))
     X, y = torch.zeros(4, 3), torch.zeros(4, dtype=torch.int64)
     with pytest.raises(ProtocolError, match="DP-SGD"):  # plain training refuses a record-level event
-        PlainTrainer(TASK).train(model, X, y, None, privacy=event, proximal_mu=0.0, seed=0, noise=torch.Generator())
+        PlainTrainer(TASK).train(model, TrainingData.of(X, y), None, privacy=event, proximal_mu=0.0, seed=0, noise=torch.Generator())
 
 
 def test_a_trainer_from_the_study_runs_a_secure_site_level_dp_round_that_verifies(tmp_path):

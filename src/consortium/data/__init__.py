@@ -8,6 +8,9 @@
   (category columns, missing values, a class or regression label), and check that
   all sites declare the same one; ``docs/schema.md`` documents the format.
 - :mod:`consortium.data.infer`: draft a schema from a CSV (``consortium schema infer``).
+- :mod:`consortium.data.stream`: a :class:`StreamedTable` reads a site's records from a map-style
+  ``torch.utils.data.Dataset`` a batch at a time, for data larger than memory; :data:`Records` is
+  either kind, what every site-side step reads through.
 - :mod:`consortium.data.images`: images of any size from a folder of PNG/JPEG files or a ``.npy`` array
   (Pillow is loaded only when an image is read).
 """
@@ -21,6 +24,7 @@ from consortium.data.datasets import (
 )
 from consortium.data.images import load_image_array, load_image_folder, synthetic_images, write_image_folder
 from consortium.data.infer import infer_schema
+from consortium.data.stream import Records, StreamedTable
 from consortium.data.partition import (
     Splits,
     partition_dirichlet,
@@ -44,7 +48,9 @@ __all__ = [
     "BUILTIN_DATASETS",
     "ColumnSpec",
     "DataSchema",
+    "Records",
     "Splits",
+    "StreamedTable",
     "SyntheticHospitals",
     "Table",
     "check_schemas",

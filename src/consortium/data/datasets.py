@@ -17,6 +17,7 @@ heterogeneity is set by explicit knobs, which makes it good for experiments on
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -143,6 +144,28 @@ class Table:
     def is_regression(self) -> bool:
         """True when the target is a float32 value rather than a class index (the table names no classes)."""
         return not self.classes
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Every row's label: ``y`` (the name ``StreamedTable`` shares, whose features are not in memory)."""
+        return self.y
+
+    @property
+    def batch_rows(self) -> int:
+        """How many rows ``batches`` yields at a time: all of them, since they are in memory already."""
+        return self.n_rows
+
+    def batches(self) -> Iterator[Table]:
+        """The rows in batches, as a ``StreamedTable`` reads them: here one batch, the table itself."""
+        yield self
+
+    def subset(self, idx: np.ndarray) -> Table:
+        """The rows at ``idx``: ``take`` (a ``StreamedTable``'s subset reads nothing until asked)."""
+        return self.take(idx)
+
+    def to_table(self) -> Table:
+        """This table (a ``StreamedTable`` reads its rows into one)."""
+        return self
 
     def take(self, idx: np.ndarray) -> Table:
         """The rows at ``idx`` (integer indices or a boolean mask), with the same metadata."""

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from consortium.data.datasets import Table
+from consortium.data.stream import StreamedTable
 from consortium.errors import ConfigError, DataError
 
 #: File suffixes read as images (case-insensitive); other files in a class folder are ignored.
@@ -41,7 +42,8 @@ _CHUNK_VALUES = 1 << 24
 
 def load_image_folder(
     root: str | Path, *, size: int | tuple[int, int], mode: str = "RGB", classes: list[str] | tuple[str, ...] | None = None,
-) -> Table:
+    stream: bool = False,
+) -> Table | StreamedTable:
     """Read ``root/<class>/<image>`` files into a table, one row per image.
 
     The classes are the sub-folders of ``root``, sorted by name (hidden
@@ -62,11 +64,14 @@ def load_image_folder(
         size: (height, width) every image is resized to, or one int for a square.
         mode: ``"RGB"`` (3 channels) or ``"L"`` (grayscale, 1 channel).
         classes: the class folder names in index order (default: the sub-folders, sorted).
+        stream: read each image only when a step asks for it (a ``StreamedTable``), for a folder
+            larger than memory; an unreadable image then fails at the step that reads it.
 
     Returns:
         A table with X float32 (n, C * H * W) in channel-first order, y the
         class indices, ``classes`` the folder names (or ``classes``), ``image_shape`` (C, H, W)
-        and feature names ``<band>_<row>_<col>`` (band R, G, B or L).
+        and feature names ``<band>_<row>_<col>`` (band R, G, B or L); with ``stream``, the same
+        records read on demand.
 
     Raises:
         ConfigError: ``size`` or ``mode`` is out of range.
@@ -111,13 +116,29 @@ def load_image_folder(
     if not files:
         raise DataError(f"image folder {root} holds none of the classes {list(classes or [])}: check the folder and the names")
     channels = MODES[mode]
+    y = np.fromiter((index for _, index in files), dtype=np.int64, count=len(files))
+    names = _pixel_names(("L",) if mode == "L" else ("R", "G", "B"), height, width)
+    layout = {"feature_names": names, "classes": tuple(p.name for p in class_dirs), "image_shape": (channels, height, width)}
+    if stream:
+        return StreamedTable(ImageFiles([p for p, _ in files], y, mode, (height, width)), labels=y, **layout)
     X = np.empty((len(files), channels * height * width), dtype=np.float32)
     for row, (path, _) in enumerate(files):
         X[row] = _read_image(path, mode, height, width).reshape(-1)
-    y = np.fromiter((index for _, index in files), dtype=np.int64, count=len(files))
-    bands = ("L",) if mode == "L" else ("R", "G", "B")
-    return Table(X=X, y=y, feature_names=_pixel_names(bands, height, width),
-                 classes=tuple(p.name for p in class_dirs), image_shape=(channels, height, width))
+    return Table(X=X, y=y, **layout)
+
+
+class ImageFiles:
+    """A map-style dataset of image files: item ``i`` is (the image as float32 (C, H, W) in [0, 1], its
+    class index), read and resized when asked for (``load_image_folder(..., stream=True)``)."""
+
+    def __init__(self, files: list[Path], labels: np.ndarray, mode: str, size: tuple[int, int]) -> None:
+        self.files, self.labels, self.mode, self.size = files, labels, mode, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        return _read_image(self.files[i], self.mode, *self.size), int(self.labels[i])
 
 
 def load_image_array(
@@ -126,7 +147,8 @@ def load_image_array(
     *,
     layout: str | None = None,
     classes: list[str] | tuple[str, ...] | None = None,
-) -> Table:
+    stream: bool = False,
+) -> Table | StreamedTable:
     """Turn an array of images and one of labels (``.npy`` files or arrays) into a table.
 
     Shapes: (N, H, W) is N single-channel images; a 4-D array is (N, H, W, C)
@@ -146,10 +168,14 @@ def load_image_array(
         labels: a path to a ``.npy`` file, or a 1-D array with one label per image.
         layout: ``"NHWC"`` or ``"NCHW"`` for a 4-D array (see above); ``None`` infers it when unambiguous.
         classes: the class names, in index order.
+        stream: leave the images in the (memory-mapped) file and convert each batch when a step reads
+            it (a ``StreamedTable``), for an array larger than memory; a non-finite value then fails at
+            the step that reads it.
 
     Returns:
         A table with X float32 (N, C * H * W) in channel-first order, y int64,
-        the classes, ``image_shape`` (C, H, W) and feature names ``c<k>_<row>_<col>``.
+        the classes, ``image_shape`` (C, H, W) and feature names ``c<k>_<row>_<col>``; with
+        ``stream``, the same records read on demand.
 
     Raises:
         ConfigError: ``layout`` is not one of :data:`LAYOUTS`.
@@ -182,6 +208,10 @@ def load_image_array(
     y, names = _labels(lab, lab_source, classes)
     n, channels, height, width = arr.shape
     scale = float(np.iinfo(arr.dtype).max) if arr.dtype.kind == "u" else 1.0
+    layout = {"feature_names": _pixel_names(tuple(f"c{k}" for k in range(channels)), height, width), "classes": names,
+              "image_shape": (int(channels), int(height), int(width))}
+    if stream:
+        return StreamedTable(ImageRows(arr, y, scale), labels=y, **layout)
     X = np.empty((n, channels * height * width), dtype=np.float32)
     step = max(1, _CHUNK_VALUES // max(1, X.shape[1]))
     for start in range(0, n, step):
@@ -193,9 +223,21 @@ def load_image_array(
                 f"{source} has a NaN or infinite value in image {start + int(np.argwhere(bad)[0][0])}: "
                 "clean or drop that image"
             )
-    bands = tuple(f"c{k}" for k in range(channels))
-    return Table(X=X, y=y, feature_names=_pixel_names(bands, height, width), classes=names,
-                 image_shape=(int(channels), int(height), int(width)))
+    return Table(X=X, y=y, **layout)
+
+
+class ImageRows:
+    """A map-style dataset over an (N, C, H, W) array left where it is (a memory-mapped ``.npy``): item ``i``
+    is (image ``i`` as float32 scaled by ``scale``, its class index) (``load_image_array(..., stream=True)``)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, scale: float) -> None:
+        self.images, self.labels, self.scale = images, labels, np.float32(scale)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        return np.asarray(self.images[i], dtype=np.float32) / self.scale, int(self.labels[i])
 
 
 # ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from consortium.data.datasets import Table
+from consortium.data.stream import Records
 from consortium.errors import ConfigError, DataError, PartitionError
 
 #: How many Dirichlet draws :func:`partition_dirichlet` tries before giving up.
@@ -144,11 +144,17 @@ def partition_quantity(
 
 @dataclass(frozen=True)
 class Splits:
-    """A site's data cut three ways: fit on ``train``, tune on ``validation``, report on ``test``."""
+    """A site's data cut three ways: fit on ``train``, tune on ``validation``, report on ``test``; each in
+    memory or read on demand, as the site's records were."""
 
-    train: Table
-    validation: Table
-    test: Table
+    train: Records
+    validation: Records
+    test: Records
+
+    def in_memory(self) -> Splits:
+        """These splits with every record read into memory (``Table``): for what needs them all at once,
+        such as the red team's replays (in memory already: these very splits)."""
+        return Splits(self.train.to_table(), self.validation.to_table(), self.test.to_table())
 
 
 def _check_fraction(name: str, value: float) -> None:
@@ -157,8 +163,10 @@ def _check_fraction(name: str, value: float) -> None:
         raise ConfigError(f"{name} fraction = {value!r} is invalid: it must lie in [0, 0.5)")
 
 
-def split_table(table: Table, rng: np.random.Generator, *, validation: float = 0.1, test: float = 0.2) -> Splits:
+def split_table(table: Records, rng: np.random.Generator, *, validation: float = 0.1, test: float = 0.2) -> Splits:
     """Cut ``table`` into train, validation and test, stratified by class.
+
+    A ``StreamedTable`` is cut into streamed parts: only its labels are read.
 
     Stratification is systematic: the rows of each class are shuffled and spread
     evenly along one ordering, whose first rows form the test split, the next the
@@ -193,7 +201,7 @@ def split_table(table: Table, rng: np.random.Generator, *, validation: float = 0
             n_test -= 1
 
     # Position of each row along the stratified ordering: (rank within its class + U(0,1)) / class size.
-    strata = _target_bins(table.y) if table.is_regression else table.y
+    strata = _target_bins(table.labels) if table.is_regression else table.labels
     key = np.empty(n, dtype=np.float64)
     for c in np.unique(strata):
         rows = np.flatnonzero(strata == c)
@@ -202,9 +210,9 @@ def split_table(table: Table, rng: np.random.Generator, *, validation: float = 0
     order = np.argsort(key, kind="stable")
     test_idx, val_idx, train_idx = np.split(order, [n_test, n_test + n_val])
     return Splits(
-        train=table.take(np.sort(train_idx)),
-        validation=table.take(np.sort(val_idx)),
-        test=table.take(np.sort(test_idx)),
+        train=table.subset(np.sort(train_idx)),
+        validation=table.subset(np.sort(val_idx)),
+        test=table.subset(np.sort(test_idx)),
     )
 
 

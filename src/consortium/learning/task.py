@@ -41,12 +41,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from consortium.data import Table
-from consortium.errors import ConfigError
+from consortium.data import Records
+from consortium.errors import ConfigError, ModelError
 from consortium.learning.identity import is_file_ref, task_code
 from consortium.learning.models import Standardize
 from consortium.learning.specs import ModelSpec, TrainSettings
-from consortium.learning.training import Groups, train_local
+from consortium.learning.training import Groups, TrainingData, train_local
 
 #: What a task's ``target`` may be: class indices (int64) or values (float32).
 Target = Literal["classification", "regression"]
@@ -143,14 +143,16 @@ class Task:
         """The targets the model trains on, from a site's labels (default: as they are)."""
         return y
 
-    def load(self, path: Path) -> Table:
+    def load(self, path: Path) -> Records:
         """Read one site's data from ``path`` (a folder of images, an array file, anything the study keeps),
         at the site, from the path in the site's own configuration; never from the coordinator.
 
         Optional: a task without it reads a CSV against the agreed schema. Return a ``Table`` (float32
         features, one row per record, ``image_shape`` set for images; int64 class indices with ``classes``,
         or float32 targets with no classes for a regression): ``consortium.data.load_image_folder`` and
-        ``load_image_array`` read images of any size.
+        ``load_image_array`` read images of any size. For data larger than memory return a
+        ``StreamedTable`` over a map-style ``torch.utils.data.Dataset`` (those two readers give one with
+        ``stream=True``): every step then reads it a batch at a time.
 
         Raises:
             DataError: the data cannot be read (one line naming the file and the fix).
@@ -163,7 +165,7 @@ class Task:
         return type(self).load is not Task.load
 
     def train(
-        self, model: nn.Module, X: torch.Tensor, y: torch.Tensor, settings: TrainSettings, *,
+        self, model: nn.Module, data: TrainingData, settings: TrainSettings, *,
         seed: int, proximal_mu: float = 0.0, proximal_center: list[torch.Tensor] | None = None,
     ) -> float:
         """Local training without record-level DP (no DP, or site-level DP): train ``model`` in place.
@@ -173,11 +175,15 @@ class Task:
         site clips the resulting update and the noise joins it afterwards, so the claim holds whatever
         it does. Record-level rounds never call it.
 
+        ``data`` is the site's training split (``TrainingData``): ``data.batches(size, generator=...)``
+        yields shuffled mini-batches of (features, training targets) tensors, read on demand when the
+        task's ``load`` returned a ``StreamedTable``; ``data.tensors()`` gives every row at once.
+
         Returns:
             The mean training loss of the last epoch (reported only inside the summed update).
         """
         return train_local(
-            model, X, y, settings, seed=seed, proximal_mu=proximal_mu, proximal_center=proximal_center, loss=self.loss
+            model, data, settings, seed=seed, proximal_mu=proximal_mu, proximal_center=proximal_center, loss=self.loss
         )
 
     def evaluate(self, model: nn.Module, X: torch.Tensor, y: torch.Tensor, shape: DataShape, options: EvalOptions) -> np.ndarray:
@@ -330,6 +336,30 @@ def task_identity(task: Task) -> dict[str, str]:
         source_bytes = Path(path).read_bytes() + b"\0" + task.name.encode()
         return {"name": task.name, "sha256": hashlib.sha256(source_bytes).hexdigest(), "code": "framework"}
     return {"name": task.name, "sha256": hashlib.sha256(source.encode()).hexdigest(), "code": "class"}
+
+
+def evaluate_records(
+    task: Task, model: nn.Module, records: Records, shape: DataShape,
+    options: Callable[[torch.Tensor], EvalOptions] = lambda X: EvalOptions(),
+) -> np.ndarray:
+    """``task.evaluate`` over ``records`` a batch at a time, summed (a batch's sums add up as a site's do;
+    in memory, one batch). ``options(X)`` gives a batch's options (a shift is drawn per batch).
+
+    Raises:
+        ModelError: ``evaluate`` returned another length than ``statistics_length`` (one line, with the fix).
+    """
+    length = task.statistics_length(shape)
+    total = np.zeros(length)
+    for batch in records.batches():
+        X = torch.from_numpy(batch.X)
+        part = np.asarray(task.evaluate(model, X, torch.from_numpy(batch.y), shape, options(X)), dtype=np.float64)
+        if part.shape != (length,):
+            raise ModelError(
+                f"{task.name}.evaluate returned {part.shape} values where statistics_length gives {length}: "
+                "return one fixed-length vector of sums"
+            )
+        total = total + part
+    return total
 
 
 def build_task_model(task: Task, shape: DataShape, seed: int = 0) -> nn.Module:

@@ -8,7 +8,7 @@ consortium's metrics are sums that secure aggregation can compute.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from consortium.data import Records, Table
 from consortium.learning.specs import TrainSettings
 
 #: Bins of the predicted positive-class probability used for ROC AUC.
@@ -32,10 +33,74 @@ def make_optimizer(params: list[torch.Tensor], settings: TrainSettings) -> torch
     return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
+class TrainingData:
+    """A site's training rows as local training reads them: how many, and the rows at given positions as
+    tensors (float32 features, the task's training targets).
+
+    Over a ``Table`` (or ``TrainingData.of(X, y)``) the rows are in memory and indexed; over a
+    ``StreamedTable`` each call reads only the rows it asks for, so a step holds one batch, never the
+    dataset. A task's own ``train`` loop reads through ``batches``; DP-SGD samples through ``rows``.
+
+    Args:
+        records: the site's training split.
+        targets: maps a batch's labels to what the model trains on (``Task.training_targets``, e.g. a
+            regression's standardised target); default: the labels as they are.
+    """
+
+    def __init__(self, records: Records, targets: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        self._records: Records | None = records
+        self._targets = targets or (lambda y: y)
+        self._n = records.n_rows
+        #: Rows read at a time when a sample is larger (DP-SGD's Poisson sample is summed in such chunks).
+        self.chunk_rows = records.batch_rows
+        self._memory: tuple[torch.Tensor, torch.Tensor] | None = None
+        if isinstance(records, Table):  # in memory: indexed, never copied
+            self._memory = (torch.from_numpy(records.X), self._targets(torch.from_numpy(records.y)))
+
+    @classmethod
+    def of(cls, X: torch.Tensor, y: torch.Tensor) -> TrainingData:
+        """Rows already in memory as tensors: features ``X`` (n, d) and training targets ``y`` (n,)."""
+        if X.shape[0] != y.shape[0]:
+            raise ValueError(f"X has {X.shape[0]} rows and y {y.shape[0]}: give one target per row")
+        data = object.__new__(cls)
+        data._records, data._targets, data._n, data.chunk_rows, data._memory = None, lambda t: t, int(X.shape[0]), int(X.shape[0]), (X, y)
+        return data
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the rows are read on demand (a ``StreamedTable``) rather than held in memory."""
+        return self._memory is None
+
+    def rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The features and training targets of the rows at positions ``idx`` (a 1-D int64 tensor)."""
+        if self._memory is not None:
+            return self._memory[0][idx], self._memory[1][idx]
+        assert self._records is not None
+        part = self._records.take(idx.numpy())
+        return torch.from_numpy(part.X), self._targets(torch.from_numpy(part.y))
+
+    def chunks(self, idx: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The rows at ``idx`` in pieces of at most ``chunk_rows`` (in memory: one piece)."""
+        for start in range(0, len(idx), max(self.chunk_rows, 1)):
+            yield self.rows(idx[start : start + self.chunk_rows])
+
+    def batches(self, batch_size: int, *, generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One pass over every row in mini-batches of ``batch_size``: shuffled by ``generator`` when given."""
+        order = torch.randperm(self._n, generator=generator) if generator is not None else torch.arange(self._n)
+        for start in range(0, self._n, batch_size):
+            yield self.rows(order[start : start + batch_size])
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row at once (a streamed table is read whole: only for what needs it all in memory)."""
+        return self._memory if self._memory is not None else self.rows(torch.arange(self._n))
+
+
 def train_local(
     model: nn.Module,
-    X: torch.Tensor,
-    y: torch.Tensor,
+    data: TrainingData,
     settings: TrainSettings,
     *,
     seed: int,
@@ -43,7 +108,7 @@ def train_local(
     proximal_center: list[torch.Tensor] | None = None,
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> float:
-    """Train ``model`` in place; returns the mean training loss of the last epoch.
+    """Train ``model`` in place on ``data``; returns the mean training loss of the last epoch.
 
     ``loss``: a per-example loss (one value per example), averaged over each
     batch; default: cross-entropy of the logits.
@@ -57,25 +122,22 @@ def train_local(
     if proximal_mu > 0 and proximal_center is None:
         raise ValueError("proximal_mu > 0 needs the global parameters as proximal_center")
     gen = torch.Generator().manual_seed(seed)
-    n = X.shape[0]
     model.train()
     last = 0.0
     for _ in range(settings.epochs):
-        order = torch.randperm(n, generator=gen)
         total, seen = 0.0, 0
-        for start in range(0, n, settings.batch_size):
-            idx = order[start : start + settings.batch_size]
+        for X, y in data.batches(settings.batch_size, generator=gen):
             opt.zero_grad(set_to_none=True)
-            out = model(X[idx])
-            value = F.cross_entropy(out, y[idx]) if loss is None else loss(out, y[idx]).mean()
+            out = model(X)
+            value = F.cross_entropy(out, y) if loss is None else loss(out, y).mean()
             if proximal_mu > 0:
                 prox = sum(((p - c) ** 2).sum() for p, c in zip(params, proximal_center))  # type: ignore[arg-type]
                 (value + 0.5 * proximal_mu * prox).backward()
             else:
                 value.backward()
             opt.step()
-            total += float(value.detach()) * len(idx)
-            seen += len(idx)
+            total += float(value.detach()) * len(y)
+            seen += len(y)
         last = total / max(seen, 1)
     return last
 

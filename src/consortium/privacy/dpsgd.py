@@ -33,7 +33,7 @@ from torch.nn import functional as F
 
 from consortium.errors import ConfigError
 from consortium.learning.specs import TrainSettings
-from consortium.learning.training import make_optimizer
+from consortium.learning.training import TrainingData, make_optimizer
 
 
 def secure_generator(test_seed: int | None = None) -> torch.Generator:
@@ -318,8 +318,7 @@ def _clipped_sum_vmap(
 
 def train_dp_sgd(
     model: nn.Module,
-    X: torch.Tensor,
-    y: torch.Tensor,
+    data: TrainingData,
     settings: TrainSettings,
     *,
     sampling_rate: float,
@@ -331,9 +330,12 @@ def train_dp_sgd(
     proximal_center: list[torch.Tensor] | None = None,
     loss: PerExampleLoss = cross_entropy,
 ) -> float:
-    """Run ``steps`` DP-SGD steps in place; returns the mean loss over the sampled examples.
+    """Run ``steps`` DP-SGD steps in place on ``data``; returns the mean loss over the sampled examples.
 
-    ``loss``: the task's per-example loss (default: cross-entropy).
+    ``loss``: the task's per-example loss (default: cross-entropy). Each step's Poisson sample is read
+    and its clipped gradients summed ``data.chunk_rows`` rows at a time (a streamed table's batch; the
+    whole sample in memory), so a large sample never sits in memory at once; the sum, and so the
+    noise's calibration, is the same.
 
     Raises:
         ConfigError: the settings are out of range, or the model mixes the examples of a batch.
@@ -348,25 +350,25 @@ def train_dp_sgd(
     opt = make_optimizer(list(named.values()), settings)
     fast = fast_path_supported(model)
     per_example = None if fast else per_example_gradients(model, loss)
-    n = X.shape[0]
+    n = len(data)
     expected_batch = sampling_rate * n
     model.train()
     loss_total, seen = 0.0, 0
     for _ in range(steps):
         idx = (torch.rand(n, generator=generator) < sampling_rate).nonzero().squeeze(1)
         params = {k: v.detach() for k, v in named.items()}
-        if len(idx) and fast:
-            summed, batch_loss = clipped_sum_fast(model, X[idx], y[idx], clip, loss)
+        summed = {k: torch.zeros_like(v) for k, v in named.items()}
+        for X, y in data.chunks(idx):
+            if fast:
+                part, batch_loss = clipped_sum_fast(model, X, y, clip, loss)
+            else:
+                assert per_example is not None
+                part = clip_and_sum(per_example(params, X, y), clip)
+                with torch.no_grad():
+                    batch_loss = float(loss(functional_call(model, params, (X,)), y).sum())
+            summed = {k: summed[k] + part[k] for k in summed}
             loss_total += batch_loss
-            seen += len(idx)
-        elif len(idx):
-            assert per_example is not None
-            summed = clip_and_sum(per_example(params, X[idx], y[idx]), clip)
-            with torch.no_grad():
-                loss_total += float(loss(functional_call(model, params, (X[idx],)), y[idx]).sum())
-            seen += len(idx)
-        else:
-            summed = {k: torch.zeros_like(v) for k, v in named.items()}
+        seen += len(idx)
         opt.zero_grad(set_to_none=True)
         for (k, p), center in zip(named.items(), proximal_center or [None] * len(named)):
             noise = torch.randn(p.shape, generator=generator) * (noise_multiplier * clip)

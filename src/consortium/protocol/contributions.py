@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from consortium.data import Records
 from consortium.learning.robust import bound_norm
 from consortium.secagg.encoding import RingEncoding
 from consortium.secagg.quantize import plan_quantization
@@ -49,6 +50,14 @@ def setup_vector(X: np.ndarray, y: np.ndarray | None = None) -> np.ndarray:
         y64 = y.astype(np.float64)
         parts.append([y64.sum(), (y64 * y64).sum()])
     return np.concatenate(parts)
+
+
+def setup_sums(records: Records) -> np.ndarray:
+    """``setup_vector`` of a site's training records, summed a batch at a time (in memory: one batch)."""
+    total = np.zeros(setup_length(records.n_features, records.is_regression))
+    for batch in records.batches():
+        total = total + setup_vector(batch.X, batch.y if batch.is_regression else None)
+    return total
 
 
 def setup_length(n_features: int, regression: bool = False) -> int:

@@ -37,6 +37,7 @@ from consortium.governance.policy import SitePolicy
 from consortium.governance.roles import PermissionDenied, Roles
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.task import Task, load_task, task_identity
+from consortium.learning.training import TrainingData
 from consortium.privacy.dpsgd import secure_generator, secure_numpy_generator
 from consortium.privacy.ledger import BudgetLedger, Discrepancy
 from consortium.protocol import messages as m
@@ -107,7 +108,6 @@ class Site:
     ) -> None:
         self.name = name
         self.__data = data
-        self.__train = (torch.from_numpy(data.train.X), torch.from_numpy(data.train.y))
         state = SiteLifecycle(lifecycle) if lifecycle is not None else None
         self._seed = seed
         self._journal = None if journal is None else EvaluationJournal(journal)
@@ -237,11 +237,11 @@ class Site:
 
         The site's trainer does the training, except in a record-level round: that one is always DP-SGD.
         """
-        X, y = self.__train
-        y = self.task.training_targets(y, data_shape(msg.task))
+        shape = data_shape(msg.task)
+        data = TrainingData(self.__data.train, targets=lambda y: self.task.training_targets(y, shape))
         seed = int(np.random.SeedSequence([self._seed, rnd]).generate_state(1)[0])
         delta, loss = trainer_for(msg.privacy, self._trainer, self.task).train(
-            adapter, X, y, msg.train, privacy=msg.privacy, proximal_mu=msg.proximal_mu, seed=seed, noise=self._noise
+            adapter, data, msg.train, privacy=msg.privacy, proximal_mu=msg.proximal_mu, seed=seed, noise=self._noise
         )
         delta = np.asarray(delta)
         if delta.shape != (adapter.size,):
@@ -272,8 +272,9 @@ class Site:
         digest = hashlib.sha256(self._fingerprint_salt)
         rows = 0
         for part in (self.__data.train, self.__data.validation, self.__data.test):
-            digest.update(np.ascontiguousarray(part.X).tobytes())
-            digest.update(np.ascontiguousarray(part.y).tobytes())
+            for batch in part.batches():  # the features' bytes in row order, then the labels'
+                digest.update(np.ascontiguousarray(batch.X).tobytes())
+            digest.update(np.ascontiguousarray(part.labels).tobytes())
             rows += part.n_rows
         return {"schema_sha256": table_fingerprint(self.__data.train), "rows": rows, "content_sha256": digest.hexdigest()}
 

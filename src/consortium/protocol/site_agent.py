@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from consortium.data import Table
+from consortium.data import Records, Table
 from consortium.errors import ConfigError, ProtocolError
 from consortium.governance.agreement import Agreement
 from consortium.governance.guard import Refused
@@ -63,6 +63,12 @@ class SiteLifecycle:
         self._save()
 
 
+#: At most this many training rows, and this many of their values (256 MB of float32), are read to measure
+#: drift against: a sample beyond that.
+DRIFT_REFERENCE_ROWS = 50_000
+DRIFT_REFERENCE_VALUES = 1 << 26
+
+
 class LifecycleAgent:
     """Deploy and monitor for the site ``name`` (see the module docstring).
 
@@ -73,7 +79,7 @@ class LifecycleAgent:
     def __init__(
         self,
         name: str,
-        train: Table,
+        train: Records,
         *,
         lifecycle: SiteLifecycle | None,
         agreement: Agreement | None,
@@ -84,6 +90,7 @@ class LifecycleAgent:
     ) -> None:
         self.name = name
         self.__train = train
+        self.__reference: Table | None = None  # what drift is measured against: the training rows, or a sample
         self.__incoming: Table | None = None  # the records arriving since training, for the drift check
         self.lifecycle = lifecycle
         self._agreement = agreement
@@ -97,6 +104,20 @@ class LifecycleAgent:
         if incoming.feature_names != self.__train.feature_names:
             raise ConfigError(f"{self.name}'s incoming data has other features than its training data: same schema only")
         self.__incoming = incoming
+
+    def _reference(self) -> Table:
+        """The training rows drift is measured against: all of them when they fit ``DRIFT_REFERENCE_VALUES``
+        (and ``DRIFT_REFERENCE_ROWS``), else a fixed uniform sample of as many rows as fit (a streamed table
+        larger than memory), whose deciles and label shares estimate the whole's."""
+        if self.__reference is None:
+            train = self.__train
+            limit = min(DRIFT_REFERENCE_ROWS, max(1_000, DRIFT_REFERENCE_VALUES // max(train.n_features, 1)))
+            if train.n_rows <= limit:
+                self.__reference = train.to_table()
+            else:
+                rows = np.random.default_rng(0).choice(train.n_rows, limit, replace=False)
+                self.__reference = train.take(np.sort(rows))
+        return self.__reference
 
     def deploy(self, rnd: int, msg: m.DeployRequest) -> m.DeployReply:
         """Run ``msg.version`` from now on, unless this site's policy pins another; sign the receipt either way."""
@@ -138,9 +159,10 @@ class LifecycleAgent:
         lets this artefact out, and say when a breach it disclosed has ended."""
         if self.lifecycle is None or self.__incoming is None or self._agreement is None or self._agreement.lifecycle is None:
             return m.MonitorReply()
-        train, incoming, terms = self.__train, self.__incoming, self._agreement.lifecycle.drift
+        incoming, terms = self.__incoming, self._agreement.lifecycle.drift
         if incoming.n_rows < terms.min_rows:  # too few to tell drift from noise: nothing is judged, nothing said
             return m.MonitorReply()
+        train = self._reference()
         report = check_drift(
             train.X, train.y, incoming.X, incoming.y, feature_names=train.feature_names,
             n_classes=len(train.classes), psi_threshold=terms.psi, label_threshold=terms.label_shift,

@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from consortium.data import Splits, Table
+from consortium.data import Records, Splits
 from consortium.errors import ModelError, ProtocolError
 from consortium.governance.guard import Refused, SiteGuard
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.robust import bound_norm
-from consortium.learning.task import EvalOptions, Task
+from consortium.learning.task import EvalOptions, Task, evaluate_records
 from consortium.learning.training import Groups
 from consortium.privacy.events import SiteLevelEvent
 from consortium.protocol import contributions as c
@@ -42,7 +42,7 @@ Contribute = Callable[[int, str, np.ndarray, bool], "Tensor | None"]
 LocalUpdate = Callable[[int, m.FitRequest, torch.nn.Module, ModelAdapter, np.ndarray], tuple[np.ndarray, float]]
 
 
-def table_fingerprint(table: Table) -> str:
+def table_fingerprint(table: Records) -> str:
     """SHA-256 of what must agree across sites: feature names, classes, image shape, the features that may
     be missing (a regression's classes are empty)."""
     layout: dict[str, object] = {
@@ -106,8 +106,8 @@ class Training:
         rng: Callable[[int, str], np.random.Generator],
     ) -> None:
         self.__train = data.train
-        self.__valid = (torch.from_numpy(data.validation.X), torch.from_numpy(data.validation.y))
-        self.__test = (torch.from_numpy(data.test.X), torch.from_numpy(data.test.y))
+        self.__valid = data.validation
+        self.__test = data.test
         self._task = task
         self._task_sha256 = task_sha256
         self._guard = guard
@@ -128,7 +128,7 @@ class Training:
             feature_names=train.feature_names,
             classes=train.classes,
             image_shape=train.image_shape,
-            contribution=self._contribute(rnd, "setup", c.setup_vector(train.X, train.y if not train.classes else None), msg.secure_aggregation),
+            contribution=self._contribute(rnd, "setup", c.setup_sums(train), msg.secure_aggregation),
         )
 
     def model_for(self, task: m.TaskSpec, params: Tensor) -> tuple[torch.nn.Module, ModelAdapter, np.ndarray]:
@@ -186,7 +186,7 @@ class Training:
         module, adapter, global_params = self.model_for(msg.task, params)
         self.held = (sha, params)
         delta, loss = self._local_update(rnd, msg, module, adapter, global_params)
-        rows = float(self.__train.X.shape[0]) if msg.weighting == "examples" else 1.0
+        rows = float(self.__train.n_rows) if msg.weighting == "examples" else 1.0
         if isinstance(msg.privacy, SiteLevelEvent):
             return self._fit_site_level(rnd, msg, msg.privacy, bound_norm(delta, msg.norm_bound))
         weight = min(rows / msg.weight_scale, 1.0) if msg.secure_aggregation else rows
@@ -209,26 +209,24 @@ class Training:
     def evaluate(self, rnd: int, msg: m.EvaluateRequest) -> m.EvaluateReply:
         module, _, _ = self.model_for(msg.task, msg.params)
         self.held = (model_sha256(msg.params), msg.params)  # the next fit request may name it instead of resending it
-        X, y = self.__valid if msg.purpose == "canary" else self.__test
+        records = self.__valid if msg.purpose == "canary" else self.__test
         spec = msg.evaluation
         groups = None
         if spec.sensitive_feature is not None:
-            if spec.sensitive_threshold is None or spec.sensitive_feature >= X.shape[1]:
+            if spec.sensitive_threshold is None or spec.sensitive_feature >= records.n_features:
                 raise ProtocolError("the evaluation names a sensitive feature without a threshold, or one the data lacks")
             groups = Groups(spec.sensitive_feature, spec.sensitive_threshold, spec.positive_class)
-        shifted = None
-        if spec.shift_noise is not None:  # the site's own draw: deterministic per round, never sent
-            noise = self._rng(rnd, "evaluate").standard_normal(X.shape) * spec.shift_noise * msg.task.scale.to_numpy()
-            shifted = X + torch.from_numpy(noise.astype(np.float32))
+        draw = self._rng(rnd, "evaluate")  # the shift is the site's own draw: deterministic per round, never sent
+
+        def options(X: torch.Tensor) -> EvalOptions:
+            if spec.shift_noise is None:
+                return EvalOptions(groups=groups)
+            noise = draw.standard_normal(X.shape) * spec.shift_noise * msg.task.scale.to_numpy()
+            return EvalOptions(groups=groups, shifted=X + torch.from_numpy(noise.astype(np.float32)))
+
         shape = data_shape(msg.task)
-        vector = self._task.evaluate(module, X, y, shape, EvalOptions(groups=groups, shifted=shifted))
-        length = self._task.statistics_length(shape)
-        if vector.shape != (length,):
-            raise ModelError(
-                f"{self._task.name}.evaluate returned {vector.shape} values where statistics_length gives "
-                f"{length}: return one fixed-length vector of sums"
-            )
-        n = int(X.shape[0])
+        vector = evaluate_records(self._task, module, records, shape, options)
+        n = records.n_rows
         if self._journal is not None and n and msg.purpose == "round":
             self._journal.append(rnd, n, self._task.summarise(vector, shape).metrics)
         return m.EvaluateReply(

@@ -36,6 +36,7 @@ from consortium.errors import ProtocolError
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.specs import TrainSettings
 from consortium.learning.task import Task
+from consortium.learning.training import TrainingData
 from consortium.privacy.dpsgd import train_dp_sgd
 from consortium.privacy.events import RecordLevelEvent, SiteLevelEvent
 
@@ -53,8 +54,7 @@ class LocalTrainer(Protocol):
     def train(
         self,
         model: ModelAdapter,
-        X: torch.Tensor,
-        y: torch.Tensor,
+        data: TrainingData,
         settings: TrainSettings,
         *,
         privacy: RecordLevelEvent | SiteLevelEvent | None,
@@ -68,8 +68,10 @@ class LocalTrainer(Protocol):
             model: the site's model; ``model.module`` is the ``torch.nn.Module``
                 holding the global parameters, ``model.get_vector()`` its flat
                 float32 parameters (take it before training to form the delta).
-            X, y: this site's training split: its features, and the task's training targets
-                (``Task.training_targets``: class indices, or a regression's standardised target).
+            data: this site's training split (``TrainingData``): its rows as tensors of features and the
+                task's training targets (``Task.training_targets``: class indices, or a regression's
+                standardised target), in memory or read on demand; ``data.batches(size, generator=...)``
+                gives shuffled mini-batches, ``data.tensors()`` everything at once.
             settings: the round's training settings (epochs, batch size, optimiser, learning rate).
             privacy: the round's privacy event, as the site will pay for it in its ledger:
                 ``None`` (no DP), a ``SiteLevelEvent`` (the site clips what you return) or a
@@ -103,8 +105,7 @@ class PlainTrainer:
     def train(
         self,
         model: ModelAdapter,
-        X: torch.Tensor,
-        y: torch.Tensor,
+        data: TrainingData,
         settings: TrainSettings,
         *,
         privacy: RecordLevelEvent | SiteLevelEvent | None,
@@ -116,7 +117,7 @@ class PlainTrainer:
             raise ProtocolError("a record-level round trains only with DP-SGD, never with plain training")
         start = model.get_vector()
         center = [p.detach().clone() for p in model.module.parameters()] if proximal_mu > 0 else None
-        loss = self.task.train(model.module, X, y, settings, seed=seed, proximal_mu=proximal_mu, proximal_center=center)
+        loss = self.task.train(model.module, data, settings, seed=seed, proximal_mu=proximal_mu, proximal_center=center)
         return model.get_vector() - start, float(loss)
 
 
@@ -131,8 +132,7 @@ class DPSGDTrainer:
     def train(
         self,
         model: ModelAdapter,
-        X: torch.Tensor,
-        y: torch.Tensor,
+        data: TrainingData,
         settings: TrainSettings,
         *,
         privacy: RecordLevelEvent | SiteLevelEvent | None,
@@ -145,7 +145,7 @@ class DPSGDTrainer:
         start = model.get_vector()
         center = [p.detach().clone() for p in model.module.parameters()] if proximal_mu > 0 else None
         loss = train_dp_sgd(
-            model.module, X, y, settings,
+            model.module, data, settings,
             sampling_rate=privacy.sampling_rate, noise_multiplier=privacy.noise_multiplier, clip=privacy.clip,
             steps=privacy.steps, generator=noise, proximal_mu=proximal_mu, proximal_center=center, loss=self.task.loss,
         )

@@ -73,6 +73,7 @@ from consortium.learning.adapter import ModelAdapter
 from consortium.learning.models import standardisation
 from consortium.learning.specs import ModelSpec, TrainSettings
 from consortium.learning.task import DataShape, Task, build_task_model, load_task
+from consortium.learning.training import TrainingData
 from consortium.privacy.dpsgd import PerExampleLoss, cross_entropy, secure_generator, train_dp_sgd
 
 __all__ = [
@@ -434,14 +435,14 @@ def _site_update(
     adapter = ModelAdapter(model)
     adapter.set_vector(start)
     settings = TrainSettings(epochs=1, batch_size=len(y), optimizer="sgd", lr=lr, momentum=0.0)
-    Xt = torch.from_numpy(np.ascontiguousarray(X))
+    rows = TrainingData.of(torch.from_numpy(np.ascontiguousarray(X)), y)
     if noise_multiplier is None:
-        task.train(model, Xt, y, settings, seed=seed)
+        task.train(model, rows, settings, seed=seed)
     else:
         assert clip is not None
         # A test seed on purpose: this is a red-team simulation, and its results must be reproducible.
         train_dp_sgd(
-            model, Xt, y, settings, sampling_rate=1.0, noise_multiplier=noise_multiplier, clip=clip, steps=1,
+            model, rows, settings, sampling_rate=1.0, noise_multiplier=noise_multiplier, clip=clip, steps=1,
             generator=secure_generator(test_seed=seed), loss=task.loss,
         )
     return adapter.get_vector() - start

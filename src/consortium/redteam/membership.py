@@ -61,6 +61,7 @@ from consortium.data.partition import Splits
 from consortium.errors import ConsortiumError
 from consortium.learning.adapter import ModelAdapter
 from consortium.learning.task import Task, load_task
+from consortium.learning.training import TrainingData
 from consortium.privacy.dpsgd import train_dp_sgd
 from consortium.protocol import messages as m
 from consortium.protocol.contributions import read_setup_sum, setup_vector
@@ -139,7 +140,7 @@ def load_target(run_dir: Path) -> Target:
         task = load_task(config.task or spec.task, config.model)
     except ConsortiumError as exc:
         raise AuditError(f"{run_dir}: the run's task cannot be rebuilt ({exc})") from None
-    splits = site_splits(config)
+    splits = {name: s.in_memory() for name, s in site_splits(config).items()}  # the replays read every record
     model = build_model(task, spec, 0)
     try:
         tensors = safetensors_load((run_dir / "model.safetensors").read_bytes())
@@ -252,29 +253,29 @@ def replay_training(target: Target, tables: dict[str, Table], seed: int) -> nn.M
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5A]))
     noise = torch.Generator().manual_seed(int(rng.integers(2**62)))
     record_dp = bool(target.privacy.get("enabled")) and target.privacy.get("level") == "record"
-    data = {n: (torch.from_numpy(t.X), _targets(task, t, spec)) for n, t in tables.items()}
+    data = {n: TrainingData.of(torch.from_numpy(t.X), _targets(task, t, spec)) for n, t in tables.items()}
     for rnd in range(1, config.rounds + 1):
         updates, weights = [], []
         for name in strategy.select(rnd, names, rng):
-            X, y = data[name]
-            if X.shape[0] == 0:
+            rows = data[name]
+            if len(rows) == 0:
                 continue
             adapter.set_vector(params)
             center = [p.detach().clone() for p in model.parameters()] if strategy.proximal_mu > 0 else None
             if record_dp:
                 p = target.privacy
                 train_dp_sgd(
-                    model, X, y, config.training, sampling_rate=p["sampling_rate"],
+                    model, rows, config.training, sampling_rate=p["sampling_rate"],
                     noise_multiplier=p["noise_multiplier"], clip=p["clip"], steps=p["steps_per_round"],
                     generator=noise, proximal_mu=strategy.proximal_mu, proximal_center=center, loss=task.loss,
                 )
             else:
                 task.train(
-                    model, X, y, config.training, seed=int(rng.integers(2**62)),
+                    model, rows, config.training, seed=int(rng.integers(2**62)),
                     proximal_mu=strategy.proximal_mu, proximal_center=center,
                 )
             updates.append(adapter.get_vector() - params)
-            weights.append(float(X.shape[0]) if strategy.weighting == "examples" else 1.0)
+            weights.append(float(len(rows)) if strategy.weighting == "examples" else 1.0)
         if updates:
             mean_update = np.average(np.stack(updates), axis=0, weights=weights).astype(np.float32)
             params = strategy.apply(rnd, params, mean_update)

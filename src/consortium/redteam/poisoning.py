@@ -150,6 +150,7 @@ class AttackedSimulation(Simulation):
         attack = self.attack
         if name not in attack.sites:
             return super()._make_site(name, splits, **kwargs)
+        splits = splits.in_memory()  # the attacker rewrites its own records
         if attack.kind == "backdoor":
             if not 0 <= attack.target < len(splits.train.classes):
                 raise ConfigError(f"the backdoor's target class {attack.target} is not one of the task's classes")
@@ -186,8 +187,8 @@ def backdoor_success(sim: Simulation, params: np.ndarray, trigger: Trigger) -> f
     task = sim.coordinator.task
     if task is None:
         return None
-    X = np.concatenate([sim._splits[n].test.X for n in sim.names])
-    y = np.concatenate([sim._splits[n].test.y for n in sim.names])
+    tests = [sim._splits[n].test.to_table() for n in sim.names]
+    X, y = np.concatenate([t.X for t in tests]), np.concatenate([t.y for t in tests])
     X = trigger.apply(X[y != trigger.target])
     if X.shape[0] == 0:
         return None

@@ -50,7 +50,7 @@ from safetensors.numpy import load as safetensors_load
 
 from consortium.config import SimulationConfig, load_config
 from consortium.crypto import keys
-from consortium.data import Table, load_schema, read_csv
+from consortium.data import Records, Table, load_schema, read_csv
 from consortium.data.schema import schema_of
 from consortium.errors import ConfigError, ConsortiumError
 from consortium.governance.agreement import REGRESSION_METRICS, Agreement, load_member_key
@@ -177,7 +177,7 @@ class Lifecycle:
 
     def __init__(
         self, run_dir: Path, *, coordinator_key: Ed25519PrivateKey, directory: dict[str, bytes], transport: Transport,
-        sample: Table, plan: RunPlan | None = None,
+        sample: Records, plan: RunPlan | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
         report = verify_run(self.run_dir)  # a disputed transcript gets no lifecycle operation: it is investigated
@@ -508,7 +508,7 @@ class Lifecycle:
 
 
 def reopen_plan(
-    config: SimulationConfig, *, sample: Table, names: list[str], agreement: Agreement,
+    config: SimulationConfig, *, sample: Records, names: list[str], agreement: Agreement,
     policies: Mapping[str, SitePolicy] | None = None,
 ) -> RunPlan:
     """A finished run's plan, from the config it recorded (its ``config.yaml``), for its model lifecycle:

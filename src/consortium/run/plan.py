@@ -22,7 +22,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from consortium.config import SecureAggregationConfig, SimulationConfig
-from consortium.data import Table
+from consortium.data import Records
 from consortium.errors import ConfigError
 from consortium.governance.agreement import Agreement, check_run
 from consortium.governance.guard import epsilon_cap
@@ -46,7 +46,7 @@ def make_strategy(config: SimulationConfig) -> Strategy:
     return strategy_from_config(config)
 
 
-def evaluation_spec(config: SimulationConfig, sample: Table) -> m.EvaluationSpec:
+def evaluation_spec(config: SimulationConfig, sample: Records) -> m.EvaluationSpec:
     """What the sites measure beyond accuracy, the sensitive attribute named by its column in the schema."""
     ev = config.evaluation
     n_classes = len(sample.classes)
@@ -87,7 +87,7 @@ def secure_aggregation(config: SimulationConfig, identity: Ed25519PrivateKey, di
     )
 
 
-def sample_shape(sample: Table) -> DataShape:
+def sample_shape(sample: Records) -> DataShape:
     """The shape of ``sample``'s data, with placeholder statistics (mean 0, scale 1): what a layout needs."""
     return DataShape(
         n_features=sample.n_features, classes=sample.classes, image_shape=sample.image_shape,
@@ -95,7 +95,7 @@ def sample_shape(sample: Table) -> DataShape:
     )
 
 
-def run_task(config: SimulationConfig, sample: Table, task: Task | None = None) -> Task:
+def run_task(config: SimulationConfig, sample: Records, task: Task | None = None) -> Task:
     """The run's task: ``task`` if given, else the one the config names (its model spec for a built-in),
     checked against the data: a classification's labels are classes, a regression's are numbers.
 
@@ -117,7 +117,7 @@ def run_task(config: SimulationConfig, sample: Table, task: Task | None = None) 
     return task
 
 
-def model_adapter(config: SimulationConfig, sample: Table, task: Task) -> ModelAdapter:
+def model_adapter(config: SimulationConfig, sample: Records, task: Task) -> ModelAdapter:
     """The layout (parameters' names and shapes) of ``task``'s model for ``sample``'s data."""
     return ModelAdapter(build_task_model(task, sample_shape(sample), 0))
 
@@ -194,7 +194,7 @@ class RunPlan:
 def plan_run(
     config: SimulationConfig,
     *,
-    sample: Table,
+    sample: Records,
     names: list[str] | None = None,
     agreement: Agreement | None = None,
     policies: Mapping[str, SitePolicy] | None = None,

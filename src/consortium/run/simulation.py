@@ -21,9 +21,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from consortium.config import SimulationConfig, load_config
 from consortium.crypto import keys
 from consortium.data import (
+    Records,
     Splits,
     SyntheticHospitals,
-    Table,
     check_schemas,
     load_builtin,
     load_schema,
@@ -34,16 +34,17 @@ from consortium.data import (
     split_table,
     synthetic_hospitals,
 )
-from consortium.data.datasets import concat_tables
+from consortium.data.stream import concat_records
 from consortium.errors import ConfigError
 from consortium.governance.agreement import Agreement, load_member_key
 from consortium.governance.policy import SitePolicy, load_policy
-from consortium.learning.models import standardisation
 from consortium.learning.specs import TrainSettings
-from consortium.learning.task import DataShape, EvalOptions, Task, build_task_model, load_task
+from consortium.learning.task import DataShape, Task, build_task_model, evaluate_records, load_task
+from consortium.learning.training import TrainingData
 from consortium.run.orchestrator import CoordinatorRun, RunResult, run_folder, signed_agreement
 from consortium.run.plan import RunPlan, plan_run
 from consortium.run.session import finite_metrics
+from consortium.protocol.contributions import read_setup_sum, setup_sums
 from consortium.protocol.coordinator import COORDINATOR, RoundRecord
 from consortium.protocol.site import Site
 from consortium.protocol.trainer import LocalTrainer
@@ -64,7 +65,7 @@ def site_splits(config: SimulationConfig, task: Task | None = None) -> dict[str,
     }
 
 
-def site_datasets(config: SimulationConfig, task: Task | None = None) -> dict[str, Table]:
+def site_datasets(config: SimulationConfig, task: Task | None = None) -> dict[str, Records]:
     """Each simulated site's full table, keyed by site name: the same for the same config."""
     data = config.data
     rng = np.random.default_rng(np.random.SeedSequence([config.seed, 0xDA7A]))
@@ -116,17 +117,15 @@ def site_policies(config: SimulationConfig, agreement: Agreement | None, names: 
     return policies
 
 
-def _shape(table: Table, classes: tuple[str, ...]) -> DataShape:
-    """``table``'s own layout and statistics (a baseline sees only its own rows)."""
-    mean, scale = standardisation(table.X)
-    if classes:
-        return DataShape(table.n_features, classes, table.image_shape, mean, scale)
-    y = table.y.astype(np.float64)
-    return DataShape(table.n_features, classes, table.image_shape, mean, scale, float(y.mean()), float(y.std()) or 1.0)
+def _shape(table: Records, classes: tuple[str, ...]) -> DataShape:
+    """``table``'s own layout and statistics (a baseline sees only its own rows), from the setup sums a
+    site would release, read a batch at a time."""
+    s = read_setup_sum(setup_sums(table), table.n_features, not classes)
+    return DataShape(table.n_features, classes, table.image_shape, s.mean, s.scale, s.target_mean, s.target_scale)
 
 
 def _train_alone(
-    train: Table, config: SimulationConfig, task: Task, classes: tuple[str, ...], seed: int
+    train: Records, config: SimulationConfig, task: Task, classes: tuple[str, ...], seed: int
 ) -> tuple[torch.nn.Module, DataShape]:
     """Train on one table with no one else: the baselines' procedure, the task's own model, loss and
     training step, the same initial weights and the same number of epochs as the federated run."""
@@ -134,15 +133,13 @@ def _train_alone(
     shape = _shape(train, classes)
     model = build_task_model(task, shape, config.seed)
     budget = TrainSettings(**{**config.training.model_dump(), "epochs": config.training.epochs * config.rounds})
-    y = task.training_targets(torch.from_numpy(train.y), shape)
-    task.train(model, torch.from_numpy(train.X), y, budget, seed=seed)
+    task.train(model, TrainingData(train, targets=lambda y: task.training_targets(y, shape)), budget, seed=seed)
     return model, shape
 
 
-def _score(model: torch.nn.Module, shape: DataShape, table: Table, task: Task) -> dict[str, float]:
+def _score(model: torch.nn.Module, shape: DataShape, table: Records, task: Task) -> dict[str, float]:
     """The task's metrics of ``model`` (trained under ``shape``) on ``table``, through the same sums a site releases."""
-    vector = task.evaluate(model, torch.from_numpy(table.X), torch.from_numpy(table.y), shape, EvalOptions())
-    return task.summarise(vector, shape).metrics
+    return task.summarise(evaluate_records(task, model, table, shape), shape).metrics
 
 
 class Simulation(CoordinatorRun):
@@ -240,7 +237,7 @@ class Simulation(CoordinatorRun):
         """Local-only and pooled (simulation only): the task's model, loss and training, the same seed and
         number of epochs, scored on the consortium's population (every site's test split)."""
         config, names, splits, task, classes = self.config, self.names, self._splits, self.plan.task, self.classes
-        population = concat_tables([splits[n].test for n in names])
+        population = concat_records([splits[n].test for n in names])
         seeds = [int(s.generate_state(1)[0]) for s in self._base_seq.spawn(len(names) + 1)]
         headline = task.headline  # accuracy, or a regression's mse
         out: dict[str, Any] = {}
@@ -256,7 +253,7 @@ class Simulation(CoordinatorRun):
                 f"own_split_{headline}_per_site": own,
             }
         if config.baselines.pooled:
-            model, shape = _train_alone(concat_tables([splits[n].train for n in names]), config, task, classes, seeds[-1])
+            model, shape = _train_alone(concat_records([splits[n].train for n in names]), config, task, classes, seeds[-1])
             out["pooled"] = finite_metrics(_score(model, shape, population, task))
         return out
 
