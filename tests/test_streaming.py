@@ -187,3 +187,14 @@ def test_a_run_on_streamed_records_trains_and_scores_as_in_memory_one_batch_at_a
     assert lazy.summary["pooled"]["accuracy"] == pytest.approx(whole.summary["pooled"]["accuracy"], abs=1e-3)
     assert lazy.summary["local_only"]["accuracy_mean"] == pytest.approx(whole.summary["local_only"]["accuracy_mean"], abs=1e-3)
     assert stream_module.DEFAULT_BATCH_ROWS > 16  # the test's batch is its own, smaller than the default
+
+
+def test_a_large_table_in_memory_is_read_in_bounded_views_too():
+    rng = np.random.default_rng(0)
+    table = Table(rng.standard_normal((10_000, 3)).astype(np.float32), rng.integers(0, 2, 10_000), ("a", "b", "c"), ("n", "y"))
+    batches = list(table.batches())
+    assert [b.n_rows for b in batches] == [4096, 4096, 1808] and table.batch_rows == 4096
+    assert all(np.shares_memory(b.X, table.X) for b in batches)  # views: nothing copied
+    np.testing.assert_allclose(setup_sums(table), setup_vector(table.X), rtol=1e-12)
+    small = table.take(np.arange(10))
+    assert list(small.batches()) == [small]

@@ -25,6 +25,10 @@ import numpy as np
 from consortium.errors import ConfigError, DataError, UnknownDatasetError
 
 
+#: Rows a step reads from an in-memory table at a time (setup sums, evaluation, DP-SGD's chunks).
+TABLE_BATCH_ROWS = 4096
+
+
 @dataclass(frozen=True)
 class Table:
     """Rows of examples with their labels and the names that give them meaning.
@@ -152,12 +156,19 @@ class Table:
 
     @property
     def batch_rows(self) -> int:
-        """How many rows ``batches`` yields at a time: all of them, since they are in memory already."""
-        return self.n_rows
+        """How many rows a step handles at a time (``batches``, DP-SGD's chunks): ``TABLE_BATCH_ROWS`` at most."""
+        return max(1, min(self.n_rows, TABLE_BATCH_ROWS))
 
     def batches(self) -> Iterator[Table]:
-        """The rows in batches, as a ``StreamedTable`` reads them: here one batch, the table itself."""
-        yield self
+        """The rows in order, ``batch_rows`` at a time (views, not copies): the table itself when it is
+        no larger, so that a step's temporaries (float64 sums, a model's activations) stay bounded."""
+        if self.n_rows <= TABLE_BATCH_ROWS:
+            yield self
+            return
+        for start in range(0, self.n_rows, TABLE_BATCH_ROWS):
+            end = min(start + TABLE_BATCH_ROWS, self.n_rows)
+            yield Table(X=self.X[start:end], y=self.y[start:end], feature_names=self.feature_names,
+                        classes=self.classes, image_shape=self.image_shape, imputed=self.imputed)
 
     def subset(self, idx: np.ndarray) -> Table:
         """The rows at ``idx``: ``take`` (a ``StreamedTable``'s subset reads nothing until asked)."""
