@@ -198,3 +198,12 @@ def test_a_large_table_in_memory_is_read_in_bounded_views_too():
     np.testing.assert_allclose(setup_sums(table), setup_vector(table.X), rtol=1e-12)
     small = table.take(np.arange(10))
     assert list(small.batches()) == [small]
+
+
+def test_a_bare_dataset_from_load_is_refused_naming_the_wrapper(tmp_path):
+    class Bare(ArrayStudy):
+        def load(self, path):
+            return Rows(np.zeros((4, 2), dtype=np.float32), np.zeros(4, dtype=np.int64))
+
+    with pytest.raises(DataError, match=r"load returned a Rows: .* wrap a dataset as StreamedTable\(dataset, classes="):
+        Bare().records(tmp_path)

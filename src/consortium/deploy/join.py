@@ -116,7 +116,7 @@ def build_site(
     if study is not None and study.loads_data:  # the study's own reader, on this machine's own files
         if incoming is not None:
             raise ConfigError("--incoming is read against a schema: a task that loads its own data has none")
-        table = study.load(data)
+        table = study.records(data)
     elif schema is None:
         raise ConfigError("give --schema, the agreed schema the CSV follows (only a task that loads its data needs none)")
     else:

@@ -74,7 +74,7 @@ def served_layout(config: SimulationConfig, schema: DataSchema | None, sample: P
     if not task.loads_data:
         raise ConfigError(f"--sample is read by the task's load, and {task.name} defines none: give --schema")
     assert sample is not None
-    table = task.load(sample)
+    table = task.records(sample)
     return table.take(np.zeros(0, dtype=np.int64))  # the layout only: the coordinator keeps no record
 
 

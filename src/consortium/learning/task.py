@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from consortium.data import Records
-from consortium.errors import ConfigError, ModelError
+from consortium.data import Records, StreamedTable, Table
+from consortium.errors import ConfigError, DataError, ModelError
 from consortium.learning.identity import is_file_ref, task_code
 from consortium.learning.models import Standardize
 from consortium.learning.specs import ModelSpec, TrainSettings
@@ -158,6 +158,21 @@ class Task:
             DataError: the data cannot be read (one line naming the file and the fix).
         """
         raise NotImplementedError(f"{type(self).__name__} does not load data itself: give each site a CSV and a schema")
+
+    def records(self, path: Path) -> Records:
+        """``load(path)``, checked to be a site's records (what the framework calls; override ``load``).
+
+        Raises:
+            DataError: ``load`` returned something else, such as a bare ``torch.utils.data.Dataset`` (one
+                line: wrap it in a ``StreamedTable``, which says what its records mean).
+        """
+        records = self.load(path)
+        if not isinstance(records, (Table, StreamedTable)):
+            raise DataError(
+                f"{self.name}.load returned a {type(records).__name__}: return a consortium.data.Table, or wrap a "
+                "dataset as StreamedTable(dataset, classes=..., image_shape=...) so that its records have a layout"
+            )
+        return records
 
     @property
     def loads_data(self) -> bool:

@@ -83,7 +83,7 @@ def site_datasets(config: SimulationConfig, task: Task | None = None) -> dict[st
         if not task.loads_data:
             raise ConfigError(f"dataset 'task' needs a task that loads data, and {task.name} defines no load(path): "
                               "define it, or give csv_sites")
-        return {s.name: task.load(s.path) for s in data.task_sites}
+        return {s.name: task.records(s.path) for s in data.task_sites}
     k = data.n_sites
     if data.dataset == "synthetic-hospitals":
         spec = SyntheticHospitals(**data.synthetic.model_dump())
