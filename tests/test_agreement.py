@@ -166,6 +166,23 @@ def test_a_run_does_not_start_until_every_approver_has_signed(tmp_path):
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
 
 
+def test_what_a_config_leaves_unsaid_is_taken_from_the_agreement_and_what_it_says_is_kept(tmp_path):
+    from consortium.config import SimulationConfig
+    from consortium.governance.agreement import load_agreement, with_agreed_terms
+    from consortium.run.simulation import Simulation
+
+    path = _consortium_agreement(tmp_path, ["coordinator", "site-1", "site-2", "site-3"])
+    agreement = load_agreement(path)
+    raw = {"data": {"dataset": "breast-cancer", "sites": 3}, "agreement": {"file": str(path), "keys": str(tmp_path / "keys")}}
+    plan = Simulation(SimulationConfig.model_validate(raw), out=tmp_path / "run").plan  # min_sites 1 was refused
+    terms = agreement.privacy
+    assert (plan.config.rounds, plan.config.participation.min_sites) == (agreement.rounds, agreement.min_cohort) == (20, 3)
+    assert (plan.config.privacy.level, plan.config.privacy.epsilon, plan.config.privacy.delta) == (
+        terms.level, terms.max_epsilon, terms.delta)
+    own = with_agreed_terms(SimulationConfig.model_validate({"rounds": 2, "privacy": {"epsilon": 2.0}}), agreement)
+    assert (own.rounds, own.privacy.epsilon, own.privacy.delta) == (2, 2.0, terms.delta)
+
+
 def test_a_signed_agreement_is_kept_and_recorded(tmp_path):
     from consortium.governance.agreement import agreement_hash, load_agreement
     from consortium.run.simulation import Simulation, run_simulation

@@ -28,7 +28,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> di
     for name, dp in (("private", True), ("open", False)):
         config = SimulationConfig.model_validate({
             "rounds": 4, "data": {"dataset": "breast-cancer", "sites": 3},
-            "privacy": {"enabled": dp, "epsilon": 1.0, "test_seed": 3}, "baselines": {"local_only": False, "pooled": False},
+            "privacy": {"enabled": dp, "epsilon": 1.0, "test_seed": 3}, "baselines": {"local_only": dp, "pooled": dp},
             "evaluation": {"sensitive_feature": "mean radius", "shift_noise": 1.0} if dp else {},
         })
         Simulation(config, out=root / name).run()
@@ -105,9 +105,49 @@ def test_every_plot_renders_in_headless_chromium(runs: dict[str, Path], tmp_path
     # private: accuracy, reliability, fairness, epsilon, ROC; open: accuracy, reliability, ROC. Each laid out
     # by the browser with a real size.
     assert int(plots.group(1)) == 8 and int(rendered.group(1)) == 8
+    # What a privacy officer reads, as the browser laid it out: the results beside the constant predictor,
+    # what DP does not cover, the ceiling in words, inversion rows the run was not exposed to, one line per
+    # group of sites whose epsilon coincides, and the same axes for both runs.
+    text = re.sub(r"\s+", " ", dom)
+    assert "constant: predicting the majority class" in text and "local-only, mean of the sites" in text
+    assert re.search(r"the majority class is \d+\.\d\d% of the records", text) and "pooled, all records" in text
+    assert "What the epsilon does <b>not</b> cover" in text and "released as exact sums" in text
+    assert "data-informative=\"true\"" in text and "no attack, however strong, can flag more than" in text
+    assert "hypothetical: a coordinator without secure aggregation; this run had it" in text
+    assert "3 sites alike: site-1, site-2, site-3" in text
+    ticks = [re.findall(r"<!-- ([0-9.]+) -->", block) for block in re.findall(r'data-plot="accuracy">(.*?)</figure>', dom, re.S)]
+    assert len(ticks) == 2 and ticks[0] == ticks[1] and "1.0" in ticks[0]  # the compared runs share their axes
     shot = tmp_path / "report.png"
     subprocess.run([*flags, "--window-size=1400,2400", f"--screenshot={shot}", page.as_uri()], check=False,
                    capture_output=True, timeout=120)
     pixels = np.asarray(Image.open(shot).convert("L"))
     assert pixels.shape == (2400, 1400)
     assert (pixels < 128).mean() > 0.01  # text, axes and curves: a blank or failed page is near-white
+
+
+def test_the_dp_ceiling_is_explained_and_called_uninformative_where_it_rules_nothing_out() -> None:
+    from consortium.redteam.report_attacks import ceiling_in_words
+
+    words, informative = ceiling_in_words(8.0, 1e-5)
+    assert not informative and "99.97% of the members while wrongly flagging 0.1%" in words and "uninformative" in words
+    words, informative = ceiling_in_words(1.0, 1e-5)
+    assert informative and "0.27% of the members" in words and "refutes the claim" in words
+    assert ceiling_in_words(None, None)[1] is False
+
+
+def test_audit_prints_every_attack_on_the_console(runs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from consortium.cli.audit import _print_audit
+    from consortium.cli.common import out_console
+
+    monkeypatch.setattr(out_console, "width", 240)
+    seen = {}
+    for name, attacks in (("private", ["mia", "inversion", "canary"]), ("open", ["mia", "poisoning"])):
+        with out_console.capture() as captured:
+            _print_audit(json.loads((runs[name] / "audit.json").read_text()), attacks)
+        seen[name] = captured.get()
+    assert "membership inference: loss threshold" in seen["private"] and "The DP ceiling: at epsilon 1" in seen["private"]
+    assert "gradient inversion" in seen["private"] and "one site (hypothetical: no secure aggregation)" in seen["private"]
+    assert "one-run DP audit" in seen["private"] and "control: noise divided by 10" in seen["private"]
+    assert "caught: less private than claimed" in seen["private"]  # the control, as it must be
+    assert "poisoning: sign flip x10" in seen["open"] and "attacked + krum" in seen["open"]
+    assert "No DP: nothing bounds what a membership attack may find" in seen["open"]

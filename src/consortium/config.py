@@ -90,10 +90,8 @@ class DataConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
-        if self.dataset == "csv":
-            if not self.csv_sites:
-                raise ValueError("dataset 'csv' needs csv_sites: a list of {name, csv, schema} per site")
-            names = [s.name for s in self.csv_sites]
+        if self.dataset == "csv":  # deployed, each site names its own CSV (join --data): no csv_sites
+            names = [s.name for s in self.csv_sites or []]
             if len(set(names)) != len(names):
                 raise ValueError(f"csv_sites names must be unique, found {names}")
         elif self.csv_sites:

@@ -77,6 +77,25 @@ def agreement_sign(
     out_console.print(f"{member} signed {path}; " + (f"still to sign: {', '.join(missing)}" if missing else "every approver has signed"))
 
 
+@agreement_app.command("collect")
+def agreement_collect(
+    folder: Annotated[Path, typer.Argument(metavar="DIR", help="the folder consortium init wrote (its agreement and kits/)")],
+    extra: Annotated[list[Path] | None, typer.Option("--from", help="a signatures file a member sent (repeatable)")] = None,
+) -> None:
+    """Put every approver's signature in every kit: gathered from DIR, each kit and --from files, each checked."""
+    from consortium.governance.agreement import collect_signatures
+
+    agreement = folder / "agreement.yaml"
+    if not agreement.is_file():
+        raise ConfigError(f"{folder} holds no agreement.yaml: give the folder consortium init wrote")
+    kits = sorted(folder.glob("kits/*/agreement.yaml"))
+    signed, missing = collect_signatures(agreement, kits, list(extra or []))
+    out_console.print(
+        f"{len(signed)} signatures in {agreement} and {len(kits)} kits; "
+        + (f"[bold red]still to sign: {', '.join(missing)}[/] (no run may start)" if missing else "every approver has signed")
+    )
+
+
 key_app = typer.Typer(help="Identity keys: one Ed25519 key per member, in a file only its owner can read.")
 
 

@@ -12,7 +12,7 @@ import typer
 from rich.table import Table as RichTable
 from typer.exceptions import Exit
 
-from consortium.cli.common import JsonOpt, err_console, out_console
+from consortium.cli.common import LONG_TABLE, JsonOpt, err_console, out_console, spread
 
 
 StateOpt = Annotated[
@@ -66,7 +66,15 @@ def budget(
         t = RichTable(title=f"privacy budget: {run_dir}")
         for col in ("site", "epsilon spent", "cap", "delta", "rounds paid"):
             t.add_column(col, justify="left" if col == "site" else "right")
-        for name, r in rows.items():
+        shown = rows
+        if len(rows) > LONG_TABLE:  # the sites nearest their caps, and the spread; --json gives every row
+            spent = {name: r["epsilon_spent"] for name, r in rows.items()}
+            names = [label.split(": ", 1)[1] for label, _ in spread(spent, worst="high") if ": " in label]
+            shown = {name: rows[name] for name in names}
+            t.caption = (f"{len(rows)} sites: the 3 that spent most and the one that spent least; epsilon spent over all: "
+                         + ", ".join(f"{label} {v:.4f}" for label, v in spread(spent, worst="high") if ": " not in label)
+                         + " (every row: --json)")
+        for name, r in shown.items():
             t.add_row(name, f"{r['epsilon_spent']:.4f}", f"{r['epsilon_cap']:g}", f"{r['delta']:g}", str(r["rounds_paid"]))
         out_console.print(t)
     if _print_discrepancies(rows):
@@ -117,7 +125,11 @@ def verify(
     else:
         out_console.print("summary.json is this run's: its run id, tree head, target epsilon, epsilon and metrics match signed entries")
     if report.epsilon_per_site:
-        eps = ", ".join(f"{s} {e:.3f}" for s, e in report.epsilon_per_site.items())
+        listed = report.epsilon_per_site
+        if len(listed) > LONG_TABLE:
+            eps = "; ".join(f"{label} {v:.3f}" for label, v in spread(listed, worst="high")) + f" ({len(listed)} sites; --json lists each)"
+        else:
+            eps = ", ".join(f"{s} {e:.3f}" for s, e in listed.items())
         said = "matching the run's report" if report.summary == "bound" else "(no report to compare with)"
         out_console.print(f"epsilon recomputed from the events each site signed, {said}: {eps}")
         higher = {s: b for s, b in report.epsilon_bound_per_site.items() if b > report.epsilon_per_site.get(s, 0.0) + 1e-12}
@@ -183,6 +195,9 @@ def report(
 
 
 def _print_audit(result: dict[str, Any], names: list[str]) -> None:
+    """Every attack's result on the console (audit.json holds the same and more)."""
+    from consortium.redteam.report_attacks import ceiling_in_words
+
     mia = result["attacks"].get("mia") if "mia" in names else None
     if mia is not None:
         for attack in ("loss", "lira"):
@@ -198,4 +213,61 @@ def _print_audit(result: dict[str, Any], names: list[str]) -> None:
                 within = {None: "-", True: "yes", False: "[bold red]NO[/]"}[v["within_dp_bound"]]
                 t.add_row(v["site"], str(v["members"]), f"{v['auc']:.3f}", *rates, eps, within)
             out_console.print(t)
+        privacy = result.get("privacy") or {}
+        eps = (privacy.get("epsilon_per_site") or {}).values() if privacy.get("enabled") else ()
+        out_console.print(ceiling_in_words(max(eps) if eps else None, privacy.get("delta"))[0], highlight=False)
+    secure = _secure(Path(result["run_dir"]))
+    for name, render in (("inversion", _print_inversion), ("canary", _print_canary), ("poisoning", _print_poisoning)):
+        section = result["attacks"].get(name)
+        if name in names and section is not None:
+            if "skipped" in section:
+                out_console.print(f"{name}: not run: {section['skipped']}", highlight=False)
+            else:
+                render(section, secure)
     out_console.print(f"written: {Path(result['run_dir']) / 'audit.json'}")
+
+
+def _secure(run_dir: Path) -> bool:
+    try:
+        return bool(json.loads((run_dir / "summary.json").read_text())["secure_aggregation"]["enabled"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _print_inversion(section: dict[str, Any], secure: bool) -> None:
+    unit = "dB PSNR" if section["metric"] == "psnr" else "mean error"
+    t = RichTable(title=f"gradient inversion ({section['note']})")
+    for col in ("observer", "batch", f"reconstruction ({unit})", "mean-image guess", "recovers inputs"):
+        t.add_column(col, justify="left" if col == "observer" else "right")
+    for r in section["rows"]:
+        hypothetical = secure and r["observer"].startswith("one site")
+        recovers = r["gain"] > 3 * (1 if r["metric"] == "psnr" else 0.1)
+        verdict = ("yes, were it unprotected" if hypothetical else "[bold red]yes[/]") if recovers else "no"
+        observer = r["observer"] + (" (hypothetical: no secure aggregation)" if hypothetical else "")
+        t.add_row(observer, str(r["batch_size"]), f"{r['quality']:.2f}", f"{r['baseline']:.2f}", verdict)
+    out_console.print(t)
+
+
+def _print_canary(section: dict[str, Any], secure: bool) -> None:
+    t = RichTable(title=f"one-run DP audit ({section['as_run']['canaries']} canaries; at most epsilon {section['reach']:.2f} provable)")
+    for col in ("mechanism", "correct guesses", "empirical epsilon (95%)", "accounted epsilon", "verdict"):
+        t.add_column(col, justify="left" if col == "mechanism" else "right")
+    for key, label in (("as_run", "the run's DP-SGD"), ("noise_divided_by_10", "control: noise divided by 10")):
+        r = section[key]
+        verdict = "[bold red]caught: less private than claimed[/]" if r["caught"] else "within its claim"
+        t.add_row(label, f"{r['correct']} / {r['guesses']}", f"{r['lower_bound']:.3f}", f"{r['accounted_epsilon']:.3f}", verdict)
+    out_console.print(t)
+
+
+def _print_poisoning(section: dict[str, Any], secure: bool) -> None:
+    def acc(x: float | None) -> str:
+        return "-" if x is None else f"{x:.1%}"
+
+    for attack, runs in section["attacks"].items():
+        t = RichTable(title=f"poisoning: {attack} by {section['attacker']} from round 2")
+        for col in ("run", "secure agg.", "status", "final accuracy", "worst since attack", "backdoor success"):
+            t.add_column(col, justify="left" if col == "run" else "right")
+        for r in runs:
+            t.add_row(r["label"], "on" if r["secure_aggregation"] else "off", r["status"], acc(r["accuracy"]),
+                      acc(r["worst_accuracy"]), acc(r["backdoor_success"]))
+        out_console.print(t)

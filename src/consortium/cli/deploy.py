@@ -34,7 +34,8 @@ def init(
     out_console.print(
         f"provisioned {consortium}: CA {folder / 'ca.crt'} (its key {folder / 'ca.key'} stays with you), "
         f"{len(members)} kits under {folder / 'kits'}; give each member its own kit only. "
-        f"Next: every approver signs {folder / 'agreement.yaml'} (consortium agreement sign)."
+        f"Next: every approver signs its kit's agreement (consortium agreement sign KIT/agreement.yaml --member NAME "
+        f"--key KIT/identity.key), then consortium agreement collect {folder} puts every signature in every kit."
     )
 
 
@@ -84,7 +85,7 @@ def serve(
     if served.dashboard_port is not None:
         err_console.print(f"dashboard on https://{host}:{served.dashboard_port}/dashboard (consortium dashboard-link KIT)")
     try:
-        train(served.run, served.config.rounds, as_json)
+        train(served.run, served.config.rounds, as_json, before=served.plan.warnings)
     finally:
         served.stop()
 

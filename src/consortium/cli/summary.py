@@ -17,11 +17,14 @@ from rich.progress import (
 from rich.table import Table as RichTable
 from typer.exceptions import Exit
 
-from consortium.cli.common import HALTED_EXIT, err_console, fmt, out_console
+from consortium.cli.common import HALTED_EXIT, LONG_TABLE, err_console, fmt, out_console, spread
 
 
-def train(run: Any, rounds: int, as_json: bool) -> None:
-    """Run with a progress bar on stderr, then print the summary; a halted run exits with HALTED_EXIT."""
+def train(run: Any, rounds: int, as_json: bool, before: tuple[str, ...] = ()) -> None:
+    """Run with a progress bar on stderr, then print the summary; a halted run exits with HALTED_EXIT.
+    ``before``: warnings known before training (the plan's), printed first and not again after."""
+    for warning in before:
+        err_console.print(f"[bold red]WARNING[/] (before training): {warning}", highlight=False)
     show_progress = not as_json or err_console.is_terminal
     with Progress(
         TextColumn("[bold]training[/]"),
@@ -42,7 +45,7 @@ def train(run: Any, rounds: int, as_json: bool) -> None:
 
         result = run(on_round=on_round)
     summary = result.summary
-    for warning in summary["warnings"]:
+    for warning in (w for w in summary["warnings"] if w not in before):
         err_console.print(f"[bold red]WARNING[/]: {warning}", highlight=False)
     if as_json:
         sys.stdout.write(json.dumps(summary, allow_nan=False) + "\n")
@@ -76,9 +79,15 @@ def print_summary(s: dict[str, Any]) -> None:
     if "local_only" in s:
         lo = s["local_only"]
         t.add_row("local-only, mean of sites", fmt(lo[f"{headline}_mean"]), "", "")
-        for name, value in lo[f"{headline}_per_site"].items():
-            own = lo[f"own_split_{headline}_per_site"][name]
-            t.add_row(f"  {name} alone (own split {fmt(own)})", fmt(value), "", "")
+        per_site = lo[f"{headline}_per_site"]
+        if len(per_site) > LONG_TABLE:  # 200 sites are read as a spread and the worst, not 200 rows
+            for label, value in spread(per_site, worst="high" if headline == "mse" else "low"):
+                t.add_row(f"  sites alone, {label}", fmt(value), "", "")
+            t.add_row(f"  [dim]every one of the {len(per_site)} sites: summary.json, local_only[/]", "", "", "")
+        else:
+            for name, value in per_site.items():
+                own = lo[f"own_split_{headline}_per_site"][name]
+                t.add_row(f"  {name} alone (own split {fmt(own)})", fmt(value), "", "")
     if "pooled" in s:
         p = s["pooled"]
         t.add_row("pooled (simulation-only upper bound)", *(fmt(p.get(c)) for c in columns))

@@ -191,7 +191,8 @@ def split_table(table: Records, rng: np.random.Generator, *, validation: float =
     needed = 1 + (test > 0) + (validation > 0)
     if n < needed:
         raise DataError(
-            f"a table of {n} rows is too small to split into train, validation and test: it needs at least {needed} rows"
+            f"a table of {n} row{'s' if n != 1 else ''} is too small to split into train, validation and test: it needs "
+            f"at least {needed} rows"
         )
     # Rounding up tiny splits to one row must never leave train empty.
     while n - n_test - n_val < 1:

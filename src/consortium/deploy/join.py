@@ -26,7 +26,7 @@ from consortium.config import SplitConfig
 from consortium.data import load_schema, read_csv, split_table
 from consortium.deploy.provision import Kit
 from consortium.deploy.serve import directory_of
-from consortium.errors import ConfigError
+from consortium.errors import ConfigError, DataError
 from consortium.governance.agreement import load_agreement, load_member_key, read_signatures, require_approval
 from consortium.governance.approval import require_reference_approved
 from consortium.governance.guard import epsilon_cap
@@ -124,7 +124,10 @@ def build_site(
     if study is None:
         study = load_task("classification" if table.classes else "regression")
     split_rng, _ = site_randomness(seed, kit.member)
-    splits = split_table(table, split_rng, validation=split.validation, test=split.test)
+    try:
+        splits = split_table(table, split_rng, validation=split.validation, test=split.test)
+    except DataError as exc:  # say whose data, and where it was read from
+        raise DataError(f"site '{kit.member}' ({data}): {exc}") from None
     identity = load_member_key(agreement, None, kit.member, file=kit.folder / "identity.key")
     site = build_site_from(
         kit.member,

@@ -119,6 +119,9 @@ class ServedRun(CoordinatorRun):
             raise ConfigError(f"{out} is not empty: continue the run it holds with --recover {out}, or choose a new --out")
         if config is None:
             raise ConfigError("a new run needs its config: pass --config (or --recover RUN_DIR to continue one)")
+        if not recover and "dataset" not in config.data.model_fields_set:  # named for the sites' own data
+            data = config.data.model_copy(update={"dataset": "csv" if schema is not None else "task"})
+            config = config.model_copy(update={"data": data})
         agreement_file = kit.folder / "agreement.yaml"
         # The run is held to the kit's agreement, whatever the config's agreement section says.
         config = config.model_copy(update={"agreement": AgreementConfig(file=agreement_file, keys=kit.folder)})

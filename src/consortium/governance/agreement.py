@@ -296,6 +296,35 @@ def require_approval(agreement: Agreement, signatures: dict[str, str]) -> list[s
     return signed
 
 
+#: What a run releases outside the differential-privacy guarantee: said wherever the guarantee is stated.
+DP_DOES_NOT_COVER = (
+    "What the epsilon does **not** cover: the setup statistics (each site's number of training records and, per "
+    "feature, the sum, the sum of squares and the count of values present; a regression target's sum and sum of "
+    "squares) and every evaluation's counts (records, correct predictions, score and calibration histograms, the "
+    "labels' counts) are released as exact sums, without noise: under secure aggregation only their total over "
+    "the round's cohort, never one site's alone. The transcript also records which sites took part in each round "
+    "and each site's record count and data hash. The epsilon bounds what the model updates reveal, nothing else."
+)
+
+
+def with_agreed_terms(config: SimulationConfig, agreement: Agreement) -> SimulationConfig:
+    """``config`` with what it leaves unsaid taken from ``agreement``'s terms: the rounds (the agreed
+    number), ``participation.min_sites`` (the minimum cohort), the privacy level, epsilon (the agreed
+    cap) and delta. A value the config sets is kept, and ``check_run`` still refuses one the agreement
+    does not allow: the agreement fills gaps, it never loosens a term."""
+    update: dict[str, object] = {}
+    if "rounds" not in config.model_fields_set:
+        update["rounds"] = agreement.rounds
+    if "min_sites" not in config.participation.model_fields_set:
+        update["participation"] = config.participation.model_copy(update={"min_sites": agreement.min_cohort})
+    p, req = config.privacy, agreement.privacy
+    privacy = {k: v for k, v in (("level", req.level), ("epsilon", req.max_epsilon), ("delta", req.delta))
+               if k not in p.model_fields_set}
+    if privacy:
+        update["privacy"] = p.model_copy(update=privacy)
+    return config.model_copy(update=update) if update else config
+
+
 def check_run(
     agreement: Agreement, config: SimulationConfig, sites: list[str], layout_hash: str, task: dict[str, str] | None = None,
 ) -> None:
@@ -334,9 +363,15 @@ def check_run(
 
 
 def read_signatures(path: Path) -> dict[str, str]:
+    """The signatures beside the agreement at ``path`` (none yet: empty)."""
     sig_path = signatures_path(path)
     if not sig_path.exists():
         return {}
+    return read_signature_file(sig_path)
+
+
+def read_signature_file(sig_path: Path) -> dict[str, str]:
+    """A signatures file (member -> signature, hex), wherever it lies."""
     try:
         data = json.loads(sig_path.read_text())
     except json.JSONDecodeError as exc:
@@ -433,10 +468,11 @@ def explain(agreement: Agreement) -> str:
     p = agreement.privacy
     who = "any one patient's records" if p.level == "record" else "any one institution's whole contribution"
     lines.append(
-        f"- Differential privacy at **{p.level} level**: what anyone can learn about {who} from everything "
-        f"released is bounded by epsilon **{p.max_epsilon:g}** at delta {p.delta:g} per site, for the whole "
+        f"- Differential privacy at **{p.level} level**: what anyone can learn about {who} from the model "
+        f"updates released is bounded by epsilon **{p.max_epsilon:g}** at delta {p.delta:g} per site, for the whole "
         "collaboration. Each site keeps its own budget and refuses a round that would exceed it."
     )
+    lines.append(f"- {DP_DOES_NOT_COVER}")
     if agreement.secure_aggregation_required:
         lines.append("- **Secure aggregation is required**: the coordinator only ever learns sums over the cohort.")
     else:
@@ -474,3 +510,49 @@ def explain(agreement: Agreement) -> str:
         ]
     lines.append(f"- Agreement hash (what each approver signs): `{agreement_hash(agreement)}`.")
     return "\n".join(lines) + "\n"
+
+
+def collect_signatures(agreement_file: Path, copies: list[Path], extra: list[Path] | None = None) -> tuple[list[str], list[str]]:
+    """Gather every signature on the agreement at ``agreement_file`` from beside it, beside each of its
+    ``copies`` (the kits') and from the ``extra`` signatures files, check each one, and write them all
+    beside the agreement and every copy: one step instead of copying files into each kit by hand.
+
+    Returns:
+        (approvers who have signed, approvers still to sign).
+
+    Raises:
+        ConfigError: a copy is not the same agreement, a file is unreadable, or a signature names no
+            member or does not verify for this version (the file and the member are named).
+    """
+    from consortium.runs import write_atomic
+
+    agreement = load_agreement(agreement_file)
+    digest = agreement_hash(agreement)
+    for copy in copies:
+        if agreement_hash(load_agreement(copy)) != digest:
+            raise ConfigError(
+                f"{copy} is not the agreement {agreement_file} (another hash): give every member the same version"
+            )
+    members = {m.name for m in agreement.members}
+    sources = [signatures_path(p) for p in (agreement_file, *copies)] + list(extra or [])
+    merged: dict[str, str] = {}
+    for source in sources:
+        if not source.exists():
+            if source in (extra or []):
+                raise ConfigError(f"signatures file {source} does not exist: give the file a member sent")
+            continue
+        for member, signature in read_signature_file(source).items():
+            if member not in members:
+                raise ConfigError(f"{source}: '{member}' is not a member of this agreement: remove that line")
+            try:
+                approval(agreement, {member: signature})
+            except VerificationError:
+                raise ConfigError(
+                    f"{source}: the signature of '{member}' does not verify for this agreement (another version, "
+                    "or forged): have that member sign this version again"
+                ) from None
+            merged[member] = signature
+    text = (json.dumps(merged, indent=1, sort_keys=True) + "\n").encode()
+    for path in (agreement_file, *copies):
+        write_atomic(signatures_path(path), text)
+    return approval(agreement, merged)

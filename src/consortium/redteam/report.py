@@ -16,7 +16,6 @@ nothing from anywhere, so it can be mailed, archived, or opened offline.
 from __future__ import annotations
 
 import html
-import io
 import json
 from pathlib import Path
 from typing import Any
@@ -24,17 +23,24 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # no display: figures are only ever written to SVG
-import numpy as np
 from matplotlib import pyplot as plt
-from matplotlib.figure import Figure
 
 from consortium.config import load_config
+from consortium.governance.agreement import DP_DOES_NOT_COVER
 from consortium.errors import ConsortiumError
 from consortium.lifecycle.lineage import Lineage, describe_failures
 from consortium.privacy.accountant import epsilon as account
 from consortium.redteam.audit import AUDIT_FILE
 from consortium.redteam.membership import AuditError, read_run_json
-from consortium.redteam.metrics import dp_tpr_bound
+from consortium.redteam.report_attacks import (
+    canary_section,
+    inversion_section,
+    membership_section,
+    pct,
+    poisoning_section,
+    svg,
+    table,
+)
 from consortium.runs import write_atomic
 from consortium.audit.verify import read_entries, run_agreement, signed_events, verify_run
 
@@ -53,15 +59,6 @@ figure { margin: 8px 0; } figure svg { max-width: 100%; height: auto; }
 """
 
 
-def _svg(fig: Figure, name: str) -> str:
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight")
-    plt.close(fig)
-    svg = buf.getvalue()
-    svg = svg[svg.index("<svg"):]  # drop the XML prolog and doctype: inline SVG needs neither
-    return f'<figure class="plot" data-plot="{html.escape(name)}">{svg}</figure>'
-
-
 def _lines(path: Path) -> list[dict[str, Any]]:
     try:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -74,8 +71,12 @@ def _series(rounds: list[dict[str, Any]], key: str) -> tuple[list[int], list[flo
     return [r["round"] for r in done], [r[key] for r in done]
 
 
-def _accuracy_plot(rounds: list[dict[str, Any]], sites: dict[str, list[dict[str, Any]]], headline: str = "accuracy") -> str:
-    """The task's headline metric per round (accuracy; a regression's MSE)."""
+def _accuracy_plot(
+    rounds: list[dict[str, Any]], sites: dict[str, list[dict[str, Any]]], headline: str = "accuracy",
+    ylim: tuple[float, float] | None = None,
+) -> str:
+    """The task's headline metric per round (accuracy; a regression's MSE); ``ylim``: the axis every
+    compared run shares."""
     fig, ax = plt.subplots(figsize=(6, 3.4))
     ax.plot(*_series(rounds, headline), "o-", color="black", lw=2, label="consortium (secure sum)")
     if headline == "mse" and any(r.get("mean_mse") is not None for r in rounds):
@@ -86,9 +87,11 @@ def _accuracy_plot(rounds: list[dict[str, Any]], sites: dict[str, list[dict[str,
         ax.plot(*_series(points, headline), ".--", lw=1, label=f"{site} (its own record)")
     ax.set_xlabel("round")
     ax.set_ylabel(f"test {headline}")
+    if ylim is not None:
+        ax.set_ylim(*ylim)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _svg(fig, "accuracy")
+    return svg(fig, "accuracy")
 
 
 def _reliability_plot(bins: list[dict[str, Any]], ece: float | None) -> str:
@@ -105,7 +108,7 @@ def _reliability_plot(bins: list[dict[str, Any]], ece: float | None) -> str:
     if ece is not None:
         ax.set_title(f"expected calibration error {ece:.3f}", fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
-    return _svg(fig, "reliability")
+    return svg(fig, "reliability")
 
 
 def _fairness_plot(rounds: list[dict[str, Any]]) -> str:
@@ -117,7 +120,11 @@ def _fairness_plot(rounds: list[dict[str, Any]]) -> str:
     ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _svg(fig, "fairness")
+    return svg(fig, "fairness")
+
+
+def _names(sites: list[str], shown: int = 4) -> str:
+    return ", ".join(sites) if len(sites) <= shown else ", ".join(sites[:shown]) + f" and {len(sites) - shown} more"
 
 
 def epsilon_by_round(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -139,120 +146,29 @@ def epsilon_by_round(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-def _epsilon_plot(curves: dict[str, list[tuple[int, float]]], caps: dict[str, float]) -> str:
+def _epsilon_plot(curves: dict[str, list[tuple[int, float]]], caps: dict[str, float], top: float | None = None) -> str:
+    """Each site's epsilon per round against its cap (dotted). Sites whose curve and cap coincide are drawn
+    as one line that names them all, so no line hides another; distinct lines differ in style as well as
+    colour. ``top``: the y-axis every compared run shares."""
+    groups: dict[str, list[str]] = {}
+    for site, curve in curves.items():
+        groups.setdefault(json.dumps([curve, caps.get(site)]), []).append(site)
     fig, ax = plt.subplots(figsize=(6, 3.4))
-    for i, (site, curve) in enumerate(curves.items()):
-        line = ax.step([0] + [r for r, _ in curve], [0.0] + [e for _, e in curve], where="post", label=site)
-        if site in caps:
-            ax.axhline(caps[site], ls=":", color=line[0].get_color(), lw=1)
+    styles = ["-", "--", "-.", (0, (5, 1, 1, 1)), (0, (3, 1, 1, 1, 1, 1))]
+    for i, sites in enumerate(groups.values()):
+        curve = curves[sites[0]]
+        label = sites[0] if len(sites) == 1 else f"{len(sites)} sites alike: {_names(sites)}"
+        line = ax.step([0] + [r for r, _ in curve], [0.0] + [e for _, e in curve], where="post", label=label,
+                       ls=styles[i % len(styles)], lw=1.5 + (len(groups) - 1 - i) * 0.6)
+        if sites[0] in caps:
+            ax.axhline(caps[sites[0]], ls=":", color=line[0].get_color(), lw=1)
+    if top is not None:
+        ax.set_ylim(0, top)
     ax.set_xlabel("round")
     ax.set_ylabel("epsilon spent (dotted: cap)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _svg(fig, "epsilon")
-
-
-def _roc_plot(mia: dict[str, Any], epsilon: float | None, delta: float | None) -> str:
-    fig, ax = plt.subplots(figsize=(4.6, 4.2))
-    grid = np.geomspace(1e-4, 1, 200)
-    for attack, style in (("loss", "--"), ("lira", "-")):
-        if attack in mia:
-            roc = mia[attack]["roc"]
-            fpr, tpr = np.maximum(roc["fpr"], 1e-4), np.maximum(roc["tpr"], 1e-4)
-            auc = mia[attack]["sites"][-1]["auc"]
-            ax.plot(fpr, tpr, style, lw=2, label=f"{attack} (AUC {auc:.3f})")
-    ax.plot(grid, grid, color="grey", lw=1, label="chance")
-    if epsilon is not None:
-        ceiling = [dp_tpr_bound(f, epsilon, delta or 0.0) for f in grid]
-        ax.plot(grid, ceiling, color="#b3141b", lw=1.5, ls=":", label=f"DP ceiling, epsilon {epsilon:.3g}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlim(1e-4, 1)
-    ax.set_ylim(1e-4, 1)
-    ax.set_xlabel("false-positive rate")
-    ax.set_ylabel("true-positive rate")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower right")
-    return _svg(fig, "roc")
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}%"
-
-
-def _membership(mia: dict[str, Any], privacy: dict[str, Any]) -> str:
-    eps_map = privacy.get("epsilon_per_site") or {}
-    epsilon = max(eps_map.values()) if privacy.get("enabled") and eps_map else None
-    parts = [_roc_plot(mia, epsilon, privacy.get("delta"))]
-    for attack in ("loss", "lira"):
-        if attack not in mia:
-            continue
-        rows = []
-        for v in mia[attack]["sites"]:
-            rates = [f"{_pct(p['tpr'])} <span class=muted>[{_pct(p['interval'][0])}, {_pct(p['interval'][1])}]</span>"
-                     for p in v["tpr_at_fpr"]]
-            within = {None: "no DP", True: "<span class=ok>yes</span>", False: "<span class=bad>NO</span>"}[v["within_dp_bound"]]
-            rows.append([html.escape(v["site"]), str(v["members"]), f"{v['auc']:.3f}", *rates, within])
-        title = f"LiRA, {mia['shadows']} shadow runs" if attack == "lira" else "loss threshold"
-        parts.append(f"<h3>{title}</h3>" + _table(["site", "members", "AUC", "TPR @ 0.1% FPR", "TPR @ 1% FPR", "within DP ceiling"], rows))
-    if "lira_skipped" in mia:
-        parts.append(f"<p class=muted>LiRA not run: {html.escape(mia['lira_skipped'])}</p>")
-    return "".join(parts)
-
-
-def _inversion(section: dict[str, Any]) -> str:
-    if "skipped" in section:
-        return f"<p class=muted>not run: {html.escape(section['skipped'])}</p>"
-    unit = "dB PSNR" if section["metric"] == "psnr" else "mean error (sd), lower is better"
-    rows = [
-        [html.escape(r["observer"]), str(r["batch_size"]), f"{r['quality']:.2f}", f"{r['baseline']:.2f}",
-         "<span class=bad>yes</span>" if r["gain"] > 3 * (1 if r["metric"] == "psnr" else 0.1) else "no",
-         {None: "n/a", True: "yes", False: "no"}[r.get("labels_exact")]]
-        for r in section["rows"]
-    ]
-    header = ["observer", "batch", f"reconstruction ({unit})", "mean-image guess", "recovers inputs", "labels exact"]
-    skipped = section.get("labels_skipped")
-    note = f"<p class=muted>labels not recovered: {html.escape(skipped)}</p>" if skipped else ""
-    return f"<p class=muted>{html.escape(section['note'])}</p>" + _table(header, rows) + note
-
-
-def _canary(section: dict[str, Any]) -> str:
-    if "skipped" in section:
-        return f"<p class=muted>not run: {html.escape(section['skipped'])}</p>"
-    rows = []
-    for name, label in (("as_run", "the run's DP-SGD"), ("noise_divided_by_10", "control: noise divided by 10")):
-        r = section[name]
-        verdict = "<span class=bad>caught: less private than claimed</span>" if r["caught"] else "<span class=ok>within its claim</span>"
-        rows.append([label, f"{r['correct']} / {r['guesses']}", f"{r['lower_bound']:.3f}", f"{r['accounted_epsilon']:.3f}", verdict])
-    note = (f"<p class=muted>{section['as_run']['canaries']} canaries; with every guess right the audit could show at most "
-            f"epsilon {section['reach']:.2f}.</p>")
-    return _table(["mechanism", "correct guesses", "empirical epsilon (95%)", "accounted epsilon", "verdict"], rows) + note
-
-
-def _poisoning(section: dict[str, Any]) -> str:
-    if "skipped" in section:
-        return f"<p class=muted>not run: {html.escape(section['skipped'])}</p>"
-    parts = [f"<p>Site <b>{html.escape(section['attacker'])}</b> plays the attacker from round 2.</p>"]
-
-    def acc(x: float | None) -> str:
-        return "-" if x is None else f"{100 * x:.1f}%"
-
-    for attack, runs in section["attacks"].items():
-        rows = [
-            [html.escape(r["label"]), "on" if r["secure_aggregation"] else "off", html.escape(r["status"]),
-             acc(r["accuracy"]), acc(r["worst_accuracy"]), acc(r["backdoor_success"]),
-             f"<span class=muted>{html.escape(r['detail'])}</span>"]
-            for r in runs
-        ]
-        parts.append(f"<h3>{html.escape(attack)}</h3>" + _table(
-            ["run", "secure agg.", "status", "final accuracy", "worst since attack", "backdoor success", "detail"], rows))
-    return "".join(parts)
+    return svg(fig, "epsilon")
 
 
 def _lineage(lineage: Lineage) -> str:
@@ -266,11 +182,56 @@ def _lineage(lineage: Lineage) -> str:
         ]
         running = ", ".join(s for s, ver in lineage.deployed.items() if ver == v.id) or "-"
         rows.append([v.id, html.escape(v.state), v.parent or "-", html.escape(v.history[-1].reason), "<br>".join(verdicts) or "-", running])
-    out = _table(["version", "state", "parent", "last change", "evaluations (secure sums)", "running on"], rows)
+    out = table(["version", "state", "parent", "last change", "evaluations (secure sums)", "running on"], rows)
     for site, e in sorted(lineage.open_incidents.items()):
         out += (f"<p class=bad>promotion paused: {html.escape(site)} reported drift in "
                 f"{html.escape(', '.join(e.body.get('features', [])) or 'its label rates')} (entry {e.index})</p>")
     return out
+
+
+def _results(summary: dict[str, Any], headline: str) -> str:
+    """The federated model beside the baselines and the constant predictor, on every site's test records."""
+    fed, local, pooled = summary.get("federated") or {}, summary.get("local_only") or {}, summary.get("pooled") or {}
+    private = (summary.get("privacy") or {}).get("enabled")
+    if headline == "accuracy":
+        constant, what = fed.get("majority_accuracy"), "the majority class"
+
+        def show(x: float | None) -> str:
+            return "-" if x is None else pct(x)
+
+        def versus(x: float | None) -> str:
+            if x is None or constant is None:
+                return ""
+            gap = 100 * (x - constant)
+            return f"<span class={'ok' if gap > 0 else 'bad'}>{gap:+.1f} points</span>"
+    else:
+        constant, what = fed.get("mean_mse"), "the mean"
+
+        def show(x: float | None) -> str:
+            return "-" if x is None else f"{x:.4g}"
+
+        def versus(x: float | None) -> str:
+            if x is None or not constant:
+                return ""
+            return f"<span class={'ok' if x < constant else 'bad'}>{x / constant:.2f}x its MSE</span>"
+    rows = [["federated" + (" (under DP)" if private else " (<span class=bad>no DP</span>)"), show(fed.get(headline)),
+             versus(fed.get(headline))]]
+    if local:
+        rows.append(["local-only, mean of the sites <span class=muted>(not private)</span>",
+                     show(local.get(f"{headline}_mean")), versus(local.get(f"{headline}_mean"))])
+    if pooled:
+        rows.append(["pooled, all records in one place <span class=muted>(not private)</span>",
+                     show(pooled.get(headline)), versus(pooled.get(headline))])
+    rows.append([f"constant: predicting {what}", show(constant), ""])
+    rate = f"; the majority class is {pct(constant)} of the records" if headline == "accuracy" and constant is not None else ""
+    return (f"<p>Scored on every site's test records{rate}.</p>"
+            + table(["model", headline, f"against predicting {what}"], rows))
+
+
+def _md(text: str) -> str:
+    """A sentence written for Markdown (``**bold**``), as HTML."""
+    parts = html.escape(text).split("**")
+    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
 
 
 def _task_code(run_dir: Path, task: dict[str, Any]) -> str:
@@ -291,7 +252,9 @@ def _task_code(run_dir: Path, task: dict[str, Any]) -> str:
     return what + " (<span class=bad>not among the run's agreement's tasks</span>)"
 
 
-def _run_column(run_dir: Path) -> str:
+def _run_column(run_dir: Path, limits: dict[str, Any] | None = None) -> str:
+    """One run's column; ``limits``: the y-axes every compared run shares (``_shared_limits``)."""
+    limits = limits or {}
     summary = read_run_json(run_dir / "summary.json")
     privacy = summary.get("privacy") or {}
     sa = summary.get("secure_aggregation") or {}
@@ -308,6 +271,7 @@ def _run_column(run_dir: Path) -> str:
     out.append(f"<p>{html.escape(str(summary.get('dataset')))}, {summary.get('sites')} sites, {summary.get('rounds')} rounds, "
                f"status <b>{html.escape(str(summary.get('status')))}</b>; {secure}; {dp}.</p>")
     out += [f"<div class=warn>{html.escape(w)}</div>" for w in summary.get("warnings", [])]
+    out.append("<h2>Results</h2>" + _results(summary, headline))
 
     out.append("<h2>Transcript</h2>")
     try:
@@ -327,13 +291,13 @@ def _run_column(run_dir: Path) -> str:
     rounds = _lines(run_dir / "metrics.jsonl")
     sites_dir = run_dir / "sites"
     site_curves = {p.parent.name: _lines(p) for p in sorted(sites_dir.glob("*/evaluation.jsonl"))}
-    out.append(_accuracy_plot(rounds, {k: v for k, v in site_curves.items() if v}, headline))
+    out.append(_accuracy_plot(rounds, {k: v for k, v in site_curves.items() if v}, headline, limits.get("headline")))
     if not any(site_curves.values()):
         out.append(f"<p class=muted>Each site's own {html.escape(headline)} stays with the site; none was found beside this run.</p>")
     last = next((r for r in reversed(rounds) if r.get(headline) is not None), None)
     if last is not None and last.get("site_accuracy_std") is not None:
-        out.append(f"<p>Across sites, last round (from sums only): mean accuracy {_pct(last['site_accuracy_mean'])}, "
-                   f"standard deviation {_pct(last['site_accuracy_std'])}.</p>")
+        out.append(f"<p>Across sites, last round (from sums only): mean accuracy {pct(last['site_accuracy_mean'])}, "
+                   f"standard deviation {pct(last['site_accuracy_std'])}.</p>")
 
     out.append("<h2>Calibration</h2>")
     bins = ((last or {}).get("evaluation") or {}).get("reliability") or []
@@ -353,25 +317,52 @@ def _run_column(run_dir: Path) -> str:
 
     out.append("<h2>Epsilon spent per site</h2>")
     if privacy.get("enabled") and verified:
-        out.append(_epsilon_plot(epsilon_by_round(run_dir), privacy.get("epsilon_cap_per_site") or {}))
+        out.append(_epsilon_plot(epsilon_by_round(run_dir), privacy.get("epsilon_cap_per_site") or {}, limits.get("epsilon")))
     elif privacy.get("enabled"):
         out.append("<p class=bad>not shown: the transcript the events come from does not verify</p>")
     else:
         out.append("<p class=bad>no DP: no privacy budget was spent or protected</p>")
+    if privacy.get("enabled"):
+        out.append(f"<p>{_md(DP_DOES_NOT_COVER)}</p>")
 
     audit_path = run_dir / AUDIT_FILE
     audit = read_run_json(audit_path) if audit_path.exists() else {"attacks": {}}
     out.append("<h2>Membership inference</h2>")
     if "mia" in audit["attacks"]:
-        out.append(_membership(audit["attacks"]["mia"], audit.get("privacy") or privacy))
+        out.append(membership_section(audit["attacks"]["mia"], audit.get("privacy") or privacy))
     else:
         out.append("<p class=muted>not audited: run <code>consortium audit RUN_DIR --attacks mia</code></p>")
-    for key, title, render in (("inversion", "Gradient inversion", _inversion), ("canary", "One-run DP audit", _canary),
-                               ("poisoning", "Poisoning and robust aggregation", _poisoning)):
+    for key, title, render in (("inversion", "Gradient inversion", inversion_section), ("canary", "One-run DP audit", canary_section),
+                               ("poisoning", "Poisoning and robust aggregation", poisoning_section)):
         if key in audit["attacks"]:
-            out.append(f"<h2>{title}</h2>" + render(audit["attacks"][key]))
+            section = audit["attacks"][key]
+            body = inversion_section(section, bool(sa.get("enabled"))) if key == "inversion" else render(section)
+            out.append(f"<h2>{title}</h2>" + body)
     out.append("</section>")
     return "".join(out)
+
+
+def _shared_limits(run_dirs: list[Path]) -> dict[str, Any]:
+    """The y-axes compared runs share, so that their plots read side by side: the headline metric's range
+    over every run's rounds and sites (accuracy: 0 to 1), and the largest epsilon cap or spend."""
+    values, epsilons, headline = [], [], "accuracy"
+    for d in run_dirs:
+        summary = read_run_json(d / "summary.json")
+        headline = str((summary.get("task") or {}).get("headline") or headline)
+        privacy = summary.get("privacy") or {}
+        epsilons += [*(privacy.get("epsilon_cap_per_site") or {}).values(), *(privacy.get("epsilon_per_site") or {}).values()]
+        for path in [d / "metrics.jsonl", *sorted((d / "sites").glob("*/evaluation.jsonl"))]:
+            values += [r[k] for r in _lines(path) for k in (headline, "mean_mse", "shift_accuracy") if r.get(k) is not None]
+    limits: dict[str, Any] = {}
+    if headline == "accuracy":
+        limits["headline"] = (0.0, 1.0)
+    elif values:
+        low, high = min(values), max(values)
+        pad = 0.05 * (high - low or abs(high) or 1.0)
+        limits["headline"] = (low - pad, high + pad)
+    if epsilons:
+        limits["epsilon"] = 1.08 * max(epsilons)
+    return limits
 
 
 def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
@@ -379,7 +370,8 @@ def write_report(run_dirs: list[Path], out: Path | None = None) -> Path:
     for d in run_dirs:
         if not d.is_dir():
             raise AuditError(f"run folder '{d}' does not exist: pass the folder a run printed")
-    columns = "".join(_run_column(d) for d in run_dirs)
+    limits = _shared_limits(run_dirs) if len(run_dirs) > 1 else {}
+    columns = "".join(_run_column(d, limits) for d in run_dirs)
     title = "Consortium report: " + ", ".join(d.name for d in run_dirs)
     page = (
         f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{html.escape(title)}</title>"

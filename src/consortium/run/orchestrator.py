@@ -58,6 +58,23 @@ from consortium.audit.verify import AGREEMENT_FILE, epsilon_bound, signed_epsilo
 from consortium.transport import Answer, Transport, ask_all
 
 #: Said loudly in every run whose protections are weaker than the defaults.
+def baseline_warnings(summary: dict[str, Any], headline: str) -> list[str]:
+    """A warning when the federated model scores worse on the consortium's population than the sites'
+    local-only models do on average (``headline``: the task's metric; MSE-like metrics are better lower)."""
+    fed, local = summary.get("federated", {}).get(headline), summary.get("local_only", {}).get(f"{headline}_mean")
+    if fed is None or local is None:
+        return []
+    lower = headline in ("mse", "rmse", "mae", "loss")
+    if (fed >= local) if lower else (fed <= local):
+        private = " (itself under DP, against local models that are not private)" if summary["privacy"].get("enabled") else ""
+        return [
+            f"the federated model is no better than a site training alone: {headline} {fed:.4g} against the local-only "
+            f"mean {local:.4g} on every site's test records{private}; collaborating bought nothing here: check the "
+            "privacy budget, the rounds and the learning rate, or whether the sites' data differ too much"
+        ]
+    return []
+
+
 SECURE_AGGREGATION_OFF = "secure aggregation is OFF: the coordinator sees every site's update and statistics in the clear"
 PRIVACY_OFF = "differential privacy is OFF: the model carries no formal privacy guarantee for any patient"
 PRIVACY_TEST_MODE = "privacy noise is in TEST MODE (fixed seed): reproducible, and NOT private"
@@ -244,6 +261,7 @@ class CoordinatorRun:
         }
         if halted is None:
             summary.update(self._baselines())
+            summary["warnings"] += baseline_warnings(summary, self.plan.task.headline)
         summary["transcript"] = {"entries": head.size, "tree_head": _head_json(head), "verified": False}
         run.write_summary(summary)
         # The run checks itself the way any participant would: from the folder alone. A failure halts it.
@@ -342,7 +360,7 @@ class CoordinatorRun:
         }
 
     def _warnings(self, history: list[RoundRecord]) -> list[str]:
-        out = []
+        out = list(self.plan.warnings)  # what the plan said before training still holds
         final = history[-1].metrics if history else {}
         useless = self.plan.task.no_better_than_constant(final) if final else None
         if useless is not None:  # a private run that learned nothing is a result to state, not to hide

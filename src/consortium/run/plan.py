@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from consortium.config import SecureAggregationConfig, SimulationConfig
 from consortium.data import Records
 from consortium.errors import ConfigError
-from consortium.governance.agreement import Agreement, check_run
+from consortium.governance.agreement import Agreement, check_run, with_agreed_terms
 from consortium.governance.guard import epsilon_cap
 from consortium.governance.policy import SitePolicy
 from consortium.learning.adapter import ModelAdapter
@@ -186,6 +186,13 @@ class RunPlan:
             self, privacy=replace(self.privacy, epsilon_caps=MappingProxyType(caps)), policies=MappingProxyType(held)
         )
 
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What can be said before any site trains (``site_level_noise_warning``); the run's summary and
+        the command line repeat it."""
+        warning = site_level_noise_warning(self)
+        return (warning,) if warning else ()
+
     def secure_aggregation(self, identity: Ed25519PrivateKey, directory: dict[str, bytes]) -> SecureAggregation | None:
         """The coordinator's secure-aggregation settings under ``identity``, or None where it is off."""
         return secure_aggregation(self.config, identity, directory)
@@ -204,7 +211,8 @@ def plan_run(
     """Resolve ``config`` once and derive the run's plan.
 
     Args:
-        config: the run's configuration (resolved here; resolving a resolved one changes nothing).
+        config: the run's configuration (resolved here; resolving a resolved one changes nothing); under an
+            agreement, the rounds, minimum cohort and privacy terms it does not set are the agreement's.
         sample: a table with the data's layout (feature names, classes, image shape); its rows are never read.
         names: the sites, in order (default: the agreement's, or the config's capped sites).
         agreement: the signed agreement the run is held to, if any (its ``max_epsilon`` caps every site).
@@ -222,6 +230,8 @@ def plan_run(
             model mixes the examples of a batch under record-level DP (BatchNorm), or the agreement does
             not allow this config or this model's layout.
     """
+    if agreement is not None:  # what the config leaves unsaid, the agreement's terms say (the recipe follows)
+        config = with_agreed_terms(config, agreement)
     config = config.resolved()
     assert config.model is not None and config.training is not None
     if task is not None:
@@ -250,6 +260,35 @@ def plan_run(
         agreement=agreement,
     )
     return plan.with_policies(policies or {})
+
+
+def site_level_noise_warning(plan: RunPlan) -> str | None:
+    """A dry-run estimate, before training, of whether site-level DP's noise swamps what the sites can send.
+
+    Each round, ``m`` sites (the participation's expected cohort) send updates clipped to L2 norm C, so
+    their sum is at most m C long; the noise on the sum has standard deviation z C per coordinate (under
+    distributed noise, calibrated for the smallest honest cohort c, sqrt(m / c) times that, since every
+    site adds its share), so over the model's d parameters its norm is about z C sqrt(d). When that is
+    larger than m C, no round's sum can point anywhere the noise does not drown: the warning names the
+    ratio and what would bring it under 1. None when the run is not at site level or the ratio is below 1.
+    """
+    event = plan.privacy.event
+    if not isinstance(event, SiteLevelEvent) or event.noise_multiplier == 0:
+        return None
+    part, n = plan.config.participation, len(plan.names)
+    m = min(n, max(part.min_sites, math.ceil(part.fraction * n)))
+    d, z = plan.model_size, event.noise_multiplier
+    spread = math.sqrt(m / event.cohort) if event.ddg is not None else 1.0
+    ratio = z * math.sqrt(d) * spread / m
+    if ratio <= 1:
+        return None
+    needed = z * z * d / event.cohort if event.ddg is not None else z * math.sqrt(d)
+    return (
+        f"site-level DP: each round's noise is about {ratio:.1f}x the largest sum the {m} sites' clipped updates can "
+        f"reach (noise multiplier {z:.2f} over {d:,} parameters), so the model will learn little: it takes about "
+        f"{math.ceil(needed):,} sites per round for the signal to match the noise; use record-level DP, a smaller "
+        "model, or a larger epsilon"
+    )
 
 
 def epsilon_caps(

@@ -35,7 +35,7 @@ from consortium.data import (
     synthetic_hospitals,
 )
 from consortium.data.stream import concat_records
-from consortium.errors import ConfigError
+from consortium.errors import ConfigError, DataError
 from consortium.governance.agreement import Agreement, load_member_key
 from consortium.governance.policy import SitePolicy, load_policy
 from consortium.learning.specs import TrainSettings
@@ -58,11 +58,15 @@ from consortium.transport import InProcessTransport
 def site_splits(config: SimulationConfig, task: Task | None = None) -> dict[str, Splits]:
     """Each simulated site's train / validation / test split: the ones its ``Site`` trains and tests on
     (``task``: the study's task, which reads the data of a ``dataset: task`` config; default: the config's)."""
-    split = config.data.split
-    return {
-        name: split_table(table, site_randomness(config.seed, name)[0], validation=split.validation, test=split.test)
-        for name, table in site_datasets(config, task).items()
-    }
+    split, data = config.data.split, config.data
+    sources = {s.name: f" ({s.csv})" for s in data.csv_sites or []} | {s.name: f" ({s.path})" for s in data.task_sites or []}
+    out = {}
+    for name, table in site_datasets(config, task).items():
+        try:
+            out[name] = split_table(table, site_randomness(config.seed, name)[0], validation=split.validation, test=split.test)
+        except DataError as exc:  # say whose data, and where it was read from
+            raise DataError(f"site '{name}'{sources.get(name, '')}: {exc}") from None
+    return out
 
 
 def site_datasets(config: SimulationConfig, task: Task | None = None) -> dict[str, Records]:
@@ -70,7 +74,8 @@ def site_datasets(config: SimulationConfig, task: Task | None = None) -> dict[st
     data = config.data
     rng = np.random.default_rng(np.random.SeedSequence([config.seed, 0xDA7A]))
     if data.dataset == "csv":
-        assert data.csv_sites is not None
+        if not data.csv_sites:
+            raise ConfigError("dataset 'csv' needs csv_sites to simulate: a list of {name, csv, schema} per site")
         schemas = {s.name: load_schema(s.schema_file) for s in data.csv_sites}
         common = check_schemas(schemas)
         return {s.name: read_csv(s.csv, common) for s in data.csv_sites}
