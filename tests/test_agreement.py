@@ -60,6 +60,9 @@ def test_explain_tells_a_privacy_officer_what_leaves_and_what_never_does():
     text = explain(parse_agreement(_agreement(**{"  - {artefact: setup_statistics, to: [coordinator]}\n": ""})))
     assert "| masked_update |" in text and "| setup_statistics |" in text and "nobody: it never leaves a site" in text
     assert "raw rows, per-example outputs" in text and "epsilon **8**" in text and "Secure aggregation is required" in text
+    # The epsilon is stated for what it bounds, and what it does not bound is named.
+    assert "from the model updates released is bounded by epsilon" in text and "What the epsilon does **not** cover" in text
+    assert "setup statistics" in text and "evaluation's counts" in text and "exact sums" in text
 
 
 def test_the_command_line_writes_checks_and_explains(tmp_path):

@@ -111,7 +111,7 @@ def test_every_plot_renders_in_headless_chromium(runs: dict[str, Path], tmp_path
     text = re.sub(r"\s+", " ", dom)
     assert "constant: predicting the majority class" in text and "local-only, mean of the sites" in text
     assert re.search(r"the majority class is \d+\.\d\d% of the records", text) and "pooled, all records" in text
-    assert "What the epsilon does <b>not</b> cover" in text and "released as exact sums" in text
+    assert "What the epsilon does <b>not</b> cover" in text and "are exact sums, released without noise" in text
     assert "data-informative=\"true\"" in text and "no attack, however strong, can flag more than" in text
     assert "hypothetical: a coordinator without secure aggregation; this run had it" in text
     assert "3 sites alike: site-1, site-2, site-3" in text

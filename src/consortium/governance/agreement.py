@@ -301,8 +301,8 @@ DP_DOES_NOT_COVER = (
     "What the epsilon does **not** cover: the setup statistics (each site's number of training records and, per "
     "feature, the sum, the sum of squares and the count of values present; a regression target's sum and sum of "
     "squares) and every evaluation's counts (records, correct predictions, score and calibration histograms, the "
-    "labels' counts) are released as exact sums, without noise: under secure aggregation only their total over "
-    "the round's cohort, never one site's alone. The transcript also records which sites took part in each round "
+    "labels' counts) are exact sums, released without noise to whoever may see them: under secure aggregation only "
+    "their total over the round's cohort, never one site's alone. The transcript also records which sites took part in each round "
     "and each site's record count and data hash. The epsilon bounds what the model updates reveal, nothing else."
 )
 
