@@ -73,3 +73,17 @@ def rng() -> np.random.Generator:
 # Property tests draw the same examples on every run: a failure is reproducible, never flaky.
 settings.register_profile("consortium", derandomize=True, deadline=None)
 settings.load_profile("consortium")
+
+
+#: The test files that take longest (``pytest --durations=0``, summed per file), longest first. They are
+#: handed to the two workers first (``make test`` runs ``--dist loadfile``): the short files then fill in
+#: around them, and both workers finish together instead of one waiting on a long file started last.
+LONGEST_FIRST = (
+    "test_cli.py", "test_deploy.py", "test_lifecycle.py", "test_membership.py", "test_governance.py",
+    "test_examples.py", "test_tasks.py", "test_deploy_tasks.py", "test_report.py", "test_https.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order

@@ -47,7 +47,7 @@ def test_csv_files_to_a_deployed_verified_run_with_the_readme_commands_only(tmp_
     collected = _cli("agreement", "collect", str(folder))
     assert "every approver has signed" in collected.stdout
     _cli("schema", "infer", str(tmp_path / "hospital-a.csv"), "--label", "diagnosis", "--out", str(tmp_path / "schema.yaml"))
-    (tmp_path / "run.yaml").write_text("rounds: 2\n")  # cohort, privacy terms: the agreement's
+    (tmp_path / "run.yaml").write_text("rounds: 1\n")  # cohort, privacy terms: the agreement's
 
     run_dir = tmp_path / "run"
     serve = subprocess.Popen(

@@ -59,7 +59,7 @@ def test_a_federated_model_worse_than_a_site_alone_is_named(sample):
 
 def test_the_command_line_warns_before_training_once_and_the_summary_keeps_every_warning(tmp_path):
     (tmp_path / "run.yaml").write_text(
-        "rounds: 2\ndata: {dataset: synthetic-hospitals, sites: 5}\nprivacy: {level: site, epsilon: 8.0, test_seed: 3}\n"
+        "rounds: 1\ndata: {dataset: synthetic-hospitals, sites: 5}\nprivacy: {level: site, epsilon: 8.0, test_seed: 3}\n"
         "baselines: {local_only: true, pooled: false}\n"
     )
     proc = subprocess.run([sys.executable, "-m", "consortium.cli", "simulate", str(tmp_path / "run.yaml"), "--out",

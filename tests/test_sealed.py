@@ -118,3 +118,26 @@ def test_a_simulation_runs_sealed_end_to_end(tmp_path):
     result = s.run()
     assert result.summary["federated"]["rounds_completed"] == 1 and s.transport.rejected == []
     assert np.isfinite(result.params).all()
+
+
+def test_the_nonce_cache_keeps_every_nonce_that_could_be_fresh_and_forgets_the_rest_in_order(members):
+    """Each nonce is added once and dropped once (the cache is pruned from the front, never rebuilt: opening
+    N replies costs O(N), where rebuilding it on every reply cost O(N^2) at 1,000 sites)."""
+    ids, directory = members
+    clock = [NOW]
+    guard = EnvelopeGuard("a", directory, clock=lambda: clock[0])
+    cache = guard._seen
+    late = seal(_env(), ids[COORDINATOR], now_ms=NOW + MAX_SKEW_MS - 1)  # stamped ahead, within the skew
+    early = seal(_env(), ids[COORDINATOR], now_ms=NOW - MAX_SKEW_MS + 1)  # stamped behind, arriving after it
+    guard.open(late)
+    guard.open(early)
+    clock[0] = NOW + MAX_SKEW_MS // 2
+    for raw in (late, early):  # both could still pass the freshness check: both are remembered
+        with pytest.raises(MessageRejected, match="replayed"):
+            guard.open(raw)
+    assert len(cache) == 2 and guard._seen is cache
+    clock[0] = NOW + 3 * MAX_SKEW_MS  # far past both: the next reply's opening forgets them
+    guard.open(seal(_env(), ids[COORDINATOR], now_ms=clock[0]))
+    assert len(cache) == 1 and guard._seen is cache
+    with pytest.raises(MessageRejected, match="stale"):  # and freshness alone refuses them now
+        guard.open(early)
