@@ -13,6 +13,7 @@ from rich.table import Table as RichTable
 from typer.exceptions import Exit
 
 from consortium.cli.common import LONG_TABLE, JsonOpt, err_console, out_console, spread
+from consortium.runs import require_run_folder
 
 
 StateOpt = Annotated[
@@ -57,6 +58,7 @@ def budget(
 ) -> None:
     """Epsilon spent by each site against its own cap, read from the sites' ledgers and reconciled with the
     privacy events each site signed in the transcript. Exits 1 when a ledger row was deleted or edited."""
+    require_run_folder(run_dir)  # before the heavy imports: a wrong path is said at once
     rows, unreconciled = _reconciled(run_dir, state)
     if unreconciled:
         err_console.print(f"[yellow]{unreconciled}[/]", highlight=False, soft_wrap=True)
@@ -94,6 +96,7 @@ def verify(
     site's ledger is also reconciled with what it signed. Exits 0 when every check passes, 1 naming the first
     violation.
     """
+    require_run_folder(run_dir)  # before the heavy imports: a wrong path is said at once
     from consortium.api import verify as verify_anchored
     from consortium.audit.anchor import CONSISTENCY_ONLY
     from consortium.errors import VerificationError

@@ -135,6 +135,7 @@ def dp_sgd_epsilon(
     return epsilon([event], delta, accountant, pld_interval=pld_interval)
 
 
+@functools.lru_cache(maxsize=256)  # pure in its arguments: a process planning many runs alike calibrates once
 def calibrate_noise(
     *,
     target_epsilon: float,
@@ -160,6 +161,7 @@ def calibrate_noise(
     return _calibrate(make_event, target_epsilon, delta, accountant, pld_interval)
 
 
+@functools.lru_cache(maxsize=256)  # pure in its arguments, as above
 def calibrate_site_noise(
     *,
     target_epsilon: float,

@@ -36,6 +36,7 @@ never wraps around.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -266,6 +267,7 @@ def _noise_for(multiplier: float, scale_clip: int, dim: int, cohort: int, count_
     )
 
 
+@functools.lru_cache(maxsize=256)  # pure in its arguments: a process planning many runs alike plans once
 def plan_ddg(
     *,
     target_epsilon: float,
