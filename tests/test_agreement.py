@@ -203,3 +203,41 @@ def test_a_signed_agreement_is_kept_and_recorded(tmp_path):
     keys_in_manifest = {n: m["public_key"] for n, m in manifest["body"]["members"].items()}
     assert keys_in_manifest == {m.name: m.public_key for m in load_agreement(path).members}
     assert result.summary["transcript"]["verified"]
+
+
+def test_collect_puts_every_checked_signature_in_every_kit_and_refuses_a_bad_one(tmp_path):
+    import shutil
+
+    from consortium.crypto.keyfile import load_identity_key
+    from consortium.governance.agreement import (
+        collect_signatures,
+        load_agreement,
+        read_signatures,
+        sign_agreement,
+        signatures_path,
+    )
+
+    path = _consortium_agreement(tmp_path, [])  # nobody has signed the provisioner's copy
+    agreement = load_agreement(path)
+    kits = []
+    for member in ["coordinator", "site-1", "site-2", "site-3"]:  # each signs its own kit's copy
+        copy = tmp_path / "kits" / member / "agreement.yaml"
+        copy.parent.mkdir(parents=True)
+        shutil.copy(path, copy)
+        own = sign_agreement(agreement, member, load_identity_key(tmp_path / "keys" / f"{member}.key"))
+        signatures_path(copy).write_text(json.dumps({member: own}))
+        kits.append(copy)
+    signed, missing = collect_signatures(path, kits)
+    assert sorted(signed) == ["coordinator", "site-1", "site-2", "site-3"] and missing == []
+    assert all(read_signatures(k) == read_signatures(path) and len(read_signatures(k)) == 4 for k in kits)
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps({"site-1": "00" * 64}))
+    with pytest.raises(ConfigError, match=r"forged.json: the signature of 'site-1' does not verify"):
+        collect_signatures(path, kits, [forged])
+    stranger = tmp_path / "stranger.json"
+    stranger.write_text(json.dumps({"mallory": "00" * 64}))
+    with pytest.raises(ConfigError, match="'mallory' is not a member"):
+        collect_signatures(path, kits, [stranger])
+    kits[1].write_text(kits[1].read_text().replace("rounds: 20", "rounds: 21"))  # another version in one kit
+    with pytest.raises(ConfigError, match="is not the agreement .* give every member the same version"):
+        collect_signatures(path, kits)

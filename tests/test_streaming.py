@@ -75,6 +75,16 @@ def test_what_cannot_be_streamed_is_refused_naming_the_fix(cancer):
 
     with pytest.raises(DataError, match="map-style torch.utils.data.Dataset, since DP-SGD samples records by index"):
         StreamedTable(records(), feature_names=cancer.feature_names, classes=cancer.classes)
+
+    class Stream(torch.utils.data.IterableDataset):  # has __getitem__ (Dataset's) and even a length
+        def __iter__(self):
+            return records()
+
+        def __len__(self):
+            return 1
+
+    with pytest.raises(DataError, match="a Stream cannot be sampled at random"):
+        StreamedTable(Stream(), feature_names=cancer.feature_names, classes=cancer.classes)
     with pytest.raises(DataError, match=r"record 0 of the dataset has 30 values and 3 feature names"):
         StreamedTable(Rows(cancer.X, cancer.y), feature_names=("a", "b", "c"), classes=cancer.classes)
     named = StreamedTable(Rows(cancer.X, cancer.y), classes=cancer.classes)  # names by default

@@ -72,9 +72,10 @@ class StreamedTable:
         labels: np.ndarray | Sequence[int | float] | None = None,
         batch_rows: int = DEFAULT_BATCH_ROWS,
     ) -> None:
-        if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        iterable = any(c.__name__ == "IterableDataset" for c in type(dataset).__mro__)  # torch's, without importing it
+        if iterable or not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
             raise DataError(
-                f"a {type(dataset).__name__} cannot be sampled at random (it has no __len__ and __getitem__): "
+                f"a {type(dataset).__name__} cannot be sampled at random (an iterable, or no __len__ and __getitem__): "
                 "return a map-style torch.utils.data.Dataset, since DP-SGD samples records by index"
             )
         if not isinstance(batch_rows, int) or batch_rows < 1:
@@ -173,7 +174,7 @@ class StreamedTable:
         for k, row in enumerate(rows.tolist()):
             try:
                 x, label = self.dataset[row]
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, NotImplementedError) as exc:
                 raise DataError(
                     f"record {row} of the dataset is not a (features, label) pair ({exc}): return (x, y) from __getitem__"
                 ) from None
