@@ -116,11 +116,11 @@ class StreamedTable:
 
     @property
     def n_classes(self) -> int:
-        return len(self.classes)
+        return self._empty.n_classes
 
     @property
     def is_regression(self) -> bool:
-        return not self.classes
+        return self._empty.is_regression
 
     @property
     def n_rows(self) -> int:
