@@ -320,4 +320,4 @@ def test_a_site_refuses_to_join_under_an_agreement_not_everyone_signed(local, tm
     del signatures["site-3"]
     (kit / "agreement.yaml.signatures.json").write_text(json.dumps(signatures))
     _one_line_error(_cli("join", str(kit), "--data", str(local.data("site-2")), "--schema", str(local.schema)),
-                    "'site-3' has not signed it")
+                    "'site-3' has not signed it", "consortium agreement collect DIR puts every signature in every kit")

@@ -291,7 +291,8 @@ def require_approval(agreement: Agreement, signatures: dict[str, str]) -> list[s
     if missing:
         raise ConfigError(
             f"the agreement is not approved: {', '.join(repr(m) for m in missing)} "
-            f"{'has' if len(missing) == 1 else 'have'} not signed it (consortium agreement sign); no run may start"
+            f"{'has' if len(missing) == 1 else 'have'} not signed it (consortium agreement sign; then consortium "
+            "agreement collect DIR puts every signature in every kit); no run may start"
         )
     return signed
 
