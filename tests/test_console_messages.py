@@ -34,9 +34,9 @@ def test_a_long_per_site_table_is_summarised_by_its_worst_sites_and_quantiles(mo
 
 def test_the_spread_ranks_by_what_is_worst():
     eps = {"a": 1.0, "b": 3.0, "c": 2.0}
-    assert [label for label, _ in spread(eps, worst="high", shown=1)] == [
+    assert [label for label, _, _ in spread(eps, worst="high", shown=1)] == [
         "worst: b", "90th percentile", "50th percentile", "10th percentile", "best: a"]
-    assert spread(eps, worst="low", shown=1)[0] == ("worst: a", 1.0) and spread(eps, worst="low")[-1] == ("best: b", 3.0)
+    assert spread(eps, worst="low", shown=1)[0] == ("worst: a", 1.0, "a") and spread(eps, worst="low")[-1] == ("best: b", 3.0, "b")
 
 
 def test_a_site_whose_table_is_one_row_is_named_with_its_file(tmp_path):

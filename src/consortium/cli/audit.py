@@ -70,12 +70,10 @@ def budget(
             t.add_column(col, justify="left" if col == "site" else "right")
         shown = rows
         if len(rows) > LONG_TABLE:  # the sites nearest their caps, and the spread; --json gives every row
-            spent = {name: r["epsilon_spent"] for name, r in rows.items()}
-            names = [label.split(": ", 1)[1] for label, _ in spread(spent, worst="high") if ": " in label]
-            shown = {name: rows[name] for name in names}
+            summary = spread({name: r["epsilon_spent"] for name, r in rows.items()}, worst="high")
+            shown = {site: rows[site] for _, _, site in summary if site is not None}
             t.caption = (f"{len(rows)} sites: the 3 that spent most and the one that spent least; epsilon spent over all: "
-                         + ", ".join(f"{label} {v:.4f}" for label, v in spread(spent, worst="high") if ": " not in label)
-                         + " (every row: --json)")
+                         + ", ".join(f"{label} {v:.4f}" for label, v, site in summary if site is None) + " (every row: --json)")
         for name, r in shown.items():
             t.add_row(name, f"{r['epsilon_spent']:.4f}", f"{r['epsilon_cap']:g}", f"{r['delta']:g}", str(r["rounds_paid"]))
         out_console.print(t)
@@ -130,7 +128,7 @@ def verify(
     if report.epsilon_per_site:
         listed = report.epsilon_per_site
         if len(listed) > LONG_TABLE:
-            eps = "; ".join(f"{label} {v:.3f}" for label, v in spread(listed, worst="high")) + f" ({len(listed)} sites; --json lists each)"
+            eps = "; ".join(f"{label} {v:.3f}" for label, v, _ in spread(listed, worst="high")) + f" ({len(listed)} sites; --json lists each)"
         else:
             eps = ", ".join(f"{s} {e:.3f}" for s, e in listed.items())
         said = "matching the run's report" if report.summary == "bound" else "(no report to compare with)"
@@ -238,13 +236,14 @@ def _secure(run_dir: Path) -> bool:
 
 
 def _print_inversion(section: dict[str, Any], secure: bool) -> None:
+    from consortium.redteam.report_attacks import inversion_reading
+
     unit = "dB PSNR" if section["metric"] == "psnr" else "mean error"
     t = RichTable(title=f"gradient inversion ({section['note']})")
     for col in ("observer", "batch", f"reconstruction ({unit})", "mean-image guess", "recovers inputs"):
         t.add_column(col, justify="left" if col == "observer" else "right")
     for r in section["rows"]:
-        hypothetical = secure and r["observer"].startswith("one site")
-        recovers = r["gain"] > 3 * (1 if r["metric"] == "psnr" else 0.1)
+        recovers, hypothetical = inversion_reading(r, secure)
         verdict = ("yes, were it unprotected" if hypothetical else "[bold red]yes[/]") if recovers else "no"
         observer = r["observer"] + (" (hypothetical: no secure aggregation)" if hypothetical else "")
         t.add_row(observer, str(r["batch_size"]), f"{r['quality']:.2f}", f"{r['baseline']:.2f}", verdict)

@@ -33,17 +33,17 @@ def fmt(v: Any) -> str:
 LONG_TABLE = 12
 
 
-def spread(values: dict[str, float], *, worst: str, shown: int = 3) -> list[tuple[str, float]]:
-    """A long per-site list as (label, value) rows: the ``shown`` worst sites (``worst``: "low" or "high"),
-    then the 10th, 50th and 90th percentiles and the best."""
+def spread(values: dict[str, float], *, worst: str, shown: int = 3) -> list[tuple[str, float, str | None]]:
+    """A long per-site list as (label, value, site) rows: the ``shown`` worst sites (``worst``: "low" or
+    "high"), then the 10th, 50th and 90th percentiles (site None) and the best, worst first."""
     import numpy as np
 
     ranked = sorted(values.items(), key=lambda kv: kv[1], reverse=worst == "high")
-    rows = [(f"worst: {name}", value) for name, value in ranked[:shown]]
-    qs = np.quantile(np.array(list(values.values()), dtype=np.float64), [0.1, 0.5, 0.9])
-    low_is_worst = worst == "low"
-    rows += [(f"{q}th percentile", float(v)) for q, v in zip((10, 50, 90) if low_is_worst else (90, 50, 10), qs if low_is_worst else qs[::-1])]
-    rows.append((f"best: {ranked[-1][0]}", ranked[-1][1]))
+    rows: list[tuple[str, float, str | None]] = [(f"worst: {name}", value, name) for name, value in ranked[:shown]]
+    percentiles = zip((10, 50, 90), np.quantile(np.array(list(values.values()), dtype=np.float64), [0.1, 0.5, 0.9]))
+    middle = [(f"{q}th percentile", float(v), None) for q, v in percentiles]
+    rows += middle if worst == "low" else middle[::-1]
+    rows.append((f"best: {ranked[-1][0]}", ranked[-1][1], ranked[-1][0]))
     return rows
 
 

@@ -81,7 +81,7 @@ def print_summary(s: dict[str, Any]) -> None:
         t.add_row("local-only, mean of sites", fmt(lo[f"{headline}_mean"]), "", "")
         per_site = lo[f"{headline}_per_site"]
         if len(per_site) > LONG_TABLE:  # 200 sites are read as a spread and the worst, not 200 rows
-            for label, value in spread(per_site, worst="high" if headline == "mse" else "low"):
+            for label, value, _ in spread(per_site, worst="high" if headline == "mse" else "low"):
                 t.add_row(f"  sites alone, {label}", fmt(value), "", "")
             t.add_row(f"  [dim]every one of the {len(per_site)} sites: summary.json, local_only[/]", "", "", "")
         else:

@@ -332,12 +332,12 @@ def _run_column(run_dir: Path, limits: dict[str, Any] | None = None) -> str:
         out.append(membership_section(audit["attacks"]["mia"], audit.get("privacy") or privacy))
     else:
         out.append("<p class=muted>not audited: run <code>consortium audit RUN_DIR --attacks mia</code></p>")
-    for key, title, render in (("inversion", "Gradient inversion", inversion_section), ("canary", "One-run DP audit", canary_section),
+    secure = bool(sa.get("enabled"))
+    for key, title, render in (("inversion", "Gradient inversion", lambda s: inversion_section(s, secure)),
+                               ("canary", "One-run DP audit", canary_section),
                                ("poisoning", "Poisoning and robust aggregation", poisoning_section)):
         if key in audit["attacks"]:
-            section = audit["attacks"][key]
-            body = inversion_section(section, bool(sa.get("enabled"))) if key == "inversion" else render(section)
-            out.append(f"<h2>{title}</h2>" + body)
+            out.append(f"<h2>{title}</h2>" + render(audit["attacks"][key]))
     out.append("</section>")
     return "".join(out)
 

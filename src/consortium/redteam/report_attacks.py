@@ -106,6 +106,13 @@ def membership_section(mia: dict[str, Any], privacy: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def inversion_reading(row: dict[str, Any], secure: bool) -> tuple[bool, bool]:
+    """(whether the attack recovers the inputs, whether the row is hypothetical for this run): a coordinator
+    reading one site's update is what a run under secure aggregation never exposed."""
+    recovers = row["gain"] > 3 * (1 if row["metric"] == "psnr" else 0.1)
+    return recovers, secure and row["observer"].startswith("one site")
+
+
 def inversion_section(section: dict[str, Any], secure: bool = False) -> str:
     """The inversion table; under ``secure`` aggregation the rows of a coordinator reading one site's update
     are marked as what they are: what a coordinator without it would see, not what this run exposed."""
@@ -114,8 +121,7 @@ def inversion_section(section: dict[str, Any], secure: bool = False) -> str:
     unit = "dB PSNR" if section["metric"] == "psnr" else "mean error (sd), lower is better"
     rows = []
     for r in section["rows"]:
-        hypothetical = secure and r["observer"].startswith("one site")
-        recovers = r["gain"] > 3 * (1 if r["metric"] == "psnr" else 0.1)
+        recovers, hypothetical = inversion_reading(r, secure)
         observer = html.escape(r["observer"])
         if hypothetical:
             observer += " <span class=muted>(hypothetical: a coordinator without secure aggregation; this run had it)</span>"
