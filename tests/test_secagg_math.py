@@ -21,6 +21,7 @@ from consortium.secagg.graph import (
     complete_graph,
     plan_graph,
     random_regular_graph,
+    ring_neighbours,
 )
 from consortium.secagg.quantize import (
     AUTO_MAX_LEVELS,
@@ -237,6 +238,16 @@ def test_complete_graph():
 def test_random_regular_graph_is_symmetric_regular_and_loop_free(n, degree):
     graph = random_regular_graph(NAMES[:n], degree, np.random.default_rng(n))
     _check_regular(graph, NAMES[:n], degree)
+
+
+@pytest.mark.parametrize("n,degree", [(2, 1), (11, 4), (12, 5), (120, 52)])
+def test_a_sites_own_neighbours_are_its_row_of_the_whole_graph(n, degree):
+    # What a site checks (its own neighbours, O(n)) is what the coordinator builds (every site's, O(n x degree)).
+    graph = random_regular_graph(NAMES[:n], degree, np.random.default_rng(n))
+    for name in NAMES[:n]:
+        assert ring_neighbours(NAMES[:n], degree, np.random.default_rng(n), name) == graph[name]
+    with pytest.raises(GraphPlanError, match="not one of"):
+        ring_neighbours(NAMES[:n], degree, np.random.default_rng(n), "stranger")
 
 
 def test_random_regular_graph_is_deterministic_per_seed():

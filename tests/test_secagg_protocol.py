@@ -299,3 +299,14 @@ def test_messages_survive_the_wire():
     assert isinstance(header["c_pk"], str)  # base64 in JSON
     m = MaskedInput(vector=__import__("consortium.wire", fromlist=["Tensor"]).Tensor.from_numpy(np.arange(3, dtype=np.uint64)))
     assert np.array_equal(decode_frame(MaskedInput, encode_frame(m)).vector.to_numpy(), np.arange(3, dtype=np.uint64))
+
+
+def test_a_share_plaintext_round_trips_its_fixed_layout_and_refuses_any_other():
+    from consortium.secagg.messages import SharePlaintext
+
+    plain = SharePlaintext(sender="hospital-1", recipient="hospital-20", seed_share=bytes(range(48)), key_share=b"\x07" * 48)
+    raw = plain.to_bytes()
+    assert SharePlaintext.from_bytes(raw) == plain
+    for bad in (raw[:-1], raw + b"\x00", b"", b"\x05ab", raw.replace(b"hospital-1", b"hospital 1", 1), b"\x02\xff\xfe" + raw[12:]):
+        with pytest.raises(ValueError):
+            SharePlaintext.from_bytes(bad)

@@ -483,3 +483,31 @@ def test_a_site_endorses_only_a_manifest_that_states_it_truly(sim, tamper, why):
     tamper(forged)
     reply = site.handle(m.make_envelope(COORDINATOR, "site-1", 9, m.EndorseRequest(manifest=forged))).message
     assert isinstance(reply, m.Refusal) and reply.rule == "manifest" and why in reply.reason
+
+
+def test_canonical_fast_path_writes_rfc8785_bytes():
+    # canonical() writes plain values with the standard library's encoder: byte for byte what rfc8785 writes,
+    # for any text (controls, quotes, astral characters), safe integers, booleans and nulls, at any depth.
+    import rfc8785
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from consortium.transcript.log import canonical
+
+    leaves = st.text() | st.integers(-(2**53) + 1, 2**53 - 1) | st.booleans() | st.none()
+    values = st.recursive(leaves, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.text(alphabet=st.characters(max_codepoint=127), max_size=8), inner, max_size=4), max_leaves=20)
+
+    @given(values)
+    def same(value):
+        assert canonical(value) == rfc8785.dumps(value)
+
+    same()
+    for other in (1.5, 2**53, {"é": 1}, "\ud800", (1, 2)):  # a float, a wide integer, a non-ASCII key, a lone surrogate
+        try:
+            expected = rfc8785.dumps(other)
+        except Exception as exc:  # noqa: BLE001 - whatever rfc8785 raises, canonical raises too
+            with pytest.raises(type(exc)):
+                canonical(other)
+        else:
+            assert canonical(other) == expected

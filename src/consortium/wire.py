@@ -13,7 +13,6 @@ header covers the tensors too. Nothing here unpickles or imports by name.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import struct
@@ -49,10 +48,10 @@ Model = TypeVar("Model", bound=BaseModel)
 def _bytes_in(value: object) -> bytes:
     if isinstance(value, (bytes, bytearray)):
         return bytes(value)
-    if isinstance(value, str):  # how JSON carries it
+    if isinstance(value, str):  # how JSON carries it: base64.b64decode(value, validate=True), without its wrapper
         try:
-            return base64.b64decode(value, validate=True)
-        except binascii.Error:
+            return binascii.a2b_base64(value, strict_mode=True)
+        except (binascii.Error, ValueError):  # not the alphabet, bad padding, or not ASCII at all
             raise ValueError("not valid base64") from None
     raise ValueError(f"expected bytes, got {type(value).__name__}")
 
@@ -61,7 +60,7 @@ def _bytes_in(value: object) -> bytes:
 B64 = Annotated[
     bytes,
     BeforeValidator(_bytes_in),
-    PlainSerializer(lambda b: base64.b64encode(b).decode("ascii"), return_type=str, when_used="json"),
+    PlainSerializer(lambda b: binascii.b2a_base64(b, newline=False).decode("ascii"), return_type=str, when_used="json"),
 ]
 
 

@@ -15,7 +15,7 @@ one element, encoded as 48 big-endian bytes. A well-known prime is used
 rather than a home-chosen one so its primality is not ours to get wrong
 (the tests still check it with Miller-Rabin).
 
-Speed: evaluation by Horner's rule; Lagrange coefficients at 0 computed
+Speed: evaluation by Horner's rule, reduced once per 16 steps; Lagrange coefficients at 0 computed
 once per set of evaluation points (one batched ``pow(d, -1, p)``) and
 cached. Coefficients are drawn from ``os.urandom`` (or the ``rng_bytes``
 the caller passes, for reproducible tests) by rejection sampling, so they
@@ -97,11 +97,17 @@ def split(
         raise ShamirError(f"{len(points)} share holders cannot meet threshold {threshold}: the secret would be lost")
     coefficients = [int.from_bytes(secret, "big")] + [_random_element(rng_bytes) for _ in range(threshold - 1)]
     highest_first = coefficients[::-1]
+    # Horner's rule over the t coefficients, reduced mod p once per 16 steps rather than at each: the points
+    # are small, so 16 steps grow a reduced value by 16 x (bits of x + 1) bits, and one reduction costs more
+    # than all those multiplications by a small number. Same value, about half the time.
+    chunks = [highest_first[i : i + 16] for i in range(0, len(highest_first), 16)]
     shares = {}
     for x in points:
         acc = 0
-        for c in highest_first:  # Horner's rule, over the t coefficients
-            acc = (acc * x + c) % PRIME
+        for chunk in chunks:
+            for c in chunk:
+                acc = acc * x + c
+            acc %= PRIME
         shares[x] = acc.to_bytes(SHARE_BYTES, "big")
     return shares
 

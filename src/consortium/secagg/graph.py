@@ -75,6 +75,7 @@ __all__ = [
     "GraphPlan",
     "complete_graph",
     "random_regular_graph",
+    "ring_neighbours",
     "plan_graph",
 ]
 
@@ -108,13 +109,8 @@ def complete_graph(names: Sequence[str]) -> dict[str, frozenset[str]]:
     return {name: everyone - {name} for name in names}
 
 
-def random_regular_graph(names: Sequence[str], degree: int, rng: np.random.Generator) -> dict[str, frozenset[str]]:
-    """A random Harary graph: symmetric, ``degree``-regular, no self-loops; deterministic given ``rng``.
-
-    Sites are placed on a ring in the order ``rng.permutation`` gives; each is
-    linked to the degree // 2 nearest on each side, and to the opposite site
-    when ``degree`` is odd (which needs an even number of sites).
-    """
+def _ring(names: Sequence[str], degree: int, rng: np.random.Generator) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """The checked names, the ring order ``rng.permutation`` gives, and the ring offsets of a site's neighbours."""
     names = _check_names(names)
     n = len(names)
     if not isinstance(rng, np.random.Generator):
@@ -128,12 +124,41 @@ def random_regular_graph(names: Sequence[str], degree: int, rng: np.random.Gener
     offsets = [d for d in range(1, half + 1)] + [-d for d in range(1, half + 1)]
     if degree % 2:
         offsets.append(n // 2)
-    order = rng.permutation(n)
-    positions = (np.arange(n)[:, None] + np.asarray(offsets, dtype=np.int64)[None, :]) % n
+    return names, rng.permutation(n), np.asarray(offsets, dtype=np.int64)
+
+
+def random_regular_graph(names: Sequence[str], degree: int, rng: np.random.Generator) -> dict[str, frozenset[str]]:
+    """A random Harary graph: symmetric, ``degree``-regular, no self-loops; deterministic given ``rng``.
+
+    Sites are placed on a ring in the order ``rng.permutation`` gives; each is
+    linked to the degree // 2 nearest on each side, and to the opposite site
+    when ``degree`` is odd (which needs an even number of sites).
+    """
+    names, order, offsets = _ring(names, degree, rng)
+    n = len(names)
+    positions = (np.arange(n)[:, None] + offsets[None, :]) % n
     neighbour_ids = order[positions]  # row i: the neighbours of the site at ring position i
     by_name = np.asarray(names, dtype=object)
     graph = {names[order[i]]: frozenset(by_name[neighbour_ids[i]].tolist()) for i in range(n)}
     return {name: graph[name] for name in names}
+
+
+def ring_neighbours(names: Sequence[str], degree: int, rng: np.random.Generator, site: str) -> frozenset[str]:
+    """``site``'s neighbours in ``random_regular_graph(names, degree, rng)``, without building the others'.
+
+    A site checking its own place needs the ring order (one permutation, O(n)) and its ``degree``
+    neighbours, not the whole graph's n x degree links: the same set, for the same ``rng`` state.
+
+    Raises:
+        GraphPlanError: as ``random_regular_graph``, or ``site`` is not among ``names``.
+    """
+    names, order, offsets = _ring(names, degree, rng)
+    n = len(names)
+    try:
+        at = int(np.flatnonzero(order == names.index(site))[0])
+    except ValueError:
+        raise GraphPlanError(f"'{site}' is not one of the graph's sites") from None
+    return frozenset(names[i] for i in order[(at + offsets) % n].tolist())
 
 
 # --- exact tails in log space -------------------------------------------------

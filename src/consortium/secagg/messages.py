@@ -6,12 +6,13 @@ signature can never be replayed in another session or for another purpose.
 
 from __future__ import annotations
 
+from functools import cached_property, lru_cache
 from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import Field, field_validator
 
-from consortium.secagg.graph import complete_graph, random_regular_graph
+from consortium.secagg.graph import complete_graph, random_regular_graph, ring_neighbours
 from consortium.wire import B64, Frozen, Tensor
 
 STAGES = ("advertise_keys", "share_keys", "collect_masked", "consistency_check", "unmask")
@@ -46,12 +47,26 @@ class SessionParams(Frozen):
         """The neighbour graph, from public randomness bound to the session id."""
         if self.graph == "complete":
             return complete_graph(self.participants)
-        seed = int.from_bytes(bytes.fromhex(self.session_id)[:8], "big")
-        return random_regular_graph(self.participants, self.degree, np.random.default_rng(seed))
+        return random_regular_graph(self.participants, self.degree, self._graph_rng())
+
+    def neighbours_of(self, name: str) -> frozenset[str]:
+        """One participant's neighbours in ``neighbours()``, without the others' (what a site checks: O(n), not
+        O(n x degree))."""
+        if self.graph == "complete":
+            return frozenset(self.participants) - {name}
+        return ring_neighbours(self.participants, self.degree, self._graph_rng(), name)
+
+    def _graph_rng(self) -> np.random.Generator:
+        return np.random.default_rng(int.from_bytes(bytes.fromhex(self.session_id)[:8], "big"))
+
+    @cached_property
+    def positions(self) -> dict[str, int]:
+        """Each participant's Shamir evaluation point (its 1-based position), looked up once per session."""
+        return {name: i + 1 for i, name in enumerate(self.participants)}
 
     def x_of(self, name: str) -> int:
-        """A participant's Shamir evaluation point: its 1-based position."""
-        return self.participants.index(name) + 1
+        """A participant's Shamir evaluation point: its 1-based position (KeyError if it is none)."""
+        return self.positions[name]
 
 
 class KeyAdvert(Frozen):
@@ -94,6 +109,26 @@ class SharePlaintext(Frozen):
     recipient: Name
     seed_share: B64
     key_share: B64
+
+    def to_bytes(self) -> bytes:
+        """What the ciphertext holds: each name after its length (one byte), then the two shares, each after
+        its length: a fixed layout (a site seals k of these per session) rather than JSON."""
+        parts = [self.sender.encode(), self.recipient.encode(), self.seed_share, self.key_share]
+        return b"".join(bytes([len(part)]) + part for part in parts)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> SharePlaintext:
+        """Parse ``to_bytes``; ``ValueError`` (a pydantic ``ValidationError`` among them) if it is not that layout."""
+        parts, at = [], 0
+        for _ in range(4):
+            if at >= len(raw) or at + 1 + raw[at] > len(raw):
+                raise ValueError("a share plaintext shorter than its lengths say")
+            parts.append(raw[at + 1 : at + 1 + raw[at]])
+            at += 1 + raw[at]
+        if at != len(raw):
+            raise ValueError("a share plaintext longer than its lengths say")
+        sender, recipient, seed_share, key_share = parts
+        return cls(sender=sender.decode("ascii"), recipient=recipient.decode("ascii"), seed_share=seed_share, key_share=key_share)
 
 
 class MaskedInput(Frozen):
@@ -142,11 +177,14 @@ class UnmaskReply(Frozen):
     key_shares: dict[Name, B64]
 
 
+@lru_cache(maxsize=256)
+def _prefix(tag: bytes, session_id: str) -> bytes:
+    return b"consortium/secagg/v1/" + tag + b"\x00" + bytes.fromhex(session_id)
+
+
 def _statement(tag: bytes, session_id: str, *parts: bytes) -> bytes:
-    out = [b"consortium/secagg/v1/" + tag, bytes.fromhex(session_id)]
-    for p in parts:
-        out.append(len(p).to_bytes(4, "big") + p)
-    return b"\x00".join(out)
+    """The domain tag, the session id, then each part prefixed by its length, joined by NUL bytes."""
+    return b"\x00".join([_prefix(tag, session_id), *[len(p).to_bytes(4, "big") + p for p in parts]])
 
 
 def advert_statement(session_id: str, site: str, c_pk: bytes, s_pk: bytes) -> bytes:
@@ -157,15 +195,15 @@ def survivors_statement(session_id: str, survivors: tuple[str, ...]) -> bytes:
     return _statement(b"survivors", session_id, *(s.encode() for s in sorted(survivors)))
 
 
-def ack_statement(session_id: str, sender: str, recipient: str, listed: bytes) -> bytes:
+def ack_statement(session_id: str, sender: str, recipient: str, listed_sha256: bytes) -> bytes:
     """What a site's acknowledgement tag for one neighbour covers: the direction and the survivor list.
 
-    ``listed`` is ``survivors_statement`` of the list (built once, tagged for
-    every neighbour). Naming the direction matters because both ends hold the
-    same key: a coordinator reflecting a site's own tag back at it must not
-    pass for the neighbour's.
+    ``listed_sha256`` is the SHA-256 of ``survivors_statement`` of the list, hashed once and tagged for
+    every neighbour: k short MACs, not k passes over a list of every survivor. Naming the direction
+    matters because both ends hold the same key: a coordinator reflecting a site's own tag back at it
+    must not pass for the neighbour's.
     """
-    return _statement(b"ack", session_id, sender.encode(), recipient.encode(), listed)
+    return _statement(b"ack-sha256", session_id, sender.encode(), recipient.encode(), listed_sha256)
 
 
 def share_context(session_id: str, sender: str, recipient: str) -> bytes:

@@ -48,8 +48,9 @@ Any failure to verify raises; a site refuses rather than guesses.
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,7 +97,7 @@ def _pairwise_seed(s_private, peer_s_pk: bytes, params: SessionParams, a: str, b
 
 def check_params(params: SessionParams, me: str) -> frozenset[str]:
     """A site's own check of the session the coordinator proposes; returns its neighbours."""
-    if me not in params.participants:
+    if me not in params.positions:
         raise SecAggError(f"site '{me}' is not a participant of this session")
     n = len(params.participants)
     if params.graph == "complete" and params.degree != n - 1:
@@ -108,7 +109,7 @@ def check_params(params: SessionParams, me: str) -> frozenset[str]:
             "is unsafe: it must exceed half of those who acknowledge the survivor list, or a coordinator could collect "
             "both kinds of share for one site"
         )
-    mine = params.neighbours()[me]
+    mine = params.neighbours_of(me)
     if len(mine) != params.degree:
         raise SecAggError(f"site '{me}' has {len(mine)} neighbours in the graph, not the declared {params.degree}")
     return mine
@@ -185,7 +186,7 @@ class SecAggClient:
         for v, x in zip(holders, xs):
             plain = SharePlaintext(sender=self.name, recipient=v, seed_share=seed_shares[x], key_share=key_shares[x])
             key, _ = self._channel(v)
-            ct = aead.seal(key, plain.model_dump_json().encode(), associated_data=share_context(p.session_id, self.name, v))
+            ct = aead.seal(key, plain.to_bytes(), associated_data=share_context(p.session_id, self.name, v))
             out.append(EncryptedShare(sender=self.name, recipient=v, ciphertext=ct))
         return ShareBundle(shares=tuple(out))
 
@@ -204,9 +205,11 @@ class SecAggClient:
             if enc.recipient != self.name or v not in self._peers or v in self._held:
                 raise SecAggError(f"share from '{v}' to '{enc.recipient}' is not one this site expects")
             key, _ = self._channel(v)
-            plain = SharePlaintext.model_validate_json(
-                aead.open_(key, enc.ciphertext, associated_data=share_context(p.session_id, v, self.name))
-            )
+            opened = aead.open_(key, enc.ciphertext, associated_data=share_context(p.session_id, v, self.name))
+            try:
+                plain = SharePlaintext.from_bytes(opened)
+            except ValueError as exc:  # authentic (the key is shared with v alone) but not a share plaintext
+                raise SecAggError(f"the share ciphertext from '{v}' does not hold a share: {exc}") from None
             if plain.sender != v or plain.recipient != self.name:
                 raise SecAggError(f"share ciphertext from '{v}' names {plain.sender} -> {plain.recipient}")
             self._held[v] = plain
@@ -229,15 +232,16 @@ class SecAggClient:
         self._check_survivors(survivors.survivors)
         signed = self._signed_survivors = tuple(sorted(survivors.survivors))
         listed = survivors_statement(p.session_id, signed)
+        digest = hashlib.sha256(listed).digest()
         tags = {
-            v: aead.mac(self._channel(v)[1], ack_statement(p.session_id, self.name, v, listed))
+            v: aead.mac(self._channel(v)[1], ack_statement(p.session_id, self.name, v, digest))
             for v in sorted(self._peers)
             if v in signed
         }
         return ConsistencyAck(signature=keys.sign(self._identity, listed), tags=tags)
 
     def _check_survivors(self, survivors: tuple[str, ...]) -> None:
-        unknown = [s for s in survivors if s not in self.params.participants]
+        unknown = [s for s in survivors if s not in self.params.positions]
         if unknown:
             raise SecAggError(f"the survivor list names '{unknown[0]}', which is not a participant: refused")
         if len(set(survivors)) != len(survivors):
@@ -257,18 +261,18 @@ class SecAggClient:
         both = sorted(alive & dead)
         if both:
             raise SecAggError(f"the unmask request lists '{both[0]}' as both alive and dropped: refused")
-        unknown = sorted((alive | dead | set(request.acks)) - set(p.participants))
+        unknown = sorted(s for s in alive | dead | set(request.acks) if s not in p.positions)
         if unknown:
             raise SecAggError(f"the unmask request names '{unknown[0]}', which is not a participant: refused")
         if tuple(sorted(alive)) != self._signed_survivors:
             raise SecAggError("the unmask request's survivors differ from the list this site signed: refused")
-        listed = survivors_statement(p.session_id, self._signed_survivors)
+        digest = hashlib.sha256(survivors_statement(p.session_id, self._signed_survivors)).digest()
         for site, tag in request.acks.items():
             if site not in alive:
                 raise SecAggError(f"an acknowledgement comes from '{site}', which is not a survivor: refused")
             if site not in self._peers:
                 raise SecAggError(f"an acknowledgement comes from '{site}', which is not a neighbour of '{self.name}': refused")
-            aead.check_mac(self._channel(site)[1], tag, ack_statement(p.session_id, site, self.name, listed))
+            aead.check_mac(self._channel(site)[1], tag, ack_statement(p.session_id, site, self.name, digest))
         own = 1 if p.self_ack else 0  # this site signed the list too
         if len(request.acks) + own < p.threshold:  # every tag was checked: a bad one refuses the request, never skipped
             raise SecAggError(
@@ -314,12 +318,14 @@ class SecAggServer:
         self._bundles: dict[str, ShareBundle] = {}
         self._masked: dict[str, np.ndarray] = {}
         self._survivors: tuple[str, ...] = ()
+        self._surviving: frozenset[str] = frozenset()
+        self._listed = b""
         self._acks: dict[str, ConsistencyAck] = {}
         self._replies: dict[str, UnmaskReply] = {}
 
     # -- helpers ---------------------------------------------------------------
 
-    def _expect(self, stage: str, site: str, box: Mapping[str, object], among: set[str] | tuple[str, ...]) -> None:
+    def _expect(self, stage: str, site: str, box: Mapping[str, object], among: Collection[str]) -> None:
         if self._stage != stage:
             raise SecAggError(f"'{site}' answered stage {stage} while the session is at {self._stage}")
         if site not in among:
@@ -337,7 +343,7 @@ class SecAggServer:
     # -- stages ----------------------------------------------------------------
 
     def add_advert(self, site: str, adv: KeyAdvert) -> None:
-        self._expect("advertise_keys", site, self._adverts, self.params.participants)
+        self._expect("advertise_keys", site, self._adverts, self.params.positions)
         if adv.site != site:
             raise SecAggError(f"'{site}' sent an advert for '{adv.site}'")
         verify_advert(adv, self.params.session_id, self._directory)
@@ -352,7 +358,7 @@ class SecAggServer:
         }
 
     def add_shares(self, site: str, bundle: ShareBundle) -> None:
-        self._expect("share_keys", site, self._bundles, set(self._adverts))
+        self._expect("share_keys", site, self._bundles, self._adverts)
         recipients = [s.recipient for s in bundle.shares]
         if any(s.sender != site for s in bundle.shares) or len(set(recipients)) != len(recipients):
             raise SecAggError(f"'{site}' sent shares under another name or twice to one neighbour")
@@ -371,7 +377,7 @@ class SecAggServer:
         return {u: ShareDelivery(shares=tuple(shares)) for u, shares in inbox.items()}
 
     def add_masked(self, site: str, masked: MaskedInput) -> None:
-        self._expect("collect_masked", site, self._masked, set(self._bundles))
+        self._expect("collect_masked", site, self._masked, self._bundles)
         if masked.vector.shape != (self.params.length,) or masked.vector.dtype != prg.ring_dtype(self.params.bits).name:
             raise SecAggError(
                 f"'{site}' sent {masked.vector.shape} {masked.vector.dtype} words, "
@@ -384,31 +390,30 @@ class SecAggServer:
         self._need(len(self._masked), "sent a masked input")
         self._stage = "consistency_check"
         self._survivors = tuple(sorted(self._masked))
-        sig = keys.sign(self._key, survivors_statement(self.params.session_id, self._survivors))
-        return SurvivorList(survivors=self._survivors, signature=sig)
+        self._surviving = frozenset(self._survivors)
+        self._listed = survivors_statement(self.params.session_id, self._survivors)  # what every acknowledgement signs
+        return SurvivorList(survivors=self._survivors, signature=keys.sign(self._key, self._listed))
 
     def add_ack(self, site: str, ack: ConsistencyAck) -> None:
-        self._expect("consistency_check", site, self._acks, self._survivors)
-        keys.verify(self._directory[site], ack.signature, survivors_statement(self.params.session_id, self._survivors))
-        if not set(ack.tags) <= self.graph[site] & set(self._survivors):
+        self._expect("consistency_check", site, self._acks, self._surviving)
+        keys.verify(self._directory[site], ack.signature, self._listed)
+        if not set(ack.tags) <= self.graph[site] & self._surviving:
             raise SecAggError(f"'{site}' tagged its acknowledgement for sites that are not its surviving neighbours")
         self._acks[site] = ack
 
     def close_consistency(self) -> dict[str, UnmaskRequest]:
         self._need(len(self._acks), "acknowledged the survivor list")
         self._stage = "unmask"
-        dropped = tuple(sorted(set(self._bundles) - set(self._survivors)))
-        return {
-            u: UnmaskRequest(
-                survivors=self._survivors,
-                dropped=dropped,
-                acks={v: ack.tags[u] for v, ack in self._acks.items() if u in ack.tags},
-            )
-            for u in self._acks
-        }
+        dropped = tuple(sorted(set(self._bundles) - self._surviving))
+        tags: dict[str, dict[str, bytes]] = {u: {} for u in self._acks}  # to each site, the tags addressed to it
+        for v, ack in self._acks.items():
+            for u, tag in ack.tags.items():
+                if u in tags:
+                    tags[u][v] = tag
+        return {u: UnmaskRequest(survivors=self._survivors, dropped=dropped, acks=tags[u]) for u in self._acks}
 
     def add_unmask(self, site: str, reply: UnmaskReply) -> None:
-        self._expect("unmask", site, self._replies, set(self._acks))
+        self._expect("unmask", site, self._replies, self._acks)
         self._replies[site] = reply
 
     def finish(self) -> SecAggOutcome:
@@ -458,14 +463,22 @@ def unmask_sum(evidence: SessionEvidence, masked: Mapping[str, np.ndarray]) -> n
     p, t = evidence.params, evidence.params.threshold
     graph = p.neighbours()
     seeds, subtract = [], []  # every mask to remove, gathered (and every abort decided) before any arithmetic
+    # Each reply's shares, by whose secret they are: one pass over the replies (n x degree), not one per site
+    seed_shares: dict[str, dict[int, bytes]] = {}
+    key_shares: dict[str, dict[int, bytes]] = {}
+    for v, r in evidence.replies.items():
+        for u, share in r.seed_shares.items():
+            seed_shares.setdefault(u, {})[p.x_of(v)] = share
+        for u, share in r.key_shares.items():
+            key_shares.setdefault(u, {})[p.x_of(v)] = share
     for u in evidence.survivors:
-        shares = {p.x_of(v): r.seed_shares[u] for v, r in evidence.replies.items() if u in r.seed_shares}
+        shares = seed_shares.get(u, {})
         if len(shares) < t:
             raise SecAggAborted(f"only {len(shares)} shares of '{u}''s self mask arrived, fewer than {t}: aborting")
         seeds.append(shamir.combine(shares, threshold=t))
         subtract.append(True)
     for v in evidence.dropped:
-        shares = {p.x_of(w): r.key_shares[v] for w, r in evidence.replies.items() if v in r.key_shares}
+        shares = key_shares.get(v, {})
         if len(shares) < t:
             raise SecAggAborted(f"only {len(shares)} shares of dropped '{v}''s mask key arrived, fewer than {t}: aborting")
         s_sk_v = keys.load_x25519_private(shamir.combine(shares, threshold=t))

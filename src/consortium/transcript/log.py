@@ -52,8 +52,46 @@ Kind = Literal[
 
 
 def canonical(obj: Any) -> bytes:
-    """RFC 8785 canonical JSON: one byte string per value, whoever serialises it."""
+    """RFC 8785 canonical JSON: one byte string per value, whoever serialises it.
+
+    A value of strings, integers within +-2^53, booleans, nulls, lists, and objects with ASCII keys (every seal
+    header, most transcript bodies) is written by the standard library's C encoder with sorted keys and no
+    spaces, which for exactly these values writes RFC 8785's bytes (same escapes, and ASCII keys sort alike
+    by code point and by UTF-16 unit); anything else (a float, a wider integer, a non-ASCII key, a lone
+    surrogate) goes through ``rfc8785`` itself. ``tests/test_transcript.py`` holds the two equal.
+    """
+    if _plain(obj):
+        try:
+            return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: rfc8785 says what to do with it
+            pass
     return rfc8785.dumps(obj)
+
+
+def _plain(obj: Any) -> bool:
+    """Whether ``obj`` holds only what ``json.dumps`` writes exactly as RFC 8785 does (see ``canonical``)."""
+    stack = [obj]
+    while stack:
+        value = stack.pop()
+        kind = type(value)
+        if kind is str or kind is bool or value is None:
+            continue
+        if kind is int:
+            if -_SAFE_INTEGER <= value <= _SAFE_INTEGER:
+                continue
+            return False
+        if kind is list:
+            stack.extend(value)
+        elif kind is dict:
+            if not all(type(key) is str and key.isascii() for key in value):
+                return False
+            stack.extend(value.values())
+        else:
+            return False
+    return True
+
+
+_SAFE_INTEGER = 2**53 - 1  # I-JSON's exact integers (RFC 7493); rfc8785 refuses wider ones
 
 
 MANIFEST_DOMAIN = "consortium/manifest/v1"
@@ -174,6 +212,9 @@ class TranscriptWriter:
         self.entries = [parse_entry(line, i) for i, line in enumerate(_complete_lines(self.path, repair=True))]
         self._size = self.path.stat().st_size if self.path.exists() else 0
         self.leaves = [e.leaf() for e in self.entries]
+        # Proofs between two sizes never change in an append-only log: every site that co-signed the same
+        # head is sent the same proof, computed once (O(n) each, so not once per site).
+        self._proofs: dict[tuple[int, int], list[bytes]] = {}
         self.heads = [parse_head(line, i) for i, line in enumerate(_complete_lines(self.heads_path, repair=True))]
 
     @property
@@ -225,7 +266,11 @@ class TranscriptWriter:
         return merkle.inclusion_proof(self.leaves[:size], index)
 
     def consistency(self, first_size: int, second_size: int) -> list[bytes]:
-        return merkle.consistency_proof(self.leaves[:second_size], first_size) if 0 < first_size < second_size else []
+        if not 0 < first_size < second_size:
+            return []
+        if (first_size, second_size) not in self._proofs:
+            self._proofs[first_size, second_size] = merkle.consistency_proof(self.leaves[:second_size], first_size)
+        return list(self._proofs[first_size, second_size])
 
     def publish_head(self, head: TreeHead) -> None:
         _append_line(self.heads_path, canonical(head.model_dump(mode="json")) + b"\n")
