@@ -79,7 +79,7 @@ settings.load_profile("consortium")
 #: handed to the two workers first (``make test`` runs ``--dist loadfile``): the short files then fill in
 #: around them, and both workers finish together instead of one waiting on a long file started last.
 LONGEST_FIRST = (
-    "test_cli.py", "test_deploy.py", "test_lifecycle.py", "test_membership.py", "test_governance.py",
+    "test_cli.py", "test_deploy.py", "test_lifecycle.py", "test_membership.py", "test_governance.py", "test_ray_backend.py",
     "test_examples.py", "test_tasks.py", "test_deploy_tasks.py", "test_report.py", "test_https.py", "test_anchors.py",
     "test_dp_recipe.py", "test_deploy_readme.py",
 )

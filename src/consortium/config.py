@@ -240,6 +240,22 @@ class BaselineConfig(_Strict):
     pooled: bool = True
 
 
+class RayConfig(_Strict):
+    """Where and how the Ray backend plays the sites (``backend: ray``; ``consortium.run.ray_backend``).
+
+    A pool of worker actors plays every site: each worker holds several sites, each site on one worker,
+    and a site's durable state (its ledger, signed record and memory of co-signed heads) lives in the run
+    folder, so a worker that is lost and restarted picks its sites up from there.
+    """
+
+    #: An existing cluster ("auto", "host:port", "ray://host:10001"); null: a local Ray on this machine.
+    #: On a cluster of several machines the run folder must be on storage every node shares.
+    address: str | None = Field(None, min_length=1, max_length=512)
+    num_cpus: float = Field(1.0, gt=0, le=1024)  # each worker's CPUs, as Flower's client resources
+    num_gpus: float = Field(0.0, ge=0, le=64)  # each worker's GPUs
+    workers: int | None = Field(None, ge=1, le=100_000)  # null: as many as the cluster's CPUs / num_cpus (at most one per site)
+
+
 class SimulationConfig(_Strict):
     """Everything a run is: data and sites, model and training, rounds, secure aggregation and differential
     privacy (both on unless turned off), strategy, robust aggregation, evaluation, agreement. Every key
@@ -262,6 +278,9 @@ class SimulationConfig(_Strict):
     incidents: IncidentConfig = IncidentConfig()
     robust: RobustConfig = RobustConfig()
     agreement: AgreementConfig | None = None  # None: no agreement (the run says so)
+    #: Who plays the simulated sites: this process, one after another (in-process), or a pool of Ray workers.
+    backend: Literal["in-process", "ray"] = "in-process"
+    ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
     def _noise_needs_secagg(self) -> SimulationConfig:

@@ -21,7 +21,7 @@ from consortium.config import (
     load_config,
 )
 from consortium.data import BUILTIN_DATASETS
-from consortium.errors import UnknownDatasetError
+from consortium.errors import ConfigError, UnknownDatasetError
 
 
 def _run(config: SimulationConfig, out: Path | None, as_json: bool) -> None:
@@ -31,6 +31,11 @@ def _run(config: SimulationConfig, out: Path | None, as_json: bool) -> None:
 
     simulation = Simulation(config, out=out)  # every input check happens here, before any output
     train(simulation.run, config.rounds, as_json, before=simulation.plan.warnings)
+
+
+class Backend(str, Enum):
+    in_process = "in-process"
+    ray = "ray"
 
 
 class PrivacyLevel(str, Enum):
@@ -102,9 +107,23 @@ def simulate(
     config_file: Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="simulation config (see examples/)")],
     out: Annotated[Path | None, typer.Option(help="run folder (default: runs/<time>-<dataset>)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON summary on stdout, nothing else")] = False,
+    backend: Annotated[
+        Backend | None,
+        typer.Option(help="who plays the sites: in-process (one after another) or ray (a pool of Ray workers); default: the config's"),
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="with --backend ray: an existing Ray cluster (auto, host:port, ray://host:10001); default: a local Ray")
+    ] = None,
 ) -> None:
     """Run the simulation a config file describes."""
-    _run(load_config(config_file), out, as_json)
+    config = load_config(config_file)
+    if backend is not None:
+        config = config.model_copy(update={"backend": backend.value})
+    if ray_address is not None:
+        if config.backend != "ray":
+            raise ConfigError("--ray-address is for the Ray backend: add --backend ray, or set backend: ray in the config")
+        config = config.model_copy(update={"ray": config.ray.model_copy(update={"address": ray_address})})
+    _run(config, out, as_json)
 
 
 def show(

@@ -22,6 +22,7 @@ The crypto error classes live here, the root of the ``crypto`` package:
 from __future__ import annotations
 
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
@@ -30,6 +31,8 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import (
     X25519PrivateKey,
     X25519PublicKey,
 )
+
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from consortium.errors import ProtocolError
 
@@ -139,6 +142,21 @@ def load_ed25519_public(data: bytes) -> Ed25519PublicKey:
         return Ed25519PublicKey.from_public_bytes(raw)
     except ValueError as exc:
         raise CryptoError(f"not a valid Ed25519 public key ({exc})") from None
+
+
+def derive_ed25519(secret: bytes, label: str) -> Ed25519PrivateKey:
+    """An Ed25519 key derived from ``secret`` for ``label``: HKDF-SHA256 (RFC 5869) with the label in ``info``.
+
+    A simulation draws one fresh 32-byte secret per run and derives every simulated member's key from it,
+    so that whoever plays a member (a Ray worker) rebuilds its key, and everyone's public key, from that
+    secret and the names. Independent keys for distinct labels; never for a deployed member (it makes its
+    own, ``generate_ed25519``). ``CryptoError`` if the secret is shorter than 32 bytes.
+    """
+    if len(secret) < KEY_BYTES:
+        raise CryptoError(f"a key-derivation secret needs at least {KEY_BYTES} bytes, got {len(secret)}")
+    seed = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None,
+                info=b"consortium/simulated-member-key/v1\x00" + label.encode()).derive(secret)
+    return Ed25519PrivateKey.from_private_bytes(seed)
 
 
 def sign(private: Ed25519PrivateKey, data: bytes) -> bytes:

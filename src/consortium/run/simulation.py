@@ -11,6 +11,7 @@ scored on the consortium's population (every site's test split).
 from __future__ import annotations
 
 from collections.abc import Callable
+import os
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ from consortium.transcript.log import TreeHead, last_cosigned
 from consortium.run.recorder import TranscriptRecorder
 from consortium.run.sites import build_site, site_randomness, site_state
 from consortium.audit.verify import AGREEMENT_FILE
-from consortium.transport import InProcessTransport
+from consortium.transport import InProcessTransport, SealedTransport
 
 
 def site_splits(config: SimulationConfig, task: Task | None = None) -> dict[str, Splits]:
@@ -168,6 +169,8 @@ class Simulation(CoordinatorRun):
         trainer: LocalTrainer | None = None,
     ) -> None:
         drop_seq, self._base_seq = np.random.SeedSequence(config.seed).spawn(2)
+        self._pool: Any = None  # the Ray workers that play the sites (backend: ray)
+        self._key_secret: bytes | None = None  # what fresh member keys derive from (no agreement)
         # Held by the harness only for the simulation-only baselines; each Site gets its own.
         self._splits = site_splits(config, task)
         names = list(self._splits)
@@ -183,6 +186,22 @@ class Simulation(CoordinatorRun):
         directory = {name: keys.ed25519_public_bytes(k.public_key()) for name, k in identities.items()}
         run_dir = run_folder(plan, out, runs_root)  # every input is checked: only now does the run get its folder
         config = plan.config
+        rng = np.random.default_rng(drop_seq)
+        if config.backend == "ray":
+            transport = self._ray_transport(plan, run_dir, identities, directory, rng, trainer)
+        else:
+            transport = self._in_process_transport(plan, run_dir, identities, directory, rng, trainer)
+        super().__init__(
+            plan, transport=transport, identity=identities[COORDINATOR], directory=directory, run_dir=run_dir, resume=resume,
+        )
+        self._identities = identities  # the harness holds every member's key (tests play a member with it)
+
+    def _in_process_transport(
+        self, plan: RunPlan, run_dir: Path, identities: dict[str, Ed25519PrivateKey], directory: dict[str, bytes],
+        rng: np.random.Generator, trainer: LocalTrainer | None,
+    ) -> InProcessTransport:
+        """Every site built here, in this process (``_make_site``), and the transport that calls them."""
+        config, agreement = plan.config, plan.agreement
         sites = {
             name: build_site(
                 name,
@@ -200,18 +219,41 @@ class Simulation(CoordinatorRun):
                 lifecycle=False,  # a simulated site's lifecycle state is the lifecycle manager's (consortium models)
                 make=self._make_site,
             )
-            for name in names
+            for name in plan.names
         }
         self._ledgers = {name: site.ledger for name, site in sites.items()}
         self._sites = sites
-        transport = InProcessTransport(
-            sites, dropout=config.participation.dropout, rng=np.random.default_rng(drop_seq),
-            identity=identities[COORDINATOR], directory=directory,
+        return InProcessTransport(
+            sites, dropout=config.participation.dropout, rng=rng, identity=identities[COORDINATOR], directory=directory,
         )
-        super().__init__(
-            plan, transport=transport, identity=identities[COORDINATOR], directory=directory, run_dir=run_dir, resume=resume,
+
+    def _ray_transport(
+        self, plan: RunPlan, run_dir: Path, identities: dict[str, Ed25519PrivateKey], directory: dict[str, bytes],
+        rng: np.random.Generator, trainer: LocalTrainer | None,
+    ) -> SealedTransport:
+        """The sites played by a pool of Ray workers (``consortium.run.ray_backend``), each building its own from
+        the run's config: so only what the config names runs there (the task as ``task:`` names it, loaded
+        from its file by each worker; no trainer object, no red-team site)."""
+        from consortium.run.ray_backend import RayPool, RayTransport
+
+        if trainer is not None or type(self)._make_site is not Simulation._make_site:
+            what = "a trainer object" if trainer is not None else "a site of its own (_make_site)"
+            raise ConfigError(f"the Ray backend builds every site from the config alone, and this run passes {what}: "
+                              "use backend: in-process")
+        self._sites, self._ledgers = {}, {}
+        self._pool = RayPool(plan, run_dir, key_secret=self._key_secret)
+        return RayTransport(
+            self._pool.channel, dropout=plan.config.participation.dropout, rng=rng, identity=identities[COORDINATOR],
+            directory=directory,
         )
-        self._identities = identities  # the harness holds every member's key (tests play a member with it)
+
+    def run(self, *, on_round: Callable[[RoundRecord], None] | None = None) -> RunResult:
+        """Train, record and summarise the run (``CoordinatorRun.run``); then stop the Ray workers, if any."""
+        try:
+            return super().run(on_round=on_round)
+        finally:
+            if self._pool is not None:
+                self._pool.close()
 
     def _make_site(self, name: str, splits: Splits, **kwargs: Any) -> Site:
         """One simulated institution's agent. The red team overrides this to play a malicious site
@@ -220,21 +262,28 @@ class Simulation(CoordinatorRun):
         return Site(name, splits, **kwargs)
 
     def _member_keys(self, plan: RunPlan) -> dict[str, Ed25519PrivateKey]:
-        """Every member's identity key: the agreement's members' own key files, or fresh ones."""
+        """Every member's identity key: the agreement's members' own key files, or fresh ones, each derived from
+        one fresh secret (``_key_secret``, kept in memory only) that a Ray worker rebuilds its members' from."""
         names = [*plan.names, COORDINATOR]
         if plan.agreement is None:
-            return {name: keys.generate_ed25519()[0] for name in names}
+            self._key_secret = os.urandom(32)
+            return {name: keys.derive_ed25519(self._key_secret, name) for name in names}
         assert plan.config.agreement is not None
         return {name: load_member_key(plan.agreement, plan.config.agreement.keys, name) for name in names}
 
     def _resume_sites(self, heads: list[TreeHead]) -> None:
+        """In process, each site is told the last head it co-signed; a Ray worker's sites recalled it themselves
+        from their memory files when the worker built them."""
         for name, site in self._sites.items():
             head = last_cosigned(heads, name)
             if head is not None:
                 site.resume_from(head)
 
     def _epsilon(self, transcript: TranscriptRecorder) -> tuple[dict[str, float], dict[str, float]]:
-        """From the sites' own ledgers here (``verify`` checks them against the signed events)."""
+        """From the sites' own ledgers, read where each site runs (``verify`` checks them against the signed events)."""
+        if self._pool is not None:
+            read = self._pool.ledgers()
+            return {n: v[0] for n, v in read.items()}, {n: v[1] for n, v in read.items()}
         ledgers = {n: lg for n, lg in self._ledgers.items() if lg is not None}
         return {n: lg.spent() for n, lg in ledgers.items()}, {n: lg.epsilon_cap for n, lg in ledgers.items()}
 

@@ -22,7 +22,7 @@ the genuine one (the mailbox keeps the place open for it).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -66,6 +66,33 @@ class Channel(Protocol):
         ...
 
 
+class _SealOnRead(Mapping[str, bytes]):
+    """One stage's requests as the channel reads them: each sealed when first read, then kept.
+
+    A channel that sends as it reads (the Ray workers get their first batch while the rest of the stage is
+    still being sealed) starts the members' work sooner; one that reads everything first sees no difference.
+    ``bytes_sealed`` counts what was sealed: what the channel was handed.
+    """
+
+    def __init__(self, requests: dict[str, m.Envelope], encode: Callable[[m.Envelope], bytes]) -> None:
+        self._requests, self._encode = requests, encode
+        self._sealed: dict[str, bytes] = {}
+        self.bytes_sealed = 0
+
+    def __getitem__(self, member: str) -> bytes:
+        raw = self._sealed.get(member)
+        if raw is None:
+            raw = self._sealed[member] = self._encode(self._requests[member])
+            self.bytes_sealed += len(raw)
+        return raw
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._requests)
+
+    def __len__(self) -> int:
+        return len(self._requests)
+
+
 class SealedTransport:
     """The coordinator's ``Transport`` over a ``Channel``: seals, checks and counts every message once.
 
@@ -76,8 +103,9 @@ class SealedTransport:
         directory: member name -> Ed25519 public key; a reply counts only if its seal checks out against it,
             from the member asked, for the round asked. None (or no ``identity``): replies are parsed unchecked.
 
-    ``bytes_sent`` and ``bytes_received`` count every sealed request handed to the channel and every reply it
-    brought back (a refused reply included); ``rejected`` lists each refused reply as ``"member: reason"``.
+    Each request is sealed when the channel first reads it (a channel may start sending before the whole
+    stage is sealed). ``bytes_sent`` and ``bytes_received`` count every sealed request the channel read and
+    every reply it brought back (a refused reply included); ``rejected`` lists each refused reply as ``"member: reason"``.
     """
 
     def __init__(
@@ -102,10 +130,12 @@ class SealedTransport:
     def _stage(self, requests: list[m.Envelope]) -> list[m.Envelope | None]:
         if len({r.recipient for r in requests}) != len(requests):
             raise ProtocolError("one stage asks each site once")
-        sealed = {r.recipient: self._encode(r) for r in requests}
+        sealed = _SealOnRead({r.recipient: r for r in requests}, self._encode)
         rounds = {r.recipient: r.round for r in requests}
-        self.bytes_sent += sum(len(raw) for raw in sealed.values())
-        replies = self.channel.handle_stage(sealed, lambda member, raw: self._accept(member, raw, rounds))
+        try:
+            replies = self.channel.handle_stage(sealed, lambda member, raw: self._accept(member, raw, rounds))
+        finally:
+            self.bytes_sent += sealed.bytes_sealed
         return [replies.get(r.recipient) for r in requests]
 
     def _encode(self, request: m.Envelope) -> bytes:

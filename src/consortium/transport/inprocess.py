@@ -50,6 +50,31 @@ class InProcessChannel:
         return replies
 
 
+class SimulatedDropout:
+    """Simulated site dropout: each fit request, in the order asked, vanishes with probability ``rate``.
+
+    Every simulation backend draws through one of these, request by request in the coordinator's order,
+    so the same seed drops the same sites whoever plays them.
+
+    Raises:
+        ConfigError: ``rate`` out of [0, 1), or dropout without ``rng``.
+    """
+
+    def __init__(self, rate: float, rng: np.random.Generator | None) -> None:
+        if not (0.0 <= rate < 1.0):
+            raise ConfigError(f"dropout must be in [0, 1), found {rate}: it is the chance a site vanishes in a round")
+        if rate > 0 and rng is None:
+            raise ConfigError("simulated dropout needs a random generator: pass rng=np.random.default_rng(seed)")
+        self.rate, self._rng = rate, rng
+
+    def vanishes(self, request: m.Envelope) -> bool:
+        """Whether the site asked by ``request`` never answers it (drawn for fit requests only)."""
+        if self.rate > 0 and isinstance(request.message, m.FitRequest):
+            assert self._rng is not None
+            return bool(self._rng.random() < self.rate)
+        return False
+
+
 class InProcessTransport(SealedTransport):
     """Simulation's transport: ``SealedTransport`` over an ``InProcessChannel``, with simulated dropout.
 
@@ -76,23 +101,16 @@ class InProcessTransport(SealedTransport):
         identity: Ed25519PrivateKey | None = None,
         directory: Mapping[str, bytes] | None = None,
     ) -> None:
-        if not (0.0 <= dropout < 1.0):
-            raise ConfigError(f"dropout must be in [0, 1), found {dropout}: it is the chance a site vanishes in a round")
-        if dropout > 0 and rng is None:
-            raise ConfigError("simulated dropout needs a random generator: pass rng=np.random.default_rng(seed)")
+        self._dropout = SimulatedDropout(dropout, rng)
         self._sites = dict(sites)
-        self._dropout = dropout
-        self._rng = rng
         super().__init__(InProcessChannel(self._sites), identity, directory or None)
 
     def exchange(self, request: m.Envelope) -> m.Envelope | None:
         """The site's checked reply; None if there is no such site, it dropped out, or its reply was refused."""
         if request.recipient not in self._sites:
             return None
-        if self._dropout > 0 and isinstance(request.message, m.FitRequest):
-            assert self._rng is not None
-            if self._rng.random() < self._dropout:
-                return None
+        if self._dropout.vanishes(request):
+            return None
         return super().exchange(request)
 
     def exchange_many(self, requests: list[m.Envelope]) -> list[m.Envelope | None]:

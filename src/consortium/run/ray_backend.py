@@ -1,0 +1,282 @@
+"""The Ray backend: simulated sites played by a pool of Ray worker actors (``backend: ray``).
+
+The in-process backend plays every site in the coordinator's own process, one
+after another. This one plays them on a pool of Ray worker actors, one per CPU
+by default (``ray.num_cpus`` each, as Flower's client resources), several
+sites per worker: a stage's requests go out to every worker at once, and the
+coordinator checks each reply as its worker's batch comes back, while the
+others still work. The coordinator, its transcript and its sealed transport
+are the same code as in-process and in deployment; only the ``Channel`` that
+moves the sealed bytes changes (``RayChannel``).
+
+What crosses the Ray boundary is bytes and plain values only: a worker's
+specification (JSON: the config, its sites' names and budgets, and the secret
+the simulated members' fresh keys derive from), ``[member, sealed bytes]``
+pairs each way, and numbers. Ray frames such values with msgpack, not pickle
+(``tests/test_ray_backend.py`` checks that no stage pickles). Every request a
+site answers was sealed by the coordinator and every reply is sealed by its
+site, exactly as over HTTPS.
+
+A site's durable state lives in the run folder, not in its worker: its budget
+ledger, its signed record and its memory of the last head it co-signed
+(``run.sites``), and its data comes from the run's config and seed. A worker
+that dies (killed, out of memory) is restarted by Ray and rebuilds its sites
+from there; whatever a site held only in memory for the round in flight (its
+secure-aggregation session) is lost, so for the coordinator the site dropped
+out of that round, which the protocol tolerates. Its ledger already holds
+what it paid, and it rebuilds it from its signed record if not, so no budget
+is spent twice.
+
+On a cluster of several machines (``ray.address``) the run folder must be on
+storage every node shares, and every node needs this package (and the task's
+code) installed: a worker runs only code its own machine holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from consortium.config import SimulationConfig
+from consortium.crypto import keys
+from consortium.errors import ConfigError, ConsortiumError, ProtocolError
+from consortium.protocol import messages as m
+from consortium.protocol.site import Site
+from consortium.run.plan import RunPlan
+from consortium.run.sites import Budget, build_site, site_state
+from consortium.transport.channel import Accept, SealedTransport
+from consortium.transport.inprocess import SimulatedDropout
+
+__all__ = ["RAY_MISSING", "RayChannel", "RayPool", "RayTransport", "SiteHost"]
+
+RAY_MISSING = "the Ray backend needs Ray: pip install 'consortium[ray]' (ray 2.60), or set backend: in-process"
+
+#: At most this many requests per call to a worker: small enough that the coordinator checks replies while
+#: the workers still answer the rest of the stage, large enough that Ray's per-call cost (under a
+#: millisecond) stays small beside a site's.
+CHUNK = 16
+
+
+def _ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(RAY_MISSING) from None
+    return ray
+
+
+class SiteHost:
+    """One Ray worker: plays the sites its specification names, each built as a simulated site is.
+
+    Args:
+        spec: two JSON documents (bytes): the run's (``cwd``, ``run_dir``, the resolved ``config``, and
+            ``key_secret``, hex, that every member's fresh key derives from: null under an agreement, whose
+            members' key files the worker reads), and this worker's (its ``sites``, and their budgets:
+            ``caps`` per site, ``delta`` and ``accountant``; null caps: no DP). Both are short whatever the
+            number of sites (names and numbers, no keys), so Ray passes them inline and a restarted worker
+            is built from them again.
+
+    A problem building the sites (a task that does not load, an agreement that does not check) is kept, not
+    raised, and ``ready`` returns it: Ray would otherwise restart the worker into the same failure.
+    """
+
+    def __init__(self, spec: list[bytes]) -> None:
+        self._sites: dict[str, Site] = {}
+        self._error: str | None = None
+        try:
+            self._build(json.loads(spec[0]), json.loads(spec[1]))
+        except ConsortiumError as exc:
+            self._error = str(exc)
+
+    def _build(self, run: dict[str, Any], own: dict[str, Any]) -> None:
+        from consortium.governance.agreement import load_member_key
+        from consortium.learning.task import load_task
+        from consortium.run.orchestrator import signed_agreement
+        from consortium.run.simulation import site_policies, site_splits
+
+        os.chdir(run["cwd"])  # the config's relative paths mean what they meant to the coordinator
+        config = SimulationConfig.model_validate(run["config"])
+        assert config.task is not None
+        task = load_task(config.task, config.model)  # this machine's own copy of the task's code
+        agreement = signed_agreement(config)
+        splits = site_splits(config, task)
+        members = [*splits, m.COORDINATOR]
+        if run["key_secret"] is not None:
+            secret = bytes.fromhex(run["key_secret"])
+            identity = {name: keys.derive_ed25519(secret, name) for name in members}
+            directory = {name: keys.ed25519_public_bytes(k.public_key()) for name, k in identity.items()}
+        else:  # the agreement names every member's key; each site's own is read from its key file
+            assert agreement is not None and config.agreement is not None
+            named = {member.name: bytes.fromhex(member.public_key) for member in agreement.members}
+            directory = {name: named[name] for name in members}
+            identity = {name: load_member_key(agreement, config.agreement.keys, name) for name in own["sites"]}
+        policies = site_policies(config, agreement, own["sites"])
+        caps = own["caps"]
+        for name in own["sites"]:
+            self._sites[name] = build_site(
+                name, splits[name], identity=identity[name], directory=directory, state=site_state(Path(run["run_dir"]), name),
+                seed=config.seed, budget=None if caps is None else Budget(caps[name], own["delta"], own["accountant"]),
+                agreement=agreement, policy=policies.get(name), test_seed=config.privacy.test_seed, task=task,
+                lifecycle=False,
+                memory=True,  # a restarted worker's sites pick up from the last head each co-signed
+            )
+
+    def ready(self) -> str | None:
+        """None once every site is built; else why they could not be."""
+        return self._error
+
+    def handle(self, batch: list[list[Any]]) -> list[list[Any]]:
+        """Each ``[member, sealed request]`` to its site; ``[member, sealed reply]`` for each site played here."""
+        return [[member, self._sites[member].handle_bytes(raw)] for member, raw in batch if member in self._sites]
+
+    def ledgers(self) -> dict[str, list[float]]:
+        """Each site's ``[epsilon spent, cap]`` from its own ledger (sites without DP keep none)."""
+        return {name: [s.ledger.spent(), s.ledger.epsilon_cap] for name, s in self._sites.items() if s.ledger is not None}
+
+
+class RayChannel:
+    """A ``Channel`` over a pool of ``SiteHost`` actors: each stage goes to every worker at once.
+
+    ``hosts``: the workers' actor handles; ``home``: member name -> the index of the worker that plays it.
+    A member with no worker does not answer. A worker lost during a stage (``RayActorError``: killed, out of
+    memory) leaves its members silent, as a dropped site; Ray restarts it for the next request. A site's own
+    error (a bug, not a refusal) propagates, as in process. ``lost`` counts the batches lost so.
+    """
+
+    def __init__(self, hosts: list[Any], home: Mapping[str, int]) -> None:
+        self.hosts = hosts
+        self.home = dict(home)
+        self.lost = 0
+
+    def handle_stage(self, requests: Mapping[str, bytes], accept: Accept) -> dict[str, m.Envelope]:
+        """Every worker's share of the stage at once, in batches of at most ``CHUNK``; replies checked as they come."""
+        ray = _ray()
+        batches: dict[int, list[list[Any]]] = {}
+        pending = []
+        for member in requests:  # each batch leaves as soon as it is full: the first workers start while the rest is sealed
+            if member in self.home:
+                h = self.home[member]
+                batch = batches.setdefault(h, [])
+                batch.append([member, requests[member]])
+                if len(batch) == CHUNK:
+                    pending.append(self.hosts[h].handle.remote(batches.pop(h)))
+        pending += [self.hosts[h].handle.remote(batch) for h, batch in batches.items()]
+        replies: dict[str, m.Envelope] = {}
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                answered = ray.get(done[0])
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                self.lost += 1  # the worker is gone: its members in this batch are silent
+                continue
+            for member, raw in answered:
+                try:
+                    replies[member] = accept(member, raw)
+                except ProtocolError:
+                    continue  # refused: recorded by the transport, counted as no answer
+        return replies
+
+
+class RayTransport(SealedTransport):
+    """The simulation's ``SealedTransport`` over a ``RayChannel``, with the in-process backend's dropout.
+
+    Dropout is drawn as in process (``SimulatedDropout``), request by request in the coordinator's order, so
+    the same seed drops the same sites on either backend; the rest of the stage goes to the workers at once.
+    """
+
+    def __init__(
+        self, channel: RayChannel, *, dropout: float = 0.0, rng: np.random.Generator | None = None,
+        identity: Ed25519PrivateKey | None = None, directory: Mapping[str, bytes] | None = None,
+    ) -> None:
+        self._dropout = SimulatedDropout(dropout, rng)
+        super().__init__(channel, identity, directory or None)
+        self._members = frozenset(channel.home)
+
+    def exchange(self, request: m.Envelope) -> m.Envelope | None:
+        return self.exchange_many([request])[0]
+
+    def exchange_many(self, requests: list[m.Envelope]) -> list[m.Envelope | None]:
+        """One stage through the workers; None for a member that is not played, dropped out, or was lost."""
+        asked = [r for r in requests if r.recipient in self._members and not self._dropout.vanishes(r)]
+        replies = dict(zip([r.recipient for r in asked], self._stage(asked))) if asked else {}
+        return [replies.get(r.recipient) for r in requests]
+
+
+class RayPool:
+    """The workers that play a simulation's sites, started on Ray (a local Ray unless ``ray.address``).
+
+    Args:
+        plan: the run's plan (its config's ``ray`` section sizes the pool; its privacy plan gives each site's
+            budget).
+        run_dir: the run folder, where each site keeps its state.
+        key_secret: what every member's fresh key derives from (``keys.derive_ed25519``), when the run has
+            no agreement; under one, each worker reads its sites' keys from the agreement's key files.
+
+    Raises:
+        ConfigError: Ray is not installed, cannot start or be reached, the pool asks for more CPUs than the
+            cluster has, or a worker could not build its sites.
+
+    ``close`` stops the workers, and the local Ray if this pool started it.
+    """
+
+    def __init__(self, plan: RunPlan, run_dir: Path, *, key_secret: bytes | None) -> None:
+        ray = _ray()
+        config, rc = plan.config, plan.config.ray
+        self._started = not ray.is_initialized()
+        self.hosts: list[Any] = []
+        if self._started:
+            try:
+                ray.init(address=rc.address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                where = f"the Ray cluster at {rc.address}" if rc.address else "a local Ray"
+                raise ConfigError(f"could not start {where} ({exc}): check ray.address, or set backend: in-process") from None
+        names = sorted(plan.names)
+        cpus = ray.cluster_resources().get("CPU", 1.0)
+        count = min(len(names), rc.workers or max(1, math.floor(cpus / rc.num_cpus)))
+        if count * rc.num_cpus > cpus + 1e-9:  # Ray would wait for the missing CPUs for ever
+            self.close()
+            raise ConfigError(
+                f"ray.workers {count} x ray.num_cpus {rc.num_cpus:g} needs {count * rc.num_cpus:g} CPUs and the Ray cluster "
+                f"has {cpus:g}: lower ray.workers, or give each worker a share of a CPU (ray.num_cpus: {cpus / count:.2g})"
+            )
+        home = {name: i % count for i, name in enumerate(names)}
+        actor = ray.remote(SiteHost).options(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, max_restarts=-1, max_task_retries=0)
+        run = json.dumps({
+            "cwd": os.getcwd(), "run_dir": str(Path(run_dir).resolve()), "config": config.model_dump(mode="json"),
+            "key_secret": None if key_secret is None else key_secret.hex(),
+        }).encode()
+        privacy = plan.privacy
+        for h in range(count):
+            mine = names[h::count]
+            own = {"sites": mine, "delta": privacy.delta, "accountant": privacy.accountant,
+                   "caps": {n: privacy.epsilon_caps[n] for n in mine} if privacy.enabled else None}
+            self.hosts.append(actor.remote([run, json.dumps(own).encode()]))
+        self.channel = RayChannel(self.hosts, home)
+        errors = [e for e in ray.get([h.ready.remote() for h in self.hosts]) if e is not None]
+        if errors:
+            self.close()
+            raise ConfigError(f"a Ray worker could not build its sites: {errors[0]}")
+
+    def ledgers(self) -> dict[str, list[float]]:
+        """Each site's ``[epsilon spent, cap]``, as its worker reads its ledger."""
+        out: dict[str, list[float]] = {}
+        for part in _ray().get([h.ledgers.remote() for h in self.hosts]):
+            out.update(part)
+        return out
+
+    def close(self) -> None:
+        """Stop the workers (their sites' state is in the run folder), and the local Ray this pool started."""
+        ray = _ray()
+        for host in self.hosts:
+            ray.kill(host, no_restart=True)
+        self.hosts = []
+        if self._started:
+            ray.shutdown()
