@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ from consortium.run.sites import Budget, build_site, site_state
 from consortium.transport.channel import Accept, SealedTransport
 from consortium.transport.inprocess import SimulatedDropout
 
-__all__ = ["RAY_MISSING", "RayChannel", "RayPool", "RayTransport", "SiteHost"]
+__all__ = ["RAY_MISSING", "RayChannel", "RayPool", "RayTransport", "SiteHost", "require_ray"]
 
 RAY_MISSING = "the Ray backend needs Ray: pip install 'consortium[ray]' (ray 2.60), or set backend: in-process"
 
@@ -63,14 +64,18 @@ RAY_MISSING = "the Ray backend needs Ray: pip install 'consortium[ray]' (ray 2.6
 #: the workers still answer the rest of the stage, large enough that Ray's per-call cost (under a
 #: millisecond) stays small beside a site's.
 CHUNK = 16
+#: Batches each worker has at once: one it answers, one waiting, so it never idles between them.
+IN_FLIGHT = 2
 
 
-def _ray() -> Any:
+def require_ray() -> Any:
+    """The ``ray`` module; ``ConfigError`` naming the install command if it is missing."""
     try:
         import ray
     except ImportError:
         raise ConfigError(RAY_MISSING) from None
     return ray
+
 
 
 class SiteHost:
@@ -157,21 +162,33 @@ class RayChannel:
         self.lost = 0
 
     def handle_stage(self, requests: Mapping[str, bytes], accept: Accept) -> dict[str, m.Envelope]:
-        """Every worker's share of the stage at once, in batches of at most ``CHUNK``; replies checked as they come."""
-        ray = _ray()
-        batches: dict[int, list[list[Any]]] = {}
-        pending = []
-        for member in requests:  # each batch leaves as soon as it is full: the first workers start while the rest is sealed
+        """Every worker's share of the stage at once, in batches of at most ``CHUNK``, ``IN_FLIGHT`` batches per
+        worker at a time; each reply checked as its batch comes back.
+
+        A request is read (and so sealed) only when its batch leaves, and a worker's next batch leaves when
+        one of its batches returns: the coordinator holds a few batches per worker, not the whole stage (a
+        stage of 1,000 fit requests for a model of 1M parameters would be 4 GB at once).
+        """
+        ray = require_ray()
+        queues: dict[int, deque[str]] = {}
+        for member in requests:
             if member in self.home:
-                h = self.home[member]
-                batch = batches.setdefault(h, [])
-                batch.append([member, requests[member]])
-                if len(batch) == CHUNK:
-                    pending.append(self.hosts[h].handle.remote(batches.pop(h)))
-        pending += [self.hosts[h].handle.remote(batch) for h, batch in batches.items()]
+                queues.setdefault(self.home[member], deque()).append(member)
+        owner: dict[Any, int] = {}
+
+        def send(h: int) -> None:
+            queue = queues[h]
+            if queue:
+                batch = [[member, requests[member]] for member in (queue.popleft() for _ in range(min(CHUNK, len(queue))))]
+                owner[self.hosts[h].handle.remote(batch)] = h
+
+        for h in queues:
+            for _ in range(IN_FLIGHT):
+                send(h)
         replies: dict[str, m.Envelope] = {}
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
+        while owner:
+            done, _ = ray.wait(list(owner), num_returns=1)
+            send(owner.pop(done[0]))  # that worker's next batch, before this one's replies are checked
             try:
                 answered = ray.get(done[0])
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
@@ -201,6 +218,7 @@ class RayTransport(SealedTransport):
         self._members = frozenset(channel.home)
 
     def exchange(self, request: m.Envelope) -> m.Envelope | None:
+        """One request as a stage of its own (``exchange_many``)."""
         return self.exchange_many([request])[0]
 
     def exchange_many(self, requests: list[m.Envelope]) -> list[m.Envelope | None]:
@@ -228,7 +246,7 @@ class RayPool:
     """
 
     def __init__(self, plan: RunPlan, run_dir: Path, *, key_secret: bytes | None) -> None:
-        ray = _ray()
+        ray = require_ray()
         config, rc = plan.config, plan.config.ray
         self._started = not ray.is_initialized()
         self.hosts: list[Any] = []
@@ -268,13 +286,13 @@ class RayPool:
     def ledgers(self) -> dict[str, list[float]]:
         """Each site's ``[epsilon spent, cap]``, as its worker reads its ledger."""
         out: dict[str, list[float]] = {}
-        for part in _ray().get([h.ledgers.remote() for h in self.hosts]):
+        for part in require_ray().get([h.ledgers.remote() for h in self.hosts]):
             out.update(part)
         return out
 
     def close(self) -> None:
         """Stop the workers (their sites' state is in the run folder), and the local Ray this pool started."""
-        ray = _ray()
+        ray = require_ray()
         for host in self.hosts:
             ray.kill(host, no_restart=True)
         self.hosts = []

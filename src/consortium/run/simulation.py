@@ -10,8 +10,8 @@ scored on the consortium's population (every site's test split).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +149,8 @@ def _score(model: torch.nn.Module, shape: DataShape, table: Records, task: Task)
 
 
 class Simulation(CoordinatorRun):
-    """A consortium on one machine: the coordinator's run (``CoordinatorRun``) with in-process sites.
+    """A consortium on one machine: the coordinator's run (``CoordinatorRun``) with simulated sites, played in
+    this process or by a pool of Ray workers (``backend: ray``, ``consortium.run.ray_backend``).
 
     Building one checks everything (config, data, schemas, agreement, the sites' policies);
     ``run`` then trains, writes the run folder and returns the summary. Each site's randomness
@@ -182,6 +183,8 @@ class Simulation(CoordinatorRun):
         agreement = signed_agreement(config)
         plan = plan_run(config, sample=sample, names=names, agreement=agreement, task=task)
         plan = plan.with_policies(site_policies(plan.config, agreement, names))
+        if plan.config.backend == "ray":
+            self._check_ray(trainer)  # before the run has a folder, as every other input check
         identities = self._member_keys(plan)
         directory = {name: keys.ed25519_public_bytes(k.public_key()) for name, k in identities.items()}
         run_dir = run_folder(plan, out, runs_root)  # every input is checked: only now does the run get its folder
@@ -236,16 +239,22 @@ class Simulation(CoordinatorRun):
         from its file by each worker; no trainer object, no red-team site)."""
         from consortium.run.ray_backend import RayPool, RayTransport
 
-        if trainer is not None or type(self)._make_site is not Simulation._make_site:
-            what = "a trainer object" if trainer is not None else "a site of its own (_make_site)"
-            raise ConfigError(f"the Ray backend builds every site from the config alone, and this run passes {what}: "
-                              "use backend: in-process")
         self._sites, self._ledgers = {}, {}
         self._pool = RayPool(plan, run_dir, key_secret=self._key_secret)
         return RayTransport(
             self._pool.channel, dropout=plan.config.participation.dropout, rng=rng, identity=identities[COORDINATOR],
             directory=directory,
         )
+
+    def _check_ray(self, trainer: LocalTrainer | None) -> None:
+        """What the Ray backend refuses: Ray missing, a trainer object or a red-team site (neither is in the config)."""
+        from consortium.run.ray_backend import require_ray
+
+        require_ray()
+        if trainer is not None or type(self)._make_site is not Simulation._make_site:
+            what = "a trainer object" if trainer is not None else "a site of its own (_make_site)"
+            raise ConfigError(f"the Ray backend builds every site from the config alone, and this run passes {what}: "
+                              "use backend: in-process")
 
     def run(self, *, on_round: Callable[[RoundRecord], None] | None = None) -> RunResult:
         """Train, record and summarise the run (``CoordinatorRun.run``); then stop the Ray workers, if any."""

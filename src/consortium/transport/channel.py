@@ -67,23 +67,21 @@ class Channel(Protocol):
 
 
 class _SealOnRead(Mapping[str, bytes]):
-    """One stage's requests as the channel reads them: each sealed when first read, then kept.
+    """One stage's requests as the channel reads them: each sealed when read, and not kept here.
 
     A channel that sends as it reads (the Ray workers get their first batch while the rest of the stage is
-    still being sealed) starts the members' work sooner; one that reads everything first sees no difference.
-    ``bytes_sealed`` counts what was sealed: what the channel was handed.
+    still to be sealed) starts the members' work sooner and holds only what is in flight; one that reads
+    everything first (``dict(requests)``) sees no difference. Read a member twice and it is sealed twice,
+    with two nonces: a channel reads each once. ``bytes_sealed`` counts what the channel was handed.
     """
 
     def __init__(self, requests: dict[str, m.Envelope], encode: Callable[[m.Envelope], bytes]) -> None:
         self._requests, self._encode = requests, encode
-        self._sealed: dict[str, bytes] = {}
         self.bytes_sealed = 0
 
     def __getitem__(self, member: str) -> bytes:
-        raw = self._sealed.get(member)
-        if raw is None:
-            raw = self._sealed[member] = self._encode(self._requests[member])
-            self.bytes_sealed += len(raw)
+        raw = self._encode(self._requests[member])
+        self.bytes_sealed += len(raw)
         return raw
 
     def __iter__(self) -> Iterator[str]:
