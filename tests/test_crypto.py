@@ -754,3 +754,20 @@ def test_a_key_file_that_is_not_an_ed25519_key_is_refused(tmp_path):
         load_identity_key(path)
     with pytest.raises(ConfigError, match="does not exist"):
         load_identity_key(tmp_path / "missing.key")
+
+
+def test_a_simulated_members_key_is_hkdf_of_the_run_secret_and_its_name():
+    # Known answer, recomputed from RFC 5869 with hashlib's HMAC (not cryptography's HKDF): extract with the
+    # zero salt, expand one block under info = domain, NUL, the member's name.
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    secret = bytes(range(32))
+    prk = hmac.new(bytes(32), secret, hashlib.sha256).digest()
+    seed = hmac.new(prk, b"consortium/simulated-member-key/v1\x00hospital-1" + b"\x01", hashlib.sha256).digest()
+    expected = keys.ed25519_public_bytes(Ed25519PrivateKey.from_private_bytes(seed).public_key())
+    assert expected.hex() == "104576ac1398e16f93532713f6d70b05f55f8a2e0b988b6cc677a282982a0a68"
+    assert keys.ed25519_public_bytes(keys.derive_ed25519(secret, "hospital-1").public_key()) == expected
+    others = {keys.ed25519_public_bytes(keys.derive_ed25519(secret, n).public_key()) for n in ("hospital-2", "coordinator")}
+    assert expected not in others and len(others) == 2
+    with pytest.raises(keys.CryptoError, match="at least 32 bytes"):
+        keys.derive_ed25519(secret[:31], "hospital-1")

@@ -26,6 +26,7 @@ from consortium.protocol import messages as m  # noqa: E402
 from consortium.run import ray_backend  # noqa: E402
 from consortium.run.simulation import Simulation  # noqa: E402
 from consortium.run.sites import LEDGER_FILE, site_state  # noqa: E402
+from ray._private.serialization import SerializationContext  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -66,7 +67,7 @@ def test_ray_and_in_process_train_the_same_model(tmp_path):
     verify_run(tmp_path / "ray")
 
 
-def test_a_killed_worker_is_a_dropout_and_its_sites_pay_once(tmp_path, monkeypatch):
+def test_a_killed_worker_is_a_dropout_its_sites_pay_once_and_nothing_is_pickled(tmp_path, monkeypatch):
     # 6 sites on 3 workers; the process of the worker playing hospital-1 (and hospital-4) is killed (SIGKILL, as
     # the kernel's OOM killer would) in round 1, after its sites trained, paid and shared their keys, and before
     # they send their masked inputs. Ray restarts it; its sites rebuild from the run folder.
@@ -86,7 +87,14 @@ def test_a_killed_worker_is_a_dropout_and_its_sites_pay_once(tmp_path, monkeypat
         return stage(self, requests)
 
     monkeypatch.setattr(ray_backend.RayTransport, "exchange_many", kill_before_masking)
+    # What crosses Ray in a stage is [member, sealed bytes] pairs: Ray frames them with msgpack. A pickled
+    # argument or reply, a lost worker's included, would go through these two functions of Ray's serializer.
+    pickled = []
+    for name in ("_serialize_to_pickle5", "_deserialize_pickle5_data"):
+        original = getattr(SerializationContext, name)
+        monkeypatch.setattr(SerializationContext, name, lambda self, *a, _o=original, _n=name, **k: pickled.append(_n) or _o(self, *a, **k))
     result = sim.run()
+    assert pickled == [] and sim.transport.bytes_sent > 0
     assert killed == [1]
     assert result.summary["status"] == "completed"
     first = result.history[0]
@@ -101,21 +109,6 @@ def test_a_killed_worker_is_a_dropout_and_its_sites_pay_once(tmp_path, monkeypat
         ledger = BudgetLedger(site_state(tmp_path / "run", name) / LEDGER_FILE, site=name, epsilon_cap=1e9, delta=1e-5)
         paid = [row["round"] for row in ledger.history()]
         assert paid == [1, 2], paid  # round 1 paid once, though its input never arrived
-
-
-def test_no_stage_pickles_anything(tmp_path, monkeypatch):
-    # What crosses Ray in a stage is [member, sealed bytes] pairs: Ray frames them with msgpack. A pickled
-    # argument or reply would go through these two functions of Ray's serializer, here in the coordinator.
-    from ray._private.serialization import SerializationContext
-
-    sim = Simulation(_config(3, rounds=1, backend="ray"), out=tmp_path / "run")
-    pickled = []
-    for name in ("_serialize_to_pickle5", "_deserialize_pickle5_data"):
-        original = getattr(SerializationContext, name)
-        monkeypatch.setattr(SerializationContext, name, lambda self, *a, _o=original, _n=name, **k: pickled.append(_n) or _o(self, *a, **k))
-    sim.run()
-    assert sim.transport.bytes_sent > 0
-    assert pickled == []
 
 
 def test_the_ray_backend_refuses_what_it_cannot_build_from_the_config(tmp_path, monkeypatch):

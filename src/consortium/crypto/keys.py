@@ -31,7 +31,6 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import (
     X25519PrivateKey,
     X25519PublicKey,
 )
-
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from consortium.errors import ProtocolError

@@ -77,7 +77,6 @@ def require_ray() -> Any:
     return ray
 
 
-
 class SiteHost:
     """One Ray worker: plays the sites its specification names, each built as a simulated site is.
 

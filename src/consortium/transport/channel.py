@@ -101,7 +101,7 @@ class SealedTransport:
         directory: member name -> Ed25519 public key; a reply counts only if its seal checks out against it,
             from the member asked, for the round asked. None (or no ``identity``): replies are parsed unchecked.
 
-    Each request is sealed when the channel first reads it (a channel may start sending before the whole
+    Each request is sealed when the channel reads it (a channel may start sending before the rest of the
     stage is sealed). ``bytes_sent`` and ``bytes_received`` count every sealed request the channel read and
     every reply it brought back (a refused reply included); ``rejected`` lists each refused reply as ``"member: reason"``.
     """
