@@ -140,6 +140,7 @@ class SecAggClient:
         self._held: dict[str, SharePlaintext] = {}  # neighbour -> the shares it gave us
         self._channels: dict[str, tuple[bytes, bytes]] = {}  # neighbour -> (AES-GCM key, HMAC key), both sides derive
         self._signed_survivors: tuple[str, ...] | None = None
+        self._signed_sha256 = b""  # SHA-256 of the survivor statement this site signed: what its tags cover
         self._own_seed_share = b""
 
     def _advance(self, expected: str, nxt: str) -> None:
@@ -228,15 +229,16 @@ class SecAggClient:
     def consistency_check(self, survivors: SurvivorList) -> ConsistencyAck:
         self._advance("consistency_check", "unmask")
         p = self.params
-        keys.verify(self._coordinator_key, survivors.signature, survivors_statement(p.session_id, survivors.survivors))
+        listed = survivors_statement(p.session_id, survivors.survivors)  # built once: checked, then signed
+        keys.verify(self._coordinator_key, survivors.signature, listed)
         self._check_survivors(survivors.survivors)
-        signed = self._signed_survivors = tuple(sorted(survivors.survivors))
-        listed = survivors_statement(p.session_id, signed)
-        digest = hashlib.sha256(listed).digest()
+        self._signed_survivors = tuple(sorted(survivors.survivors))
+        digest = self._signed_sha256 = hashlib.sha256(listed).digest()
+        surviving = frozenset(survivors.survivors)
         tags = {
             v: aead.mac(self._channel(v)[1], ack_statement(p.session_id, self.name, v, digest))
             for v in sorted(self._peers)
-            if v in signed
+            if v in surviving
         }
         return ConsistencyAck(signature=keys.sign(self._identity, listed), tags=tags)
 
@@ -266,7 +268,7 @@ class SecAggClient:
             raise SecAggError(f"the unmask request names '{unknown[0]}', which is not a participant: refused")
         if tuple(sorted(alive)) != self._signed_survivors:
             raise SecAggError("the unmask request's survivors differ from the list this site signed: refused")
-        digest = hashlib.sha256(survivors_statement(p.session_id, self._signed_survivors)).digest()
+        digest = self._signed_sha256  # the list is the one signed (checked above): its statement is not built again
         for site, tag in request.acks.items():
             if site not in alive:
                 raise SecAggError(f"an acknowledgement comes from '{site}', which is not a survivor: refused")
