@@ -2,6 +2,7 @@
 
 import hashlib
 import hmac
+import math
 import os
 import random
 import stat
@@ -471,6 +472,31 @@ def test_any_threshold_subset_recovers(secret, threshold, extra, data):
     assert list(shares) == xs
     subset = data.draw(st.lists(st.sampled_from(xs), min_size=threshold, max_size=len(xs), unique=True))
     assert shamir.combine({x: shares[x] for x in subset}, threshold=threshold) == secret
+
+
+@settings(max_examples=60, deadline=None)
+@given(xs=st.one_of(
+    st.lists(st.integers(1, 1000), min_size=1, max_size=110, unique=True),  # site positions, as SecAgg+ uses them
+    st.lists(st.integers(1, 2**40), min_size=1, max_size=20, unique=True),  # wide points: numpy groups of 1
+    st.lists(st.integers(2**31, 2**70), min_size=1, max_size=8, unique=True),  # past 31 bits: the plain loop
+))
+def test_lagrange_difference_products_are_exact(xs):
+    """The grouped numpy products equal prod_{j != i} (x_j - x_i) as Python's integers compute it, sign and all,
+    so an overflowing group (a factor of 2 too many, say) fails here rather than shifting a recovered seed."""
+    points = tuple(xs)
+    assert shamir._difference_products(points) == [math.prod(xj - xi for xj in points if xj != xi) for xi in points]
+
+
+def test_combine_at_secagg_scale_recovers_the_secret():
+    """73 of 106 shares at positions among 1,000 sites (the planner's 1,000-site session), both interpolations."""
+    rnd = random.Random(5)
+    secret = rnd.randbytes(32)
+    xs = rnd.sample(range(1, 1001), 106)
+    shares = shamir.split(secret, threshold=73, xs=xs, rng_bytes=_deterministic_bytes(3))
+    assert shamir.combine(shares, threshold=73) == secret
+    forged = {**shares, xs[0]: ((int.from_bytes(shares[xs[0]], "big") + 1) % shamir.PRIME).to_bytes(48, "big")}
+    with pytest.raises(shamir.ShamirError):
+        shamir.combine(forged, threshold=73)
 
 
 def _interpolate_at(points: dict[int, int], x: int) -> int:
