@@ -155,8 +155,7 @@ class BudgetLedger:
 
     def events(self) -> list[PrivacyEvent]:
         with Session(self._engine) as s:
-            rows = s.scalars(select(_Spent).order_by(_Spent.id)).all()
-            return [parse_event(r.event) for r in rows]
+            return _events(s)
 
     def history(self) -> list[dict[str, object]]:
         with Session(self._engine) as s:
@@ -168,23 +167,38 @@ class BudgetLedger:
 
     def spent(self) -> float:
         with Session(self._engine) as s:
-            return _epsilon_under(self._policy(s), self.events())
+            return _epsilon_under(self._policy(s), _events(s))
 
     def check(self, new: PrivacyEvent) -> Decision:
         """Would ``new`` keep the site within its cap? A dry run: nothing is written."""
         with Session(self._engine) as s:
-            p = self._policy(s)
-            so_far = self.events()
-            before = _epsilon_under(p, so_far)
-            if so_far and so_far[0].level != new.level:
-                return Decision(
-                    False,
-                    before,
-                    before,
-                    f"privacy budget: this site's ledger holds {so_far[0].level}-level spending and one ledger "
-                    f"keeps one level: it refuses a {new.level}-level round",
-                )
-            after = _epsilon_under(p, [*so_far, new])
+            return self._decide(s, new)
+
+    def spend(self, new: PrivacyEvent, *, rnd: int, label: str = "", run: str = "") -> Decision:
+        """Record ``new`` if it fits under the cap, in one transaction; raise BudgetExceeded otherwise.
+
+        The check reads the ledger in the transaction that appends the row, so what was checked is what
+        the row is added to."""
+        with Session(self._engine) as s, s.begin():
+            decision = self._decide(s, new)
+            if not decision.accepted:
+                raise BudgetExceeded(decision.reason)
+            s.add(_Spent(run=run, round=rnd, label=label, event=new.model_dump_json(), epsilon_after=decision.epsilon_after))
+        return decision
+
+    def _decide(self, s: Session, new: PrivacyEvent) -> Decision:
+        p = self._policy(s)
+        so_far = _events(s)
+        before = _epsilon_under(p, so_far)
+        if so_far and so_far[0].level != new.level:
+            return Decision(
+                False,
+                before,
+                before,
+                f"privacy budget: this site's ledger holds {so_far[0].level}-level spending and one ledger "
+                f"keeps one level: it refuses a {new.level}-level round",
+            )
+        after = _epsilon_under(p, [*so_far, new])
         if after > p.epsilon_cap:
             return Decision(
                 False,
@@ -195,14 +209,9 @@ class BudgetLedger:
             )
         return Decision(True, before, after)
 
-    def spend(self, new: PrivacyEvent, *, rnd: int, label: str = "", run: str = "") -> Decision:
-        """Record ``new`` if it fits under the cap, in one transaction; raise BudgetExceeded otherwise."""
-        decision = self.check(new)
-        if not decision.accepted:
-            raise BudgetExceeded(decision.reason)
-        with Session(self._engine) as s, s.begin():
-            s.add(_Spent(run=run, round=rnd, label=label, event=new.model_dump_json(), epsilon_after=decision.epsilon_after))
-        return decision
+
+def _events(s: Session) -> list[PrivacyEvent]:
+    return [parse_event(r.event) for r in s.scalars(select(_Spent).order_by(_Spent.id)).all()]
 
 
 def _discrepancies(rows: list[_Spent], signed: list[Paid]) -> list[Discrepancy]:
