@@ -107,7 +107,7 @@ class Witness:
         under ``rule`` otherwise (round plans before training, lifecycle entries before deploying)."""
         assert self.head is not None
         last = self.head.last
-        if proof is None or last is None or proof.head.model_copy(update={"cosignatures": {}}) != last:
+        if proof is None or last is None or proof.head.bare() != last:
             raise Refused(rule, f"{what} is not proven against the last tree head this site co-signed")
         entry = proof.entry
         if entry.kind != kind or entry.author != COORDINATOR:
@@ -200,7 +200,7 @@ class Witness:
             self.record.note_head(self.run_id, head)
         if self._memory is not None:  # noted down before the co-signature leaves: a restart resumes from it
             memo = {
-                "head": head.model_copy(update={"cosignatures": {}}).model_dump(mode="json"), "round": self.round_seen,
+                "head": head.bare().model_dump(mode="json"), "round": self.round_seen,
                 "run_id": self.run_id,
             }
             write_atomic(self._memory, json.dumps(memo).encode())

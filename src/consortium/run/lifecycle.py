@@ -369,7 +369,7 @@ class Lifecycle:
     def _proof(self, entry: Entry) -> m.PlanProof:
         """``entry`` with its inclusion proof in the last head, which every site co-signed."""
         head = self.recorder.writer.heads[-1]
-        return m.PlanProof(entry=entry, head=head, path=self.recorder.writer.inclusion(entry.index, head.size))
+        return m.PlanProof(entry=entry, head=head.bare(), path=self.recorder.writer.inclusion(entry.index, head.size))
 
     def _rollout_order(self) -> list[str]:
         """Canary sites first (they have seen the version), then the others in the agreement's order."""

@@ -149,6 +149,11 @@ class TreeHead(Frozen):
     def signed_bytes(self) -> bytes:
         return head_bytes(self.size, self.root, self.timestamp_ms, self.seq)
 
+    def bare(self) -> TreeHead:
+        """This head without the co-signatures: what a site compares with the head it co-signed itself.
+        A proof sent to every site carries it bare; with all N co-signatures each request would grow with N."""
+        return self.model_copy(update={"cosignatures": {}}) if self.cosignatures else self
+
 
 def head_bytes(size: int, root: str, timestamp_ms: int, seq: int) -> bytes:
     """What the coordinator signs and the sites co-sign: the head's number in the run, size, root and time."""
@@ -303,12 +308,12 @@ class HeadWitness:
         if own is None:
             raise VerificationError(f"'{self.name}' did not co-sign tree head {head.size}: it cannot resume from it")
         keys.verify(keys.ed25519_public_bytes(self._key.public_key()), own, head.signed_bytes())
-        self.last = head.model_copy(update={"cosignatures": {}})
+        self.last = head.bare()
 
     def remember(self, head: TreeHead) -> None:
         """After a restart: ``head`` is the last one this member co-signed, as it noted down at the time."""
         keys.verify(self._signer, head.signature, head.signed_bytes())
-        self.last = head.model_copy(update={"cosignatures": {}})
+        self.last = head.bare()
 
     def cosign(self, head: TreeHead, proof: list[bytes]) -> bytes:
         """Check the coordinator's signature and the consistency proof from the last head signed; sign."""

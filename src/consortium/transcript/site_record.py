@@ -65,7 +65,7 @@ class SignedRecord:
 
     def note_head(self, run_id: str, head: TreeHead) -> None:
         """Before a co-signature of ``head`` leaves: the head, with the coordinator's signature on it."""
-        self._append({"type": "head", "run_id": run_id, "head": head.model_copy(update={"cosignatures": {}}).model_dump(mode="json")})
+        self._append({"type": "head", "run_id": run_id, "head": head.bare().model_dump(mode="json")})
 
     def note_decision(self, run_id: str, rnd: int, site: str, body: dict[str, Any], signature: bytes) -> None:
         """Before a signed decision leaves: what it says and the site's signature."""
