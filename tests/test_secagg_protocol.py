@@ -1,6 +1,7 @@
 """SecAgg+ end to end: exact sums under dropout, and every refusal a malicious coordinator meets."""
 
 import json
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from hypothesis import strategies as st
 from consortium.crypto import keys
 from consortium.crypto.aead import DecryptionError, MacError
 from consortium.crypto.keys import InvalidSignatureError
+from consortium.runs import MaskedSpool
 from consortium.secagg import (
     STAGES,
     SecAggAborted,
@@ -27,6 +29,7 @@ from consortium.secagg.messages import (
     UnmaskRequest,
     survivors_statement,
 )
+from consortium.secagg.protocol import unmask_sum
 from consortium.secagg.quantize import QuantizationError
 
 
@@ -96,30 +99,36 @@ def test_an_overflowing_configuration_is_refused():
 class Session:
     """Real clients and a real server, run stage by stage so a test can tamper in between."""
 
-    def __init__(self, n=5, length=8):
+    def __init__(self, n=5, length=8, keep=None):
         self.params = make_session([f"s{i}" for i in range(n)], length, bits=32)
         self.ids = {u: keys.generate_ed25519()[0] for u in self.params.participants}
         self.directory = {u: keys.ed25519_public_bytes(k.public_key()) for u, k in self.ids.items()}
         self.server_key = keys.generate_ed25519()[0]
         pub = keys.ed25519_public_bytes(self.server_key.public_key())
         self.clients = {u: SecAggClient(u, self.ids[u], self.params, self.directory, pub) for u in self.params.participants}
-        self.server = SecAggServer(self.params, self.server_key, self.directory)
+        self.server = SecAggServer(self.params, self.server_key, self.directory, keep=keep)
         self.inputs = {u: np.full(length, i + 1, dtype=np.uint64) for i, u in enumerate(self.params.participants)}
 
-    def to_masked(self, skip=()):
+    def to_masked(self, skip=(), traced=None):
+        """... up to the survivor list; ``traced``: a list to append the bytes the masked inputs left allocated."""
         for u, c in self.clients.items():
             self.server.add_advert(u, c.advertise_keys())
         rosters = self.server.close_advertise()
         for u, c in self.clients.items():
             self.server.add_shares(u, c.share_keys(rosters[u]))
         self.deliveries = self.server.close_share_keys()
+        if traced is not None:
+            tracemalloc.start()
         for u, c in self.clients.items():
             if u not in skip:
                 self.server.add_masked(u, c.collect_masked(self.deliveries[u], self.inputs[u]))
+        if traced is not None:
+            traced.append(tracemalloc.get_traced_memory()[0])
+            tracemalloc.stop()
         return self.server.close_collect_masked()
 
-    def to_unmask(self, skip=()):
-        survivors = self.to_masked(skip)
+    def to_unmask(self, skip=(), traced=None):
+        survivors = self.to_masked(skip, traced)
         self.acks = {u: self.clients[u].consistency_check(survivors) for u in survivors.survivors}
         for u, ack in self.acks.items():
             self.server.add_ack(u, ack)
@@ -134,6 +143,32 @@ def test_honest_session_sums_exactly():
     out = s.server.finish()
     assert out.included == ("s0", "s1", "s3", "s4") and out.dropped == ("s2",)
     assert np.array_equal(out.total, np.full(8, 1 + 2 + 4 + 5, dtype=np.uint64))
+
+
+def test_a_server_with_a_spool_holds_the_sum_alone_and_archives_every_input(tmp_path):
+    """With ``keep`` (the run's spool) the coordinator's memory for masked inputs is one vector, not one per
+    site; the sum is the same, and the archive the spool writes reproduces it as ``verify`` does."""
+    from safetensors.numpy import load
+
+    n, length = 12, 50_000  # 200 KB per masked input (uint32 ring words)
+    held = {}
+    for spooled in (False, True):
+        spool = MaskedSpool(tmp_path / "session.spool") if spooled else None
+        s = Session(n=n, length=length, keep=spool.add if spool else None)
+        requests = s.to_unmask(traced=held.setdefault(spooled, []))
+        for u, req in requests.items():
+            s.server.add_unmask(u, s.clients[u].unmask(req))
+        out = s.server.finish()
+        assert np.array_equal(out.total, sum(s.inputs.values()) % 2**32)
+        if spool:
+            with pytest.raises(SecAggError, match="holds only their sum"):
+                s.server.masked_inputs()
+            spool.write_safetensors(tmp_path / "archive.safetensors")
+            archived = load((tmp_path / "archive.safetensors").read_bytes())
+            assert sorted(archived) == list(out.included) and not spool.path.exists()
+            assert np.array_equal(unmask_sum(s.server.evidence(), archived), out.total)
+    assert held[False][0] > n * length * 4  # every input kept in memory
+    assert held[True][0] < length * 8 * 1.25  # their running sum (uint64), whatever n
 
 
 def test_the_coordinator_sees_only_masked_inputs():

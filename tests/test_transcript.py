@@ -384,6 +384,7 @@ def test_each_rounds_sum_is_recomputed_from_the_archived_masked_inputs(run):
     from safetensors.numpy import load, save
 
     verify_run(run)  # the archive reproduces every recorded sum
+    assert not list((run / "evidence").glob("*.spool"))  # each session's spool was written out, none left behind
     stem = run / "evidence" / "round-00002"
     masked = load((stem.with_suffix(".safetensors")).read_bytes())
     site = sorted(masked)[0]

@@ -12,8 +12,10 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from safetensors import SafetensorError
@@ -26,11 +28,18 @@ CHECKPOINT = "checkpoint"  # checkpoint.json (state, and the hash of) checkpoint
 
 
 def write_atomic(path: Path, data: bytes) -> None:
+    with _atomic(path) as f:
+        f.write(data)
+
+
+@contextmanager
+def _atomic(path: Path) -> Iterator[BinaryIO]:
+    """A file to write ``path``'s new bytes to: on leaving, flushed to disk, renamed over ``path``, the folder flushed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -42,6 +51,74 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+SPOOL_SUFFIX = ".spool"
+_SAFETENSORS_DTYPES = {np.dtype("<u4"): "U32", np.dtype("<u8"): "U64"}
+
+
+class MaskedSpool:
+    """Vectors appended to a file as they arrive, then written out as one safetensors file, never all in memory.
+
+    The coordinator of a secure session keeps the running sum of the masked inputs and nothing else per
+    site (O(M), not O(N x M)); each input goes here, for the evidence archive from which ``verify``
+    recomputes the sum. ``safetensors`` writes only from tensors held in memory, so its format (the header's
+    length as 8 little-endian bytes, a JSON header of each tensor's dtype, shape and byte offsets, padded
+    with spaces to 8 bytes, then the tensors' bytes) is written here; ``tests/test_runs.py`` holds the
+    result byte-equal to ``safetensors.numpy.save`` of the same vectors. Unsigned ring words only.
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file: BinaryIO | None = open(path, "wb")
+        self._index: dict[str, tuple[str, int, int, int]] = {}  # name -> (dtype, length, offset, bytes) in the spool
+        self._size = 0
+
+    def add(self, name: str, vector: np.ndarray) -> None:
+        """Append ``vector`` (1-D uint32 or uint64) under ``name``. ``ValueError`` for a name twice or another dtype."""
+        if self._file is None:
+            raise ValueError(f"the spool {self.path.name} is already written out")
+        if name in self._index:
+            raise ValueError(f"'{name}' is in the spool already")
+        little = vector.dtype.newbyteorder("<")
+        if vector.ndim != 1 or little not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"a spool holds 1-D unsigned ring words, not {vector.dtype} {vector.shape}")
+        raw = np.ascontiguousarray(vector, dtype=little)
+        self._file.write(raw.data)
+        self._index[name] = (_SAFETENSORS_DTYPES[little], raw.size, self._size, raw.nbytes)
+        self._size += raw.nbytes
+
+    def write_safetensors(self, dest: Path) -> None:
+        """Write every vector, by name, into the safetensors file ``dest`` (atomically), and remove the spool."""
+        if self._file is None:
+            raise ValueError(f"the spool {self.path.name} is already written out")
+        self._file.close()
+        self._file = None
+        header, at = {}, 0
+        for name in sorted(self._index):
+            dtype, length, _, nbytes = self._index[name]
+            header[name] = {"dtype": dtype, "shape": [length], "data_offsets": [at, at + nbytes]}
+            at += nbytes
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)
+        with _atomic(dest) as out, open(self.path, "rb") as spool:
+            out.write(len(head).to_bytes(8, "little") + head)
+            for name in sorted(self._index):
+                _, _, offset, nbytes = self._index[name]
+                spool.seek(offset)
+                while nbytes:
+                    chunk = spool.read(min(nbytes, 1 << 20))
+                    out.write(chunk)
+                    nbytes -= len(chunk)
+        self.discard()
+
+    def discard(self) -> None:
+        """Close and remove the spool file (a session that aborted keeps no evidence)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self.path.unlink(missing_ok=True)
 
 
 def dumps(obj: Any) -> str:

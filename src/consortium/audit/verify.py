@@ -21,8 +21,7 @@ from typing import Any
 
 import numpy as np
 from pydantic import TypeAdapter, ValidationError
-from safetensors import SafetensorError
-from safetensors.numpy import load as safetensors_load
+from safetensors import SafetensorError, safe_open
 
 from consortium.crypto import keys
 from consortium.errors import ConfigError, ConsortiumError, VerificationError
@@ -35,7 +34,7 @@ from consortium.privacy.accountant import epsilon
 from consortium.privacy.events import EVENT
 from consortium.transcript import merkle
 from consortium.secagg.encoding import SessionEncoding
-from consortium.secagg.protocol import SessionEvidence, unmask_sum
+from consortium.secagg.protocol import SessionEvidence, unmask_total
 from consortium.transcript.log import cosign_quorum, vector_sha256
 from consortium.audit.anchor import Anchor, check_anchor, run_signatures
 from consortium.audit.summary import check_summary, read_summary
@@ -456,16 +455,11 @@ def _recompute_aggregate(e: Entry, entries: list[Entry], run_dir: Path) -> None:
         meta = json.loads(stem.with_suffix(".json").read_bytes())
         evidence = SessionEvidence.model_validate(meta["evidence"])
         encoding = _ENCODING.validate_python(meta["encoding"])
-        masked = safetensors_load(stem.with_suffix(".safetensors").read_bytes())
+        masked_total = _masked_total(stem.with_suffix(".safetensors"), commit, evidence)
     except (ValueError, KeyError, ValidationError, SafetensorError) as exc:
         raise VerificationError(f"{stem.name}: the archive does not parse ({type(exc).__name__})") from None
-    if sorted(masked) != sorted(commit.body["commitments"]) or list(evidence.survivors) != sorted(commit.body["survivors"]):
-        raise VerificationError(f"{stem.name}: the archive's sites are not the ones entry {commit.index} committed")
-    for site, vector in masked.items():
-        if hashlib.sha256(np.ascontiguousarray(vector).tobytes()).hexdigest() != commit.body["commitments"][site]:
-            raise VerificationError(f"{stem.name}: {site}'s masked input is not the one committed in entry {commit.index}")
     try:
-        total = encoding.decode_sum(unmask_sum(evidence, masked), len(evidence.survivors))
+        total = encoding.decode_sum(unmask_total(evidence, masked_total), len(evidence.survivors))
     except ConsortiumError as exc:
         raise VerificationError(f"{stem.name}: unmasking fails ({exc})") from None
     if vector_sha256(total) != e.body["sum_sha256"]:
@@ -473,6 +467,24 @@ def _recompute_aggregate(e: Entry, entries: list[Entry], run_dir: Path) -> None:
             f"entry {e.index}: round {e.round}'s sum recomputed from the archive is not the one recorded "
             f"({vector_sha256(total)[:12]}... vs {str(e.body['sum_sha256'])[:12]}...)"
         )
+
+
+def _masked_total(path: Path, commit: Entry, evidence: SessionEvidence) -> np.ndarray:
+    """The sum of the archived masked inputs (uint64, wrapping), each checked against its commitment; read one
+    at a time, so checking a round holds one vector, not one per site. ``VerificationError`` on a mismatch."""
+    with safe_open(path, framework="numpy") as archive:
+        names = sorted(archive.keys())
+        if names != sorted(commit.body["commitments"]) or list(evidence.survivors) != sorted(commit.body["survivors"]):
+            raise VerificationError(f"{path.stem}: the archive's sites are not the ones entry {commit.index} committed")
+        total = np.zeros(evidence.params.length, dtype=np.uint64)
+        for site in names:
+            vector = archive.get_tensor(site)
+            if hashlib.sha256(np.ascontiguousarray(vector).tobytes()).hexdigest() != commit.body["commitments"][site]:
+                raise VerificationError(f"{path.stem}: {site}'s masked input is not the one committed in entry {commit.index}")
+            if vector.shape != total.shape or vector.dtype.kind != "u":
+                raise VerificationError(f"{path.stem}: {site}'s masked input is {vector.dtype} {vector.shape}, not ring words")
+            np.add(total, vector, out=total)
+    return total
 
 
 def signed_events(entries: list[Entry], manifest: dict[str, Any]) -> dict[str, list[tuple[int, Any]]]:

@@ -24,6 +24,7 @@ site-level DP release, secure sum, robust rule, monitor, strategy) in
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -44,6 +45,7 @@ from consortium.protocol.coordinator_pipeline import UpdatePipeline
 from consortium.protocol.coordinator_rounds import Phase, PhaseResult, PhaseState, RoundRecord, SecureAggregation
 from consortium.protocol.coordinator_setup import initial_task, read_setup
 from consortium.protocol.task import data_shape
+from consortium.runs import MaskedSpool
 from consortium.transcript.log import vector_sha256
 from consortium.transcript.records import LogRecord, SessionArchive
 
@@ -115,6 +117,9 @@ class Coordinator:
         self._plan_proof: m.PlanProof | None = None
         self._tensor_cache: tuple[np.ndarray, m.Tensor] | None = None
         self._archives: list[SessionArchive] = []
+        # Where a fit session's masked inputs go as they arrive (the run's evidence folder), so the coordinator
+        # holds their sum alone; None keeps them in memory until the archive is taken.
+        self.evidence_spool: Callable[[int, str], MaskedSpool] | None = None
         self._holds: dict[str, str] = {}  # site -> hash of the model it last received and answered
         self.incident: Incident | None = None
         self._purpose: Literal["round", "canary", "monitor"] = "round"
@@ -294,7 +299,7 @@ class Coordinator:
             return PhaseResult(sum(st.plain.values()), list(st.plain))
         return sessions.close_stage(
             st, self.secure, rnd=self.round, site_dp=self.site_dp, length=lambda: self._session_length(st),
-            log=self._log, archives=self._archives, plans=self.secure_plans,
+            log=self._log, archives=self._archives, plans=self.secure_plans, spool=self.evidence_spool,
         )
 
     def _session_length(self, st: PhaseState) -> int:

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from consortium.errors import ConfigError
 from consortium.privacy.events import RecordLevelEvent, SiteLevelEvent
 from consortium.protocol import messages as m
+from consortium.runs import MaskedSpool
 from consortium.secagg import SecAggServer
 from consortium.secagg.encoding import DiscreteGaussianEncoding, RingEncoding
 
@@ -105,6 +106,7 @@ class PhaseState:
     encoding: RingEncoding | DiscreteGaussianEncoding | None = None
     outgoing: dict[str, m.BaseModel] = field(default_factory=dict)
     commitments: dict[str, str] = field(default_factory=dict)  # site -> SHA-256 of its masked input
+    spool: MaskedSpool | None = None  # a fit session's masked inputs, as they arrived (the evidence archive)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from consortium.protocol.sitedp import SiteLevelDP
 from consortium.protocol import contributions as c
 from consortium.protocol import messages as m
 from consortium.protocol.coordinator_rounds import PhaseResult, PhaseState, SecureAggregation
+from consortium.runs import MaskedSpool
 from consortium.secagg import SecAggServer, make_session
 from consortium.secagg.encoding import DiscreteGaussianEncoding
 from consortium.secagg.graph import plan_graph
@@ -57,17 +58,19 @@ def close_stage(
     log: list[LogRecord],
     archives: list[SessionArchive],
     plans: list[dict[str, object]],
+    spool: Callable[[int, str], MaskedSpool] | None = None,
 ) -> PhaseResult | None:
     """Close one stage of the phase's session; a result when the sum is known (or the session aborted).
 
     ``length`` gives the phase's vector length (asked only when a session opens). The commitments
-    to the masked inputs go to ``log``, a finished fit session's evidence to ``archives``, and each
+    to the masked inputs go to ``log``, a finished fit session's evidence to ``archives`` (its masked
+    inputs to the ``spool`` made for its round and session as they arrive, when there is one), and each
     session's graph to ``plans``. A session that cannot go on (too few sites, or no safe plan for
     those left) ends in a result without a sum, whose reason says where it stopped.
     """
     try:
         if st.stage == "request":
-            return _open(st, sec, rnd=rnd, site_dp=site_dp, length=length, plans=plans)
+            return _open(st, sec, rnd=rnd, site_dp=site_dp, length=length, plans=plans, spool=spool)
         server = st.server
         assert server is not None
         sid = server.params.session_id
@@ -90,9 +93,11 @@ def close_stage(
             outcome = server.finish()
             assert st.encoding is not None
             if st.phase == "fit":
-                archives.append(SessionArchive(rnd, server.evidence(), server.masked_inputs(), st.encoding))
+                archives.append(SessionArchive(rnd, server.evidence(), st.spool or server.masked_inputs(), st.encoding))
             return PhaseResult(st.encoding.decode_sum(outcome.total, len(outcome.included)), list(outcome.included))
     except (ProtocolError, ConfigError) as exc:  # aborted: too few sites, or no safe plan for those left
+        if st.spool is not None:
+            st.spool.discard()
         return PhaseResult(None, [], f"secure aggregation aborted at {st.stage}: {exc}")
     st.stage = STAGES[STAGES.index(st.stage) + 1]
     return None
@@ -106,6 +111,7 @@ def _open(
     site_dp: SiteLevelDP | None,
     length: Callable[[], int],
     plans: list[dict[str, object]],
+    spool: Callable[[int, str], MaskedSpool] | None,
 ) -> PhaseResult | None:
     """Open the phase's session over the sites that answered its request: graph, encoding, start messages."""
     ready = sorted(st.ready)
@@ -130,7 +136,9 @@ def _open(
     else:
         st.encoding = c.setup_encoding()
     params = make_session(ready, n, bits=st.encoding.bits, plan=plan)
-    st.server = SecAggServer(params, sec.identity, sec.directory)
+    if st.phase == "fit" and spool is not None:
+        st.spool = spool(rnd, params.session_id)
+    st.server = SecAggServer(params, sec.identity, sec.directory, keep=None if st.spool is None else st.spool.add)
     start = m.SecAggStart(phase=st.phase, params=params, encoding=st.encoding)
     st.outgoing = {u: start for u in ready}
     st.stage = "advertise_keys"

@@ -24,7 +24,7 @@ from consortium.crypto import keys
 from consortium.errors import ConfigError, ConsortiumError
 from consortium.governance.incident import Incident, RunHalted
 from consortium.protocol.messages import COORDINATOR, CosignRequest, Cosignature
-from consortium.runs import write_atomic
+from consortium.runs import SPOOL_SUFFIX, MaskedSpool, write_atomic
 from consortium.transcript.log import Entry, TranscriptWriter, TreeHead, canonical, last_cosigned, manifest_bytes, sha256_hex
 from consortium.transcript.records import LogRecord, SessionArchive
 from consortium.audit.verify import EVIDENCE_DIR
@@ -171,13 +171,23 @@ class TranscriptRecorder:
         self.writer.append("halt", incident.round, COORDINATOR, {**incident.to_json(), "model_sha256": model_sha256}, key=self._key)
         return self.close_round(halting=True)
 
+    def spool(self, rnd: int, session_id: str) -> MaskedSpool:
+        """A file in the evidence folder for a fit session's masked inputs as they arrive (the coordinator's
+        ``evidence_spool``): ``archive`` writes it out, or removes it if its session never finished."""
+        return MaskedSpool(self.evidence_dir / f".round-{rnd:05d}-{session_id[:16]}{SPOOL_SUFFIX}")
+
     def archive(self, sessions: list[SessionArchive]) -> None:
         """Each fit session's masked inputs and unmasking evidence, for ``verify`` to recompute its sum."""
         for s in sessions:
             stem = self.evidence_dir / f"round-{s.round:05d}"
-            write_atomic(stem.with_suffix(".safetensors"), safetensors_save(dict(s.masked)))
+            if isinstance(s.masked, MaskedSpool):
+                s.masked.write_safetensors(stem.with_suffix(".safetensors"))
+            else:
+                write_atomic(stem.with_suffix(".safetensors"), safetensors_save(dict(s.masked)))
             meta = {"evidence": s.evidence.model_dump(mode="json"), "encoding": s.encoding.model_dump(mode="json")}
             write_atomic(stem.with_suffix(".json"), canonical(meta))
+        for stale in self.evidence_dir.glob(f"*{SPOOL_SUFFIX}"):  # between rounds no session is open: these were cut off
+            stale.unlink(missing_ok=True)
 
     def finish(self, model_file: Path, model_sha256: str, rnd: int, then: list[LogRecord] | None = None) -> TreeHead:
         """The last entry: the model file the run wrote, by its bytes' hash (``then``: entries that follow

@@ -116,6 +116,7 @@ class Session:
                 (``halt`` then records it).
         """
         self._on_round = on_round
+        self.coordinator.evidence_spool = self.recorder.spool  # masked inputs to disk as they arrive: it holds their sum
         return self.loop.run(self.coordinator, self.transport, on_round=self.record_round)
 
     def record_round(self, record: RoundRecord) -> None:

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -310,7 +310,17 @@ class SecAggOutcome:
 class SecAggServer:
     """The coordinator's side of one session. Each ``close_*`` ends a stage with what has arrived."""
 
-    def __init__(self, params: SessionParams, signing_key: Ed25519PrivateKey, directory: Mapping[str, bytes]) -> None:
+    def __init__(
+        self,
+        params: SessionParams,
+        signing_key: Ed25519PrivateKey,
+        directory: Mapping[str, bytes],
+        *,
+        keep: Callable[[str, np.ndarray], None] | None = None,
+    ) -> None:
+        """``keep``: where each masked input goes as it arrives (a file, for the evidence archive); the
+        server then holds only their running sum, one vector whatever the number of sites. Without it the
+        server keeps every input, for ``masked_inputs``."""
         self.params = params
         self.graph = params.neighbours()
         self._key = signing_key
@@ -318,7 +328,10 @@ class SecAggServer:
         self._stage = "advertise_keys"
         self._adverts: dict[str, KeyAdvert] = {}
         self._bundles: dict[str, ShareBundle] = {}
-        self._masked: dict[str, np.ndarray] = {}
+        self._keep = keep
+        self._arrived: dict[str, None] = {}  # whose masked input arrived
+        self._masked_total = np.zeros(params.length, dtype=np.uint64)  # their sum, wrapping at 2^64 (the ring divides it)
+        self._masked: dict[str, np.ndarray] = {}  # the inputs themselves, when no ``keep`` takes them
         self._survivors: tuple[str, ...] = ()
         self._surviving: frozenset[str] = frozenset()
         self._listed = b""
@@ -379,19 +392,25 @@ class SecAggServer:
         return {u: ShareDelivery(shares=tuple(shares)) for u, shares in inbox.items()}
 
     def add_masked(self, site: str, masked: MaskedInput) -> None:
-        self._expect("collect_masked", site, self._masked, self._bundles)
+        self._expect("collect_masked", site, self._arrived, self._bundles)
         if masked.vector.shape != (self.params.length,) or masked.vector.dtype != prg.ring_dtype(self.params.bits).name:
             raise SecAggError(
                 f"'{site}' sent {masked.vector.shape} {masked.vector.dtype} words, "
                 f"not ({self.params.length},) {prg.ring_dtype(self.params.bits).name}"
             )
-        # A read-only view of the tensor's bytes, not a copy: finish only reads it.
-        self._masked[site] = np.frombuffer(masked.vector.raw, dtype=np.dtype(masked.vector.dtype).newbyteorder("<"))
+        # A read-only view of the tensor's bytes, not a copy: added to the sum, then kept or handed on.
+        vector = np.frombuffer(masked.vector.raw, dtype=np.dtype(masked.vector.dtype).newbyteorder("<"))
+        np.add(self._masked_total, vector, out=self._masked_total)
+        self._arrived[site] = None
+        if self._keep is None:
+            self._masked[site] = vector
+        else:
+            self._keep(site, vector)
 
     def close_collect_masked(self) -> SurvivorList:
-        self._need(len(self._masked), "sent a masked input")
+        self._need(len(self._arrived), "sent a masked input")
         self._stage = "consistency_check"
-        self._survivors = tuple(sorted(self._masked))
+        self._survivors = tuple(sorted(self._arrived))
         self._surviving = frozenset(self._survivors)
         self._listed = survivors_statement(self.params.session_id, self._survivors)  # what every acknowledgement signs
         return SurvivorList(survivors=self._survivors, signature=keys.sign(self._key, self._listed))
@@ -425,11 +444,14 @@ class SecAggServer:
         self._stage = "done"
         self._need(len(self._replies), "answered the unmask request")
         evidence = self.evidence()
-        total = unmask_sum(evidence, {u: self._masked[u] for u in self._survivors})
+        total = unmask_total(evidence, self._masked_total)
         return SecAggOutcome(total=total, included=self._survivors, dropped=evidence.dropped)
 
     def masked_inputs(self) -> dict[str, np.ndarray]:
-        """The survivors' masked inputs, as received (each alone reveals nothing)."""
+        """The survivors' masked inputs, as received (each alone reveals nothing); ``SecAggError`` when a
+        ``keep`` took them instead."""
+        if self._keep is not None:
+            raise SecAggError("this server handed each masked input to its keep and holds only their sum")
         return {u: self._masked[u] for u in self._survivors}
 
     def evidence(self) -> SessionEvidence:
@@ -459,11 +481,20 @@ class SessionEvidence(Frozen):
 def unmask_sum(evidence: SessionEvidence, masked: Mapping[str, np.ndarray]) -> np.ndarray:
     """The sum of the survivors' inputs from their masked inputs and the revealed shares (pure).
 
-    The coordinator runs it to finish a session; a verifier reruns it on the
-    archived evidence to check the aggregate the transcript records.
+    A verifier reruns it on the archived evidence to check the aggregate the transcript records.
     """
+    return _unmask(evidence, [masked[u] for u in evidence.survivors])
+
+
+def unmask_total(evidence: SessionEvidence, masked_total: np.ndarray) -> np.ndarray:
+    """``unmask_sum`` from the survivors' masked inputs already added up (uint64, wrapping at 2^64 or reduced
+    mod 2^bits): what a coordinator adding each input as it arrives holds, or a verifier streaming an archive."""
+    return _unmask(evidence, [masked_total])
+
+
+def _unmask(evidence: SessionEvidence, inputs: list[np.ndarray]) -> np.ndarray:
     p, t = evidence.params, evidence.params.threshold
-    graph = p.neighbours()
+    graph = p.neighbours() if evidence.dropped else {}  # the whole graph (n x degree) only where a site dropped
     seeds, subtract = [], []  # every mask to remove, gathered (and every abort decided) before any arithmetic
     # Each reply's shares, by whose secret they are: one pass over the replies (n x degree), not one per site
     seed_shares: dict[str, dict[int, bytes]] = {}
@@ -490,5 +521,5 @@ def unmask_sum(evidence: SessionEvidence, masked: Mapping[str, np.ndarray]) -> n
                 subtract.append(u < v)  # undo what u added
     # total = sum of the masked inputs - the masks, mod 2^bits, as uint64, in one cache-blocked pass
     total = np.empty(p.length, dtype=np.uint64)
-    prg.mask_sum(total, seeds, bits=p.bits, subtract=subtract, inputs=[masked[u] for u in evidence.survivors], reduce=True)
+    prg.mask_sum(total, seeds, bits=p.bits, subtract=subtract, inputs=inputs, reduce=True)
     return total

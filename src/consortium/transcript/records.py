@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from consortium.runs import MaskedSpool
 from consortium.secagg.encoding import DiscreteGaussianEncoding, RingEncoding
 from consortium.secagg.protocol import SessionEvidence
 from consortium.transcript.log import Kind
@@ -33,5 +34,5 @@ class SessionArchive:
 
     round: int
     evidence: SessionEvidence
-    masked: dict[str, np.ndarray]
+    masked: dict[str, np.ndarray] | MaskedSpool  # in memory, or spooled to the evidence folder as they arrived
     encoding: RingEncoding | DiscreteGaussianEncoding
