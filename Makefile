@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean flower-peer
 
 setup: $(STAMP)
 
@@ -25,5 +25,24 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/run_all.py
 
+# Optional, in no other target: Flower 1.42 in an environment of its own (.venv-flower), the peer that
+# benchmarks/bench_growth.py times beside our backends. flwr pins typer, rich, fastapi, uvicorn and ray
+# below our pins, so it cannot share .venv. This project goes in without its dependencies, with only what
+# the peer imports of it (our data, model and training: the pins below, read from pyproject.toml).
+FLOWER        := .venv-flower
+FLOWER_STAMP  := $(FLOWER)/.installed
+FLOWER_OURS   := torch numpy pydantic safetensors pyyaml cryptography dp-accounting sqlalchemy rfc8785 scipy
+
+flower-peer: $(FLOWER_STAMP)
+
+$(FLOWER_STAMP): pyproject.toml Makefile
+	@test -x $(FLOWER)/bin/python || $(PYTHON) -m venv $(FLOWER)
+	$(FLOWER)/bin/python -m pip install --quiet --upgrade pip
+	$(FLOWER)/bin/python -m pip install --quiet 'flwr[simulation]==1.42.0' $$($(FLOWER)/bin/python -c \
+		"import tomllib; pins = {d.split('==')[0]: d for d in tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']}; \
+		print(' '.join(pins[n] for n in '$(FLOWER_OURS)'.split()))")
+	$(FLOWER)/bin/python -m pip install --quiet --no-deps -e .
+	@touch $(FLOWER_STAMP)
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache build src/*.egg-info
+	rm -rf $(VENV) $(FLOWER) runs .pytest_cache build src/*.egg-info

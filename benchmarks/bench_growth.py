@@ -10,10 +10,20 @@ coordinator's alone (the sites live in the workers). The Ray backend runs
 with its default pool (one worker per CPU) on a local Ray, and is skipped
 when Ray is not installed.
 
+The peer: Flower 1.42's simulation of the same run (benchmarks/flower_peer.py:
+plain FedAvg, the same data partitions, model, local training and evaluation,
+through this project's own code; its sites in Ray actors, one per CPU), timed
+the same way, for each N, when a Flower interpreter is there:
+CONSORTIUM_FLOWER_PYTHON, else .venv-flower/bin/python (`make flower-peer`
+builds it; flwr's pins cannot share .venv). Otherwise one row says it was
+skipped. Its peak is its driver's (the ServerApp and the simulation engine;
+the sites live in the actors), like our Ray coordinator's.
+
 Ratios: per site between successive N (1.0 is linear growth of the round);
 per site and neighbour (SecAgg+'s degree k comes from the planner and grows
 with N: a site's work is proportional to it, so this one should stay flat);
-on against off in the same backend; Ray against in-process, protections on.
+on against off in the same backend; Ray against in-process, protections on;
+our Ray backend, protections on and off, against Flower at the same N.
 """
 
 from __future__ import annotations
@@ -23,9 +33,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 SIZES = [n for n in (10, 100, 1000) if n <= int(os.environ.get("CONSORTIUM_BENCH_GROWTH_MAX", "100"))]
 BACKENDS = ["in-process"] + (["ray"] if importlib.util.find_spec("ray") is not None else [])
+ROOT = Path(__file__).resolve().parent.parent
+#: The interpreter that has Flower (its own environment): the peer runs only when it is there.
+FLOWER_PYTHON = Path(os.environ.get("CONSORTIUM_FLOWER_PYTHON") or ROOT / ".venv-flower" / "bin" / "python")
 
 #: Run in a fresh interpreter: argv = sites, "on" or "off", backend. Prints one JSON object.
 PROBE = """\
@@ -53,16 +67,57 @@ print(json.dumps({"second_round": marks[1] - marks[0], "peak": peak,
 """
 
 
-def measure(sites: int, mode: str, backend: str) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-c", PROBE, str(sites), mode, backend], capture_output=True, text=True)
+def last_json(argv: list[str], what: str) -> dict:
+    """Run ``argv`` and read the JSON object on the last line it prints."""
+    out = subprocess.run(argv, capture_output=True, text=True)
     if out.returncode:
-        raise RuntimeError(f"{backend} {sites} sites {mode} failed: {out.stderr.strip().splitlines()[-1:]}")
+        raise RuntimeError(f"{what} failed: {out.stderr.strip().splitlines()[-1:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(sites: int, mode: str, backend: str) -> dict[str, float]:
+    return last_json([sys.executable, "-c", PROBE, str(sites), mode, backend], f"{backend} {sites} sites {mode}")
+
+
+def measure_flower(sites: int) -> dict:
+    """The Flower peer's run over ``sites`` sites (benchmarks/flower_peer.py, in Flower's interpreter)."""
+    script = str(ROOT / "benchmarks" / "flower_peer.py")
+    return last_json([str(FLOWER_PYTHON), script, str(sites)], f"flower {sites} sites")
+
+
+def flower_rows(ray: dict[int, tuple[dict, dict]]) -> list[tuple[str, object, str]]:
+    """The peer's rows for each N, with our Ray backend's (``ray[n]``: on, off) against it where it ran."""
+    if not os.access(FLOWER_PYTHON, os.X_OK):
+        return [("flower peer", "skipped", f"no Flower interpreter at {FLOWER_PYTHON}: make flower-peer "
+                 "(or set CONSORTIUM_FLOWER_PYTHON)")]
+    rows: list[tuple[str, object, str]] = []
+    previous: dict[str, float] = {}
+    for n in SIZES:
+        try:
+            peer = measure_flower(n)
+        except RuntimeError as exc:  # the peer is optional: say so, and keep our rows
+            return rows + [("flower peer", "failed", str(exc))]
+        name = f"flower {'.'.join(peer['flower'].split('.')[:2])} FedAvg, {n} sites"
+        per_site = peer["second_round"] / n
+        notes = [f"{per_site / previous['per_site']:.2f}x per site vs {previous['n']:.0f}"] if previous else []
+        peak_notes = [f"{peer['peak'] / previous['peak']:.2f}x vs {previous['n']:.0f}"] if previous else []
+        if n in ray:
+            on, off = ray[n]
+            notes.append(f"ray on {on['second_round'] / peer['second_round']:.2f}x, "
+                         f"off {off['second_round'] / peer['second_round']:.2f}x flower")
+            peak_notes.append(f"ray coordinator on {on['peak'] / peer['peak']:.2f}x, off {off['peak'] / peer['peak']:.2f}x")
+        rows += [
+            (f"{name}, plain: second round (s)", peer["second_round"], "; ".join(notes)),
+            (f"{name}: driver peak (MB)", f"{peer['peak'] / 2**20:.0f}", "; ".join(peak_notes)),
+        ]
+        previous = {"n": n, "per_site": per_site, "peak": peer["peak"]}
+    return rows
 
 
 def main() -> list[tuple[str, object, str]]:
     rows: list[tuple[str, object, str]] = []
     in_process_on: dict[int, float] = {}
+    ray: dict[int, tuple[dict, dict]] = {}  # N -> our Ray backend's runs, on and off: the peer is set against them
     for backend in BACKENDS:
         previous: dict[str, float] = {}
         for n in SIZES:
@@ -84,10 +139,12 @@ def main() -> list[tuple[str, object, str]]:
             ]
             if backend == "in-process":
                 in_process_on[n] = on["second_round"]
+            else:
+                ray[n] = (on, off)
             previous = {"n": n, "per_site": per_site, "per_link": per_link, "peak": on["peak"]}
     if "ray" not in BACKENDS:
         rows.append(("ray backend", "skipped", "Ray is not installed: pip install 'consortium[ray]'"))
-    return rows
+    return rows + flower_rows(ray)
 
 
 if __name__ == "__main__":
