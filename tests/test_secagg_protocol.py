@@ -23,7 +23,6 @@ from consortium.secagg import (
 )
 from consortium.secagg.graph import plan_graph
 from consortium.secagg.messages import (
-    EncryptedShare,
     ShareDelivery,
     SurvivorList,
     UnmaskRequest,
@@ -190,17 +189,20 @@ def test_a_tampered_share_ciphertext_is_rejected():
         s.server.add_shares(u, c.share_keys(rosters[u]))
     deliveries = s.server.close_share_keys()
     d = deliveries["s0"]
-    first = d.shares[0]
-    flipped = bytearray(first.ciphertext)
+    sender, ciphertext = next(iter(d.shares.items()))
+    flipped = bytearray(ciphertext)
     flipped[20] ^= 1
-    forged = ShareDelivery(shares=(EncryptedShare(sender=first.sender, recipient="s0", ciphertext=bytes(flipped)), *d.shares[1:]))
+    forged = ShareDelivery(shares={**d.shares, sender: bytes(flipped)})
     with pytest.raises(DecryptionError):
         s.clients["s0"].collect_masked(forged, s.inputs["s0"])
     # Re-addressing an intact ciphertext to another site also fails: the pair is bound into the key and AAD.
-    other = deliveries["s1"].shares[0]
-    readdressed = ShareDelivery(shares=(EncryptedShare(sender=other.sender, recipient="s1", ciphertext=first.ciphertext),))
+    other = next(v for v in deliveries["s1"].shares if v != "s0")
+    readdressed = ShareDelivery(shares={other: deliveries["s0"].shares[other]})
     with pytest.raises((DecryptionError, SecAggError)):
         s.clients["s1"].collect_masked(readdressed, s.inputs["s1"])
+    # A share said to come from a site that advertised nothing to s2 is refused before any decryption.
+    with pytest.raises(SecAggError, match="advertised no keys"):
+        s.clients["s2"].collect_masked(ShareDelivery(shares={"s9": ciphertext}), s.inputs["s2"])
 
 
 def test_a_survivor_list_with_a_bad_signature_is_refused():

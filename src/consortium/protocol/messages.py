@@ -33,12 +33,13 @@ from consortium.secagg.messages import (
 from consortium.wire import Frozen as _Frozen
 from consortium.wire import B64, Tensor, decode_frame, encode_frame
 
-SCHEMA_VERSION = 10  # 2: site-level privacy events and the noisy ring encoding; 3: a refusal names its rule; 4: co-signing;
+SCHEMA_VERSION = 11  # 2: site-level privacy events and the noisy ring encoding; 3: a refusal names its rule; 4: co-signing;
 # 5: a fit request may name by hash the model the site holds; 6: sites describe their data and endorse the manifest;
 # 7: a fit request carries the round's L2 norm bound on each update; 8: an evaluate request says what to measure
 # beyond accuracy (groups of a sensitive attribute, a distribution shift); 9: the model lifecycle (an evaluation's
 # purpose, deploying a model version, a site's drift report); 10: SecAgg acknowledgements carry an HMAC tag per
-# neighbour, and an unmask request the tags addressed to its site
+# neighbour, and an unmask request the tags addressed to its site; 11: a share bundle maps each neighbour to its
+# ciphertext and a delivery each sender to its (no object per share), and the tags cover the survivor list's SHA-256
 
 #: The coordinator's name in every envelope; no site may take it.
 COORDINATOR = "coordinator"

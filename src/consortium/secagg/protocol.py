@@ -60,7 +60,6 @@ from consortium.crypto import aead, keys, prg, shamir
 from consortium.errors import ProtocolError, RoundFailed
 from consortium.secagg.messages import (
     ConsistencyAck,
-    EncryptedShare,
     KeyAdvert,
     KeyRoster,
     MaskedInput,
@@ -183,13 +182,12 @@ class SecAggClient:
         seed_shares = shamir.split(self._b, threshold=p.threshold, xs=[*xs, p.x_of(self.name)])
         self._own_seed_share = seed_shares[p.x_of(self.name)]  # revealed by this site only, and only as a survivor
         key_shares = shamir.split(keys.x25519_private_bytes(self._s_sk), threshold=p.threshold, xs=xs)
-        out = []
+        out = {}
         for v, x in zip(holders, xs):
             plain = SharePlaintext(sender=self.name, recipient=v, seed_share=seed_shares[x], key_share=key_shares[x])
             key, _ = self._channel(v)
-            ct = aead.seal(key, plain.to_bytes(), associated_data=share_context(p.session_id, self.name, v))
-            out.append(EncryptedShare(sender=self.name, recipient=v, ciphertext=ct))
-        return ShareBundle(shares=tuple(out))
+            out[v] = aead.seal(key, plain.to_bytes(), associated_data=share_context(p.session_id, self.name, v))
+        return ShareBundle(shares=out)
 
     def collect_masked(self, delivery: ShareDelivery, value: np.ndarray) -> MaskedInput:
         """Open the shares addressed to this site, then mask ``value`` (uint64 ring elements)."""
@@ -201,12 +199,11 @@ class SecAggClient:
         # The range check reads the whole input; it is skipped only where the dtype cannot exceed the ring.
         if value.size and np.iinfo(value.dtype).max >= 1 << p.bits and int(value.max()) >= 1 << p.bits:
             raise SecAggError(f"the input has values outside the 2^{p.bits} ring")
-        for enc in delivery.shares:
-            v = enc.sender
-            if enc.recipient != self.name or v not in self._peers or v in self._held:
-                raise SecAggError(f"share from '{v}' to '{enc.recipient}' is not one this site expects")
+        for v, ciphertext in delivery.shares.items():
+            if v not in self._peers:
+                raise SecAggError(f"a share from '{v}', which advertised no keys to '{self.name}', is not one it expects")
             key, _ = self._channel(v)
-            opened = aead.open_(key, enc.ciphertext, associated_data=share_context(p.session_id, v, self.name))
+            opened = aead.open_(key, ciphertext, associated_data=share_context(p.session_id, v, self.name))
             try:
                 plain = SharePlaintext.from_bytes(opened)
             except ValueError as exc:  # authentic (the key is shared with v alone) but not a share plaintext
@@ -327,7 +324,8 @@ class SecAggServer:
         self._directory = dict(directory)
         self._stage = "advertise_keys"
         self._adverts: dict[str, KeyAdvert] = {}
-        self._bundles: dict[str, ShareBundle] = {}
+        self._bundles: dict[str, dict[str, bytes]] = {}  # sender -> {recipient: ciphertext}, until delivered
+        self._shared_with: dict[str, tuple[str, ...]] = {}  # sender -> the neighbours it sent shares to
         self._keep = keep
         self._arrived: dict[str, None] = {}  # whose masked input arrived
         self._masked_total = np.zeros(params.length, dtype=np.uint64)  # their sum, wrapping at 2^64 (the ring divides it)
@@ -373,26 +371,25 @@ class SecAggServer:
         }
 
     def add_shares(self, site: str, bundle: ShareBundle) -> None:
-        self._expect("share_keys", site, self._bundles, self._adverts)
-        recipients = [s.recipient for s in bundle.shares]
-        if any(s.sender != site for s in bundle.shares) or len(set(recipients)) != len(recipients):
-            raise SecAggError(f"'{site}' sent shares under another name or twice to one neighbour")
-        if not set(recipients) <= self.graph[site]:
+        self._expect("share_keys", site, self._shared_with, self._adverts)
+        if not bundle.shares.keys() <= self.graph[site]:
             raise SecAggError(f"'{site}' sent shares to sites that are not its neighbours")
-        self._bundles[site] = bundle
+        self._bundles[site] = bundle.shares
+        self._shared_with[site] = tuple(sorted(bundle.shares))
 
     def close_share_keys(self) -> dict[str, ShareDelivery]:
         self._need(len(self._bundles), "shared their keys")
         self._stage = "collect_masked"
-        inbox: dict[str, list[EncryptedShare]] = {u: [] for u in self._bundles}
-        for bundle in self._bundles.values():
-            for enc in bundle.shares:
-                if enc.recipient in inbox:
-                    inbox[enc.recipient].append(enc)
-        return {u: ShareDelivery(shares=tuple(shares)) for u, shares in inbox.items()}
+        inbox: dict[str, dict[str, bytes]] = {u: {} for u in self._bundles}
+        for v, shares in self._bundles.items():
+            for u, ciphertext in shares.items():
+                if u in inbox:
+                    inbox[u][v] = ciphertext
+        self._bundles = {}  # the ciphertexts live on in the deliveries alone
+        return {u: ShareDelivery(shares=shares) for u, shares in inbox.items()}
 
     def add_masked(self, site: str, masked: MaskedInput) -> None:
-        self._expect("collect_masked", site, self._arrived, self._bundles)
+        self._expect("collect_masked", site, self._arrived, self._shared_with)
         if masked.vector.shape != (self.params.length,) or masked.vector.dtype != prg.ring_dtype(self.params.bits).name:
             raise SecAggError(
                 f"'{site}' sent {masked.vector.shape} {masked.vector.dtype} words, "
@@ -425,7 +422,7 @@ class SecAggServer:
     def close_consistency(self) -> dict[str, UnmaskRequest]:
         self._need(len(self._acks), "acknowledged the survivor list")
         self._stage = "unmask"
-        dropped = tuple(sorted(set(self._bundles) - self._surviving))
+        dropped = tuple(sorted(set(self._shared_with) - self._surviving))
         tags: dict[str, dict[str, bytes]] = {u: {} for u in self._acks}  # to each site, the tags addressed to it
         for v, ack in self._acks.items():
             for u, tag in ack.tags.items():
@@ -456,14 +453,14 @@ class SecAggServer:
 
     def evidence(self) -> SessionEvidence:
         """What unmasking used, besides the masked inputs: enough for anyone to recompute the sum."""
-        dropped = tuple(sorted(set(self._bundles) - set(self._survivors)))
+        dropped = tuple(sorted(set(self._shared_with) - set(self._survivors)))
         return SessionEvidence(
             params=self.params,
             survivors=tuple(self._survivors),
             dropped=dropped,
             s_pks={u: a.s_pk for u, a in self._adverts.items()},
             replies=dict(self._replies),
-            shared_with={v: tuple(sorted(s.recipient for s in self._bundles[v].shares)) for v in dropped},
+            shared_with={v: self._shared_with[v] for v in dropped},
         )
 
 
