@@ -45,9 +45,10 @@ def _config(sites: int, **over) -> SimulationConfig:
 
 def test_ray_and_in_process_train_the_same_model(tmp_path):
     # Test mode (seeded noise), SecAgg+ and record-level DP on, and dropout: the dropout draws, the sites'
-    # randomness and the sums are the same whoever plays the sites, so the model is bit for bit the same.
+    # randomness and the sums are the same whoever plays the sites, so the model is bit for bit the same,
+    # and so are the baselines.
     # The Ray side is the real command line in its own process, on a local Ray of its own.
-    config = _config(6, participation={"dropout": 0.5})
+    config = _config(6, participation={"dropout": 0.5}, baselines={"local_only": True, "pooled": True})
     local = Simulation(config, out=tmp_path / "local").run()
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_defaults=True)))
     proc = subprocess.run(
@@ -59,6 +60,8 @@ def test_ray_and_in_process_train_the_same_model(tmp_path):
     assert proc.stderr.split() == "WARNING: privacy noise is in TEST MODE (fixed seed): reproducible, and NOT private".split()
     remote = json.loads(proc.stdout)
     assert remote["federated"] == local.summary["federated"]
+    # The local-only baselines trained on the workers (each its own sites'), the pooled one in the coordinator.
+    assert remote["local_only"] == local.summary["local_only"] and remote["pooled"] == local.summary["pooled"]
     assert remote["privacy"]["epsilon_per_site"] == local.summary["privacy"]["epsilon_per_site"]
     model, twin = load_file(str(tmp_path / "ray" / "model.safetensors")), load_file(str(tmp_path / "local" / "model.safetensors"))
     assert model.keys() == twin.keys() and all(np.array_equal(model[k], twin[k]) for k in model)

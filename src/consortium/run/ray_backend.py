@@ -39,7 +39,7 @@ import logging
 import math
 import os
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,7 @@ class SiteHost:
     def __init__(self, spec: list[bytes]) -> None:
         self._sites: dict[str, Site] = {}
         self._error: str | None = None
+        self._baseline: tuple[Any, ...] = ()
         try:
             self._build(json.loads(spec[0]), json.loads(spec[1]))
         except ConsortiumError as exc:
@@ -112,6 +113,7 @@ class SiteHost:
         task = load_task(config.task, config.model)  # this machine's own copy of the task's code
         agreement = signed_agreement(config)
         splits = site_splits(config, task)
+        self._baseline = (config, task, splits)  # what local_only needs: every site's splits, for the population
         members = [*splits, m.COORDINATOR]
         if run["key_secret"] is not None:
             secret = bytes.fromhex(run["key_secret"])
@@ -140,6 +142,13 @@ class SiteHost:
     def handle(self, batch: list[list[Any]]) -> list[list[Any]]:
         """Each ``[member, sealed request]`` to its site; ``[member, sealed reply]`` for each site played here."""
         return [[member, self._sites[member].handle_bytes(raw)] for member, raw in batch if member in self._sites]
+
+    def local_only(self, seeds: dict[str, int]) -> dict[str, list[float]]:
+        """The local-only baseline of the sites named (``simulation.local_only_scores``), trained here."""
+        from consortium.run.simulation import local_only_scores
+
+        config, task, splits = self._baseline
+        return local_only_scores(config, task, splits, seeds)
 
     def ledgers(self) -> dict[str, list[float]]:
         """Each site's ``[epsilon spent, cap]`` from its own ledger (sites without DP keep none)."""
@@ -281,6 +290,23 @@ class RayPool:
         if errors:
             self.close()
             raise ConfigError(f"a Ray worker could not build its sites: {errors[0]}")
+
+    def local_only(self, seeds: Mapping[str, int]) -> Callable[[], dict[str, list[float]]]:
+        """Start each site's local-only baseline on the worker that plays it (all workers at once); the
+        returned call waits for them and gives ``{site: [population score, own score]}``."""
+        ray = require_ray()
+        home = self.channel.home
+        pending = [
+            h.local_only.remote({n: s for n, s in seeds.items() if home[n] == i}) for i, h in enumerate(self.hosts)
+        ]
+
+        def gather() -> dict[str, list[float]]:
+            out: dict[str, list[float]] = {}
+            for part in ray.get(pending):
+                out.update(part)
+            return out
+
+        return gather
 
     def ledgers(self) -> dict[str, list[float]]:
         """Each site's ``[epsilon spent, cap]``, as its worker reads its ledger."""

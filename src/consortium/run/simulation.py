@@ -11,7 +11,7 @@ scored on the consortium's population (every site's test split).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +146,23 @@ def _train_alone(
 def _score(model: torch.nn.Module, shape: DataShape, table: Records, task: Task) -> dict[str, float]:
     """The task's metrics of ``model`` (trained under ``shape``) on ``table``, through the same sums a site releases."""
     return task.summarise(evaluate_records(task, model, table, shape), shape).metrics
+
+
+def local_only_scores(
+    config: SimulationConfig, task: Task, splits: Mapping[str, Splits], seeds: Mapping[str, int]
+) -> dict[str, list[float]]:
+    """The local-only baseline of each site in ``seeds``: its model trained on its own training split alone
+    (with that seed), scored on the consortium's population (every site's test split) and on its own test
+    split: ``[population, own]`` in the task's headline metric. Runs where the splits are (a Ray worker
+    plays its own sites' baselines), so the same for the same seeds wherever it runs."""
+    names = list(splits)
+    classes = splits[names[0]].train.classes
+    population = concat_records([splits[n].test for n in names])
+    out = {}
+    for name, seed in seeds.items():
+        model, shape = _train_alone(splits[name].train, config, task, classes, seed)
+        out[name] = [finite_metrics(_score(model, shape, table, task))[task.headline] for table in (population, splits[name].test)]
+    return out
 
 
 class Simulation(CoordinatorRun):
@@ -300,24 +317,27 @@ class Simulation(CoordinatorRun):
         """Local-only and pooled (simulation only): the task's model, loss and training, the same seed and
         number of epochs, scored on the consortium's population (every site's test split)."""
         config, names, splits, task, classes = self.config, self.names, self._splits, self.plan.task, self.classes
-        population = concat_records([splits[n].test for n in names])
         seeds = [int(s.generate_state(1)[0]) for s in self._base_seq.spawn(len(names) + 1)]
         headline = task.headline  # accuracy, or a regression's mse
+        local = dict(zip(names, seeds)) if config.baselines.local_only else {}
+        # On Ray each worker trains its own sites' local models, in parallel, while the pooled one trains here.
+        scores = self._pool.local_only(local) if self._pool is not None and local else None
+        pooled = None
+        if config.baselines.pooled:
+            population = concat_records([splits[n].test for n in names])
+            model, shape = _train_alone(concat_records([splits[n].train for n in names]), config, task, classes, seeds[-1])
+            pooled = finite_metrics(_score(model, shape, population, task))
         out: dict[str, Any] = {}
-        if config.baselines.local_only:
-            per_site, own = {}, {}
-            for name, seed in zip(names, seeds):
-                model, shape = _train_alone(splits[name].train, config, task, classes, seed)
-                per_site[name] = finite_metrics(_score(model, shape, population, task))[headline]
-                own[name] = finite_metrics(_score(model, shape, splits[name].test, task))[headline]
+        if local:
+            got = scores() if scores is not None else local_only_scores(config, task, splits, local)
+            per_site = {n: got[n][0] for n in names}
             out["local_only"] = {
                 f"{headline}_mean": float(np.mean(list(per_site.values()))),
                 f"{headline}_per_site": per_site,
-                f"own_split_{headline}_per_site": own,
+                f"own_split_{headline}_per_site": {n: got[n][1] for n in names},
             }
-        if config.baselines.pooled:
-            model, shape = _train_alone(concat_records([splits[n].train for n in names]), config, task, classes, seeds[-1])
-            out["pooled"] = finite_metrics(_score(model, shape, population, task))
+        if pooled is not None:
+            out["pooled"] = pooled
         return out
 
 
