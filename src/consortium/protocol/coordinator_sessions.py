@@ -93,7 +93,8 @@ def close_stage(
             outcome = server.finish()
             assert st.encoding is not None
             if st.phase == "fit":
-                archives.append(SessionArchive(rnd, server.evidence(), st.spool or server.masked_inputs(), st.encoding))
+                masked = st.spool if st.spool is not None else server.masked_inputs()
+                archives.append(SessionArchive(rnd, server.evidence(), masked, st.encoding))
             return PhaseResult(st.encoding.decode_sum(outcome.total, len(outcome.included)), list(outcome.included))
     except (ProtocolError, ConfigError) as exc:  # aborted: too few sites, or no safe plan for those left
         if st.spool is not None:

@@ -395,14 +395,14 @@ class SecAggServer:
                 f"'{site}' sent {masked.vector.shape} {masked.vector.dtype} words, "
                 f"not ({self.params.length},) {prg.ring_dtype(self.params.bits).name}"
             )
-        # A read-only view of the tensor's bytes, not a copy: added to the sum, then kept or handed on.
+        # A read-only view of the tensor's bytes, not a copy: kept or handed on, then added to the sum.
         vector = np.frombuffer(masked.vector.raw, dtype=np.dtype(masked.vector.dtype).newbyteorder("<"))
-        np.add(self._masked_total, vector, out=self._masked_total)
-        self._arrived[site] = None
         if self._keep is None:
             self._masked[site] = vector
         else:
-            self._keep(site, vector)
+            self._keep(site, vector)  # first: an input the archive could not take is not in the sum either
+        np.add(self._masked_total, vector, out=self._masked_total)
+        self._arrived[site] = None
 
     def close_collect_masked(self) -> SurvivorList:
         self._need(len(self._arrived), "sent a masked input")
