@@ -475,21 +475,11 @@ class SessionEvidence(Frozen):
     shared_with: dict[str, tuple[str, ...]]
 
 
-def unmask_sum(evidence: SessionEvidence, masked: Mapping[str, np.ndarray]) -> np.ndarray:
-    """The sum of the survivors' inputs from their masked inputs and the revealed shares (pure).
-
-    A verifier reruns it on the archived evidence to check the aggregate the transcript records.
-    """
-    return _unmask(evidence, [masked[u] for u in evidence.survivors])
-
-
 def unmask_total(evidence: SessionEvidence, masked_total: np.ndarray) -> np.ndarray:
-    """``unmask_sum`` from the survivors' masked inputs already added up (uint64, wrapping at 2^64 or reduced
-    mod 2^bits): what a coordinator adding each input as it arrives holds, or a verifier streaming an archive."""
-    return _unmask(evidence, [masked_total])
-
-
-def _unmask(evidence: SessionEvidence, inputs: list[np.ndarray]) -> np.ndarray:
+    """The sum of the survivors' inputs from the sum of their masked inputs (uint64, wrapping at 2^64 or
+    reduced mod 2^bits) and the revealed shares (pure). The coordinator holds that sum as the inputs arrive;
+    a verifier adds up the archived inputs and reruns it to check the aggregate the transcript records.
+    """
     p, t = evidence.params, evidence.params.threshold
     graph = p.neighbours() if evidence.dropped else {}  # the whole graph (n x degree) only where a site dropped
     seeds, subtract = [], []  # every mask to remove, gathered (and every abort decided) before any arithmetic
@@ -518,5 +508,5 @@ def _unmask(evidence: SessionEvidence, inputs: list[np.ndarray]) -> np.ndarray:
                 subtract.append(u < v)  # undo what u added
     # total = sum of the masked inputs - the masks, mod 2^bits, as uint64, in one cache-blocked pass
     total = np.empty(p.length, dtype=np.uint64)
-    prg.mask_sum(total, seeds, bits=p.bits, subtract=subtract, inputs=inputs, reduce=True)
+    prg.mask_sum(total, seeds, bits=p.bits, subtract=subtract, inputs=[masked_total], reduce=True)
     return total
