@@ -1,6 +1,5 @@
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +8,7 @@ import torch
 from hypothesis import settings
 
 from consortium.data import Splits, Table
+from tests import forkserver
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +54,8 @@ def signed_agreement(folder: Path, text: str, members: list[str], signers: list[
 
 def cli_side_by_side(*commands: list[str] | tuple[str, ...], timeout: float = 600) -> list[subprocess.CompletedProcess]:
     """``consortium`` run once per command, all started at once (independent commands: two cores)."""
-    started = [subprocess.Popen([sys.executable, "-m", "consortium.cli", *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True) for args in commands]
+    started = [forkserver.popen([*forkserver.CLI, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for args in commands]
     try:
         outputs = [p.communicate(timeout=timeout) for p in started]
         return [subprocess.CompletedProcess(p.args, p.returncode, *o) for p, o in zip(started, outputs)]
@@ -63,6 +63,15 @@ def cli_side_by_side(*commands: list[str] | tuple[str, ...], timeout: float = 60
         for proc in started:
             if proc.poll() is None:
                 proc.kill()
+
+
+@pytest.fixture(autouse=True)
+def forked_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The processes ``consortium.deploy.local`` starts (the coordinator's service, the sites' agents) come
+    from this worker's fork server (``tests/forkserver.py``), as every CLI process a test starts does."""
+    from consortium.deploy import local
+
+    monkeypatch.setattr(local, "_spawn", lambda args, **kwargs: forkserver.popen([*forkserver.CLI, *args], **kwargs))
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import pytest
 
 from consortium.errors import ConfigError
 from consortium.governance.agreement import agreement_hash, explain, parse_agreement, template
+from tests import forkserver
 
 
 def _agreement(**replace):
@@ -67,7 +68,7 @@ def test_explain_tells_a_privacy_officer_what_leaves_and_what_never_does():
 
 def test_the_command_line_writes_checks_and_explains(tmp_path):
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "consortium.cli", *args], capture_output=True, text=True)
+        return forkserver.run([sys.executable, "-m", "consortium.cli", *args], capture_output=True, text=True)
 
     path = tmp_path / "agreement.yaml"
     assert cli("agreement", "init", str(path), "--sites", "a,b,c").returncode == 0
@@ -124,7 +125,7 @@ def test_signing_from_the_command_line(tmp_path):
     path = _signed_setup(tmp_path)
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "consortium.cli", *args], capture_output=True, text=True)
+        return forkserver.run([sys.executable, "-m", "consortium.cli", *args], capture_output=True, text=True)
 
     for member in ("coordinator", "a"):
         assert cli("agreement", "sign", str(path), "--member", member, "--key", str(tmp_path / f"{member}.key")).returncode == 0

@@ -36,6 +36,7 @@ from consortium.transcript.log import canonical, head_bytes, manifest_bytes, sig
 from consortium.transcript.site_record import RECORD_FILE, SignedRecord
 from consortium.audit.verify import signed_epsilon, verify_run
 from tests.conftest import signed_agreement
+from tests import forkserver
 
 SITES = ["site-1", "site-2", "site-3"]
 
@@ -131,7 +132,7 @@ def _forge_with_fresh_keys(run: Path, *, own_agreement: bool = False) -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "consortium.cli", *args], capture_output=True, text=True, timeout=300)
+    return forkserver.run([sys.executable, "-m", "consortium.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 # -- a history forged end to end with fresh keys -----------------------------------------------------

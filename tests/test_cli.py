@@ -10,13 +10,14 @@ import pytest
 import yaml
 
 from consortium.config import SimulationConfig
+from tests import forkserver
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run(
+    return forkserver.run(
         [sys.executable, "-m", "consortium.cli", *args],
         capture_output=True, text=True, cwd=cwd or REPO, env=env, timeout=600,
     )
@@ -28,6 +29,19 @@ def run_json(*args: str) -> dict:
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     assert len(lines) == 1, f"stdout must hold exactly one JSON object, got: {proc.stdout[:500]}"
     return json.loads(lines[0])
+
+
+def test_a_forked_cli_process_answers_as_a_cold_started_one(tmp_path):
+    """The suite starts its CLI processes from a fork server (tests/forkserver.py): the same output, exit
+    code and environment as ``python -m consortium.cli`` started afresh, and a process of its own."""
+    (tmp_path / "bad.yaml").write_text("rounds: [\n")
+    env = {**os.environ, "COLUMNS": "91"}
+    for args in (["--help"], ["simulate", "bad.yaml"], ["simulate", "missing.yaml"], ["verify", "nowhere"]):
+        cold = subprocess.run([*forkserver.CLI, *args], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+        forked = forkserver.cli(*args, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+        assert (forked.returncode, forked.stdout, forked.stderr) == (cold.returncode, cold.stdout, cold.stderr), args
+    probe = forkserver.popen([*forkserver.CLI, "serve", "nowhere"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert probe.pid != os.getpid() and probe.wait(timeout=120) == 2
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ from consortium.protocol.coordinator import COORDINATOR
 from consortium.run.simulation import run_simulation
 from consortium.config import SimulationConfig
 from tests.conftest import cli_side_by_side
+from tests import forkserver
 
 SITES = ["site-1", "site-2", "site-3"]
 
@@ -184,7 +185,7 @@ def _published_plan(run_dir, rnd: int) -> bool:
 
 def _recover(local, run_dir, err) -> subprocess.Popen:
     """A new coordinator process taking the run over (``serve --recover``)."""
-    return subprocess.Popen(
+    return forkserver.popen(
         [sys.executable, "-m", "consortium.cli", "serve", str(local.kit(COORDINATOR)), "--schema", str(local.schema),
          "--recover", str(run_dir), "--port", str(local.port), "--json"],
         stdout=subprocess.PIPE, stderr=err,
@@ -280,7 +281,7 @@ def test_a_coordinator_killed_mid_round_restarts_and_finishes_the_run(local, tmp
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "consortium.cli", *args], capture_output=True, text=True, timeout=120)
+    return forkserver.run([sys.executable, "-m", "consortium.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def _cli_side_by_side(*commands: tuple[str, ...]) -> list[subprocess.CompletedProcess]:

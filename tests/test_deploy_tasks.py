@@ -23,6 +23,7 @@ from consortium.protocol.coordinator import COORDINATOR
 from consortium.run.simulation import run_simulation
 from tests.conftest import cli_side_by_side
 from tests.test_deploy import SITES, _cli, _config, _model, _one_line_error, _summary_line
+from tests import forkserver
 
 STUDY = '''
 import torch
@@ -121,10 +122,10 @@ def test_a_deployed_image_study_plans_from_a_sample_and_each_site_reads_its_own_
     }))
     cli = [sys.executable, "-m", "consortium.cli"]
     with open(tmp_path / "coordinator.err", "wb") as err:
-        coordinator = subprocess.Popen(
+        coordinator = forkserver.popen(
             [*cli, "serve", str(local.kit(COORDINATOR)), "--config", str(config), "--sample", str(tmp_path / "sample"),
              "--out", str(tmp_path / "served"), "--port", str(local.port), "--json"], stdout=subprocess.PIPE, stderr=err)
-    sites = [subprocess.Popen([*cli, "join", str(local.kit(s)), "--data", str(folders[s]), "--task", ref, "--test-seed", "7",
+    sites = [forkserver.popen([*cli, "join", str(local.kit(s)), "--data", str(folders[s]), "--task", ref, "--test-seed", "7",
                                "--state", str(tmp_path / "state" / s)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
              for s in SITES]
     try:

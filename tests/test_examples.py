@@ -12,13 +12,14 @@ import yaml
 
 import consortium
 from consortium.run.orchestrator import PRIVACY_TEST_MODE
+from tests import forkserver
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "consortium.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=900)
+    return forkserver.run([sys.executable, "-m", "consortium.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=900)
 
 
 def _simulate_both_ways(config: Path, tmp_path: Path) -> list[dict]:

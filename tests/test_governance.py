@@ -38,6 +38,7 @@ from consortium.protocol.site import Site
 from consortium.run.simulation import Simulation, run_simulation
 from consortium.audit.verify import verify_run
 from tests.conftest import signed_agreement
+from tests import forkserver
 
 SITES = ["site-1", "site-2", "site-3", "site-4"]
 LAYOUT = "ab" * 32
@@ -91,7 +92,7 @@ def test_policy_commands_write_check_and_refuse_with_exit_2(tmp_path):
     ag.write_text(_agreement_text())
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "consortium.cli", *args], capture_output=True, text=True, timeout=120)
+        return forkserver.run([sys.executable, "-m", "consortium.cli", *args], capture_output=True, text=True, timeout=120)
 
     out = tmp_path / "site-1.yaml"
     assert cli("policy", "init", str(out), "--site", "site-1", "--agreement", str(ag)).returncode == 0
@@ -263,7 +264,7 @@ def test_a_policy_refusal_is_signed_recorded_and_reported_by_verify(tmp_path):
     assert len([d for d in decisions if d["body"]["accepted"]]) == 3 * 3
     report = verify_run(tmp_path / "run")
     assert [(r["round"], r["site"], r["rule"]) for r in report.refusals] == [(i, "site-4", "refused_layouts") for i in (1, 2, 3)]
-    cli = subprocess.run([sys.executable, "-m", "consortium.cli", "verify", str(tmp_path / "run"), "--json"],
+    cli = forkserver.run([sys.executable, "-m", "consortium.cli", "verify", str(tmp_path / "run"), "--json"],
                          capture_output=True, text=True, timeout=120)
     assert cli.returncode == 0 and json.loads(cli.stdout)["refusals"][0]["rule"] == "refused_layouts"
 
@@ -337,7 +338,7 @@ class ScalingSite(Site):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "consortium.cli", *args], capture_output=True, text=True, timeout=300)
+    return forkserver.run([sys.executable, "-m", "consortium.cli", *args], capture_output=True, text=True, timeout=300)
 
 
 def test_an_anomalous_update_halts_the_run_and_only_a_quorum_resumes_it(tmp_path):

@@ -27,6 +27,7 @@ from consortium.data import Table
 from consortium.data.schema import write_csv
 from consortium.audit.verify import read_entries, verify_run
 from tests.conftest import signed_agreement
+from tests import forkserver
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SITES = ["site-1", "site-2", "site-3", "site-4"]
@@ -75,7 +76,7 @@ def _keys(run: Path) -> Path:
 
 
 def _cli(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "consortium.cli", *map(str, args)], capture_output=True, text=True, timeout=300)
+    return forkserver.run([sys.executable, "-m", "consortium.cli", *map(str, args)], capture_output=True, text=True, timeout=300)
 
 
 def _kinds(run: Path, kind: str) -> list:
@@ -468,7 +469,7 @@ def test_a_deployed_consortium_promotes_and_reports_drift_through_the_sites_own_
     assert verify_run(run).lineage.registry.get("v1").state == "candidate"  # in the coordinator's own run folder
 
     def session(command: str, *args: str, incoming: dict[str, Path] | None = None) -> subprocess.CompletedProcess:
-        coordinator = subprocess.Popen(
+        coordinator = forkserver.popen(
             [sys.executable, "-m", "consortium.cli", "models", command, str(run), *args, "--kit", str(local.kit(COORDINATOR)),
              "--schema", str(local.schema), "--wait-for-sites", "60"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

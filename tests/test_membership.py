@@ -30,6 +30,7 @@ from consortium.redteam.membership import (
 )
 from consortium.run.simulation import Simulation
 from tests.conftest import cli_side_by_side
+from tests import forkserver
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
@@ -158,7 +159,7 @@ def test_unusable_run_folders_are_refused(tmp_path: Path, runs: dict[str, Path])
 
 
 def consortium(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "consortium.cli", *args], check=False, capture_output=True, text=True, timeout=600)
+    return forkserver.run([sys.executable, "-m", "consortium.cli", *args], check=False, capture_output=True, text=True, timeout=600)
 
 
 

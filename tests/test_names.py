@@ -31,6 +31,7 @@ from consortium.governance import agreement as ag
 from consortium.governance import policy as pol
 from consortium.protocol import messages as m
 from consortium.secagg.messages import KeyAdvert
+from tests import forkserver
 
 REPO = Path(__file__).resolve().parents[1]
 HEX64 = "ab" * 32
@@ -118,7 +119,7 @@ def test_a_trailing_newline_is_refused(tmp_path: Path, what: str, valid: str, ch
 
 
 def test_the_command_line_refuses_it_in_one_line(tmp_path: Path) -> None:
-    proc = subprocess.run(
+    proc = forkserver.run(
         [sys.executable, "-m", "consortium.cli", "init", str(tmp_path / "c"), "--sites", "site-a,site-b",
          "--coordinator", "127.0.0.1:8443", "--consortium", "hospitals\n"],
         capture_output=True, text=True, cwd=REPO, env={**os.environ, "COLUMNS": "200"}, timeout=120,

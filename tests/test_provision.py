@@ -29,6 +29,7 @@ from consortium.deploy.provision import Kit, certificate_member, load_kit, parse
 from consortium.errors import ConfigError
 from consortium.governance.agreement import load_agreement
 from consortium.governance.policy import load_policy
+from tests import forkserver
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +97,7 @@ def test_bad_provisioning_requests_are_refused_before_anything_is_written(tmp_pa
 
 def test_an_existing_folder_is_never_overwritten(prov):
     before = (prov / "ca.key").read_bytes()
-    result = subprocess.run(
+    result = forkserver.run(
         [sys.executable, "-m", "consortium.cli", "init", str(prov), "--sites", "a,b", "--coordinator", "127.0.0.1:1"],
         capture_output=True, text=True, timeout=120,
     )

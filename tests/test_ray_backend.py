@@ -27,6 +27,7 @@ from consortium.run import ray_backend  # noqa: E402
 from consortium.run.simulation import Simulation  # noqa: E402
 from consortium.run.sites import LEDGER_FILE, site_state  # noqa: E402
 from ray._private.serialization import SerializationContext  # noqa: E402
+from tests import forkserver  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -51,7 +52,7 @@ def test_ray_and_in_process_train_the_same_model(tmp_path):
     config = _config(6, participation={"dropout": 0.5}, baselines={"local_only": True, "pooled": True})
     local = Simulation(config, out=tmp_path / "local").run()
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_defaults=True)))
-    proc = subprocess.run(
+    proc = forkserver.run(
         [sys.executable, "-m", "consortium.cli", "simulate", str(tmp_path / "run.yaml"), "--backend", "ray",
          "--out", str(tmp_path / "ray"), "--json"], capture_output=True, text=True, timeout=600,
     )

@@ -16,6 +16,7 @@ from PIL import Image
 from consortium.config import SimulationConfig
 from consortium.redteam.audit import AuditOptions, run_audit
 from consortium.run.simulation import Simulation
+from tests import forkserver
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 CHROMIUM = shutil.which("chromium")
@@ -39,7 +40,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, one_torch_thread: None) -> di
 
 
 def consortium(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "consortium.cli", *args], check=False, capture_output=True, text=True, timeout=300)
+    return forkserver.run([sys.executable, "-m", "consortium.cli", *args], check=False, capture_output=True, text=True, timeout=300)
 
 
 def test_the_report_is_one_self_contained_file_with_every_section(runs: dict[str, Path]) -> None:

@@ -14,6 +14,7 @@ from consortium.config import SimulationConfig
 from consortium.data import SyntheticHospitals, synthetic_hospitals
 from consortium.run.orchestrator import baseline_warnings
 from consortium.run.plan import plan_run
+from tests import forkserver
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_the_command_line_warns_before_training_once_and_the_summary_keeps_every
         "rounds: 1\ndata: {dataset: synthetic-hospitals, sites: 5}\nprivacy: {level: site, epsilon: 8.0, test_seed: 3}\n"
         "baselines: {local_only: true, pooled: false}\n"
     )
-    proc = subprocess.run([sys.executable, "-m", "consortium.cli", "simulate", str(tmp_path / "run.yaml"), "--out",
+    proc = forkserver.run([sys.executable, "-m", "consortium.cli", "simulate", str(tmp_path / "run.yaml"), "--out",
                            str(tmp_path / "run"), "--json"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     err = " ".join(proc.stderr.split())

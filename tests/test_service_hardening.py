@@ -44,6 +44,7 @@ from consortium.protocol.site import EvaluationJournal
 from consortium.protocol.sealed import seal
 from consortium.runs import write_atomic
 from consortium.deploy.mailbox_transport import MailboxTransport
+from tests import forkserver
 
 SITES = ["site-1", "site-2", "site-3"]
 AUDITOR = "auditor-1"
@@ -238,7 +239,7 @@ def test_join_refuses_a_tls_key_that_others_can_read(local, tmp_path):
     os.chmod(kit / "tls.key", 0o644)
     with pytest.raises(ConfigError, match=r"tls.key is accessible to others \(mode 0644\): run 'chmod 600"):
         load_kit(kit)
-    joined = subprocess.run([sys.executable, "-m", "consortium.cli", "join", str(kit), "--data", str(local.data("site-1")),
+    joined = forkserver.run([sys.executable, "-m", "consortium.cli", "join", str(kit), "--data", str(local.data("site-1")),
                              "--schema", str(local.schema)], capture_output=True, text=True, timeout=120)
     assert joined.returncode != 0 and "accessible to others" in joined.stderr and "Traceback" not in joined.stderr
     assert len(joined.stderr.strip().splitlines()) == 1, joined.stderr

@@ -33,6 +33,7 @@ from consortium.protocol.site import Site
 from consortium.redteam.report import write_report
 from consortium.run.simulation import run_simulation
 from tests.conftest import make_splits, signed_agreement
+from tests import forkserver
 
 SITES = ["site-1", "site-2", "site-3"]
 TASKS = '''
@@ -283,7 +284,7 @@ def test_verify_against_the_agreement_proves_the_task_was_one_it_accepts_and_fai
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "consortium.cli", *args], capture_output=True, text=True, timeout=120)
+    return forkserver.run([sys.executable, "-m", "consortium.cli", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_task_hash_approve_and_list_from_the_command_line(tmp_path):

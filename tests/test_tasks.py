@@ -33,6 +33,7 @@ from consortium.protocol import contributions as c
 from consortium.protocol.site import Site
 from consortium.run.simulation import Simulation
 from tests.conftest import make_splits
+from tests import forkserver
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -249,7 +250,7 @@ def test_a_task_named_by_file_in_the_config_runs_from_the_command_line(tmp_path)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "consortium.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=600)
+    return forkserver.run([sys.executable, "-m", "consortium.cli", *args], capture_output=True, text=True, cwd=REPO, timeout=600)
 
 
 def _spec(task, n_features: int):

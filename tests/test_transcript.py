@@ -31,6 +31,7 @@ from consortium.transcript.log import (
 )
 from consortium.audit.verify import verify_run
 from consortium.transport import InProcessTransport
+from tests import forkserver
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +80,12 @@ def test_a_run_verifies_and_says_so(sim, run):
 
 def test_the_command_line_verifies_and_fails_with_exit_1(run):
     cmd = [sys.executable, "-m", "consortium.cli", "verify", str(run), "--json"]
-    ok = subprocess.run(cmd, capture_output=True, text=True)
+    ok = forkserver.run(cmd, capture_output=True, text=True)
     assert ok.returncode == 0 and json.loads(ok.stdout)["verified"] is True
     lines = _lines(run)
     del lines[3]
     _write(run, lines)
-    bad = subprocess.run(cmd[:-1], capture_output=True, text=True)
+    bad = forkserver.run(cmd[:-1], capture_output=True, text=True)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
     assert "verification failed" in bad.stderr and "entry 3" in bad.stderr
 

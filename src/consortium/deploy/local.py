@@ -93,8 +93,10 @@ def provision_local(
     return local
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "consortium.cli", *args]
+def _spawn(args: list[str], **kwargs: Any) -> subprocess.Popen:
+    """``consortium ARGS`` as a process of its own (``subprocess.Popen``'s keywords): the one place this
+    module starts a process (the test suite starts them from a pre-imported interpreter here)."""
+    return subprocess.Popen([sys.executable, "-m", "consortium.cli", *args], **kwargs)
 
 
 @dataclass
@@ -130,10 +132,10 @@ def start_site(
     if state is not None:
         args += ["--state", str(state / site)]
     if logs is None:
-        return subprocess.Popen(_cli(*args, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=_ENV)
+        return _spawn([*args, *extra], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=_ENV)
     logs.mkdir(parents=True, exist_ok=True)
     with open(logs / f"{site}.log", "ab") as sink:  # the child holds its own copy
-        return subprocess.Popen(_cli(*args, *extra), stdout=sink, stderr=subprocess.STDOUT, env=_ENV)
+        return _spawn([*args, *extra], stdout=sink, stderr=subprocess.STDOUT, env=_ENV)
 
 
 def launch(
@@ -159,9 +161,9 @@ def launch(
     default in its kit. ``coordinator_env``: variables added to the coordinator's environment (a test's
     ``CONSORTIUM_CRASH_AT``, say).
     """
-    coordinator = subprocess.Popen(
-        _cli("serve", str(local.kit(COORDINATOR)), "--config", str(config_file), "--schema", str(local.schema),
-             "--out", str(run_dir), "--port", str(local.port), *serve_args),
+    coordinator = _spawn(
+        ["serve", str(local.kit(COORDINATOR)), "--config", str(config_file), "--schema", str(local.schema),
+         "--out", str(run_dir), "--port", str(local.port), *serve_args],
         stdout=stdout, stderr=stderr, env={**_ENV, **(coordinator_env or {})},
     )
     sites = {
