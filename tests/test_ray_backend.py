@@ -60,6 +60,8 @@ def test_ray_and_in_process_train_the_same_model(tmp_path):
     assert proc.stdout.count("\n") == 1  # one JSON line; on the console, only the run's own warning, nothing from Ray
     assert proc.stderr.split() == "WARNING: privacy noise is in TEST MODE (fixed seed): reproducible, and NOT private".split()
     remote = json.loads(proc.stdout)
+    assert remote["backend"] == {"kind": "ray", "workers": 2, "nodes": 1, "cluster": "local"}
+    assert local.summary["backend"] == {"kind": "in-process"}
     assert remote["federated"] == local.summary["federated"]
     # The local-only baselines trained on the workers (each its own sites'), the pooled one in the coordinator.
     assert remote["local_only"] == local.summary["local_only"] and remote["pooled"] == local.summary["pooled"]
@@ -68,6 +70,46 @@ def test_ray_and_in_process_train_the_same_model(tmp_path):
     assert model.keys() == twin.keys() and all(np.array_equal(model[k], twin[k]) for k in model)
     dropped = [json.loads(line)["dropped"] for line in (tmp_path / "ray" / "metrics.jsonl").read_text().splitlines()]
     assert dropped == [r.dropped for r in local.history] and any(dropped)  # the dropout was exercised, alike
+    verify_run(tmp_path / "ray")
+
+
+# Two Ray nodes on this machine, each its own raylet and object store with one CPU, in a process of their
+# own (apart from this module's local Ray); the cluster stops when its stdin closes.
+TWO_NODES = """
+import shutil, sys, tempfile
+from ray.cluster_utils import Cluster
+own = tempfile.mkdtemp(prefix="ray-")  # its session files apart: a local Ray started meanwhile does not find it
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": 80 * 2**20, "temp_dir": own})
+cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)
+cluster.wait_for_nodes()
+print(cluster.address, flush=True)
+sys.stdin.read()
+cluster.shutdown()
+shutil.rmtree(own, ignore_errors=True)
+"""
+
+
+def test_a_run_joins_a_ray_cluster_by_address_uses_both_nodes_and_trains_the_same_model(tmp_path):
+    # ray.address: the run joins an existing cluster, as on machines that share the run folder. One worker per
+    # CPU, so one on each node; the model is the one the in-process backend trains.
+    config = _config(4)
+    local = Simulation(config, out=tmp_path / "local").run()
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json", exclude_defaults=True)))
+    cluster = subprocess.Popen([sys.executable, "-c", TWO_NODES], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        address = cluster.stdout.readline().strip()
+        assert address, "the two-node Ray cluster did not start"
+        proc = forkserver.cli("simulate", tmp_path / "run.yaml", "--backend", "ray", "--ray-address", address,
+                              "--out", tmp_path / "ray", "--json", capture_output=True, text=True, timeout=600)
+    finally:
+        cluster.stdin.close()
+        cluster.wait(timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    remote = json.loads(proc.stdout)
+    assert remote["backend"] == {"kind": "ray", "workers": 2, "nodes": 2, "cluster": address}
+    assert remote["federated"] == local.summary["federated"]
+    model, twin = load_file(str(tmp_path / "ray" / "model.safetensors")), load_file(str(tmp_path / "local" / "model.safetensors"))
+    assert all(np.array_equal(model[k], twin[k]) for k in twin)
     verify_run(tmp_path / "ray")
 
 
@@ -100,7 +142,7 @@ def test_a_killed_worker_is_a_dropout_its_sites_pay_once_and_nothing_is_pickled(
     result = sim.run()
     assert pickled == [] and sim.transport.bytes_sent > 0
     assert killed == [1]
-    assert result.summary["status"] == "completed"
+    assert result.summary["status"] == "completed", result.summary.get("halt")
     first = result.history[0]
     # The round went on with the four survivors; the victims' batch was lost with the worker, or their rebuilt
     # sites refused a stage of a session they no longer hold: either way, not in the sum.

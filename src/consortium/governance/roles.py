@@ -102,7 +102,7 @@ class Roles:
 SUMMARY_ARTEFACTS: dict[str, str] = {
     **{key: "run_metadata" for key in (
         "run_dir", "status", "halt", "dataset", "sites", "site_names", "rounds", "seed", "strategy",
-        "partition", "warnings", "excluded_at_setup", "elapsed_s",
+        "partition", "warnings", "excluded_at_setup", "elapsed_s", "backend",
     )},
     "federated": "aggregate_metrics",
     "privacy": "privacy_events",

@@ -258,6 +258,7 @@ class CoordinatorRun:
             "privacy": self._privacy_summary(history, transcript),
             "warnings": self._warnings(history),
             "traffic_bytes": {"to_sites": self.transport.bytes_sent, "to_coordinator": self.transport.bytes_received},
+            **({"backend": where} if (where := self._backend()) is not None else {}),
         }
         if halted is None:
             summary.update(self._baselines())
@@ -449,6 +450,10 @@ class CoordinatorRun:
         under the run's plan (a deployed site may hold a stricter one in its own policy, which it keeps)."""
         entries = transcript.writer.entries
         return signed_epsilon(entries, entries[0].body), dict(self.plan.privacy.epsilon_caps)
+
+    def _backend(self) -> dict[str, Any] | None:
+        """Who played the sites, for the summary (a simulation's backend); None: the sites are real members."""
+        return None
 
     def _baselines(self) -> dict[str, Any]:
         """Yardsticks that need every site's data in one place: the simulation's only."""

@@ -139,6 +139,10 @@ class SiteHost:
         """None once every site is built; else why they could not be."""
         return self._error
 
+    def node(self) -> str:
+        """The Ray node this worker runs on."""
+        return str(require_ray().get_runtime_context().get_node_id())
+
     def handle(self, batch: list[list[Any]]) -> list[list[Any]]:
         """Each ``[member, sealed request]`` to its site; ``[member, sealed reply]`` for each site played here."""
         return [[member, self._sites[member].handle_bytes(raw)] for member, raw in batch if member in self._sites]
@@ -290,6 +294,12 @@ class RayPool:
         if errors:
             self.close()
             raise ConfigError(f"a Ray worker could not build its sites: {errors[0]}")
+        self.nodes = len(set(ray.get([h.node.remote() for h in self.hosts])))
+        self.address = rc.address
+
+    def describe(self) -> dict[str, Any]:
+        """Where the sites ran, for the run's summary: the workers, the Ray nodes they ran on, the cluster."""
+        return {"kind": "ray", "workers": len(self.hosts), "nodes": self.nodes, "cluster": self.address or "local"}
 
     def local_only(self, seeds: Mapping[str, int]) -> Callable[[], dict[str, list[float]]]:
         """Start each site's local-only baseline on the worker that plays it (all workers at once); the

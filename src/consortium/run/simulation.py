@@ -313,6 +313,10 @@ class Simulation(CoordinatorRun):
         ledgers = {n: lg for n, lg in self._ledgers.items() if lg is not None}
         return {n: lg.spent() for n, lg in ledgers.items()}, {n: lg.epsilon_cap for n, lg in ledgers.items()}
 
+    def _backend(self) -> dict[str, Any]:
+        """In this process, or the Ray workers: how many, on how many Ray nodes, of which cluster."""
+        return self._pool.describe() if self._pool is not None else {"kind": "in-process"}
+
     def _baselines(self) -> dict[str, Any]:
         """Local-only and pooled (simulation only): the task's model, loss and training, the same seed and
         number of epochs, scored on the consortium's population (every site's test split)."""
