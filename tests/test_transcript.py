@@ -467,6 +467,48 @@ def test_the_model_goes_to_each_site_once_per_version(tmp_path):
     assert refusal["body"]["rule"] == "protocol" and refusal["round"] == 3
 
 
+class AwayAtOneCosign(InProcessTransport):
+    """One site does not answer the co-signature request ``away(request)`` picks (it was away), and answers the rest."""
+
+    def __init__(self, *args, away=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.away = away
+
+    def exchange(self, request):
+        if isinstance(request.message, m.CosignRequest) and self.away is not None and self.away(request):
+            self.away = None
+            return None
+        return super().exchange(request)
+
+
+def test_a_site_away_when_the_plan_is_co_signed_sits_the_round_out_and_pays_nothing(tmp_path):
+    # Round 2's plan is co-signed without site-2, which then holds an older head than the one proving the plan:
+    # it could not check the plan, so it is not asked to train. Asked, it would refuse the proof as a breach and
+    # halt the run. It pays nothing for the round, is not counted as one that may have paid, and is back next round.
+    cfg = SimulationConfig.model_validate({
+        "rounds": 3, "seed": 2, "data": {"dataset": "breast-cancer", "sites": 3}, "privacy": {"test_seed": 7},
+        "participation": {"min_sites": 2}, "baselines": {"local_only": False, "pooled": False},
+    })
+    s = Simulation(cfg, out=tmp_path / "run")
+
+    def plan_of_round_2(request):  # the head over round 2's plan (the one before it is over round 1's records)
+        return (request.recipient, request.round, s.recorder.writer.entries[-1].kind) == ("site-2", 2, "round_plan")
+
+    s.transport = AwayAtOneCosign(s._sites, identity=s._identities[COORDINATOR], directory=s._directory, away=plan_of_round_2)
+    summary = s.run().summary
+    assert summary["status"] == "completed", summary.get("halt")
+    assert s.transport.away is None  # it missed that head
+    history = s.coordinator.history
+    assert history[1].dropped == ["site-2"] and history[1].refused == {} and history[1].status == "ok"
+    assert "site-2" in history[2].answered
+    entries = _lines_json(s.run_dir)
+    aggregate = next(e for e in entries if e["kind"] == "aggregate" and e["round"] == 2)
+    assert aggregate["body"]["dropped"] == ["site-2"] and "unaccounted" not in aggregate["body"]
+    assert [e["round"] for e in entries if e["kind"] == "site_decision" and e["author"] == "site-2"] == [1, 3]
+    assert [row["round"] for row in s._ledgers["site-2"].history()] == [1, 3]
+    verify_run(s.run_dir)
+
+
 @pytest.mark.parametrize("tamper,why", [
     (lambda b: b["provenance"]["datasets"]["site-1"].update(rows=b["provenance"]["datasets"]["site-1"]["rows"] + 1),
      "misstates this site's data"),

@@ -24,7 +24,7 @@ site-level DP release, secure sum, robust rule, monitor, strategy) in
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Literal
 
 import numpy as np
@@ -456,11 +456,18 @@ class Coordinator:
     def plan_proven(self) -> bool:
         return self._plan_proof is not None
 
-    def attach_plan_proof(self, proof: m.PlanProof) -> None:
-        """The transcript's proof of this round's plan, which every fit request then carries."""
+    def attach_plan_proof(self, proof: m.PlanProof, cosigners: Collection[str] | None = None) -> None:
+        """The transcript's proof of this round's plan, which every fit request then carries.
+
+        ``cosigners``: the sites that co-signed the head it is proven against. A site of the cohort that did
+        not (it was away then) holds an older head, so it could not check the plan: it is not asked this round,
+        and sits it out as a dropped site that paid nothing, instead of refusing the proof as a breach."""
         if self.stage != "fit:request" or proof.entry.round != self.round or proof.entry.kind != "round_plan":
             raise ProtocolError(f"a plan proof for round {proof.entry.round} does not fit {self.stage} of round {self.round}")
         self._plan_proof = proof
+        if cosigners is not None:
+            assert self._state is not None
+            self._state.targets = [t for t in self._state.targets if t in cosigners]
 
     def _finish_setup(self, st: PhaseState, result: PhaseResult) -> None:
         for site in self.sites:
@@ -495,7 +502,7 @@ class Coordinator:
     def _unaccounted(st: PhaseState, record: RoundRecord) -> dict[str, object]:
         """The planned event of each site asked that never answered the request: it may have paid it (a site
         pays before it trains) with its signed decision lost on the way, so the run's epsilon bound counts it."""
-        silent = sorted(set(record.selected) - set(st.ready) - set(st.refused))
+        silent = sorted(set(st.targets) - set(st.ready) - set(st.refused))  # asked, never answered
         if st.event is None or not silent:
             return {}
         return {"unaccounted": {s: st.event.model_dump(mode="json") for s in silent}}

@@ -147,7 +147,8 @@ class Session:
         crashpoints.reached("plan_cosigned")
         writer = self.recorder.writer
         plan = next(e for e in reversed(writer.entries) if e.kind == "round_plan")
-        coordinator.attach_plan_proof(PlanProof(entry=plan, head=head.bare(), path=writer.inclusion(plan.index, head.size)))
+        proof = PlanProof(entry=plan, head=head.bare(), path=writer.inclusion(plan.index, head.size))
+        coordinator.attach_plan_proof(proof, cosigners=head.cosignatures)  # a site away for this head sits the round out
 
     def _after_stage(self, coordinator: Coordinator, closed: str) -> None:
         if closed == "fit:request":  # what each site signed that it paid, on record before the round goes on
