@@ -294,12 +294,12 @@ class RayPool:
         if errors:
             self.close()
             raise ConfigError(f"a Ray worker could not build its sites: {errors[0]}")
-        self.nodes = len(set(ray.get([h.node.remote() for h in self.hosts])))
-        self.address = rc.address
+        self._where = {"kind": "ray", "workers": count, "nodes": len(set(ray.get([h.node.remote() for h in self.hosts]))),
+                       "cluster": rc.address or "local"}
 
     def describe(self) -> dict[str, Any]:
         """Where the sites ran, for the run's summary: the workers, the Ray nodes they ran on, the cluster."""
-        return {"kind": "ray", "workers": len(self.hosts), "nodes": self.nodes, "cluster": self.address or "local"}
+        return dict(self._where)
 
     def local_only(self, seeds: Mapping[str, int]) -> Callable[[], dict[str, list[float]]]:
         """Start each site's local-only baseline on the worker that plays it (all workers at once); the
