@@ -126,7 +126,6 @@ def _stream(fd: int, unbuffered: bool, errors: str) -> io.TextIOWrapper:
 
 def _run_main() -> int:
     """``python -m consortium.cli``'s own ending: the exit code of SystemExit, a traceback and 1, or a signal."""
-    import atexit as _atexit
     import runpy
 
     try:
@@ -150,7 +149,7 @@ def _run_main() -> int:
         sys.excepthook(*sys.exc_info())
         code = 1
     _finish()
-    _atexit._run_exitfuncs()
+    atexit._run_exitfuncs()  # type: ignore[attr-defined]
     return code
 
 

@@ -1,7 +1,6 @@
 """The consortium agreement: a template that validates, errors that name file and line, a plain-language explanation."""
 
 import json
-import subprocess
 import sys
 
 import pytest

@@ -4,7 +4,6 @@ sites can send), and after (no better than a constant, or than a site training a
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import numpy as np

@@ -13,7 +13,6 @@ import shutil
 import socket
 import ssl
 import stat
-import subprocess
 import sys
 import threading
 import time
