@@ -67,9 +67,9 @@ print(json.dumps({"second_round": marks[1] - marks[0], "peak": peak,
 """
 
 
-def last_json(argv: list[str], what: str) -> dict:
-    """Run ``argv`` and read the JSON object on the last line it prints."""
-    out = subprocess.run(argv, capture_output=True, text=True)
+def last_json(argv: list[str], what: str, env: dict[str, str] | None = None) -> dict:
+    """Run ``argv`` (in ``env``, default this process's environment) and read the JSON object on the last line it prints."""
+    out = subprocess.run(argv, capture_output=True, text=True, env=env)
     if out.returncode:
         raise RuntimeError(f"{what} failed: {out.stderr.strip().splitlines()[-1:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

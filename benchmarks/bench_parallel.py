@@ -14,12 +14,11 @@ which does not matter to the timing). Ray's rows are skipped when Ray is not ins
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import statistics
-import subprocess
 import sys
 
+from bench_growth import last_json
 
 PROBE = """\
 import json, sys, tempfile, time
@@ -42,18 +41,10 @@ print(json.dumps({"second_round": marks[1] - marks[0], "accuracy": result.summar
 RUNS = 3
 
 
-def run(backend: str, threads: int | None) -> dict:
-    """One run in a fresh interpreter (``threads``: torch's, else its default); its JSON line."""
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    out = subprocess.run([sys.executable, "-c", PROBE, backend], capture_output=True, text=True, env=env)
-    if out.returncode:
-        raise RuntimeError(f"{backend} failed: {out.stderr.strip().splitlines()[-1:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def measure(backend: str, threads: int | None = None) -> tuple[float, str]:
     """The median second round of ``RUNS`` runs, and a note: their range and the accuracy (the same in each)."""
-    runs = [run(backend, threads) for _ in range(RUNS)]
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}  # threads: torch's, else its default
+    runs = [last_json([sys.executable, "-c", PROBE, backend], backend, env) for _ in range(RUNS)]
     times = sorted(r["second_round"] for r in runs)
     accuracy = {r["accuracy"] for r in runs}
     assert len(accuracy) == 1, f"{backend}: the same seed ended at different accuracies {accuracy}"

@@ -495,11 +495,11 @@ class Coordinator:
             "model_sha256": self._model_sha256(),
             "privacy": record.privacy,
             "robust": record.robust,
-            **self._unaccounted(st, record),
+            **self._unaccounted(st),
         }))
 
     @staticmethod
-    def _unaccounted(st: PhaseState, record: RoundRecord) -> dict[str, object]:
+    def _unaccounted(st: PhaseState) -> dict[str, object]:
         """The planned event of each site asked that never answered the request: it may have paid it (a site
         pays before it trains) with its signed decision lost on the way, so the run's epsilon bound counts it."""
         silent = sorted(set(st.targets) - set(st.ready) - set(st.refused))  # asked, never answered
