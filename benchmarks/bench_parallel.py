@@ -5,10 +5,12 @@ round with DP-SGD, SecAgg+ on: the round is mostly local training, not protocol.
 sequential: the in-process backend, the sites one after another on one core (one torch thread). Then
 the same backend as it runs by default (each site's training on torch's threads, one per core), and
 the Ray backend's pool, one worker per core, playing the sites two at a time. The second round's wall
-time (the first also pays for setup), the median of three runs, each in a fresh interpreter (this
-machine's in-process time swings by a third between identical runs), and the accuracy each ends at
-(the same in every run: test mode's seeded noise; DP-SGD at this width learns little in two rounds,
-which does not matter to the timing). Ray's rows are skipped when Ray is not installed.
+time (the first also pays for setup), the median of three runs, each in a fresh interpreter, and the
+accuracy each ends at (the same in every run: test mode's seeded noise; DP-SGD at this width learns little in two rounds,
+which does not matter to the timing). The three ways take turns (baseline, threads, Ray; then
+again), and each ratio is the median of the ratios within a turn: this machine's speed drifts by a
+third over minutes, and all runs of one way before those of the next would read that drift as a
+difference between them. Ray's rows are skipped when Ray is not installed.
 """
 
 from __future__ import annotations
@@ -41,25 +43,33 @@ print(json.dumps({"second_round": marks[1] - marks[0], "accuracy": result.summar
 RUNS = 3
 
 
-def measure(backend: str, threads: int | None = None) -> tuple[float, str]:
-    """The median second round of ``RUNS`` runs, and a note: their range and the accuracy (the same in each)."""
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}  # threads: torch's, else its default
-    runs = [last_json([sys.executable, "-c", PROBE, backend], backend, env) for _ in range(RUNS)]
-    times = sorted(r["second_round"] for r in runs)
-    accuracy = {r["accuracy"] for r in runs}
-    assert len(accuracy) == 1, f"{backend}: the same seed ended at different accuracies {accuracy}"
-    return statistics.median(times), f"runs {times[0]:.2f}-{times[-1]:.2f} s; accuracy {accuracy.pop():.4f}"
+def run(backend: str, threads: int | None = None) -> dict:
+    """One run in a fresh interpreter; ``threads``: torch's (OMP_NUM_THREADS), else its default."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    return last_json([sys.executable, "-c", PROBE, backend], backend, env)
 
 
 def main() -> list[tuple[str, object, str]]:
-    base, note = measure("in-process", threads=1)
-    rows: list[tuple[str, object, str]] = [("in-process, one core, sites one at a time: second round (s)  [baseline]", base, note)]
-    threaded, note = measure("in-process")
-    rows.append(("in-process, torch's threads, sites one at a time: second round (s)", threaded, f"{threaded / base:.2f}x; {note}"))
-    if importlib.util.find_spec("ray") is None:
+    ways = {"sequential": ("in-process", 1), "threads": ("in-process", None)}
+    if importlib.util.find_spec("ray") is not None:
+        ways["ray"] = ("ray", None)
+    turns = [{way: run(*how) for way, how in ways.items()} for _ in range(RUNS)]  # the ways take turns
+
+    def note(way: str) -> tuple[float, str]:
+        times = sorted(t[way]["second_round"] for t in turns)
+        accuracy = {t[way]["accuracy"] for t in turns}
+        assert len(accuracy) == 1, f"{way}: the same seed ended at different accuracies {accuracy}"
+        ratio = statistics.median(t[way]["second_round"] / t["sequential"]["second_round"] for t in turns)
+        lead = "" if way == "sequential" else f"{ratio:.2f}x (median of the turns' ratios); "
+        return statistics.median(times), f"{lead}runs {times[0]:.2f}-{times[-1]:.2f} s; accuracy {accuracy.pop():.4f}"
+
+    rows: list[tuple[str, object, str]] = [
+        ("in-process, one core, sites one at a time: second round (s)  [baseline]", *note("sequential")),
+        ("in-process, torch's threads, sites one at a time: second round (s)", *note("threads")),
+    ]
+    if "ray" not in ways:
         return rows + [("ray", "skipped", "Ray is not installed: pip install 'consortium[ray]'")]
-    ray, note = measure("ray")
-    return rows + [("ray, 2 workers, sites two at a time: second round (s)", ray, f"{ray / base:.2f}x; {note}")]
+    return rows + [("ray, 2 workers, sites two at a time: second round (s)", *note("ray"))]
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -113,15 +114,43 @@ def test_a_run_joins_a_ray_cluster_by_address_uses_both_nodes_and_trains_the_sam
     verify_run(tmp_path / "ray")
 
 
+def test_the_sites_are_dealt_to_the_workers_by_training_rows_so_no_worker_carries_the_round_alone():
+    # The four digits sites of a Dirichlet split (387, 374, 337, 159 rows): dealt in name order, one worker
+    # would train 761 rows while the other trained 496; dealt largest first in a snake, 711 and 546, the best
+    # two-way split there is. Every worker gets as many sites as another (one fewer at most), whatever the rows.
+    rows = {"site-1": 337, "site-2": 387, "site-3": 159, "site-4": 374}
+    home = ray_backend.deal(rows, 2)
+    load = [sum(r for name, r in rows.items() if home[name] == w) for w in (0, 1)]
+    assert sorted(load) == [546, 711]
+    many = ray_backend.deal({f"s{i}": (i * 37) % 101 for i in range(1000)}, 3)
+    counts = [list(many.values()).count(w) for w in range(3)]
+    assert max(counts) - min(counts) <= 1 and sorted(many) == sorted(f"s{i}" for i in range(1000))
+    assert ray_backend.deal(rows, 2) == home  # the same sites, the same workers
+    assert set(ray_backend.deal(rows, 8).values()) == {0, 1, 2, 3}  # more workers than sites: one site each
+
+
+def _restarted(host, timeout: float = 120.0) -> None:
+    """Wait until Ray has restarted ``host``: a call made while it restarts fails (the pool retries none), so ask again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            ray.get(host.ready.remote())
+            return
+        except (ray.exceptions.ActorUnavailableError, ray.exceptions.RayActorError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 def test_a_killed_worker_is_a_dropout_its_sites_pay_once_and_nothing_is_pickled(tmp_path, monkeypatch):
-    # 6 sites on 3 workers; the process of the worker playing hospital-1 (and hospital-4) is killed (SIGKILL, as
+    # 6 sites on 3 workers; the process of the worker playing hospital-1 (and hospital-6) is killed (SIGKILL, as
     # the kernel's OOM killer would) in round 1, after its sites trained, paid and shared their keys, and before
     # they send their masked inputs. Ray restarts it; its sites rebuild from the run folder.
     sim = Simulation(_config(6, backend="ray", ray={"workers": 3, "num_cpus": 0.5}), out=tmp_path / "run")
     pool = sim._pool
     host = pool.hosts[pool.channel.home["hospital-1"]]
     victims = sorted(n for n, h in pool.channel.home.items() if h == pool.channel.home["hospital-1"])
-    assert victims == ["hospital-1", "hospital-4"]
+    assert victims == ["hospital-1", "hospital-6"]  # dealt by training rows (289 and 278: the middle two)
     pid = ray.get(host.__ray_call__.remote(lambda worker: os.getpid()))
     killed = []
     stage = ray_backend.RayTransport.exchange_many
@@ -141,7 +170,7 @@ def test_a_killed_worker_is_a_dropout_its_sites_pay_once_and_nothing_is_pickled(
         monkeypatch.setattr(SerializationContext, name, lambda self, *a, _o=original, _n=name, **k: pickled.append(_n) or _o(self, *a, **k))
     # Round 2 starts once Ray has restarted the worker (a busy machine may take longer than round 1's end):
     # a site still away when round 2's plan is co-signed would sit that round out, and this test is about the next.
-    result = sim.run(on_round=lambda record: record.round == 1 and ray.get(host.ready.remote()))
+    result = sim.run(on_round=lambda record: record.round == 1 and _restarted(host))
     assert pickled == [] and sim.transport.bytes_sent > 0
     assert killed == [1]
     assert result.summary["status"] == "completed", result.summary.get("halt")

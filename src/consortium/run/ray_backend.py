@@ -240,6 +240,22 @@ class RayTransport(SealedTransport):
         return [replies.get(r.recipient) for r in requests]
 
 
+def deal(rows: Mapping[str, int], count: int) -> dict[str, int]:
+    """Which of ``count`` workers plays each site: the sites by training rows, largest first, dealt out in
+    a snake (0, 1, ..., count - 1, count - 1, ..., 0, 0, ...).
+
+    A worker plays its sites one after another, so a round lasts as long as its busiest worker. Training
+    grows with a site's rows, and the protocol's work is the same for every site: each worker gets as many
+    sites as any other (one fewer at most), and the snake pairs the largest with the smallest. Four
+    Dirichlet-split digits sites of 387, 374, 337 and 159 rows: 546 and 711 rows (the best two-way split
+    there is), where dealing them in name order gave 496 and 761. Ties go by name: the same sites, the
+    same workers.
+    """
+    order = sorted(rows, key=lambda name: (-rows[name], name))
+    lap = [*range(count), *reversed(range(count))]
+    return {name: lap[i % len(lap)] for i, name in enumerate(order)}
+
+
 class RayPool:
     """The workers that play a simulation's sites, started on Ray (a local Ray unless ``ray.address``).
 
@@ -249,6 +265,8 @@ class RayPool:
         run_dir: the run folder, where each site keeps its state.
         key_secret: what every member's fresh key derives from (``keys.derive_ed25519``), when the run has
             no agreement; under one, each worker reads its sites' keys from the agreement's key files.
+        rows: each site's training rows, by which the sites are dealt to the workers (``deal``); default:
+            in name order, as if every site had as many.
 
     Raises:
         ConfigError: Ray is not installed, cannot start or be reached, the pool asks for more CPUs than the
@@ -257,7 +275,7 @@ class RayPool:
     ``close`` stops the workers, and the local Ray if this pool started it.
     """
 
-    def __init__(self, plan: RunPlan, run_dir: Path, *, key_secret: bytes | None) -> None:
+    def __init__(self, plan: RunPlan, run_dir: Path, *, key_secret: bytes | None, rows: Mapping[str, int] | None = None) -> None:
         ray = require_ray()
         config, rc = plan.config, plan.config.ray
         self._started = not ray.is_initialized()
@@ -277,7 +295,7 @@ class RayPool:
                 f"ray.workers {count} x ray.num_cpus {rc.num_cpus:g} needs {count * rc.num_cpus:g} CPUs and the Ray cluster "
                 f"has {cpus:g}: lower ray.workers, or give each worker a share of a CPU (ray.num_cpus: {cpus / count:.2g})"
             )
-        home = {name: i % count for i, name in enumerate(names)}
+        home = deal({name: (rows or {}).get(name, 0) for name in names}, count)
         actor = ray.remote(SiteHost).options(num_cpus=rc.num_cpus, num_gpus=rc.num_gpus, max_restarts=-1, max_task_retries=0)
         run = json.dumps({
             "cwd": os.getcwd(), "run_dir": str(Path(run_dir).resolve()), "config": config.model_dump(mode="json"),
@@ -285,7 +303,7 @@ class RayPool:
         }).encode()
         privacy = plan.privacy
         for h in range(count):
-            mine = names[h::count]
+            mine = [name for name in names if home[name] == h]
             own = {"sites": mine, "delta": privacy.delta, "accountant": privacy.accountant,
                    "caps": {n: privacy.epsilon_caps[n] for n in mine} if privacy.enabled else None}
             self.hosts.append(actor.remote([run, json.dumps(own).encode()]))

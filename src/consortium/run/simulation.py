@@ -257,7 +257,8 @@ class Simulation(CoordinatorRun):
         from consortium.run.ray_backend import RayPool, RayTransport
 
         self._sites, self._ledgers = {}, {}
-        self._pool = RayPool(plan, run_dir, key_secret=self._key_secret)
+        rows = {name: splits.train.n_rows for name, splits in self._splits.items()}
+        self._pool = RayPool(plan, run_dir, key_secret=self._key_secret, rows=rows)
         return RayTransport(
             self._pool.channel, dropout=plan.config.participation.dropout, rng=rng, identity=identities[COORDINATOR],
             directory=directory,
