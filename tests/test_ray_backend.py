@@ -61,7 +61,7 @@ def test_ray_and_in_process_train_the_same_model(tmp_path):
     assert proc.stdout.count("\n") == 1  # one JSON line; on the console, only the run's own warning, nothing from Ray
     assert proc.stderr.split() == "WARNING: privacy noise is in TEST MODE (fixed seed): reproducible, and NOT private".split()
     remote = json.loads(proc.stdout)
-    assert remote["backend"] == {"kind": "ray", "workers": 2, "nodes": 1, "cluster": "local"}
+    assert remote["backend"] == {"kind": "ray", "workers": 2, "nodes": 1, "cluster": "local", "auth": "token"}
     assert local.summary["backend"] == {"kind": "in-process"}
     assert remote["federated"] == local.summary["federated"]
     # The local-only baselines trained on the workers (each its own sites'), the pooled one in the coordinator.
@@ -90,6 +90,69 @@ shutil.rmtree(own, ignore_errors=True)
 """
 
 
+# A run on the Ray backend, in a process of its own that starts its own local Ray: says where that Ray's
+# GCS listens and what the run warns before training, waits for a line on stdin, then runs (one round).
+OWN_RAY = """
+import json, sys
+from pathlib import Path
+import ray
+from consortium.config import SimulationConfig
+from consortium.run.simulation import Simulation
+sim = Simulation(SimulationConfig.model_validate_json(sys.argv[1]), out=Path(sys.argv[2]))
+print(json.dumps({"gcs": ray.get_runtime_context().gcs_address, "before": list(sim.warnings)}), flush=True)
+sys.stdin.readline()
+summary = sim.run().summary
+print(json.dumps({"warnings": summary["warnings"], "backend": summary["backend"]}), flush=True)
+"""
+
+# Someone else on the network, with this package and Ray but not the Ray's token: asks the GCS for its nodes.
+INTRUDER = """
+import sys
+from ray._raylet import GcsClient
+try:
+    print("JOINED", len(GcsClient(address=sys.argv[1], cluster_id=None).get_all_node_info(timeout=10)))
+except Exception as exc:
+    print("REFUSED", type(exc).__name__)
+"""
+
+
+@pytest.mark.parametrize("auth_mode", [None, "disabled"])
+def test_the_local_ray_a_run_starts_refuses_a_client_without_its_token_and_a_run_without_it_says_so(tmp_path, auth_mode):
+    # Ray's GCS and raylets listen on the machine's address, not loopback: without Ray's token authentication
+    # (on by default in Ray 2.60 for a cluster ray.init starts) anyone who reaches the ports runs code in the
+    # workers, which hold every simulated site's data and the secret their keys derive from.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # this module's Ray set RAY_AUTH_MODE
+    env = {**clean, **({"RAY_AUTH_MODE": auth_mode} if auth_mode else {})}
+    config = _config(3, rounds=1, backend="ray").model_dump_json()
+    run = subprocess.Popen([sys.executable, "-c", OWN_RAY, config, str(tmp_path / "run")], env=env, text=True,
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        started = json.loads(run.stdout.readline() or "null")
+        assert started is not None, run.stderr.read()[-2000:] if run.poll() is not None else "the run said nothing"
+        home = tmp_path / "elsewhere"  # no ~/.ray/auth_token there
+        home.mkdir()
+        probe = subprocess.run([sys.executable, "-c", INTRUDER, started["gcs"]], env={**clean, "HOME": str(home)},
+                               capture_output=True, text=True, timeout=120)
+        run.stdin.write("go\n")
+        run.stdin.flush()
+        ended = json.loads(run.stdout.readline() or "null")
+        assert ended is not None, run.stderr.read()[-2000:]
+        run.communicate(timeout=120)  # it ends by itself: its pool stops the Ray it started
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    loud = [w for w in started["before"] if "WITHOUT token authentication" in w]
+    if auth_mode is None:
+        assert probe.stdout.startswith("REFUSED AuthenticationError"), probe.stdout + probe.stderr[-1000:]
+        assert not loud and ended["backend"]["auth"] == "token"
+        assert not any("WITHOUT token authentication" in w for w in ended["warnings"])
+    else:  # the same probe gets in once the defence is off: the refusal above is the token's doing
+        assert probe.stdout.startswith("JOINED"), probe.stdout + probe.stderr[-1000:]
+        assert len(loud) == 1 and "unset RAY_AUTH_MODE" in loud[0] and ended["backend"]["auth"] == "none"
+        assert loud[0] in ended["warnings"]  # and the summary repeats it
+
+
 def test_a_run_joins_a_ray_cluster_by_address_uses_both_nodes_and_trains_the_same_model(tmp_path):
     # ray.address: the run joins an existing cluster, as on machines that share the run folder. One worker per
     # CPU, so one on each node; the model is the one the in-process backend trains.
@@ -107,7 +170,7 @@ def test_a_run_joins_a_ray_cluster_by_address_uses_both_nodes_and_trains_the_sam
         cluster.wait(timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     remote = json.loads(proc.stdout)
-    assert remote["backend"] == {"kind": "ray", "workers": 2, "nodes": 2, "cluster": address}
+    assert remote["backend"] == {"kind": "ray", "workers": 2, "nodes": 2, "cluster": address, "auth": "token"}
     assert remote["federated"] == local.summary["federated"]
     model, twin = load_file(str(tmp_path / "ray" / "model.safetensors")), load_file(str(tmp_path / "local" / "model.safetensors"))
     assert all(np.array_equal(model[k], twin[k]) for k in twin)

@@ -30,7 +30,7 @@ def _run(config: SimulationConfig, out: Path | None, as_json: bool) -> None:
     )
 
     simulation = Simulation(config, out=out)  # every input check happens here, before any output
-    train(simulation.run, config.rounds, as_json, before=simulation.plan.warnings)
+    train(simulation.run, config.rounds, as_json, before=simulation.warnings)
 
 
 class Backend(str, Enum):

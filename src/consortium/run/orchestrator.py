@@ -360,8 +360,14 @@ class CoordinatorRun:
             },
         }
 
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """What can be said before any site trains (the plan's warnings): the command line prints them first,
+        and the summary's warnings repeat them."""
+        return self.plan.warnings
+
     def _warnings(self, history: list[RoundRecord]) -> list[str]:
-        out = list(self.plan.warnings)  # what the plan said before training still holds
+        out = list(self.warnings)  # what was said before training still holds
         final = history[-1].metrics if history else {}
         useless = self.plan.task.no_better_than_constant(final) if final else None
         if useless is not None:  # a private run that learned nothing is a result to state, not to hide

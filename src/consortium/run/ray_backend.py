@@ -68,6 +68,24 @@ CHUNK = 16
 IN_FLIGHT = 2
 
 
+#: Said before training, and in the summary's warnings, when Ray runs without its token authentication.
+RAY_AUTH_OFF = (
+    "the Ray {what} runs WITHOUT token authentication: whoever can reach its ports can run code in it and read "
+    "every simulated site's data and every member's key; {fix}"
+)
+
+
+def token_auth() -> bool:
+    """Whether this process talks to Ray with Ray's token authentication (``RAY_AUTH_MODE=token``): Ray 2.60 turns
+    it on for a cluster ``ray.init`` starts unless ``RAY_AUTH_MODE=disabled``, and a cluster joined by address
+    takes the token from ``~/.ray/auth_token`` or ``RAY_AUTH_TOKEN``."""
+    try:
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+    except ImportError:  # another Ray: what the environment asks for
+        return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+    return bool(is_token_auth_enabled())
+
+
 def require_ray() -> Any:
     """The ``ray`` module; ``ConfigError`` naming the install command if it is missing."""
     try:
@@ -312,11 +330,19 @@ class RayPool:
         if errors:
             self.close()
             raise ConfigError(f"a Ray worker could not build its sites: {errors[0]}")
+        auth = token_auth()
         self._where = {"kind": "ray", "workers": count, "nodes": len(set(ray.get([h.node.remote() for h in self.hosts]))),
-                       "cluster": rc.address or "local"}
+                       "cluster": rc.address or "local", "auth": "token" if auth else "none"}
+        #: What the run must say loudly: Ray's own protection of the sites' data is off.
+        self.warnings: tuple[str, ...] = () if auth else (RAY_AUTH_OFF.format(
+            what="this run started on this machine" if self._started else f"cluster at {rc.address or 'this process joined'}",
+            fix="unset RAY_AUTH_MODE (Ray then requires the token it keeps in ~/.ray/auth_token)" if self._started else
+            "start the cluster with RAY_AUTH_MODE=token and give this machine its token, or keep it on a network only you reach",
+        ),)
 
     def describe(self) -> dict[str, Any]:
-        """Where the sites ran, for the run's summary: the workers, the Ray nodes they ran on, the cluster."""
+        """Where the sites ran, for the run's summary: the workers, the Ray nodes they ran on, the cluster, and
+        whether Ray's token authentication guards it (``auth``: ``token`` or ``none``)."""
         return dict(self._where)
 
     def local_only(self, seeds: Mapping[str, int]) -> Callable[[], dict[str, list[float]]]:

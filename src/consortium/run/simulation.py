@@ -314,6 +314,11 @@ class Simulation(CoordinatorRun):
         ledgers = {n: lg for n, lg in self._ledgers.items() if lg is not None}
         return {n: lg.spent() for n, lg in ledgers.items()}, {n: lg.epsilon_cap for n, lg in ledgers.items()}
 
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """The plan's warnings, and the Ray backend's: a Ray without its token authentication."""
+        return self.plan.warnings + (self._pool.warnings if self._pool is not None else ())
+
     def _backend(self) -> dict[str, Any]:
         """In this process, or the Ray workers: how many, on how many Ray nodes, of which cluster."""
         return self._pool.describe() if self._pool is not None else {"kind": "in-process"}
