@@ -19,6 +19,13 @@ builds it; flwr's pins cannot share .venv). Otherwise one row says it was
 skipped. Its peak is its driver's (the ServerApp and the simulation engine;
 the sites live in the actors), like our Ray coordinator's.
 
+The floor: this machine's cost of one Ed25519 check and one X25519 agreement (pyca/cryptography, as
+the protocol calls them), measured in the same run, and from them the public-key work SecAgg+ cannot
+skip per site and round: two sessions (fit and evaluate), each with k neighbours, one Ed25519 check of
+each neighbour's signed keys and two X25519 agreements with it. Set against the in-process round with
+both protections off (one process, so its wall time per site is its CPU per site), it says how far
+above the plain round any protected round must stay.
+
 Ratios: per site between successive N (1.0 is linear growth of the round);
 per site and neighbour (SecAgg+'s degree k comes from the planner and grows
 with N: a site's work is proportional to it, so this one should stay flat);
@@ -65,6 +72,25 @@ sa = config.secure_aggregation
 print(json.dumps({"second_round": marks[1] - marks[0], "peak": peak,
                   "degree": plan_graph(sites, dropout_rate=sa.dropout_rate, corruption_rate=sa.corruption_rate).degree}))
 """
+
+
+#: SecAgg+ sessions per round: one for each phase that sums (fit, evaluate).
+SESSIONS_PER_ROUND = 2
+
+
+def key_costs(repeat: int = 2000) -> tuple[float, float]:
+    """Seconds per Ed25519 check and per X25519 agreement on this machine (the best of five batches)."""
+    import timeit
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    signer, message = Ed25519PrivateKey.generate(), b"consortium/secagg/v1/advert" + bytes(96)
+    public, signature = signer.public_key(), signer.sign(message)
+    own, peer = X25519PrivateKey.generate(), X25519PrivateKey.generate().public_key()
+    check = min(timeit.repeat(lambda: public.verify(signature, message), number=repeat, repeat=5)) / repeat
+    agree = min(timeit.repeat(lambda: own.exchange(peer), number=repeat, repeat=5)) / repeat
+    return check, agree
 
 
 def last_json(argv: list[str], what: str, env: dict[str, str] | None = None) -> dict:
@@ -115,7 +141,11 @@ def flower_rows(ray: dict[int, tuple[dict, dict]]) -> list[tuple[str, object, st
 
 
 def main() -> list[tuple[str, object, str]]:
-    rows: list[tuple[str, object, str]] = []
+    check, agree = key_costs()
+    rows: list[tuple[str, object, str]] = [
+        ("this machine: one Ed25519 check (us)", 1e6 * check, ""),
+        ("this machine: one X25519 agreement (us)", 1e6 * agree, ""),
+    ]
     in_process_on: dict[int, float] = {}
     ray: dict[int, tuple[dict, dict]] = {}  # N -> our Ray backend's runs, on and off: the peer is set against them
     for backend in BACKENDS:
@@ -139,6 +169,10 @@ def main() -> list[tuple[str, object, str]]:
             ]
             if backend == "in-process":
                 in_process_on[n] = on["second_round"]
+                floor = SESSIONS_PER_ROUND * on["degree"] * (check + 2 * agree)
+                rows.append((f"{backend}, {n} sites: SecAgg+ public-key floor (ms per site per round)", 1000 * floor,
+                             f"{SESSIONS_PER_ROUND} sessions x {on['degree']:.0f} neighbours x (1 Ed25519 check + 2 X25519); "
+                             f"{floor / (off['second_round'] / n):.2f}x the both-off round per site"))
             else:
                 ray[n] = (on, off)
             previous = {"n": n, "per_site": per_site, "per_link": per_link, "peak": on["peak"]}

@@ -27,6 +27,13 @@ out of that round, which the protocol tolerates. Its ledger already holds
 what it paid, and it rebuilds it from its signed record if not, so no budget
 is spent twice.
 
+Ray listens on the machine's network address, not on loopback, and whoever can
+talk to it can run code in the workers. A local Ray that a run starts has Ray's
+token authentication on (Ray 2.60's default), so a client without the token is
+refused; a run whose Ray has none says so before training and in its summary
+(``RayPool.warnings``, ``auth`` in ``describe``). The sites are dealt to the
+workers by training rows (``deal``), so no worker trains the largest sites alone.
+
 On a cluster of several machines (``ray.address``) the run folder must be on
 storage every node shares, and every node needs this package (and the task's
 code) installed: a worker runs only code its own machine holds.
@@ -334,11 +341,15 @@ class RayPool:
         self._where = {"kind": "ray", "workers": count, "nodes": len(set(ray.get([h.node.remote() for h in self.hosts]))),
                        "cluster": rc.address or "local", "auth": "token" if auth else "none"}
         #: What the run must say loudly: Ray's own protection of the sites' data is off.
-        self.warnings: tuple[str, ...] = () if auth else (RAY_AUTH_OFF.format(
-            what="this run started on this machine" if self._started else f"cluster at {rc.address or 'this process joined'}",
-            fix="unset RAY_AUTH_MODE (Ray then requires the token it keeps in ~/.ray/auth_token)" if self._started else
-            "start the cluster with RAY_AUTH_MODE=token and give this machine its token, or keep it on a network only you reach",
-        ),)
+        if auth:
+            self.warnings: tuple[str, ...] = ()
+        elif self._started:
+            self.warnings = (RAY_AUTH_OFF.format(what="this run started on this machine", fix=(
+                "unset RAY_AUTH_MODE (Ray then requires the token it keeps in ~/.ray/auth_token)")),)
+        else:  # joined: ray.address, or a Ray this process had already started
+            self.warnings = (RAY_AUTH_OFF.format(what=f"cluster at {rc.address}" if rc.address else "this process joined", fix=(
+                "start the cluster with RAY_AUTH_MODE=token and give this machine its token (RAY_AUTH_MODE=token here too), "
+                "or keep it on a network only you reach")),)
 
     def describe(self) -> dict[str, Any]:
         """Where the sites ran, for the run's summary: the workers, the Ray nodes they ran on, the cluster, and
