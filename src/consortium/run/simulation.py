@@ -317,7 +317,7 @@ class Simulation(CoordinatorRun):
     @property
     def warnings(self) -> tuple[str, ...]:
         """The plan's warnings, and the Ray backend's: a Ray without its token authentication."""
-        return self.plan.warnings + (self._pool.warnings if self._pool is not None else ())
+        return super().warnings + (self._pool.warnings if self._pool is not None else ())
 
     def _backend(self) -> dict[str, Any]:
         """In this process, or the Ray workers: how many, on how many Ray nodes, of which cluster."""
